@@ -1,0 +1,163 @@
+"""`speckv bench`: every policy on every prompt, interleaved, with paired statistics.
+
+For each prompt the policies run one after another in an order rotated per prompt, so slow phases of a
+shared machine fall on all policies alike. Each (prompt, policy) pair is run `repeats` times and the
+median time kept. Results are JSON (schema in docs/BENCHMARKS.md) plus a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .sampling import SamplingParams
+from .stats import first_divergence, paired_speedup
+
+
+@dataclass(frozen=True)
+class Prompt:
+    question_id: str
+    category: str
+    text: str
+
+
+@dataclass
+class BenchConfig:
+    draft: str
+    target: str
+    tier: str
+    dtype: str
+    policies: list[str]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    repeats: int = 1
+    prompts_file: str = ""
+    device: str | None = None
+
+
+def load_prompts(path: Path, limit_per_category: int | None = None, categories: list[str] | None = None) -> list[Prompt]:
+    """Spec-Bench JSONL: question_id, category, turns (the first turn is the prompt)."""
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} does not exist")
+    prompts: list[Prompt] = []
+    per_cat: dict[str, int] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                qid, cat, turns = row["question_id"], row["category"], row["turns"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with question_id, category, turns ({e})") from None
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+                raise ValueError(f"{path}:{n}: turns must be a non-empty list of strings")
+            if categories and cat not in categories:
+                continue
+            if limit_per_category is not None and per_cat.get(cat, 0) >= limit_per_category:
+                continue
+            per_cat[cat] = per_cat.get(cat, 0) + 1
+            prompts.append(Prompt(str(qid), str(cat), turns[0]))
+    if not prompts:
+        raise ValueError(f"no prompts selected from {path}")
+    return prompts
+
+
+def summarize(config: BenchConfig, runs: dict[str, list[dict]]) -> dict:
+    """Aggregate per-prompt runs into the results document."""
+    policies = {}
+    for name, rows in runs.items():
+        tps = [r["tokens_per_s"] for r in rows]
+        tpst = [r["tokens_per_step"] for r in rows]
+        policies[name] = {
+            "per_prompt": rows,
+            "tokens_per_s": statistics.median(tps),
+            "tokens_per_s_geomean": float(torch.tensor(tps).log().mean().exp()),
+            "tokens_per_step": statistics.mean(tpst),
+            "mean_accepted": statistics.mean(r["mean_accepted"] for r in rows),
+            "new_tokens": sum(r["new_tokens"] for r in rows),
+        }
+    comparisons = []
+    baselines = [b for b in ("none", "hf-assisted") if b in runs]
+    for base in baselines:
+        for name in runs:
+            if name == base or (base == "hf-assisted" and name == "none"):
+                continue
+            comparisons.append(paired_speedup(
+                name, [r["tokens_per_s"] for r in runs[name]], base, [r["tokens_per_s"] for r in runs[base]]
+            ).to_dict())
+    if "none" in runs and config.sampling.greedy:
+        ref = {r["question_id"]: r["token_ids"] for r in runs["none"]}
+        for name, rows in runs.items():
+            for r in rows:
+                r["first_divergence_vs_none"] = first_divergence(ref[r["question_id"]], r["token_ids"])
+            divs = [r["first_divergence_vs_none"] for r in rows]
+            policies[name]["identical_to_none"] = sum(d is None for d in divs)
+            policies[name]["first_divergence_median"] = (
+                statistics.median([d for d in divs if d is not None]) if any(d is not None for d in divs) else None
+            )
+    by_category: dict[str, dict[str, float]] = {}
+    for name, rows in runs.items():
+        for cat in sorted({r["category"] for r in rows}):
+            vals = [r["tokens_per_s"] for r in rows if r["category"] == cat]
+            by_category.setdefault(cat, {})[name] = statistics.median(vals)
+    cfg = asdict(config)
+    cfg["sampling"] = asdict(config.sampling)
+    cfg["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
+                      "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    return {"config": cfg, "policies": policies, "comparisons": comparisons, "by_category_tokens_per_s": by_category}
+
+
+def format_table(doc: dict) -> str:
+    lines = [f"{'policy':<24}{'tok/s(med)':>11}{'tok/step':>10}{'acc/step':>10}{'vs none':>9}  95% CI          p"]
+    vs_none = {c["a"]: c for c in doc["comparisons"] if c["b"] == "none"}
+    for name, p in doc["policies"].items():
+        c = vs_none.get(name)
+        extra = f"{c['speedup']:>8.2f}x  [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]  {c['p_value']:.3f}" if c else ""
+        lines.append(f"{name:<24}{p['tokens_per_s']:>11.2f}{p['tokens_per_step']:>10.2f}{p['mean_accepted']:>10.2f}{extra}")
+    return "\n".join(lines)
+
+
+def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
+    from tqdm import tqdm
+
+    from .local import LocalEngine, encode_prompt
+
+    engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
+    encoded = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in prompts]
+    engine.generate(encoded[0], "fixed:2", 4, config.sampling)  # warm-up: first-call allocations, kernels
+    runs: dict[str, list[dict]] = {name: [] for name in config.policies}
+    total = len(prompts) * len(config.policies) * config.repeats
+    with tqdm(total=total, desc=f"bench {config.tier}", file=sys.stderr) as bar:
+        for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+            order = config.policies[i % len(config.policies):] + config.policies[: i % len(config.policies)]
+            results: dict[str, list] = {name: [] for name in order}
+            for _ in range(config.repeats):
+                for name in order:
+                    results[name].append(engine.generate(ids, name, config.max_new_tokens, config.sampling,
+                                                         prompt_id=prompt.question_id, category=prompt.category))
+                    bar.update(1)
+            for name, rs in results.items():
+                seconds = statistics.median(r.seconds for r in rs)
+                r = rs[0]
+                runs[name].append({
+                    "question_id": prompt.question_id, "category": prompt.category, "new_tokens": r.new_tokens,
+                    "seconds": seconds, "tokens_per_s": r.new_tokens / seconds, "tokens_per_step": r.tokens_per_step,
+                    "mean_accepted": r.mean_accepted, "steps": r.steps, "token_ids": r.token_ids,
+                    "gammas": [rec.gamma for rec in r.records],
+                })
+            bar.set_postfix_str(f"{prompt.category}:{prompt.question_id}")
+    doc = summarize(config, runs)
+    doc["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(format_table(doc))
+    print(f"results written to {out}", file=sys.stderr)
+    return doc

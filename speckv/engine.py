@@ -1,0 +1,263 @@
+"""The speculation loop: the policy picks γ, the draft proposes, the target verifies, the rule accepts.
+
+`speculate` is the one loop in SpecKV. It talks to a `Drafter` and a `Verifier` through awaitable calls, so
+the same code runs in-process (CLI, benchmarks: `LocalDrafter`/`LocalVerifier`) and in the Ray Serve router
+(deployment handles). Workers keep the KV caches; the loop only sends token ids.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+import torch
+
+from .acceptance import greedy_accept, speculative_accept
+from .policy import GammaPolicy, StepContext, StepOutcome
+from .records import StepRecord
+from .sampling import SamplingParams, step_generator
+from .signals import DraftSignals, SignalSummary
+from .workers import Proposal, Verification
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_STRING_CHARS = 128
+
+
+class Drafter(Protocol):
+    async def propose(
+        self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
+        min_confidence: float = 0.0,
+    ) -> Proposal: ...
+
+    async def release(self, session_id: str) -> None: ...
+
+
+class Verifier(Protocol):
+    async def verify(
+        self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams
+    ) -> Verification: ...
+
+    async def release(self, session_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    tier: str = "fp16"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_id: str = ""
+    category: str = ""
+    min_confidence: float = 0.0  # draft early-exit threshold, 0 = off
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of 1 to {MAX_STOP_STRING_CHARS} characters")
+
+
+class TextAssembler:
+    """Turns new token ids into text deltas, honouring stop strings.
+
+    Holds back text that could still become a stop string or is an incomplete UTF-8 sequence, so streamed
+    deltas concatenate to exactly the final text.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.emitted = 0  # characters already handed out
+        self.text = ""  # final text once stopped
+
+    def push(self, token_ids: list[int], final: bool = False) -> tuple[str, bool]:
+        """Add tokens; return (new text safe to emit, whether a stop string ended the text)."""
+        self.token_ids.extend(token_ids)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = text[: min(hits)]
+            delta = self.text[self.emitted:]
+            self.emitted = len(self.text)
+            return delta, True
+        safe = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+                safe = len(text.rstrip("\ufffd"))
+            for s in self.stop:  # the longest tail of the text that begins a stop string
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[safe - k: safe] == s[:k]:
+                        safe -= k
+                        break
+        safe = max(safe, self.emitted)
+        delta = text[self.emitted: safe]
+        self.emitted = safe
+        self.text = text
+        return delta, False
+
+
+@dataclass
+class StepEvent:
+    """One verified step, as the loop hands it to its caller (CLI, benchmark, HTTP stream)."""
+
+    token_ids: list[int]  # tokens added this step
+    text: str  # text safe to show now
+    record: StepRecord
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while running
+
+
+async def speculate(
+    request: GenerationRequest,
+    drafter: Drafter,
+    verifier: Verifier,
+    policy: GammaPolicy,
+    assembler: TextAssembler,
+) -> AsyncIterator[StepEvent]:
+    """Run one request to completion, one StepEvent per step. Releases the workers' sessions at the end."""
+    params, sid = request.sampling, request.request_id
+    seed = params.seed if params.seed is not None else secrets.randbits(62)
+    eos = set(request.eos_token_ids)
+    generated: list[int] = []
+    prev = StepOutcome(gamma=0, accepted=0, signals=SignalSummary())
+    prev_last_conf, drafted_total, accepted_total = 0.0, 0, 0
+    try:
+        for step in range(request.max_new_tokens):  # every step emits at least one token
+            context = request.prompt_ids + generated
+            remaining = request.max_new_tokens - len(generated)
+            t0 = time.perf_counter()
+            gamma_chosen = policy.choose(StepContext(
+                step=step, position=len(generated), context_len=len(context), prev_gamma=prev.gamma,
+                prev_accepted=prev.accepted, prev_signals=prev.signals, prev_last_confidence=prev_last_conf,
+                drafted_total=drafted_total, accepted_total=accepted_total,
+            ))
+            policy_us = (time.perf_counter() - t0) * 1e6
+            gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
+
+            t1 = time.perf_counter()
+            if gamma > 0:
+                proposal = await drafter.propose(sid, context, gamma, params, seed, step, request.min_confidence)
+            else:
+                proposal = Proposal([], None, DraftSignals(), 0.0)
+            t2 = time.perf_counter()
+            verification = await verifier.verify(sid, context, proposal.token_ids, params)
+            t3 = time.perf_counter()
+
+            draft_ids = torch.tensor([proposal.token_ids], dtype=torch.long)
+            if params.greedy:
+                result = greedy_accept(draft_ids, torch.tensor([verification.target_token_ids]))
+            else:
+                target_probs = verification.target_probs[None]
+                draft_probs = (proposal.draft_probs if proposal.draft_probs is not None
+                               else target_probs.new_zeros((0, target_probs.shape[-1])))[None]
+                result = speculative_accept(draft_ids, draft_probs, target_probs, step_generator(seed, step, 1))
+            accepted = int(result.num_accepted[0])
+            new = result.row_tokens(0)
+
+            finish = None
+            for i, token in enumerate(new):
+                if token in eos:
+                    new, finish = new[:i], "stop"
+                    break
+            new = new[:remaining]
+            generated.extend(new)
+            text, stopped = assembler.push(new, final=finish is not None or len(generated) >= request.max_new_tokens)
+            if stopped:
+                finish = "stop"
+            elif finish is None and len(generated) >= request.max_new_tokens:
+                finish = "length"
+
+            summary = proposal.signals.summary()
+            drafted = len(proposal.token_ids)
+            prev = StepOutcome(gamma=drafted, accepted=accepted, signals=summary)
+            policy.observe(prev)
+            prev_last_conf = proposal.signals.confidence[-1] if drafted else 0.0
+            drafted_total += drafted
+            accepted_total += accepted
+            record = StepRecord(
+                request_id=sid, tier=request.tier, policy=policy.name, step=step, position=len(generated) - len(new),
+                context_len=len(context), gamma_chosen=gamma_chosen, gamma=drafted, accepted=accepted,
+                emitted=len(new), draft_ms=(t2 - t1) * 1e3, verify_ms=(t3 - t2) * 1e3,
+                draft_compute_ms=proposal.compute_ms, verify_compute_ms=verification.compute_ms, policy_us=policy_us,
+                prompt_id=request.prompt_id, category=request.category, **proposal.signals.to_dict(),
+                **summary.__dict__,
+            )
+            yield StepEvent(new, text, record, finish)
+            if finish:
+                return
+    finally:
+        await drafter.release(sid)
+        await verifier.release(sid)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    seconds: float
+    time_to_first_token_s: float
+    policy: str
+    records: list[StepRecord]  # empty for runs outside the SpecKV loop (hf-assisted)
+    steps: int  # target forward passes (the first also reads the prompt)
+    accepted: int  # accepted draft tokens over all steps
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted draft tokens per step (bonus/recovered excluded)."""
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens emitted per step (bonus/recovered included): the SpecKV paper's metric."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    def to_json(self, with_records: bool = True) -> dict:
+        out = {
+            "text": self.text, "token_ids": self.token_ids, "new_tokens": self.new_tokens,
+            "finish_reason": self.finish_reason, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
+            "time_to_first_token_s": self.time_to_first_token_s, "policy": self.policy, "steps": self.steps,
+            "mean_accepted": self.mean_accepted, "tokens_per_step": self.tokens_per_step,
+        }
+        if with_records:
+            out["records"] = [r.to_dict() for r in self.records]
+        return out
+
+
+async def run_to_completion(
+    request: GenerationRequest, drafter: Drafter, verifier: Verifier, policy: GammaPolicy, tokenizer
+) -> GenerationResult:
+    """Drive `speculate` to the end and collect the result."""
+    assembler = TextAssembler(tokenizer, request.stop)
+    records: list[StepRecord] = []
+    tokens: list[int] = []
+    start = time.perf_counter()
+    ttft = 0.0
+    finish = "length"
+    async for event in speculate(request, drafter, verifier, policy, assembler):
+        if not records:
+            ttft = time.perf_counter() - start
+        records.append(event.record)
+        tokens.extend(event.token_ids)
+        finish = event.finish_reason or finish
+    seconds = time.perf_counter() - start
+    return GenerationResult(
+        assembler.text, tokens, finish, seconds, ttft, policy.name, records,
+        steps=len(records), accepted=sum(r.accepted for r in records),
+    )

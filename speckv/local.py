@@ -1,0 +1,157 @@
+"""In-process engine: draft and target in this process, used by the CLI, benchmarks and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine import GenerationRequest, GenerationResult, run_to_completion
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, load_model, load_tokenizer
+from .policy import make_policy
+from .sampling import SamplingParams
+from .workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
+
+
+class LocalDrafter:
+    """Awaitable adapter over an in-process DraftWorker."""
+
+    def __init__(self, worker: DraftWorker) -> None:
+        self.worker = worker
+
+    async def propose(self, session_id, context_ids, gamma, params, seed, step, min_confidence=0.0) -> Proposal:
+        return self.worker.propose(session_id, context_ids, gamma, params, seed, step, min_confidence)
+
+    async def release(self, session_id: str) -> None:
+        self.worker.lm.release(session_id)
+
+
+class LocalVerifier:
+    """Awaitable adapter over an in-process TargetWorker."""
+
+    def __init__(self, worker: TargetWorker) -> None:
+        self.worker = worker
+
+    async def verify(self, session_id, context_ids, draft_token_ids, params) -> Verification:
+        return self.worker.verify(session_id, context_ids, draft_token_ids, params)
+
+    async def release(self, session_id: str) -> None:
+        self.worker.lm.release(session_id)
+
+
+def encode_prompt(tokenizer, text: str | list[dict], chat: bool) -> list[int]:
+    """Token ids of a prompt; with `chat`, `text` (or a message list) goes through the chat template."""
+    if chat or isinstance(text, list):
+        messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def eos_token_ids(tokenizer, *models: torch.nn.Module) -> tuple[int, ...]:
+    """The tokenizer's EOS plus every EOS the models' generation configs name."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for model in models:
+        cfg = getattr(model, "generation_config", None)
+        eos = getattr(cfg, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+    return tuple(sorted(ids))
+
+
+@dataclass
+class LocalEngine:
+    """A draft/target pair in this process."""
+
+    draft_model: torch.nn.Module
+    target_model: torch.nn.Module
+    tokenizer: object
+    tier: str = "fp16"
+
+    def __post_init__(self) -> None:
+        self.drafter = LocalDrafter(DraftWorker(SessionLM(self.draft_model)))
+        self.verifier = LocalVerifier(TargetWorker(SessionLM(self.target_model)))
+        self.eos = eos_token_ids(self.tokenizer, self.target_model)
+
+    @classmethod
+    def load(
+        cls,
+        draft: str = DEFAULT_DRAFT,
+        target: str = DEFAULT_TARGET,
+        tier: str = "fp16",
+        dtype: str = "auto",
+        draft_dtype: str | None = None,
+        device: str | None = None,
+    ) -> "LocalEngine":
+        """Load the pair. The draft stays in half precision unless `draft_dtype` (or float32 `dtype`) says
+        otherwise: exactness checks in float32 need both models in float32."""
+        tier_enum = Tier.parse(tier)
+        tokenizer = load_tokenizer(target)
+        draft_tok = load_tokenizer(draft)
+        if draft_tok.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"draft {draft!r} and target {target!r} do not share a tokenizer")
+        draft_dtype = draft_dtype or ("float32" if dtype == "float32" else "auto")
+        draft_model = load_model(draft, "fp16", draft_dtype, device)
+        target_model = load_model(target, tier_enum, dtype, device)
+        return cls(draft_model, target_model, tokenizer, tier_enum.value)
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        policy: str = "adaptive",
+        max_new_tokens: int = 128,
+        sampling: SamplingParams = SamplingParams(),
+        stop: tuple[str, ...] = (),
+        prompt_id: str = "",
+        category: str = "",
+        min_confidence: float = 0.0,
+    ) -> GenerationResult:
+        if policy == "hf-assisted":
+            return self.generate_hf_assisted(prompt_ids, max_new_tokens, sampling)
+        request = GenerationRequest(
+            prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+            eos_token_ids=self.eos, tier=self.tier, prompt_id=prompt_id, category=category,
+            min_confidence=min_confidence,
+        )
+        return asyncio.run(
+            run_to_completion(request, self.drafter, self.verifier, make_policy(policy, self.tier), self.tokenizer)
+        )
+
+    @torch.inference_mode()
+    def generate_hf_assisted(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams
+    ) -> GenerationResult:
+        """transformers' assisted generation with its default schedule: the peer users could pick instead.
+
+        Steps are counted as target forward passes, so tokens/step compares with SpecKV's.
+        """
+        calls = [0]
+        hook = self.target_model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        kwargs: dict = {"do_sample": not sampling.greedy}
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        device = next(self.target_model.parameters()).device
+        try:
+            start = time.perf_counter()
+            out = self.target_model.generate(
+                torch.tensor([prompt_ids], device=device), assistant_model=self.draft_model,
+                max_new_tokens=max_new_tokens, eos_token_id=list(self.eos), pad_token_id=self.eos[0], **kwargs,
+            )
+            seconds = time.perf_counter() - start
+        finally:
+            hook.remove()
+        new = out[0, len(prompt_ids):].tolist()
+        finish = "length"
+        for i, token in enumerate(new):
+            if token in self.eos:
+                new, finish = new[:i], "stop"
+                break
+        steps = max(calls[0], 1)  # as in SpecKV, the first verification pass also reads the prompt
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return GenerationResult(
+            text, new, finish, seconds, 0.0, "hf-assisted", [], steps=steps, accepted=max(len(new) - steps, 0)
+        )

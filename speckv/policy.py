@@ -1,0 +1,137 @@
+"""Drafting policies: how many tokens (γ) the draft proposes at each step.
+
+A policy is asked `choose(context)` before drafting, with only what is known then, and told
+`observe(outcome)` after verification. Policies are per request (they may keep state), so fixed γ, the
++2/−1 heuristic and the learned controller are interchangeable in the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .signals import SignalSummary
+
+MAX_GAMMA = 16
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a policy may use to choose γ: nothing from the draft run it is about to start."""
+
+    step: int  # steps done so far in this request
+    position: int  # new tokens generated so far
+    context_len: int  # prompt + generated tokens
+    prev_gamma: int  # γ of the previous step (0 on the first step)
+    prev_accepted: int  # accepted draft tokens of the previous step
+    prev_signals: SignalSummary  # summary of the previous step's draft signals
+    prev_last_confidence: float  # confidence of the previous step's last draft token (0 if none)
+    drafted_total: int  # draft tokens proposed so far in this request
+    accepted_total: int  # of those, accepted
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    gamma: int  # draft tokens proposed (may be below the chosen γ if the draft stopped early)
+    accepted: int  # accepted draft tokens (bonus/recovered excluded)
+    signals: SignalSummary
+
+
+class GammaPolicy(Protocol):
+    name: str
+
+    def choose(self, context: StepContext) -> int:
+        """γ for the next step, >= 0 (0 = plain target decoding for this step)."""
+        ...
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Learn from the step just verified."""
+        ...
+
+
+@dataclass
+class NoSpeculation:
+    """Target-only decoding with its KV cache: the baseline every speedup is measured against."""
+
+    name: str = "none"
+
+    def choose(self, context: StepContext) -> int:
+        return 0
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
+
+
+@dataclass
+class FixedGamma:
+    gamma: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.gamma <= MAX_GAMMA:
+            raise ValueError(f"fixed γ must be in [1, {MAX_GAMMA}], got {self.gamma}")
+        self.name = self.name or f"fixed:{self.gamma}"
+
+    def choose(self, context: StepContext) -> int:
+        return self.gamma
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
+
+
+@dataclass
+class HeuristicGamma:
+    """transformers' `heuristic` schedule: +2 after a fully accepted step, −1 (floor 1) otherwise."""
+
+    initial: int = 4
+    name: str = "heuristic"
+    gamma: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gamma = self.initial
+
+    def choose(self, context: StepContext) -> int:
+        return self.gamma
+
+    def observe(self, outcome: StepOutcome) -> None:
+        if outcome.gamma == 0:
+            return
+        if outcome.accepted == outcome.gamma:
+            self.gamma = min(self.gamma + 2, MAX_GAMMA)
+        else:
+            self.gamma = max(1, self.gamma - 1)
+
+
+POLICY_NAMES = ("none", "fixed:N", "heuristic", "adaptive", "hf-assisted")
+LOOP_FREE_POLICIES = {"hf-assisted"}  # run by transformers' own loop, not by the engine
+
+
+def validate_policy_spec(spec: str) -> str:
+    """Check a policy spec without building it; returns it normalised. Raises ValueError naming the problem."""
+    spec = spec.strip()
+    if spec in ("none", "heuristic", "adaptive", "hf-assisted"):
+        return spec
+    if spec.startswith("fixed:"):
+        try:
+            gamma = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"bad policy {spec!r}: fixed:N needs an integer N") from None
+        FixedGamma(gamma)
+        return f"fixed:{gamma}"
+    raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")
+
+
+def make_policy(spec: str, tier: str = "fp16") -> GammaPolicy:
+    """Build a fresh per-request policy from its spec ('none', 'fixed:N', 'heuristic', 'adaptive')."""
+    spec = validate_policy_spec(spec)
+    if spec == "none":
+        return NoSpeculation()
+    if spec == "heuristic":
+        return HeuristicGamma()
+    if spec == "adaptive":
+        from .controller import make_adaptive_policy
+
+        return make_adaptive_policy(tier)
+    if spec in LOOP_FREE_POLICIES:
+        raise ValueError(f"policy {spec!r} runs transformers' own generation loop, not the SpecKV engine")
+    return FixedGamma(int(spec.split(":", 1)[1]))

@@ -1,0 +1,197 @@
+"""Draft and target workers: KV-cached models with one cache per request session.
+
+A worker never trusts its cache: every call carries the request's full token ids, the cache is cut back to
+the longest common prefix and the rest is fed. So a worker that lost a session (restart, reroute, eviction)
+rebuilds it from the token ids and returns the same result; the loop never has to tell a worker to roll
+back after a rejection. The same classes run in-process (CLI, benchmarks) and inside Ray Serve replicas.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams, logits_to_probs, sample, step_generator
+from .signals import DraftSignals
+
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+
+
+@dataclass
+class _Session:
+    cache: object  # transformers DynamicCache
+    token_ids: list[int] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class CacheStats:
+    sessions: int
+    hits: int  # calls that reused a cached prefix
+    rebuilds: int  # calls that found no usable cache and prefilled from scratch
+    evictions: int
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class SessionLM:
+    """A causal LM plus a bounded LRU of per-session KV caches (size bound and idle timeout)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        self.model = model
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._lock = threading.Lock()  # one forward at a time: replicas may serve calls from several threads
+        self.hits = self.rebuilds = self.evictions = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def stats(self) -> CacheStats:
+        return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions)
+
+    def release(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def _evict(self, now: float) -> None:
+        for sid in [s for s, v in self._sessions.items() if now - v.last_used > self.idle_timeout_s]:
+            del self._sessions[sid]
+            self.evictions += 1
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+            self.evictions += 1
+
+    def _session(self, session_id: str) -> _Session:
+        from transformers import DynamicCache
+
+        now = time.monotonic()
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = _Session(cache=DynamicCache(config=self.model.config))
+            self._sessions[session_id] = session
+        self._sessions.move_to_end(session_id)
+        session.last_used = now
+        self._evict(now)
+        return session
+
+    @torch.inference_mode()
+    def logits(self, session_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        """Bring the session's cache to cover `token_ids`; return [num_logits, vocab] logits predicting the
+        tokens after each of the last `num_logits` positions."""
+        assert 1 <= num_logits <= len(token_ids), (num_logits, len(token_ids))
+        with self._lock:
+            session = self._session(session_id)
+            keep = min(common_prefix_len(session.token_ids, token_ids), len(token_ids) - num_logits)
+            cached = len(session.token_ids)
+            if keep == 0 and cached:
+                session.cache = type(session.cache)(config=self.model.config)
+            elif keep < cached:
+                session.cache.crop(-(cached - keep))  # transformers 5: a negative length removes tokens
+            if keep > 0:
+                self.hits += 1
+            else:
+                self.rebuilds += 1
+            feed = torch.tensor([token_ids[keep:]], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=feed, past_key_values=session.cache, use_cache=True, logits_to_keep=num_logits)
+            session.token_ids = list(token_ids)
+            return out.logits[0, -num_logits:]
+
+
+@dataclass
+class Proposal:
+    """What the draft proposes for one step."""
+
+    token_ids: list[int]
+    draft_probs: torch.Tensor | None  # [G, V] sampling distribution of each token; None when greedy
+    signals: DraftSignals
+    compute_ms: float
+
+
+@dataclass
+class Verification:
+    """What the target says about a proposal: its choice (greedy) or its distribution at G+1 positions."""
+
+    target_token_ids: list[int] | None  # greedy: argmax at each of the G+1 positions
+    target_probs: torch.Tensor | None  # sampling: [G+1, V]
+    compute_ms: float
+
+
+class DraftWorker:
+    """Proposes γ tokens autoregressively with their signals."""
+
+    def __init__(self, lm: SessionLM) -> None:
+        self.lm = lm
+
+    def propose(
+        self,
+        session_id: str,
+        context_ids: list[int],
+        gamma: int,
+        params: SamplingParams,
+        seed: int,
+        step: int,
+        min_confidence: float = 0.0,
+    ) -> Proposal:
+        """Draft up to γ tokens after `context_ids`; stop early after a token whose confidence is below
+        `min_confidence` (0 disables), since tokens after an unsure one are rarely accepted."""
+        start = time.perf_counter()
+        generator = None if params.greedy else step_generator(seed, step, stream=0)
+        tokens: list[int] = []
+        probs_rows: list[torch.Tensor] = []
+        signals = DraftSignals()
+        logits = self.lm.logits(session_id, context_ids, 1)[-1]
+        for i in range(gamma):
+            probs = logits_to_probs(logits, params)
+            token = int(probs.argmax()) if params.greedy else int(sample(probs, generator))
+            signals.append(logits, token)
+            tokens.append(token)
+            if not params.greedy:
+                probs_rows.append(probs.cpu())
+            if i == gamma - 1 or signals.confidence[-1] < min_confidence:
+                break
+            logits = self.lm.logits(session_id, context_ids + tokens, 1)[-1]
+        draft_probs = torch.stack(probs_rows) if probs_rows else None
+        return Proposal(tokens, draft_probs, signals, (time.perf_counter() - start) * 1e3)
+
+
+class TargetWorker:
+    """Scores a proposal in one forward pass."""
+
+    def __init__(self, lm: SessionLM) -> None:
+        self.lm = lm
+
+    def verify(
+        self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams
+    ) -> Verification:
+        start = time.perf_counter()
+        logits = self.lm.logits(session_id, context_ids + draft_token_ids, len(draft_token_ids) + 1)
+        if params.greedy:
+            result = Verification(logits.argmax(-1).tolist(), None, 0.0)
+        else:
+            result = Verification(None, logits_to_probs(logits, params).cpu(), 0.0)
+        result.compute_ms = (time.perf_counter() - start) * 1e3
+        return result
