@@ -21,6 +21,10 @@ from .sampling import SamplingParams
 from .stats import first_divergence, paired_speedup
 
 
+# Spec-Bench labels its multi-turn conversation prompts with MT-Bench's sub-categories; it reports them as one.
+MT_BENCH_SUBCATEGORIES = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+
+
 @dataclass(frozen=True)
 class Prompt:
     question_id: str
@@ -59,6 +63,7 @@ def load_prompts(path: Path, limit_per_category: int | None = None, categories: 
                 raise ValueError(f"{path}:{n}: expected a JSON object with question_id, category, turns ({e})") from None
             if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
                 raise ValueError(f"{path}:{n}: turns must be a non-empty list of strings")
+            cat = "mt_bench" if cat in MT_BENCH_SUBCATEGORIES else cat
             if categories and cat not in categories:
                 continue
             if limit_per_category is not None and per_cat.get(cat, 0) >= limit_per_category:

@@ -150,7 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if len(set(policies)) != len(policies):
         raise CLIError("--policies names a policy twice")
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
-    prompts = load_prompts(args.prompts, args.limit_per_category, categories)
+    try:
+        prompts = load_prompts(args.prompts, args.limit_per_category, categories)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     config = BenchConfig(
         draft=args.draft, target=args.target, tier=args.tier, dtype=args.dtype, policies=policies,
         max_new_tokens=args.max_new_tokens, sampling=_sampling(args), repeats=args.repeats,

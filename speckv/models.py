@@ -191,6 +191,8 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True}
     if tier is Tier.INT8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if dtype == "auto":  # LLM.int8 multiplies in float16; bf16 inputs would be cast on every call
+            kwargs["dtype"] = torch.float16
     elif tier is Tier.NF4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype

