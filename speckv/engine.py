@@ -1,8 +1,8 @@
 """The speculation loop: the policy picks γ, the draft proposes, the target verifies, the rule accepts.
 
-`speculate` is the one loop in SpecKV. It talks to a `Drafter` and a `Verifier` through awaitable calls, so
-the same code runs in-process (CLI, benchmarks: `LocalDrafter`/`LocalVerifier`) and in the Ray Serve router
-(deployment handles). Workers keep the KV caches; the loop only sends token ids.
+`speculate` is the one loop in SpecKV. It reaches the models through a `StepExecutor` with awaitable calls,
+so the same code runs in-process (CLI, benchmarks) and in the Ray Serve router (deployment handles, split
+or colocated). Workers keep the KV caches; the loop only sends token ids.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import torch
 
@@ -26,21 +26,51 @@ MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 128
 
 
-class Drafter(Protocol):
-    async def propose(
+@dataclass
+class StepCall:
+    """What one step's model calls returned, with the wall time the loop saw for each part."""
+
+    proposal: Proposal
+    verification: Verification
+    draft_wall_ms: float
+    verify_wall_ms: float
+
+
+class StepExecutor(Protocol):
+    """Runs the model side of one step (draft γ tokens, then verify them) for a session."""
+
+    async def run_step(
         self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        min_confidence: float = 0.0,
-    ) -> Proposal: ...
+        min_confidence: float,
+    ) -> StepCall: ...
 
     async def release(self, session_id: str) -> None: ...
 
 
-class Verifier(Protocol):
-    async def verify(
-        self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams
-    ) -> Verification: ...
+ProposeFn = Callable[[str, list[int], int, SamplingParams, int, int, float], Awaitable[Proposal]]
+VerifyFn = Callable[[str, list[int], list[int], SamplingParams], Awaitable[Verification]]
+ReleaseFn = Callable[[str], Awaitable[None]]
 
-    async def release(self, session_id: str) -> None: ...
+
+class SplitExecutor:
+    """Draft and target reached separately (in-process workers, or two deployment handles)."""
+
+    def __init__(self, propose: ProposeFn, verify: VerifyFn, release: Callable[[str], Awaitable[None]]) -> None:
+        self._propose, self._verify, self._release = propose, verify, release
+
+    async def run_step(self, session_id, context_ids, gamma, params, seed, step, min_confidence) -> StepCall:
+        t0 = time.perf_counter()
+        if gamma > 0:
+            proposal = await self._propose(session_id, context_ids, gamma, params, seed, step, min_confidence)
+        else:
+            proposal = Proposal([], None, DraftSignals(), 0.0)
+        t1 = time.perf_counter()
+        verification = await self._verify(session_id, context_ids, proposal.token_ids, params)
+        t2 = time.perf_counter()
+        return StepCall(proposal, verification, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+
+    async def release(self, session_id: str) -> None:
+        await self._release(session_id)
 
 
 @dataclass(frozen=True)
@@ -117,8 +147,7 @@ class StepEvent:
 
 async def speculate(
     request: GenerationRequest,
-    drafter: Drafter,
-    verifier: Verifier,
+    executor: StepExecutor,
     policy: GammaPolicy,
     assembler: TextAssembler,
 ) -> AsyncIterator[StepEvent]:
@@ -142,14 +171,8 @@ async def speculate(
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
 
-            t1 = time.perf_counter()
-            if gamma > 0:
-                proposal = await drafter.propose(sid, context, gamma, params, seed, step, request.min_confidence)
-            else:
-                proposal = Proposal([], None, DraftSignals(), 0.0)
-            t2 = time.perf_counter()
-            verification = await verifier.verify(sid, context, proposal.token_ids, params)
-            t3 = time.perf_counter()
+            call = await executor.run_step(sid, context, gamma, params, seed, step, request.min_confidence)
+            proposal, verification = call.proposal, call.verification
 
             draft_ids = torch.tensor([proposal.token_ids], dtype=torch.long)
             if params.greedy:
@@ -185,7 +208,7 @@ async def speculate(
             record = StepRecord(
                 request_id=sid, tier=request.tier, policy=policy.name, step=step, position=len(generated) - len(new),
                 context_len=len(context), gamma_chosen=gamma_chosen, gamma=drafted, accepted=accepted,
-                emitted=len(new), draft_ms=(t2 - t1) * 1e3, verify_ms=(t3 - t2) * 1e3,
+                emitted=len(new), draft_ms=call.draft_wall_ms, verify_ms=call.verify_wall_ms,
                 draft_compute_ms=proposal.compute_ms, verify_compute_ms=verification.compute_ms, policy_us=policy_us,
                 prompt_id=request.prompt_id, category=request.category, **proposal.signals.to_dict(),
                 **summary.__dict__,
@@ -194,8 +217,7 @@ async def speculate(
             if finish:
                 return
     finally:
-        await drafter.release(sid)
-        await verifier.release(sid)
+        await executor.release(sid)
 
 
 @dataclass
@@ -241,7 +263,7 @@ class GenerationResult:
 
 
 async def run_to_completion(
-    request: GenerationRequest, drafter: Drafter, verifier: Verifier, policy: GammaPolicy, tokenizer
+    request: GenerationRequest, executor: StepExecutor, policy: GammaPolicy, tokenizer
 ) -> GenerationResult:
     """Drive `speculate` to the end and collect the result."""
     assembler = TextAssembler(tokenizer, request.stop)
@@ -250,7 +272,7 @@ async def run_to_completion(
     start = time.perf_counter()
     ttft = 0.0
     finish = "length"
-    async for event in speculate(request, drafter, verifier, policy, assembler):
+    async for event in speculate(request, executor, policy, assembler):
         if not records:
             ttft = time.perf_counter() - start
         records.append(event.record)

@@ -8,37 +8,27 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import GenerationRequest, GenerationResult, run_to_completion
+from .engine import GenerationRequest, GenerationResult, SplitExecutor, run_to_completion
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, load_model, load_tokenizer
 from .policy import make_policy
 from .sampling import SamplingParams
 from .workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
 
 
-class LocalDrafter:
-    """Awaitable adapter over an in-process DraftWorker."""
+def local_executor(draft: DraftWorker, target: TargetWorker) -> SplitExecutor:
+    """A step executor over in-process workers."""
 
-    def __init__(self, worker: DraftWorker) -> None:
-        self.worker = worker
+    async def propose(*args) -> Proposal:
+        return draft.propose(*args)
 
-    async def propose(self, session_id, context_ids, gamma, params, seed, step, min_confidence=0.0) -> Proposal:
-        return self.worker.propose(session_id, context_ids, gamma, params, seed, step, min_confidence)
+    async def verify(*args) -> Verification:
+        return target.verify(*args)
 
-    async def release(self, session_id: str) -> None:
-        self.worker.lm.release(session_id)
+    async def release(session_id: str) -> None:
+        draft.lm.release(session_id)
+        target.lm.release(session_id)
 
-
-class LocalVerifier:
-    """Awaitable adapter over an in-process TargetWorker."""
-
-    def __init__(self, worker: TargetWorker) -> None:
-        self.worker = worker
-
-    async def verify(self, session_id, context_ids, draft_token_ids, params) -> Verification:
-        return self.worker.verify(session_id, context_ids, draft_token_ids, params)
-
-    async def release(self, session_id: str) -> None:
-        self.worker.lm.release(session_id)
+    return SplitExecutor(propose, verify, release)
 
 
 def encode_prompt(tokenizer, text: str | list[dict], chat: bool) -> list[int]:
@@ -69,8 +59,7 @@ class LocalEngine:
     tier: str = "fp16"
 
     def __post_init__(self) -> None:
-        self.drafter = LocalDrafter(DraftWorker(SessionLM(self.draft_model)))
-        self.verifier = LocalVerifier(TargetWorker(SessionLM(self.target_model)))
+        self.executor = local_executor(DraftWorker(SessionLM(self.draft_model)), TargetWorker(SessionLM(self.target_model)))
         self.eos = eos_token_ids(self.tokenizer, self.target_model)
 
     @classmethod
@@ -114,7 +103,7 @@ class LocalEngine:
             min_confidence=min_confidence,
         )
         return asyncio.run(
-            run_to_completion(request, self.drafter, self.verifier, make_policy(policy, self.tier), self.tokenizer)
+            run_to_completion(request, self.executor, make_policy(policy, self.tier), self.tokenizer)
         )
 
     @torch.inference_mode()

@@ -121,8 +121,10 @@ def validate_policy_spec(spec: str) -> str:
     raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 
-def make_policy(spec: str, tier: str = "fp16") -> GammaPolicy:
-    """Build a fresh per-request policy from its spec ('none', 'fixed:N', 'heuristic', 'adaptive')."""
+def make_policy(spec: str, tier: str = "fp16", snapshot=None) -> GammaPolicy:
+    """Build a fresh per-request policy from its spec ('none', 'fixed:N', 'heuristic', 'adaptive').
+
+    `snapshot` is the controller snapshot `adaptive` uses (default: the one shipped with speckv)."""
     spec = validate_policy_spec(spec)
     if spec == "none":
         return NoSpeculation()
@@ -131,7 +133,7 @@ def make_policy(spec: str, tier: str = "fp16") -> GammaPolicy:
     if spec == "adaptive":
         from .controller import make_adaptive_policy
 
-        return make_adaptive_policy(tier)
+        return make_adaptive_policy(tier, snapshot)
     if spec in LOOP_FREE_POLICIES:
         raise ValueError(f"policy {spec!r} runs transformers' own generation loop, not the SpecKV engine")
     return FixedGamma(int(spec.split(":", 1)[1]))

@@ -1,0 +1,66 @@
+"""The application's configuration at its boundary: `serve_config.yaml` args, validated by pydantic."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from speckv.models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class AppConfig(BaseModel):
+    """Arguments of `deployments.app:build_app` (the `args:` block of an application in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    draft_model: str = Field(DEFAULT_DRAFT, description="draft model: embedded:NAME, local directory or hub id")
+    target_model: str = Field(DEFAULT_TARGET, description="target model, same forms as draft_model")
+    tiers: list[Tier] = Field(
+        default_factory=lambda: [Tier.FP16, Tier.INT8, Tier.NF4],
+        description="compression tiers served; one target deployment (`target-<tier>`) each",
+    )
+    default_tier: Tier = Field(Tier.FP16, description="tier used when the request's model is `speckv`")
+    dtype: Dtype = Field("auto", description="compute dtype of the targets (auto: fp16 on GPU, bf16 on CPU)")
+    draft_dtype: Dtype = Field("auto", description="compute dtype of the draft")
+    device: str | None = Field(None, description="torch device in each replica; default cuda if present, else cpu")
+    topology: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="disaggregated: draft and targets are separate deployments (two hops per step); "
+        "colocated: each target replica also holds a draft (one hop per step)",
+    )
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_sessions_per_replica: int = Field(64, ge=1, description="KV-cache sessions kept per replica (LRU beyond)")
+    session_idle_timeout_s: float = Field(600.0, gt=0, description="a session idle this long is dropped")
+    controller_artifact: str | None = Field(
+        None, description="controller artifact path (safetensors + JSON); default: the one shipped with speckv"
+    )
+    policy_refresh_s: float = Field(5.0, gt=0, description="how often the router checks the controller version")
+    default_policy: str = Field("adaptive", description="policy when a request names none")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
+    max_stop_strings: int = Field(8, ge=0)
+    deployment_options: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Serve options per deployment name (router, controller, draft, target-<tier>) for "
+        "programmatic use; a serve_config.yaml `deployments:` entry overrides these",
+    )
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_unique(cls, tiers: list[Tier]) -> list[Tier]:
+        if not tiers or len(set(tiers)) != len(tiers):
+            raise ValueError("tiers must be a non-empty list without repeats")
+        return tiers
+
+    def model_ids(self) -> dict[str, Tier]:
+        """OpenAI model id -> tier: `speckv-<tier>` each, and `speckv` for the default tier."""
+        ids = {f"speckv-{t.value}": t for t in self.tiers}
+        ids["speckv"] = self.default_tier if self.default_tier in self.tiers else self.tiers[0]
+        return ids
+
+
+def target_deployment_name(tier: Tier | str) -> str:
+    return f"target-{Tier(tier).value}"

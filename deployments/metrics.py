@@ -1,0 +1,49 @@
+"""Prometheus metrics of the served path, through ray.serve.metrics (exported on Ray's metrics port).
+
+Names (Ray prefixes each with `ray_`): see docs/SERVING.md.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+from speckv.records import StepRecord
+
+MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+GAMMA_BOUNDARIES = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 12.5, 16.5]
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        tags = ("tier",)
+        self.draft_tokens = metrics.Counter("speckv_draft_tokens", "draft tokens proposed", tag_keys=tags)
+        self.accepted_tokens = metrics.Counter("speckv_accepted_tokens", "draft tokens accepted", tag_keys=tags)
+        self.generated_tokens = metrics.Counter("speckv_generated_tokens", "tokens returned", tag_keys=tags)
+        self.steps = metrics.Counter("speckv_steps", "speculation steps (target passes)", tag_keys=tags)
+        self.gamma = metrics.Histogram("speckv_gamma", "draft length per step", GAMMA_BOUNDARIES, tag_keys=tags)
+        self.draft_ms = metrics.Histogram("speckv_step_draft_ms", "draft time per step", MS_BOUNDARIES, tag_keys=tags)
+        self.verify_ms = metrics.Histogram("speckv_step_verify_ms", "verify time per step", MS_BOUNDARIES, tag_keys=tags)
+        self.hop_ms = metrics.Histogram("speckv_step_hop_ms", "handle-hop time per step (wall minus compute)",
+                                        MS_BOUNDARIES, tag_keys=tags)
+        self.ttft_ms = metrics.Histogram("speckv_time_to_first_token_ms", "time to first token", MS_BOUNDARIES,
+                                         tag_keys=tags)
+        self.tokens_per_s = metrics.Gauge("speckv_tokens_per_s", "tokens/s of the last finished request",
+                                          tag_keys=tags)
+        self.requests = metrics.Counter("speckv_requests", "finished requests by outcome", tag_keys=("tier", "outcome"))
+
+    def step(self, record: StepRecord) -> None:
+        tags = {"tier": record.tier}
+        self.steps.inc(1, tags)
+        for counter, value in ((self.draft_tokens, record.gamma), (self.accepted_tokens, record.accepted),
+                               (self.generated_tokens, record.emitted)):
+            if value > 0:  # Ray counters reject increments of 0
+                counter.inc(value, tags)
+        self.gamma.observe(record.gamma, tags)
+        self.draft_ms.observe(record.draft_ms, tags)
+        self.verify_ms.observe(record.verify_ms, tags)
+        self.hop_ms.observe(hop_ms(record), tags)
+
+
+def hop_ms(record: StepRecord) -> float:
+    """Time a step spent outside the models: handle hops, serialization, queueing."""
+    return max(0.0, record.draft_ms - record.draft_compute_ms) + max(0.0, record.verify_ms - record.verify_compute_ms)

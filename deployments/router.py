@@ -1,0 +1,310 @@
+"""Router: the HTTP ingress. Validates OpenAI requests, runs speckv's speculation loop through deployment
+handles, streams tokens, and records metrics."""
+
+
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from speckv.controller import ControllerSnapshot
+from speckv.engine import (GenerationRequest, SplitExecutor, StepCall, StepEvent, StepExecutor, TextAssembler,
+                           speculate)
+from speckv.local import encode_prompt
+from speckv.models import load_tokenizer, resolve_model_dir
+from speckv.policy import make_policy
+from speckv.sampling import SamplingParams
+
+from .config import AppConfig
+from .metrics import ServeMetrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, new_id, now
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+# A step is idempotent (token ids in, seeds derived from the step), so a step whose replica went away is
+# retried until a replica answers (Serve restarts or reroutes) or this deadline passes.
+RETRY_DEADLINE_S = 120.0
+
+
+def _is_replica_failure(error: BaseException) -> bool:
+    """Errors that mean a replica went away (died, restarted, scaled down), not a bug in the request."""
+    import ray.exceptions as rex
+
+    kinds = tuple(k for k in (getattr(rex, n, None) for n in (
+        "RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")) if k)
+    return isinstance(error, kinds)
+
+
+async def _with_retries(call):
+    deadline = time.monotonic() + RETRY_DEADLINE_S
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except Exception as e:  # noqa: BLE001 - filtered below
+            if not _is_replica_failure(e) or time.monotonic() > deadline:
+                raise
+            attempt += 1
+            logger.warning("replica failure (%s); retrying the step, attempt %d", type(e).__name__, attempt)
+            await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
+
+
+def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle) -> SplitExecutor:
+    """Disaggregated topology: draft and target replicas reached through sticky handles."""
+
+    async def propose(sid: str, *args):
+        return await _with_retries(lambda: draft.options(session_id=sid).propose.remote(sid, *args))
+
+    async def verify(sid: str, *args):
+        return await _with_retries(lambda: target.options(session_id=sid).verify.remote(sid, *args))
+
+    async def release(sid: str) -> None:
+        await asyncio.gather(draft.options(session_id=sid).release.remote(sid),
+                             target.options(session_id=sid).release.remote(sid), return_exceptions=True)
+
+    return SplitExecutor(propose, verify, release)
+
+
+class RemoteColocatedExecutor:
+    """Colocated topology: the target replica drafts too, so a step is one hop."""
+
+    def __init__(self, target: DeploymentHandle) -> None:
+        self.target = target
+
+    async def run_step(self, sid, context_ids, gamma, params, seed, step, min_confidence) -> StepCall:
+        start = time.perf_counter()
+        inner: StepCall = await _with_retries(lambda: self.target.options(session_id=sid).step.remote(
+            sid, context_ids, gamma, params, seed, step, min_confidence))
+        wall_ms = (time.perf_counter() - start) * 1e3
+        return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
+
+    async def release(self, sid: str) -> None:
+        await asyncio.gather(self.target.options(session_id=sid).release.remote(sid), return_exceptions=True)
+
+
+api = FastAPI(title="SpecKV", description="Adaptive speculative decoding, OpenAI-compatible.")
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    errors = e.errors()
+    first = errors[0] if errors else {}
+    def where(err: dict) -> str:
+        return ".".join(str(x) for x in err.get("loc", []) if x not in ("body",) and not isinstance(x, int))
+
+    loc = where(first).split(".") if where(first) else []
+    message = "; ".join(f"{where(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
+    return JSONResponse(APIError(400, message, param=".".join(loc) or None, code=first.get("type")).body(),
+                        status_code=400)
+
+
+@api.middleware("http")
+async def _body_limit(request: Request, call_next):
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit:
+        return JSONResponse(APIError(413, f"request body over {limit} bytes", code="body_too_large").body(),
+                            status_code=413)
+    return await call_next(request)
+
+
+@serve.deployment(name="router", max_ongoing_requests=64)
+@serve.ingress(api)
+class Router:
+    def __init__(
+        self,
+        config: dict,
+        targets: dict[str, DeploymentHandle],
+        controller: DeploymentHandle,
+        draft: DeploymentHandle | None = None,
+    ) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        self.config = AppConfig.model_validate(config)
+        api.state.max_body_bytes = self.config.max_body_bytes
+        self.tokenizer = load_tokenizer(self.config.target_model)
+        path = resolve_model_dir(self.config.target_model)
+        model_config = AutoConfig.from_pretrained(path)
+        self.context_window = int(getattr(model_config, "max_position_embeddings", 32768))
+        eos = {self.tokenizer.eos_token_id}
+        try:
+            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        except OSError:
+            pass
+        self.eos = tuple(sorted(e for e in eos if e is not None))
+        self.model_ids = self.config.model_ids()
+        self.executors: dict[str, StepExecutor] = {}
+        for tier in self.config.tiers:
+            handle = targets[tier.value]
+            self.executors[tier.value] = (RemoteColocatedExecutor(handle) if self.config.topology == "colocated"
+                                          else remote_split_executor(draft, handle))
+        self.controller = controller
+        self._snapshot: ControllerSnapshot | None = None
+        self._snapshot_checked = 0.0
+        self.metrics = ServeMetrics()
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _controller_snapshot(self) -> ControllerSnapshot:
+        """The cached controller snapshot, revalidated against the controller's version every refresh period."""
+        if self._snapshot is None or time.monotonic() - self._snapshot_checked > self.config.policy_refresh_s:
+            version = await self.controller.version.remote()
+            if self._snapshot is None or version != self._snapshot.version:
+                self._snapshot = await self.controller.snapshot.remote()
+            self._snapshot_checked = time.monotonic()
+        return self._snapshot
+
+    async def _prepare(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None):
+        tier = self.model_ids.get(req.model)
+        if tier is None:
+            raise APIError(404, f"model {req.model!r} does not exist; available: {', '.join(self.model_ids)}",
+                           param="model", code="model_not_found")
+        max_tokens = max_tokens or DEFAULT_MAX_TOKENS
+        if max_tokens > self.config.max_tokens_limit:
+            raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of "
+                                f"{self.config.max_tokens_limit}", param="max_tokens")
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(prompt_ids) + max_tokens > self.context_window:
+            raise APIError(400, f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                f"context window of {self.context_window} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        stops = req.stop_list()
+        if len(stops) > self.config.max_stop_strings:
+            raise APIError(400, f"at most {self.config.max_stop_strings} stop strings", param="stop")
+        try:
+            sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+            request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_tokens, sampling=sampling,
+                                        stop=tuple(stops), eos_token_ids=self.eos, tier=tier.value)
+        except ValueError as e:
+            raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from None
+        spec = req.speculation.policy_spec() if req.speculation else self.config.default_policy
+        policy = make_policy(spec, tier.value, await self._controller_snapshot())
+        return request, policy, tier.value
+
+    async def _events(self, request: GenerationRequest, policy, tier: str, stats: dict) -> AsyncIterator[StepEvent]:
+        start = time.perf_counter()
+        assembler = TextAssembler(self.tokenizer, request.stop)
+        outcome = "error"
+        try:
+            async for event in speculate(request, self.executors[tier], policy, assembler):
+                if stats["steps"] == 0:
+                    self.metrics.ttft_ms.observe((time.perf_counter() - start) * 1e3, {"tier": tier})
+                self.metrics.step(event.record)
+                stats["steps"] += 1
+                stats["draft_tokens"] += event.record.gamma
+                stats["accepted_tokens"] += event.record.accepted
+                stats["completion_tokens"] += len(event.token_ids)
+                stats["gammas"][event.record.gamma] += 1
+                stats["finish_reason"] = event.finish_reason
+                yield event
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            if outcome == "ok" and seconds > 0:
+                self.metrics.tokens_per_s.set(stats["completion_tokens"] / seconds, {"tier": tier})
+            self.metrics.requests.inc(1, {"tier": tier, "outcome": outcome})
+
+    @staticmethod
+    def _new_stats(policy_name: str) -> dict:
+        return {"policy": policy_name, "steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "completion_tokens": 0,
+                "gammas": Counter(), "finish_reason": None}
+
+    @staticmethod
+    def _speculation(stats: dict) -> dict:
+        steps = stats["steps"]
+        return {"policy": stats["policy"], "steps": steps, "draft_tokens": stats["draft_tokens"],
+                "accepted_tokens": stats["accepted_tokens"],
+                "mean_accepted": stats["accepted_tokens"] / steps if steps else 0.0,
+                "gamma_histogram": {str(g): n for g, n in sorted(stats["gammas"].items())}}
+
+    async def _respond(self, req, prompt_ids: list[int], max_tokens: int | None, chat: bool):
+        request, policy, tier = await self._prepare(req, prompt_ids, max_tokens)
+        stats = self._new_stats(policy.name)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        created = now()
+        usage = lambda: {"prompt_tokens": len(prompt_ids), "completion_tokens": stats["completion_tokens"],
+                         "total_tokens": len(prompt_ids) + stats["completion_tokens"]}
+        if not req.stream:
+            parts = [event.text async for event in self._events(request, policy, tier, stats)]
+            text = "".join(parts)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": stats["finish_reason"], "logprobs": None} if chat else
+                      {"index": 0, "text": text, "finish_reason": stats["finish_reason"], "logprobs": None})
+            return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                 "created": created, "model": req.model, "choices": [choice], "usage": usage(),
+                                 "speculation": self._speculation(stats)})
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta_text: str | None, finish: str | None, role: bool = False, extra: dict | None = None) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if delta_text is None else
+                                                                            {"content": delta_text})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [choice],
+                    **(extra or {})}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            if chat:
+                yield chunk(None, None, role=True)
+            try:
+                async for event in self._events(request, policy, tier, stats):
+                    if event.text:
+                        yield chunk(event.text, None)
+                yield chunk(None if chat else "", stats["finish_reason"], extra={"speculation": self._speculation(stats)})
+                if include_usage:
+                    yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': req.model, 'choices': [], 'usage': usage()})}\n\n"
+            except Exception as e:  # noqa: BLE001 - the stream has started; report in-band, then end it
+                logger.exception("request %s failed mid-stream", rid)
+                err = APIError(500, f"generation failed: {type(e).__name__}", type_="server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [
+            {"id": mid, "object": "model", "created": 0, "owned_by": "speckv", "tier": tier.value}
+            for mid, tier in self.model_ids.items()]}
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest):
+        prompt_ids = encode_prompt(self.tokenizer, req.prompt_text(), chat=False)
+        return await self._respond(req, prompt_ids, req.max_tokens, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest):
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        prompt_ids = encode_prompt(self.tokenizer, messages, chat=True)
+        return await self._respond(req, prompt_ids, req.effective_max_tokens(), chat=True)

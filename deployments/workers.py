@@ -1,0 +1,99 @@
+"""Draft and target deployments: thin Ray Serve wrappers over speckv's DraftWorker and TargetWorker.
+
+Each replica keeps per-request KV caches (speckv.workers.SessionLM). Requests stick to a replica through
+the consistent-hash request router keyed on the request's session id; when a replica lacks a session it
+rebuilds it from the token ids, so affinity only saves time and never decides correctness.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from speckv.engine import StepCall
+from speckv.local import local_executor
+from speckv.models import load_model
+from speckv.sampling import SamplingParams
+from speckv.workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
+
+STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How a replica builds its model(s): the engine is injected as this spec, not built at import."""
+
+    model: str
+    tier: str = "fp16"
+    dtype: str = "auto"
+    device: str | None = None
+    max_sessions: int = 64
+    idle_timeout_s: float = 600.0
+    torch_threads: int | None = None
+
+    def build_lm(self) -> SessionLM:
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        model = load_model(self.model, self.tier, self.dtype, self.device)
+        return SessionLM(model, self.max_sessions, self.idle_timeout_s)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        return f"pid-{os.getpid()}"
+
+
+@serve.deployment(name="draft", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
+class DraftDeployment:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.worker = DraftWorker(spec.build_lm())
+
+    def propose(
+        self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
+        min_confidence: float = 0.0,
+    ) -> Proposal:
+        return self.worker.propose(session_id, context_ids, gamma, params, seed, step, min_confidence)
+
+    def release(self, session_id: str) -> None:
+        self.worker.lm.release(session_id)
+
+    def stats(self) -> dict:
+        return {"replica": _replica_id(), **self.worker.lm.stats().__dict__}
+
+
+@serve.deployment(name="target", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
+class TargetDeployment:
+    """One compression tier of the target. With `draft` set (colocated topology) it also drafts, and a whole
+    step runs in one call."""
+
+    def __init__(self, spec: WorkerSpec, draft: WorkerSpec | None = None) -> None:
+        self.tier = spec.tier
+        self.worker = TargetWorker(spec.build_lm())
+        self.draft = DraftWorker(draft.build_lm()) if draft else None
+        self.executor = local_executor(self.draft, self.worker) if self.draft else None
+
+    def verify(
+        self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams
+    ) -> Verification:
+        return self.worker.verify(session_id, context_ids, draft_token_ids, params)
+
+    async def step(
+        self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
+        min_confidence: float = 0.0,
+    ) -> StepCall:
+        if self.executor is None:
+            raise RuntimeError("this target replica has no colocated draft; use the disaggregated topology")
+        return await self.executor.run_step(session_id, context_ids, gamma, params, seed, step, min_confidence)
+
+    def release(self, session_id: str) -> None:
+        self.worker.lm.release(session_id)
+        if self.draft:
+            self.draft.lm.release(session_id)
+
+    def stats(self) -> dict:
+        return {"replica": _replica_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}
