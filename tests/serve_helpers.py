@@ -1,0 +1,43 @@
+"""Helpers for tests that start Ray Serve: tiny model directories and Ray settings for a loaded 2-core box."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# On a busy 2-core machine the HTTP proxy can take longer than Serve's 5 s readiness check to come up.
+RAY_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def save_tiny_pair(root: Path, tokenizer_dir: str) -> tuple[str, str]:
+    """A tiny random Qwen2 target and a draft that mostly agrees with it, saved with the real tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from .conftest import perturbed_copy
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    target = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)
+    draft = perturbed_copy(target, 0.2, 1)
+    paths = []
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths[0], paths[1]
+
+
+def apply_ray_env() -> None:
+    os.environ.update(RAY_ENV)

@@ -1,0 +1,229 @@
+"""The Serve application in-process (serve.run) on tiny random models: API, streaming, extension fields,
+errors, affinity loss (replica killed mid-request) and a tier scaling up under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+
+import httpx
+import pytest
+
+from speckv.local import LocalEngine, encode_prompt
+from speckv.models import DEFAULT_TARGET, load_model, load_tokenizer, resolve_model_dir
+
+from .serve_helpers import apply_ray_env, save_tiny_pair
+
+pytestmark = pytest.mark.serve
+BASE = "http://127.0.0.1:8123"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    apply_ray_env()
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    models = tmp_path_factory.mktemp("models")
+    target, draft = save_tiny_pair(models, resolve_model_dir(DEFAULT_TARGET))
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
+    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    config = {
+        "draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
+        "draft_dtype": "float32", "torch_threads": 1, "max_tokens_limit": 256,
+        "deployment_options": {
+            "target-fp16": {"max_ongoing_requests": 2, "autoscaling_config": {
+                "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                "downscale_delay_s": 600, "look_back_period_s": 2}},
+        },
+    }
+    serve.run(build_app(config), name="speckv", route_prefix="/")
+    engine = LocalEngine(load_model(draft, dtype="float32"), load_model(target, dtype="float32"), load_tokenizer(target))
+    yield {"engine": engine, "config": config}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(path: str, body: dict | bytes, **kw) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(BASE + path, content=body, headers={"content-type": "application/json"}, timeout=120, **kw)
+    return httpx.post(BASE + path, json=body, timeout=120, **kw)
+
+
+def sse_events(response_text: str) -> list:
+    lines = [l[len("data: "):] for l in response_text.splitlines() if l.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(l) for l in lines[:-1]]
+
+
+def test_health_and_models(app):
+    assert httpx.get(BASE + "/healthz").json() == {"status": "ok"}
+    ids = [m["id"] for m in httpx.get(BASE + "/v1/models").json()["data"]]
+    assert ids == ["speckv-fp16", "speckv"]
+
+
+def test_greedy_completion_equals_library_engine(app):
+    engine: LocalEngine = app["engine"]
+    prompt = "def fibonacci(n):"
+    expected = engine.generate(encode_prompt(engine.tokenizer, prompt, chat=False), "fixed:3", 24)
+    r = post("/v1/completions", {"model": "speckv-fp16", "prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                 "speculation": {"policy": "fixed", "gamma": 3}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == expected.text
+    assert body["usage"]["completion_tokens"] == expected.new_tokens
+    spec = body["speculation"]
+    assert spec["policy"] == "fixed:3" and spec["steps"] == expected.steps
+    assert spec["accepted_tokens"] == expected.accepted > 0
+    assert set(spec["gamma_histogram"]) <= {"0", "1", "2", "3"} and spec["gamma_histogram"]["3"] >= 1
+    assert spec["mean_accepted"] == pytest.approx(expected.mean_accepted)
+
+
+def test_policy_none_drafts_nothing_and_matches(app):
+    base = {"model": "speckv", "prompt": "import numpy as", "max_tokens": 16, "temperature": 0}
+    spec = post("/v1/completions", {**base, "speculation": {"policy": "fixed", "gamma": 4}}).json()
+    plain = post("/v1/completions", {**base, "speculation": {"policy": "none"}}).json()
+    assert plain["speculation"]["draft_tokens"] == 0 and plain["speculation"]["gamma_histogram"] == {"0": plain["speculation"]["steps"]}
+    assert plain["choices"][0]["text"] == spec["choices"][0]["text"]
+    adaptive = post("/v1/completions", base).json()
+    assert adaptive["speculation"]["policy"].startswith("adaptive")
+    assert adaptive["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_chat_stream_equals_non_stream(app):
+    body = {"model": "speckv-fp16", "messages": [{"role": "user", "content": "Write a loop in Python."}],
+            "max_tokens": 20, "temperature": 0}
+    full = post("/v1/chat/completions", body).json()
+    assert full["object"] == "chat.completion" and full["choices"][0]["message"]["role"] == "assistant"
+    r = post("/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == full["choices"][0]["message"]["content"]
+    final = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(final) == 1 and final[0]["speculation"]["steps"] == full["speculation"]["steps"]
+    assert events[-1]["usage"] == full["usage"]
+
+
+def test_completion_stream_with_stop_string(app):
+    base = {"model": "speckv-fp16", "prompt": "class Stack:", "max_tokens": 30, "temperature": 0}
+    full = post("/v1/completions", base).json()["choices"][0]["text"]
+    stop = full[5:8]
+    assert stop
+    r = post("/v1/completions", {**base, "stop": [stop], "stream": True})
+    events = sse_events(r.text)
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == full[: full.find(stop)]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_is_reproducible(app):
+    body = {"model": "speckv-fp16", "prompt": "x =", "max_tokens": 12, "temperature": 0.9, "top_p": 0.95, "seed": 3}
+    a, b = post("/v1/completions", body).json(), post("/v1/completions", body).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+    ({"model": "speckv", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "speckv", "prompt": "a", "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "speckv", "prompt": "a " * 400, "max_tokens": 200}, 400, "max_tokens"),  # context window 512
+    ({"model": "speckv", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"model": "speckv", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": "speckv", "prompt": "a", "n": 2}, 400, "n"),
+    ({"model": "speckv", "prompt": "a", "stop": ["x"] * 20}, 400, "stop"),
+    ({"model": "speckv", "prompt": "a", "speculation": {"policy": "fixed"}}, 400, "speculation"),
+    ({"model": "speckv", "prompt": "a", "speculation": {"policy": "magic"}}, 400, "speculation.policy"),
+    ({"model": "speckv", "prompt": "a", "speculation": {"policy": "fixed", "gamma": 3, "x": 1}}, 400, "speculation.x"),
+    ({"model": "speckv"}, 400, "prompt"),
+    ({"model": "speckv", "prompt": 5}, 400, "prompt"),
+    ({"model": "speckv", "prompt": "a", "bogus": 1}, 400, "bogus"),
+])
+def test_bad_requests_get_openai_errors(app, body, status, param):
+    r = post("/v1/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert (err["param"] or "").startswith(param), err
+
+
+def test_malformed_and_oversized_bodies(app):
+    assert post("/v1/completions", b"{not json").status_code == 400
+    assert post("/v1/completions", b"\xff\xfe\x00bad").status_code == 400
+    big = json.dumps({"model": "speckv", "prompt": "a" * 2_000_000}).encode()
+    r = post("/v1/completions", big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def _replica_actor_names(deployment: str) -> list[str]:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]
+    found = [n for n in names if n.startswith("SERVE_REPLICA::") and f"#{deployment}#" in n]
+    assert found, names
+    return found
+
+
+@pytest.mark.parametrize("deployment", ["target-fp16", "draft"])
+def test_replica_killed_mid_request_same_output(app, deployment):
+    """Kill the replica holding the request's cache mid-stream: the step is retried, the new (or other)
+    replica rebuilds the cache from token ids, and the output is unchanged."""
+    import ray
+
+    body = {"model": "speckv-fp16", "prompt": "def quicksort(items):", "max_tokens": 120, "temperature": 0,
+            "speculation": {"policy": "fixed", "gamma": 2}}
+    expected = post("/v1/completions", body).json()["choices"][0]["text"]
+    pieces = []
+    killed = False
+    with httpx.stream("POST", BASE + "/v1/completions", json={**body, "stream": True}, timeout=180) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            pieces.append(event["choices"][0]["text"])
+            if not killed and len(pieces) >= 3:
+                for name in _replica_actor_names(deployment):
+                    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                killed = True
+    assert killed
+    assert "".join(pieces) == expected
+    # the deployment recovers and serves the next request
+    assert post("/v1/completions", {**body, "max_tokens": 8}).status_code == 200
+
+
+def test_tier_scales_up_under_load(app):
+    from ray import serve
+
+    def replicas() -> int:
+        status = serve.status().applications["speckv"].deployments["target-fp16"]
+        return sum(status.replica_states.values()) if status.replica_states else 0
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            body = {"model": "speckv-fp16", "prompt": "for i in range(", "max_tokens": 200, "temperature": 0,
+                    "speculation": {"policy": "fixed", "gamma": 1}}
+            tasks = [client.post(BASE + "/v1/completions", json=body) for _ in range(6)]
+            return [r.status_code for r in await asyncio.gather(*tasks)]
+
+    async def run() -> tuple[list[int], int]:
+        task = asyncio.create_task(load())
+        peak = replicas()
+        while not task.done():
+            peak = max(peak, replicas())
+            await asyncio.sleep(0.5)
+        return await task, peak
+
+    codes, peak = asyncio.run(run())
+    assert codes == [200] * 6
+    deadline = time.time() + 60
+    while peak < 2 and time.time() < deadline:
+        peak = max(peak, replicas())
+        time.sleep(1)
+    assert peak == 2
