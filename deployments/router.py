@@ -25,7 +25,7 @@ from speckv.policy import make_policy
 from speckv.sampling import SamplingParams
 
 from .config import AppConfig
-from .metrics import ServeMetrics
+from .metrics import ServeMetrics, hop_ms
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, new_id, now
 
 logger = logging.getLogger("ray.serve")
@@ -212,6 +212,10 @@ class Router:
                 stats["accepted_tokens"] += event.record.accepted
                 stats["completion_tokens"] += len(event.token_ids)
                 stats["gammas"][event.record.gamma] += 1
+                stats["draft_ms"] += event.record.draft_ms
+                stats["verify_ms"] += event.record.verify_ms
+                stats["hop_ms"] += hop_ms(event.record)
+                stats["policy_us"] += event.record.policy_us
                 stats["finish_reason"] = event.finish_reason
                 yield event
             outcome = "ok"
@@ -227,7 +231,8 @@ class Router:
     @staticmethod
     def _new_stats(policy_name: str) -> dict:
         return {"policy": policy_name, "steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "completion_tokens": 0,
-                "gammas": Counter(), "finish_reason": None}
+                "gammas": Counter(), "finish_reason": None, "draft_ms": 0.0, "verify_ms": 0.0, "hop_ms": 0.0,
+                "policy_us": 0.0}
 
     @staticmethod
     def _speculation(stats: dict) -> dict:
@@ -235,7 +240,10 @@ class Router:
         return {"policy": stats["policy"], "steps": steps, "draft_tokens": stats["draft_tokens"],
                 "accepted_tokens": stats["accepted_tokens"],
                 "mean_accepted": stats["accepted_tokens"] / steps if steps else 0.0,
-                "gamma_histogram": {str(g): n for g, n in sorted(stats["gammas"].items())}}
+                "gamma_histogram": {str(g): n for g, n in sorted(stats["gammas"].items())},
+                # totals over the request's steps: wall time of draft and verify calls as the router saw them,
+                # the part of it spent outside the models (hops), and time spent choosing γ
+                "timing": {k: stats[k] for k in ("draft_ms", "verify_ms", "hop_ms", "policy_us")}}
 
     async def _respond(self, req, prompt_ids: list[int], max_tokens: int | None, chat: bool):
         request, policy, tier = await self._prepare(req, prompt_ids, max_tokens)

@@ -48,6 +48,12 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 @serve.deployment(name="draft", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
 class DraftDeployment:
     def __init__(self, spec: WorkerSpec) -> None:
@@ -63,7 +69,7 @@ class DraftDeployment:
         self.worker.lm.release(session_id)
 
     def stats(self) -> dict:
-        return {"replica": _replica_id(), **self.worker.lm.stats().__dict__}
+        return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__}
 
 
 @serve.deployment(name="target", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
@@ -96,4 +102,4 @@ class TargetDeployment:
             self.draft.lm.release(session_id)
 
     def stats(self) -> dict:
-        return {"replica": _replica_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}
+        return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}

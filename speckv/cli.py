@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="prepare again even if a valid cached copy exists")
     prep.add_argument("--only", choices=sorted(EMBEDDED_MODELS), action="append", help="prepare just this model")
     msub.add_parser("list", help="show the embedded models and where they are cached")
+    foot = msub.add_parser("footprint", help="load a model at each tier and print its weight memory (JSON)")
+    foot.add_argument("--model", default=DEFAULT_TARGET)
+    foot.add_argument("--tiers", default="fp16,int8,nf4")
+    foot.add_argument("--device", default=None)
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("--prompt", required=True)
@@ -100,6 +104,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     chosen = [EMBEDDED_MODELS[n] for n in (args.only or EMBEDDED_MODELS)] if args.models_command == "prepare" \
         else list(EMBEDDED_MODELS.values())
+    if args.models_command == "footprint":
+        from .models import load_model
+
+        out = {}
+        for tier in args.tiers.split(","):
+            model = load_model(args.model, Tier.parse(tier.strip()), device=args.device)
+            out[tier] = {"weight_bytes": model.get_memory_footprint(), "dtype": str(model.dtype)}
+            del model
+        print(json.dumps({"model": args.model, "tiers": out}, indent=1))
+        return 0
     if args.models_command == "list":
         for m in chosen:
             print(f"{m.spec}\t{m.description}\t{embedded_dir(m)}")
