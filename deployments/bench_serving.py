@@ -91,6 +91,25 @@ async def run_level(prompts: list[str], concurrency: int, max_tokens: int, polic
     }
 
 
+def controller_hop_ms(n: int = 50) -> dict:
+    """What a per-step γ decision through the controller deployment would cost (the design not taken)."""
+    from ray import serve
+
+    from speckv.policy import StepContext
+    from speckv.signals import SignalSummary
+
+    handle = serve.get_deployment_handle("controller", "speckv")
+    ctx = StepContext(step=3, position=10, context_len=60, prev_gamma=2, prev_accepted=1,
+                      prev_signals=SignalSummary(), prev_last_confidence=0.8, drafted_total=6, accepted_total=4)
+    handle.choose.remote("fp16", ctx).result()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        handle.choose.remote("fp16", ctx).result()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"p50": percentile(times, 50), "p99": percentile(times, 99)}
+
+
 def ray_rss_bytes() -> int:
     """Resident memory of this process and every Ray process on the machine."""
     import psutil
@@ -157,7 +176,8 @@ def main() -> None:
             serve.run(build_app(config), name="speckv", route_prefix="/")
             asyncio.run(run_level(prompts[:1], 1, 2, policy, tokenizer))  # warm-up
             memory = ray_rss_bytes()
-            result = {"rss_bytes_all_ray_processes": memory, "levels": []}
+            result = {"rss_bytes_all_ray_processes": memory, "levels": [],
+                      "controller_choose_hop_ms": controller_hop_ms()}
             for level in levels:
                 reqs = (prompts * level)[: max(level, len(prompts))]
                 row = asyncio.run(run_level(reqs, level, args.max_tokens, policy, tokenizer))

@@ -42,6 +42,8 @@ def app(tmp_path_factory):
         },
     }
     serve.run(build_app(config), name="speckv", route_prefix="/")
+    colocated = {**config, "topology": "colocated", "deployment_options": {}}
+    serve.run(build_app(colocated), name="speckv-colocated", route_prefix="/colocated")
     engine = LocalEngine(load_model(draft, dtype="float32"), load_model(target, dtype="float32"), load_tokenizer(target))
     yield {"engine": engine, "config": config}
     serve.shutdown()
@@ -82,6 +84,16 @@ def test_greedy_completion_equals_library_engine(app):
     assert spec["accepted_tokens"] == expected.accepted > 0
     assert set(spec["gamma_histogram"]) <= {"0", "1", "2", "3"} and spec["gamma_histogram"]["3"] >= 1
     assert spec["mean_accepted"] == pytest.approx(expected.mean_accepted)
+
+
+def test_colocated_topology_gives_the_same_output(app):
+    body = {"model": "speckv-fp16", "prompt": "def is_even(n):", "max_tokens": 20, "temperature": 0,
+            "speculation": {"policy": "fixed", "gamma": 3}}
+    split = post("/v1/completions", body).json()
+    colocated = post("/colocated/v1/completions", body).json()
+    assert colocated["choices"][0]["text"] == split["choices"][0]["text"]
+    assert colocated["speculation"]["accepted_tokens"] == split["speculation"]["accepted_tokens"]
+    assert colocated["speculation"]["timing"]["hop_ms"] >= 0
 
 
 def test_policy_none_drafts_nothing_and_matches(app):

