@@ -75,6 +75,19 @@ def load_prompts(path: Path, limit_per_category: int | None = None, categories: 
     return prompts
 
 
+def compare(runs: dict[str, list[dict]]) -> list[dict]:
+    """Every policy against `none` and against `hf-assisted` (when present), paired by prompt."""
+    comparisons = []
+    for base in [b for b in ("none", "hf-assisted") if b in runs]:
+        for name in runs:
+            if name == base or (base == "hf-assisted" and name == "none"):
+                continue
+            comparisons.append(paired_speedup(
+                name, [r["tokens_per_s"] for r in runs[name]], base, [r["tokens_per_s"] for r in runs[base]]
+            ).to_dict())
+    return comparisons
+
+
 def summarize(config: BenchConfig, runs: dict[str, list[dict]]) -> dict:
     """Aggregate per-prompt runs into the results document."""
     policies = {}
@@ -89,15 +102,7 @@ def summarize(config: BenchConfig, runs: dict[str, list[dict]]) -> dict:
             "mean_accepted": statistics.mean(r["mean_accepted"] for r in rows),
             "new_tokens": sum(r["new_tokens"] for r in rows),
         }
-    comparisons = []
-    baselines = [b for b in ("none", "hf-assisted") if b in runs]
-    for base in baselines:
-        for name in runs:
-            if name == base or (base == "hf-assisted" and name == "none"):
-                continue
-            comparisons.append(paired_speedup(
-                name, [r["tokens_per_s"] for r in runs[name]], base, [r["tokens_per_s"] for r in runs[base]]
-            ).to_dict())
+    comparisons = compare(runs)
     if "none" in runs and config.sampling.greedy:
         ref = {r["question_id"]: r["token_ids"] for r in runs["none"]}
         for name, rows in runs.items():
@@ -166,3 +171,32 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
     print(format_table(doc))
     print(f"results written to {out}", file=sys.stderr)
     return doc
+
+
+def markdown_report(doc: dict) -> str:
+    """Markdown tables of a results document (comparisons recomputed from its per-prompt rows)."""
+    runs = {name: p["per_prompt"] for name, p in doc["policies"].items()}
+    comparisons = compare(runs)
+    vs_none = {c["a"]: c for c in comparisons if c["b"] == "none"}
+    vs_hf = {c["a"]: c for c in comparisons if c["b"] == "hf-assisted"}
+    n = len(next(iter(runs.values())))
+    cfg = doc["config"]
+    cats = sorted({r["category"] for r in next(iter(runs.values()))})
+    lines = [f"{n} prompts ({', '.join(cats)}), tier {cfg['tier']}, dtype {cfg['dtype']}, "
+             f"max_new_tokens {cfg['max_new_tokens']}, temperature {cfg['sampling']['temperature']}.", "",
+             "| policy | tokens/s (median) | tokens/step | accepted/step | vs none [95% CI] | p | vs hf-assisted [95% CI] | p | identical to none | first divergence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, p in doc["policies"].items():
+        a, h = vs_none.get(name), vs_hf.get(name)
+        fmt = lambda c: (f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}") if c else ("", "")  # noqa: E731
+        divs = [r.get("first_divergence_vs_none") for r in p["per_prompt"]]
+        first = min((d for d in divs if d is not None), default=None)
+        lines.append(f"| {name} | {p['tokens_per_s']:.2f} | {p['tokens_per_step']:.2f} | {p['mean_accepted']:.2f} | "
+                     f"{' | '.join(fmt(a))} | {' | '.join(fmt(h))} | {sum(d is None for d in divs)}/{n} | "
+                     f"{'' if first is None else first} |")
+    lines += ["", "Median tokens/s per category:", "", "| category | " + " | ".join(runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for cat in cats:
+        row = [statistics.median(r["tokens_per_s"] for r in rows if r["category"] == cat) for rows in runs.values()]
+        lines.append(f"| {cat} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    return "\n".join(lines)

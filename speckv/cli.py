@@ -96,7 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("results/bench.json"))
     _add_model_args(bench)
     _add_sampling_args(bench)
+    report = sub.add_parser("report", help="print markdown tables of `speckv bench` results files")
+    report.add_argument("files", nargs="+", type=Path)
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .bench import markdown_report
+
+    for path in args.files:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot read results file {path}: {e}") from None
+        print(f"### {path}\n")
+        print(markdown_report(doc))
+        print()
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -181,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench}[args.command]
+        handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report}[args.command]
         return handler(args)
     except (CLIError, ModelError, argparse.ArgumentTypeError) as e:
         print(f"speckv: error: {e}", file=sys.stderr)

@@ -69,3 +69,15 @@ def test_replay_of_a_collected_trace_matches_live_runs(draft_model, target_model
         assert replayed.steps == live.steps, gamma
         assert replayed.gammas == [r.gamma for r in live.records], gamma
         assert sum(r.accepted for r in live.records) == replayed.tokens - replayed.steps
+
+
+def test_paired_speedup_statistics():
+    from speckv.stats import first_divergence, paired_speedup
+
+    c = paired_speedup("a", [2.0, 4.0, 3.0, 5.0, 6.0], "b", [1.0, 2.0, 1.5, 2.5, 3.0])
+    assert abs(c.speedup - 2.0) < 1e-9 and c.ci95[0] <= 2.0 <= c.ci95[1]
+    assert c.p_value == 2 / 32  # all five ratios favour a: the smallest p a sign-flip test can give
+    noisy = paired_speedup("a", [1.1, 0.9, 1.05, 0.95], "b", [1.0, 1.0, 1.0, 1.0])
+    assert noisy.p_value > 0.5
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1 and first_divergence([1, 2], [1, 2, 3]) == 2
