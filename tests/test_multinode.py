@@ -28,7 +28,7 @@ def test_tiers_on_their_nodes_and_node_loss(tmp_path):
     target, draft = save_tiny_pair(tmp_path, resolve_model_dir(DEFAULT_TARGET))
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "resources": {"speckv_cpu": 100}, "include_dashboard": False,
-        "_temp_dir": tempfile.mkdtemp(prefix="raymn", dir="/tmp")})
+        "temp_dir": tempfile.mkdtemp(prefix="raymn", dir="/tmp")})
     fp16_nodes = [cluster.add_node(num_cpus=2, resources={"speckv_fp16": 100}) for _ in range(2)]
     quant_node = cluster.add_node(num_cpus=2, resources={"speckv_quant": 100})
     try:
