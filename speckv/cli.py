@@ -96,9 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("results/bench.json"))
     _add_model_args(bench)
     _add_sampling_args(bench)
+    cost = sub.add_parser("cost", help="measure a tier's step costs (draft ms/token, verify ms per γ)")
+    cost.add_argument("--gammas", default="0,1,2,3,4,6,8")
+    cost.add_argument("--context-lens", default="64,256")
+    cost.add_argument("--repeats", type=_positive_int, default=3)
+    cost.add_argument("--out", type=Path, default=None)
+    _add_model_args(cost)
+
     report = sub.add_parser("report", help="print markdown tables of `speckv bench` results files")
     report.add_argument("files", nargs="+", type=Path)
     return parser
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from .costs import measure_costs
+
+    try:
+        gammas = [int(g) for g in args.gammas.split(",")]
+        ctxs = [int(c) for c in args.context_lens.split(",")]
+    except ValueError:
+        raise CLIError("--gammas and --context-lens take comma-separated integers") from None
+    if any(g < 0 or g > 16 for g in gammas) or any(c < 1 for c in ctxs):
+        raise CLIError("γ must be in [0, 16] and context lengths >= 1")
+    doc = measure_costs(args.draft, args.target, args.tier, args.dtype, gammas, ctxs, args.repeats, args.device)
+    text = json.dumps(doc, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -197,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report}[args.command]
+        handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report,
+                   "cost": cmd_cost}[args.command]
         return handler(args)
     except (CLIError, ModelError, argparse.ArgumentTypeError) as e:
         print(f"speckv: error: {e}", file=sys.stderr)

@@ -145,6 +145,17 @@ class StepEvent:
     finish_reason: str | None  # "stop" (EOS or stop string), "length", or None while running
 
 
+def accept_step(proposal: Proposal, verification: Verification, params: SamplingParams, seed: int, step: int):
+    """Apply the acceptance rule to one request's step (a batch of one row)."""
+    draft_ids = torch.tensor([proposal.token_ids], dtype=torch.long)
+    if params.greedy:
+        return greedy_accept(draft_ids, torch.tensor([verification.target_token_ids]))
+    target_probs = verification.target_probs[None]
+    draft_probs = proposal.draft_probs if proposal.draft_probs is not None else \
+        target_probs.new_zeros((0, target_probs.shape[-1]))
+    return speculative_accept(draft_ids, draft_probs[None], target_probs, step_generator(seed, step, stream=1))
+
+
 async def speculate(
     request: GenerationRequest,
     executor: StepExecutor,
@@ -174,14 +185,7 @@ async def speculate(
             call = await executor.run_step(sid, context, gamma, params, seed, step, request.min_confidence)
             proposal, verification = call.proposal, call.verification
 
-            draft_ids = torch.tensor([proposal.token_ids], dtype=torch.long)
-            if params.greedy:
-                result = greedy_accept(draft_ids, torch.tensor([verification.target_token_ids]))
-            else:
-                target_probs = verification.target_probs[None]
-                draft_probs = (proposal.draft_probs if proposal.draft_probs is not None
-                               else target_probs.new_zeros((0, target_probs.shape[-1])))[None]
-                result = speculative_accept(draft_ids, draft_probs, target_probs, step_generator(seed, step, 1))
+            result = accept_step(proposal, verification, params, seed, step)
             accepted = int(result.num_accepted[0])
             new = result.row_tokens(0)
 
