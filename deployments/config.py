@@ -42,6 +42,11 @@ class AppConfig(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
     max_stop_strings: int = Field(8, ge=0)
+    api_keys_env: str = Field(
+        "SPECKV_API_KEYS",
+        description="environment variable holding comma-separated API keys (e.g. from a Kubernetes Secret); "
+        "when it is set and non-empty, /v1/* requires `Authorization: Bearer <key>`; /healthz stays open",
+    )
     deployment_options: dict[str, dict] = Field(
         default_factory=dict,
         description="Serve options per deployment name (router, controller, draft, target-<tier>) for "

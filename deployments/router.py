@@ -4,7 +4,9 @@ handles, streams tokens, and records metrics."""
 
 
 import asyncio
+import hmac
 import json
+import os
 import logging
 import time
 from collections import Counter
@@ -113,8 +115,20 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
                         status_code=400)
 
 
+def _authorized(request: Request) -> bool:
+    keys: frozenset[str] = getattr(request.app.state, "api_keys", frozenset())
+    if not keys or request.url.path.endswith("/healthz"):
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), k) for k in keys)
+
+
 @api.middleware("http")
-async def _body_limit(request: Request, call_next):
+async def _body_limit_and_auth(request: Request, call_next):
+    if not _authorized(request):
+        return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                     code="invalid_api_key").body(),
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
     limit = getattr(request.app.state, "max_body_bytes", None)
     length = request.headers.get("content-length")
     if limit and length and length.isdigit() and int(length) > limit:
@@ -137,6 +151,8 @@ class Router:
 
         self.config = AppConfig.model_validate(config)
         api.state.max_body_bytes = self.config.max_body_bytes
+        api.state.api_keys = frozenset(
+            k.strip() for k in os.environ.get(self.config.api_keys_env, "").split(",") if k.strip())
         self.tokenizer = load_tokenizer(self.config.target_model)
         path = resolve_model_dir(self.config.target_model)
         model_config = AutoConfig.from_pretrained(path)

@@ -42,7 +42,8 @@ def app(tmp_path_factory):
         },
     }
     serve.run(build_app(config), name="speckv", route_prefix="/")
-    colocated = {**config, "topology": "colocated", "deployment_options": {}}
+    colocated = {**config, "topology": "colocated", "api_keys_env": "SPECKV_TEST_KEYS", "deployment_options": {
+        "router": {"ray_actor_options": {"runtime_env": {"env_vars": {"SPECKV_TEST_KEYS": "key-one,key-two"}}}}}}
     serve.run(build_app(colocated), name="speckv-colocated", route_prefix="/colocated")
     engine = LocalEngine(load_model(draft, dtype="float32"), load_model(target, dtype="float32"), load_tokenizer(target))
     yield {"engine": engine, "config": config}
@@ -90,10 +91,22 @@ def test_colocated_topology_gives_the_same_output(app):
     body = {"model": "speckv-fp16", "prompt": "def is_even(n):", "max_tokens": 20, "temperature": 0,
             "speculation": {"policy": "fixed", "gamma": 3}}
     split = post("/v1/completions", body).json()
-    colocated = post("/colocated/v1/completions", body).json()
+    colocated = post("/colocated/v1/completions", body, headers={"Authorization": "Bearer key-two"}).json()
     assert colocated["choices"][0]["text"] == split["choices"][0]["text"]
     assert colocated["speculation"]["accepted_tokens"] == split["speculation"]["accepted_tokens"]
     assert colocated["speculation"]["timing"]["hop_ms"] >= 0
+
+
+def test_api_keys_when_configured(app):
+    """The colocated app reads keys from SPECKV_TEST_KEYS: calls need one; /healthz stays open."""
+    body = {"model": "speckv", "prompt": "a", "max_tokens": 2, "temperature": 0}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"}):
+        r = post("/colocated/v1/completions", body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert httpx.get(BASE + "/colocated/v1/models").status_code == 401
+    assert httpx.get(BASE + "/colocated/healthz").status_code == 200
+    assert post("/colocated/v1/completions", body, headers={"Authorization": "Bearer key-one"}).status_code == 200
+    assert post("/v1/completions", body).status_code == 200  # the app without keys stays open
 
 
 def test_policy_none_drafts_nothing_and_matches(app):
