@@ -167,7 +167,8 @@ def main() -> None:
     tokenizer = engine.tokenizer
     del engine
 
-    ray.init(include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="raysb", dir="/tmp"))
+    # logical CPUs: four single-CPU deployments must fit on a 2-core machine
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="raysb", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     try:
         for topology in args.topologies.split(","):
