@@ -23,10 +23,14 @@ class ControllerSnapshot:
 
 
 def load_snapshot(path: str | None = None) -> ControllerSnapshot:
-    """Load a controller artifact; with no path and no shipped artifact, the fallback snapshot."""
+    """Load a controller artifact; with no path, the built-in fallback snapshot.
+
+    No trained artifact format exists yet (the learned controller is still to be built), so any path is
+    refused with a message saying so rather than silently ignored."""
     if path is None:
         return ControllerSnapshot(FALLBACK_VERSION)
-    raise FileNotFoundError(f"controller artifact {path} not found")
+    raise ValueError(f"cannot load controller artifact {path!r}: trained controller artifacts are not "
+                     "implemented yet; leave controller_artifact unset to use the built-in fallback")
 
 
 def make_adaptive_policy(tier: str, snapshot: ControllerSnapshot | None = None) -> GammaPolicy:
