@@ -215,7 +215,6 @@ async def speculate(
                 emitted=len(new), draft_ms=call.draft_wall_ms, verify_ms=call.verify_wall_ms,
                 draft_compute_ms=proposal.compute_ms, verify_compute_ms=verification.compute_ms, policy_us=policy_us,
                 prompt_id=request.prompt_id, category=request.category, **proposal.signals.to_dict(),
-                **summary.__dict__,
             )
             yield StepEvent(new, text, record, finish)
             if finish:

@@ -13,7 +13,8 @@ Fields
 - draft_ms, verify_ms: wall time of the draft and verify calls seen by the loop (hop time included when
   served); draft_compute_ms, verify_compute_ms: time inside the models; policy_us: time to choose γ.
 - chosen_prob, confidence, entropy: per proposed draft token (see signals.py).
-- mean/min/max_confidence, mean/min/max_entropy, mean/min_chosen_prob: per-step summaries of those.
+- mean/min/max_confidence, mean/min/max_entropy, mean/min_chosen_prob: per-step summaries of those
+  (signals.SignalSummary), derived from the lists; written to JSON alongside them, ignored on reading.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from .signals import DraftSignals, SignalSummary
 
 SCHEMA_VERSION = 1
 
@@ -48,26 +51,24 @@ class StepRecord:
     chosen_prob: list[float] = field(default_factory=list)
     confidence: list[float] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
-    mean_confidence: float = 0.0
-    min_confidence: float = 0.0
-    max_confidence: float = 0.0
-    mean_entropy: float = 0.0
-    min_entropy: float = 0.0
-    max_entropy: float = 0.0
-    mean_chosen_prob: float = 0.0
-    min_chosen_prob: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
+    def summary(self) -> SignalSummary:
+        """Per-step summaries of the per-token signals (derived, never stored separately)."""
+        return DraftSignals(self.chosen_prob, self.confidence, self.entropy).summary()
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The record as one flat JSON object, with the signal summaries alongside (for training tools)."""
+        return {**asdict(self), **asdict(self.summary())}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepRecord":
         names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
+        derived = {f.name for f in fields(SignalSummary)}
+        unknown = set(data) - names - derived
         if unknown:
             raise ValueError(f"unknown step record fields: {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def write_jsonl(records: Iterable[StepRecord], path: str | Path, append: bool = False) -> None:

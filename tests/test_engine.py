@@ -10,6 +10,7 @@ import torch
 from speckv.engine import GenerationRequest, TextAssembler, run_to_completion
 from speckv.local import LocalEngine
 from speckv.policy import FixedGamma, HeuristicGamma, make_policy
+from speckv.records import StepRecord
 from speckv.sampling import SamplingParams, logits_to_probs
 from speckv.workers import DraftWorker, SessionLM, TargetWorker
 
@@ -80,7 +81,9 @@ def test_every_step_is_recorded_with_signals(engine):
         assert r.gamma == len(r.confidence) == len(r.entropy) == len(r.chosen_prob)
         assert 0 <= r.accepted <= r.gamma
         assert all(0 < c <= 1 for c in r.confidence) and all(e >= 0 for e in r.entropy)
-        assert r.min_confidence <= r.mean_confidence <= r.max_confidence
+        summary = r.summary()
+        assert summary.min_confidence <= summary.mean_confidence <= summary.max_confidence
+        assert StepRecord.from_dict(r.to_dict()) == r and r.to_dict()["mean_entropy"] == summary.mean_entropy
         assert r.tier == "fp16" and r.policy == "fixed:4"
     assert result.mean_accepted == pytest.approx(sum(r.accepted for r in result.records) / result.steps)
 
