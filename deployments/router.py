@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from speckv.controller import ControllerSnapshot
 from speckv.engine import (GenerationRequest, SplitExecutor, StepCall, StepEvent, StepExecutor, TextAssembler,
                            speculate)
-from speckv.local import encode_prompt
+from speckv.local import encode_prompt, eos_token_ids
 from speckv.models import load_tokenizer, resolve_model_dir
 from speckv.policy import make_policy
 from speckv.sampling import SamplingParams
@@ -157,13 +157,11 @@ class Router:
         path = resolve_model_dir(self.config.target_model)
         model_config = AutoConfig.from_pretrained(path)
         self.context_window = int(getattr(model_config, "max_position_embeddings", 32768))
-        eos = {self.tokenizer.eos_token_id}
         try:
-            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
-            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        except OSError:
-            pass
-        self.eos = tuple(sorted(e for e in eos if e is not None))
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # a model directory without generation_config.json
+            generation_config = None
+        self.eos = eos_token_ids(self.tokenizer, generation_config)
         self.model_ids = self.config.model_ids()
         self.executors: dict[str, StepExecutor] = {}
         for tier in self.config.tiers:

@@ -97,7 +97,7 @@ def summarize(config: BenchConfig, runs: dict[str, list[dict]]) -> dict:
         policies[name] = {
             "per_prompt": rows,
             "tokens_per_s": statistics.median(tps),
-            "tokens_per_s_geomean": float(torch.tensor(tps).log().mean().exp()),
+            "tokens_per_s_geomean": statistics.geometric_mean(tps),
             "tokens_per_step": statistics.mean(tpst),
             "mean_accepted": statistics.mean(r["mean_accepted"] for r in rows),
             "new_tokens": sum(r["new_tokens"] for r in rows),

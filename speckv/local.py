@@ -39,11 +39,11 @@ def encode_prompt(tokenizer, text: str | list[dict], chat: bool) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def eos_token_ids(tokenizer, *models: torch.nn.Module) -> tuple[int, ...]:
-    """The tokenizer's EOS plus every EOS the models' generation configs name."""
+def eos_token_ids(tokenizer, *generation_configs) -> tuple[int, ...]:
+    """The tokenizer's EOS plus every EOS the models' generation configs name (one home for both the
+    in-process engine and the router)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for model in models:
-        cfg = getattr(model, "generation_config", None)
+    for cfg in generation_configs:
         eos = getattr(cfg, "eos_token_id", None)
         ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
     return tuple(sorted(ids))
@@ -60,7 +60,7 @@ class LocalEngine:
 
     def __post_init__(self) -> None:
         self.executor = local_executor(DraftWorker(SessionLM(self.draft_model)), TargetWorker(SessionLM(self.target_model)))
-        self.eos = eos_token_ids(self.tokenizer, self.target_model)
+        self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
 
     @classmethod
     def load(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import torch
 
-from speckv.engine import GenerationRequest, TextAssembler, run_to_completion
+from speckv.engine import GenerationRequest, TextAssembler
 from speckv.local import LocalEngine
 from speckv.policy import FixedGamma, HeuristicGamma, make_policy
 from speckv.records import StepRecord
