@@ -15,11 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .sampling import SamplingParams
 from .stats import first_divergence, paired_speedup
-
 
 # Spec-Bench labels its multi-turn conversation prompts with MT-Bench's sub-categories; it reports them as one.
 MT_BENCH_SUBCATEGORIES = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
@@ -44,6 +44,26 @@ class BenchConfig:
     repeats: int = 1
     prompts_file: str = ""
     device: str | None = None
+    controller: str | None = None  # controller.json for adaptive and the oracle's cost model (None: shipped)
+
+
+ORACLE = "oracle"  # bench-only: the best γ sequence for the prompt, replayed (speckv.replay.oracle)
+ORACLE_GAMMA_MAX = 8
+
+
+def oracle_row(engine, ids: list[int], none_row: dict, cost) -> dict:
+    """The oracle's result for one prompt from the target-only greedy run: the prompt's trace is collected,
+    the oracle's and target-only's decode times are replayed under the tier's cost model, and the difference
+    is applied to the measured target-only time (prefill and everything outside the steps stay as measured)."""
+    from .replay import collect_trace, fixed, oracle, replay
+
+    trace = collect_trace(engine.draft_worker, none_row["token_ids"], ids, ORACLE_GAMMA_MAX, none_row["question_id"])
+    best, base = oracle(trace, cost), replay(trace, fixed(0), cost)
+    seconds = none_row["seconds"] + (best.ms - base.ms) / 1e3
+    accepted = trace.n - best.steps
+    return {**none_row, "seconds": seconds, "tokens_per_s": none_row["new_tokens"] / seconds,
+            "tokens_per_step": best.tokens_per_step, "mean_accepted": accepted / best.steps, "steps": best.steps,
+            "gammas": best.gammas, "replayed": True}
 
 
 def load_prompts(path: Path, limit_per_category: int | None = None, categories: list[str] | None = None) -> list[Prompt]:
@@ -102,6 +122,10 @@ def summarize(config: BenchConfig, runs: dict[str, list[dict]]) -> dict:
             "mean_accepted": statistics.mean(r["mean_accepted"] for r in rows),
             "new_tokens": sum(r["new_tokens"] for r in rows),
         }
+        decisions = [us for r in rows for us in r.get("policy_us", [])]
+        if decisions:
+            policies[name]["decision_us_p50"] = float(np.percentile(decisions, 50))
+            policies[name]["decision_us_p99"] = float(np.percentile(decisions, 99))
     comparisons = compare(runs)
     if "none" in runs and config.sampling.greedy:
         ref = {r["question_id"]: r["token_ids"] for r in runs["none"]}
@@ -140,14 +164,23 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
 
     from .local import LocalEngine, encode_prompt
 
+    from .controller import load_snapshot
+
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
+    engine.controller = load_snapshot(config.controller)
+    oracle_cost = None
+    if ORACLE in config.policies:
+        if config.tier not in engine.controller.artifact.cost_models:
+            raise ValueError(f"the controller has no cost model for tier {config.tier!r}, which the oracle needs")
+        oracle_cost = engine.controller.artifact.cost_models[config.tier]
+    live = [p for p in config.policies if p != ORACLE]
     encoded = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in prompts]
     engine.generate(encoded[0], "fixed:2", 4, config.sampling)  # warm-up: first-call allocations, kernels
     runs: dict[str, list[dict]] = {name: [] for name in config.policies}
-    total = len(prompts) * len(config.policies) * config.repeats
+    total = len(prompts) * len(live) * config.repeats
     with tqdm(total=total, desc=f"bench {config.tier}", file=sys.stderr) as bar:
         for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
-            order = config.policies[i % len(config.policies):] + config.policies[: i % len(config.policies)]
+            order = live[i % len(live):] + live[: i % len(live)]
             results: dict[str, list] = {name: [] for name in order}
             for _ in range(config.repeats):
                 for name in order:
@@ -162,7 +195,10 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
                     "seconds": seconds, "tokens_per_s": r.new_tokens / seconds, "tokens_per_step": r.tokens_per_step,
                     "mean_accepted": r.mean_accepted, "steps": r.steps, "token_ids": r.token_ids,
                     "gammas": [rec.gamma for rec in r.records],
+                    "policy_us": [rec.policy_us for rec in r.records],
                 })
+            if oracle_cost is not None:
+                runs[ORACLE].append(oracle_row(engine, ids, runs["none"][-1], oracle_cost))
             bar.set_postfix_str(f"{prompt.category}:{prompt.question_id}")
     doc = summarize(config, runs)
     doc["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -188,7 +224,7 @@ def markdown_report(doc: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in doc["policies"].items():
         a, h = vs_none.get(name), vs_hf.get(name)
-        fmt = lambda c: (f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}") if c else ("", "")  # noqa: E731
+        fmt = lambda c: (f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}") if c else ("", "")
         divs = [r.get("first_divergence_vs_none") for r in p["per_prompt"]]
         first = min((d for d in divs if d is not None), default=None)
         lines.append(f"| {name} | {p['tokens_per_s']:.2f} | {p['tokens_per_step']:.2f} | {p['mean_accepted']:.2f} | "

@@ -84,18 +84,57 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-confidence", type=_non_negative_float, default=0.0,
                      help="stop drafting within a step after a token below this confidence (0 = off)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--controller", default=None, help="controller.json for adaptive (default: the shipped one)")
     _add_model_args(gen)
     _add_sampling_args(gen)
 
     bench = sub.add_parser("bench", help="benchmark policies on Spec-Bench style prompts")
     bench.add_argument("--prompts", required=True, type=Path, help="JSONL with question_id, category, turns")
-    bench.add_argument("--policies", default="none,fixed:2,fixed:4,heuristic,hf-assisted")
+    bench.add_argument("--policies", default="none,fixed:2,fixed:4,heuristic,adaptive,hf-assisted",
+                       help="comma-separated; also `oracle` (greedy, with `none`): the best γ sequence, by replay")
+    bench.add_argument("--controller", default=None, help="controller.json for adaptive and oracle's cost model")
     bench.add_argument("--limit-per-category", type=_positive_int, default=None)
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="runs of each (prompt, policy) pair")
     bench.add_argument("--out", type=Path, default=Path("results/bench.json"))
     _add_model_args(bench)
     _add_sampling_args(bench)
+    col = sub.add_parser("collect", help="profile the engine into step records and per-tier cost models")
+    col.add_argument("--prompts", required=True, type=Path, action="append",
+                     help="JSONL with question_id, category, turns (repeatable)")
+    col.add_argument("--tiers", default="fp16", help="comma-separated tiers")
+    col.add_argument("--gammas", default="", help="comma-separated γ for live fixed-γ runs besides the trace")
+    col.add_argument("--gamma-max", type=_positive_int, default=8, help="draft run length recorded per position")
+    col.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    col.add_argument("--limit-per-category", type=_positive_int, default=None)
+    col.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    col.add_argument("--out", type=Path, default=Path("results/collect"))
+    _add_model_args(col)
+
+    tr = sub.add_parser("train", help="train the γ controller from step records")
+    tr.add_argument("--records", required=True, type=Path, action="append",
+                    help="records JSONL, or a `speckv collect` directory (repeatable)")
+    tr.add_argument("--format", default="speckv", choices=["speckv", "speckv-paper"],
+                    help="speckv: this project's step records; speckv-paper: the paper's phase2_step_results.csv")
+    tr.add_argument("--out", type=Path, default=None,
+                    help="speckv: directory for controller.json + controller.safetensors; paper: report JSON file")
+    tr.add_argument("--hidden", type=_positive_int, default=None, help="MLP hidden units (32; paper: 16)")
+    tr.add_argument("--epochs", type=_positive_int, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--json", action="store_true", help="print one JSON object")
+    tr.add_argument("--points", type=Path, default=None,
+                    help="write held-out (predicted, actual) acceptance pairs here (for `evaluate --points`)")
+
+    ev = sub.add_parser("evaluate", help="replay policies over held-out traces (tokens/s under each tier's cost model)")
+    ev.add_argument("--records", required=True, type=Path, action="append")
+    ev.add_argument("--controller", default=None, help="controller.json (default: the one shipped with speckv)")
+    ev.add_argument("--split", default="test", choices=["test", "train", "all"])
+    ev.add_argument("--out", type=Path, default=Path("results/evaluate.json"))
+    ev.add_argument("--plots", type=Path, default=None, help="write the PNG plots of docs/RESULTS.md here")
+    ev.add_argument("--live", type=Path, action="append", default=[],
+                    help="`speckv bench` results to add to the speedup plot (repeatable)")
+    ev.add_argument("--points", type=Path, default=None, help="`speckv train --points` file for the calibration plot")
+
     cost = sub.add_parser("cost", help="measure a tier's step costs (draft ms/token, verify ms per γ)")
     cost.add_argument("--gammas", default="0,1,2,3,4,6,8")
     cost.add_argument("--context-lens", default="64,256")
@@ -124,6 +163,133 @@ def cmd_cost(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     print(text)
+    return 0
+
+
+def _gamma_list(text: str, name: str, allow_zero: bool) -> list[int]:
+    try:
+        values = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise CLIError(f"{name} takes comma-separated integers, got {text!r}") from None
+    low = 0 if allow_zero else 1
+    if any(not low <= g <= 16 for g in values):
+        raise CLIError(f"{name}: every γ must be in [{low}, 16], got {text!r}")
+    return values
+
+
+def _select_prompts(files: list[Path], limit_per_category: int | None, categories: str | None):
+    from .bench import load_prompts
+
+    chosen = [c.strip() for c in categories.split(",")] if categories else None
+    prompts = []
+    try:
+        for path in files:
+            prompts += load_prompts(path, limit_per_category, chosen)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    ids = [p.question_id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise CLIError("the prompt files repeat a question_id")
+    return prompts
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .collect import CollectConfig, collect
+
+    try:
+        tiers = [Tier.parse(t.strip()).value for t in args.tiers.split(",") if t.strip()]
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not tiers:
+        raise CLIError("--tiers is empty")
+    gammas = _gamma_list(args.gammas, "--gammas", allow_zero=False)
+    if args.gamma_max > 16:
+        raise CLIError("--gamma-max must be at most 16")
+    prompts = _select_prompts(args.prompts, args.limit_per_category, args.categories)
+    config = CollectConfig(args.draft, args.target, tiers, args.dtype, args.gamma_max, args.max_new_tokens, gammas,
+                           device=args.device)
+    collect(config, prompts, args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train, train_paper
+
+    try:
+        if args.format == "speckv-paper":
+            if len(args.records) != 1:
+                raise CLIError("--format speckv-paper takes one --records file (phase2_step_results.csv)")
+            doc = train_paper(args.records[0], hidden=args.hidden or 16, epochs=args.epochs or 2000, seed=args.seed)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(doc, indent=1))
+        else:
+            _, doc = train(args.records, args.out, hidden=args.hidden or 32, epochs=args.epochs or 600, seed=args.seed)
+            points = doc.pop("_corr_points")
+            if args.points:
+                args.points.parent.mkdir(parents=True, exist_ok=True)
+                args.points.write_text(json.dumps(points))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for key in ("test_corr", "raw_corr", "raw_best_feature", "raw_best_signal", "train_states", "test_states",
+                    "version", "min_confidence", "policy_tokens_per_step"):
+            if key in doc:
+                print(f"{key}: {doc[key]}")
+        if args.out:
+            print(f"written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .controller import ControllerArtifact, SHIPPED
+    from .training import evaluate, load_collection, split_of, traces_from_records
+
+    try:
+        artifact = ControllerArtifact.load(args.controller or SHIPPED)
+        records, _ = load_collection(args.records)
+        traces = {k: t for k, t in traces_from_records(records).items()
+                  if args.split == "all" or split_of(t.prompt_id) == args.split}
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not traces:
+        raise CLIError(f"no traces in the {args.split} split of the records")
+    doc = evaluate(artifact, traces)
+    doc["controller"] = {"version": artifact.version(), "path": str(args.controller or SHIPPED)}
+    doc["split"] = args.split
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    for tier, t in doc["tiers"].items():
+        pol = t["policies"]
+        print(f"{tier}: {t['prompts']} prompts, best fixed {t['best_fixed']}; tokens/s geomean: "
+              + ", ".join(f"{n} {pol[n]['tokens_per_s_geomean']:.2f}" for n in ("none", t["best_fixed"], "heuristic",
+                                                                              "adaptive", "oracle"))
+              + f"; adaptive/oracle {t['adaptive_vs_oracle']:.3f}; decision p50 {t['decision_us']['p50']:.1f} us")
+        for c in t["comparisons"]:
+            print(f"   adaptive vs {c['b']}: {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] p={c['p_value']:.4f}")
+    print(f"results written to {args.out}", file=sys.stderr)
+    if args.plots:
+        from . import plots
+
+        live = {}
+        for path in args.live:
+            try:
+                bench_doc = json.loads(path.read_text())
+                live[bench_doc["config"]["tier"]] = bench_doc
+            except (OSError, ValueError, KeyError) as e:
+                raise CLIError(f"cannot read bench results {path}: {e}") from None
+        all_traces = traces_from_records(records)
+        written = [plots.acceptance_vs_signals(all_traces, args.plots), plots.gamma_choices(doc, args.plots),
+                   plots.optimal_gamma_by_task(doc, args.plots), plots.speedup_bars(doc, args.plots, live=live)]
+        if args.points:
+            try:
+                points = json.loads(args.points.read_text())
+            except (OSError, ValueError) as e:
+                raise CLIError(f"cannot read {args.points}: {e}") from None
+            written.append(plots.predicted_vs_actual(points, args.plots))
+        print("plots: " + ", ".join(str(w) for w in written), file=sys.stderr)
     return 0
 
 
@@ -174,13 +340,25 @@ def _sampling(args: argparse.Namespace):
         raise CLIError(str(e)) from None
 
 
+def _controller(path: str | None):
+    """The controller snapshot named on the command line (None: the shipped one), checked up front."""
+    from .controller import load_snapshot
+
+    try:
+        return load_snapshot(path) if path else None
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .local import LocalEngine, encode_prompt
 
     sampling = _sampling(args)
     if not args.prompt.strip():
         raise CLIError("--prompt is empty")
+    controller = _controller(args.controller)
     engine = LocalEngine.load(args.draft, args.target, args.tier, args.dtype, device=args.device)
+    engine.controller = controller
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, args.chat)
     try:
         result = engine.generate(prompt_ids, args.policy, args.max_new_tokens, sampling, tuple(args.stop),
@@ -200,11 +378,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, load_prompts, run_bench
 
-    policies = [_policy(p) for p in args.policies.split(",") if p.strip()] if args.policies.strip() else []
+    from .bench import ORACLE
+
+    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = [p if p == ORACLE else _policy(p) for p in names]
     if not policies:
         raise CLIError("--policies is empty")
     if len(set(policies)) != len(policies):
         raise CLIError("--policies names a policy twice")
+    sampling = _sampling(args)
+    if ORACLE in policies and (not sampling.greedy or "none" not in policies):
+        raise CLIError("the oracle is replayed from the target-only greedy output: it needs --temperature 0 "
+                       "and `none` among --policies")
     categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
     try:
         prompts = load_prompts(args.prompts, args.limit_per_category, categories)
@@ -212,9 +397,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     config = BenchConfig(
         draft=args.draft, target=args.target, tier=args.tier, dtype=args.dtype, policies=policies,
-        max_new_tokens=args.max_new_tokens, sampling=_sampling(args), repeats=args.repeats,
-        prompts_file=str(args.prompts), device=args.device,
+        max_new_tokens=args.max_new_tokens, sampling=sampling, repeats=args.repeats,
+        prompts_file=str(args.prompts), device=args.device, controller=args.controller,
     )
+    _controller(args.controller)
     run_bench(config, prompts, args.out)
     return 0
 
@@ -224,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report,
-                   "cost": cmd_cost}[args.command]
+                   "cost": cmd_cost, "collect": cmd_collect,
+                   "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
         return handler(args)
     except (CLIError, ModelError, argparse.ArgumentTypeError) as e:
         print(f"speckv: error: {e}", file=sys.stderr)

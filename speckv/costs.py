@@ -32,9 +32,18 @@ def measure_costs(
     draft: str, target: str, tier: str, dtype: str, gammas: list[int], context_lens: list[int], repeats: int = 3,
     device: str | None = None,
 ) -> dict:
-    """Per context length: draft ms per token, and verify ms for each γ (γ+1 tokens scored)."""
+    """Load the pair and measure its cost model (see `measure_loaded_costs`)."""
     draft_lm = SessionLM(load_model(draft, "fp16", "float32" if dtype == "float32" else "auto", device))
     target_lm = SessionLM(load_model(target, tier, dtype, device))
+    doc = measure_loaded_costs(draft_lm, target_lm, gammas, context_lens, repeats)
+    return {"tier": tier, "dtype": dtype, "draft": draft, "target": target, **doc}
+
+
+def measure_loaded_costs(
+    draft_lm: SessionLM, target_lm: SessionLM, gammas: list[int], context_lens: list[int], repeats: int = 3
+) -> dict:
+    """Per context length: draft ms per token, and verify ms for each γ (γ+1 tokens scored); plus the fitted
+    CostModel."""
     rows = []
     for ctx in context_lens:
         context = [(i * 37) % 5000 + 200 for i in range(ctx)]
@@ -42,5 +51,8 @@ def measure_costs(
         for gamma in gammas:
             rows.append({"context_len": ctx, "gamma": gamma, "draft_ms": draft_ms * gamma,
                          "verify_ms": time_forward(target_lm, context, gamma + 1, repeats)})
-    model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows])
-    return {"tier": tier, "dtype": dtype, "draft": draft, "target": target, "rows": rows, "cost_model": model.to_dict()}
+        draft_lm.release("cost")
+        target_lm.release("cost")
+    model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
+                          [r["context_len"] for r in rows])
+    return {"rows": rows, "cost_model": model.to_dict()}

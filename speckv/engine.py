@@ -10,8 +10,9 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -169,6 +170,7 @@ async def speculate(
     generated: list[int] = []
     prev = StepOutcome(gamma=0, accepted=0, signals=SignalSummary())
     prev_last_conf, drafted_total, accepted_total = 0.0, 0, 0
+    min_confidence = max(request.min_confidence, policy.min_confidence)
     try:
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
@@ -182,7 +184,7 @@ async def speculate(
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
 
-            call = await executor.run_step(sid, context, gamma, params, seed, step, request.min_confidence)
+            call = await executor.run_step(sid, context, gamma, params, seed, step, min_confidence)
             proposal, verification = call.proposal, call.verification
 
             result = accept_step(proposal, verification, params, seed, step)

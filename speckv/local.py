@@ -8,7 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import GenerationRequest, GenerationResult, SplitExecutor, run_to_completion
+from .engine import (
+    GenerationRequest,
+    GenerationResult,
+    SplitExecutor,
+    run_to_completion,
+)
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, load_model, load_tokenizer
 from .policy import make_policy
 from .sampling import SamplingParams
@@ -57,9 +62,12 @@ class LocalEngine:
     target_model: torch.nn.Module
     tokenizer: object
     tier: str = "fp16"
+    controller: object | None = None  # ControllerSnapshot for `adaptive` (None: the one shipped with speckv)
 
     def __post_init__(self) -> None:
-        self.executor = local_executor(DraftWorker(SessionLM(self.draft_model)), TargetWorker(SessionLM(self.target_model)))
+        self.draft_worker = DraftWorker(SessionLM(self.draft_model))
+        self.target_worker = TargetWorker(SessionLM(self.target_model))
+        self.executor = local_executor(self.draft_worker, self.target_worker)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
 
     @classmethod
@@ -71,7 +79,7 @@ class LocalEngine:
         dtype: str = "auto",
         draft_dtype: str | None = None,
         device: str | None = None,
-    ) -> "LocalEngine":
+    ) -> LocalEngine:
         """Load the pair. The draft stays in half precision unless `draft_dtype` (or float32 `dtype`) says
         otherwise: exactness checks in float32 need both models in float32."""
         tier_enum = Tier.parse(tier)
@@ -103,7 +111,7 @@ class LocalEngine:
             min_confidence=min_confidence,
         )
         return asyncio.run(
-            run_to_completion(request, self.executor, make_policy(policy, self.tier), self.tokenizer)
+            run_to_completion(request, self.executor, make_policy(policy, self.tier, self.controller), self.tokenizer)
         )
 
     @torch.inference_mode()

@@ -15,10 +15,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -76,7 +76,7 @@ class Tier(str, Enum):
     NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat
 
     @classmethod
-    def parse(cls, value: str) -> "Tier":
+    def parse(cls, value: str) -> Tier:
         try:
             return cls(value)
         except ValueError:

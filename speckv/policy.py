@@ -39,6 +39,7 @@ class StepOutcome:
 
 class GammaPolicy(Protocol):
     name: str
+    min_confidence: float  # draft early-exit threshold the policy asks for within a step (0 = off)
 
     def choose(self, context: StepContext) -> int:
         """γ for the next step, >= 0 (0 = plain target decoding for this step)."""
@@ -54,6 +55,7 @@ class NoSpeculation:
     """Target-only decoding with its KV cache: the baseline every speedup is measured against."""
 
     name: str = "none"
+    min_confidence: float = 0.0
 
     def choose(self, context: StepContext) -> int:
         return 0
@@ -66,6 +68,7 @@ class NoSpeculation:
 class FixedGamma:
     gamma: int
     name: str = ""
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.gamma <= MAX_GAMMA:
@@ -85,6 +88,7 @@ class HeuristicGamma:
 
     initial: int = 4
     name: str = "heuristic"
+    min_confidence: float = 0.0
     gamma: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -20,9 +20,9 @@ Fields
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from .signals import DraftSignals, SignalSummary
 
@@ -62,7 +62,7 @@ class StepRecord:
         return {**asdict(self), **asdict(self.summary())}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StepRecord":
+    def from_dict(cls, data: dict) -> StepRecord:
         names = {f.name for f in fields(cls)}
         derived = {f.name for f in fields(SignalSummary)}
         unknown = set(data) - names - derived
@@ -73,8 +73,7 @@ class StepRecord:
 
 def write_jsonl(records: Iterable[StepRecord], path: str | Path, append: bool = False) -> None:
     with open(path, "a" if append else "w") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict()) + "\n")
+        f.writelines(json.dumps(r.to_dict()) + "\n" for r in records)
 
 
 def read_jsonl(path: str | Path) -> Iterator[StepRecord]:

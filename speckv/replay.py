@@ -12,10 +12,13 @@ must read after a fully accepted step (its cache lacks the bonus token) is folde
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
+
+from .policy import FixedGamma, GammaPolicy, NoSpeculation, StepContext, StepOutcome
+from .signals import DraftSignals, SignalSummary
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Trace:
     confidence: np.ndarray  # [n, γmax] float: draft max-probability of each run token
     entropy: np.ndarray  # [n, γmax] float
     chosen_prob: np.ndarray  # [n, γmax] float
+    draft_ms: np.ndarray | None = None  # [n] drafting time at each position while collecting (diagnostic)
 
     @property
     def n(self) -> int:
@@ -41,42 +45,52 @@ class Trace:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Milliseconds per step at one tier: draft = draft_ms_per_token·γ; verify = verify_ms_base + verify_ms_per_token·γ
-    (γ+1 tokens scored). Fitted from measured step times (`fit`)."""
+    """Milliseconds per step at one tier: draft = draft_ms_per_token·γ; verify = verify_ms_base +
+    verify_ms_per_token·γ + verify_ms_per_context_token·context_len (γ+1 tokens scored after a cached
+    context). Fitted from measured step times (`fit`)."""
 
     draft_ms_per_token: float
     verify_ms_base: float
     verify_ms_per_token: float
+    verify_ms_per_context_token: float = 0.0
 
-    def step_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
-        return self.draft_ms_per_token * gamma + self.verify_ms_base + self.verify_ms_per_token * gamma
+    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
+        return (self.draft_ms_per_token * gamma + self.verify_ms_base + self.verify_ms_per_token * gamma
+                + self.verify_ms_per_context_token * context_len)
 
     @classmethod
-    def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float]) -> "CostModel":
-        """Least-squares fit of measured per-step draft and verify milliseconds against γ."""
+    def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float],
+            context_lens: list[int] | None = None) -> CostModel:
+        """Least-squares fit of measured per-step draft and verify milliseconds against γ (and context length
+        when more than one was measured); slopes are floored at 0."""
         g = np.asarray(gammas, dtype=float)
         d, v = np.asarray(draft_ms, dtype=float), np.asarray(verify_ms, dtype=float)
         drafted = g > 0
         per_token = float((d[drafted] / g[drafted]).mean()) if drafted.any() else 0.0
-        slope, intercept = np.polyfit(g, v, 1) if len(set(gammas)) > 1 else (0.0, float(v.mean()))
-        return cls(per_token, float(intercept), float(max(slope, 0.0)))
+        ctx = np.asarray(context_lens if context_lens is not None else np.zeros_like(g), dtype=float)
+        columns = [np.ones_like(g)]
+        if len(set(gammas)) > 1:
+            columns.append(g)
+        if len(set(ctx.tolist())) > 1:
+            columns.append(ctx)
+        coef = np.linalg.lstsq(np.stack(columns, 1), v, rcond=None)[0].tolist()
+        base = coef.pop(0)
+        slope = coef.pop(0) if len(set(gammas)) > 1 else 0.0
+        per_ctx = coef.pop(0) if coef else 0.0
+        return cls(per_token, float(base), float(max(slope, 0.0)), float(max(per_ctx, 0.0)))
 
     def to_dict(self) -> dict:
         return {"draft_ms_per_token": self.draft_ms_per_token, "verify_ms_base": self.verify_ms_base,
-                "verify_ms_per_token": self.verify_ms_per_token}
+                "verify_ms_per_token": self.verify_ms_per_token,
+                "verify_ms_per_context_token": self.verify_ms_per_context_token}
 
-
-@dataclass
-class ReplayState:
-    """What a replayed policy may look at before choosing γ at position `position` (mirrors StepContext)."""
-
-    position: int
-    prev_gamma: int = 0
-    prev_accepted: int = 0
-    prev_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    prev_entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    drafted_total: int = 0
-    accepted_total: int = 0
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        try:
+            return cls(float(d["draft_ms_per_token"]), float(d["verify_ms_base"]), float(d["verify_ms_per_token"]),
+                       float(d.get("verify_ms_per_context_token", 0.0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a cost model: {d!r} ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class ReplayResult:
     steps: int
     ms: float
     gammas: list[int]
+    decision_us: list[float] = field(default_factory=list)  # wall time of each policy.choose call
 
     @property
     def tokens_per_s(self) -> float:
@@ -95,24 +110,39 @@ class ReplayResult:
         return self.tokens / self.steps if self.steps else 0.0
 
 
-def replay(trace: Trace, choose: Callable[[ReplayState], int], cost: CostModel) -> ReplayResult:
-    """Run a policy over a trace: each step drafts γ (≤ γmax), accepts min(accept_len, γ), emits one more."""
-    state = ReplayState(position=0)
-    ms, steps, gammas = 0.0, 0, []
-    n = trace.n
-    while state.position < n:
-        p = state.position
-        gamma = int(min(max(choose(state), 0), trace.gamma_max, n - p - 1))
+def replay(trace: Trace, policy: GammaPolicy, cost: CostModel, min_confidence: float = 0.0) -> ReplayResult:
+    """Run an engine policy (the same GammaPolicy objects the engine uses, seeing the same StepContext) over
+    a trace: each step drafts γ (≤ γmax; fewer when the draft stops early on `min_confidence`, as
+    DraftWorker.propose does), accepts min(accept_len, γ) and emits one more token."""
+    n, position, step = trace.n, 0, 0
+    prev = StepOutcome(0, 0, SignalSummary())
+    prev_last_conf, drafted_total, accepted_total = 0.0, 0, 0
+    ms, gammas, decision_us = 0.0, [], []
+    min_confidence = max(min_confidence, policy.min_confidence)
+    while position < n:
+        p = position
+        t0 = time.perf_counter()
+        chosen = policy.choose(StepContext(
+            step=step, position=p, context_len=trace.prompt_len + p, prev_gamma=prev.gamma,
+            prev_accepted=prev.accepted, prev_signals=prev.signals, prev_last_confidence=prev_last_conf,
+            drafted_total=drafted_total, accepted_total=accepted_total,
+        ))
+        decision_us.append((time.perf_counter() - t0) * 1e6)
+        gamma = int(min(max(chosen, 0), trace.gamma_max, n - p - 1))
+        if min_confidence > 0 and gamma > 0:
+            unsure = np.flatnonzero(trace.confidence[p, :gamma] < min_confidence)
+            gamma = int(unsure[0]) + 1 if unsure.size else gamma
         accepted = int(min(trace.accept_len[p], gamma))
-        ms += float(cost.step_ms(gamma))
-        steps += 1
+        ms += float(cost.step_ms(gamma, trace.prompt_len + p))
         gammas.append(gamma)
-        state = ReplayState(
-            position=p + accepted + 1, prev_gamma=gamma, prev_accepted=accepted,
-            prev_confidence=trace.confidence[p, :gamma], prev_entropy=trace.entropy[p, :gamma],
-            drafted_total=state.drafted_total + gamma, accepted_total=state.accepted_total + accepted,
-        )
-    return ReplayResult(tokens=n, steps=steps, ms=ms, gammas=gammas)
+        signals = DraftSignals(trace.chosen_prob[p, :gamma].tolist(), trace.confidence[p, :gamma].tolist(),
+                               trace.entropy[p, :gamma].tolist())
+        prev = StepOutcome(gamma, accepted, signals.summary())
+        policy.observe(prev)
+        prev_last_conf = float(trace.confidence[p, gamma - 1]) if gamma else 0.0
+        drafted_total, accepted_total = drafted_total + gamma, accepted_total + accepted
+        position, step = p + accepted + 1, step + 1
+    return ReplayResult(tokens=n, steps=len(gammas), ms=ms, gammas=gammas, decision_us=decision_us)
 
 
 def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
@@ -121,11 +151,10 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
     best = np.full(n + 1, np.inf)
     choice = np.zeros(n + 1, dtype=int)
     best[n] = 0.0
-    step_cost = [float(cost.step_ms(g)) for g in range(gmax + 1)]
     for p in range(n - 1, -1, -1):
-        for g in range(0, min(gmax, n - p - 1) + 1):
+        for g in range(min(gmax, n - p - 1) + 1):
             nxt = p + int(min(trace.accept_len[p], g)) + 1
-            total = step_cost[g] + best[nxt]
+            total = float(cost.step_ms(g, trace.prompt_len + p)) + best[nxt]
             if total < best[p]:
                 best[p], choice[p] = total, g
     gammas, p = [], 0
@@ -136,30 +165,99 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
     return ReplayResult(tokens=n, steps=len(gammas), ms=float(best[0]), gammas=gammas)
 
 
-def fixed(gamma: int) -> Callable[[ReplayState], int]:
-    return lambda state: gamma
+def fixed(gamma: int) -> GammaPolicy:
+    """The fixed-γ engine policy (γ = 0: target-only)."""
+    return NoSpeculation() if gamma == 0 else FixedGamma(gamma)
 
 
 def collect_trace(
     drafter, target_token_ids: list[int], prompt_ids: list[int], gamma_max: int, prompt_id: str = "",
     category: str = "",
 ) -> Trace:
-    """Build a trace from the target's greedy output: at every position, draft γmax tokens with the
-    in-process `drafter` (a speckv.workers.DraftWorker) and count how many match the target's tokens."""
+    """Build a trace from the target's greedy output: at every position, the draft's greedy run of γmax
+    tokens from that context (with the in-process `drafter`, a speckv.workers.DraftWorker) and how many of
+    them match the target's tokens.
+
+    Runs are reused: when the run from p starts with the target's token at p, the run from p+1 is the same
+    greedy continuation minus its first token (same context), so only one more token is drafted; a fresh
+    run is drafted only after a first-token miss. Per-position drafting time is kept in `draft_ms`."""
     from .sampling import SamplingParams
 
+    greedy = SamplingParams()
     n = len(target_token_ids)
     accept = np.zeros(n, dtype=int)
     conf, ent, chosen = (np.zeros((n, gamma_max)) for _ in range(3))
+    draft_ms = np.zeros(n)
     session = f"trace-{prompt_id}"
+    run: list[int] = []
+    signals = DraftSignals()
     for p in range(n):
         context = prompt_ids + target_token_ids[:p]
-        proposal = drafter.propose(session, context, gamma_max, SamplingParams(), 0, p)
+        if p > 0 and run and run[0] == target_token_ids[p - 1]:
+            run = run[1:]
+            signals = DraftSignals(signals.chosen_prob[1:], signals.confidence[1:], signals.entropy[1:])
+        else:
+            run, signals = [], DraftSignals()
+        missing = gamma_max - len(run)
+        if missing > 0:
+            more = drafter.propose(session, context + run, missing, greedy, 0, p)
+            run = run + more.token_ids
+            signals = DraftSignals(signals.chosen_prob + more.signals.chosen_prob,
+                                   signals.confidence + more.signals.confidence, signals.entropy + more.signals.entropy)
+            draft_ms[p] = more.compute_ms
         truth = target_token_ids[p: p + gamma_max]
         k = 0
-        while k < min(len(truth), len(proposal.token_ids)) and proposal.token_ids[k] == truth[k]:
+        while k < min(len(truth), len(run)) and run[k] == truth[k]:
             k += 1
         accept[p] = k
-        conf[p], ent[p], chosen[p] = proposal.signals.confidence, proposal.signals.entropy, proposal.signals.chosen_prob
+        conf[p], ent[p], chosen[p] = signals.confidence, signals.entropy, signals.chosen_prob
     drafter.lm.release(session)
-    return Trace(prompt_id, category, len(prompt_ids), accept, conf, ent, chosen)
+    return Trace(prompt_id, category, len(prompt_ids), accept, conf, ent, chosen, draft_ms)
+
+
+TRACE_POLICY_PREFIX = "trace:"
+
+
+def trace_to_records(trace: Trace, tier: str, request_id: str) -> list:
+    """A trace as step records (one per output position, policy "trace:γmax"): the engine's one schema.
+
+    gamma = γmax drafted from that position, accepted = how many the target's greedy output agrees with,
+    emitted = what a step there would add (accepted + 1, capped at the end); verify_ms is 0 (the target's
+    tokens come from one greedy generation, not per-position verification)."""
+    from .records import StepRecord
+
+    ms = trace.draft_ms if trace.draft_ms is not None else np.zeros(trace.n)
+    return [
+        StepRecord(
+            request_id=request_id, tier=tier, policy=f"{TRACE_POLICY_PREFIX}{trace.gamma_max}", step=p, position=p,
+            context_len=trace.prompt_len + p, gamma_chosen=trace.gamma_max, gamma=trace.gamma_max,
+            accepted=int(trace.accept_len[p]), emitted=int(min(trace.accept_len[p] + 1, trace.n - p)),
+            draft_ms=float(ms[p]), verify_ms=0.0, draft_compute_ms=float(ms[p]), verify_compute_ms=0.0, policy_us=0.0,
+            prompt_id=trace.prompt_id, category=trace.category, chosen_prob=[float(x) for x in trace.chosen_prob[p]],
+            confidence=[float(x) for x in trace.confidence[p]], entropy=[float(x) for x in trace.entropy[p]],
+        )
+        for p in range(trace.n)
+    ]
+
+
+def traces_from_records(records) -> dict[tuple[str, str], Trace]:
+    """Rebuild traces from step records: {(tier, prompt_id or request_id): Trace}; other records are skipped.
+    Raises ValueError when a trace's positions are not exactly 0..n-1."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in records:
+        if r.policy.startswith(TRACE_POLICY_PREFIX):
+            groups.setdefault((r.tier, r.request_id), []).append(r)
+    traces = {}
+    for (tier, rid), rows in groups.items():
+        rows.sort(key=lambda r: r.position)
+        if [r.position for r in rows] != list(range(len(rows))):
+            raise ValueError(f"trace {rid!r} ({tier}) does not cover positions 0..{len(rows) - 1} exactly")
+        gmax = rows[0].gamma
+        trace = Trace(
+            rows[0].prompt_id or rid, rows[0].category, rows[0].context_len, np.array([r.accepted for r in rows]),
+            np.array([r.confidence for r in rows]).reshape(len(rows), gmax),
+            np.array([r.entropy for r in rows]).reshape(len(rows), gmax),
+            np.array([r.chosen_prob for r in rows]).reshape(len(rows), gmax),
+        )
+        traces[(tier, trace.prompt_id)] = trace
+    return traces

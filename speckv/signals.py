@@ -30,7 +30,7 @@ class DraftSignals:
     def __len__(self) -> int:
         return len(self.confidence)
 
-    def summary(self) -> "SignalSummary":
+    def summary(self) -> SignalSummary:
         return SignalSummary.of(self)
 
     def to_dict(self) -> dict:
@@ -51,7 +51,7 @@ class SignalSummary:
     min_chosen_prob: float = 0.0
 
     @classmethod
-    def of(cls, s: DraftSignals) -> "SignalSummary":
+    def of(cls, s: DraftSignals) -> SignalSummary:
         if not len(s):
             return cls()
         c, e, p = s.confidence, s.entropy, s.chosen_prob

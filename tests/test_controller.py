@@ -1,0 +1,114 @@
+"""The learned controller: features, artifact round trip, training and replayed evaluation on synthetic traces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from speckv.controller import FEATURES, AdaptivePolicy, ControllerArtifact, features, load_snapshot
+from speckv.policy import StepContext
+from speckv.records import write_jsonl
+from speckv.replay import CostModel, Trace, oracle, replay, trace_to_records
+from speckv.signals import SignalSummary
+from speckv.training import evaluate, split_of, train, traces_by_split, load_collection
+
+GAMMA_MAX = 6
+
+
+def synthetic_trace(rng: np.random.Generator, prompt_id: str, n: int, easy: float) -> Trace:
+    """Runs whose acceptance follows the draft's confidence: a token is accepted with probability equal to
+    its confidence, and easy prompts have confident drafts."""
+    conf = np.clip(rng.beta(8 * easy + 1, 8 * (1 - easy) + 1, size=(n, GAMMA_MAX)), 0.01, 0.99)
+    accepted = rng.random((n, GAMMA_MAX)) < conf
+    accept_len = np.array([int(np.argmin(row)) if not row.all() else GAMMA_MAX for row in accepted])
+    accept_len = np.minimum(accept_len, n - 1 - np.arange(n))
+    entropy = -np.log(conf)
+    return Trace(prompt_id, "easy" if easy > 0.5 else "hard", 20, accept_len, conf, entropy, conf)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """A `speckv collect`-shaped directory: records_<tier>.jsonl with traces, cost_<tier>.json."""
+    out = tmp_path_factory.mktemp("collect")
+    rng = np.random.default_rng(0)
+    costs = {"fp16": CostModel(90, 220, 150), "nf4": CostModel(80, 1500, 150)}  # drafting loses / pays
+    for tier, cost in costs.items():
+        records = []
+        for i in range(24):
+            trace = synthetic_trace(rng, f"p{i}", 40, easy=0.9 if i % 2 else 0.3)
+            records += trace_to_records(trace, tier, f"trace-{tier}-p{i}")
+        write_jsonl(records, out / f"records_{tier}.jsonl")
+        (out / f"cost_{tier}.json").write_text(json.dumps({"cost_model": cost.to_dict()}))
+    return out
+
+
+def test_split_is_stable_and_holds_out_about_a_third():
+    ids = [f"q{i}" for i in range(300)]
+    held = [split_of(i) == "test" for i in ids]
+    assert 0.25 < sum(held) / len(ids) < 0.42
+    assert held == [split_of(i) == "test" for i in ids]
+
+
+def test_trace_records_round_trip(collection):
+    records, costs = load_collection([collection])
+    splits = traces_by_split(records)
+    traces = {**splits["train"], **splits["test"]}
+    assert len(traces) == 48 and set(costs) == {"fp16", "nf4"}
+    assert all(t.gamma_max == GAMMA_MAX and t.n == 40 for t in traces.values())
+
+
+def test_features_match_their_names():
+    context = StepContext(step=3, position=10, context_len=30, prev_gamma=4, prev_accepted=4,
+                          prev_signals=SignalSummary(mean_confidence=0.9, min_confidence=0.8), prev_last_confidence=0.85,
+                          drafted_total=8, accepted_total=6)
+    x = dict(zip(FEATURES, features(context, "nf4")))
+    assert x["prev_accept_rate"] == 1.0 and x["prev_all_accepted"] == 1.0 and x["run_accept_rate"] == 0.75
+    assert x["tier_nf4"] == 1.0 and x["tier_fp16"] == 0.0 and len(x) == len(FEATURES)
+
+
+def test_training_learns_and_the_policy_follows_the_cost_model(collection, tmp_path):
+    artifact, summary = train([collection], tmp_path / "ctrl", hidden=16, epochs=300)
+    # acceptance here follows confidence, so the learned predictor must beat chance by far on held-out prompts
+    assert summary["test_corr"] > 0.3, summary
+    loaded = load_snapshot(str(tmp_path / "ctrl" / "controller.json")).artifact
+    assert loaded.version() == artifact.version()
+    records, _ = load_collection([collection])
+    held_out = traces_by_split(records)["test"]
+    doc = evaluate(loaded, held_out)
+    fp16, nf4 = doc["tiers"]["fp16"], doc["tiers"]["nf4"]
+    # fp16 here: a drafted token costs more than it can save, so adaptive must not draft
+    assert set(g for r in fp16["policies"]["adaptive"]["per_prompt"] for g in r["gammas"]) == {0}
+    # nf4: drafting pays; adaptive is faster than target-only and never faster than the oracle
+    assert nf4["policies"]["adaptive"]["tokens_per_s_geomean"] > 1.5 * nf4["policies"]["none"]["tokens_per_s_geomean"]
+    for tier in (fp16, nf4):
+        for a, o in zip(tier["policies"]["adaptive"]["per_prompt"], tier["policies"]["oracle"]["per_prompt"]):
+            assert a["tokens_per_s"] <= o["tokens_per_s"] + 1e-9
+    # easy prompts get longer drafts than hard ones
+    rows = nf4["policies"]["adaptive"]["per_prompt"]
+    mean_gamma = {c: np.mean([g for r in rows if r["category"] == c for g in r["gammas"]]) for c in ("easy", "hard")}
+    assert mean_gamma["easy"] > mean_gamma["hard"]
+
+
+def test_artifact_refuses_tampering_and_unknown_tiers(collection, tmp_path):
+    artifact, _ = train([collection], tmp_path / "ctrl", hidden=8, epochs=20)
+    meta_path = tmp_path / "ctrl" / "controller.json"
+    meta = json.loads(meta_path.read_text())
+    meta["cost_models"]["fp16"]["verify_ms_base"] = 1.0
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version"):
+        ControllerArtifact.load(meta_path)
+    with pytest.raises(ValueError, match="no cost model for tier 'int8'"):
+        AdaptivePolicy(artifact, "int8")
+    with pytest.raises(ValueError, match="not a SpecKV"):
+        (tmp_path / "x.json").write_text("{}")
+        ControllerArtifact.load(tmp_path / "x.json")
+
+
+def test_shipped_controller_loads_and_decides_fast():
+    policy = AdaptivePolicy(load_snapshot().artifact, "fp16")
+    trace = Trace("p", "c", 30, np.full(64, 3), np.full((64, 8), 0.9), np.full((64, 8), 0.3), np.full((64, 8), 0.9))
+    result = replay(trace, policy, policy.artifact.cost_models["fp16"])
+    assert result.tokens == 64 and result.ms >= oracle(trace, policy.artifact.cost_models["fp16"]).ms - 1e-6
+    assert np.median(result.decision_us) < 1000  # generous: the figure itself is measured by `speckv evaluate`
