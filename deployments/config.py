@@ -41,6 +41,9 @@ class AppConfig(BaseModel):
     default_policy: str = Field("adaptive", description="policy when a request names none")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")
+    max_concurrent_generations: int = Field(
+        32, ge=1, description="generations in flight per router replica; beyond it requests get 429 + Retry-After")
+    retry_after_s: int = Field(2, ge=0, description="Retry-After seconds sent with 429/503 overload answers")
     max_stop_strings: int = Field(8, ge=0)
     api_keys_env: str = Field(
         "SPECKV_API_KEYS",

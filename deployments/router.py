@@ -15,6 +15,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,6 +46,21 @@ def _is_replica_failure(error: BaseException) -> bool:
     kinds = tuple(k for k in (getattr(rex, n, None) for n in (
         "RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")) if k)
     return isinstance(error, kinds)
+
+
+def backend_error(error: BaseException, retry_after_s: int) -> APIError | None:
+    """The HTTP answer for a model-side failure before any token was sent: 503 + Retry-After when a tier is
+    overloaded (its queue is full) or its replicas stayed unreachable past the retry deadline."""
+    from ray.serve.exceptions import BackPressureError
+
+    headers = {"Retry-After": str(retry_after_s)}
+    if isinstance(error, BackPressureError):
+        return APIError(503, "the model is overloaded (its request queue is full); retry later", type_="server_error",
+                        code="overloaded", headers=headers)
+    if _is_replica_failure(error):
+        return APIError(503, "the model's replicas are unavailable; retry later", type_="server_error",
+                        code="unavailable", headers=headers)
+    return None
 
 
 async def _with_retries(call):
@@ -100,6 +116,21 @@ api = FastAPI(title="SpecKV", description="Adaptive speculative decoding, OpenAI
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Framework-level 4xx (a body that is not JSON or not UTF-8, an unknown route or method) in OpenAI's shape."""
+    return JSONResponse(APIError(e.status_code, str(e.detail), code="invalid_body" if e.status_code == 400 else None).body(),
+                        status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(_: Request, e: Exception) -> JSONResponse:
+    """Anything unforeseen still answers in OpenAI's error shape (and is logged with its traceback)."""
+    logger.exception("unhandled error")
+    return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type_="server_error").body(),
+                        status_code=500)
 
 
 @api.exception_handler(RequestValidationError)
@@ -172,6 +203,7 @@ class Router:
         self._snapshot: ControllerSnapshot | None = None
         self._snapshot_checked = 0.0
         self.metrics = ServeMetrics()
+        self.active = 0  # generations in flight on this replica (admission control)
 
     # ------------------------------------------------------------------ helpers
 
@@ -216,8 +248,9 @@ class Router:
         start = time.perf_counter()
         assembler = TextAssembler(self.tokenizer, request.stop)
         outcome = "error"
+        steps = speculate(request, self.executors[tier], policy, assembler)
         try:
-            async for event in speculate(request, self.executors[tier], policy, assembler):
+            async for event in steps:
                 if stats["steps"] == 0:
                     self.metrics.ttft_ms.observe((time.perf_counter() - start) * 1e3, {"tier": tier})
                 self.metrics.step(event.record)
@@ -233,10 +266,11 @@ class Router:
                 stats["finish_reason"] = event.finish_reason
                 yield event
             outcome = "ok"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
         finally:
+            await steps.aclose()  # runs speculate's cleanup (session release) now, not at garbage collection
             seconds = time.perf_counter() - start
             if outcome == "ok" and seconds > 0:
                 self.metrics.tokens_per_s.set(stats["completion_tokens"] / seconds, {"tier": tier})
@@ -259,15 +293,51 @@ class Router:
                 # the part of it spent outside the models (hops), and time spent choosing γ
                 "timing": {k: stats[k] for k in ("draft_ms", "verify_ms", "hop_ms", "policy_us")}}
 
+    def _admit(self) -> None:
+        """Take a generation slot or answer 429: overload is refused at once, not queued without bound."""
+        if self.active >= self.config.max_concurrent_generations:
+            self.metrics.requests.inc(1, {"tier": "", "outcome": "rejected"})
+            raise APIError(429, f"server busy: {self.active} generations in flight; retry after "
+                                f"{self.config.retry_after_s} s", type_="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        self.active += 1
+
     async def _respond(self, req, prompt_ids: list[int], max_tokens: int | None, chat: bool):
         request, policy, tier = await self._prepare(req, prompt_ids, max_tokens)
+        self._admit()
         stats = self._new_stats(policy.name)
+        events = self._events(request, policy, tier, stats)
+        try:  # the first step runs before answering, so failures before any token get a proper HTTP status
+            first = await anext(events, None)
+        except Exception as e:
+            self.active -= 1
+            await events.aclose()
+            mapped = backend_error(e, self.config.retry_after_s)
+            if mapped is None:
+                raise
+            raise mapped from None
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         usage = lambda: {"prompt_tokens": len(prompt_ids), "completion_tokens": stats["completion_tokens"],
                          "total_tokens": len(prompt_ids) + stats["completion_tokens"]}
+
+        async def all_events() -> AsyncIterator[StepEvent]:
+            if first is not None:
+                yield first
+            async for event in events:
+                yield event
+
         if not req.stream:
-            parts = [event.text async for event in self._events(request, policy, tier, stats)]
+            try:
+                parts = [event.text async for event in all_events()]
+            except Exception as e:
+                mapped = backend_error(e, self.config.retry_after_s)
+                if mapped is None:
+                    raise
+                raise mapped from None
+            finally:
+                self.active -= 1
+                await events.aclose()
             text = "".join(parts)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": stats["finish_reason"], "logprobs": None} if chat else
@@ -291,10 +361,10 @@ class Router:
             return f"data: {json.dumps(body)}\n\n"
 
         async def sse() -> AsyncIterator[str]:
-            if chat:
-                yield chunk(None, None, role=True)
             try:
-                async for event in self._events(request, policy, tier, stats):
+                if chat:
+                    yield chunk(None, None, role=True)
+                async for event in all_events():
                     if event.text:
                         yield chunk(event.text, None)
                 yield chunk(None if chat else "", stats["finish_reason"], extra={"speculation": self._speculation(stats)})
@@ -302,8 +372,12 @@ class Router:
                     yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': req.model, 'choices': [], 'usage': usage()})}\n\n"
             except Exception as e:  # noqa: BLE001 - the stream has started; report in-band, then end it
                 logger.exception("request %s failed mid-stream", rid)
-                err = APIError(500, f"generation failed: {type(e).__name__}", type_="server_error")
+                err = backend_error(e, self.config.retry_after_s) or APIError(
+                    500, f"generation failed: {type(e).__name__}", type_="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
+            finally:  # also on client disconnect (cancellation): free the slot and the workers' sessions now
+                self.active -= 1
+                await events.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

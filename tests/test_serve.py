@@ -1,5 +1,6 @@
 """The Serve application in-process (serve.run) on tiny random models: API, streaming, extension fields,
-errors, affinity loss (replica killed mid-request) and a tier scaling up under load."""
+errors and fuzzed input, overload answers, client disconnects, affinity loss (replica killed mid-request)
+and a tier scaling up under load."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,7 +44,8 @@ def app(tmp_path_factory):
         },
     }
     serve.run(build_app(config), name="speckv", route_prefix="/")
-    colocated = {**config, "topology": "colocated", "api_keys_env": "SPECKV_TEST_KEYS", "deployment_options": {
+    colocated = {**config, "topology": "colocated", "api_keys_env": "SPECKV_TEST_KEYS",
+                 "max_concurrent_generations": 2, "retry_after_s": 3, "deployment_options": {
         "router": {"ray_actor_options": {"runtime_env": {"env_vars": {"SPECKV_TEST_KEYS": "key-one,key-two"}}}}}}
     serve.run(build_app(colocated), name="speckv-colocated", route_prefix="/colocated")
     engine = LocalEngine(load_model(draft, dtype="float32"), load_model(target, dtype="float32"), load_tokenizer(target))
@@ -252,3 +255,164 @@ def test_tier_scales_up_under_load(app):
         peak = max(peak, replicas())
         time.sleep(1)
     assert peak == 2
+
+
+# ---------------------------------------------------------------- reliability: fuzz, overload, disconnects
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=30))
+    return st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                        max_leaves=6)
+
+
+def _request_bodies():
+    """Mostly-plausible OpenAI bodies with any field wrong in any way, plus unknown keys."""
+    from hypothesis import strategies as st
+
+    anything = _json_values()
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]) | anything,
+                                     "content": st.text(max_size=40) | anything})
+    fields = {
+        "model": st.sampled_from(["speckv", "speckv-fp16", "speckv-int8", "nope", ""]) | anything,
+        "prompt": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=3) | anything,
+        "messages": st.lists(message, max_size=3) | anything,
+        "max_tokens": st.integers(-3, 24) | anything,
+        "max_completion_tokens": st.integers(-3, 24) | anything,
+        "temperature": st.floats(-1, 3) | anything,
+        "top_p": st.floats(-0.5, 1.5) | anything,
+        "seed": st.integers(-5, 2**64) | anything,
+        "n": st.integers(-1, 3) | anything,
+        "stop": st.text(max_size=200) | st.lists(st.text(max_size=200), max_size=12) | anything,
+        "stream": st.booleans() | anything,
+        "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans() | anything}) | anything,
+        "speculation": st.fixed_dictionaries({}, optional={
+            "policy": st.sampled_from(["adaptive", "fixed", "none", "heuristic", "magic"]) | anything,
+            "gamma": st.integers(-2, 20) | anything, "extra": anything}) | anything,
+    }
+    body = st.fixed_dictionaries({}, optional=fields)
+    extra = st.dictionaries(st.text(min_size=1, max_size=10), anything, max_size=2)
+    return st.tuples(body, extra).map(lambda t: {**t[1], **t[0]})
+
+
+def _check_answer(r: httpx.Response) -> None:
+    assert r.status_code < 500, (r.status_code, r.text[:500])
+    if r.status_code == 200:
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
+            assert '"error"' not in r.text, r.text[-500:]
+        else:
+            assert r.json()["choices"], r.text
+    else:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+
+
+def test_fuzzed_requests_never_get_5xx(app):
+    """Property-based fuzz (hypothesis, derandomized so CI sees the same cases): any body, to either
+    endpoint, gets 200 or an OpenAI-shaped 4xx; never a 5xx or a hang. The server stays healthy."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    with httpx.Client(timeout=60) as client:
+        @settings(max_examples=160, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=_request_bodies())
+        def json_bodies(path, body):
+            try:
+                content = json.dumps(body, allow_nan=True).encode()
+            except (ValueError, OverflowError):
+                return
+            _check_answer(client.post(BASE + path, content=content, headers={"content-type": "application/json"}))
+
+        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), raw=st.binary(max_size=120),
+               content_type=st.sampled_from(["application/json", "text/plain", ""]))
+        def raw_bodies(path, raw, content_type):
+            r = client.post(BASE + path, content=raw, headers={"content-type": content_type} if content_type else {})
+            _check_answer(r)
+            assert r.status_code != 200
+
+        json_bodies()
+        raw_bodies()
+    assert httpx.get(BASE + "/healthz").status_code == 200
+    assert post("/v1/completions", {"model": "speckv", "prompt": "ok", "max_tokens": 3}).status_code == 200
+
+
+def test_overload_answers_429_with_retry_after(app):
+    """The colocated app admits 2 generations per router: the rest are refused at once with 429, a JSON
+    error and Retry-After, not queued; once the load is gone requests are admitted again."""
+    headers = {"Authorization": "Bearer key-one"}
+    body = {"model": "speckv", "prompt": "def busy():", "max_tokens": 150, "temperature": 0,
+            "speculation": {"policy": "fixed", "gamma": 1}}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*[client.post(BASE + "/colocated/v1/completions", json=body, headers=headers)
+                                          for _ in range(8)])
+
+    answers = asyncio.run(burst())
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+    for r in answers:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "3"
+            assert r.json()["error"]["code"] == "server_busy"
+    assert post("/colocated/v1/completions", {**body, "max_tokens": 4}, headers=headers).status_code == 200
+
+
+def test_backend_overload_maps_to_503():
+    from ray.serve.exceptions import BackPressureError
+
+    from deployments.router import backend_error
+
+    err = backend_error(BackPressureError(num_queued_requests=65, max_queued_requests=64), retry_after_s=2)
+    assert err.status == 503 and err.headers == {"Retry-After": "2"} and err.code == "overloaded"
+    assert backend_error(ValueError("bug"), 2) is None
+
+
+def _sessions(deployment: str) -> dict[str, int]:
+    """Sessions held per replica of a deployment (sticky routing spreads these calls over the replicas)."""
+    import ray
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name="speckv")
+    stats = [handle.options(session_id=f"probe-{i}").stats.remote() for i in range(24)]
+    return {s["replica"]: s["sessions"] for s in (r.result() for r in stats)} if ray.is_initialized() else {}
+
+
+def test_client_disconnect_frees_sessions_at_once(app):
+    body = {"model": "speckv-fp16", "prompt": "while True:", "max_tokens": 240, "temperature": 0, "stream": True,
+            "speculation": {"policy": "fixed", "gamma": 2}}
+    with httpx.stream("POST", BASE + "/v1/completions", json=body, timeout=120) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break
+        held = sum(_sessions("target-fp16").values()) + sum(_sessions("draft").values())
+        assert held >= 1  # the stream's caches exist while it runs
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if sum(_sessions("target-fp16").values()) + sum(_sessions("draft").values()) == 0:
+            break
+        time.sleep(0.2)
+    assert sum(_sessions("target-fp16").values()) + sum(_sessions("draft").values()) == 0
+
+
+def test_bounded_load_run_loses_nothing(app):
+    """A short bounded load run (deployments/load_run.py) on the split app: every answer, streamed or not,
+    equals the greedy reference; the only non-200 answers allowed are overload answers."""
+    from deployments.load_run import main
+
+    out = Path(tempfile.mkdtemp()) / "load.json"
+    rc = main(["--url", BASE, "--clients", "4", "--duration", "15", "--max-tokens", "24", "--policy", "fixed:2",
+               "--sample-rss", "--rss-interval", "3", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 0 and doc["mismatches"] == 0, doc["mismatch_examples"]
+    assert doc["answers_by_kind"].get("ok", 0) >= 8, doc["answers_by_kind"]
+    assert set(doc["answers_by_kind"]) <= {"ok", "http_429", "http_503"}, doc["answers_by_kind"]
+    assert doc["rss_bytes"], "no Serve replica processes were sampled"
