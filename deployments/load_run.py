@@ -116,7 +116,8 @@ async def run(args: argparse.Namespace) -> dict:
     ok = kinds.get("ok", 0)
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
     doc = {
-        "config": {k: v for k, v in vars(args).items() if k != "api_key"}, "elapsed_s": elapsed,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"},
+        "elapsed_s": elapsed,
         "requests": sum(kinds.values()), "answers_by_kind": dict(kinds), "ok_per_s": ok / elapsed,
         "tokens_per_s_upper_bound": ok * args.max_tokens / elapsed,
         "latency_s": {"p50": q[49], "p90": q[89], "p99": q[98]}, "mismatches": len(mismatches),

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--live", type=Path, action="append", default=[],
                     help="`speckv bench` results to add to the speedup plot (repeatable)")
     ev.add_argument("--points", type=Path, default=None, help="`speckv train --points` file for the calibration plot")
+    ev.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
+    ev.add_argument("--as-tier", default=None,
+                    help="what-if: replay every selected trace (see --source-tier) under this tier's cost model "
+                         "and controller inputs; acceptance then comes from the source tier, so label it a proxy")
+    ev.add_argument("--source-tier", default=None, help="only traces collected at this tier")
 
     cost = sub.add_parser("cost", help="measure a tier's step costs (draft ms/token, verify ms per γ)")
     cost.add_argument("--gammas", default="0,1,2,3,4,6,8")
@@ -251,7 +256,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         artifact = ControllerArtifact.load(args.controller or SHIPPED)
         records, _ = load_collection(args.records)
         traces = {k: t for k, t in traces_from_records(records).items()
-                  if args.split == "all" or split_of(t.prompt_id) == args.split}
+                  if (args.split == "all" or split_of(t.prompt_id) == args.split)
+                  and (args.source_tier is None or k[0] == args.source_tier)}
+        if args.as_tier:
+            traces = {(args.as_tier, pid): t for (_, pid), t in traces.items()}
     except ValueError as e:
         raise CLIError(str(e)) from None
     if not traces:
@@ -259,6 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     doc = evaluate(artifact, traces)
     doc["controller"] = {"version": artifact.version(), "path": str(args.controller or SHIPPED)}
     doc["split"] = args.split
+    doc["proxy"] = {"source_tier": args.source_tier, "as_tier": args.as_tier} if args.as_tier else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     for tier, t in doc["tiers"].items():
@@ -270,6 +279,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for c in t["comparisons"]:
             print(f"   adaptive vs {c['b']}: {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] p={c['p_value']:.4f}")
     print(f"results written to {args.out}", file=sys.stderr)
+    if args.markdown:
+        from .training import evaluation_markdown
+
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(evaluation_markdown(doc))
     if args.plots:
         from . import plots
 

@@ -405,3 +405,33 @@ def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int 
             "policy_tokens_per_step": policy, "policy_groups": len(complete),
             "note": ("features are the step's own draft signals (known after drafting, before verifying), as in "
                      "the paper; tokens/step ignores the cost of drafting")}
+
+
+def evaluation_markdown(doc: dict) -> str:
+    """Markdown tables of a `speckv evaluate` document: per tier, every policy, and the paired comparisons."""
+    from .stats import paired_speedup
+
+    lines = []
+    for tier, t in doc["tiers"].items():
+        pol = t["policies"]
+        base = [r["tokens_per_s"] for r in pol["none"]["per_prompt"]]
+        cats = sorted({r["category"] for r in pol["none"]["per_prompt"]})
+        lines += [f"#### {tier}: {t['prompts']} held-out prompts ({', '.join(cats)})", "",
+                  f"Cost model (ms): draft {t['cost_model']['draft_ms_per_token']:.1f}/token; verify "
+                  f"{t['cost_model']['verify_ms_base']:.0f} + {t['cost_model']['verify_ms_per_token']:.1f}·γ "
+                  f"+ {t['cost_model']['verify_ms_per_context_token']:.3f}·context. Best fixed γ in hindsight: "
+                  f"{t['best_fixed']}. Decision overhead: p50 {t['decision_us']['p50']:.1f} µs, "
+                  f"p99 {t['decision_us']['p99']:.1f} µs ({t['decision_us']['n']} decisions).", "",
+                  "| policy | tokens/s (geomean) | tokens/s (median) | tokens/step | vs none [95% CI] | p |",
+                  "|---|---|---|---|---|---|"]
+        for name, p in pol.items():
+            c = paired_speedup(name, [r["tokens_per_s"] for r in p["per_prompt"]], "none", base) if name != "none" else None
+            vs = f"{c.speedup:.3f}x [{c.ci95[0]:.3f}, {c.ci95[1]:.3f}] | {c.p_value:.4f}" if c else " | "
+            lines.append(f"| {name} | {p['tokens_per_s_geomean']:.3f} | {p['tokens_per_s_median']:.3f} | "
+                         f"{p['tokens_per_step']:.2f} | {vs} |")
+        lines += ["", "| adaptive vs | speedup [95% CI] | p |", "|---|---|---|"]
+        for c in t["comparisons"]:
+            lines.append(f"| {c['b']} | {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['p_value']:.4f} |")
+        lines += ["", f"adaptive reaches {t['adaptive_vs_oracle']:.1%} of the oracle's tokens/s (geometric mean "
+                      "over prompts).", ""]
+    return "\n".join(lines)
