@@ -101,7 +101,7 @@ async def run(args: argparse.Namespace) -> dict:
                 kinds[kind] += 1
                 if kind == "ok" and text != reference[prompt]:
                     mismatches.append({"prompt": prompt, "stream": stream, "got": text, "expected": reference[prompt]})
-                if kind.startswith("http_429") or kind.startswith("http_503"):
+                if kind in ("http_429", "http_503"):
                     await asyncio.sleep(0.5)
 
         async def sampler() -> None:

@@ -13,7 +13,7 @@ request: a step pays if it yields more tokens than that time would yield on aver
 long-run-rate (renewal-reward) criterion; maximising each step's own tokens/ms instead under-drafts in easy
 stretches. `rate` is tuned per tier on the training traces, together with the draft early-exit threshold.
 
-Inference is plain numpy (a 16x32x8 MLP costs a few microseconds; torch's per-call overhead would dominate).
+Inference is plain numpy (a 15x32x8 MLP; torch's per-call overhead would dominate at this size).
 Artifact on disk: `controller.safetensors` (weights and feature normalisation) + `controller.json`
 (features, tiers, per-tier cost models and draft early-exit thresholds, training summary, version). No pickle.
 """

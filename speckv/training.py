@@ -304,7 +304,7 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
         cost = artifact.cost_models[tier]
         tier_traces = [_cap(t, artifact.gamma_max) for (tr, _), t in sorted(traces.items()) if tr == tier]
         policies = {"none": lambda: fixed(0), **{f"fixed:{g}": (lambda g=g: fixed(g)) for g in range(1, artifact.gamma_max + 1)},
-                    "heuristic": HeuristicGamma, "adaptive": lambda: AdaptivePolicy(artifact, tier)}
+                    "heuristic": HeuristicGamma, "adaptive": lambda tier=tier: AdaptivePolicy(artifact, tier)}
         rows: dict[str, list[dict]] = {}
         decision_us: list[float] = []
         for name, make in policies.items():
@@ -368,7 +368,7 @@ def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int 
         raise ValueError(f"{csv_path}: non-numeric value: {e}") from None
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(rows))
-    n_test = int(round(len(rows) * test_fraction))
+    n_test = round(len(rows) * test_fraction)
     test, train_idx = order[:n_test], order[n_test:]
     mean, std = x[train_idx].mean(0), x[train_idx].std(0)
     std[std < 1e-6] = 1.0

@@ -7,12 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from speckv.controller import FEATURES, AdaptivePolicy, ControllerArtifact, features, load_snapshot
+from speckv.controller import (
+    FEATURES,
+    AdaptivePolicy,
+    ControllerArtifact,
+    features,
+    load_snapshot,
+)
 from speckv.policy import StepContext
 from speckv.records import write_jsonl
 from speckv.replay import CostModel, Trace, oracle, replay, trace_to_records
 from speckv.signals import SignalSummary
-from speckv.training import evaluate, split_of, train, traces_by_split, load_collection
+from speckv.training import evaluate, load_collection, split_of, traces_by_split, train
 
 GAMMA_MAX = 6
 
