@@ -36,7 +36,9 @@ def replica_rss() -> dict[str, int]:
         try:
             title = " ".join(proc.info["cmdline"] or [])
             if "ServeReplica" in title:
-                out[title.split("ServeReplica:", 1)[-1].strip()[:80] + f" pid={proc.pid}"] = proc.info["memory_info"].rss
+                # the title names the method running at the moment ("...:router.handle_request"): keep the replica
+                replica = title.split("ServeReplica:", 1)[-1].split()[0].split(".")[0]
+                out[f"{replica} pid={proc.pid}"] = proc.info["memory_info"].rss
         except (psutil.Error, TypeError):
             continue
     return out

@@ -33,6 +33,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     (["generate"], "required: --prompt"),
     (["bench", "--prompts", "/nonexistent.jsonl"], "does not exist"),
     (["bench", "--prompts", "README.md", "--policies", "none,none"], "names a policy twice"),
+    (["bench", "--prompts", "README.md", "--policies", "fixed:2,oracle"], "needs --temperature 0 and `none`"),
+    (["bench", "--prompts", "README.md", "--policies", "none,oracle", "--temperature", "0.5"], "needs --temperature 0"),
+    (["generate", "--prompt", "hi", "--controller", "/nonexistent/controller.json"], "cannot read controller"),
+    (["collect", "--prompts", "/nonexistent.jsonl"], "does not exist"),
+    (["collect", "--prompts", "README.md", "--gammas", "0"], "every γ must be in [1, 16]"),
+    (["collect", "--prompts", "README.md", "--tiers", "int3"], "unknown tier"),
+    (["train", "--records", "/nonexistent.jsonl"], "does not exist"),
+    (["train", "--records", "README.md"], "not a step record"),
+    (["train", "--format", "speckv-paper", "--records", "README.md"], "lacks the paper's columns"),
+    (["evaluate", "--records", "README.md"], "not a step record"),
 ])
 def test_bad_input_gives_clear_error_and_nonzero_exit(args, message):
     proc = run_cli(*args)

@@ -118,3 +118,23 @@ def test_shipped_controller_loads_and_decides_fast():
     result = replay(trace, policy, policy.artifact.cost_models["fp16"])
     assert result.tokens == 64 and result.ms >= oracle(trace, policy.artifact.cost_models["fp16"]).ms - 1e-6
     assert np.median(result.decision_us) < 1000  # generous: the figure itself is measured by `speckv evaluate`
+
+
+def test_live_records_give_censored_states():
+    """A live fixed-γ run's records: states after the first step carry the previous step's signals; a
+    fully accepted step only bounds A from below (labels past γ masked), a partial one fixes it."""
+    from speckv.records import StepRecord
+    from speckv.training import live_states
+
+    def record(step: int, gamma: int, accepted: int, conf: float) -> StepRecord:
+        return StepRecord(request_id="r", tier="fp16", policy=f"fixed:{gamma}", step=step, position=step * 3,
+                          context_len=10 + step * 3, gamma_chosen=gamma, gamma=gamma, accepted=accepted,
+                          emitted=accepted + 1, draft_ms=1, verify_ms=1, draft_compute_ms=1, verify_compute_ms=1,
+                          policy_us=1, confidence=[conf] * gamma, entropy=[0.1] * gamma, chosen_prob=[conf] * gamma)
+
+    data = live_states([record(0, 3, 3, 0.9), record(1, 3, 1, 0.4), record(2, 3, 0, 0.2)], gamma_max=6)
+    assert data.x.shape == (3, len(FEATURES)) and data.accept.tolist() == [3, 1, 0]
+    assert data.mask[0].tolist() == [1, 1, 1, 0, 0, 0]  # censored: A >= 3 is all that is known
+    assert data.mask[1].tolist() == [1] * 6 and data.labels[1].tolist() == [1, 0, 0, 0, 0, 0]
+    second = dict(zip(FEATURES, data.x[1]))
+    assert second["prev_all_accepted"] == 1.0 and abs(second["prev_mean_confidence"] - 0.9) < 1e-6
