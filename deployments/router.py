@@ -87,8 +87,10 @@ def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle) -> 
         return await _with_retries(lambda: target.options(session_id=sid).verify.remote(sid, *args))
 
     async def release(sid: str) -> None:
-        await asyncio.gather(draft.options(session_id=sid).release.remote(sid),
-                             target.options(session_id=sid).release.remote(sid), return_exceptions=True)
+        # shielded: a release must reach the replicas even when the request is being cancelled (client gone)
+        await asyncio.shield(asyncio.gather(draft.options(session_id=sid).release.remote(sid),
+                                            target.options(session_id=sid).release.remote(sid),
+                                            return_exceptions=True))
 
     return SplitExecutor(propose, verify, release)
 
@@ -107,7 +109,20 @@ class RemoteColocatedExecutor:
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
 
     async def release(self, sid: str) -> None:
-        await asyncio.gather(self.target.options(session_id=sid).release.remote(sid), return_exceptions=True)
+        await asyncio.shield(asyncio.gather(self.target.options(session_id=sid).release.remote(sid),
+                                            return_exceptions=True))
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator when the response ends for any reason, a client that went away included,
+    so the generator's cleanup (releasing the workers' sessions) runs now rather than whenever the
+    abandoned generator is garbage-collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self.body_iterator.aclose())
 
 
 api = FastAPI(title="SpecKV", description="Adaptive speculative decoding, OpenAI-compatible.")
@@ -380,7 +395,7 @@ class Router:
                 await events.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ClosingStreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ routes
 
