@@ -17,10 +17,10 @@ from typing import Protocol
 import torch
 
 from .acceptance import greedy_accept, speculative_accept
-from .policy import GammaPolicy, StepContext, StepOutcome
+from .policy import GammaPolicy, RequestProgress
 from .records import StepRecord
 from .sampling import SamplingParams, step_generator
-from .signals import DraftSignals, SignalSummary
+from .signals import DraftSignals
 from .workers import Proposal, Verification
 
 MAX_STOP_STRINGS = 8
@@ -168,19 +168,14 @@ async def speculate(
     seed = params.seed if params.seed is not None else secrets.randbits(62)
     eos = set(request.eos_token_ids)
     generated: list[int] = []
-    prev = StepOutcome(gamma=0, accepted=0, signals=SignalSummary())
-    prev_last_conf, drafted_total, accepted_total = 0.0, 0, 0
+    progress = RequestProgress()
     min_confidence = max(request.min_confidence, policy.min_confidence)
     try:
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
             remaining = request.max_new_tokens - len(generated)
             t0 = time.perf_counter()
-            gamma_chosen = policy.choose(StepContext(
-                step=step, position=len(generated), context_len=len(context), prev_gamma=prev.gamma,
-                prev_accepted=prev.accepted, prev_signals=prev.signals, prev_last_confidence=prev_last_conf,
-                drafted_total=drafted_total, accepted_total=accepted_total,
-            ))
+            gamma_chosen = policy.choose(progress.context(step, len(generated), len(context)))
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
 
@@ -204,16 +199,11 @@ async def speculate(
             elif finish is None and len(generated) >= request.max_new_tokens:
                 finish = "length"
 
-            summary = proposal.signals.summary()
-            drafted = len(proposal.token_ids)
-            prev = StepOutcome(gamma=drafted, accepted=accepted, signals=summary)
-            policy.observe(prev)
-            prev_last_conf = proposal.signals.confidence[-1] if drafted else 0.0
-            drafted_total += drafted
-            accepted_total += accepted
+            outcome = progress.advance(proposal.signals, accepted)
+            policy.observe(outcome)
             record = StepRecord(
                 request_id=sid, tier=request.tier, policy=policy.name, step=step, position=len(generated) - len(new),
-                context_len=len(context), gamma_chosen=gamma_chosen, gamma=drafted, accepted=accepted,
+                context_len=len(context), gamma_chosen=gamma_chosen, gamma=outcome.gamma, accepted=accepted,
                 emitted=len(new), draft_ms=call.draft_wall_ms, verify_ms=call.verify_wall_ms,
                 draft_compute_ms=proposal.compute_ms, verify_compute_ms=verification.compute_ms, policy_us=policy_us,
                 prompt_id=request.prompt_id, category=request.category, **proposal.signals.to_dict(),

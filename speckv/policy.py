@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .signals import SignalSummary
+from .signals import DraftSignals, SignalSummary
 
 MAX_GAMMA = 16
 
@@ -35,6 +35,34 @@ class StepOutcome:
     gamma: int  # draft tokens proposed (may be below the chosen γ if the draft stopped early)
     accepted: int  # accepted draft tokens (bonus/recovered excluded)
     signals: SignalSummary
+
+
+@dataclass
+class RequestProgress:
+    """A request's history as policies see it: the one place that turns step outcomes into the next
+    StepContext (used by the engine loop, exact replay, and training from live records)."""
+
+    prev: StepOutcome = field(default_factory=lambda: StepOutcome(0, 0, SignalSummary()))
+    prev_last_confidence: float = 0.0
+    drafted_total: int = 0
+    accepted_total: int = 0
+
+    def context(self, step: int, position: int, context_len: int) -> StepContext:
+        return StepContext(
+            step=step, position=position, context_len=context_len, prev_gamma=self.prev.gamma,
+            prev_accepted=self.prev.accepted, prev_signals=self.prev.signals,
+            prev_last_confidence=self.prev_last_confidence, drafted_total=self.drafted_total,
+            accepted_total=self.accepted_total,
+        )
+
+    def advance(self, signals: DraftSignals, accepted: int) -> StepOutcome:
+        """Record a verified step (its drafted tokens' signals, how many were accepted); returns its outcome."""
+        drafted = len(signals)
+        self.prev = StepOutcome(drafted, accepted, signals.summary())
+        self.prev_last_confidence = signals.confidence[-1] if drafted else 0.0
+        self.drafted_total += drafted
+        self.accepted_total += accepted
+        return self.prev
 
 
 class GammaPolicy(Protocol):

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .policy import FixedGamma, GammaPolicy, NoSpeculation, StepContext, StepOutcome
-from .signals import DraftSignals, SignalSummary
+from .policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress
+from .signals import DraftSignals
 
 
 @dataclass
@@ -115,18 +115,13 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel, min_confidence: f
     a trace: each step drafts γ (≤ γmax; fewer when the draft stops early on `min_confidence`, as
     DraftWorker.propose does), accepts min(accept_len, γ) and emits one more token."""
     n, position, step = trace.n, 0, 0
-    prev = StepOutcome(0, 0, SignalSummary())
-    prev_last_conf, drafted_total, accepted_total = 0.0, 0, 0
+    progress = RequestProgress()
     ms, gammas, decision_us = 0.0, [], []
     min_confidence = max(min_confidence, policy.min_confidence)
     while position < n:
         p = position
         t0 = time.perf_counter()
-        chosen = policy.choose(StepContext(
-            step=step, position=p, context_len=trace.prompt_len + p, prev_gamma=prev.gamma,
-            prev_accepted=prev.accepted, prev_signals=prev.signals, prev_last_confidence=prev_last_conf,
-            drafted_total=drafted_total, accepted_total=accepted_total,
-        ))
+        chosen = policy.choose(progress.context(step, p, trace.prompt_len + p))
         decision_us.append((time.perf_counter() - t0) * 1e6)
         gamma = int(min(max(chosen, 0), trace.gamma_max, n - p - 1))
         if min_confidence > 0 and gamma > 0:
@@ -137,10 +132,7 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel, min_confidence: f
         gammas.append(gamma)
         signals = DraftSignals(trace.chosen_prob[p, :gamma].tolist(), trace.confidence[p, :gamma].tolist(),
                                trace.entropy[p, :gamma].tolist())
-        prev = StepOutcome(gamma, accepted, signals.summary())
-        policy.observe(prev)
-        prev_last_conf = float(trace.confidence[p, gamma - 1]) if gamma else 0.0
-        drafted_total, accepted_total = drafted_total + gamma, accepted_total + accepted
+        policy.observe(progress.advance(signals, accepted))
         position, step = p + accepted + 1, step + 1
     return ReplayResult(tokens=n, steps=len(gammas), ms=ms, gammas=gammas, decision_us=decision_us)
 

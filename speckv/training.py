@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
-from .policy import HeuristicGamma, StepContext, StepOutcome
+from .policy import HeuristicGamma, RequestProgress, StepContext, StepOutcome
 from .records import StepRecord, read_jsonl
 from .replay import CostModel, Trace, fixed, oracle, replay, traces_from_records
-from .signals import SignalSummary
+from .signals import DraftSignals
 from .stats import paired_speedup
 
 RAW_SIGNALS = ("prev_mean_confidence", "prev_min_confidence", "prev_last_confidence", "prev_mean_entropy",
@@ -121,24 +121,16 @@ def live_states(records: list[StepRecord], gamma_max: int) -> Dataset | None:
     k = np.arange(1, gamma_max + 1)
     for rows in by_request.values():
         rows.sort(key=lambda r: r.step)
-        drafted_total = accepted_total = 0
-        prev = None
+        progress = RequestProgress()
         for r in rows:
-            context = StepContext(
-                step=r.step, position=r.position, context_len=r.context_len, prev_gamma=prev.gamma if prev else 0,
-                prev_accepted=prev.accepted if prev else 0, prev_signals=prev.summary() if prev else SignalSummary(),
-                prev_last_confidence=prev.confidence[-1] if prev and prev.confidence else 0.0,
-                drafted_total=drafted_total, accepted_total=accepted_total,
-            )
+            context = progress.context(r.step, r.position, r.context_len)
             if r.gamma > 0:
                 xs.append(features(context, r.tier))
                 accept.append(min(r.accepted, gamma_max))
                 known = k <= r.gamma if r.accepted == r.gamma else np.ones(gamma_max, dtype=bool)
                 mask.append(known.astype(np.float32))
                 gammas.append(r.gamma)
-            drafted_total += r.gamma
-            accepted_total += r.accepted
-            prev = r
+            progress.advance(DraftSignals(r.chosen_prob, r.confidence, r.entropy), r.accepted)
     if not xs:
         return None
     return Dataset(np.asarray(xs, dtype=np.float32), np.asarray(accept), np.asarray(mask, dtype=np.float32),
@@ -203,12 +195,12 @@ def load_collection(records_paths: list[Path]) -> tuple[list[StepRecord], dict[s
             if not f.is_file():
                 raise ValueError(f"records file {f} does not exist")
             records += list(read_jsonl(f))
-            for cost_file in f.parent.glob("cost_*.json"):
-                tier = cost_file.stem.removeprefix("cost_")
-                try:
-                    costs[tier] = CostModel.from_dict(json.loads(cost_file.read_text())["cost_model"])
-                except (OSError, ValueError, KeyError) as e:
-                    raise ValueError(f"cannot read cost model {cost_file}: {e}") from None
+        for cost_file in sorted(files[0].parent.glob("cost_*.json")):  # the cost models beside the records
+            tier = cost_file.stem.removeprefix("cost_")
+            try:
+                costs[tier] = CostModel.from_dict(json.loads(cost_file.read_text())["cost_model"])
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"cannot read cost model {cost_file}: {e}") from None
     if not records:
         raise ValueError("the records are empty")
     return records, costs
