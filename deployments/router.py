@@ -101,10 +101,10 @@ class RemoteColocatedExecutor:
     def __init__(self, target: DeploymentHandle) -> None:
         self.target = target
 
-    async def run_step(self, sid, context_ids, gamma, params, seed, step, min_confidence) -> StepCall:
+    async def run_step(self, sid, context_ids, gamma, params, seed, step, stop) -> StepCall:
         start = time.perf_counter()
         inner: StepCall = await _with_retries(lambda: self.target.options(session_id=sid).step.remote(
-            sid, context_ids, gamma, params, seed, step, min_confidence))
+            sid, context_ids, gamma, params, seed, step, stop))
         wall_ms = (time.perf_counter() - start) * 1e3
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
 

@@ -17,6 +17,7 @@ from speckv.engine import StepCall
 from speckv.local import local_executor
 from speckv.models import load_model
 from speckv.sampling import SamplingParams
+from speckv.signals import NO_STOP, DraftStop
 from speckv.workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
 
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
@@ -61,9 +62,9 @@ class DraftDeployment:
 
     def propose(
         self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        min_confidence: float = 0.0,
+        stop: DraftStop = NO_STOP,
     ) -> Proposal:
-        return self.worker.propose(session_id, context_ids, gamma, params, seed, step, min_confidence)
+        return self.worker.propose(session_id, context_ids, gamma, params, seed, step, stop)
 
     def release(self, session_id: str) -> None:
         self.worker.lm.release(session_id)
@@ -90,11 +91,11 @@ class TargetDeployment:
 
     async def step(
         self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        min_confidence: float = 0.0,
+        stop: DraftStop = NO_STOP,
     ) -> StepCall:
         if self.executor is None:
             raise RuntimeError("this target replica has no colocated draft; use the disaggregated topology")
-        return await self.executor.run_step(session_id, context_ids, gamma, params, seed, step, min_confidence)
+        return await self.executor.run_step(session_id, context_ids, gamma, params, seed, step, stop)
 
     def release(self, session_id: str) -> None:
         self.worker.lm.release(session_id)

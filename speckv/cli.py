@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, EMBEDDED_MODELS, ModelError, Tier
+from .policy import MAX_GAMMA
 
 
 class CLIError(Exception):
@@ -160,8 +161,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         ctxs = [int(c) for c in args.context_lens.split(",")]
     except ValueError:
         raise CLIError("--gammas and --context-lens take comma-separated integers") from None
-    if any(g < 0 or g > 16 for g in gammas) or any(c < 1 for c in ctxs):
-        raise CLIError("γ must be in [0, 16] and context lengths >= 1")
+    if any(g < 0 or g > MAX_GAMMA for g in gammas) or any(c < 1 for c in ctxs):
+        raise CLIError(f"γ must be in [0, {MAX_GAMMA}] and context lengths >= 1")
     doc = measure_costs(args.draft, args.target, args.tier, args.dtype, gammas, ctxs, args.repeats, args.device)
     text = json.dumps(doc, indent=1)
     if args.out:
@@ -177,8 +178,8 @@ def _gamma_list(text: str, name: str, allow_zero: bool) -> list[int]:
     except ValueError:
         raise CLIError(f"{name} takes comma-separated integers, got {text!r}") from None
     low = 0 if allow_zero else 1
-    if any(not low <= g <= 16 for g in values):
-        raise CLIError(f"{name}: every γ must be in [{low}, 16], got {text!r}")
+    if any(not low <= g <= MAX_GAMMA for g in values):
+        raise CLIError(f"{name}: every γ must be in [{low}, {MAX_GAMMA}], got {text!r}")
     return values
 
 
@@ -208,8 +209,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if not tiers:
         raise CLIError("--tiers is empty")
     gammas = _gamma_list(args.gammas, "--gammas", allow_zero=False)
-    if args.gamma_max > 16:
-        raise CLIError("--gamma-max must be at most 16")
+    if args.gamma_max > MAX_GAMMA:
+        raise CLIError(f"--gamma-max must be at most {MAX_GAMMA}")
     prompts = _select_prompts(args.prompts, args.limit_per_category, args.categories)
     config = CollectConfig(args.draft, args.target, tiers, args.dtype, args.gamma_max, args.max_new_tokens, gammas,
                            device=args.device)
@@ -240,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(doc))
     else:
         for key in ("test_corr", "raw_corr", "raw_best_feature", "raw_best_signal", "train_states", "test_states",
-                    "version", "min_confidence", "policy_tokens_per_step"):
+                    "token_auc", "token_auc_confidence", "version", "draft_stop", "max_gamma",
+                    "policy_tokens_per_step"):
             if key in doc:
                 print(f"{key}: {doc[key]}")
         if args.out:

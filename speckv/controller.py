@@ -11,11 +11,18 @@ under the tier's measured cost model:
 `rate` (tokens per ms, per tier) prices a millisecond at the decode rate the tier reaches over a whole
 request: a step pays if it yields more tokens than that time would yield on average. This is the
 long-run-rate (renewal-reward) criterion; maximising each step's own tokens/ms instead under-drafts in easy
-stretches. `rate` is tuned per tier on the training traces, together with the draft early-exit threshold.
+stretches.
+
+Within a step the draft's own per-token signals say more than anything known before it (speckv.signals
+.DraftStop: the run ends once the predicted probability that all its tokens are accepted falls below a
+per-tier threshold). Where that pays (the slow int8/nf4 tiers, whose verify pass costs far more than a draft
+token), the policy uses γ* only to decide *whether* to draft and then lets the run go up to `max_gamma`
+tokens, ending it on the stop rule. `rate`, the stop threshold and `max_gamma` are tuned per tier by replay
+on the training traces (speckv.training.tune_decision).
 
 Inference is plain numpy (a 15x32x8 MLP; torch's per-call overhead would dominate at this size).
 Artifact on disk: `controller.safetensors` (weights and feature normalisation) + `controller.json`
-(features, tiers, per-tier cost models and draft early-exit thresholds, training summary, version). No pickle.
+(features, tiers, per-tier cost models, draft stop rules and γ caps, training summary, version). No pickle.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .policy import GammaPolicy, StepContext, StepOutcome
+from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
 from .replay import CostModel
+from .signals import NO_STOP, DraftStop
 
 ARTIFACT_KIND = "speckv-gamma-controller"
-ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 2  # 2: per-tier DraftStop rules and max_gamma
 TIERS = ("fp16", "int8", "nf4")
 FEATURES = (
     "prev_drafted",  # 1 if the previous step drafted anything, else 0 (its signals below are then 0)
@@ -79,8 +87,9 @@ class ControllerArtifact:
     feature_mean: np.ndarray  # [F]
     feature_std: np.ndarray  # [F]
     cost_models: dict[str, CostModel]
-    min_confidence: dict[str, float]  # per tier: draft early-exit threshold (0 = off)
+    draft_stop: dict[str, DraftStop]  # per tier: when the draft ends a run early
     rate: dict[str, float]  # per tier: tokens per ms a step must beat (module docstring)
+    max_gamma: dict[str, int] = field(default_factory=dict)  # per tier: run cap when drafting; 0 = γ* itself
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -103,7 +112,8 @@ class ControllerArtifact:
         for name, t in sorted(self.tensors().items()):
             digest.update(name.encode() + np.ascontiguousarray(t, dtype=np.float32).tobytes())
         digest.update(json.dumps({t: c.to_dict() for t, c in sorted(self.cost_models.items())}, sort_keys=True).encode())
-        digest.update(json.dumps([self.min_confidence, self.rate], sort_keys=True).encode())
+        digest.update(json.dumps([{t: r.to_dict() for t, r in self.draft_stop.items()}, self.rate, self.max_gamma],
+                                 sort_keys=True).encode())
         return digest.hexdigest()[:12]
 
     def save(self, out_dir: Path) -> Path:
@@ -118,7 +128,8 @@ class ControllerArtifact:
             "features": list(FEATURES), "tiers": sorted(self.cost_models), "gamma_max": self.gamma_max,
             "hidden": int(self.w1.shape[1]), "weights": "controller.safetensors",
             "cost_models": {t: c.to_dict() for t, c in self.cost_models.items()},
-            "min_confidence": self.min_confidence, "rate_tokens_per_ms": self.rate, **self.metadata,
+            "draft_stop": {t: r.to_dict() for t, r in self.draft_stop.items()}, "rate_tokens_per_ms": self.rate,
+            "max_gamma": self.max_gamma, **self.metadata,
         }
         path = out_dir / "controller.json"
         path.write_text(json.dumps(meta, indent=1))
@@ -147,13 +158,16 @@ class ControllerArtifact:
             artifact = cls(
                 t["w1"], t["b1"], t["w2"], t["b2"], t["feature_mean"], t["feature_std"],
                 {tier: CostModel.from_dict(c) for tier, c in meta["cost_models"].items()},
-                {tier: float(v) for tier, v in meta["min_confidence"].items()},
+                {tier: DraftStop.from_dict(v) for tier, v in meta["draft_stop"].items()},
                 {tier: float(v) for tier, v in meta["rate_tokens_per_ms"].items()},
+                {tier: int(v) for tier, v in meta.get("max_gamma", {}).items()},
                 {k: v for k, v in meta.items() if k in ("training", "trained_at", "records")},
             )
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: incomplete controller artifact: {e}") from None
         f, h = artifact.w1.shape
+        if any(not 0 <= g <= MAX_GAMMA for g in artifact.max_gamma.values()):
+            raise ValueError(f"{path}: max_gamma must lie in 0..{MAX_GAMMA}, got {artifact.max_gamma}")
         if (f != len(FEATURES) or artifact.b1.shape != (h,) or artifact.w2.shape[0] != h
                 or artifact.b2.shape != (artifact.gamma_max,)):
             raise ValueError(f"{path}: weight shapes do not match the feature list")
@@ -186,7 +200,8 @@ class AdaptivePolicy:
         self.name = "adaptive"
         self.tier = tier
         self.artifact = artifact
-        self.min_confidence = artifact.min_confidence.get(tier, 0.0)
+        self.draft_stop = artifact.draft_stop.get(tier, NO_STOP)
+        self.max_gamma = artifact.max_gamma.get(tier, 0)
         cost = artifact.cost_models[tier]
         self.rate = artifact.rate[tier]
         gammas = np.arange(artifact.gamma_max + 1)
@@ -221,7 +236,9 @@ class AdaptivePolicy:
         value += self._offset
         best = int(value.argmax())
         # the cost model's context-length term is the same for every γ, so it cannot change the choice
-        return best + 1 if value[best] > self._value0 else 0
+        if value[best] <= self._value0:
+            return 0
+        return self.max_gamma or best + 1
 
     def observe(self, outcome: StepOutcome) -> None:
         pass  # stateless: the StepContext carries the request's running state

@@ -20,7 +20,7 @@ from .acceptance import greedy_accept, speculative_accept
 from .policy import GammaPolicy, RequestProgress
 from .records import StepRecord
 from .sampling import SamplingParams, step_generator
-from .signals import DraftSignals
+from .signals import DraftSignals, DraftStop
 from .workers import Proposal, Verification
 
 MAX_STOP_STRINGS = 8
@@ -42,13 +42,13 @@ class StepExecutor(Protocol):
 
     async def run_step(
         self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        min_confidence: float,
+        stop: DraftStop,
     ) -> StepCall: ...
 
     async def release(self, session_id: str) -> None: ...
 
 
-ProposeFn = Callable[[str, list[int], int, SamplingParams, int, int, float], Awaitable[Proposal]]
+ProposeFn = Callable[[str, list[int], int, SamplingParams, int, int, DraftStop], Awaitable[Proposal]]
 VerifyFn = Callable[[str, list[int], list[int], SamplingParams], Awaitable[Verification]]
 ReleaseFn = Callable[[str], Awaitable[None]]
 
@@ -59,10 +59,10 @@ class SplitExecutor:
     def __init__(self, propose: ProposeFn, verify: VerifyFn, release: Callable[[str], Awaitable[None]]) -> None:
         self._propose, self._verify, self._release = propose, verify, release
 
-    async def run_step(self, session_id, context_ids, gamma, params, seed, step, min_confidence) -> StepCall:
+    async def run_step(self, session_id, context_ids, gamma, params, seed, step, stop) -> StepCall:
         t0 = time.perf_counter()
         if gamma > 0:
-            proposal = await self._propose(session_id, context_ids, gamma, params, seed, step, min_confidence)
+            proposal = await self._propose(session_id, context_ids, gamma, params, seed, step, stop)
         else:
             proposal = Proposal([], None, DraftSignals(), 0.0)
         t1 = time.perf_counter()
@@ -85,7 +85,7 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompt_id: str = ""
     category: str = ""
-    min_confidence: float = 0.0  # draft early-exit threshold, 0 = off
+    min_confidence: float = 0.0  # the caller's own draft early-exit threshold, 0 = off (see DraftStop)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -169,7 +169,7 @@ async def speculate(
     eos = set(request.eos_token_ids)
     generated: list[int] = []
     progress = RequestProgress()
-    min_confidence = max(request.min_confidence, policy.min_confidence)
+    stop = policy.draft_stop.with_min_confidence(request.min_confidence)
     try:
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
@@ -179,7 +179,7 @@ async def speculate(
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
 
-            call = await executor.run_step(sid, context, gamma, params, seed, step, min_confidence)
+            call = await executor.run_step(sid, context, gamma, params, seed, step, stop)
             proposal, verification = call.proposal, call.verification
 
             result = accept_step(proposal, verification, params, seed, step)

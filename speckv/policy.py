@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .signals import DraftSignals, SignalSummary
+from .signals import NO_STOP, DraftSignals, DraftStop, SignalSummary
 
-MAX_GAMMA = 16
+MAX_GAMMA = 24  # longest draft run any policy may ask for (transformers' assisted default is 20)
+HF_ASSISTED_TOKENS, HF_ASSISTED_CONFIDENCE = 20, 0.4  # transformers' GenerationConfig defaults
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class RequestProgress:
 
 class GammaPolicy(Protocol):
     name: str
-    min_confidence: float  # draft early-exit threshold the policy asks for within a step (0 = off)
+    draft_stop: DraftStop  # when the draft ends a run early within a step (γ is then an upper bound)
 
     def choose(self, context: StepContext) -> int:
         """γ for the next step, >= 0 (0 = plain target decoding for this step)."""
@@ -83,7 +84,7 @@ class NoSpeculation:
     """Target-only decoding with its KV cache: the baseline every speedup is measured against."""
 
     name: str = "none"
-    min_confidence: float = 0.0
+    draft_stop: DraftStop = NO_STOP
 
     def choose(self, context: StepContext) -> int:
         return 0
@@ -96,7 +97,7 @@ class NoSpeculation:
 class FixedGamma:
     gamma: int
     name: str = ""
-    min_confidence: float = 0.0
+    draft_stop: DraftStop = NO_STOP
 
     def __post_init__(self) -> None:
         if not 1 <= self.gamma <= MAX_GAMMA:
@@ -116,7 +117,7 @@ class HeuristicGamma:
 
     initial: int = 4
     name: str = "heuristic"
-    min_confidence: float = 0.0
+    draft_stop: DraftStop = NO_STOP
     gamma: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +133,25 @@ class HeuristicGamma:
             self.gamma = min(self.gamma + 2, MAX_GAMMA)
         else:
             self.gamma = max(1, self.gamma - 1)
+
+
+@dataclass
+class HFAssistedDefaults:
+    """transformers' assisted generation with its default settings, as an engine policy for exact replay:
+    num_assistant_tokens=20 with the "constant" schedule, and the run ends after a token whose probability
+    is below assistant_confidence_threshold=0.4 (transformers adapts that threshold only when scikit-learn
+    is installed; speckv does not install it, so live `hf-assisted` runs use 0.4 too). Live, `hf-assisted`
+    runs transformers' own loop (speckv.local); this is its drafting policy, for replay."""
+
+    gamma: int = HF_ASSISTED_TOKENS
+    name: str = "hf-assisted"
+    draft_stop: DraftStop = DraftStop(min_confidence=HF_ASSISTED_CONFIDENCE)
+
+    def choose(self, context: StepContext) -> int:
+        return self.gamma
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
 
 
 POLICY_NAMES = ("none", "fixed:N", "heuristic", "adaptive", "hf-assisted")

@@ -110,23 +110,24 @@ class ReplayResult:
         return self.tokens / self.steps if self.steps else 0.0
 
 
-def replay(trace: Trace, policy: GammaPolicy, cost: CostModel, min_confidence: float = 0.0) -> ReplayResult:
+def replay(trace: Trace, policy: GammaPolicy, cost: CostModel) -> ReplayResult:
     """Run an engine policy (the same GammaPolicy objects the engine uses, seeing the same StepContext) over
-    a trace: each step drafts γ (≤ γmax; fewer when the draft stops early on `min_confidence`, as
+    a trace: each step drafts γ (≤ γmax; fewer where the policy's DraftStop ends the run, token by token as
     DraftWorker.propose does), accepts min(accept_len, γ) and emits one more token."""
     n, position, step = trace.n, 0, 0
     progress = RequestProgress()
     ms, gammas, decision_us = 0.0, [], []
-    min_confidence = max(min_confidence, policy.min_confidence)
     while position < n:
         p = position
         t0 = time.perf_counter()
         chosen = policy.choose(progress.context(step, p, trace.prompt_len + p))
         decision_us.append((time.perf_counter() - t0) * 1e6)
-        gamma = int(min(max(chosen, 0), trace.gamma_max, n - p - 1))
-        if min_confidence > 0 and gamma > 0:
-            unsure = np.flatnonzero(trace.confidence[p, :gamma] < min_confidence)
-            gamma = int(unsure[0]) + 1 if unsure.size else gamma
+        limit = int(min(max(chosen, 0), trace.gamma_max, n - p - 1))
+        stopper, gamma = policy.draft_stop.stopper(), 0
+        while gamma < limit:
+            gamma += 1
+            if stopper.stop_after(float(trace.confidence[p, gamma - 1]), float(trace.entropy[p, gamma - 1])):
+                break
         accepted = int(min(trace.accept_len[p], gamma))
         ms += float(cost.step_ms(gamma, trace.prompt_len + p))
         gammas.append(gamma)
@@ -160,6 +161,35 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
 def fixed(gamma: int) -> GammaPolicy:
     """The fixed-γ engine policy (γ = 0: target-only)."""
     return NoSpeculation() if gamma == 0 else FixedGamma(gamma)
+
+
+def resize(trace: Trace, gamma_max: int) -> Trace:
+    """The same trace with runs of `gamma_max` tokens: cut when smaller, chained when larger.
+
+    Chaining is exact under greedy decoding: when the whole γmax-token run from p is accepted, the context at
+    p + γmax is the context at p plus that run, so the draft's run from p + γmax is the continuation of the
+    run from p (numerically it is the same draft on the same tokens; only the cache path differs, as with the
+    run reuse in `collect_trace`). Past the end of the output a run's extra tokens are unknown; they are
+    recorded as confidence 0 and are never accepted (no step can use them: γ ≤ n − p − 1)."""
+    g, n = trace.gamma_max, trace.n
+    if gamma_max <= g:
+        return Trace(trace.prompt_id, trace.category, trace.prompt_len, np.minimum(trace.accept_len, gamma_max),
+                     trace.confidence[:, :gamma_max], trace.entropy[:, :gamma_max], trace.chosen_prob[:, :gamma_max])
+    accept = np.zeros(n, dtype=int)
+    conf, ent, chosen = (np.zeros((n, gamma_max)) for _ in range(3))
+    for p in range(n):
+        q, k, total = p, 0, 0
+        while k < gamma_max and q < n:
+            take = min(g, gamma_max - k)
+            conf[p, k:k + take] = trace.confidence[q, :take]
+            ent[p, k:k + take] = trace.entropy[q, :take]
+            chosen[p, k:k + take] = trace.chosen_prob[q, :take]
+            total += int(min(trace.accept_len[q], take))
+            if trace.accept_len[q] < g:
+                break
+            k, q = k + g, q + g
+        accept[p] = total
+    return Trace(trace.prompt_id, trace.category, trace.prompt_len, accept, conf, ent, chosen)
 
 
 def collect_trace(

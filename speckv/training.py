@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from .controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
-from .policy import HeuristicGamma, RequestProgress, StepContext, StepOutcome
+from .policy import (HF_ASSISTED_TOKENS, MAX_GAMMA, HeuristicGamma, HFAssistedDefaults, RequestProgress,
+                     StepContext, StepOutcome)
 from .records import StepRecord, read_jsonl
-from .replay import CostModel, Trace, fixed, oracle, replay, traces_from_records
-from .signals import DraftSignals
+from .replay import CostModel, Trace, fixed, oracle, replay, resize, traces_from_records
+from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, DraftStop, token_acceptance_features
 from .stats import paired_speedup
 
 RAW_SIGNALS = ("prev_mean_confidence", "prev_min_confidence", "prev_last_confidence", "prev_mean_entropy",
                "prev_max_entropy")  # the single draft signals the learned predictor is compared against
 TEST_FRACTION_MOD = 3  # one prompt in three (by id hash) is held out
-MIN_CONFIDENCE_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def split_of(prompt_id: str) -> str:
@@ -61,7 +61,7 @@ class RandomGamma:
     """Behaviour policy for exploration: γ uniform in 0..γmax."""
 
     name = "random"
-    min_confidence = 0.0
+    draft_stop = NO_STOP
 
     def __init__(self, rng: np.random.Generator, gamma_max: int) -> None:
         self.rng, self.gamma_max = rng, gamma_max
@@ -78,7 +78,7 @@ class Recorder:
 
     def __init__(self, inner, tier: str) -> None:
         self.inner, self.tier = inner, tier
-        self.name, self.min_confidence = inner.name, inner.min_confidence
+        self.name, self.draft_stop = inner.name, inner.draft_stop
         self.rows: list[tuple[list[float], int]] = []
 
     def choose(self, context: StepContext) -> int:
@@ -211,28 +211,88 @@ def traces_by_split(records: list[StepRecord]) -> dict[str, dict[tuple[str, str]
     return {s: {k: t for k, t in traces.items() if split_of(t.prompt_id) == s} for s in ("train", "test")}
 
 
-RATE_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0)  # × the tier's target-only rate
+RATE_GRID = (0.0, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0)  # × the tier's target-only rate (0: always draft)
+MAX_GAMMA_GRID = (0, 8, 12, 16, 20, MAX_GAMMA)  # AdaptivePolicy run caps (0: γ* itself)
+MIN_CONFIDENCE_GRID = (0.0, 0.2, 0.3, 0.4, 0.5)  # DraftStop.min_confidence candidates
+RUN_ACCEPTANCE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)  # DraftStop.min_run_acceptance candidates
 
 
-def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace]) -> None:
-    """Per tier, the rate and draft early-exit threshold that maximise adaptive's replayed tokens/s (total
-    tokens over total time), set on the artifact.
+def token_acceptance_rows(traces: list[Trace]) -> tuple[np.ndarray, np.ndarray]:
+    """Per drafted token whose predecessors in its run were all accepted: TOKEN_ACCEPTANCE_FEATURES and
+    whether it was accepted. [N, 3] and [N]."""
+    xs, ys = [], []
+    for t in traces:
+        for p in range(t.n):
+            a = int(t.accept_len[p])
+            for j in range(min(a + 1, t.gamma_max, t.n - p - 1)):  # a + 1: the first rejected token too
+                xs.append(token_acceptance_features(float(t.confidence[p, j]), float(t.entropy[p, j]), j))
+                ys.append(float(a > j))
+    return np.asarray(xs, dtype=np.float64).reshape(-1, len(TOKEN_ACCEPTANCE_FEATURES)), np.asarray(ys)
 
-    Every training trace is replayed under each tier's cost model, whatever tier it was collected at: the
-    two scalars are about the cost model, and acceptance differs far less between tiers than step costs do
-    (docs/RESULTS.md), while a tier often has only a few traces of its own."""
+
+def fit_token_acceptance(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Logistic regression (L-BFGS, a small L2 penalty) for DraftStop.token_weights: weights, then bias."""
+    from scipy.optimize import minimize
+
+    if len(y) == 0 or y.min() == y.max():
+        raise ValueError("token acceptance needs both accepted and rejected draft tokens in the traces")
+    design = np.hstack([x, np.ones((len(x), 1))])
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = design @ w
+        nll = np.logaddexp(0.0, z) - y * z
+        grad = design.T @ (1.0 / (1.0 + np.exp(-z)) - y)
+        return float(nll.sum() + 0.5e-3 * w[:-1] @ w[:-1]), grad + 1e-3 * np.append(w[:-1], 0.0)
+
+    w = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B").x
+    return tuple(float(v) for v in w)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count half); None without both classes."""
+    from scipy.stats import rankdata
+
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace],
+                  token_weights: tuple[float, ...]) -> None:
+    """Per tier, the rate, run cap and draft stop rule that maximise adaptive's replayed tokens/s (total
+    tokens over total time), set on the artifact. Traces are resized to MAX_GAMMA-token runs.
+
+    Coordinate ascent over the grids (rate × cap with no stop rule, then the stop rule, then rate × cap
+    again): about 160 replays of each trace where the full product takes about 2,000. Every training trace is replayed under each tier's cost model, whatever tier it was collected
+    at: these settings are about the cost model, and acceptance differs far less between tiers than step
+    costs do (docs/RESULTS.md), while a tier often has only a few traces of its own."""
+    traces = {k: resize(t, MAX_GAMMA) for k, t in traces.items()}
     for tier, cost in artifact.cost_models.items():
         none_rate = 1.0 / float(cost.step_ms(0))
-        artifact.rate[tier], artifact.min_confidence[tier] = none_rate, 0.0
         if not traces:
+            artifact.rate[tier], artifact.draft_stop[tier], artifact.max_gamma[tier] = none_rate, NO_STOP, 0
             continue
-        scores = {}
-        for multiple in RATE_GRID:
-            for threshold in MIN_CONFIDENCE_GRID:
-                artifact.rate[tier], artifact.min_confidence[tier] = none_rate * multiple, threshold
+        scores: dict[tuple, float] = {}
+
+        def score(rate: float, cap: int, stop: DraftStop) -> float:
+            if (rate, cap, stop) not in scores:
+                artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
                 runs = [replay(t, AdaptivePolicy(artifact, tier), cost) for t in traces.values()]
-                scores[(artifact.rate[tier], threshold)] = sum(r.tokens for r in runs) / sum(r.ms for r in runs)
-        artifact.rate[tier], artifact.min_confidence[tier] = max(scores, key=scores.get)
+                scores[(rate, cap, stop)] = sum(r.tokens for r in runs) / sum(r.ms for r in runs)
+            return scores[(rate, cap, stop)]
+
+        def best_rate_and_cap(stop: DraftStop) -> tuple[float, int]:
+            return max(((none_rate * m, cap) for m in RATE_GRID for cap in MAX_GAMMA_GRID),
+                       key=lambda rc: score(*rc, stop))
+
+        rate, cap = best_rate_and_cap(NO_STOP)
+        stops = [DraftStop(mc, ra, token_weights if ra else ()) for mc in MIN_CONFIDENCE_GRID for ra in RUN_ACCEPTANCE_GRID]
+        stop = max(stops, key=lambda s: score(rate, cap, s))
+        rate, cap = best_rate_and_cap(stop)
+        artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
 
 
 def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs: int = 600, seed: int = 0,
@@ -250,7 +310,7 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
     rng = np.random.default_rng(seed)
 
     def states(split: str) -> Dataset:
-        parts = [trace_states(_cap(t, gmax), tier, rng, gmax) for (tier, _), t in sorted(splits[split].items())]
+        parts = [trace_states(resize(t, gmax), tier, rng, gmax) for (tier, _), t in sorted(splits[split].items())]
         live = live_states([r for r in records if split_of(r.prompt_id or r.request_id) == split], gmax)
         return Dataset.concat(parts + ([live] if live is not None else []))
 
@@ -261,42 +321,51 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
     weights = fit_mlp(train_data, hidden, epochs, seed)
     loss = weights.pop("loss")
     tiers = sorted(costs)  # every tier with a measured cost model; those without traces get defaults
-    artifact = ControllerArtifact(**weights, cost_models={t: costs[t] for t in tiers}, min_confidence={}, rate={})
-    tune_decision(artifact, {k: _cap(t, gmax) for k, t in splits["train"].items()})
+    artifact = ControllerArtifact(**weights, cost_models={t: costs[t] for t in tiers}, draft_stop={}, rate={},
+                                  max_gamma={})
+    token_x, token_y = token_acceptance_rows(list(splits["train"].values()))
+    token_weights = fit_token_acceptance(token_x, token_y)
+    tune_decision(artifact, splits["train"], token_weights)
     corr = acceptance_correlation(artifact, test_data) if test_data is not None else {}
+    token_x, token_y = token_acceptance_rows(list(splits["test"].values()))
+    token_auc = {  # held out; the AUC needs only the logistic model's linear score
+        "token_auc": auc(token_x @ np.asarray(token_weights[:-1]), token_y) if len(token_y) else None,
+        "token_auc_confidence": auc(token_x[:, 0], token_y) if len(token_y) else None,
+        "token_weights": list(token_weights),
+    }
     summary = {
         "train_states": len(train_data.x), "test_states": len(test_data.x) if test_data is not None else 0,
         "train_prompts": sorted({k[1] for k in splits["train"]}), "test_prompts": sorted({k[1] for k in splits["test"]}),
         "train_loss": loss, "hidden": hidden, "epochs": epochs, "seed": seed,
-        **{k: v for k, v in corr.items() if k not in ("predicted", "actual")},
+        **{k: v for k, v in corr.items() if k not in ("predicted", "actual")}, **token_auc,
     }
     artifact.metadata = {"training": summary, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if out is not None:
         artifact.save(out)
-    return artifact, {**summary, "version": artifact.version(), "min_confidence": artifact.min_confidence,
-                      "rate_tokens_per_ms": artifact.rate,
+    return artifact, {**summary, "version": artifact.version(),
+                      "draft_stop": {t: r.to_dict() for t, r in artifact.draft_stop.items()},
+                      "max_gamma": artifact.max_gamma, "rate_tokens_per_ms": artifact.rate,
                       "_corr_points": {"predicted": corr.get("predicted", []), "actual": corr.get("actual", [])}}
-
-
-def _cap(trace: Trace, gamma_max: int) -> Trace:
-    """The trace seen by a controller with a smaller γmax."""
-    if trace.gamma_max == gamma_max:
-        return trace
-    return Trace(trace.prompt_id, trace.category, trace.prompt_len, np.minimum(trace.accept_len, gamma_max),
-                 trace.confidence[:, :gamma_max], trace.entropy[:, :gamma_max], trace.chosen_prob[:, :gamma_max])
 
 
 def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace]) -> dict:
     """Replay every policy over held-out traces, per tier: tokens/s under the tier's cost model, tokens/step,
-    paired statistics for adaptive against the best fixed γ in hindsight and against none; the oracle."""
-    out: dict = {"tiers": {}}
+    paired statistics for adaptive against the best fixed γ in hindsight and against none; the oracle.
+
+    Fixed γ and the oracle span the longest run the controller may draft (its MLP's γmax or a tier's run
+    cap, whichever is larger), so adaptive is never judged against baselines held to shorter runs than it
+    may use; `hf-assisted` is transformers' default drafting policy replayed (runs of up to 20 tokens,
+    ended below confidence 0.4: speckv.policy.HFAssistedDefaults)."""
+    span = max(artifact.gamma_max, *artifact.max_gamma.values())
+    out: dict = {"tiers": {}, "span": span}
     for tier in sorted({t for t, _ in traces}):
         if tier not in artifact.cost_models:
             continue
         cost = artifact.cost_models[tier]
-        tier_traces = [_cap(t, artifact.gamma_max) for (tr, _), t in sorted(traces.items()) if tr == tier]
-        policies = {"none": lambda: fixed(0), **{f"fixed:{g}": (lambda g=g: fixed(g)) for g in range(1, artifact.gamma_max + 1)},
-                    "heuristic": HeuristicGamma, "adaptive": lambda tier=tier: AdaptivePolicy(artifact, tier)}
+        tier_traces = [resize(t, max(span, HF_ASSISTED_TOKENS)) for (tr, _), t in sorted(traces.items()) if tr == tier]
+        policies = {"none": lambda: fixed(0), **{f"fixed:{g}": (lambda g=g: fixed(g)) for g in range(1, span + 1)},
+                    "heuristic": HeuristicGamma, "hf-assisted": HFAssistedDefaults,
+                    "adaptive": lambda tier=tier: AdaptivePolicy(artifact, tier)}
         rows: dict[str, list[dict]] = {}
         decision_us: list[float] = []
         for name, make in policies.items():
@@ -305,12 +374,12 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
                 if name == "adaptive":
                     decision_us += r.decision_us
                 rows.setdefault(name, []).append(_row(t, r))
-        rows["oracle"] = [_row(t, oracle(t, cost)) for t in tier_traces]
-        fixed_names = [f"fixed:{g}" for g in range(1, artifact.gamma_max + 1)]
+        rows["oracle"] = [_row(t, oracle(resize(t, span), cost)) for t in tier_traces]
+        fixed_names = [f"fixed:{g}" for g in range(1, span + 1)]
         best_fixed = max(fixed_names, key=lambda n: statistics.geometric_mean([r["tokens_per_s"] for r in rows[n]]))
         tps = {n: [r["tokens_per_s"] for r in rs] for n, rs in rows.items()}
         comparisons = [paired_speedup("adaptive", tps["adaptive"], b, tps[b]).to_dict()
-                       for b in ("none", best_fixed, "heuristic", "oracle")]
+                       for b in ("none", best_fixed, "heuristic", "hf-assisted", "oracle")]
         out["tiers"][tier] = {
             "cost_model": cost.to_dict(), "prompts": len(tier_traces), "best_fixed": best_fixed,
             "policies": {n: {"tokens_per_s_median": statistics.median(tps[n]),
@@ -415,7 +484,8 @@ def evaluation_markdown(doc: dict) -> str:
                   f"{t['cost_model']['verify_ms_base']:.0f} + {t['cost_model']['verify_ms_per_token']:.1f}·γ "
                   f"+ {t['cost_model']['verify_ms_per_context_token']:.3f}·context. Best fixed γ in hindsight: "
                   f"{t['best_fixed']}. Decision overhead: p50 {t['decision_us']['p50']:.1f} µs, "
-                  f"p99 {t['decision_us']['p99']:.1f} µs ({t['decision_us']['n']} decisions).", "",
+                  f"p99 {t['decision_us']['p99']:.1f} µs ({t['decision_us']['n']} decisions). Runs of up to "
+                  f"{doc.get('span', '?')} tokens for every policy, the oracle included.", "",
                   "| policy | tokens/s (geomean) | tokens/s (median) | tokens/step | vs none [95% CI] | p |",
                   "|---|---|---|---|---|---|"]
         for name, p in pol.items():

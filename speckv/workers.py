@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling import SamplingParams, logits_to_probs, sample, step_generator
-from .signals import DraftSignals
+from .signals import NO_STOP, DraftSignals, DraftStop
 
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
@@ -154,15 +154,16 @@ class DraftWorker:
         params: SamplingParams,
         seed: int,
         step: int,
-        min_confidence: float = 0.0,
+        stop: DraftStop = NO_STOP,
     ) -> Proposal:
-        """Draft up to γ tokens after `context_ids`; stop early after a token whose confidence is below
-        `min_confidence` (0 disables), since tokens after an unsure one are rarely accepted."""
+        """Draft up to γ tokens after `context_ids`, ending the run early where the `stop` rule says the
+        tokens after this one would rarely be accepted."""
         start = time.perf_counter()
         generator = None if params.greedy else step_generator(seed, step, stream=0)
         tokens: list[int] = []
         probs_rows: list[torch.Tensor] = []
         signals = DraftSignals()
+        stopper = stop.stopper()
         logits = self.lm.logits(session_id, context_ids, 1)[-1]
         for i in range(gamma):
             probs = logits_to_probs(logits, params)
@@ -171,7 +172,7 @@ class DraftWorker:
             tokens.append(token)
             if not params.greedy:
                 probs_rows.append(probs.cpu())
-            if i == gamma - 1 or signals.confidence[-1] < min_confidence:
+            if i == gamma - 1 or stopper.stop_after(signals.confidence[-1], signals.entropy[-1]):
                 break
             logits = self.lm.logits(session_id, context_ids + tokens, 1)[-1]
         draft_probs = torch.stack(probs_rows) if probs_rows else None

@@ -37,7 +37,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     (["bench", "--prompts", "README.md", "--policies", "none,oracle", "--temperature", "0.5"], "needs --temperature 0"),
     (["generate", "--prompt", "hi", "--controller", "/nonexistent/controller.json"], "cannot read controller"),
     (["collect", "--prompts", "/nonexistent.jsonl"], "does not exist"),
-    (["collect", "--prompts", "README.md", "--gammas", "0"], "every γ must be in [1, 16]"),
+    (["collect", "--prompts", "README.md", "--gammas", "0"], "every γ must be in [1, 24]"),
     (["collect", "--prompts", "README.md", "--tiers", "int3"], "unknown tier"),
     (["train", "--records", "/nonexistent.jsonl"], "does not exist"),
     (["train", "--records", "README.md"], "not a step record"),

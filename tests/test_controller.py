@@ -76,8 +76,9 @@ def test_features_match_their_names():
 
 def test_training_learns_and_the_policy_follows_the_cost_model(collection, tmp_path):
     artifact, summary = train([collection], tmp_path / "ctrl", hidden=16, epochs=300)
-    # acceptance here follows confidence, so the learned predictor must beat chance by far on held-out prompts
+    # acceptance here follows confidence, so the learned predictors must beat chance by far on held-out prompts
     assert summary["test_corr"] > 0.3, summary
+    assert summary["token_auc"] > 0.7, summary  # per drafted token, within a run (the draft stop rule's model)
     loaded = load_snapshot(str(tmp_path / "ctrl" / "controller.json")).artifact
     assert loaded.version() == artifact.version()
     records, _ = load_collection([collection])
@@ -91,6 +92,8 @@ def test_training_learns_and_the_policy_follows_the_cost_model(collection, tmp_p
     for tier in (fp16, nf4):
         for a, o in zip(tier["policies"]["adaptive"]["per_prompt"], tier["policies"]["oracle"]["per_prompt"]):
             assert a["tokens_per_s"] <= o["tokens_per_s"] + 1e-9
+    # transformers' default drafting policy is replayed beside adaptive, and compared with it
+    assert "hf-assisted" in nf4["policies"] and any(c["b"] == "hf-assisted" for c in nf4["comparisons"])
     # easy prompts get longer drafts than hard ones
     rows = nf4["policies"]["adaptive"]["per_prompt"]
     mean_gamma = {c: np.mean([g for r in rows if r["category"] == c for g in r["gammas"]]) for c in ("easy", "hard")}
@@ -104,6 +107,10 @@ def test_artifact_refuses_tampering_and_unknown_tiers(collection, tmp_path):
     meta["cost_models"]["fp16"]["verify_ms_base"] = 1.0
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="version"):
+        ControllerArtifact.load(meta_path)
+    meta["max_gamma"] = {"nf4": 99}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="max_gamma"):
         ControllerArtifact.load(meta_path)
     with pytest.raises(ValueError, match="no cost model for tier 'int8'"):
         AdaptivePolicy(artifact, "int8")

@@ -56,18 +56,25 @@ def test_fp32_greedy_output_identical_to_target_only(engine, policy):
     if policy == "adaptive":
         # The shipped controller never drafts at fp16 (on the CPU it was measured on speculation cannot pay
         # there), and these tiny models are far outside what it was trained on. A copy that prices time at
-        # ~0 always drafts, so the test exercises adaptive's drafting path through the engine.
+        # ~0 always drafts runs capped at 12 and ended by a run-acceptance stop rule (every token predicted
+        # accepted with p = sigmoid(2) ≈ 0.88, so a run ends after its 6th token, 0.88^6 < 0.5), so the test
+        # exercises adaptive's drafting path and the draft worker's stop rule through the engine.
         import copy
 
         from speckv.controller import ControllerSnapshot, shipped_snapshot
+        from speckv.signals import DraftStop
 
         artifact = copy.copy(shipped_snapshot().artifact)
         artifact.rate = {**artifact.rate, "fp16": 1e-9}
-        artifact.min_confidence = {**artifact.min_confidence, "fp16": 0.0}
+        artifact.draft_stop = {**artifact.draft_stop, "fp16": DraftStop(0.0, 0.5, (0.0, 0.0, 0.0, 2.0))}
+        artifact.max_gamma = {**artifact.max_gamma, "fp16": 12}
         engine = LocalEngine(engine.draft_model, engine.target_model, engine.tokenizer)
         engine.controller = ControllerSnapshot("test", artifact)
     reference = engine.generate(PROMPT, "none", 40)
     result = engine.generate(PROMPT, policy, 40)
+    if policy == "adaptive":
+        assert {r.gamma_chosen for r in result.records[:-1]} == {12}  # the last step is cut by the token budget
+        assert max(r.gamma for r in result.records) == 6
     assert result.token_ids == reference.token_ids
     assert result.text == reference.text
     assert result.steps < reference.steps  # the draft agrees often enough to save target passes
@@ -182,7 +189,7 @@ def test_policies_are_interchangeable_objects():
     assert isinstance(h, HeuristicGamma) and isinstance(make_policy("fixed:3"), FixedGamma)
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("fastest")
-    with pytest.raises(ValueError, match=r"fixed γ must be in \[1, 16\]"):
+    with pytest.raises(ValueError, match=r"fixed γ must be in \[1, 24\]"):
         make_policy("fixed:0")
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from speckv.replay import CostModel, Trace, fixed, oracle, replay
+from speckv.signals import NO_STOP
 
 
 class Scripted:
     """A policy that plays back a list of γ choices."""
 
     name = "scripted"
-    min_confidence = 0.0
+    draft_stop = NO_STOP
 
     def __init__(self, gammas: list[int]) -> None:
         self.gammas = iter(gammas)
@@ -96,3 +97,75 @@ def test_paired_speedup_statistics():
     assert noisy.p_value > 0.5
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1 and first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_draft_stop_rules():
+    import math
+
+    import pytest
+
+    from speckv.signals import DraftStop
+
+    stopper = DraftStop(min_confidence=0.5).stopper()
+    assert [stopper.stop_after(c, 0.1) for c in (0.9, 0.6, 0.4)] == [False, False, True]
+    every_token_08 = DraftStop(0.0, 0.5, (0.0, 0.0, 0.0, math.log(0.8 / 0.2)))  # P(accept) = 0.8 per token
+    stopper = every_token_08.stopper()
+    assert [stopper.stop_after(0.9, 0.1) for _ in range(4)] == [False, False, False, True]  # 0.8³ ≥ 0.5 > 0.8⁴
+    by_confidence = DraftStop(0.0, 0.5, (1.0, 0.0, 0.0, 0.0))  # P(accept) = the token's confidence
+    assert by_confidence.token_acceptance(0.7, 2.0, 5) == __import__("pytest").approx(0.7)
+    assert DraftStop.from_dict(every_token_08.to_dict()) == every_token_08
+    assert every_token_08.with_min_confidence(0.3).min_confidence == 0.3
+    assert every_token_08.with_min_confidence(0.0) is every_token_08
+    with pytest.raises(ValueError, match="token weights"):
+        DraftStop(0.0, 0.5, ())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        DraftStop(1.5)
+
+
+def test_resized_trace_equals_a_trace_collected_with_longer_runs(target_model, tokenizer):
+    """Chaining γmax-token runs (resize) gives exactly what collecting with longer runs gives (fp32)."""
+    from speckv.local import LocalEngine
+
+    from .conftest import perturbed_copy
+
+    draft_model = perturbed_copy(target_model, 0.1, 2)  # close enough that many runs are accepted whole
+    from speckv.replay import collect_trace, resize
+    from speckv.workers import DraftWorker, SessionLM
+
+    engine = LocalEngine(draft_model, target_model, tokenizer)
+    prompt = [5, 17, 33, 2, 40, 41, 8]
+    reference = engine.generate(prompt, "none", 30).token_ids
+    short = collect_trace(DraftWorker(SessionLM(draft_model)), reference, prompt, gamma_max=2)
+    long = collect_trace(DraftWorker(SessionLM(draft_model)), reference, prompt, gamma_max=6)
+    chained = resize(short, 6)
+    assert chained.accept_len.tolist() == long.accept_len.tolist()
+    assert (long.accept_len > 2).any()  # some runs really are chained
+    for p in range(long.n):
+        known = min(long.accept_len[p] + 1, 6, long.n - p)  # tokens up to the first rejected one are defined
+        np.testing.assert_allclose(chained.confidence[p, :known], long.confidence[p, :known], rtol=1e-4, atol=1e-5)
+    cut = resize(long, 2)
+    assert cut.accept_len.tolist() == short.accept_len.tolist() and cut.gamma_max == 2
+
+
+def test_stop_rule_replays_like_the_live_draft_worker(draft_model, target_model, tokenizer):
+    """A run-acceptance stop rule ends runs at the same tokens live (DraftWorker) and in replay (fp32)."""
+    import asyncio
+
+    from speckv.engine import GenerationRequest, run_to_completion
+    from speckv.local import LocalEngine
+    from speckv.policy import FixedGamma
+    from speckv.replay import collect_trace
+    from speckv.signals import DraftStop
+    from speckv.workers import DraftWorker, SessionLM
+
+    engine = LocalEngine(draft_model, target_model, tokenizer)
+    prompt = [5, 17, 33, 2, 40, 41, 8]
+    reference = engine.generate(prompt, "none", 30).token_ids
+    trace = collect_trace(DraftWorker(SessionLM(draft_model)), reference, prompt, gamma_max=6)
+    rule = DraftStop(0.0, 0.5, (1.0, 0.0, 0.0, 2.0))  # acceptance rises with confidence
+    live = asyncio.run(run_to_completion(GenerationRequest(prompt, 30), engine.executor,
+                                         FixedGamma(6, draft_stop=rule), tokenizer))
+    replayed = replay(trace, FixedGamma(6, draft_stop=rule), CostModel(1.0, 10.0, 1.0))
+    assert live.token_ids == reference
+    assert replayed.gammas == [r.gamma for r in live.records]
+    assert len(set(replayed.gammas[:-1])) > 1  # the rule really ends runs at different lengths
