@@ -217,6 +217,16 @@ class AdaptivePolicy:
         self._b2 = np.asarray(artifact.b2, dtype=np.float64) / 2
         self._offset = 2.0 + gammas[1:] - 2 * price[1:]  # [γmax]
         self._value0 = 2.0 - 2 * price[0]  # 2·value(0): one token for the price of a target-only step
+        # Decisions the MLP cannot change, settled here once (exact; tanh_k lies in (−1, 1)):
+        # - a drafted token costs at least a token's worth of time even if always accepted,
+        #   rate·(draft_ms_per_token + verify_ms_per_token) ≥ 1: no γ ≥ 1 beats γ = 0;
+        # - time is free (rate 0): every γ ≥ 1 beats γ = 0, and with a run cap the cap is the answer.
+        marginal = self.rate * (cost.draft_ms_per_token + cost.verify_ms_per_token)
+        self._settled: int | None = 0 if marginal >= 1.0 else (self.max_gamma if self.rate == 0 and self.max_gamma else None)
+        # how this policy decides, for reports: never / always (up to the cap) / the MLP gates runs up to the
+        # cap / the MLP picks γ*
+        self.mode = ("never" if self._settled == 0 else "always" if self._settled else
+                     "mlp-gate" if self.max_gamma else "mlp-gamma")
 
     def expected_tokens(self, context: StepContext) -> np.ndarray:
         """[γmax+1] expected tokens emitted by a step with γ = 0..γmax (for analysis; `choose` inlines it)."""
@@ -224,6 +234,8 @@ class AdaptivePolicy:
         return np.concatenate(([1.0], 1.0 + np.cumsum(probs)))
 
     def choose(self, context: StepContext) -> int:
+        if self._settled is not None:
+            return self._settled
         x = features(context, self.tier)
         x.append(1.0)
         h = np.dot(x, self._w1)

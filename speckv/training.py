@@ -261,28 +261,31 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace],
-                  token_weights: tuple[float, ...]) -> None:
+                  token_weights: tuple[float, ...]) -> dict[str, dict[str, float]]:
     """Per tier, the rate, run cap and draft stop rule that maximise adaptive's replayed tokens/s (total
-    tokens over total time), set on the artifact. Traces are resized to MAX_GAMMA-token runs.
+    tokens over total time), set on the artifact. Traces are resized to MAX_GAMMA-token runs. Returns, per
+    tier, the best training tokens/s of each way of deciding (AdaptivePolicy.mode), for the record.
 
     Coordinate ascent over the grids (rate × cap with no stop rule, then the stop rule, then rate × cap
     again): about 160 replays of each trace where the full product takes about 2,000. Every training trace is replayed under each tier's cost model, whatever tier it was collected
     at: these settings are about the cost model, and acceptance differs far less between tiers than step
     costs do (docs/RESULTS.md), while a tier often has only a few traces of its own."""
     traces = {k: resize(t, MAX_GAMMA) for k, t in traces.items()}
+    by_mode: dict[str, dict[str, float]] = {}
     for tier, cost in artifact.cost_models.items():
         none_rate = 1.0 / float(cost.step_ms(0))
         if not traces:
             artifact.rate[tier], artifact.draft_stop[tier], artifact.max_gamma[tier] = none_rate, NO_STOP, 0
             continue
-        scores: dict[tuple, float] = {}
+        scores: dict[tuple, tuple[float, str]] = {}  # settings -> (tokens per ms, AdaptivePolicy.mode)
 
         def score(rate: float, cap: int, stop: DraftStop) -> float:
             if (rate, cap, stop) not in scores:
                 artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
                 runs = [replay(t, AdaptivePolicy(artifact, tier), cost) for t in traces.values()]
-                scores[(rate, cap, stop)] = sum(r.tokens for r in runs) / sum(r.ms for r in runs)
-            return scores[(rate, cap, stop)]
+                mode = AdaptivePolicy(artifact, tier).mode
+                scores[(rate, cap, stop)] = (sum(r.tokens for r in runs) / sum(r.ms for r in runs), mode)
+            return scores[(rate, cap, stop)][0]
 
         def best_rate_and_cap(stop: DraftStop) -> tuple[float, int]:
             return max(((none_rate * m, cap) for m in RATE_GRID for cap in MAX_GAMMA_GRID),
@@ -293,6 +296,10 @@ def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Tr
         stop = max(stops, key=lambda s: score(rate, cap, s))
         rate, cap = best_rate_and_cap(stop)
         artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
+        by_mode[tier] = {}
+        for (tokens_per_ms, mode) in scores.values():
+            by_mode[tier][mode] = max(by_mode[tier].get(mode, 0.0), tokens_per_ms * 1e3)
+    return by_mode
 
 
 def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs: int = 600, seed: int = 0,
@@ -325,7 +332,7 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
                                   max_gamma={})
     token_x, token_y = token_acceptance_rows(list(splits["train"].values()))
     token_weights = fit_token_acceptance(token_x, token_y)
-    tune_decision(artifact, splits["train"], token_weights)
+    tuning = tune_decision(artifact, splits["train"], token_weights)
     corr = acceptance_correlation(artifact, test_data) if test_data is not None else {}
     token_x, token_y = token_acceptance_rows(list(splits["test"].values()))
     token_auc = {  # held out; the AUC needs only the logistic model's linear score
@@ -338,6 +345,7 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
         "train_prompts": sorted({k[1] for k in splits["train"]}), "test_prompts": sorted({k[1] for k in splits["test"]}),
         "train_loss": loss, "hidden": hidden, "epochs": epochs, "seed": seed,
         **{k: v for k, v in corr.items() if k not in ("predicted", "actual")}, **token_auc,
+        "train_tokens_per_s_by_decision_mode": tuning,
     }
     artifact.metadata = {"training": summary, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if out is not None:

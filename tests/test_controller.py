@@ -145,3 +145,31 @@ def test_live_records_give_censored_states():
     assert data.mask[1].tolist() == [1] * 6 and data.labels[1].tolist() == [1, 0, 0, 0, 0, 0]
     second = dict(zip(FEATURES, data.x[1]))
     assert second["prev_all_accepted"] == 1.0 and abs(second["prev_mean_confidence"] - 0.9) < 1e-6
+
+
+def test_settled_decisions_equal_the_full_computation():
+    """Where the cost model alone fixes the answer (a drafted token never pays; time is free and runs are
+    capped), `choose` skips the MLP; that shortcut must agree with the MLP path on any context."""
+    import copy
+
+    from speckv.policy import RequestProgress
+    from speckv.signals import DraftSignals
+
+    rng = np.random.default_rng(0)
+    base = load_snapshot().artifact
+    cost = base.cost_models["nf4"]
+    never = 1.0 / (cost.draft_ms_per_token + cost.verify_ms_per_token)
+    for rate, cap, settled in ((never, 0, 0), (never * 1.5, 16, 0), (0.0, 16, 16), (never * 0.9, 16, None)):
+        artifact = copy.copy(base)
+        artifact.rate, artifact.max_gamma = {**base.rate, "nf4": rate}, {**base.max_gamma, "nf4": cap}
+        fast, full = AdaptivePolicy(artifact, "nf4"), AdaptivePolicy(artifact, "nf4")
+        full._settled = None
+        assert fast._settled == settled
+        for _ in range(200):
+            progress = RequestProgress()
+            for _ in range(int(rng.integers(0, 4))):
+                g = int(rng.integers(0, 9))
+                progress.advance(DraftSignals(*(rng.uniform(0.05, 1, g).tolist() for _ in range(2)),
+                                              rng.uniform(0, 4, g).tolist()), int(rng.integers(0, g + 1)))
+            context = progress.context(int(rng.integers(0, 50)), int(rng.integers(0, 200)), int(rng.integers(10, 2000)))
+            assert fast.choose(context) == full.choose(context)
