@@ -91,12 +91,15 @@ def speedup_bars(evaluation: dict, out: Path, name: str = "speedup_replayed.png"
     from .stats import paired_speedup
 
     plt = _plt()
-    sources = [("replayed", tier, evaluation["tiers"][tier]["policies"]) for tier in sorted(evaluation["tiers"])]
+    # replayed: fixed 1, 2, 4, 8 and the best fixed γ in hindsight; live: every fixed γ that was run
+    sources = [("replayed", tier, t["policies"], {"fixed:1", "fixed:2", "fixed:4", "fixed:8", t["best_fixed"]})
+               for tier, t in sorted(evaluation["tiers"].items())]
     for tier, doc in sorted((live or {}).items()):
-        sources.append(("live", tier, {n: {"per_prompt": p["per_prompt"]} for n, p in doc["policies"].items()}))
+        sources.append(("live", tier, {n: {"per_prompt": p["per_prompt"]} for n, p in doc["policies"].items()},
+                        set(doc["policies"])))
     fig, axes = plt.subplots(1, len(sources), figsize=(4.5 * len(sources), 4), squeeze=False)
-    for ax, (kind, tier, pol) in zip(axes[0], sources):
-        names = [n for n in pol if n != "none" and (not n.startswith("fixed:") or n in ("fixed:1", "fixed:2", "fixed:4", "fixed:8"))]
+    for ax, (kind, tier, pol, fixed_shown) in zip(axes[0], sources):
+        names = [n for n in pol if n != "none" and (not n.startswith("fixed:") or n in fixed_shown)]
         base = [r["tokens_per_s"] for r in pol["none"]["per_prompt"]]
         stats = [paired_speedup(n, [r["tokens_per_s"] for r in pol[n]["per_prompt"]], "none", base) for n in names]
         values = [s.speedup for s in stats]

@@ -158,6 +158,19 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
     return ReplayResult(tokens=n, steps=len(gammas), ms=float(best[0]), gammas=gammas)
 
 
+def stop_oracle(trace: Trace, cost: CostModel) -> ReplayResult:
+    """Always draft, and stop the run exactly at its first rejected token (which is drafted and verified,
+    as any stop rule must draft a token to see its signals): the bound for stop rules, as `oracle` is
+    for all policies."""
+    gammas, ms, p = [], 0.0, 0
+    while p < trace.n:
+        g = int(min(trace.accept_len[p] + 1, trace.gamma_max, trace.n - p - 1))
+        gammas.append(g)
+        ms += float(cost.step_ms(g, trace.prompt_len + p))
+        p += int(min(trace.accept_len[p], g)) + 1
+    return ReplayResult(tokens=trace.n, steps=len(gammas), ms=ms, gammas=gammas)
+
+
 def fixed(gamma: int) -> GammaPolicy:
     """The fixed-γ engine policy (γ = 0: target-only)."""
     return NoSpeculation() if gamma == 0 else FixedGamma(gamma)

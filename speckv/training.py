@@ -26,7 +26,7 @@ from .controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
 from .policy import (HF_ASSISTED_TOKENS, MAX_GAMMA, HeuristicGamma, HFAssistedDefaults, RequestProgress,
                      StepContext, StepOutcome)
 from .records import StepRecord, read_jsonl
-from .replay import CostModel, Trace, fixed, oracle, replay, resize, traces_from_records
+from .replay import CostModel, Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
 from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, DraftStop, token_acceptance_features
 from .stats import paired_speedup
 
@@ -382,6 +382,7 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
                 if name == "adaptive":
                     decision_us += r.decision_us
                 rows.setdefault(name, []).append(_row(t, r))
+        rows["stop-oracle"] = [_row(t, stop_oracle(resize(t, span), cost)) for t in tier_traces]
         rows["oracle"] = [_row(t, oracle(resize(t, span), cost)) for t in tier_traces]
         fixed_names = [f"fixed:{g}" for g in range(1, span + 1)]
         best_fixed = max(fixed_names, key=lambda n: statistics.geometric_mean([r["tokens_per_s"] for r in rows[n]]))
@@ -396,6 +397,7 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
                              "per_prompt": rs} for n, rs in rows.items()},
             "comparisons": comparisons,
             "adaptive_vs_oracle": statistics.geometric_mean(a / o for a, o in zip(tps["adaptive"], tps["oracle"])),
+            "stop_oracle_vs_oracle": statistics.geometric_mean(a / o for a, o in zip(tps["stop-oracle"], tps["oracle"])),
             "decision_us": {"p50": float(np.percentile(decision_us, 50)), "p99": float(np.percentile(decision_us, 99)),
                             "n": len(decision_us)},
         }
@@ -505,5 +507,6 @@ def evaluation_markdown(doc: dict) -> str:
         for c in t["comparisons"]:
             lines.append(f"| {c['b']} | {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['p_value']:.4f} |")
         lines += ["", f"adaptive reaches {t['adaptive_vs_oracle']:.1%} of the oracle's tokens/s (geometric mean "
-                      "over prompts).", ""]
+                      f"over prompts); stop-oracle (stops each run at its first rejected token, drafting that "
+                      f"token) {t['stop_oracle_vs_oracle']:.1%}.", ""]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from speckv.replay import CostModel, Trace, fixed, oracle, replay
+from speckv.replay import CostModel, Trace, fixed, oracle, replay, stop_oracle
 from speckv.signals import NO_STOP
 
 
@@ -57,6 +57,9 @@ def test_oracle_is_never_worse_than_any_fixed_gamma():
             assert best.ms <= replay(trace, fixed(g), cost).ms + 1e-9
         # the oracle's own choices replay to its time
         assert abs(replay(trace, Scripted(best.gammas), cost).ms - best.ms) < 1e-9
+        # the stop-rule bound is a policy too: never faster than the oracle, and its choices replay to its time
+        stop = stop_oracle(trace, cost)
+        assert best.ms <= stop.ms + 1e-9 and abs(replay(trace, Scripted(stop.gammas), cost).ms - stop.ms) < 1e-9
 
 
 def test_cost_model_fit_recovers_linear_costs():
