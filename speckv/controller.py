@@ -16,9 +16,10 @@ stretches.
 Within a step the draft's own per-token signals say more than anything known before it (speckv.signals
 .DraftStop: the run ends once the predicted probability that all its tokens are accepted falls below a
 per-tier threshold). Where that pays (the slow int8/nf4 tiers, whose verify pass costs far more than a draft
-token), the policy uses γ* only to decide *whether* to draft and then lets the run go up to `max_gamma`
-tokens, ending it on the stop rule. `rate`, the stop threshold and `max_gamma` are tuned per tier by replay
-on the training traces (speckv.training.tune_decision).
+token), the policy uses γ* only to decide *whether* to draft, or drafts at every step (rate 0), and lets the
+run go up to `max_gamma` tokens, ending it on the stop rule. `rate`, the stop rule and `max_gamma` are tuned
+per tier by replay on the training traces (speckv.training.tune_decision); docs/RESULTS.md says which way
+of deciding won per tier on this machine, and by how much.
 
 Inference is plain numpy (a 15x32x8 MLP; torch's per-call overhead would dominate at this size).
 Artifact on disk: `controller.safetensors` (weights and feature normalisation) + `controller.json`
@@ -222,7 +223,11 @@ class AdaptivePolicy:
         #   rate·(draft_ms_per_token + verify_ms_per_token) ≥ 1: no γ ≥ 1 beats γ = 0;
         # - time is free (rate 0): every γ ≥ 1 beats γ = 0, and with a run cap the cap is the answer.
         marginal = self.rate * (cost.draft_ms_per_token + cost.verify_ms_per_token)
-        self._settled: int | None = 0 if marginal >= 1.0 else (self.max_gamma if self.rate == 0 and self.max_gamma else None)
+        self._settled: int | None = None
+        if marginal >= 1.0:
+            self._settled = 0
+        elif self.rate == 0 and self.max_gamma:
+            self._settled = self.max_gamma
         # how this policy decides, for reports: never / always (up to the cap) / the MLP gates runs up to the
         # cap / the MLP picks γ*
         self.mode = ("never" if self._settled == 0 else "always" if self._settled else
