@@ -506,6 +506,13 @@ def evaluation_markdown(doc: dict) -> str:
         lines += ["", "| adaptive vs | speedup [95% CI] | p |", "|---|---|---|"]
         for c in t["comparisons"]:
             lines.append(f"| {c['b']} | {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['p_value']:.4f} |")
+        main = ["none", t["best_fixed"], "heuristic", "hf-assisted", "adaptive", "stop-oracle", "oracle"]
+        lines += ["", "Per category, tokens/s (geometric mean over its prompts):", "",
+                  "| category | prompts | " + " | ".join(main) + " |", "|---|---|" + "---|" * len(main)]
+        for cat in cats:
+            picked = [i for i, r in enumerate(pol["none"]["per_prompt"]) if r["category"] == cat]
+            means = [statistics.geometric_mean(pol[n]["per_prompt"][i]["tokens_per_s"] for i in picked) for n in main]
+            lines.append(f"| {cat} | {len(picked)} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
         lines += ["", f"adaptive reaches {t['adaptive_vs_oracle']:.1%} of the oracle's tokens/s (geometric mean "
                       f"over prompts); stop-oracle (stops each run at its first rejected token, drafting that "
                       f"token) {t['stop_oracle_vs_oracle']:.1%}.", ""]
