@@ -267,9 +267,10 @@ def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Tr
     tier, the best training tokens/s of each way of deciding (AdaptivePolicy.mode), for the record.
 
     Coordinate ascent over the grids (rate × cap with no stop rule, then the stop rule, then rate × cap
-    again): about 160 replays of each trace where the full product takes about 2,000. Every training trace is replayed under each tier's cost model, whatever tier it was collected
-    at: these settings are about the cost model, and acceptance differs far less between tiers than step
-    costs do (docs/RESULTS.md), while a tier often has only a few traces of its own."""
+    again): about 160 replays of each trace where the full product takes about 2,000. Every training trace
+    is replayed under each tier's cost model, whatever tier it was collected at: these settings are about
+    the cost model, and acceptance differs far less between tiers than step costs do (docs/RESULTS.md),
+    while a tier often has only a few traces of its own."""
     traces = {k: resize(t, MAX_GAMMA) for k, t in traces.items()}
     by_mode: dict[str, dict[str, float]] = {}
     for tier, cost in artifact.cost_models.items():
@@ -282,9 +283,9 @@ def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Tr
         def score(rate: float, cap: int, stop: DraftStop) -> float:
             if (rate, cap, stop) not in scores:
                 artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
-                runs = [replay(t, AdaptivePolicy(artifact, tier), cost) for t in traces.values()]
-                mode = AdaptivePolicy(artifact, tier).mode
-                scores[(rate, cap, stop)] = (sum(r.tokens for r in runs) / sum(r.ms for r in runs), mode)
+                policy = AdaptivePolicy(artifact, tier)  # stateless, so one serves every trace
+                runs = [replay(t, policy, cost) for t in traces.values()]
+                scores[(rate, cap, stop)] = (sum(r.tokens for r in runs) / sum(r.ms for r in runs), policy.mode)
             return scores[(rate, cap, stop)][0]
 
         def best_rate_and_cap(stop: DraftStop) -> tuple[float, int]:
@@ -382,8 +383,9 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
                 if name == "adaptive":
                     decision_us += r.decision_us
                 rows.setdefault(name, []).append(_row(t, r))
-        rows["stop-oracle"] = [_row(t, stop_oracle(resize(t, span), cost)) for t in tier_traces]
-        rows["oracle"] = [_row(t, oracle(resize(t, span), cost)) for t in tier_traces]
+        spanned = [resize(t, span) for t in tier_traces]
+        rows["stop-oracle"] = [_row(t, stop_oracle(t, cost)) for t in spanned]
+        rows["oracle"] = [_row(t, oracle(t, cost)) for t in spanned]
         fixed_names = [f"fixed:{g}" for g in range(1, span + 1)]
         best_fixed = max(fixed_names, key=lambda n: statistics.geometric_mean([r["tokens_per_s"] for r in rows[n]]))
         tps = {n: [r["tokens_per_s"] for r in rs] for n, rs in rows.items()}
@@ -494,8 +496,9 @@ def evaluation_markdown(doc: dict) -> str:
                   f"{t['cost_model']['verify_ms_base']:.0f} + {t['cost_model']['verify_ms_per_token']:.1f}·γ "
                   f"+ {t['cost_model']['verify_ms_per_context_token']:.3f}·context. Best fixed γ in hindsight: "
                   f"{t['best_fixed']}. Decision overhead: p50 {t['decision_us']['p50']:.1f} µs, "
-                  f"p99 {t['decision_us']['p99']:.1f} µs ({t['decision_us']['n']} decisions). Runs of up to "
-                  f"{doc.get('span', '?')} tokens for every policy, the oracle included.", "",
+                  f"p99 {t['decision_us']['p99']:.1f} µs ({t['decision_us']['n']} decisions). Fixed γ, adaptive "
+                  f"and the oracles: runs of up to {doc.get('span', '?')} tokens; hf-assisted: up to "
+                  f"{HF_ASSISTED_TOKENS}.", "",
                   "| policy | tokens/s (geomean) | tokens/s (median) | tokens/step | vs none [95% CI] | p |",
                   "|---|---|---|---|---|---|"]
         for name, p in pol.items():
