@@ -135,23 +135,14 @@ class HeuristicGamma:
             self.gamma = max(1, self.gamma - 1)
 
 
-@dataclass
-class HFAssistedDefaults:
+def hf_assisted_defaults() -> FixedGamma:
     """transformers' assisted generation with its default settings, as an engine policy for exact replay:
     num_assistant_tokens=20 with the "constant" schedule, and the run ends after a token whose probability
     is below assistant_confidence_threshold=0.4 (transformers adapts that threshold only when scikit-learn
     is installed; speckv does not install it, so live `hf-assisted` runs use 0.4 too). Live, `hf-assisted`
     runs transformers' own loop (speckv.local); this is its drafting policy, for replay."""
-
-    gamma: int = HF_ASSISTED_TOKENS
-    name: str = "hf-assisted"
-    draft_stop: DraftStop = DraftStop(min_confidence=HF_ASSISTED_CONFIDENCE)
-
-    def choose(self, context: StepContext) -> int:
-        return self.gamma
-
-    def observe(self, outcome: StepOutcome) -> None:
-        pass
+    return FixedGamma(HF_ASSISTED_TOKENS, name="hf-assisted",
+                      draft_stop=DraftStop(min_confidence=HF_ASSISTED_CONFIDENCE))
 
 
 POLICY_NAMES = ("none", "fixed:N", "heuristic", "adaptive", "hf-assisted")

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
-from .policy import (HF_ASSISTED_TOKENS, MAX_GAMMA, HeuristicGamma, HFAssistedDefaults, RequestProgress,
-                     StepContext, StepOutcome)
+from .policy import (HF_ASSISTED_TOKENS, MAX_GAMMA, HeuristicGamma, RequestProgress,
+                     StepContext, StepOutcome, hf_assisted_defaults)
 from .records import StepRecord, read_jsonl
 from .replay import CostModel, Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
 from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, DraftStop, token_acceptance_features
@@ -364,7 +364,7 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
     Fixed γ and the oracle span the longest run the controller may draft (its MLP's γmax or a tier's run
     cap, whichever is larger), so adaptive is never judged against baselines held to shorter runs than it
     may use; `hf-assisted` is transformers' default drafting policy replayed (runs of up to 20 tokens,
-    ended below confidence 0.4: speckv.policy.HFAssistedDefaults)."""
+    ended below confidence 0.4: speckv.policy.hf_assisted_defaults)."""
     span = max(artifact.gamma_max, *artifact.max_gamma.values())
     out: dict = {"tiers": {}, "span": span}
     for tier in sorted({t for t, _ in traces}):
@@ -373,7 +373,7 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace])
         cost = artifact.cost_models[tier]
         tier_traces = [resize(t, max(span, HF_ASSISTED_TOKENS)) for (tr, _), t in sorted(traces.items()) if tr == tier]
         policies = {"none": lambda: fixed(0), **{f"fixed:{g}": (lambda g=g: fixed(g)) for g in range(1, span + 1)},
-                    "heuristic": HeuristicGamma, "hf-assisted": HFAssistedDefaults,
+                    "heuristic": HeuristicGamma, "hf-assisted": hf_assisted_defaults,
                     "adaptive": lambda tier=tier: AdaptivePolicy(artifact, tier)}
         rows: dict[str, list[dict]] = {}
         decision_us: list[float] = []
