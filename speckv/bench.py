@@ -222,14 +222,25 @@ def markdown_report(doc: dict) -> str:
              f"max_new_tokens {cfg['max_new_tokens']}, temperature {cfg['sampling']['temperature']}.", "",
              "| policy | tokens/s (median) | tokens/step | accepted/step | vs none [95% CI] | p | vs hf-assisted [95% CI] | p | identical to none | first divergence |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda c: (f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}") if c else ("", "")
     for name, p in doc["policies"].items():
         a, h = vs_none.get(name), vs_hf.get(name)
-        fmt = lambda c: (f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}") if c else ("", "")
-        divs = [r.get("first_divergence_vs_none") for r in p["per_prompt"]]
-        first = min((d for d in divs if d is not None), default=None)
+        if all("first_divergence_vs_none" in r for r in p["per_prompt"]):
+            divs = [r["first_divergence_vs_none"] for r in p["per_prompt"]]
+            first = min((d for d in divs if d is not None), default=None)
+            identical = (f"{sum(d is None for d in divs)}/{n}", "" if first is None else str(first))
+        else:  # no greedy `none` run to compare outputs with
+            identical = ("n/a", "")
         lines.append(f"| {name} | {p['tokens_per_s']:.2f} | {p['tokens_per_step']:.2f} | {p['mean_accepted']:.2f} | "
-                     f"{' | '.join(fmt(a))} | {' | '.join(fmt(h))} | {sum(d is None for d in divs)}/{n} | "
-                     f"{'' if first is None else first} |")
+                     f"{' | '.join(fmt(a))} | {' | '.join(fmt(h))} | {' | '.join(identical)} |")
+    if "adaptive" in runs and len(runs) > 1:
+        lines += ["", "adaptive against each policy (paired by prompt):", "", "| against | speedup [95% CI] | p |",
+                  "|---|---|---|"]
+        for name, rows in runs.items():
+            if name != "adaptive":
+                c = paired_speedup("adaptive", [r["tokens_per_s"] for r in runs["adaptive"]], name,
+                                   [r["tokens_per_s"] for r in rows]).to_dict()
+                lines.append(f"| {name} | {' | '.join(fmt(c))} |")
     lines += ["", "Median tokens/s per category:", "", "| category | " + " | ".join(runs) + " |",
               "|---|" + "---|" * len(runs)]
     for cat in cats:
