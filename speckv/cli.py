@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--out", type=Path, default=Path("results/collect"))
     _add_model_args(col)
 
+    sig = sub.add_parser("signals", help="study how well draft-side signals predict acceptance (held-out AUC)")
+    sig.add_argument("--prompts", required=True, type=Path, action="append",
+                     help="JSONL with question_id, category, turns (repeatable)")
+    sig.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    sig.add_argument("--limit-per-category", type=_positive_int, default=None)
+    sig.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    sig.add_argument("--out", type=Path, default=Path("results/signals.json"))
+    _add_model_args(sig)
+
     tr = sub.add_parser("train", help="train the γ controller from step records")
     tr.add_argument("--records", required=True, type=Path, action="append",
                     help="records JSONL, or a `speckv collect` directory (repeatable)")
@@ -215,6 +224,29 @@ def cmd_collect(args: argparse.Namespace) -> int:
     config = CollectConfig(args.draft, args.target, tiers, args.dtype, args.gamma_max, args.max_new_tokens, gammas,
                            device=args.device)
     collect(config, prompts, args.out)
+    return 0
+
+
+def cmd_signals(args: argparse.Namespace) -> int:
+    from .local import LocalEngine
+    from .signal_study import check_splits, collect_rows, study
+
+    prompts = _select_prompts(args.prompts, args.limit_per_category, args.categories)
+    try:
+        check_splits([p.question_id for p in prompts])
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    engine = LocalEngine.load(args.draft, args.target, args.tier, args.dtype, device=args.device)
+    rows, outputs = collect_rows(engine, prompts, args.max_new_tokens)
+    try:
+        doc = study(rows)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    doc.update(draft=args.draft, target=args.target, tier=args.tier, dtype=args.dtype,
+               max_new_tokens=args.max_new_tokens, outputs=outputs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps({k: v for k, v in doc.items() if k != "outputs"}, indent=1))
     return 0
 
 
@@ -426,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report,
-                   "cost": cmd_cost, "collect": cmd_collect,
+                   "cost": cmd_cost, "collect": cmd_collect, "signals": cmd_signals,
                    "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
         return handler(args)
     except (CLIError, ModelError, argparse.ArgumentTypeError) as e:

@@ -39,6 +39,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     (["collect", "--prompts", "/nonexistent.jsonl"], "does not exist"),
     (["collect", "--prompts", "README.md", "--gammas", "0"], "every γ must be in [1, 24]"),
     (["collect", "--prompts", "README.md", "--tiers", "int3"], "unknown tier"),
+    (["signals", "--prompts", "/nonexistent.jsonl"], "does not exist"),
+    (["signals", "--prompts", "README.md", "--max-new-tokens", "0"], "positive integer"),
     (["train", "--records", "/nonexistent.jsonl"], "does not exist"),
     (["train", "--records", "README.md"], "not a step record"),
     (["train", "--format", "speckv-paper", "--records", "README.md"], "lacks the paper's columns"),
@@ -56,6 +58,16 @@ def test_bad_prompts_file(tmp_path):
     bad.write_text('{"question_id": 1, "category": "qa"}\n')
     proc = run_cli("bench", "--prompts", str(bad), "--policies", "none")
     assert proc.returncode == 2 and "p.jsonl:1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_signals_needs_prompts_in_both_splits_before_loading_models(tmp_path):
+    from speckv.training import split_of
+
+    one = tmp_path / "p.jsonl"
+    qid = next(f"q{i}" for i in range(100) if split_of(f"q{i}") == "train")
+    one.write_text(json.dumps({"question_id": qid, "category": "qa", "turns": ["hi"]}) + "\n")
+    proc = run_cli("signals", "--prompts", str(one), env={"SPECKV_HOME": str(tmp_path)})  # no models there
+    assert proc.returncode == 2 and "both the train and the test split" in proc.stderr, proc.stderr
 
 
 def test_unprepared_default_model_says_what_to_run(tmp_path):
