@@ -67,7 +67,8 @@ class DraftDeployment:
         return self.worker.propose(session_id, context_ids, gamma, params, seed, step, stop)
 
     def release(self, session_id: str) -> None:
-        self.worker.lm.release(session_id)
+        """The request has ended: close its session (a call still in flight for it is refused)."""
+        self.worker.lm.close(session_id)
 
     def stats(self) -> dict:
         return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__}
@@ -98,9 +99,10 @@ class TargetDeployment:
         return await self.executor.run_step(session_id, context_ids, gamma, params, seed, step, stop)
 
     def release(self, session_id: str) -> None:
-        self.worker.lm.release(session_id)
+        """The request has ended: close its sessions (a call still in flight for it is refused)."""
+        self.worker.lm.close(session_id)
         if self.draft:
-            self.draft.lm.release(session_id)
+            self.draft.lm.close(session_id)
 
     def stats(self) -> dict:
         return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}

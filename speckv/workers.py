@@ -20,6 +20,11 @@ from .signals import NO_STOP, DraftSignals, DraftStop
 
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
+CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
+
+
+class SessionClosedError(RuntimeError):
+    """A call for a session whose request has ended: it was still in flight when the request was cancelled."""
 
 
 @dataclass
@@ -60,6 +65,7 @@ class SessionLM:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._closed: OrderedDict[str, None] = OrderedDict()  # ids of ended requests (see close)
         self._lock = threading.Lock()  # one forward at a time: replicas may serve calls from several threads
         self.hits = self.rebuilds = self.evictions = 0
 
@@ -71,7 +77,19 @@ class SessionLM:
         return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions)
 
     def release(self, session_id: str) -> bool:
+        """Drop the session's cache; the id may be used again (a later call rebuilds it)."""
         with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def close(self, session_id: str) -> bool:
+        """Drop the session for good, when its request has ended. A call for it that arrives afterwards (one
+        in flight when a client went away and the request was cancelled) raises SessionClosedError instead of
+        building a cache that nobody would release."""
+        with self._lock:
+            self._closed[session_id] = None
+            self._closed.move_to_end(session_id)
+            while len(self._closed) > CLOSED_SESSIONS_REMEMBERED:
+                self._closed.popitem(last=False)
             return self._sessions.pop(session_id, None) is not None
 
     def has_session(self, session_id: str) -> bool:
@@ -104,6 +122,8 @@ class SessionLM:
         tokens after each of the last `num_logits` positions."""
         assert 1 <= num_logits <= len(token_ids), (num_logits, len(token_ids))
         with self._lock:
+            if session_id in self._closed:
+                raise SessionClosedError(f"session {session_id!r} was closed: its request has ended")
             session = self._session(session_id)
             keep = min(common_prefix_len(session.token_ids, token_ids), len(token_ids) - num_logits)
             cached = len(session.token_ids)

@@ -41,6 +41,30 @@ def test_lost_session_is_rebuilt_from_token_ids(target_model):
     torch.testing.assert_close(a, b)
 
 
+def test_closed_session_is_not_reopened_by_a_late_call(target_model, monkeypatch):
+    """A step still in flight when its request was cancelled must not rebuild the cache `close` dropped
+    (nobody would release it again); plain `release` keeps the id usable, and closed ids are remembered
+    within a bound."""
+    import speckv.workers as workers
+
+    lm = SessionLM(target_model)
+    lm.logits("r", PROMPT, 1)
+    assert lm.close("r") and not lm.has_session("r")
+    with pytest.raises(workers.SessionClosedError, match="closed"):
+        lm.logits("r", PROMPT + [1], 1)
+    assert lm.stats().sessions == 0
+    lm.logits("x", PROMPT, 1)
+    lm.release("x")
+    lm.logits("x", PROMPT, 1)
+    assert lm.has_session("x")
+    monkeypatch.setattr(workers, "CLOSED_SESSIONS_REMEMBERED", 2)
+    for sid in "abc":
+        lm.close(sid)
+    lm.logits("a", PROMPT, 1)  # forgotten: the oldest of three closed ids past a bound of two
+    with pytest.raises(workers.SessionClosedError):
+        lm.logits("c", PROMPT, 1)
+
+
 def test_session_lru_bound_and_idle_timeout(target_model):
     lm = SessionLM(target_model, max_sessions=2, idle_timeout_s=3600)
     for sid in "abc":
