@@ -142,11 +142,10 @@ def study(rows: list[TokenRows]) -> dict:
         result["test_auc"][name] = auc(te_signals[:, cols] @ weights[:-1], te_labels)
     cv = choose_probe_l2(split["train"])
     l2 = max(cv, key=lambda k: -math.inf if math.isnan(cv[k]) else cv[k])
-    probe = fit_probe(tr_hidden, tr_signals, tr_labels, l2)
-    result["test_auc"]["signals+hidden_state_probe"] = auc(probe_scores(probe, te_hidden, te_signals), te_labels)
-    result["test_auc_probe_by_l2"] = {  # for the record: every penalty's held-out AUC, not just the chosen one
-        str(k): auc(probe_scores(fit_probe(tr_hidden, tr_signals, tr_labels, k), te_hidden, te_signals), te_labels)
-        for k in PROBE_L2_GRID}
+    held_out = {k: auc(probe_scores(fit_probe(tr_hidden, tr_signals, tr_labels, k), te_hidden, te_signals), te_labels)
+                for k in PROBE_L2_GRID}
+    result["test_auc"]["signals+hidden_state_probe"] = held_out[l2]  # the penalty cross-validation chose
+    result["test_auc_probe_by_l2"] = {str(k): v for k, v in held_out.items()}  # for the record: every penalty
     result["probe_l2"] = l2
     result["probe_cv_auc_by_l2"] = {str(k): v for k, v in cv.items()}
     result["hidden_size"] = int(tr_hidden.shape[1])
