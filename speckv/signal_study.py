@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .bench import Prompt
-from .training import auc, fit_token_acceptance, split_of
+from .training import auc, fit_logistic, fit_token_acceptance, split_of
 
 SIGNAL_FEATURES = ("confidence_logit", "entropy", "log_second_prob", "log_position")
 FEATURE_SETS = {  # name -> columns of SIGNAL_FEATURES; the hidden-state probe adds the hidden state to "signals"
@@ -60,11 +60,10 @@ def teacher_forced_rows(draft: torch.nn.Module, prompt_ids: list[int], output_id
     log_probs = logits.log_softmax(-1)
     probs = log_probs.exp()
     top2 = probs.topk(2, dim=-1).values
-    confidence = top2[:, 0].clamp(1e-6, 1 - 1e-6)
     entropy = -(probs * log_probs).nan_to_num().sum(-1)
     position = torch.arange(len(output_ids), dtype=torch.float32)
-    signals = torch.stack([(confidence / (1 - confidence)).log(), entropy, top2[:, 1].clamp_min(1e-9).log(),
-                           position.log1p()], dim=1)
+    signals = torch.stack([top2[:, 0].logit(eps=1e-6), entropy, top2[:, 1].clamp_min(1e-9).log(),
+                           position.log1p()], dim=1)  # confidence as token_acceptance_features has it
     accepted = (logits.argmax(-1).cpu() == torch.tensor(output_ids)).float()
     return TokenRows(prompt_id, hidden.cpu().numpy(), signals.cpu().numpy(), accepted.numpy())
 
@@ -72,19 +71,9 @@ def teacher_forced_rows(draft: torch.nn.Module, prompt_ids: list[int], output_id
 def fit_probe(hidden: np.ndarray, signals: np.ndarray, labels: np.ndarray, l2: float) -> tuple[np.ndarray, ...]:
     """L2-penalised logistic regression over the standardised hidden state plus the signals (unpenalised).
     Returns (mean, std, weights); score rows with `probe_scores`."""
-    from scipy.optimize import minimize
-
     mean, std = hidden.mean(0), hidden.std(0) + 1e-6
     design = np.hstack([(hidden - mean) / std, signals, np.ones((len(labels), 1))])
-    penalised = np.zeros(design.shape[1])
-    penalised[:hidden.shape[1]] = 1.0
-
-    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-        z = design @ w
-        grad = design.T @ (1.0 / (1.0 + np.exp(-z)) - labels)
-        return float((np.logaddexp(0.0, z) - labels * z).sum() + 0.5 * l2 * (penalised * w) @ w), grad + l2 * penalised * w
-
-    w = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
+    w = fit_logistic(design, labels, l2, np.arange(design.shape[1]) < hidden.shape[1], maxiter=500)
     return mean, std, w
 
 

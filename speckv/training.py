@@ -230,21 +230,28 @@ def token_acceptance_rows(traces: list[Trace]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(xs, dtype=np.float64).reshape(-1, len(TOKEN_ACCEPTANCE_FEATURES)), np.asarray(ys)
 
 
-def fit_token_acceptance(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
-    """Logistic regression (L-BFGS, a small L2 penalty) for DraftStop.token_weights: weights, then bias."""
+def fit_logistic(design: np.ndarray, labels: np.ndarray, l2: float, penalised: np.ndarray,
+                 maxiter: int = 15000) -> np.ndarray:
+    """Logistic regression by L-BFGS: the weights minimising log loss + l2/2 · |w[penalised]|². `design`
+    [N, F] carries its own bias column; `penalised` [F] bool marks the weights the penalty applies to."""
     from scipy.optimize import minimize
-
-    if len(y) == 0 or y.min() == y.max():
-        raise ValueError("token acceptance needs both accepted and rejected draft tokens in the traces")
-    design = np.hstack([x, np.ones((len(x), 1))])
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         z = design @ w
-        nll = np.logaddexp(0.0, z) - y * z
-        grad = design.T @ (1.0 / (1.0 + np.exp(-z)) - y)
-        return float(nll.sum() + 0.5e-3 * w[:-1] @ w[:-1]), grad + 1e-3 * np.append(w[:-1], 0.0)
+        nll = np.logaddexp(0.0, z) - labels * z
+        grad = design.T @ (1.0 / (1.0 + np.exp(-z)) - labels)
+        shrunk = w[penalised]
+        return float(nll.sum() + 0.5 * l2 * shrunk @ shrunk), grad + l2 * np.where(penalised, w, 0.0)
 
-    w = minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B").x
+    return minimize(loss, np.zeros(design.shape[1]), jac=True, method="L-BFGS-B", options={"maxiter": maxiter}).x
+
+
+def fit_token_acceptance(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """Logistic regression (a small L2 penalty, none on the bias) for DraftStop.token_weights: weights, then bias."""
+    if len(y) == 0 or y.min() == y.max():
+        raise ValueError("token acceptance needs both accepted and rejected draft tokens in the traces")
+    design = np.hstack([x, np.ones((len(x), 1))])
+    w = fit_logistic(design, y, 1e-3, np.arange(design.shape[1]) < x.shape[1])
     return tuple(float(v) for v in w)
 
 
