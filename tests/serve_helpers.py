@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,3 +46,33 @@ def save_tiny_pair(root: Path, tokenizer_dir: str) -> tuple[str, str]:
 
 def apply_ray_env() -> None:
     os.environ.update(RAY_ENV)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), so a developer's `make serve` on 8000 or another
+    test's server is never the one a test talks to."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_temp_root() -> Iterator[str]:
+    """A fresh, short Ray temp root (Ray's socket paths have a length limit), set as RAY_TMPDIR for this
+    process and its children, and removed afterwards, on failure too.
+
+    RAY_TMPDIR, not only `temp_dir`: `ray.cluster_utils.Cluster` writes the head's address under the default
+    temp root (`$RAY_TMPDIR/ray`, else `/tmp/ray`) whatever `temp_dir` says, and a machine that never ran
+    Ray has no `/tmp/ray`."""
+    root = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    os.makedirs(os.path.join(root, "ray"))
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = root
+    try:
+        yield root
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(root, ignore_errors=True)
