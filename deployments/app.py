@@ -11,7 +11,7 @@ from ray.serve import Application
 
 from .config import AppConfig, target_deployment_name
 from .controller import ControllerDeployment
-from .router import Router
+from .router import RouterDeployment
 from .workers import DraftDeployment, TargetDeployment, WorkerSpec
 
 
@@ -33,4 +33,4 @@ def build_app(args: dict | None = None) -> Application:
     }
     draft = None if colocated else DraftDeployment.options(**opts("draft")).bind(draft_spec)
     controller = ControllerDeployment.options(**opts("controller")).bind(config.controller_artifact)
-    return Router.options(**opts("router")).bind(config.model_dump(mode="json"), targets, controller, draft)
+    return RouterDeployment.options(**opts("router")).bind(config.model_dump(mode="json"), targets, controller, draft)

@@ -44,6 +44,9 @@ class AppConfig(BaseModel):
     max_concurrent_generations: int = Field(
         32, ge=1, description="generations in flight per router replica; beyond it requests get 429 + Retry-After")
     retry_after_s: int = Field(2, ge=0, description="Retry-After seconds sent with 429/503 overload answers")
+    retry_deadline_s: float = Field(
+        120.0, gt=0, description="how long a step whose replica went away is retried (while Serve restarts or "
+        "reroutes) before the request fails: 503 + Retry-After before the first token, an error event after it")
     max_stop_strings: int = Field(8, ge=0)
     api_keys_env: str = Field(
         "SPECKV_API_KEYS",

@@ -29,6 +29,8 @@ class ServeMetrics:
                                          tag_keys=tags)
         self.tokens_per_s = metrics.Gauge("speckv_tokens_per_s", "tokens/s of the last finished request",
                                           tag_keys=tags)
+        self.retries = metrics.Counter("speckv_step_retries", "model calls retried after a replica went away",
+                                       tag_keys=tags)
         self.requests = metrics.Counter("speckv_requests", "finished requests by outcome", tag_keys=("tier", "outcome"))
 
     def step(self, record: StepRecord) -> None:

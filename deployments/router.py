@@ -1,8 +1,6 @@
 """Router: the HTTP ingress. Validates OpenAI requests, runs speckv's speculation loop through deployment
 handles, streams tokens, and records metrics."""
 
-
-
 import asyncio
 import hmac
 import json
@@ -10,7 +8,7 @@ import os
 import logging
 import time
 from collections import Counter
-from typing import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,9 +32,6 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, new_id
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-# A step is idempotent (token ids in, seeds derived from the step), so a step whose replica went away is
-# retried until a replica answers (Serve restarts or reroutes) or this deadline passes.
-RETRY_DEADLINE_S = 120.0
 
 
 def _is_replica_failure(error: BaseException) -> bool:
@@ -63,28 +58,44 @@ def backend_error(error: BaseException, retry_after_s: int) -> APIError | None:
     return None
 
 
-async def _with_retries(call):
-    deadline = time.monotonic() + RETRY_DEADLINE_S
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except Exception as e:  # noqa: BLE001 - filtered below
-            if not _is_replica_failure(e) or time.monotonic() > deadline:
-                raise
-            attempt += 1
-            logger.warning("replica failure (%s); retrying the step, attempt %d", type(e).__name__, attempt)
-            await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
+class StepRetries:
+    """One request's calls to replicas, retried while a replica is gone (died, restarting, scaled down).
+
+    A step is idempotent (token ids in, seeds derived from the step), so a call whose replica went away is
+    retried until a replica answers (Serve restarts or reroutes) or `deadline_s` passes. `count` is how many
+    retries the request needed: the response's `speculation.retries`.
+    """
+
+    def __init__(self, deadline_s: float, on_retry: Callable[[], None] | None = None) -> None:
+        self.deadline_s = deadline_s
+        self.count = 0
+        self._on_retry = on_retry
+
+    async def __call__(self, call: Callable[[], Awaitable]):
+        deadline = time.monotonic() + self.deadline_s
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except Exception as e:  # noqa: BLE001 - filtered below
+                if not _is_replica_failure(e) or time.monotonic() > deadline:
+                    raise
+                attempt += 1
+                self.count += 1
+                if self._on_retry:
+                    self._on_retry()
+                logger.warning("replica failure (%s); retrying the step, attempt %d", type(e).__name__, attempt)
+                await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
 
 
-def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle) -> SplitExecutor:
+def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, retry: StepRetries) -> SplitExecutor:
     """Disaggregated topology: draft and target replicas reached through sticky handles."""
 
     async def propose(sid: str, *args):
-        return await _with_retries(lambda: draft.options(session_id=sid).propose.remote(sid, *args))
+        return await retry(lambda: draft.options(session_id=sid).propose.remote(sid, *args))
 
     async def verify(sid: str, *args):
-        return await _with_retries(lambda: target.options(session_id=sid).verify.remote(sid, *args))
+        return await retry(lambda: target.options(session_id=sid).verify.remote(sid, *args))
 
     async def release(sid: str) -> None:
         # shielded: a release must reach the replicas even when the request is being cancelled (client gone)
@@ -98,12 +109,13 @@ def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle) -> 
 class RemoteColocatedExecutor:
     """Colocated topology: the target replica drafts too, so a step is one hop."""
 
-    def __init__(self, target: DeploymentHandle) -> None:
+    def __init__(self, target: DeploymentHandle, retry: StepRetries) -> None:
         self.target = target
+        self.retry = retry
 
     async def run_step(self, sid, context_ids, gamma, params, seed, step, stop) -> StepCall:
         start = time.perf_counter()
-        inner: StepCall = await _with_retries(lambda: self.target.options(session_id=sid).step.remote(
+        inner: StepCall = await self.retry(lambda: self.target.options(session_id=sid).step.remote(
             sid, context_ids, gamma, params, seed, step, stop))
         wall_ms = (time.perf_counter() - start) * 1e3
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
@@ -169,23 +181,61 @@ def _authorized(request: Request) -> bool:
     return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), k) for k in keys)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `app.state.max_body_bytes` gets 413, whether it declares its
+    length (refused before reading) or arrives chunked without Content-Length (refused once the bytes read
+    pass the limit, without reading the rest). A body within the limit is passed on unchanged."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        limit = getattr(api.state, "max_body_bytes", None)
+        if scope["type"] != "http" or not limit:
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await self._too_large(limit, scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await self._too_large(limit, scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(limit: int, scope, receive, send) -> None:
+        response = JSONResponse(APIError(413, f"request body over {limit} bytes", code="body_too_large").body(),
+                                status_code=413)
+        await response(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)  # inside the API-key check below (middleware added later runs first)
+
+
 @api.middleware("http")
-async def _body_limit_and_auth(request: Request, call_next):
+async def _auth(request: Request, call_next):
     if not _authorized(request):
         return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                                      code="invalid_api_key").body(),
                             status_code=401, headers={"WWW-Authenticate": "Bearer"})
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit:
-        return JSONResponse(APIError(413, f"request body over {limit} bytes", code="body_too_large").body(),
-                            status_code=413)
     return await call_next(request)
 
 
-@serve.deployment(name="router", max_ongoing_requests=64)
-@serve.ingress(api)
 class Router:
+    """The HTTP ingress as a plain class (tests build it over fake handles); `RouterDeployment` below is it
+    as a Serve deployment."""
+
     def __init__(
         self,
         config: dict,
@@ -209,11 +259,7 @@ class Router:
             generation_config = None
         self.eos = eos_token_ids(self.tokenizer, generation_config)
         self.model_ids = self.config.model_ids()
-        self.executors: dict[str, StepExecutor] = {}
-        for tier in self.config.tiers:
-            handle = targets[tier.value]
-            self.executors[tier.value] = (RemoteColocatedExecutor(handle) if self.config.topology == "colocated"
-                                          else remote_split_executor(draft, handle))
+        self.targets, self.draft = targets, draft
         self.controller = controller
         self._snapshot: ControllerSnapshot | None = None
         self._snapshot_checked = 0.0
@@ -221,6 +267,14 @@ class Router:
         self.active = 0  # generations in flight on this replica (admission control)
 
     # ------------------------------------------------------------------ helpers
+
+    def _executor(self, tier: str) -> tuple[StepExecutor, StepRetries]:
+        """A request's executor for a tier, with the retry counter its calls share."""
+        retry = StepRetries(self.config.retry_deadline_s, on_retry=lambda: self.metrics.retries.inc(1, {"tier": tier}))
+        target = self.targets[tier]
+        if self.config.topology == "colocated":
+            return RemoteColocatedExecutor(target, retry), retry
+        return remote_split_executor(self.draft, target, retry), retry
 
     async def _controller_snapshot(self) -> ControllerSnapshot:
         """The cached controller snapshot, revalidated against the controller's version every refresh period."""
@@ -256,14 +310,16 @@ class Router:
         except ValueError as e:
             raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from None
         spec = req.speculation.policy_spec() if req.speculation else self.config.default_policy
-        policy = make_policy(spec, tier.value, await self._controller_snapshot())
-        return request, policy, tier.value
+        snapshot = await self._controller_snapshot() if spec == "adaptive" else None
+        policy = make_policy(spec, tier.value, snapshot)
+        return request, policy, tier.value, snapshot
 
     async def _events(self, request: GenerationRequest, policy, tier: str, stats: dict) -> AsyncIterator[StepEvent]:
         start = time.perf_counter()
         assembler = TextAssembler(self.tokenizer, request.stop)
         outcome = "error"
-        steps = speculate(request, self.executors[tier], policy, assembler)
+        executor, retries = self._executor(tier)
+        steps = speculate(request, executor, policy, assembler)
         try:
             async for event in steps:
                 if stats["steps"] == 0:
@@ -279,6 +335,7 @@ class Router:
                 stats["hop_ms"] += hop_ms(event.record)
                 stats["policy_us"] += event.record.policy_us
                 stats["finish_reason"] = event.finish_reason
+                stats["retries"] = retries.count
                 yield event
             outcome = "ok"
         except (asyncio.CancelledError, GeneratorExit):
@@ -286,27 +343,33 @@ class Router:
             raise
         finally:
             await steps.aclose()  # runs speculate's cleanup (session release) now, not at garbage collection
+            stats["retries"] = retries.count
             seconds = time.perf_counter() - start
             if outcome == "ok" and seconds > 0:
                 self.metrics.tokens_per_s.set(stats["completion_tokens"] / seconds, {"tier": tier})
             self.metrics.requests.inc(1, {"tier": tier, "outcome": outcome})
 
     @staticmethod
-    def _new_stats(policy_name: str) -> dict:
-        return {"policy": policy_name, "steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "completion_tokens": 0,
-                "gammas": Counter(), "finish_reason": None, "draft_ms": 0.0, "verify_ms": 0.0, "hop_ms": 0.0,
-                "policy_us": 0.0}
+    def _new_stats(policy_name: str, controller_version: str | None) -> dict:
+        return {"policy": policy_name, "controller_version": controller_version, "retries": 0, "steps": 0,
+                "draft_tokens": 0, "accepted_tokens": 0, "completion_tokens": 0, "gammas": Counter(),
+                "finish_reason": None, "draft_ms": 0.0, "verify_ms": 0.0, "hop_ms": 0.0, "policy_us": 0.0}
 
     @staticmethod
     def _speculation(stats: dict) -> dict:
         steps = stats["steps"]
-        return {"policy": stats["policy"], "steps": steps, "draft_tokens": stats["draft_tokens"],
-                "accepted_tokens": stats["accepted_tokens"],
-                "mean_accepted": stats["accepted_tokens"] / steps if steps else 0.0,
-                "gamma_histogram": {str(g): n for g, n in sorted(stats["gammas"].items())},
-                # totals over the request's steps: wall time of draft and verify calls as the router saw them,
-                # the part of it spent outside the models (hops), and time spent choosing γ
-                "timing": {k: stats[k] for k in ("draft_ms", "verify_ms", "hop_ms", "policy_us")}}
+        out = {"policy": stats["policy"], "steps": steps, "draft_tokens": stats["draft_tokens"],
+               "accepted_tokens": stats["accepted_tokens"],
+               "mean_accepted": stats["accepted_tokens"] / steps if steps else 0.0,
+               "gamma_histogram": {str(g): n for g, n in sorted(stats["gammas"].items())},
+               # totals over the request's steps: wall time of draft and verify calls as the router saw them,
+               # the part of it spent outside the models (hops), and time spent choosing γ
+               "timing": {k: stats[k] for k in ("draft_ms", "verify_ms", "hop_ms", "policy_us")},
+               # model calls re-sent because a replica went away mid-request (died, restarted, scaled down)
+               "retries": stats["retries"]}
+        if stats["controller_version"]:  # adaptive: the controller snapshot its decisions came from
+            out["controller_version"] = stats["controller_version"]
+        return out
 
     def _admit(self) -> None:
         """Take a generation slot or answer 429: overload is refused at once, not queued without bound."""
@@ -318,9 +381,9 @@ class Router:
         self.active += 1
 
     async def _respond(self, req, prompt_ids: list[int], max_tokens: int | None, chat: bool):
-        request, policy, tier = await self._prepare(req, prompt_ids, max_tokens)
+        request, policy, tier, snapshot = await self._prepare(req, prompt_ids, max_tokens)
         self._admit()
-        stats = self._new_stats(policy.name)
+        stats = self._new_stats(policy.name, snapshot.version if snapshot else None)
         events = self._events(request, policy, tier, stats)
         try:  # the first step runs before answering, so failures before any token get a proper HTTP status
             first = await anext(events, None)
@@ -419,3 +482,6 @@ class Router:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         prompt_ids = encode_prompt(self.tokenizer, messages, chat=True)
         return await self._respond(req, prompt_ids, req.effective_max_tokens(), chat=True)
+
+
+RouterDeployment = serve.deployment(name="router", max_ongoing_requests=64)(serve.ingress(api)(Router))

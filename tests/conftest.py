@@ -57,6 +57,33 @@ def perturbed_copy(model, scale: float, seed: int):
     return draft
 
 
+def drafting_artifact(tier: str = "fp16"):
+    """The shipped controller with time at `tier` priced at ~0, so `adaptive` really drafts there.
+
+    The shipped controller never drafts at fp16 (on the CPU it was measured on speculation cannot pay
+    there), so tests of adaptive's drafting path use this copy: it always drafts runs capped at 12, ended by
+    a run-acceptance stop rule (every token predicted accepted with p = sigmoid(2) ≈ 0.88, so a run ends
+    after its 6th token, 0.88^6 < 0.5)."""
+    import copy
+
+    from speckv.controller import shipped_snapshot
+    from speckv.signals import DraftStop
+
+    artifact = copy.copy(shipped_snapshot().artifact)
+    artifact.rate = {**artifact.rate, tier: 1e-9}
+    artifact.draft_stop = {**artifact.draft_stop, tier: DraftStop(0.0, 0.5, (0.0, 0.0, 0.0, 2.0))}
+    artifact.max_gamma = {**artifact.max_gamma, tier: 12}
+    return artifact
+
+
+@pytest.fixture(scope="session")
+def drafting_controller(tmp_path_factory) -> Path:
+    """`drafting_artifact()` saved as a controller artifact directory (for --controller and Serve configs)."""
+    out = tmp_path_factory.mktemp("drafting-controller")
+    drafting_artifact().save(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> CharTokenizer:
     return CharTokenizer()

@@ -77,23 +77,13 @@ def test_session_lru_bound_and_idle_timeout(target_model):
 
 @pytest.mark.parametrize("policy", ["fixed:1", "fixed:3", "fixed:6", "heuristic", "adaptive"])
 def test_fp32_greedy_output_identical_to_target_only(engine, policy):
-    if policy == "adaptive":
-        # The shipped controller never drafts at fp16 (on the CPU it was measured on speculation cannot pay
-        # there), and these tiny models are far outside what it was trained on. A copy that prices time at
-        # ~0 always drafts runs capped at 12 and ended by a run-acceptance stop rule (every token predicted
-        # accepted with p = sigmoid(2) ≈ 0.88, so a run ends after its 6th token, 0.88^6 < 0.5), so the test
-        # exercises adaptive's drafting path and the draft worker's stop rule through the engine.
-        import copy
+    if policy == "adaptive":  # a controller that drafts here (the shipped one never does at fp16 on this CPU)
+        from speckv.controller import ControllerSnapshot
 
-        from speckv.controller import ControllerSnapshot, shipped_snapshot
-        from speckv.signals import DraftStop
+        from .conftest import drafting_artifact
 
-        artifact = copy.copy(shipped_snapshot().artifact)
-        artifact.rate = {**artifact.rate, "fp16": 1e-9}
-        artifact.draft_stop = {**artifact.draft_stop, "fp16": DraftStop(0.0, 0.5, (0.0, 0.0, 0.0, 2.0))}
-        artifact.max_gamma = {**artifact.max_gamma, "fp16": 12}
         engine = LocalEngine(engine.draft_model, engine.target_model, engine.tokenizer)
-        engine.controller = ControllerSnapshot("test", artifact)
+        engine.controller = ControllerSnapshot("test", drafting_artifact())
     reference = engine.generate(PROMPT, "none", 40)
     result = engine.generate(PROMPT, policy, 40)
     if policy == "adaptive":

@@ -1,0 +1,148 @@
+"""The router's request path without Ray: the Router class over fake deployment handles that wrap
+in-process workers, so replica failures can be injected exactly where a test needs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from ray.exceptions import ActorUnavailableError
+
+from deployments.protocol import APIError, CompletionRequest
+from deployments.router import Router
+from speckv.models import DEFAULT_TARGET, load_model, resolve_model_dir
+from speckv.workers import DraftWorker, SessionLM, TargetWorker
+
+from .serve_helpers import save_tiny_pair
+
+
+class FakeHandle:
+    """Stands in for a DeploymentHandle: `handle.options(...).method.remote(*args)` runs `method` of a local
+    object, unless the handle is down, when the call raises what Ray raises for a replica that is gone."""
+
+    def __init__(self, target: object) -> None:
+        self.target = target
+        self.calls = 0
+        self.fail_after: int | None = None  # calls that succeed before the replica "dies" for good
+
+    def options(self, **_) -> FakeHandle:
+        return self
+
+    def __getattr__(self, name: str):
+        method = getattr(self.target, name)
+        handle = self
+
+        class _Method:
+            @staticmethod
+            def remote(*args):
+                async def call():
+                    handle.calls += 1
+                    if handle.fail_after is not None and handle.calls > handle.fail_after:
+                        raise ActorUnavailableError("replica gone (injected)", None)
+                    return method(*args)
+                return call()
+
+        return _Method()
+
+
+class _Target:
+    def __init__(self, worker: TargetWorker) -> None:
+        self.verify, self.release = worker.verify, worker.lm.close
+
+
+class _Draft:
+    def __init__(self, worker: DraftWorker) -> None:
+        self.propose, self.release = worker.propose, worker.lm.close
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    target, draft = save_tiny_pair(tmp_path_factory.mktemp("models"), resolve_model_dir(DEFAULT_TARGET))
+    return target, draft
+
+
+@pytest.fixture()
+def router(models):
+    target, draft = models
+    config = {"draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
+              "draft_dtype": "float32", "retry_deadline_s": 1.0, "retry_after_s": 7, "default_policy": "fixed:2"}
+    target_handle = FakeHandle(_Target(TargetWorker(SessionLM(load_model(target, dtype="float32")))))
+    draft_handle = FakeHandle(_Draft(DraftWorker(SessionLM(load_model(draft, dtype="float32")))))
+    r = Router(config, {"fp16": target_handle}, controller=None, draft=draft_handle)
+    return r, target_handle, draft_handle
+
+
+BODY = {"model": "speckv-fp16", "prompt": "def add(a, b):", "max_tokens": 24, "temperature": 0}
+
+
+async def _stream_events(response) -> list:
+    chunks = [c if isinstance(c, str) else c.decode() async for c in response.body_iterator]
+    lines = [l[6:] for l in "".join(chunks).splitlines() if l.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(l) for l in lines[:-1]]
+
+
+def test_a_retried_step_is_counted_and_the_output_unchanged(router):
+    r, target, _ = router
+    expected = asyncio.run(r.completions(CompletionRequest(**BODY)))
+    expected = json.loads(expected.body)
+    assert expected["speculation"]["retries"] == 0 and expected["speculation"]["draft_tokens"] > 0
+
+    # the target's replica fails once (at its third call), then answers again
+    original = target.target.verify
+
+    def flaky(*args):
+        if target.calls == 3:
+            raise ActorUnavailableError("replica restarting (injected)", None)
+        return original(*args)
+
+    target.target.verify = flaky
+    target.calls = 0
+    again = json.loads(asyncio.run(r.completions(CompletionRequest(**BODY))).body)
+    assert again["choices"][0]["text"] == expected["choices"][0]["text"]
+    assert again["speculation"]["retries"] == 1
+
+
+def test_retries_run_out_before_the_first_token_gives_503(router):
+    r, target, _ = router
+    target.fail_after = 0
+    with pytest.raises(APIError) as err:
+        asyncio.run(r.completions(CompletionRequest(**BODY)))
+    assert err.value.status == 503 and err.value.code == "unavailable"
+    assert err.value.headers == {"Retry-After": "7"}
+    assert target.calls > 1  # it did retry before giving up
+    assert r.active == 0  # the admission slot was given back
+
+
+def test_retries_run_out_mid_stream_gives_an_error_event_then_done(router):
+    r, target, draft = router
+    target.fail_after = 3  # three steps answered, then the replica is gone for good
+
+    async def run():
+        response = await r.completions(CompletionRequest(**{**BODY, "stream": True}))
+        return await _stream_events(response)
+
+    events = asyncio.run(run())
+    text_events = [e for e in events if "choices" in e]
+    assert len(text_events) >= 1 and "error" in events[-1], events[-3:]
+    error = events[-1]["error"]
+    assert error["code"] == "unavailable" and error["type"] == "server_error" and error["message"]
+    assert r.active == 0
+    # the request's draft session was closed on the way out (the target's replica is gone with its own)
+    assert draft.target.release.__self__.stats().sessions == 0
+
+
+def test_a_non_replica_error_is_not_retried(router):
+    r, target, _ = router
+
+    verifies = []
+
+    def broken(*args):
+        verifies.append(args)
+        raise ValueError("a bug, not a lost replica")
+
+    target.target.verify = broken
+    with pytest.raises(ValueError, match="a bug"):
+        asyncio.run(r.completions(CompletionRequest(**BODY)))
+    assert len(verifies) == 1
