@@ -11,11 +11,15 @@ from dataclasses import dataclass
 import torch
 
 MAX_TOP_K = 1_000_000
+# Temperatures below this are greedy (as in vLLM): dividing logits by a tiny positive temperature overflows
+# to inf, and the distribution it tends to is the argmax anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature == 0 means greedy (argmax), which makes speculation exact."""
+    """How to pick tokens. temperature 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy (argmax), which
+    makes speculation exact."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -32,7 +36,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
