@@ -19,14 +19,17 @@ def build_app(args: dict | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     common = dict(device=config.device, max_sessions=config.max_sessions_per_replica,
                   idle_timeout_s=config.session_idle_timeout_s, torch_threads=config.torch_threads)
-    draft_spec = WorkerSpec(model=config.draft_model, dtype=config.draft_dtype, **common)
+    delay = config.added_ms_per_call.get
+    draft_spec = WorkerSpec(model=config.draft_model, dtype=config.draft_dtype, added_ms_per_call=delay("draft", 0.0),
+                            **common)
     colocated = config.topology == "colocated"
     opts = lambda name: config.deployment_options.get(name, {})  # noqa: E731
     targets = {
         tier.value: TargetDeployment.options(
             name=target_deployment_name(tier), **opts(target_deployment_name(tier))
         ).bind(
-            WorkerSpec(model=config.target_model, tier=tier.value, dtype=config.dtype, **common),
+            WorkerSpec(model=config.target_model, tier=tier.value, dtype=config.dtype,
+                       added_ms_per_call=delay(target_deployment_name(tier), 0.0), **common),
             draft_spec if colocated else None,
         )
         for tier in config.tiers

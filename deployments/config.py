@@ -48,6 +48,9 @@ class AppConfig(BaseModel):
         120.0, gt=0, description="how long a step whose replica went away is retried (while Serve restarts or "
         "reroutes) before the request fails: 503 + Retry-After before the first token, an error event after it")
     max_stop_strings: int = Field(8, ge=0)
+    added_ms_per_call: dict[str, float] = Field(
+        default_factory=dict, description="for tests: milliseconds added to every model call of a deployment "
+        "(`draft`, `target-<tier>`), so a call is reliably in flight when a test kills its replica")
     api_keys_env: str = Field(
         "SPECKV_API_KEYS",
         description="environment variable holding comma-separated API keys (e.g. from a Kubernetes Secret); "

@@ -34,12 +34,13 @@ class WorkerSpec:
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
     torch_threads: int | None = None
+    added_ms_per_call: float = 0.0  # see SessionLM
 
     def build_lm(self) -> SessionLM:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         model = load_model(self.model, self.tier, self.dtype, self.device)
-        return SessionLM(model, self.max_sessions, self.idle_timeout_s)
+        return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call)
 
 
 def _replica_id() -> str:

@@ -58,10 +58,14 @@ class SessionLM:
         model: torch.nn.Module,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        added_ms_per_call: float = 0.0,
     ) -> None:
+        """`added_ms_per_call` adds that much time to every forward call (0 = none): a slower model, for
+        tests that need a call to be in flight when something happens (a replica killed mid-call)."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.model = model
+        self.added_ms_per_call = added_ms_per_call
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -137,6 +141,8 @@ class SessionLM:
                 self.rebuilds += 1
             feed = torch.tensor([token_ids[keep:]], dtype=torch.long, device=self.device)
             out = self.model(input_ids=feed, past_key_values=session.cache, use_cache=True, logits_to_keep=num_logits)
+            if self.added_ms_per_call:
+                time.sleep(self.added_ms_per_call / 1e3)
             session.token_ids = list(token_ids)
             return out.logits[0, -num_logits:]
 
