@@ -8,6 +8,7 @@ import os
 import logging
 import time
 from collections import Counter
+from types import SimpleNamespace
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -138,6 +139,10 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 api = FastAPI(title="SpecKV", description="Adaptive speculative decoding, OpenAI-compatible.")
+# What the middleware below reads, set by the router replica in this process. Not `api.state`: Serve's
+# ingress serves a copy of `api` made when the deployment class is wrapped, so state set on the module's
+# `api` at replica start is not on the app that handles requests.
+SETTINGS = SimpleNamespace()
 
 
 @api.exception_handler(APIError)
@@ -174,7 +179,7 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
 
 
 def _authorized(request: Request) -> bool:
-    keys: frozenset[str] = getattr(request.app.state, "api_keys", frozenset())
+    keys: frozenset[str] = getattr(SETTINGS, "api_keys", frozenset())
     if not keys or request.url.path.endswith("/healthz"):
         return True
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -182,7 +187,7 @@ def _authorized(request: Request) -> bool:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `app.state.max_body_bytes` gets 413, whether it declares its
+    """ASGI middleware: a request body over `SETTINGS.max_body_bytes` gets 413, whether it declares its
     length (refused before reading) or arrives chunked without Content-Length (refused once the bytes read
     pass the limit, without reading the rest). A body within the limit is passed on unchanged."""
 
@@ -190,7 +195,7 @@ class BodyLimit:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        limit = getattr(api.state, "max_body_bytes", None)
+        limit = getattr(SETTINGS, "max_body_bytes", None)
         if scope["type"] != "http" or not limit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
@@ -246,8 +251,8 @@ class Router:
         from transformers import AutoConfig, GenerationConfig
 
         self.config = AppConfig.model_validate(config)
-        api.state.max_body_bytes = self.config.max_body_bytes
-        api.state.api_keys = frozenset(
+        SETTINGS.max_body_bytes = self.config.max_body_bytes
+        SETTINGS.api_keys = frozenset(
             k.strip() for k in os.environ.get(self.config.api_keys_env, "").split(",") if k.strip())
         self.tokenizer = load_tokenizer(self.config.target_model)
         path = resolve_model_dir(self.config.target_model)
