@@ -82,7 +82,7 @@ def test_not_a_model_directory(tmp_path):
     assert proc.returncode == 2 and "without config.json" in proc.stderr
 
 
-def test_generate_json_on_local_model_directories(tmp_path):
+def test_generate_json_on_local_model_directories(tmp_path, drafting_controller):
     """A local directory goes through the same loading path as the embedded defaults and hub ids."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     import torch
@@ -105,12 +105,18 @@ def test_generate_json_on_local_model_directories(tmp_path):
               "--dtype", "float32", "--max-new-tokens", "12", "--json"]
     outs = {}
     for policy in ["none", "fixed:3", "adaptive", "hf-assisted"]:
-        proc = run_cli(*common, "--policy", policy)
+        # adaptive with a controller that drafts here (the shipped one never drafts at fp16)
+        extra = ["--controller", str(drafting_controller / "controller.json")] if policy == "adaptive" else []
+        proc = run_cli(*common, "--policy", policy, *extra)
         assert proc.returncode == 0, proc.stderr
         outs[policy] = json.loads(proc.stdout)
     for key in ["text", "token_ids", "new_tokens", "seconds", "tokens_per_s", "steps", "mean_accepted",
                 "tokens_per_step", "records"]:
         assert key in outs["fixed:3"], key
     assert outs["fixed:3"]["token_ids"] == outs["none"]["token_ids"] == outs["hf-assisted"]["token_ids"]
-    assert outs["adaptive"]["policy"].startswith("adaptive")
+    assert outs["adaptive"]["token_ids"] == outs["none"]["token_ids"]
+    assert outs["adaptive"]["policy"] == "adaptive"
+    for policy in ("fixed:3", "adaptive"):  # both really drafted
+        assert sum(r["gamma"] for r in outs[policy]["records"]) > 0, policy
+    assert sum(r["gamma"] for r in outs["none"]["records"]) == 0
     assert len(outs["fixed:3"]["records"]) == outs["fixed:3"]["steps"]

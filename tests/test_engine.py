@@ -11,7 +11,7 @@ from speckv.local import LocalEngine
 from speckv.policy import FixedGamma, HeuristicGamma, make_policy
 from speckv.records import StepRecord
 from speckv.sampling import SamplingParams, logits_to_probs
-from speckv.workers import DraftWorker, SessionLM, TargetWorker
+from speckv.workers import SessionLM
 
 from .conftest import EOS_ID, tiny_model
 
@@ -154,6 +154,58 @@ def test_text_assembler_holds_back_partial_stop_strings(tokenizer):
     assert stopped and "".join(deltas) + delta == "abc" == asm.text
 
 
+def test_stop_string_spanning_steps_streamed_and_whole(engine, tokenizer):
+    """A stop string that begins in one step's tokens and ends in the next: the whole text ends before it,
+    and the streamed deltas (one per step) add up to exactly that text, never showing a piece of it."""
+    full = engine.generate(PROMPT, "fixed:2", 40)
+    ends, n = [], 0
+    for record in full.records:
+        n += record.emitted
+        ends.append(n)
+    cut = next(e for e in ends[1:-1] if full.text.find(full.text[e - 2: e + 2]) == e - 2)
+    stop = full.text[cut - 2: cut + 2]
+
+    async def stream() -> list[str]:
+        from speckv.engine import GenerationRequest, speculate
+
+        request = GenerationRequest(PROMPT, 40, stop=(stop,), eos_token_ids=engine.eos)
+        return [e.text async for e in speculate(request, engine.executor, make_policy("fixed:2"),
+                                                 TextAssembler(tokenizer, (stop,)))]
+
+    import asyncio
+
+    deltas = asyncio.run(stream())
+    assert "".join(deltas) == full.text[: cut - 2]
+    whole = engine.generate(PROMPT, "fixed:2", 40, stop=(stop,))
+    assert whole.text == full.text[: cut - 2] and whole.finish_reason == "stop"
+
+
+def test_several_stop_strings_the_earliest_wins(tokenizer):
+    asm = TextAssembler(tokenizer, stop=("ab", "later"))
+    first, stopped = asm.push(tokenizer.encode("xyzla"))
+    assert (first, stopped) == ("xyz", False)  # "la" may begin "later": held back
+    delta, stopped = asm.push(tokenizer.encode("ter ab"))
+    assert stopped and asm.text == "xyz" == first + delta
+    asm = TextAssembler(tokenizer, stop=("later", "ab"))
+    delta, stopped = asm.push(tokenizer.encode("x ab later"))
+    assert stopped and asm.text == "x " == delta
+
+
+def test_partial_utf8_is_held_back_until_whole():
+    """Byte-level tokens of a multi-byte character are not shown until the character is complete."""
+    from speckv.models import DEFAULT_TARGET, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_TARGET)
+    text = "naïve 𝔘𝔫𝔦 鿿龘 ꙮ ok"  # characters this vocabulary splits into byte tokens
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in pieces)  # some tokens are parts of a character on their own
+    asm = TextAssembler(tok)
+    deltas = [asm.push([i], final=k == len(ids) - 1)[0] for k, i in enumerate(ids)]
+    assert all("\ufffd" not in d for d in deltas), deltas
+    assert "".join(deltas) == text == asm.text
+
+
 def test_sampling_is_reproducible_with_a_seed(engine):
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     a = engine.generate(PROMPT, "fixed:3", 25, params)
@@ -163,39 +215,88 @@ def test_sampling_is_reproducible_with_a_seed(engine):
     assert c.token_ids != a.token_ids
 
 
-def test_speculative_sampling_matches_target_distribution_of_first_tokens(draft_model, target_model):
-    """End to end through the workers: with γ=3 the first sampled token follows the target's distribution
-    (chi-square over 800 seeds), and the same test rejects the draft's distribution."""
-    params = lambda s: SamplingParams(temperature=1.0, seed=s)
-    drafter, verifier = DraftWorker(SessionLM(draft_model)), TargetWorker(SessionLM(target_model))
-    from speckv.acceptance import speculative_accept
-    from speckv.sampling import step_generator
-
-    def first_token(seed: int, gamma: int) -> int:
-        prop = drafter.propose(str(seed), PROMPT, gamma, params(seed), seed, 0)
-        ver = verifier.verify(str(seed), PROMPT, prop.token_ids, params(seed))
-        dp = prop.draft_probs if gamma else torch.zeros((0, ver.target_probs.shape[-1]))
-        r = speculative_accept(torch.tensor([prop.token_ids], dtype=torch.long), dp[None], ver.target_probs[None],
-                               step_generator(seed, 0, 1))
-        return r.row_tokens()[0]
-
+def pooled_p_value(counts: dict, expected_probs: dict) -> float:
+    """Chi-square p-value of observed counts against a distribution over the same keys, pooling the
+    outcomes whose expected count is below 5 into one bin."""
     from scipy.stats import chisquare
 
-    def pooled_p_value(counts: torch.Tensor, dist: torch.Tensor) -> float:
-        """Chi-square p-value, pooling tokens whose expected count is below 5 into one bin."""
-        expected = dist.double() * counts.sum()
-        big = expected >= 5
-        obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)]).double()
-        exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
-        exp = exp * obs.sum() / exp.sum()
-        return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+    n = sum(counts.values())
+    keys = set(counts) | set(expected_probs)
+    big = [k for k in keys if expected_probs.get(k, 0.0) * n >= 5]
+    obs = [counts.get(k, 0) for k in big] + [sum(counts.get(k, 0) for k in keys if k not in big)]
+    exp = [expected_probs[k] * n for k in big] + [sum(expected_probs.get(k, 0.0) for k in keys if k not in big) * n]
+    if exp[-1] == 0:
+        if obs[-1]:
+            return 0.0  # outcomes the distribution rules out were observed
+        obs, exp = obs[:-1], exp[:-1]
+    total = sum(exp)
+    return float(chisquare(obs, [e * sum(obs) / total for e in exp]).pvalue)
 
-    target_dist = logits_to_probs(target_model(torch.tensor([PROMPT])).logits[0, -1], SamplingParams(1.0))
-    draft_dist = logits_to_probs(draft_model(torch.tensor([PROMPT])).logits[0, -1], SamplingParams(1.0))
-    n = 800
-    counts = torch.bincount(torch.tensor([first_token(s, 3) for s in range(n)]), minlength=target_dist.numel())
-    assert pooled_p_value(counts, target_dist) > 1e-3
-    assert pooled_p_value(counts, draft_dist) < 1e-6  # the test has the power to tell draft from target
+
+@torch.inference_mode()
+def exact_sequence_probs(model, params: SamplingParams, length: int) -> dict[tuple[int, ...], float]:
+    """P(the first `length` new tokens) when `model` alone samples with `params` after PROMPT, by
+    enumerating every prefix it can produce. A sequence that samples EOS ends there (EOS is kept as its last
+    element, since the engine stops on it without emitting it)."""
+    probs = {(): 1.0}
+    for depth in range(length):
+        open_ = [p for p in probs if len(p) == depth and (not p or p[-1] != EOS_ID)]
+        if not open_:
+            break
+        dist = logits_to_probs(model(torch.tensor([PROMPT + list(p) for p in open_])).logits[:, -1], params)
+        for prefix, row in zip(open_, dist.double()):
+            base = probs.pop(prefix)
+            for token in row.nonzero().flatten().tolist():
+                probs[prefix + (token,)] = base * float(row[token])
+    return probs
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.9),
+                                    SamplingParams(temperature=1.3, top_k=12)], ids=["t0.7-top_p", "t1.3-top_k"])
+def test_speculative_sampling_keeps_the_target_distribution(draft_model, target_model, tokenizer, params):
+    """Through `speculate` (the engine loop, workers and rule): the first three tokens sampled with γ = 2,
+    which come from accepted draft tokens, recovered and bonus tokens, and span a step boundary, follow the
+    target's own distribution of three-token continuations (chi-square over 2000 seeds, exact probabilities
+    by enumeration); the same test rejects the draft's distribution."""
+    import dataclasses
+
+    engine = LocalEngine(draft_model, target_model, tokenizer)
+    counts: dict[tuple[int, ...], int] = {}
+    bonus = recovered = later_steps = 0
+    for seed in range(2000):
+        result = engine.generate(PROMPT, "fixed:2", 3, dataclasses.replace(params, seed=seed))
+        seq = tuple(result.token_ids) + ((EOS_ID,) if result.finish_reason == "stop" else ())
+        counts[seq] = counts.get(seq, 0) + 1
+        first = result.records[0]
+        bonus += first.gamma > 0 and first.accepted == first.gamma
+        recovered += first.accepted < first.gamma
+        later_steps += len(result.records) > 1
+    assert min(bonus, recovered, later_steps) >= 100, (bonus, recovered, later_steps)  # every path is exercised
+
+    def p_values(exact: dict) -> list[float]:
+        """The joint of the three tokens, and each position's marginal (more power where the joint is spread)."""
+        tests = [(counts, exact)]
+        for i in range(3):
+            observed, expected = {}, {}
+            for seq, n in counts.items():
+                observed[seq[i: i + 1]] = observed.get(seq[i: i + 1], 0) + n
+            for seq, p in exact.items():
+                expected[seq[i: i + 1]] = expected.get(seq[i: i + 1], 0.0) + p
+            tests.append((observed, expected))
+        return [pooled_p_value(o, e) for o, e in tests]
+
+    assert min(p_values(exact_sequence_probs(target_model, params, 3))) > 1e-3
+    assert min(p_values(exact_sequence_probs(draft_model, params, 3))) < 1e-6  # the test has power
+
+
+def test_a_tiny_temperature_is_greedy(engine):
+    """Dividing logits by a subnormal temperature would overflow to inf (a crash in sampling); such
+    temperatures mean greedy decoding."""
+    greedy = engine.generate(PROMPT, "fixed:2", 12)
+    for t in (3.1e-273, 1e-6):
+        assert SamplingParams(temperature=t).greedy
+        assert engine.generate(PROMPT, "fixed:2", 12, SamplingParams(temperature=t, seed=1)).token_ids == greedy.token_ids
+    assert not SamplingParams(temperature=1e-4).greedy
 
 
 def test_policies_are_interchangeable_objects():

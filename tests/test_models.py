@@ -39,3 +39,30 @@ def test_prepare_is_idempotent_and_verifies():
     messages: list[str] = []
     prepare_embedded(DRAFT, log=messages.append, show_progress=False)
     assert any("already prepared" in m for m in messages)
+
+
+def test_every_load_reverifies_the_converted_files(tmp_path, monkeypatch):
+    """A prepared model whose converted safetensors changed afterwards (a flipped byte, a missing file)
+    is refused at load, with what to run; the untouched one loads."""
+    import json
+
+    from speckv.models import DEFAULT_DRAFT, MANIFEST, _sha256, load_model
+
+    from .conftest import tiny_model
+
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    directory = models.embedded_dir(DRAFT)
+    tiny_model(0).save_pretrained(directory)
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"source_sha256": DRAFT.sha256, "files": files}))
+    assert load_model(DEFAULT_DRAFT, dtype="float32").config.hidden_size == 64
+
+    weights = directory / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match its recorded sha256.*prepare --force"):
+        load_model(DEFAULT_DRAFT, dtype="float32")
+    weights.unlink()
+    with pytest.raises(ModelError, match="missing"):
+        load_model(DEFAULT_DRAFT, dtype="float32")

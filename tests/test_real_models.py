@@ -15,9 +15,13 @@ def fp32_engine() -> LocalEngine:
 
 
 def test_default_pair_shares_tokenizer_and_eos(fp32_engine):
+    from speckv.models import DEFAULT_DRAFT, load_tokenizer
+
     tok = fp32_engine.tokenizer
-    assert len(tok) == 151_665 or tok.vocab_size <= 151_936
-    assert fp32_engine.target_model.config.vocab_size == fp32_engine.draft_model.config.vocab_size == 151_936
+    # the converted tokenizer covers exactly the models' embedding rows, and the draft's is the same one
+    assert len(tok) == tok.vocab_size == 151_936
+    assert fp32_engine.target_model.config.vocab_size == fp32_engine.draft_model.config.vocab_size == len(tok)
+    assert load_tokenizer(DEFAULT_DRAFT).get_vocab() == tok.get_vocab()
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
 
 
