@@ -2,6 +2,7 @@
 handles, streams tokens, and records metrics."""
 
 import asyncio
+import contextvars
 import hmac
 import json
 import os
@@ -89,6 +90,18 @@ class StepRetries:
                 await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
 
 
+async def release_detached(*calls: Callable[[], Awaitable]) -> None:
+    """Make the release calls so that they reach the replicas even when the request is being cancelled
+    (client gone): shielded from that cancellation, and made outside the request's context, because Serve
+    cancels the handle calls of a cancelled request that are still waiting for a replica (its child
+    requests), which left a session behind now and then."""
+    async def run() -> None:
+        await asyncio.gather(*(call() for call in calls), return_exceptions=True)
+
+    task = contextvars.Context().run(asyncio.get_running_loop().create_task, run())
+    await asyncio.shield(task)
+
+
 def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, retry: StepRetries) -> SplitExecutor:
     """Disaggregated topology: draft and target replicas reached through sticky handles."""
 
@@ -99,10 +112,8 @@ def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, ret
         return await retry(lambda: target.options(session_id=sid).verify.remote(sid, *args))
 
     async def release(sid: str) -> None:
-        # shielded: a release must reach the replicas even when the request is being cancelled (client gone)
-        await asyncio.shield(asyncio.gather(draft.options(session_id=sid).release.remote(sid),
-                                            target.options(session_id=sid).release.remote(sid),
-                                            return_exceptions=True))
+        await release_detached(lambda: draft.options(session_id=sid).release.remote(sid),
+                               lambda: target.options(session_id=sid).release.remote(sid))
 
     return SplitExecutor(propose, verify, release)
 
@@ -122,8 +133,7 @@ class RemoteColocatedExecutor:
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
 
     async def release(self, sid: str) -> None:
-        await asyncio.shield(asyncio.gather(self.target.options(session_id=sid).release.remote(sid),
-                                            return_exceptions=True))
+        await release_detached(lambda: self.target.options(session_id=sid).release.remote(sid))
 
 
 class ClosingStreamingResponse(StreamingResponse):

@@ -19,12 +19,15 @@ from .serve_helpers import save_tiny_pair
 
 class FakeHandle:
     """Stands in for a DeploymentHandle: `handle.options(...).method.remote(*args)` runs `method` of a local
-    object, unless the handle is down, when the call raises what Ray raises for a replica that is gone."""
+    object, unless the handle is down, when the call raises what Ray raises for a replica that is gone.
+    Records the Serve request context each call was made in (Serve links a call made in a request's
+    context to that request, and cancels it with the request)."""
 
     def __init__(self, target: object) -> None:
         self.target = target
         self.calls = 0
         self.fail_after: int | None = None  # calls that succeed before the replica "dies" for good
+        self.contexts: list[tuple[str, object]] = []
 
     def options(self, **_) -> FakeHandle:
         return self
@@ -36,6 +39,10 @@ class FakeHandle:
         class _Method:
             @staticmethod
             def remote(*args):
+                from ray.serve.context import _serve_request_context
+
+                handle.contexts.append((name, _serve_request_context.get()))
+
                 async def call():
                     handle.calls += 1
                     if handle.fail_after is not None and handle.calls > handle.fail_after:
@@ -146,3 +153,23 @@ def test_a_non_replica_error_is_not_retried(router):
     with pytest.raises(ValueError, match="a bug"):
         asyncio.run(r.completions(CompletionRequest(**BODY)))
     assert len(verifies) == 1
+
+
+def test_releases_are_made_outside_the_request_context(router):
+    """Serve cancels the handle calls a cancelled request made that still wait for a replica; a release made
+    in the request's context could be cancelled with it (a client going away left a draft session behind).
+    Model calls belong to the request; releases are made outside it."""
+    from ray.serve.context import _RequestContext, _serve_request_context
+
+    r, target, draft = router
+    token = _serve_request_context.set(_RequestContext(request_id="parent", _internal_request_id="parent"))
+    try:
+        asyncio.run(r.completions(CompletionRequest(**BODY)))
+    finally:
+        _serve_request_context.reset(token)
+    for handle in (target, draft):
+        by_method = {}
+        for name, ctx in handle.contexts:
+            by_method.setdefault(name, set()).add(getattr(ctx, "_internal_request_id", None))
+        assert by_method["release"] == {None}, by_method
+        assert by_method["verify" if handle is target else "propose"] == {"parent"}, by_method
