@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--context-lens", default="64,256")
     cost.add_argument("--repeats", type=_positive_int, default=3)
     cost.add_argument("--out", type=Path, default=None)
+    cost.add_argument("--check-live", type=Path, default=None, metavar="PROMPTS",
+                      help="also run the live loop on these prompts (JSONL, as for bench) and report each part of a "
+                           "step whose live time is over 1.5x what the profile predicts (speckv.costs.LIVE_OVER_PROFILE_FLAG)")
+    cost.add_argument("--live-limit", type=_positive_int, default=4, help="prompts of --check-live to run")
+    cost.add_argument("--live-policy", type=_policy, default="fixed:2",
+                      help="policy of the --check-live runs (fixed:N or heuristic: it must draft)")
+    cost.add_argument("--live-tokens", type=_positive_int, default=24, help="new tokens per --check-live prompt")
     _add_model_args(cost)
 
     report = sub.add_parser("report", help="print markdown tables of `speckv bench` results files")
@@ -172,12 +179,28 @@ def cmd_cost(args: argparse.Namespace) -> int:
         raise CLIError("--gammas and --context-lens take comma-separated integers") from None
     if any(g < 0 or g > MAX_GAMMA for g in gammas) or any(c < 1 for c in ctxs):
         raise CLIError(f"γ must be in [0, {MAX_GAMMA}] and context lengths >= 1")
-    doc = measure_costs(args.draft, args.target, args.tier, args.dtype, gammas, ctxs, args.repeats, args.device)
+    live_prompts = None
+    if args.check_live:
+        if not (args.live_policy.startswith("fixed:") or args.live_policy == "heuristic"):
+            raise CLIError(f"--live-policy {args.live_policy}: the live check needs a policy that always drafts "
+                           "(fixed:N or heuristic)")
+        from .local import encode_prompt
+        from .models import load_tokenizer
+
+        prompts = _select_prompts([args.check_live], None, None)[: args.live_limit]
+        tokenizer = load_tokenizer(args.target)
+        live_prompts = [encode_prompt(tokenizer, p.text, chat=True) for p in prompts]
+    doc = measure_costs(args.draft, args.target, args.tier, args.dtype, gammas, ctxs, args.repeats, args.device,
+                        live_prompts, args.live_policy, args.live_tokens)
     text = json.dumps(doc, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     print(text)
+    for part in doc.get("live", {}).get("flagged", []):
+        ratio = doc["live"]["parts"][part]["median_live_over_profile"]
+        print(f"speckv: warning: live {part} steps take {ratio:.2f}x what the profile predicts (median); the live "
+              "loop takes a path the profile does not time", file=sys.stderr)
     return 0
 
 

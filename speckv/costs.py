@@ -10,9 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 
+from .local import LocalEngine
 from .models import load_model
 from .replay import CostModel
 from .workers import SessionLM
+
+LIVE_OVER_PROFILE_FLAG = 1.5  # a part of the live step this much slower than the profile is reported
 
 
 def time_forward(lm: SessionLM, context: list[int], new_tokens: int, repeats: int) -> float:
@@ -30,13 +33,51 @@ def time_forward(lm: SessionLM, context: list[int], new_tokens: int, repeats: in
 
 def measure_costs(
     draft: str, target: str, tier: str, dtype: str, gammas: list[int], context_lens: list[int], repeats: int = 3,
-    device: str | None = None,
+    device: str | None = None, live_prompts: list[list[int]] | None = None, live_policy: str = "fixed:2",
+    live_tokens: int = 24,
 ) -> dict:
-    """Load the pair and measure its cost model (see `measure_loaded_costs`)."""
+    """Load the pair and measure its cost model (see `measure_loaded_costs`); with `live_prompts`, also run
+    the live loop on them and compare its steps with the model (see `live_vs_profile`)."""
     draft_lm = SessionLM(load_model(draft, "fp16", "float32" if dtype == "float32" else "auto", device))
     target_lm = SessionLM(load_model(target, tier, dtype, device))
     doc = measure_loaded_costs(draft_lm, target_lm, gammas, context_lens, repeats)
+    if live_prompts:
+        from .models import load_tokenizer
+
+        engine = LocalEngine(draft_lm.model, target_lm.model, load_tokenizer(target), tier)
+        doc["live"] = live_vs_profile(engine, CostModel.from_dict(doc["cost_model"]), live_prompts, live_policy,
+                                      live_tokens)
     return {"tier": tier, "dtype": dtype, "draft": draft, "target": target, **doc}
+
+
+def live_vs_profile(engine: LocalEngine, cost: CostModel, prompts: list[list[int]], policy: str,
+                    max_new_tokens: int) -> dict:
+    """Run the live loop (greedy) and compare each step's time inside the models with what the profiled cost
+    model predicts for that step, per part: `draft` (γ tokens drafted, the catch-up of the last step's
+    tokens included) and `verify` (γ+1 tokens scored after the context). The profile times other call
+    patterns (single tokens after a cached context), so a part whose live time is far above it means the
+    live loop takes a path the profile never sees (as the strided-logits slow path did). The first step
+    also reads the prompt, which the profile does not model: it is reported apart, as `prefill_ms`."""
+    ratios: dict[str, list[float]] = {"draft": [], "verify": []}
+    prefill = []
+    for ids in prompts:
+        records = engine.generate(ids, policy, max_new_tokens).records
+        prefill.append(records[0].draft_compute_ms + records[0].verify_compute_ms)
+        for r in records[1:]:
+            if r.gamma:
+                ratios["draft"].append(r.draft_compute_ms / (cost.draft_ms_per_token * r.gamma))
+            predicted = cost.verify_ms_base + cost.verify_ms_per_token * r.gamma + \
+                cost.verify_ms_per_context_token * r.context_len
+            ratios["verify"].append(r.verify_compute_ms / predicted)
+    parts = {}
+    for part, values in ratios.items():
+        if values:
+            median = statistics.median(values)
+            parts[part] = {"steps": len(values), "median_live_over_profile": median,
+                           "max_live_over_profile": max(values), "flagged": median > LIVE_OVER_PROFILE_FLAG}
+    return {"policy": policy, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "parts": parts,
+            "prefill_ms": statistics.median(prefill) if prefill else None,
+            "flagged": sorted(p for p, v in parts.items() if v["flagged"])}
 
 
 def measure_loaded_costs(

@@ -45,6 +45,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     (["train", "--records", "README.md"], "not a step record"),
     (["train", "--format", "speckv-paper", "--records", "README.md"], "lacks the paper's columns"),
     (["evaluate", "--records", "README.md"], "not a step record"),
+    (["cost", "--check-live", "/nonexistent.jsonl"], "does not exist"),
+    (["cost", "--check-live", "README.md", "--live-policy", "none"], "needs a policy that always drafts"),
 ])
 def test_bad_input_gives_clear_error_and_nonzero_exit(args, message):
     proc = run_cli(*args)

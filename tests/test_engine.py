@@ -33,6 +33,26 @@ def test_cache_cut_back_equals_fresh_forward(target_model):
     assert lm.hits == 1 and lm.rebuilds == 1
 
 
+def test_passes_that_keep_fewer_logits_than_they_feed_gather_rows(target_model):
+    """A catch-up (or prefill) that feeds several tokens but needs one logit asks transformers for those
+    rows by index, so the output layer runs on a fresh tensor, not on the strided view an int
+    `logits_to_keep` gives (about 25x slower in CPU bf16); a verification keeps every fed row (an int).
+    The logits are those of a pass that scores every token."""
+    seen = []
+    hook = target_model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["logits_to_keep"]), with_kwargs=True)
+    try:
+        lm = SessionLM(target_model)
+        ids = list(PROMPT)
+        lm.logits("s", ids, 1)  # prefill: 7 tokens fed, 1 kept
+        caught_up = lm.logits("s", ids + [3, 4, 5], 1)  # catch-up: 3 fed, 1 kept
+        lm.logits("s", ids + [3, 4, 5, 6, 7], 3)  # verify-like: 2 fed... after cut-back 3 fed, 3 kept
+    finally:
+        hook.remove()
+    assert [k.tolist() if torch.is_tensor(k) else k for k in seen] == [[6], [2], 3]
+    full = target_model(torch.tensor([ids + [3, 4, 5]])).logits[0, -1]
+    torch.testing.assert_close(caught_up[0], full, rtol=1e-4, atol=1e-4)
+
+
 def test_lost_session_is_rebuilt_from_token_ids(target_model):
     lm = SessionLM(target_model)
     a = lm.logits("s", PROMPT + [1, 2], 2)

@@ -172,3 +172,18 @@ def test_stop_rule_replays_like_the_live_draft_worker(draft_model, target_model,
     assert live.token_ids == reference
     assert replayed.gammas == [r.gamma for r in live.records]
     assert len(set(replayed.gammas[:-1])) > 1  # the rule really ends runs at different lengths
+
+
+def test_live_steps_compared_with_the_profile(draft_model, target_model, tokenizer):
+    """`speckv cost --check-live`: live step times over what the profile predicts, per part; a profile that
+    claims the models are far faster than they are gets both parts flagged, one that does not, neither."""
+    from speckv.costs import live_vs_profile
+    from speckv.local import LocalEngine
+
+    engine = LocalEngine(draft_model, target_model, tokenizer)
+    prompts = [[5, 17, 33, 2, 40, 41, 8], [9, 9, 30, 31, 32]]
+    doc = live_vs_profile(engine, CostModel(1e-6, 1e-6, 0.0), prompts, "fixed:2", 12)
+    assert doc["flagged"] == ["draft", "verify"] and doc["parts"]["draft"]["steps"] >= 2
+    assert doc["parts"]["verify"]["steps"] >= doc["parts"]["draft"]["steps"] and doc["prefill_ms"] > 0
+    doc = live_vs_profile(engine, CostModel(1e3, 1e4, 1e3), prompts, "fixed:2", 12)
+    assert doc["flagged"] == [] and doc["parts"]["verify"]["median_live_over_profile"] < 1.5
