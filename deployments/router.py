@@ -5,12 +5,12 @@ import asyncio
 import contextvars
 import hmac
 import json
-import os
 import logging
+import os
 import time
 from collections import Counter
-from types import SimpleNamespace
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -285,7 +285,8 @@ class Router:
 
     def _executor(self, tier: str) -> tuple[StepExecutor, StepRetries]:
         """A request's executor for a tier, with the retry counter its calls share."""
-        retry = StepRetries(self.config.retry_deadline_s, on_retry=lambda: self.metrics.retries.inc(1, {"tier": tier}))
+        retry = StepRetries(self.config.retry_deadline_s,
+                            on_retry=lambda: self.metrics.retries.inc(1, {"tier": tier}))
         target = self.targets[tier]
         if self.config.topology == "colocated":
             return RemoteColocatedExecutor(target, retry), retry

@@ -164,9 +164,64 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--live-tokens", type=_positive_int, default=24, help="new tokens per --check-live prompt")
     _add_model_args(cost)
 
+    cal = sub.add_parser("calibrate", help="measure this machine's step costs with the live loop's calls (cached)")
+    cal.add_argument("--max-gamma", type=_positive_int, default=8, help="longest draft run whose verification is timed")
+    cal.add_argument("--context-lens", default="64,512", help="context lengths to time at (comma-separated)")
+    cal.add_argument("--budget-s", type=float, default=30.0, help="time budget; measuring stops once it is spent")
+    cal.add_argument("--repeats", type=_positive_int, default=3)
+    cal.add_argument("--force", action="store_true", help="measure again even if a calibration is cached")
+    cal.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    _add_model_args(cal)
+
     report = sub.add_parser("report", help="print markdown tables of `speckv bench` results files")
     report.add_argument("files", nargs="+", type=Path)
     return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .calibration import calibration_path, load_or_calibrate
+    from .models import load_model
+    from .workers import SessionLM
+
+    try:
+        ctxs = tuple(int(c) for c in args.context_lens.split(","))
+    except ValueError:
+        raise CLIError("--context-lens takes comma-separated integers") from None
+    if not ctxs or any(c < 1 for c in ctxs):
+        raise CLIError("context lengths must be >= 1")
+    if args.max_gamma > MAX_GAMMA:
+        raise CLIError(f"--max-gamma must be in [1, {MAX_GAMMA}]")
+    if not args.budget_s > 0:
+        raise CLIError("--budget-s must be > 0")
+    draft = SessionLM(load_model(args.draft, "fp16", "float32" if args.dtype == "float32" else "auto", args.device))
+    target = SessionLM(load_model(args.target, args.tier, args.dtype, args.device))
+    with tqdm(desc="calibrating", unit="measurement", file=sys.stderr, disable=args.json) as bar:
+        def progress(done: int, planned: int) -> None:
+            bar.total = planned
+            bar.update(done - bar.n)
+
+        result, cached = load_or_calibrate(draft, target, args.tier, force=args.force, max_gamma=args.max_gamma,
+                                           context_lens=ctxs, repeats=args.repeats, budget_s=args.budget_s,
+                                           progress=progress)
+    path = calibration_path(result.key)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "path": str(path), "cached": cached}, indent=1))
+        return 0
+    key, cost = result.key, result.cost_model
+    print(f"tier {key.tier} ({key.dtype}) on {key.hardware}, torch {key.torch}, {key.device}")
+    cut = "" if result.complete else " (the budget ran out before every planned measurement)"
+    print(f"{'cached' if cached else 'measured'} in {result.seconds:.1f} s{cut}: {path}")
+    for ctx in sorted({r["context_len"] for r in result.rows}):
+        verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(result.rows, key=lambda r: r["tokens"])
+                           if r["kind"] == "verify" and r["context_len"] == ctx)
+        draft_ms = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in result.rows
+                             if r["kind"] == "draft" and r["context_len"] == ctx)
+        print(f"context {ctx}: verify ms by tokens scored {verify}; draft ms by tokens fed {draft_ms}")
+    print(f"cost model: verify {cost.verify_ms_base:.0f} + {cost.verify_ms_per_token:.1f}·γ "
+          f"+ {cost.verify_ms_per_context_token:.3f}·context ms; draft {cost.draft_ms_per_token:.0f} ms/token")
+    return 0
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
@@ -481,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report,
-                   "cost": cmd_cost, "collect": cmd_collect, "signals": cmd_signals,
+                   "cost": cmd_cost, "calibrate": cmd_calibrate, "collect": cmd_collect, "signals": cmd_signals,
                    "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
         return handler(args)
     except (CLIError, ModelError, argparse.ArgumentTypeError) as e:

@@ -1,0 +1,107 @@
+"""Calibration: the live loop's calls timed within a budget, fitted, and cached by what changes the costs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from speckv import calibration
+from speckv.calibration import CalibrationKey, calibrate, load_or_calibrate, weights_fingerprint
+from speckv.workers import SessionLM
+
+from .test_cli import run_cli
+
+
+def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_model):
+    seen = []
+    hook = target_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["input_ids"].shape[1], kw["logits_to_keep"])), with_kwargs=True)
+    try:
+        result = calibrate(SessionLM(draft_model), SessionLM(target_model), "fp16", max_gamma=3,
+                           context_lens=(16, 32), repeats=2)
+    finally:
+        hook.remove()
+    verify = sorted((r["context_len"], r["tokens"]) for r in result.rows if r["kind"] == "verify")
+    assert verify == [(16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 4)]
+    drafts = sorted((r["context_len"], r["tokens"]) for r in result.rows if r["kind"] == "draft")
+    assert drafts == [(16, 1), (16, 2), (32, 1)]  # single token, and a catch-up of two tokens keeping one logit
+    # verification after a crop: γ+1 tokens fed after the cached context, all of them scored
+    assert (4, 4) in seen and all(fed == keep for fed, keep in seen if isinstance(keep, int) and fed > 1)
+    assert result.complete and result.seconds > 0
+    cost = result.cost_model
+    assert cost.draft_ms_per_token > 0 and cost.verify_ms_base > 0
+    assert result.key.tier == "fp16" and result.key.dtype == "torch.float32"
+
+
+def test_the_budget_bounds_calibration_and_it_still_fits(draft_model, target_model):
+    result = calibrate(SessionLM(draft_model), SessionLM(target_model), "fp16", max_gamma=8, context_lens=(16, 64),
+                       budget_s=1e-9)
+    assert not result.complete
+    assert [(r["kind"], r["tokens"]) for r in result.rows] == [("draft", 1), ("verify", 1), ("verify", 9)]
+    assert result.cost_model.draft_ms_per_token > 0
+
+
+def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, target_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    draft, target = SessionLM(draft_model), SessionLM(target_model)
+    kw = {"max_gamma": 2, "context_lens": (16,), "repeats": 1}
+    first, cached = load_or_calibrate(draft, target, "fp16", **kw)
+    assert not cached and calibration.calibration_path(first.key).is_file()
+
+    measured = []
+    real = calibration.calibrate
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: measured.append(1) or real(*a, **k))
+    again, cached = load_or_calibrate(draft, target, "fp16", **kw)
+    assert cached and again.to_dict() == first.to_dict() and not measured
+    _, cached = load_or_calibrate(draft, target, "nf4", **kw)  # another tier: its own entry
+    assert not cached and measured == [1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert CalibrationKey.of(draft_model, target_model, "fp16") != first.key
+    finally:
+        torch.set_num_threads(threads)
+    calibration.calibration_path(first.key).write_text("{not json")  # a damaged file is measured anew
+    repaired, cached = load_or_calibrate(draft, target, "fp16", **kw)
+    assert not cached and json.loads(calibration.calibration_path(first.key).read_text())["format"] == 1
+    _, cached = load_or_calibrate(draft, target, "fp16", force=True, **kw)
+    assert not cached
+
+
+def test_weights_fingerprint_follows_the_files(tmp_path):
+    from .conftest import tiny_model
+
+    model = tiny_model(0)
+    model.save_pretrained(tmp_path)
+    model.config._name_or_path = str(tmp_path)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(model) == before
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes() + b"x")
+    assert weights_fingerprint(model) != before
+
+
+def test_calibrate_command(tmp_path):
+    from .conftest import perturbed_copy, tiny_model
+    from speckv.models import DEFAULT_TARGET, resolve_model_dir
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_TARGET))
+    target = tiny_model(0)
+    for name, model in (("target", target), ("draft", perturbed_copy(target, 0.2, 1))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    args = ["calibrate", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--dtype", "float32",
+            "--max-gamma", "2", "--context-lens", "16", "--repeats", "1"]
+    env = {"SPECKV_HOME": str(tmp_path / "home")}
+    first = run_cli(*args, "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert not doc["cached"] and doc["cost_model"]["verify_ms_base"] > 0 and doc["key"]["hardware"].startswith("cpu:")
+    text = run_cli(*args, env=env)
+    assert text.returncode == 0 and "cached in" in text.stdout and "cost model: verify" in text.stdout, text.stdout
+    for bad, message in ((["--budget-s", "0"], "--budget-s must be > 0"), (["--max-gamma", "99"], "--max-gamma"),
+                         (["--context-lens", "x"], "comma-separated")):
+        proc = run_cli(*args, *bad, env=env)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
