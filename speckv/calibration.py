@@ -102,7 +102,7 @@ class Calibration:
     cost_model: CostModel
     rows: list[dict] = field(default_factory=list)  # {kind: verify|draft, context_len, tokens, ms}
     seconds: float = 0.0  # how long measuring took
-    complete: bool = True  # False when the budget ended it before every planned measurement
+    complete: bool = True  # False when the budget left planned measurements out
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "key": asdict(self.key), "cost_model": self.cost_model.to_dict(),
@@ -141,21 +141,38 @@ def calibrate(
     budget_s: float = DEFAULT_BUDGET_S,
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
-    """Time the live loop's calls (module docstring) and fit a cost model; stops planning new measurements
-    once `budget_s` is spent (the first MIN_MEASUREMENTS are always made).
-    `progress(done, planned)` is called after each measurement."""
+    """Time the live loop's calls (module docstring) and fit a cost model, within `budget_s`: the first
+    MIN_MEASUREMENTS are always made; after them a measurement is made only if its estimated time (its
+    repeats, and reading a longer context into the cache first) fits in what is left of the budget, and
+    repeats stop at the deadline. `progress(done, planned)` is called after each measurement."""
     start = time.perf_counter()
+    deadline = start + budget_s
     vocab = int(target_lm.model.config.vocab_size)
     plan = _plan(max_gamma, context_lens)
     rows: list[dict] = []
+    cached = {id(draft_lm): 0, id(target_lm): 0}  # context length each model's calibration session holds
+
+    def ms_per_token(kind: str) -> float:
+        """The dearest measured ms per fed token of a model: what reading more context will cost at most."""
+        return max((r["ms"] / r["tokens"] for r in rows if r["kind"] == kind), default=0.0)
+
     for n, (kind, ctx, tokens) in enumerate(plan):
-        if n >= MIN_MEASUREMENTS and time.perf_counter() - start > budget_s:
-            break
         lm = draft_lm if kind == "draft" else target_lm
+        if n >= MIN_MEASUREMENTS:
+            same = [r["ms"] for r in rows if r["kind"] == kind and r["tokens"] >= tokens]
+            estimate_ms = (max(ctx - cached[id(lm)], 0) * ms_per_token(kind)
+                           + repeats * (min(same) if same else tokens * ms_per_token(kind)))
+            if time.perf_counter() + estimate_ms / 1e3 > deadline:
+                if progress:
+                    progress(n + 1, len(plan))
+                continue  # does not fit: later, cheaper measurements still may
         context = [(i * 37 + 11) % (vocab - 1) for i in range(ctx)]
-        times = []
         lm.logits("calibration", context, 1)
+        cached[id(lm)] = ctx
+        times = []
         for r in range(repeats):
+            if times and time.perf_counter() > deadline:
+                break
             fed = context + [(r * 101 + i * 53 + 7) % (vocab - 1) for i in range(tokens)]
             t0 = time.perf_counter()
             # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one

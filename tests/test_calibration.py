@@ -43,6 +43,16 @@ def test_the_budget_bounds_calibration_and_it_still_fits(draft_model, target_mod
     assert result.cost_model.draft_ms_per_token > 0
 
 
+def test_the_budget_holds_with_slow_calls(draft_model, target_model):
+    """Every call takes 20 ms more: a 0.6 s budget ends calibration on time (a measurement that would not
+    fit is left out, repeats stop at the deadline), not after the whole plan (about 3 s)."""
+    slow = dict(added_ms_per_call=20.0)
+    result = calibrate(SessionLM(draft_model, **slow), SessionLM(target_model, **slow), "fp16", max_gamma=8,
+                       context_lens=(16, 64), budget_s=0.6)
+    assert not result.complete and len(result.rows) >= 3
+    assert result.seconds < 0.6 + 0.15, result.seconds
+
+
 def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, target_model, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
     draft, target = SessionLM(draft_model), SessionLM(target_model)
