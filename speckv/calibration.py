@@ -119,6 +119,29 @@ class Calibration:
             raise ValueError(f"not a calibration: {e}") from None
 
 
+def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
+    """`count` token ids inside the vocabulary, spread over it, different for each `salt`."""
+    return [(salt * 101 + i * 37 + 11) % (vocab - 1) for i in range(count)]
+
+
+def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
+              deadline: float | None = None) -> float:
+    """Median ms of the live loop's call pattern: `tokens` new tokens fed after a cached `context` (the
+    cache is cut back to it before each repeat, as after a rejection), `keep` logits kept. Repeats stop
+    at `deadline` (a perf_counter time) once one is timed. Uses the session id "calibration"."""
+    vocab = int(lm.model.config.vocab_size)
+    lm.logits("calibration", context, 1)
+    times: list[float] = []
+    for r in range(repeats):
+        if times and deadline is not None and time.perf_counter() > deadline:
+            break
+        fed = context + synthetic_ids(tokens, vocab, salt=r + 1)
+        start = time.perf_counter()
+        lm.logits("calibration", fed, keep)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def _plan(max_gamma: int, context_lens: tuple[int, ...]) -> list[tuple[str, int, int]]:
     """(kind, context_len, tokens) in the order they are measured: what a cost model needs most first (the
     draft's single token, verification at γ = 0 and γmax on the first context), then the rest of the curve,
@@ -166,19 +189,10 @@ def calibrate(
                 if progress:
                     progress(n + 1, len(plan))
                 continue  # does not fit: later, cheaper measurements still may
-        context = [(i * 37 + 11) % (vocab - 1) for i in range(ctx)]
-        lm.logits("calibration", context, 1)
+        # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one
+        ms = time_call(lm, synthetic_ids(ctx, vocab), tokens, tokens if kind == "verify" else 1, repeats, deadline)
         cached[id(lm)] = ctx
-        times = []
-        for r in range(repeats):
-            if times and time.perf_counter() > deadline:
-                break
-            fed = context + [(r * 101 + i * 53 + 7) % (vocab - 1) for i in range(tokens)]
-            t0 = time.perf_counter()
-            # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one
-            lm.logits("calibration", fed, tokens if kind == "verify" else 1)
-            times.append((time.perf_counter() - t0) * 1e3)
-        rows.append({"kind": kind, "context_len": ctx, "tokens": tokens, "ms": statistics.median(times)})
+        rows.append({"kind": kind, "context_len": ctx, "tokens": tokens, "ms": ms})
         if progress:
             progress(n + 1, len(plan))
     draft_lm.release("calibration")

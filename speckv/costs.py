@@ -2,33 +2,21 @@
 
 This is the cost model exact replay and the controller use (speckv.replay.CostModel); the verify curve's
 shape is what decides whether speculation pays: nearly flat in γ where a step is memory-bound (GPUs, fp32
-on AVX2 CPUs), linear where it is compute-bound (bf16 emulated on CPUs without AVX512-BF16/AMX).
+on AVX2 CPUs), linear where it is compute-bound (bf16 emulated on CPUs without AVX512-BF16/AMX). Calls are
+timed by `speckv.calibration.time_call`, the one place that times the live loop's call patterns.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
+from .calibration import synthetic_ids, time_call
 from .local import LocalEngine
 from .models import load_model
 from .replay import CostModel
 from .workers import SessionLM
 
 LIVE_OVER_PROFILE_FLAG = 1.5  # a part of the live step this much slower than the profile is reported
-
-
-def time_forward(lm: SessionLM, context: list[int], new_tokens: int, repeats: int) -> float:
-    """Median ms to score `new_tokens` tokens after a cached `context` (the cache is cut back each time)."""
-    times = []
-    lm.logits("cost", context, 1)
-    for r in range(repeats):
-        fed = context + [(7 + r + i) % 1000 + 100 for i in range(new_tokens)]
-        start = time.perf_counter()
-        lm.logits("cost", fed, new_tokens)
-        times.append((time.perf_counter() - start) * 1e3)
-        lm.logits("cost", context, 1)  # back to the context for the next repeat
-    return statistics.median(times)
 
 
 def measure_costs(
@@ -87,13 +75,13 @@ def measure_loaded_costs(
     CostModel."""
     rows = []
     for ctx in context_lens:
-        context = [(i * 37) % 5000 + 200 for i in range(ctx)]
-        draft_ms = time_forward(draft_lm, context, 1, repeats)
+        context = synthetic_ids(ctx, int(target_lm.model.config.vocab_size))
+        draft_ms = time_call(draft_lm, context, 1, 1, repeats)
         for gamma in gammas:
             rows.append({"context_len": ctx, "gamma": gamma, "draft_ms": draft_ms * gamma,
-                         "verify_ms": time_forward(target_lm, context, gamma + 1, repeats)})
-        draft_lm.release("cost")
-        target_lm.release("cost")
+                         "verify_ms": time_call(target_lm, context, gamma + 1, gamma + 1, repeats)})
+        draft_lm.release("calibration")
+        target_lm.release("calibration")
     model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
                           [r["context_len"] for r in rows])
     return {"rows": rows, "cost_model": model.to_dict()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from speckv import calibration
@@ -115,3 +114,12 @@ def test_calibrate_command(tmp_path):
                          (["--context-lens", "x"], "comma-separated")):
         proc = run_cli(*args, *bad, env=env)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_offline_profile_times_the_same_calls(draft_model, target_model):
+    """`speckv cost` (and collect) time through the same `time_call`: every γ at every context, fitted."""
+    from speckv.costs import measure_loaded_costs
+
+    doc = measure_loaded_costs(SessionLM(draft_model), SessionLM(target_model), [0, 1, 3], [8, 24], repeats=2)
+    assert [(r["context_len"], r["gamma"]) for r in doc["rows"]] == [(8, 0), (8, 1), (8, 3), (24, 0), (24, 1), (24, 3)]
+    assert all(r["verify_ms"] > 0 for r in doc["rows"]) and doc["cost_model"]["draft_ms_per_token"] > 0
