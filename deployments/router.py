@@ -351,7 +351,6 @@ class Router:
                 stats["hop_ms"] += hop_ms(event.record)
                 stats["policy_us"] += event.record.policy_us
                 stats["finish_reason"] = event.finish_reason
-                stats["retries"] = retries.count
                 yield event
             outcome = "ok"
         except (asyncio.CancelledError, GeneratorExit):
@@ -359,7 +358,7 @@ class Router:
             raise
         finally:
             await steps.aclose()  # runs speculate's cleanup (session release) now, not at garbage collection
-            stats["retries"] = retries.count
+            stats["retries"] = retries.count  # set before any caller reads stats: it does so after this ends
             seconds = time.perf_counter() - start
             if outcome == "ok" and seconds > 0:
                 self.metrics.tokens_per_s.set(stats["completion_tokens"] / seconds, {"tier": tier})

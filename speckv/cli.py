@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--repeats", type=_positive_int, default=3)
     cost.add_argument("--out", type=Path, default=None)
     cost.add_argument("--check-live", type=Path, default=None, metavar="PROMPTS",
-                      help="also run the live loop on these prompts (JSONL, as for bench) and report each part of a "
-                           "step whose live time is over 1.5x what the profile predicts (speckv.costs.LIVE_OVER_PROFILE_FLAG)")
+                      help="also run the live loop on these prompts (JSONL, as for bench) and report each part "
+                           "of a step whose live time is over 1.5x what the profile predicts")
     cost.add_argument("--live-limit", type=_positive_int, default=4, help="prompts of --check-live to run")
     cost.add_argument("--live-policy", type=_policy, default="fixed:2",
                       help="policy of the --check-live runs (fixed:N or heuristic: it must draft)")
@@ -178,24 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _context_lens(text: str) -> list[int]:
+    """--context-lens: comma-separated context lengths, each >= 1."""
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise CLIError(f"--context-lens takes comma-separated integers, got {text!r}") from None
+    if any(c < 1 for c in values):
+        raise CLIError("context lengths must be >= 1")
+    return values
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .calibration import calibration_path, load_or_calibrate
-    from .models import load_model
+    from .models import draft_dtype_for, load_model
     from .workers import SessionLM
 
-    try:
-        ctxs = tuple(int(c) for c in args.context_lens.split(","))
-    except ValueError:
-        raise CLIError("--context-lens takes comma-separated integers") from None
-    if not ctxs or any(c < 1 for c in ctxs):
-        raise CLIError("context lengths must be >= 1")
+    ctxs = tuple(_context_lens(args.context_lens))
     if args.max_gamma > MAX_GAMMA:
         raise CLIError(f"--max-gamma must be in [1, {MAX_GAMMA}]")
     if not args.budget_s > 0:
         raise CLIError("--budget-s must be > 0")
-    draft = SessionLM(load_model(args.draft, "fp16", "float32" if args.dtype == "float32" else "auto", args.device))
+    draft = SessionLM(load_model(args.draft, "fp16", draft_dtype_for(args.dtype), args.device))
     target = SessionLM(load_model(args.target, args.tier, args.dtype, args.device))
     with tqdm(desc="calibrating", unit="measurement", file=sys.stderr, disable=args.json) as bar:
         def progress(done: int, planned: int) -> None:
@@ -229,11 +235,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     try:
         gammas = [int(g) for g in args.gammas.split(",")]
-        ctxs = [int(c) for c in args.context_lens.split(",")]
     except ValueError:
-        raise CLIError("--gammas and --context-lens take comma-separated integers") from None
-    if any(g < 0 or g > MAX_GAMMA for g in gammas) or any(c < 1 for c in ctxs):
-        raise CLIError(f"γ must be in [0, {MAX_GAMMA}] and context lengths >= 1")
+        raise CLIError("--gammas takes comma-separated integers") from None
+    if any(g < 0 or g > MAX_GAMMA for g in gammas):
+        raise CLIError(f"γ must be in [0, {MAX_GAMMA}]")
+    ctxs = _context_lens(args.context_lens)
     live_prompts = None
     if args.check_live:
         if not (args.live_policy.startswith("fixed:") or args.live_policy == "heuristic"):

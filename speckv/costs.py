@@ -12,7 +12,7 @@ import statistics
 
 from .calibration import synthetic_ids, time_call
 from .local import LocalEngine
-from .models import load_model
+from .models import draft_dtype_for, load_model
 from .replay import CostModel
 from .workers import SessionLM
 
@@ -26,7 +26,7 @@ def measure_costs(
 ) -> dict:
     """Load the pair and measure its cost model (see `measure_loaded_costs`); with `live_prompts`, also run
     the live loop on them and compare its steps with the model (see `live_vs_profile`)."""
-    draft_lm = SessionLM(load_model(draft, "fp16", "float32" if dtype == "float32" else "auto", device))
+    draft_lm = SessionLM(load_model(draft, "fp16", draft_dtype_for(dtype), device))
     target_lm = SessionLM(load_model(target, tier, dtype, device))
     doc = measure_loaded_costs(draft_lm, target_lm, gammas, context_lens, repeats)
     if live_prompts:

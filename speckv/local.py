@@ -14,7 +14,7 @@ from .engine import (
     SplitExecutor,
     run_to_completion,
 )
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, load_model, load_tokenizer
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
 from .policy import make_policy
 from .sampling import SamplingParams
 from .workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
@@ -87,7 +87,7 @@ class LocalEngine:
         draft_tok = load_tokenizer(draft)
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"draft {draft!r} and target {target!r} do not share a tokenizer")
-        draft_dtype = draft_dtype or ("float32" if dtype == "float32" else "auto")
+        draft_dtype = draft_dtype or draft_dtype_for(dtype)
         draft_model = load_model(draft, "fp16", draft_dtype, device)
         target_model = load_model(target, tier_enum, dtype, device)
         return cls(draft_model, target_model, tokenizer, tier_enum.value)

@@ -90,6 +90,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def draft_dtype_for(target_dtype: str) -> str:
+    """The draft's compute dtype for a target's: half precision (auto) unless the target runs in float32, the
+    exactness setting, where both models must."""
+    return "float32" if target_dtype == "float32" else "auto"
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """`auto` is half precision: float16 on CUDA, bfloat16 elsewhere."""
     if name == "auto":
