@@ -18,7 +18,8 @@ from .workers import DraftDeployment, TargetDeployment, WorkerSpec
 def build_app(args: dict | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     common = dict(device=config.device, max_sessions=config.max_sessions_per_replica,
-                  idle_timeout_s=config.session_idle_timeout_s, torch_threads=config.torch_threads)
+                  idle_timeout_s=config.session_idle_timeout_s, torch_threads=config.torch_threads,
+                  calibration_budget_s=config.calibration_budget_s)
     delay = config.added_ms_per_call.get
     draft_spec = WorkerSpec(model=config.draft_model, dtype=config.draft_dtype, added_ms_per_call=delay("draft", 0.0),
                             **common)

@@ -95,17 +95,19 @@ def controller_hop_ms(n: int = 50) -> dict:
     """What a per-step γ decision through the controller deployment would cost (the design not taken)."""
     from ray import serve
 
+    from speckv.cost_model import CostModel
     from speckv.policy import StepContext
     from speckv.signals import SignalSummary
 
     handle = serve.get_deployment_handle("controller", "speckv")
     ctx = StepContext(step=3, position=10, context_len=60, prev_gamma=2, prev_accepted=1,
                       prev_signals=SignalSummary(), prev_last_confidence=0.8, drafted_total=6, accepted_total=4)
-    handle.choose.remote("fp16", ctx).result()
+    cost = CostModel(80.0, 250.0, 40.0)
+    handle.choose.remote("fp16", ctx, cost).result()
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        handle.choose.remote("fp16", ctx).result()
+        handle.choose.remote("fp16", ctx, cost).result()
         times.append((time.perf_counter() - start) * 1e3)
     return {"p50": percentile(times, 50), "p99": percentile(times, 99)}
 

@@ -37,6 +37,9 @@ class AppConfig(BaseModel):
     controller_artifact: str | None = Field(
         None, description="controller artifact path (safetensors + JSON); default: the one shipped with speckv"
     )
+    calibration_budget_s: float = Field(
+        30.0, gt=0, description="seconds each draft/target pair may spend measuring its step costs when a replica "
+        "loads (target 22/30 of it, draft 8/30); cached per machine and setting under SPECKV_HOME")
     policy_refresh_s: float = Field(5.0, gt=0, description="how often the router checks the controller version")
     default_policy: str = Field("adaptive", description="policy when a request names none")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica")

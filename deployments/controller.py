@@ -10,6 +10,8 @@ from __future__ import annotations
 from ray import serve
 
 from speckv.controller import ControllerSnapshot, load_snapshot
+from speckv.cost_model import CostModel
+from speckv.estimates import TierEstimates
 from speckv.policy import StepContext, make_policy
 
 
@@ -29,6 +31,6 @@ class ControllerDeployment:
         self._snapshot = load_snapshot(artifact)
         return self._snapshot.version
 
-    def choose(self, tier: str, context: StepContext) -> int:
-        """One stateless γ decision through a hop (for measuring that design against the cached snapshot)."""
-        return make_policy("adaptive", tier, self._snapshot).choose(context)
+    def choose(self, tier: str, context: StepContext, cost: CostModel) -> int:
+        """One γ decision through a hop (for measuring that design against the cached snapshot)."""
+        return make_policy("adaptive", tier, self._snapshot, TierEstimates.calibrated(cost)).choose(context)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
+from speckv.estimates import TierEstimates
 from speckv.records import StepRecord
 
 MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -32,6 +33,15 @@ class ServeMetrics:
         self.retries = metrics.Counter("speckv_step_retries", "model calls retried after a replica went away",
                                        tag_keys=tags)
         self.requests = metrics.Counter("speckv_requests", "finished requests by outcome", tag_keys=("tier", "outcome"))
+        # what `adaptive` currently estimates (speckv.estimates), per tier
+        self.cost_ms = metrics.Gauge("speckv_estimated_cost_ms", "estimated ms: draft per token, verify of one token",
+                                     tag_keys=("tier", "part"))
+        self.cost_scale = metrics.Gauge("speckv_cost_scale", "live step time over the calibration's",
+                                        tag_keys=("tier", "part"))
+        self.acceptance_bias = metrics.Gauge("speckv_acceptance_bias", "log-odds correction to predicted acceptance",
+                                             tag_keys=("tier", "mode"))
+        self.rate = metrics.Gauge("speckv_estimated_tokens_per_s", "decode rate that prices a millisecond",
+                                  tag_keys=("tier", "mode"))
 
     def step(self, record: StepRecord) -> None:
         tags = {"tier": record.tier}
@@ -44,6 +54,18 @@ class ServeMetrics:
         self.draft_ms.observe(record.draft_ms, tags)
         self.verify_ms.observe(record.verify_ms, tags)
         self.hop_ms.observe(hop_ms(record), tags)
+
+
+    def estimates(self, tier: str, estimates: TierEstimates) -> None:
+        doc = estimates.to_dict()
+        cost = doc["cost"]
+        for part in ("draft", "verify"):
+            self.cost_scale.set(cost[f"{part}_scale"], {"tier": tier, "part": part})
+        self.cost_ms.set(cost["draft_ms_per_token"], {"tier": tier, "part": "draft"})
+        self.cost_ms.set(cost["verify_ms_1_token"], {"tier": tier, "part": "verify"})
+        for mode in ("greedy", "sampled"):
+            self.acceptance_bias.set(doc[mode]["acceptance_bias"], {"tier": tier, "mode": mode})
+            self.rate.set(doc[mode]["tokens_per_s"], {"tier": tier, "mode": mode})
 
 
 def hop_ms(record: StepRecord) -> float:

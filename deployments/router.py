@@ -19,7 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from speckv.calibration import Calibration, cost_model
 from speckv.controller import ControllerSnapshot
+from speckv.estimates import TierEstimates
 from speckv.engine import (GenerationRequest, SplitExecutor, StepCall, StepEvent, StepExecutor, TextAssembler,
                            speculate)
 from speckv.local import encode_prompt, eos_token_ids
@@ -278,6 +280,7 @@ class Router:
         self.controller = controller
         self._snapshot: ControllerSnapshot | None = None
         self._snapshot_checked = 0.0
+        self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
         self.active = 0  # generations in flight on this replica (admission control)
 
@@ -300,6 +303,17 @@ class Router:
                 self._snapshot = await self.controller.snapshot.remote()
             self._snapshot_checked = time.monotonic()
         return self._snapshot
+
+    async def _tier_estimates(self, tier: str) -> TierEstimates:
+        """What `adaptive` knows of a tier's step costs: the calibration its replicas measured when they loaded
+        (fetched once), followed online by every step this router runs."""
+        if tier not in self._estimates:
+            measured = await self.targets[tier].calibration.remote()
+            if "draft" not in measured:
+                measured = {**measured, **(await self.draft.calibration.remote())}
+            cost = cost_model(Calibration.from_dict(measured["draft"]), Calibration.from_dict(measured["target"]))
+            self._estimates.setdefault(tier, TierEstimates.calibrated(cost))
+        return self._estimates[tier]
 
     async def _prepare(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None):
         tier = self.model_ids.get(req.model)
@@ -326,8 +340,10 @@ class Router:
         except ValueError as e:
             raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from None
         spec = req.speculation.policy_spec() if req.speculation else self.config.default_policy
-        snapshot = await self._controller_snapshot() if spec == "adaptive" else None
-        policy = make_policy(spec, tier.value, snapshot)
+        snapshot = estimates = None
+        if spec == "adaptive":
+            snapshot, estimates = await self._controller_snapshot(), await self._tier_estimates(tier.value)
+        policy = make_policy(spec, tier.value, snapshot, estimates, sampling.greedy)
         return request, policy, tier.value, snapshot
 
     async def _events(self, request: GenerationRequest, policy, tier: str, stats: dict) -> AsyncIterator[StepEvent]:
@@ -359,6 +375,10 @@ class Router:
         finally:
             await steps.aclose()  # runs speculate's cleanup (session release) now, not at garbage collection
             stats["retries"] = retries.count  # set before any caller reads stats: it does so after this ends
+            report = getattr(policy, "report", None)  # adaptive: what it estimates now
+            stats["estimates"] = report() if report else None
+            if tier in self._estimates:
+                self.metrics.estimates(tier, self._estimates[tier])
             seconds = time.perf_counter() - start
             if outcome == "ok" and seconds > 0:
                 self.metrics.tokens_per_s.set(stats["completion_tokens"] / seconds, {"tier": tier})
@@ -384,6 +404,8 @@ class Router:
                "retries": stats["retries"]}
         if stats["controller_version"]:  # adaptive: the controller snapshot its decisions came from
             out["controller_version"] = stats["controller_version"]
+        if stats.get("estimates"):  # adaptive: its step costs, acceptance bias and rate at the end of the request
+            out["estimates"] = stats["estimates"]
         return out
 
     def _admit(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
+from speckv.calibration import DRAFT_TIER, budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
 from speckv.models import load_model
@@ -35,12 +36,20 @@ class WorkerSpec:
     idle_timeout_s: float = 600.0
     torch_threads: int | None = None
     added_ms_per_call: float = 0.0  # see SessionLM
+    calibration_budget_s: float | None = None  # for a draft/target pair; None: speckv.calibration's default
 
     def build_lm(self) -> SessionLM:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         model = load_model(self.model, self.tier, self.dtype, self.device)
         return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call)
+
+    def calibrate(self, lm: SessionLM, role: str) -> dict:
+        """This replica's step costs, measured at load (or cached for this machine and setting): the router
+        prices γ with them (speckv.calibration)."""
+        tier = DRAFT_TIER if role == "draft" else self.tier
+        result, _ = load_or_calibrate(lm, role, tier, budget_s=budget_share(role, self.calibration_budget_s))
+        return result.to_dict()
 
 
 def _replica_id() -> str:
@@ -60,6 +69,11 @@ def _node_id() -> str:
 class DraftDeployment:
     def __init__(self, spec: WorkerSpec) -> None:
         self.worker = DraftWorker(spec.build_lm())
+        self._calibration = spec.calibrate(self.worker.lm, "draft")
+
+    def calibration(self) -> dict:
+        """{"draft": this replica's calibration (speckv.calibration.Calibration as a dict)}."""
+        return {"draft": self._calibration}
 
     def propose(
         self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
@@ -85,6 +99,13 @@ class TargetDeployment:
         self.worker = TargetWorker(spec.build_lm())
         self.draft = DraftWorker(draft.build_lm()) if draft else None
         self.executor = local_executor(self.draft, self.worker) if self.draft else None
+        self._calibration = {"target": spec.calibrate(self.worker.lm, "target")}
+        if self.draft:
+            self._calibration["draft"] = draft.calibrate(self.draft.lm, "draft")
+
+    def calibration(self) -> dict:
+        """{"target": this replica's calibration, and "draft" when it also drafts} (as dicts)."""
+        return self._calibration
 
     def verify(
         self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams

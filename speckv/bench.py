@@ -44,7 +44,7 @@ class BenchConfig:
     repeats: int = 1
     prompts_file: str = ""
     device: str | None = None
-    controller: str | None = None  # controller.json for adaptive and the oracle's cost model (None: shipped)
+    controller: str | None = None  # controller.json for adaptive (None: shipped)
 
 
 ORACLE = "oracle"  # bench-only: the best γ sequence for the prompt, replayed (speckv.replay.oracle)
@@ -168,11 +168,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
 
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
     engine.controller = load_snapshot(config.controller)
-    oracle_cost = None
-    if ORACLE in config.policies:
-        if config.tier not in engine.controller.artifact.cost_models:
-            raise ValueError(f"the controller has no cost model for tier {config.tier!r}, which the oracle needs")
-        oracle_cost = engine.controller.artifact.cost_models[config.tier]
+    oracle_cost = engine.calibrate().cost.base  # this machine's calibration: adaptive's prior, the oracle's prices
     live = [p for p in config.policies if p != ORACLE]
     encoded = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in prompts]
     engine.generate(encoded[0], "fixed:2", 4, config.sampling)  # warm-up: first-call allocations, kernels
@@ -197,7 +193,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
                     "gammas": [rec.gamma for rec in r.records],
                     "policy_us": [rec.policy_us for rec in r.records],
                 })
-            if oracle_cost is not None:
+            if ORACLE in config.policies:
                 runs[ORACLE].append(oracle_row(engine, ids, runs["none"][-1], oracle_cost))
             bar.set_postfix_str(f"{prompt.category}:{prompt.question_id}")
     doc = summarize(config, runs)

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", required=True, type=Path, help="JSONL with question_id, category, turns")
     bench.add_argument("--policies", default="none,fixed:2,fixed:4,heuristic,adaptive,hf-assisted",
                        help="comma-separated; also `oracle` (greedy, with `none`): the best γ sequence, by replay")
-    bench.add_argument("--controller", default=None, help="controller.json for adaptive and oracle's cost model")
+    bench.add_argument("--controller", default=None, help="controller.json for adaptive (default: the shipped one)")
     bench.add_argument("--limit-per-category", type=_positive_int, default=None)
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
     bench.add_argument("--repeats", type=_positive_int, default=1, help="runs of each (prompt, policy) pair")
@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "and controller inputs; acceptance then comes from the source tier, so label it a proxy")
     ev.add_argument("--source-tier", default=None, help="only traces collected at this tier")
 
+    sh = sub.add_parser("shapes", help="replay traces under step-cost shapes this machine lacks (GPU-like, other "
+                        "CPUs, step changes): adaptive against the best fixed γ on each")
+    sh.add_argument("--records", required=True, type=Path, action="append",
+                    help="records JSONL with traces, or a `speckv collect` directory (repeatable)")
+    sh.add_argument("--tier", default="fp16", help="tier whose traces to replay")
+    sh.add_argument("--controller", default=None, help="controller.json (default: the one shipped with speckv)")
+    sh.add_argument("--split", default="test", choices=["test", "train", "all"])
+    sh.add_argument("--out", type=Path, default=Path("results/shapes.json"))
+
     cost = sub.add_parser("cost", help="measure a tier's step costs (draft ms/token, verify ms per γ)")
     cost.add_argument("--gammas", default="0,1,2,3,4,6,8")
     cost.add_argument("--context-lens", default="64,256")
@@ -167,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure this machine's step costs with the live loop's calls (cached)")
     cal.add_argument("--max-gamma", type=_positive_int, default=8, help="longest draft run whose verification is timed")
     cal.add_argument("--context-lens", default="64,512", help="context lengths to time at (comma-separated)")
-    cal.add_argument("--budget-s", type=float, default=30.0, help="time budget; measuring stops once it is spent")
+    cal.add_argument("--budget-s", type=float, default=30.0,
+                     help="time budget for both models (target 22/30 of it, draft 8/30); measuring stops once it is spent")
     cal.add_argument("--repeats", type=_positive_int, default=3)
     cal.add_argument("--force", action="store_true", help="measure again even if a calibration is cached")
     cal.add_argument("--json", action="store_true", help="print the calibration as JSON")
@@ -192,7 +202,7 @@ def _context_lens(text: str) -> list[int]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .calibration import calibration_path, load_or_calibrate
+    from .calibration import calibrate_pair, calibration_path
     from .models import draft_dtype_for, load_model
     from .workers import SessionLM
 
@@ -208,21 +218,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             bar.total = planned
             bar.update(done - bar.n)
 
-        result, cached = load_or_calibrate(draft, target, args.tier, force=args.force, max_gamma=args.max_gamma,
-                                           context_lens=ctxs, repeats=args.repeats, budget_s=args.budget_s,
-                                           progress=progress)
-    path = calibration_path(result.key)
+        pair = calibrate_pair(draft, target, args.tier, args.budget_s, args.force, max_gamma=args.max_gamma,
+                              context_lens=ctxs, repeats=args.repeats, progress=progress)
+    cost = pair.cost_model
     if args.json:
-        print(json.dumps({**result.to_dict(), "path": str(path), "cached": cached}, indent=1))
+        print(json.dumps({"cost_model": cost.to_dict(), "cached": pair.cached, "seconds": pair.seconds,
+                          **{c.key.role: {**c.to_dict(), "path": str(calibration_path(c.key))}
+                             for c in (pair.target, pair.draft)}}, indent=1))
         return 0
-    key, cost = result.key, result.cost_model
+    key = pair.target.key
     print(f"tier {key.tier} ({key.dtype}) on {key.hardware}, torch {key.torch}, {key.device}")
-    cut = "" if result.complete else " (the budget ran out before every planned measurement)"
-    print(f"{'cached' if cached else 'measured'} in {result.seconds:.1f} s{cut}: {path}")
-    for ctx in sorted({r["context_len"] for r in result.rows}):
-        verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(result.rows, key=lambda r: r["tokens"])
+    for c in (pair.target, pair.draft):
+        cut = "" if c.complete else " (the budget ran out before every planned measurement)"
+        print(f"{c.key.role}: {'cached' if pair.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
+              f"{calibration_path(c.key)}")
+    rows = pair.target.rows + pair.draft.rows
+    for ctx in sorted({r["context_len"] for r in rows}):
+        verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(rows, key=lambda r: r["tokens"])
                            if r["kind"] == "verify" and r["context_len"] == ctx)
-        draft_ms = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in result.rows
+        draft_ms = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in rows
                              if r["kind"] == "draft" and r["context_len"] == ctx)
         print(f"context {ctx}: verify ms by tokens scored {verify}; draft ms by tokens fed {draft_ms}")
     print(f"cost model: verify {cost.verify_ms_base:.0f} + {cost.verify_ms_per_token:.1f}·γ "
@@ -357,12 +371,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(doc))
     else:
         for key in ("test_corr", "raw_corr", "raw_best_feature", "raw_best_signal", "train_states", "test_states",
-                    "token_auc", "token_auc_confidence", "version", "draft_stop", "max_gamma",
+                    "token_auc", "token_auc_confidence", "token_weights", "version",
                     "policy_tokens_per_step"):
             if key in doc:
                 print(f"{key}: {doc[key]}")
         if args.out:
             print(f"written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from .controller import SHIPPED, ControllerArtifact
+    from .replay import resize
+    from .shapes import report
+    from .training import load_collection, split_of, traces_from_records
+
+    try:
+        artifact = ControllerArtifact.load(args.controller or SHIPPED)
+        records, costs = load_collection(args.records)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    traces = [resize(t, 2 * artifact.gamma_max) for (tier, _), t in sorted(traces_from_records(records).items())
+              if tier == args.tier and (args.split == "all" or split_of(t.prompt_id) == args.split)]
+    if not traces:
+        raise CLIError(f"no {args.tier} traces in the {args.split} split of the records")
+    doc = report(artifact, traces, costs.get(args.tier), args.tier)
+    doc.update(controller=artifact.version(), prompts=len(traces), tier=args.tier, split=args.split)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"{len(traces)} {args.tier} traces; adaptive / best of none and fixed γ 1..8 (geomean tokens/s):")
+    for name, s in doc["shapes"].items():
+        print(f"  {name:<20} best {s['best']:<8} adaptive {s['adaptive_over_best']:.3f}  "
+              f"(frozen, no online learning: {s['frozen_over_best']:.3f})  mean γ {s['policies']['adaptive']['mean_gamma']:.2f}")
+    for name, c in doc["changes"].items():
+        print(f"  step change {name:<16} after 30 steps: adaptive {c['learning'].get('adaptive_over_best', 0):.3f}"
+              f" of {c['learning'].get('best')}, frozen {c['frozen'].get('adaptive_over_best', 0):.3f}")
+    print(f"written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -372,7 +416,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         artifact = ControllerArtifact.load(args.controller or SHIPPED)
-        records, _ = load_collection(args.records)
+        records, costs = load_collection(args.records)
         traces = {k: t for k, t in traces_from_records(records).items()
                   if (args.split == "all" or split_of(t.prompt_id) == args.split)
                   and (args.source_tier is None or k[0] == args.source_tier)}
@@ -382,7 +426,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     if not traces:
         raise CLIError(f"no traces in the {args.split} split of the records")
-    doc = evaluate(artifact, traces)
+    missing = sorted({tier for tier, _ in traces} - set(costs))
+    if missing:
+        raise CLIError(f"no cost model (cost_<tier>.json beside the records) for tier(s) {', '.join(missing)}")
+    doc = evaluate(artifact, traces, costs)
     doc["controller"] = {"version": artifact.version(), "path": str(args.controller or SHIPPED)}
     doc["split"] = args.split
     doc["proxy"] = {"source_tier": args.source_tier, "as_tier": args.as_tier} if args.as_tier else None
@@ -543,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler = {"models": cmd_models, "generate": cmd_generate, "bench": cmd_bench, "report": cmd_report,
                    "cost": cmd_cost, "calibrate": cmd_calibrate, "collect": cmd_collect, "signals": cmd_signals,
-                   "train": cmd_train, "evaluate": cmd_evaluate}[args.command]
+                   "train": cmd_train, "evaluate": cmd_evaluate, "shapes": cmd_shapes}[args.command]
         return handler(args)
     except (CLIError, ModelError, argparse.ArgumentTypeError) as e:
         print(f"speckv: error: {e}", file=sys.stderr)

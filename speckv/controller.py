@@ -1,29 +1,31 @@
-"""The learned γ controller: its artifact, its snapshot (what a router caches) and the `adaptive` policy.
+"""The learned γ controller: its artifact (the acceptance predictors), its snapshot (what a router caches)
+and the `adaptive` policy.
 
 Model: a small MLP maps features known before drafting (the previous step's draft signals and outcome,
 the request's running acceptance, position, tier) to acceptance_probs[k-1] = P(the draft's first k tokens
-are all accepted), k = 1..γmax. The policy turns that into the γ that maximises expected tokens per second
-under the tier's measured cost model:
+are all accepted), k = 1..γmax; a per-token logistic model (speckv.signals.DraftStop.token_weights) says,
+while the draft runs, how likely each token is to be accepted given the ones before it. Both are about
+text and models, not hardware: they are all the artifact holds.
+
+Everything that depends on the machine and the moment is estimated at run time (speckv.estimates): the
+step costs (calibrated when the models load, then followed online), an acceptance bias on the predictors
+(per request and per tier, greedy and sampled apart) and the decode rate R (tokens per ms) that prices a
+millisecond. With them:
 
     expected_tokens(γ) = 1 + Σ_{k ≤ γ} acceptance_probs[k-1]        (accepted tokens + the bonus/recovered one)
-    γ* = argmax_γ expected_tokens(γ) − rate · step_ms(γ, context_len),   γ ∈ 0..γmax  (0 = no speculation)
+    γ* = argmax_γ expected_tokens(γ) − R · step_ms(γ),   γ ∈ 0..γmax  (0 = no speculation)
 
-`rate` (tokens per ms, per tier) prices a millisecond at the decode rate the tier reaches over a whole
-request: a step pays if it yields more tokens than that time would yield on average. This is the
-long-run-rate (renewal-reward) criterion; maximising each step's own tokens/ms instead under-drafts in easy
-stretches.
-
-Within a step the draft's own per-token signals say more than anything known before it (speckv.signals
-.DraftStop: the run ends once the predicted probability that all its tokens are accepted falls below a
-per-tier threshold). Where that pays (the slow int8/nf4 tiers, whose verify pass costs far more than a draft
-token), the policy uses γ* only to decide *whether* to draft, or drafts at every step (rate 0), and lets the
-run go up to `max_gamma` tokens, ending it on the stop rule. `rate`, the stop rule and `max_gamma` are tuned
-per tier by replay on the training traces (speckv.training.tune_decision); docs/RESULTS.md says which way
-of deciding won per tier on this machine, and by how much.
+This is the long-run-rate (renewal-reward) criterion, with R the rate the request is reaching (Dinkelbach's
+iteration toward the best achievable one); maximising each step's own tokens/ms instead under-drafts in
+easy stretches. Within the run the draft stops after a token once P(every token so far is accepted) falls
+below R · (the marginal ms of one more token): past it, a token costs more time than it is expected to
+give. When γ* = γmax the run may go on to 2·γmax, ended by that rule. γ = 0 is never absorbing: after a
+stretch of target-only steps a one-token probe drafts again, spaced so probes cost at most 2% of
+throughput where drafting never pays, and what it shows updates the estimates.
 
 Inference is plain numpy (a 15x32x8 MLP; torch's per-call overhead would dominate at this size).
 Artifact on disk: `controller.safetensors` (weights and feature normalisation) + `controller.json`
-(features, tiers, per-tier cost models, draft stop rules and γ caps, training summary, version). No pickle.
+(features, token acceptance weights, training summary, version). No pickle.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .estimates import RequestEstimates, TierEstimates
 from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
-from .replay import CostModel
-from .signals import NO_STOP, DraftStop
+from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftStop
 
 ARTIFACT_KIND = "speckv-gamma-controller"
-ARTIFACT_FORMAT_VERSION = 2  # 2: per-tier DraftStop rules and max_gamma
+ARTIFACT_FORMAT_VERSION = 3  # 3: acceptance predictors only; costs and decision settings are run-time estimates
+READABLE_FORMATS = (2, 3)  # 2 also held one machine's cost models and tuned settings, now ignored
 TIERS = ("fp16", "int8", "nf4")
 FEATURES = (
     "prev_drafted",  # 1 if the previous step drafted anything, else 0 (its signals below are then 0)
@@ -55,6 +58,8 @@ FEATURES = (
     "log_context_len",
     *(f"tier_{t}" for t in TIERS),
 )
+PROBE_SHARE = 0.02  # where drafting never pays, probes cost at most this share of throughput
+MIN_PROBE_EVERY = 8  # target-only steps between probes, at least
 SHIPPED_DIR = Path(__file__).parent / "data"
 SHIPPED = SHIPPED_DIR / "controller.json"
 
@@ -79,7 +84,7 @@ def features(context: StepContext, tier: str) -> list[float]:
 
 @dataclass
 class ControllerArtifact:
-    """A trained controller as plain data: MLP weights, feature normalisation and per-tier decision inputs."""
+    """A trained controller as plain data: MLP weights, feature normalisation, token acceptance weights."""
 
     w1: np.ndarray  # [F, H]
     b1: np.ndarray  # [H]
@@ -87,10 +92,7 @@ class ControllerArtifact:
     b2: np.ndarray  # [γmax]
     feature_mean: np.ndarray  # [F]
     feature_std: np.ndarray  # [F]
-    cost_models: dict[str, CostModel]
-    draft_stop: dict[str, DraftStop]  # per tier: when the draft ends a run early
-    rate: dict[str, float]  # per tier: tokens per ms a step must beat (module docstring)
-    max_gamma: dict[str, int] = field(default_factory=dict)  # per tier: run cap when drafting; 0 = γ* itself
+    token_weights: tuple[float, ...] = ()  # DraftStop.token_weights; () = no within-run stop rule
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -112,9 +114,7 @@ class ControllerArtifact:
         digest = hashlib.sha256()
         for name, t in sorted(self.tensors().items()):
             digest.update(name.encode() + np.ascontiguousarray(t, dtype=np.float32).tobytes())
-        digest.update(json.dumps({t: c.to_dict() for t, c in sorted(self.cost_models.items())}, sort_keys=True).encode())
-        digest.update(json.dumps([{t: r.to_dict() for t, r in self.draft_stop.items()}, self.rate, self.max_gamma],
-                                 sort_keys=True).encode())
+        digest.update(json.dumps(list(self.token_weights)).encode())
         return digest.hexdigest()[:12]
 
     def save(self, out_dir: Path) -> Path:
@@ -126,11 +126,9 @@ class ControllerArtifact:
                   str(out_dir / "controller.safetensors"))
         meta = {
             "kind": ARTIFACT_KIND, "format_version": ARTIFACT_FORMAT_VERSION, "version": self.version(),
-            "features": list(FEATURES), "tiers": sorted(self.cost_models), "gamma_max": self.gamma_max,
+            "features": list(FEATURES), "tiers": list(TIERS), "gamma_max": self.gamma_max,
             "hidden": int(self.w1.shape[1]), "weights": "controller.safetensors",
-            "cost_models": {t: c.to_dict() for t, c in self.cost_models.items()},
-            "draft_stop": {t: r.to_dict() for t, r in self.draft_stop.items()}, "rate_tokens_per_ms": self.rate,
-            "max_gamma": self.max_gamma, **self.metadata,
+            "token_weights": list(self.token_weights), **self.metadata,
         }
         path = out_dir / "controller.json"
         path.write_text(json.dumps(meta, indent=1))
@@ -151,30 +149,32 @@ class ControllerArtifact:
         if not isinstance(meta, dict) or meta.get("kind") != ARTIFACT_KIND:
             raise ValueError(f"{path} is not a SpecKV γ controller artifact (kind {meta.get('kind')!r})"
                              if isinstance(meta, dict) else f"{path} is not a JSON object")
-        if meta.get("format_version") != ARTIFACT_FORMAT_VERSION or meta.get("features") != list(FEATURES):
+        if meta.get("format_version") not in READABLE_FORMATS or meta.get("features") != list(FEATURES):
             raise ValueError(f"{path}: artifact format {meta.get('format_version')} with features "
-                             f"{meta.get('features')} does not match this speckv (format {ARTIFACT_FORMAT_VERSION})")
+                             f"{meta.get('features')} does not match this speckv (formats {READABLE_FORMATS})")
         try:
             t = load_file(str(path.parent / meta["weights"]))
-            artifact = cls(
-                t["w1"], t["b1"], t["w2"], t["b2"], t["feature_mean"], t["feature_std"],
-                {tier: CostModel.from_dict(c) for tier, c in meta["cost_models"].items()},
-                {tier: DraftStop.from_dict(v) for tier, v in meta["draft_stop"].items()},
-                {tier: float(v) for tier, v in meta["rate_tokens_per_ms"].items()},
-                {tier: int(v) for tier, v in meta.get("max_gamma", {}).items()},
-                {k: v for k, v in meta.items() if k in ("training", "trained_at", "records")},
-            )
+            artifact = cls(t["w1"], t["b1"], t["w2"], t["b2"], t["feature_mean"], t["feature_std"],
+                           _token_weights(meta), {k: v for k, v in meta.items() if k in ("training", "trained_at")})
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: incomplete controller artifact: {e}") from None
         f, h = artifact.w1.shape
-        if any(not 0 <= g <= MAX_GAMMA for g in artifact.max_gamma.values()):
-            raise ValueError(f"{path}: max_gamma must lie in 0..{MAX_GAMMA}, got {artifact.max_gamma}")
         if (f != len(FEATURES) or artifact.b1.shape != (h,) or artifact.w2.shape[0] != h
                 or artifact.b2.shape != (artifact.gamma_max,)):
             raise ValueError(f"{path}: weight shapes do not match the feature list")
-        if artifact.version() != meta.get("version"):
+        if artifact.token_weights and len(artifact.token_weights) != len(TOKEN_ACCEPTANCE_FEATURES) + 1:
+            raise ValueError(f"{path}: token_weights needs {len(TOKEN_ACCEPTANCE_FEATURES) + 1} values")
+        if meta["format_version"] == ARTIFACT_FORMAT_VERSION and artifact.version() != meta.get("version"):
             raise ValueError(f"{path}: weights do not match the recorded version {meta.get('version')!r}")
         return artifact
+
+
+def _token_weights(meta: dict) -> tuple[float, ...]:
+    """The token acceptance weights of an artifact (format 2 kept them in its per-tier stop rules)."""
+    if meta["format_version"] >= 3:
+        return tuple(float(w) for w in meta.get("token_weights", ()))
+    found = [r.get("token_weights") for r in meta.get("draft_stop", {}).values() if r.get("token_weights")]
+    return tuple(float(w) for w in found[0]) if found else ()
 
 
 @dataclass(frozen=True)
@@ -192,79 +192,108 @@ def load_snapshot(path: str | None = None) -> ControllerSnapshot:
 
 
 class AdaptivePolicy:
-    """γ per step from the learned acceptance model and the tier's cost model (module docstring)."""
+    """γ per step from the learned acceptance predictors and the run-time estimates (module docstring).
 
-    def __init__(self, artifact: ControllerArtifact, tier: str) -> None:
-        if tier not in artifact.cost_models:
-            raise ValueError(f"the controller has no cost model for tier {tier!r} (it has "
-                             f"{', '.join(sorted(artifact.cost_models))}); collect and train for that tier")
+    Per request. `choose` is a handful of numpy calls on tiny arrays; whatever depends only on the
+    estimates (step prices, the stop rule, the probe spacing) is recomputed in `observe`, once per step."""
+
+    def __init__(self, artifact: ControllerArtifact, tier: str, estimates: TierEstimates, greedy: bool = True) -> None:
+        if tier not in TIERS:
+            raise ValueError(f"the controller knows tiers {', '.join(TIERS)}, not {tier!r}")
         self.name = "adaptive"
         self.tier = tier
         self.artifact = artifact
-        self.draft_stop = artifact.draft_stop.get(tier, NO_STOP)
-        self.max_gamma = artifact.max_gamma.get(tier, 0)
-        cost = artifact.cost_models[tier]
-        self.rate = artifact.rate[tier]
-        gammas = np.arange(artifact.gamma_max + 1)
-        price = self.rate * np.asarray(cost.step_ms(gammas, 0), dtype=np.float64)  # [γmax+1]
-        # A decision is a handful of numpy calls on tiny arrays, so it is arranged to need as few as possible:
-        # the normalisation and first bias fold into one matrix over [features, 1]; with
-        # sigmoid(z) = (1 + tanh(z/2)) / 2 the second layer is pre-halved, and twice the value of γ ≥ 1 is
-        #   2·value(γ) = 2 + γ + Σ_{k≤γ} tanh_k − 2·price(γ)      (tanh_k made non-increasing in k)
+        self.estimates = RequestEstimates(estimates, greedy)
+        gmax = artifact.gamma_max
+        self.run_cap = min(2 * gmax, MAX_GAMMA) if artifact.token_weights else gmax
         w1, b1, mean, std = (np.asarray(x, dtype=np.float64) for x in
                              (artifact.w1, artifact.b1, artifact.feature_mean, artifact.feature_std))
+        # the normalisation and the first bias fold into one matrix over [features, 1]
         self._w1 = np.ascontiguousarray(np.vstack([w1 / std[:, None], b1 - (mean / std) @ w1]))  # [F+1, H]
-        self._w2 = np.ascontiguousarray(np.asarray(artifact.w2, dtype=np.float64) / 2)
-        self._b2 = np.asarray(artifact.b2, dtype=np.float64) / 2
-        self._offset = 2.0 + gammas[1:] - 2 * price[1:]  # [γmax]
-        self._value0 = 2.0 - 2 * price[0]  # 2·value(0): one token for the price of a target-only step
-        # Decisions the MLP cannot change, settled here once (exact; tanh_k lies in (−1, 1)):
-        # - a drafted token costs at least a token's worth of time even if always accepted,
-        #   rate·(draft_ms_per_token + verify_ms_per_token) ≥ 1: no γ ≥ 1 beats γ = 0;
-        # - time is free (rate 0): every γ ≥ 1 beats γ = 0, and with a run cap the cap is the answer.
-        marginal = self.rate * (cost.draft_ms_per_token + cost.verify_ms_per_token)
-        self._settled: int | None = None
-        if marginal >= 1.0:
-            self._settled = 0
-        elif self.rate == 0 and self.max_gamma:
-            self._settled = self.max_gamma
-        # how this policy decides, for reports: never / always (up to the cap) / the MLP gates runs up to the
-        # cap / the MLP picks γ*
-        self.mode = ("never" if self._settled == 0 else "always" if self._settled else
-                     "mlp-gate" if self.max_gamma else "mlp-gamma")
+        self._w2 = np.ascontiguousarray(np.asarray(artifact.w2, dtype=np.float64))
+        self._b2 = np.asarray(artifact.b2, dtype=np.float64)
+        self._gammas = np.arange(gmax + 1)
+        self._conditional: np.ndarray | None = None  # the prior's P(token k accepted | 1..k-1 were), last choice
+        self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
+        self.draft_stop = NO_STOP
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Step prices, the rate, the stop rule and the probe spacing from the current estimates."""
+        cost = self.estimates.tier.cost
+        price = np.asarray(cost.step_ms(self._gammas, 0), dtype=np.float64)  # [γmax+1]
+        self._extra_ms = price[1:] - price[0]  # [γmax] what drafting γ adds to a step
+        self._rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
+                      or self._prior_rate)
+        self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(self._extra_ms[0]) / (PROBE_SHARE * price[0])))
+        self._stop = NO_STOP
+        if self.artifact.token_weights and self._rate:
+            *w, b = self.artifact.token_weights
+            marginal = float(self._extra_ms[-1]) / len(self._extra_ms)  # ms of one more drafted token
+            self._stop = DraftStop(0.0, min(1.0, self._rate * marginal), (*w, b + self.estimates.bias.value))
 
     def expected_tokens(self, context: StepContext) -> np.ndarray:
-        """[γmax+1] expected tokens emitted by a step with γ = 0..γmax (for analysis; `choose` inlines it)."""
-        probs = self.artifact.acceptance_probs(np.asarray([features(context, self.tier)]))[0]
-        return np.concatenate(([1.0], 1.0 + np.cumsum(probs)))
+        """[γmax+1] expected tokens emitted by a step with γ = 0..γmax under the current acceptance bias."""
+        return np.concatenate(([1.0], 1.0 + np.cumsum(self._acceptance(features(context, self.tier)))))
 
-    def choose(self, context: StepContext) -> int:
-        if self._settled is not None:
-            return self._settled
-        x = features(context, self.tier)
-        x.append(1.0)
+    def _acceptance(self, x: list[float]) -> np.ndarray:
+        """[γmax] P(first k tokens accepted): the MLP's prior with this request's bias applied per token."""
+        x = [*x, 1.0]
         h = np.dot(x, self._w1)
         np.maximum(h, 0.0, out=h)
         z = np.dot(h, self._w2)
         z += self._b2
-        np.tanh(z, out=z)
-        np.minimum.accumulate(z, out=z)
-        value = np.cumsum(z)
-        value += self._offset
-        best = int(value.argmax())
-        # the cost model's context-length term is the same for every γ, so it cannot change the choice
-        if value[best] <= self._value0:
-            return 0
-        return self.max_gamma or best + 1
+        probs = np.minimum.accumulate(1.0 / (1.0 + np.exp(-z)))
+        conditional = probs / np.concatenate(([1.0], probs[:-1]))
+        self._conditional = conditional
+        bias = self.estimates.bias.value
+        if bias == 0.0:
+            return probs
+        odds = conditional / np.maximum(1.0 - conditional, 1e-9) * math.exp(bias)
+        return np.cumprod(odds / (1.0 + odds))
+
+    def choose(self, context: StepContext) -> int:
+        accepted = self._acceptance(features(context, self.tier))
+        if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
+            price0 = float(self.estimates.tier.cost.step_ms(0))
+            self._prior_rate = float(max(1.0 / price0, ((1.0 + np.cumsum(accepted)) / (price0 + self._extra_ms)).max()))
+            self._refresh()
+        gain = np.cumsum(accepted)
+        gain -= self._rate * self._extra_ms
+        best = int(gain.argmax())
+        tier = self.estimates.tier
+        if gain[best] > 0.0:
+            tier.target_only_steps = 0
+            self.draft_stop = self._stop
+            return self.run_cap if best + 1 == len(gain) else best + 1
+        tier.target_only_steps += 1
+        if tier.target_only_steps >= self._probe_every:  # γ = 0 is never absorbing
+            tier.target_only_steps = 0
+            self.draft_stop = NO_STOP
+            return 1
+        return 0
 
     def observe(self, outcome: StepOutcome) -> None:
-        pass  # stateless: the StepContext carries the request's running state
+        if outcome.gamma and self._conditional is not None:
+            seen = min(outcome.accepted + 1, outcome.gamma, len(self._conditional))
+            self.estimates.observe_acceptance(self._conditional[:seen].tolist(),
+                                              [k < outcome.accepted for k in range(seen)])
+        if outcome.timing is not None:
+            t = outcome.timing
+            self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len)
+        self._refresh()
+
+    def report(self) -> dict:
+        """This request's current estimates (the response's `speculation.estimates`)."""
+        return self.estimates.to_dict()
 
 
-def make_adaptive_policy(tier: str, snapshot: ControllerSnapshot | None = None) -> GammaPolicy:
-    """A fresh per-request adaptive policy for a tier from a controller snapshot (default: the shipped one)."""
+def make_adaptive_policy(tier: str, estimates: TierEstimates, snapshot: ControllerSnapshot | None = None,
+                         greedy: bool = True) -> GammaPolicy:
+    """A fresh per-request adaptive policy for a tier from its estimates and a controller snapshot
+    (default: the shipped one)."""
     snapshot = snapshot or shipped_snapshot()
-    return AdaptivePolicy(snapshot.artifact, tier)
+    return AdaptivePolicy(snapshot.artifact, tier, estimates, greedy)
 
 
 _shipped: ControllerSnapshot | None = None

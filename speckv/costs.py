@@ -13,7 +13,7 @@ import statistics
 from .calibration import synthetic_ids, time_call
 from .local import LocalEngine
 from .models import draft_dtype_for, load_model
-from .replay import CostModel
+from .cost_model import CostModel
 from .workers import SessionLM
 
 LIVE_OVER_PROFILE_FLAG = 1.5  # a part of the live step this much slower than the profile is reported

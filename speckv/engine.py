@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from .acceptance import greedy_accept, speculative_accept
-from .policy import GammaPolicy, RequestProgress
+from .policy import GammaPolicy, RequestProgress, StepTiming
 from .records import StepRecord
 from .sampling import SamplingParams, step_generator
 from .signals import DraftSignals, DraftStop
@@ -169,7 +169,6 @@ async def speculate(
     eos = set(request.eos_token_ids)
     generated: list[int] = []
     progress = RequestProgress()
-    stop = policy.draft_stop.with_min_confidence(request.min_confidence)
     try:
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
@@ -178,7 +177,7 @@ async def speculate(
             gamma_chosen = policy.choose(progress.context(step, len(generated), len(context)))
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
-
+            stop = policy.draft_stop.with_min_confidence(request.min_confidence)
             call = await executor.run_step(sid, context, gamma, params, seed, step, stop)
             proposal, verification = call.proposal, call.verification
 
@@ -199,7 +198,8 @@ async def speculate(
             elif finish is None and len(generated) >= request.max_new_tokens:
                 finish = "length"
 
-            outcome = progress.advance(proposal.signals, accepted)
+            timing = StepTiming(call.draft_wall_ms, call.verify_wall_ms, len(context), len(new)) if step else None
+            outcome = progress.advance(proposal.signals, accepted, timing)
             policy.observe(outcome)
             record = StepRecord(
                 request_id=sid, tier=request.tier, policy=policy.name, step=step, position=len(generated) - len(new),

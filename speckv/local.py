@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calibration import calibrate_pair
 from .engine import (
     GenerationRequest,
     GenerationResult,
@@ -15,6 +16,7 @@ from .engine import (
     run_to_completion,
 )
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
+from .estimates import TierEstimates
 from .policy import make_policy
 from .sampling import SamplingParams
 from .workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
@@ -63,12 +65,22 @@ class LocalEngine:
     tokenizer: object
     tier: str = "fp16"
     controller: object | None = None  # ControllerSnapshot for `adaptive` (None: the one shipped with speckv)
+    estimates: TierEstimates | None = None  # what `adaptive` knows of this machine; None: calibrate at first use
+    calibration_budget_s: float | None = None  # None: speckv.calibration's default
 
     def __post_init__(self) -> None:
         self.draft_worker = DraftWorker(SessionLM(self.draft_model))
         self.target_worker = TargetWorker(SessionLM(self.target_model))
         self.executor = local_executor(self.draft_worker, self.target_worker)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
+
+    def calibrate(self, force: bool = False, progress=None) -> TierEstimates:
+        """This machine's step costs for the pair (cached under SPECKV_HOME; measured within the budget if not),
+        as fresh estimates for `adaptive`."""
+        pair = calibrate_pair(self.draft_worker.lm, self.target_worker.lm, self.tier, self.calibration_budget_s,
+                              force, progress=progress)
+        self.estimates = TierEstimates.calibrated(pair.cost_model)
+        return self.estimates
 
     @classmethod
     def load(
@@ -110,9 +122,10 @@ class LocalEngine:
             eos_token_ids=self.eos, tier=self.tier, prompt_id=prompt_id, category=category,
             min_confidence=min_confidence,
         )
-        return asyncio.run(
-            run_to_completion(request, self.executor, make_policy(policy, self.tier, self.controller), self.tokenizer)
-        )
+        if policy == "adaptive" and self.estimates is None:
+            self.calibrate()
+        made = make_policy(policy, self.tier, self.controller, self.estimates, sampling.greedy)
+        return asyncio.run(run_to_completion(request, self.executor, made, self.tokenizer))
 
     @torch.inference_mode()
     def generate_hf_assisted(

@@ -32,10 +32,21 @@ class StepContext:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """What a verified step took, as the loop saw it (wall time: hops and queueing included)."""
+
+    draft_ms: float  # 0 when nothing was drafted
+    verify_ms: float
+    context_len: int  # tokens before the step
+    emitted: int  # tokens the step added
+
+
+@dataclass(frozen=True)
 class StepOutcome:
     gamma: int  # draft tokens proposed (may be below the chosen γ if the draft stopped early)
     accepted: int  # accepted draft tokens (bonus/recovered excluded)
     signals: SignalSummary
+    timing: StepTiming | None = None  # None for a request's first step (it also reads the prompt)
 
 
 @dataclass
@@ -56,10 +67,11 @@ class RequestProgress:
             accepted_total=self.accepted_total,
         )
 
-    def advance(self, signals: DraftSignals, accepted: int) -> StepOutcome:
-        """Record a verified step (its drafted tokens' signals, how many were accepted); returns its outcome."""
+    def advance(self, signals: DraftSignals, accepted: int, timing: StepTiming | None = None) -> StepOutcome:
+        """Record a verified step (its drafted tokens' signals, how many were accepted, what it took);
+        returns its outcome."""
         drafted = len(signals)
-        self.prev = StepOutcome(drafted, accepted, signals.summary())
+        self.prev = StepOutcome(drafted, accepted, signals.summary(), timing)
         self.prev_last_confidence = signals.confidence[-1] if drafted else 0.0
         self.drafted_total += drafted
         self.accepted_total += accepted
@@ -68,7 +80,7 @@ class RequestProgress:
 
 class GammaPolicy(Protocol):
     name: str
-    draft_stop: DraftStop  # when the draft ends a run early within a step (γ is then an upper bound)
+    draft_stop: DraftStop  # when the draft ends the next run early (γ is then an upper bound); read after choose
 
     def choose(self, context: StepContext) -> int:
         """γ for the next step, >= 0 (0 = plain target decoding for this step)."""
@@ -164,19 +176,24 @@ def validate_policy_spec(spec: str) -> str:
     raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 
-def make_policy(spec: str, tier: str = "fp16", snapshot=None) -> GammaPolicy:
+def make_policy(spec: str, tier: str = "fp16", snapshot=None, estimates=None, greedy: bool = True) -> GammaPolicy:
     """Build a fresh per-request policy from its spec ('none', 'fixed:N', 'heuristic', 'adaptive').
 
-    `snapshot` is the controller snapshot `adaptive` uses (default: the one shipped with speckv)."""
+    `adaptive` needs the tier's run-time estimates (speckv.estimates.TierEstimates, from this machine's
+    calibration) and uses the controller `snapshot` (default: the one shipped with speckv); `greedy` says
+    which acceptance estimates it learns."""
     spec = validate_policy_spec(spec)
     if spec == "none":
         return NoSpeculation()
     if spec == "heuristic":
         return HeuristicGamma()
     if spec == "adaptive":
+        if estimates is None:
+            raise ValueError("adaptive needs the step costs of the machine it runs on: calibrate first "
+                             "(speckv.calibration; the engine and the replicas do it when they load)")
         from .controller import make_adaptive_policy
 
-        return make_adaptive_policy(tier, snapshot)
+        return make_adaptive_policy(tier, estimates, snapshot, greedy)
     if spec in LOOP_FREE_POLICIES:
         raise ValueError(f"policy {spec!r} runs transformers' own generation loop, not the SpecKV engine")
     return FixedGamma(int(spec.split(":", 1)[1]))

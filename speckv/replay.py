@@ -13,11 +13,13 @@ must read after a fully accepted step (its cache lacks the bonus token) is folde
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress
+from .cost_model import CostModel
+from .policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepTiming
 from .signals import DraftSignals
 
 
@@ -44,62 +46,13 @@ class Trace:
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """Milliseconds per step at one tier: draft = draft_ms_per_token·γ; verify = verify_ms_base +
-    verify_ms_per_token·γ + verify_ms_per_context_token·context_len (γ+1 tokens scored after a cached
-    context). Fitted from measured step times (`fit`)."""
-
-    draft_ms_per_token: float
-    verify_ms_base: float
-    verify_ms_per_token: float
-    verify_ms_per_context_token: float = 0.0
-
-    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
-        return (self.draft_ms_per_token * gamma + self.verify_ms_base + self.verify_ms_per_token * gamma
-                + self.verify_ms_per_context_token * context_len)
-
-    @classmethod
-    def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float],
-            context_lens: list[int] | None = None) -> CostModel:
-        """Least-squares fit of measured per-step draft and verify milliseconds against γ (and context length
-        when more than one was measured); slopes are floored at 0."""
-        g = np.asarray(gammas, dtype=float)
-        d, v = np.asarray(draft_ms, dtype=float), np.asarray(verify_ms, dtype=float)
-        drafted = g > 0
-        per_token = float((d[drafted] / g[drafted]).mean()) if drafted.any() else 0.0
-        ctx = np.asarray(context_lens if context_lens is not None else np.zeros_like(g), dtype=float)
-        columns = [np.ones_like(g)]
-        if len(set(gammas)) > 1:
-            columns.append(g)
-        if len(set(ctx.tolist())) > 1:
-            columns.append(ctx)
-        coef = np.linalg.lstsq(np.stack(columns, 1), v, rcond=None)[0].tolist()
-        base = coef.pop(0)
-        slope = coef.pop(0) if len(set(gammas)) > 1 else 0.0
-        per_ctx = coef.pop(0) if coef else 0.0
-        return cls(per_token, float(base), float(max(slope, 0.0)), float(max(per_ctx, 0.0)))
-
-    def to_dict(self) -> dict:
-        return {"draft_ms_per_token": self.draft_ms_per_token, "verify_ms_base": self.verify_ms_base,
-                "verify_ms_per_token": self.verify_ms_per_token,
-                "verify_ms_per_context_token": self.verify_ms_per_context_token}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CostModel:
-        try:
-            return cls(float(d["draft_ms_per_token"]), float(d["verify_ms_base"]), float(d["verify_ms_per_token"]),
-                       float(d.get("verify_ms_per_context_token", 0.0)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a cost model: {d!r} ({e})") from None
-
-
-@dataclass(frozen=True)
 class ReplayResult:
     tokens: int
     steps: int
     ms: float
     gammas: list[int]
     decision_us: list[float] = field(default_factory=list)  # wall time of each policy.choose call
+    step_ms: list[float] = field(default_factory=list)  # each step's cost
 
     @property
     def tokens_per_s(self) -> float:
@@ -110,13 +63,16 @@ class ReplayResult:
         return self.tokens / self.steps if self.steps else 0.0
 
 
-def replay(trace: Trace, policy: GammaPolicy, cost: CostModel) -> ReplayResult:
+def replay(trace: Trace, policy: GammaPolicy, cost: CostModel | Callable[[int], CostModel],
+           first_step: int = 0) -> ReplayResult:
     """Run an engine policy (the same GammaPolicy objects the engine uses, seeing the same StepContext) over
     a trace: each step drafts γ (≤ γmax; fewer where the policy's DraftStop ends the run, token by token as
-    DraftWorker.propose does), accepts min(accept_len, γ) and emits one more token."""
+    DraftWorker.propose does), accepts min(accept_len, γ) and emits one more token, and the policy is told
+    what the step took, as the live loop tells it. `cost` may change with time: a function of the step's
+    index counted from `first_step` (steps of earlier requests), returning the cost model then in force."""
     n, position, step = trace.n, 0, 0
     progress = RequestProgress()
-    ms, gammas, decision_us = 0.0, [], []
+    ms, gammas, decision_us, step_ms = 0.0, [], [], []
     while position < n:
         p = position
         t0 = time.perf_counter()
@@ -129,13 +85,19 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel) -> ReplayResult:
             if stopper.stop_after(float(trace.confidence[p, gamma - 1]), float(trace.entropy[p, gamma - 1])):
                 break
         accepted = int(min(trace.accept_len[p], gamma))
-        ms += float(cost.step_ms(gamma, trace.prompt_len + p))
+        now = cost(first_step + step) if callable(cost) else cost
+        draft_ms, verify_ms = float(now.draft_ms(gamma)), float(now.verify_ms(gamma, trace.prompt_len + p))
+        ms += draft_ms + verify_ms
+        step_ms.append(draft_ms + verify_ms)
         gammas.append(gamma)
         signals = DraftSignals(trace.chosen_prob[p, :gamma].tolist(), trace.confidence[p, :gamma].tolist(),
                                trace.entropy[p, :gamma].tolist())
-        policy.observe(progress.advance(signals, accepted))
+        emitted = min(accepted + 1, n - p)
+        timing = StepTiming(draft_ms, verify_ms, trace.prompt_len + p, emitted) if step else None
+        policy.observe(progress.advance(signals, accepted, timing))
         position, step = p + accepted + 1, step + 1
-    return ReplayResult(tokens=n, steps=len(gammas), ms=ms, gammas=gammas, decision_us=decision_us)
+    return ReplayResult(tokens=n, steps=len(gammas), ms=ms, gammas=gammas, decision_us=decision_us,
+                        step_ms=step_ms)
 
 
 def oracle(trace: Trace, cost: CostModel) -> ReplayResult:

@@ -25,9 +25,11 @@ import numpy as np
 from .controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
 from .policy import (HF_ASSISTED_TOKENS, MAX_GAMMA, HeuristicGamma, RequestProgress,
                      StepContext, StepOutcome, hf_assisted_defaults)
+from .cost_model import CostModel
+from .estimates import TierEstimates
 from .records import StepRecord, read_jsonl
-from .replay import CostModel, Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
-from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, DraftStop, token_acceptance_features
+from .replay import Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
+from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, token_acceptance_features
 from .stats import paired_speedup
 
 RAW_SIGNALS = ("prev_mean_confidence", "prev_min_confidence", "prev_last_confidence", "prev_mean_entropy",
@@ -78,8 +80,12 @@ class Recorder:
 
     def __init__(self, inner, tier: str) -> None:
         self.inner, self.tier = inner, tier
-        self.name, self.draft_stop = inner.name, inner.draft_stop
+        self.name = inner.name
         self.rows: list[tuple[list[float], int]] = []
+
+    @property
+    def draft_stop(self):
+        return self.inner.draft_stop
 
     def choose(self, context: StepContext) -> int:
         self.rows.append((features(context, self.tier), context.position))
@@ -211,12 +217,6 @@ def traces_by_split(records: list[StepRecord]) -> dict[str, dict[tuple[str, str]
     return {s: {k: t for k, t in traces.items() if split_of(t.prompt_id) == s} for s in ("train", "test")}
 
 
-RATE_GRID = (0.0, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.2, 1.5, 2.0, 3.0)  # × the tier's target-only rate (0: always draft)
-MAX_GAMMA_GRID = (0, 8, 12, 16, 20, MAX_GAMMA)  # AdaptivePolicy run caps (0: γ* itself)
-MIN_CONFIDENCE_GRID = (0.0, 0.2, 0.3, 0.4, 0.5)  # DraftStop.min_confidence candidates
-RUN_ACCEPTANCE_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)  # DraftStop.min_run_acceptance candidates
-
-
 def token_acceptance_rows(traces: list[Trace]) -> tuple[np.ndarray, np.ndarray]:
     """Per drafted token whose predecessors in its run were all accepted: TOKEN_ACCEPTANCE_FEATURES and
     whether it was accepted. [N, 3] and [N]."""
@@ -267,49 +267,6 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def tune_decision(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace],
-                  token_weights: tuple[float, ...]) -> dict[str, dict[str, float]]:
-    """Per tier, the rate, run cap and draft stop rule that maximise adaptive's replayed tokens/s (total
-    tokens over total time), set on the artifact. Traces are resized to MAX_GAMMA-token runs. Returns, per
-    tier, the best training tokens/s of each way of deciding (AdaptivePolicy.mode), for the record.
-
-    Coordinate ascent over the grids (rate × cap with no stop rule, then the stop rule, then rate × cap
-    again): about 160 replays of each trace where the full product takes about 2,000. Every training trace
-    is replayed under each tier's cost model, whatever tier it was collected at: these settings are about
-    the cost model, and acceptance differs far less between tiers than step costs do (docs/RESULTS.md),
-    while a tier often has only a few traces of its own."""
-    traces = {k: resize(t, MAX_GAMMA) for k, t in traces.items()}
-    by_mode: dict[str, dict[str, float]] = {}
-    for tier, cost in artifact.cost_models.items():
-        none_rate = 1.0 / float(cost.step_ms(0))
-        if not traces:
-            artifact.rate[tier], artifact.draft_stop[tier], artifact.max_gamma[tier] = none_rate, NO_STOP, 0
-            continue
-        scores: dict[tuple, tuple[float, str]] = {}  # settings -> (tokens per ms, AdaptivePolicy.mode)
-
-        def score(rate: float, cap: int, stop: DraftStop) -> float:
-            if (rate, cap, stop) not in scores:
-                artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
-                policy = AdaptivePolicy(artifact, tier)  # stateless, so one serves every trace
-                runs = [replay(t, policy, cost) for t in traces.values()]
-                scores[(rate, cap, stop)] = (sum(r.tokens for r in runs) / sum(r.ms for r in runs), policy.mode)
-            return scores[(rate, cap, stop)][0]
-
-        def best_rate_and_cap(stop: DraftStop) -> tuple[float, int]:
-            return max(((none_rate * m, cap) for m in RATE_GRID for cap in MAX_GAMMA_GRID),
-                       key=lambda rc: score(*rc, stop))
-
-        rate, cap = best_rate_and_cap(NO_STOP)
-        stops = [DraftStop(mc, ra, token_weights if ra else ()) for mc in MIN_CONFIDENCE_GRID for ra in RUN_ACCEPTANCE_GRID]
-        stop = max(stops, key=lambda s: score(rate, cap, s))
-        rate, cap = best_rate_and_cap(stop)
-        artifact.rate[tier], artifact.max_gamma[tier], artifact.draft_stop[tier] = rate, cap, stop
-        by_mode[tier] = {}
-        for (tokens_per_ms, mode) in scores.values():
-            by_mode[tier][mode] = max(by_mode[tier].get(mode, 0.0), tokens_per_ms * 1e3)
-    return by_mode
-
-
 def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs: int = 600, seed: int = 0,
           gamma_max: int | None = None) -> tuple[ControllerArtifact, dict]:
     """Train on the train split of the records; evaluate acceptance prediction on the test split."""
@@ -319,9 +276,6 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
     if not all_traces:
         raise ValueError("the records hold no traces (policy trace:N); run `speckv collect` first")
     gmax = gamma_max or min(t.gamma_max for t in all_traces.values())
-    missing = sorted({tier for tier, _ in all_traces} - set(costs))
-    if missing:
-        raise ValueError(f"no cost model (cost_<tier>.json beside the records) for tier(s) {', '.join(missing)}")
     rng = np.random.default_rng(seed)
 
     def states(split: str) -> Dataset:
@@ -335,12 +289,9 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
     test_data = states("test") if splits["test"] else None
     weights = fit_mlp(train_data, hidden, epochs, seed)
     loss = weights.pop("loss")
-    tiers = sorted(costs)  # every tier with a measured cost model; those without traces get defaults
-    artifact = ControllerArtifact(**weights, cost_models={t: costs[t] for t in tiers}, draft_stop={}, rate={},
-                                  max_gamma={})
     token_x, token_y = token_acceptance_rows(list(splits["train"].values()))
     token_weights = fit_token_acceptance(token_x, token_y)
-    tuning = tune_decision(artifact, splits["train"], token_weights)
+    artifact = ControllerArtifact(**weights, token_weights=token_weights)
     corr = acceptance_correlation(artifact, test_data) if test_data is not None else {}
     token_x, token_y = token_acceptance_rows(list(splits["test"].values()))
     token_auc = {  # held out; the AUC needs only the logistic model's linear score
@@ -353,35 +304,36 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
         "train_prompts": sorted({k[1] for k in splits["train"]}), "test_prompts": sorted({k[1] for k in splits["test"]}),
         "train_loss": loss, "hidden": hidden, "epochs": epochs, "seed": seed,
         **{k: v for k, v in corr.items() if k not in ("predicted", "actual")}, **token_auc,
-        "train_tokens_per_s_by_decision_mode": tuning,
     }
     artifact.metadata = {"training": summary, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if out is not None:
         artifact.save(out)
     return artifact, {**summary, "version": artifact.version(),
-                      "draft_stop": {t: r.to_dict() for t, r in artifact.draft_stop.items()},
-                      "max_gamma": artifact.max_gamma, "rate_tokens_per_ms": artifact.rate,
                       "_corr_points": {"predicted": corr.get("predicted", []), "actual": corr.get("actual", [])}}
 
 
-def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace]) -> dict:
-    """Replay every policy over held-out traces, per tier: tokens/s under the tier's cost model, tokens/step,
-    paired statistics for adaptive against the best fixed γ in hindsight and against none; the oracle.
+def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace], costs: dict[str, CostModel],
+             learning: bool = True) -> dict:
+    """Replay every policy over held-out traces, per tier: tokens/s under the tier's cost model (`costs`,
+    measured where the traces were collected), tokens/step, paired statistics for adaptive against the best
+    fixed γ in hindsight and against none; the oracle. Adaptive starts from that cost model as its
+    calibration and learns online as it goes (`learning` False: it does not), one estimate per tier across
+    the tier's prompts, as a server would.
 
-    Fixed γ and the oracle span the longest run the controller may draft (its MLP's γmax or a tier's run
-    cap, whichever is larger), so adaptive is never judged against baselines held to shorter runs than it
-    may use; `hf-assisted` is transformers' default drafting policy replayed (runs of up to 20 tokens,
+    Fixed γ and the oracle span the longest run the controller may draft (twice its MLP's γmax), so
+    adaptive is never judged against baselines held to shorter runs than it may use; `hf-assisted` is transformers' default drafting policy replayed (runs of up to 20 tokens,
     ended below confidence 0.4: speckv.policy.hf_assisted_defaults)."""
-    span = max(artifact.gamma_max, *artifact.max_gamma.values())
+    span = min(2 * artifact.gamma_max, MAX_GAMMA)
     out: dict = {"tiers": {}, "span": span}
     for tier in sorted({t for t, _ in traces}):
-        if tier not in artifact.cost_models:
+        if tier not in costs:
             continue
-        cost = artifact.cost_models[tier]
+        cost = costs[tier]
+        estimates = TierEstimates.calibrated(cost, learning)
         tier_traces = [resize(t, max(span, HF_ASSISTED_TOKENS)) for (tr, _), t in sorted(traces.items()) if tr == tier]
         policies = {"none": lambda: fixed(0), **{f"fixed:{g}": (lambda g=g: fixed(g)) for g in range(1, span + 1)},
                     "heuristic": HeuristicGamma, "hf-assisted": hf_assisted_defaults,
-                    "adaptive": lambda tier=tier: AdaptivePolicy(artifact, tier)}
+                    "adaptive": lambda tier=tier, e=estimates: AdaptivePolicy(artifact, tier, e)}
         rows: dict[str, list[dict]] = {}
         decision_us: list[float] = []
         for name, make in policies.items():

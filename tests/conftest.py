@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from speckv.replay import Trace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VOCAB = 96  # printable ASCII from 32, plus EOS at the end
@@ -57,22 +60,32 @@ def perturbed_copy(model, scale: float, seed: int):
     return draft
 
 
-def drafting_artifact(tier: str = "fp16"):
-    """The shipped controller with time at `tier` priced at ~0, so `adaptive` really drafts there.
+GAMMA_MAX = 6  # draft run length of synthetic traces
 
-    The shipped controller never drafts at fp16 (on the CPU it was measured on speculation cannot pay
-    there), so tests of adaptive's drafting path use this copy: it always drafts runs capped at 12, ended by
-    a run-acceptance stop rule (every token predicted accepted with p = sigmoid(2) ≈ 0.88, so a run ends
-    after its 6th token, 0.88^6 < 0.5)."""
+
+def synthetic_trace(rng: np.random.Generator, prompt_id: str, n: int, easy: float, gamma_max: int = GAMMA_MAX):
+    """Runs whose acceptance follows the draft's confidence: a token is accepted with probability equal to
+    its confidence, and easy prompts have confident drafts."""
+    conf = np.clip(rng.beta(8 * easy + 1, 8 * (1 - easy) + 1, size=(n, gamma_max)), 0.01, 0.99)
+    accepted = rng.random((n, gamma_max)) < conf
+    accept_len = np.array([int(np.argmin(row)) if not row.all() else gamma_max for row in accepted])
+    accept_len = np.minimum(accept_len, n - 1 - np.arange(n))
+    entropy = -np.log(conf)
+    return Trace(prompt_id, "easy" if easy > 0.5 else "hard", 20, accept_len, conf, entropy, conf)
+
+
+def drafting_artifact():
+    """The shipped controller with its acceptance predictor made certain (every token accepted), so
+    `adaptive` drafts on any step costs: tests of adaptive's drafting path, which the real predictor would
+    only take where this machine's costs and the tiny test models' acceptance make drafting pay. The
+    online acceptance bias is bounded (speckv.estimates.BIAS_LIMIT), so it never talks it out of drafting."""
     import copy
 
     from speckv.controller import shipped_snapshot
-    from speckv.signals import DraftStop
 
     artifact = copy.copy(shipped_snapshot().artifact)
-    artifact.rate = {**artifact.rate, tier: 1e-9}
-    artifact.draft_stop = {**artifact.draft_stop, tier: DraftStop(0.0, 0.5, (0.0, 0.0, 0.0, 2.0))}
-    artifact.max_gamma = {**artifact.max_gamma, tier: 12}
+    artifact.w2 = np.zeros_like(artifact.w2)
+    artifact.b2 = np.full_like(artifact.b2, 12.0)
     return artifact
 
 

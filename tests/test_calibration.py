@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from speckv import calibration
-from speckv.calibration import CalibrationKey, calibrate, load_or_calibrate, weights_fingerprint
+from speckv.calibration import CalibrationKey, calibrate, cost_model, load_or_calibrate, weights_fingerprint
 from speckv.workers import SessionLM
 
 from .test_cli import run_cli
@@ -18,64 +19,84 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
     hook = target_model.register_forward_pre_hook(
         lambda m, a, kw: seen.append((kw["input_ids"].shape[1], kw["logits_to_keep"])), with_kwargs=True)
     try:
-        result = calibrate(SessionLM(draft_model), SessionLM(target_model), "fp16", max_gamma=3,
-                           context_lens=(16, 32), repeats=2)
+        target = calibrate(SessionLM(target_model), "target", "fp16", max_gamma=3, context_lens=(16, 32), repeats=2)
     finally:
         hook.remove()
-    verify = sorted((r["context_len"], r["tokens"]) for r in result.rows if r["kind"] == "verify")
-    assert verify == [(16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 4)]
-    drafts = sorted((r["context_len"], r["tokens"]) for r in result.rows if r["kind"] == "draft")
+    draft = calibrate(SessionLM(draft_model), "draft", "fp16", max_gamma=3, context_lens=(16, 32), repeats=2)
+    verify = sorted((r["context_len"], r["tokens"]) for r in target.rows)
+    assert verify == [(16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 4)] and {r["kind"] for r in target.rows} == {"verify"}
+    drafts = sorted((r["context_len"], r["tokens"]) for r in draft.rows)
     assert drafts == [(16, 1), (16, 2), (32, 1)]  # single token, and a catch-up of two tokens keeping one logit
     # verification after a crop: γ+1 tokens fed after the cached context, all of them scored
     assert (4, 4) in seen and all(fed == keep for fed, keep in seen if isinstance(keep, int) and fed > 1)
-    assert result.complete and result.seconds > 0
-    cost = result.cost_model
+    assert target.complete and draft.complete and target.seconds > 0
+    cost = cost_model(draft, target)
     assert cost.draft_ms_per_token > 0 and cost.verify_ms_base > 0
-    assert result.key.tier == "fp16" and result.key.dtype == "torch.float32"
+    # decisions price γ with the measured points: the curve at the first context, exactly as measured
+    measured = {r["tokens"]: r["ms"] for r in target.rows if r["context_len"] == 16}
+    assert cost.verify_curve == tuple(measured[t] for t in (1, 2, 3, 4)) and cost.curve_context_len == 16
+    assert cost.verify_ms(2, 16) == measured[3]
+    assert target.key.role == "target" and target.key.tier == "fp16" and target.key.dtype == "torch.float32"
+    with pytest.raises(ValueError, match="draft and a target"):
+        cost_model(target, draft)
+
+
+def test_the_curve_fills_what_the_budget_left_out():
+    from speckv.calibration import Calibration
+
+    key = lambda role: CalibrationKey("cpu", "t", "m", role, "fp16", "float32", "cpu")  # noqa: E731
+    target = Calibration(key("target"), [{"kind": "verify", "context_len": 64, "tokens": t, "ms": ms}
+                                         for t, ms in ((1, 100.0), (5, 180.0), (2, 150.0))])
+    draft = Calibration(key("draft"), [{"kind": "draft", "context_len": 64, "tokens": 1, "ms": 30.0}])
+    cost = cost_model(draft, target)
+    assert cost.verify_curve == (100.0, 150.0, 160.0, 170.0, 180.0)  # 3 and 4 interpolated, the rest as measured
+    assert cost.draft_ms_per_token == 30.0
+    assert cost.verify_ms(5, 64) == 180.0 + cost.verify_ms_per_token  # beyond the curve (γ = 4 is its end): its slope
 
 
 def test_the_budget_bounds_calibration_and_it_still_fits(draft_model, target_model):
-    result = calibrate(SessionLM(draft_model), SessionLM(target_model), "fp16", max_gamma=8, context_lens=(16, 64),
-                       budget_s=1e-9)
-    assert not result.complete
-    assert [(r["kind"], r["tokens"]) for r in result.rows] == [("draft", 1), ("verify", 1), ("verify", 9)]
-    assert result.cost_model.draft_ms_per_token > 0
+    target = calibrate(SessionLM(target_model), "target", "fp16", max_gamma=8, context_lens=(16, 64), budget_s=1e-9)
+    draft = calibrate(SessionLM(draft_model), "draft", "fp16", max_gamma=8, context_lens=(16, 64), budget_s=1e-9)
+    assert not target.complete and not draft.complete
+    assert [r["tokens"] for r in target.rows] == [1, 9] and [r["tokens"] for r in draft.rows] == [1]
+    assert cost_model(draft, target).draft_ms_per_token > 0
 
 
-def test_the_budget_holds_with_slow_calls(draft_model, target_model):
+def test_the_budget_holds_with_slow_calls(target_model):
     """Every call takes 20 ms more: a 0.6 s budget ends calibration on time (a measurement that would not
     fit is left out, repeats stop at the deadline), not after the whole plan (about 3 s)."""
-    slow = dict(added_ms_per_call=20.0)
-    result = calibrate(SessionLM(draft_model, **slow), SessionLM(target_model, **slow), "fp16", max_gamma=8,
+    result = calibrate(SessionLM(target_model, added_ms_per_call=20.0), "target", "fp16", max_gamma=8,
                        context_lens=(16, 64), budget_s=0.6)
-    assert not result.complete and len(result.rows) >= 3
+    assert not result.complete and len(result.rows) >= 2
     assert result.seconds < 0.6 + 0.15, result.seconds
 
 
 def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, target_model, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
-    draft, target = SessionLM(draft_model), SessionLM(target_model)
+    target = SessionLM(target_model)
     kw = {"max_gamma": 2, "context_lens": (16,), "repeats": 1}
-    first, cached = load_or_calibrate(draft, target, "fp16", **kw)
+    first, cached = load_or_calibrate(target, "target", "fp16", **kw)
     assert not cached and calibration.calibration_path(first.key).is_file()
 
     measured = []
     real = calibration.calibrate
     monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: measured.append(1) or real(*a, **k))
-    again, cached = load_or_calibrate(draft, target, "fp16", **kw)
+    again, cached = load_or_calibrate(target, "target", "fp16", **kw)
     assert cached and again.to_dict() == first.to_dict() and not measured
-    _, cached = load_or_calibrate(draft, target, "nf4", **kw)  # another tier: its own entry
+    _, cached = load_or_calibrate(target, "target", "nf4", **kw)  # another tier: its own entry
     assert not cached and measured == [1]
+    _, cached = load_or_calibrate(SessionLM(draft_model), "target", "fp16", **kw)  # other weights: their own
+    assert not cached and measured == [1, 1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:
-        assert CalibrationKey.of(draft_model, target_model, "fp16") != first.key
+        assert CalibrationKey.of(target_model, "target", "fp16") != first.key
     finally:
         torch.set_num_threads(threads)
     calibration.calibration_path(first.key).write_text("{not json")  # a damaged file is measured anew
-    repaired, cached = load_or_calibrate(draft, target, "fp16", **kw)
-    assert not cached and json.loads(calibration.calibration_path(first.key).read_text())["format"] == 1
-    _, cached = load_or_calibrate(draft, target, "fp16", force=True, **kw)
+    repaired, cached = load_or_calibrate(target, "target", "fp16", **kw)
+    assert not cached and json.loads(calibration.calibration_path(first.key).read_text())["format"] == 2
+    _, cached = load_or_calibrate(target, "target", "fp16", force=True, **kw)
     assert not cached
 
 
@@ -107,7 +128,8 @@ def test_calibrate_command(tmp_path):
     first = run_cli(*args, "--json", env=env)
     assert first.returncode == 0, first.stderr
     doc = json.loads(first.stdout)
-    assert not doc["cached"] and doc["cost_model"]["verify_ms_base"] > 0 and doc["key"]["hardware"].startswith("cpu:")
+    assert not doc["cached"] and doc["cost_model"]["verify_ms_base"] > 0
+    assert doc["target"]["key"]["hardware"].startswith("cpu:") and doc["draft"]["key"]["role"] == "draft"
     text = run_cli(*args, env=env)
     assert text.returncode == 0 and "cached in" in text.stdout and "cost model: verify" in text.stdout, text.stdout
     for bad, message in ((["--budget-s", "0"], "--budget-s must be > 0"), (["--max-gamma", "99"], "--max-gamma"),

@@ -97,18 +97,21 @@ def test_session_lru_bound_and_idle_timeout(target_model):
 
 @pytest.mark.parametrize("policy", ["fixed:1", "fixed:3", "fixed:6", "heuristic", "adaptive"])
 def test_fp32_greedy_output_identical_to_target_only(engine, policy):
-    if policy == "adaptive":  # a controller that drafts here (the shipped one never does at fp16 on this CPU)
+    if policy == "adaptive":  # a controller certain of acceptance, so it drafts on any costs
         from speckv.controller import ControllerSnapshot
+        from speckv.cost_model import CostModel
+        from speckv.estimates import TierEstimates
 
         from .conftest import drafting_artifact
 
-        engine = LocalEngine(engine.draft_model, engine.target_model, engine.tokenizer)
+        engine = LocalEngine(engine.draft_model, engine.target_model, engine.tokenizer,
+                             estimates=TierEstimates.calibrated(CostModel(0.01, 10.0, 0.001), learning=False))
         engine.controller = ControllerSnapshot("test", drafting_artifact())
     reference = engine.generate(PROMPT, "none", 40)
     result = engine.generate(PROMPT, policy, 40)
-    if policy == "adaptive":
-        assert {r.gamma_chosen for r in result.records[:-1]} == {12}  # the last step is cut by the token budget
-        assert max(r.gamma for r in result.records) == 6
+    if policy == "adaptive":  # runs up to twice the MLP's γmax, the last step cut by the token budget
+        assert {r.gamma_chosen for r in result.records[:-1]} == {16}
+        assert max(r.gamma for r in result.records) > 1
     assert result.token_ids == reference.token_ids
     assert result.text == reference.text
     assert result.steps < reference.steps  # the draft agrees often enough to save target passes

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from speckv.replay import CostModel, Trace, fixed, oracle, replay, stop_oracle
+from speckv.cost_model import CostModel
+from speckv.replay import Trace, fixed, oracle, replay, stop_oracle
 from speckv.signals import NO_STOP
 
 

@@ -1,0 +1,156 @@
+"""What a step costs, in milliseconds: the model policies price γ with, and how it follows the live system.
+
+A step drafts γ tokens (the draft's cost) and has the target score γ+1 tokens after the context (the
+verify cost). `CostModel` is a calibration's result (speckv.calibration): a line fitted through the
+measurements, and the measured verify curve itself where it was measured (real curves bend: caches, kernel
+switches), so decisions use measured points and the line only beyond them. `LiveCost` scales a CostModel by
+what the live steps take (contention, throttling, a neighbour, the hops of a served deployment), learned
+online with bounded memory and robust to single outliers.
+
+`sequences` (sequences in one batched pass) is an input of every cost function so batched serving can
+price load; with one sequence per pass (all that exists today) it changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Milliseconds per step: draft = draft_ms_per_token·γ; verify = verify_ms_base + verify_ms_per_token·γ +
+    verify_ms_per_context_token·context_len, except where `verify_curve` holds a measurement: verify_curve[γ]
+    is the measured verify time of γ+1 tokens at context `curve_context_len` (context term added relative to
+    it; beyond the curve its last point is extended with the line's slope)."""
+
+    draft_ms_per_token: float
+    verify_ms_base: float
+    verify_ms_per_token: float
+    verify_ms_per_context_token: float = 0.0
+    verify_curve: tuple[float, ...] = ()
+    curve_context_len: int = 0
+
+    def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1) -> float | np.ndarray:
+        """Verify time of γ+1 tokens scored after `context_len` cached tokens (one sequence per pass)."""
+        if sequences != 1:
+            raise NotImplementedError("batched passes are priced once batched serving measures them (issue 14)")
+        if not self.verify_curve:
+            return (self.verify_ms_base + self.verify_ms_per_token * gamma
+                    + self.verify_ms_per_context_token * context_len)
+        last = len(self.verify_curve) - 1
+        g = np.asarray(gamma)
+        on_curve = np.asarray(self.verify_curve)[np.minimum(g, last)]
+        out = (on_curve + self.verify_ms_per_token * np.maximum(g - last, 0)
+               + self.verify_ms_per_context_token * (context_len - self.curve_context_len))
+        return float(out) if np.ndim(gamma) == 0 else out
+
+    def draft_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
+        return self.draft_ms_per_token * gamma
+
+    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
+        return self.draft_ms(gamma) + self.verify_ms(gamma, context_len)
+
+    @classmethod
+    def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float],
+            context_lens: list[int] | None = None) -> CostModel:
+        """Least-squares fit of measured per-step draft and verify milliseconds against γ (and context length
+        when more than one was measured); slopes are floored at 0."""
+        g = np.asarray(gammas, dtype=float)
+        d, v = np.asarray(draft_ms, dtype=float), np.asarray(verify_ms, dtype=float)
+        drafted = g > 0
+        per_token = float((d[drafted] / g[drafted]).mean()) if drafted.any() else 0.0
+        ctx = np.asarray(context_lens if context_lens is not None else np.zeros_like(g), dtype=float)
+        columns = [np.ones_like(g)]
+        if len(set(gammas)) > 1:
+            columns.append(g)
+        if len(set(ctx.tolist())) > 1:
+            columns.append(ctx)
+        coef = np.linalg.lstsq(np.stack(columns, 1), v, rcond=None)[0].tolist()
+        base = coef.pop(0)
+        slope = coef.pop(0) if len(set(gammas)) > 1 else 0.0
+        per_ctx = coef.pop(0) if coef else 0.0
+        return cls(per_token, float(base), float(max(slope, 0.0)), float(max(per_ctx, 0.0)))
+
+    def to_dict(self) -> dict:
+        out = {"draft_ms_per_token": self.draft_ms_per_token, "verify_ms_base": self.verify_ms_base,
+               "verify_ms_per_token": self.verify_ms_per_token,
+               "verify_ms_per_context_token": self.verify_ms_per_context_token}
+        if self.verify_curve:
+            out.update(verify_curve=list(self.verify_curve), curve_context_len=self.curve_context_len)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        try:
+            return cls(float(d["draft_ms_per_token"]), float(d["verify_ms_base"]), float(d["verify_ms_per_token"]),
+                       float(d.get("verify_ms_per_context_token", 0.0)),
+                       tuple(float(x) for x in d.get("verify_curve", ())), int(d.get("curve_context_len", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a cost model: {d!r} ({e})") from None
+
+
+@dataclass
+class RobustScale:
+    """A positive factor: the median of log(measured / predicted) over the last `window` observations.
+    A step change in the true factor is followed once half the window has seen it; fewer outliers than
+    that move it not at all. Constant memory."""
+
+    window: int = 9
+    recent: deque = field(default_factory=deque)
+    log_value: float = 0.0
+    count: int = 0
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log_value)
+
+    def observe(self, measured: float, predicted: float) -> None:
+        if measured <= 0 or predicted <= 0 or not math.isfinite(measured):
+            return
+        self.recent.append(math.log(measured / predicted))
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        self.log_value = statistics.median(self.recent)
+        self.count += 1
+
+
+@dataclass
+class LiveCost:
+    """A calibrated CostModel times two online factors, one for the draft and one for verification, learned
+    from the live steps' wall times (what decides throughput: hops and queueing included). `learning` off
+    keeps the calibration as it is (for tests and ablations)."""
+
+    base: CostModel
+    learning: bool = True
+    draft: RobustScale = field(default_factory=RobustScale)
+    verify: RobustScale = field(default_factory=RobustScale)
+    version: int = 0  # bumped at every update, so policies recompute what they derive from it
+
+    def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int) -> None:
+        """One live step (not the first of a request, which also reads the prompt)."""
+        if not self.learning:
+            return
+        if gamma > 0:
+            self.draft.observe(draft_ms, float(self.base.draft_ms(gamma)))
+        self.verify.observe(verify_ms, float(self.base.verify_ms(gamma, context_len)))
+        self.version += 1
+
+    def draft_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
+        return self.draft.value * self.base.draft_ms(gamma)
+
+    def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
+        return self.verify.value * self.base.verify_ms(gamma, context_len)
+
+    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
+        return self.draft_ms(gamma) + self.verify_ms(gamma, context_len)
+
+    def to_dict(self) -> dict:
+        """Current estimates, for /metrics and the response's `speculation` object."""
+        return {"draft_ms_per_token": self.draft.value * self.base.draft_ms_per_token,
+                "verify_ms_1_token": float(self.verify_ms(0)), "draft_scale": self.draft.value,
+                "verify_scale": self.verify.value, "steps_observed": self.verify.count}

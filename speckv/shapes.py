@@ -1,0 +1,151 @@
+"""Step-cost shapes this machine lacks, to prove `adaptive` on them without the hardware (offline tooling).
+
+A shape is a CostModel standing for a machine: GPU-like (flat verify, a cheap or a dear draft), the CPUs
+measured so far, or a step change mid-run (a neighbour starts). `compare` replays greedy traces (the real
+pair's, or synthetic ones in tests) under a shape: every policy's steps are charged, and `adaptive` is told,
+what the shape says a step takes, as the live loop would tell it from the wall clock; `ShapedExecutor` does
+the same to live model calls (a virtual clock over any StepExecutor). `adaptive` starts from a calibration
+(by default the shape itself at the first step, as calibration at load would measure it) and learns online.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .controller import AdaptivePolicy, ControllerArtifact
+from .cost_model import CostModel
+from .engine import StepCall, StepExecutor
+from .estimates import TierEstimates
+from .replay import Trace, fixed, replay
+
+SHAPES: dict[str, CostModel] = {  # ms: draft per token, verify base, verify per extra token scored
+    "gpu-cheap-draft": CostModel(1.5, 20.0, 0.3),  # memory-bound verify, a small draft on the same GPU
+    "gpu-dear-draft": CostModel(12.0, 20.0, 0.3),  # a draft as dear as half a target pass
+    "cpu-avx2-bf16": CostModel(94.0, 224.0, 148.0),  # bf16 emulated: scoring a token costs almost a pass
+    "cpu-avx512-bf16": CostModel(74.0, 175.0, 9.3),  # bf16 in hardware: drafting pays well
+    "cpu-nf4-dear-draft": CostModel(93.0, 81.0, 22.0),  # a draft token dearer than a target pass
+}
+FIXED_GAMMAS = range(1, 9)
+
+
+@dataclass(frozen=True)
+class StepChange:
+    """Costs that change at a global step: `before` until `at_step`, then `after` (a neighbour starts)."""
+
+    before: CostModel
+    after: CostModel
+    at_step: int
+
+    def __call__(self, step: int) -> CostModel:
+        return self.before if step < self.at_step else self.after
+
+
+Shape = CostModel | Callable[[int], CostModel]
+
+
+def _at(shape: Shape, step: int) -> CostModel:
+    return shape(step) if callable(shape) else shape
+
+
+def run_policy(make: Callable[[], object], traces: list[Trace], shape: Shape) -> list[dict]:
+    """Replay a policy (a fresh one per trace from `make`) over the traces in order, one global step count."""
+    rows, steps = [], 0
+    for trace in traces:
+        result = replay(trace, make(), shape, first_step=steps)
+        rows.append({"prompt_id": trace.prompt_id, "first_step": steps, "tokens": result.tokens, "ms": result.ms,
+                     "tokens_per_s": result.tokens_per_s, "gammas": result.gammas})
+        steps += result.steps
+    return rows
+
+
+def compare(artifact: ControllerArtifact, traces: list[Trace], shape: Shape, tier: str = "fp16",
+            prior: CostModel | None = None, learning: bool = True) -> dict:
+    """tokens/s (geomean over traces) of none, every fixed γ and adaptive under a shape; adaptive starts
+    from `prior` (default: the shape at step 0, what calibration at load measures) and learns online
+    unless `learning` is off."""
+    estimates = TierEstimates.calibrated(prior or _at(shape, 0), learning)
+    runs = {"none": run_policy(lambda: fixed(0), traces, shape)}
+    for g in FIXED_GAMMAS:
+        runs[f"fixed:{g}"] = run_policy(lambda g=g: fixed(g), traces, shape)
+    runs["adaptive"] = run_policy(lambda: AdaptivePolicy(artifact, tier, estimates), traces, shape)
+    return {"policies": {name: summary(rows) for name, rows in runs.items()}, "runs": runs}
+
+
+def summary(rows: list[dict]) -> dict:
+    return {"tokens_per_s_geomean": statistics.geometric_mean(r["tokens_per_s"] for r in rows),
+            "mean_gamma": statistics.mean(g for r in rows for g in r["gammas"])}
+
+
+def best_baseline(policies: dict) -> str:
+    """The fastest of none and the fixed γ."""
+    return max((n for n in policies if n != "adaptive"), key=lambda n: policies[n]["tokens_per_s_geomean"])
+
+
+class ShapedExecutor:
+    """A StepExecutor whose step times come from a shape instead of the wall clock (a virtual clock): the
+    live loop, with real or tiny models, as if it ran on the shape's machine. Steps are counted across
+    requests, so a StepChange can land mid-request."""
+
+    def __init__(self, inner: StepExecutor, shape: Shape) -> None:
+        self.inner, self.shape, self.steps = inner, shape, 0
+
+    async def run_step(self, session_id, context_ids, gamma, params, seed, step, stop) -> StepCall:
+        call = await self.inner.run_step(session_id, context_ids, gamma, params, seed, step, stop)
+        cost = _at(self.shape, self.steps)
+        self.steps += 1
+        drafted = len(call.proposal.token_ids)
+        return dataclasses.replace(call, draft_wall_ms=float(cost.draft_ms(drafted)),
+                                   verify_wall_ms=float(cost.verify_ms(drafted, len(context_ids))))
+
+    async def release(self, session_id: str) -> None:
+        await self.inner.release(session_id)
+
+
+def step_changes(base: CostModel, at_step: int) -> dict[str, StepChange]:
+    """The step changes `report` runs from a machine's own costs: the draft 6x dearer (a neighbour on its
+    cores), verification 2.5x dearer (a neighbour on the target's)."""
+    return {"draft-neighbour": StepChange(base, dataclasses.replace(base, draft_ms_per_token=6 * base.draft_ms_per_token),
+                                          at_step),
+            "verify-slows": StepChange(base, CostModel(base.draft_ms_per_token, 2.5 * base.verify_ms_base,
+                                                       2.5 * base.verify_ms_per_token), at_step)}
+
+
+def report(artifact: ControllerArtifact, traces: list[Trace], measured: CostModel | None = None,
+           tier: str = "fp16", change_at: int = 100) -> dict:
+    """`compare` on every shape (and on `measured`, this machine's own costs), with learning on and off,
+    and the step changes from the first CPU shape: per shape, adaptive over the best of none and fixed γ."""
+    shapes = dict(SHAPES, **({"measured-here": measured} if measured else {}))
+    out: dict = {"shapes": {}, "changes": {}}
+    for name, shape in shapes.items():
+        doc = compare(artifact, traces, shape, tier)["policies"]
+        frozen = compare(artifact, traces, shape, tier, learning=False)["policies"]["adaptive"]
+        best = best_baseline(doc)
+        out["shapes"][name] = {"cost_model": shape.to_dict(), "best": best, "policies": doc,
+                               "adaptive_over_best": doc["adaptive"]["tokens_per_s_geomean"]
+                               / doc[best]["tokens_per_s_geomean"],
+                               "frozen_over_best": frozen["tokens_per_s_geomean"] / doc[best]["tokens_per_s_geomean"]}
+    for name, change in step_changes(measured or SHAPES["cpu-avx512-bf16"], change_at).items():
+        out["changes"][name] = {"at_step": change_at, **{
+            mode: _after(artifact, traces, change, learning, tier) for mode, learning in (("learning", True),
+                                                                                         ("frozen", False))}}
+    return out
+
+
+def _after(artifact: ControllerArtifact, traces: list[Trace], change: StepChange, learning: bool, tier: str) -> dict:
+    """adaptive against the best baseline for the new costs, over prompts starting ≥ 30 steps after the change."""
+    estimates = TierEstimates.calibrated(change.before, learning)
+    rows = run_policy(lambda: AdaptivePolicy(artifact, tier, estimates), traces, change)
+    late = [i for i, r in enumerate(rows) if r["first_step"] >= change.at_step + 30]
+    if not late:
+        return {"prompts": 0}
+    tail = [traces[i] for i in late]
+    baselines = {"none": run_policy(lambda: fixed(0), tail, change.after),
+                 **{f"fixed:{g}": run_policy(lambda g=g: fixed(g), tail, change.after) for g in FIXED_GAMMAS}}
+    scored = {n: summary(r)["tokens_per_s_geomean"] for n, r in baselines.items()}
+    best = max(scored, key=scored.get)
+    adaptive = summary([rows[i] for i in late])
+    return {"prompts": len(late), "best": best, "adaptive_over_best": adaptive["tokens_per_s_geomean"] / scored[best],
+            "adaptive_mean_gamma": adaptive["mean_gamma"]}
