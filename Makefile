@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup models serve test bench
+.PHONY: setup models serve lint test
 
 setup: $(VENV)/.installed
 
@@ -20,5 +20,8 @@ models: setup
 serve: models
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/serve run serve_config.yaml
 
-test: models
+lint: setup
+	$(BIN)/ruff check speckv deployments cluster tests scripts
+
+test: lint models
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -43,7 +43,8 @@ class _Dumper(yaml.SafeDumper):
     """Writes multi-line strings (serveConfigV2) as readable block literals."""
 
 
-_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+_Dumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
 
 
 def render() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from speckv.bench import load_prompts
+from speckv.tools.bench import load_prompts
 
 PORT = 8124
 
@@ -77,7 +77,8 @@ async def run_level(prompts: list[str], concurrency: int, max_tokens: int, polic
     tokens = sum(len(tokenizer.encode(r["text"], add_special_tokens=False)) for r in results)
     gaps = [g for r in results for g in r["gaps_s"]]
     steps = sum(r["speculation"]["steps"] for r in results)
-    timing = {k: sum(r["speculation"]["timing"][k] for r in results) for k in ("draft_ms", "verify_ms", "hop_ms", "policy_us")}
+    timing = {k: sum(r["speculation"]["timing"][k] for r in results)
+              for k in ("draft_ms", "verify_ms", "hop_ms", "policy_us")}
     step_ms = (timing["draft_ms"] + timing["verify_ms"]) / steps if steps else float("nan")
     return {
         "concurrency": concurrency, "requests": len(results), "wall_s": wall, "tokens": tokens,

@@ -23,7 +23,8 @@ class ServeMetrics:
         self.steps = metrics.Counter("speckv_steps", "speculation steps (target passes)", tag_keys=tags)
         self.gamma = metrics.Histogram("speckv_gamma", "draft length per step", GAMMA_BOUNDARIES, tag_keys=tags)
         self.draft_ms = metrics.Histogram("speckv_step_draft_ms", "draft time per step", MS_BOUNDARIES, tag_keys=tags)
-        self.verify_ms = metrics.Histogram("speckv_step_verify_ms", "verify time per step", MS_BOUNDARIES, tag_keys=tags)
+        self.verify_ms = metrics.Histogram("speckv_step_verify_ms", "verify time per step", MS_BOUNDARIES,
+                                           tag_keys=tags)
         self.hop_ms = metrics.Histogram("speckv_step_hop_ms", "handle-hop time per step (wall minus compute)",
                                         MS_BOUNDARIES, tag_keys=tags)
         self.ttft_ms = metrics.Histogram("speckv_time_to_first_token_ms", "time to first token", MS_BOUNDARIES,

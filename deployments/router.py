@@ -15,19 +15,19 @@ from types import SimpleNamespace
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speckv.calibration import Calibration, cost_model
 from speckv.controller import ControllerSnapshot
+from speckv.engine import GenerationRequest, SplitExecutor, StepCall, StepEvent, StepExecutor, TextAssembler, speculate
 from speckv.estimates import TierEstimates
-from speckv.engine import (GenerationRequest, SplitExecutor, StepCall, StepEvent, StepExecutor, TextAssembler,
-                           speculate)
 from speckv.local import encode_prompt, eos_token_ids
 from speckv.models import load_tokenizer, resolve_model_dir
 from speckv.policy import make_policy
 from speckv.sampling import SamplingParams
+from speckv.workers import StepInputs
 
 from .config import AppConfig
 from .metrics import ServeMetrics, hop_ms
@@ -107,11 +107,11 @@ async def release_detached(*calls: Callable[[], Awaitable]) -> None:
 def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, retry: StepRetries) -> SplitExecutor:
     """Disaggregated topology: draft and target replicas reached through sticky handles."""
 
-    async def propose(sid: str, *args):
-        return await retry(lambda: draft.options(session_id=sid).propose.remote(sid, *args))
+    async def propose(inputs: StepInputs):
+        return await retry(lambda: draft.options(session_id=inputs.session_id).propose.remote(inputs))
 
-    async def verify(sid: str, *args):
-        return await retry(lambda: target.options(session_id=sid).verify.remote(sid, *args))
+    async def verify(inputs: StepInputs, draft_token_ids: list[int]):
+        return await retry(lambda: target.options(session_id=inputs.session_id).verify.remote(inputs, draft_token_ids))
 
     async def release(sid: str) -> None:
         await release_detached(lambda: draft.options(session_id=sid).release.remote(sid),
@@ -127,10 +127,10 @@ class RemoteColocatedExecutor:
         self.target = target
         self.retry = retry
 
-    async def run_step(self, sid, context_ids, gamma, params, seed, step, stop) -> StepCall:
+    async def run_step(self, inputs: StepInputs) -> StepCall:
         start = time.perf_counter()
-        inner: StepCall = await self.retry(lambda: self.target.options(session_id=sid).step.remote(
-            sid, context_ids, gamma, params, seed, step, stop))
+        inner: StepCall = await self.retry(
+            lambda: self.target.options(session_id=inputs.session_id).step.remote(inputs))
         wall_ms = (time.perf_counter() - start) * 1e3
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
 
@@ -165,7 +165,8 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
     """Framework-level 4xx (a body that is not JSON or not UTF-8, an unknown route or method) in OpenAI's shape."""
-    return JSONResponse(APIError(e.status_code, str(e.detail), code="invalid_body" if e.status_code == 400 else None).body(),
+    error = APIError(e.status_code, str(e.detail), code="invalid_body" if e.status_code == 400 else None)
+    return JSONResponse(error.body(),
                         status_code=e.status_code, headers=getattr(e, "headers", None))
 
 
@@ -315,7 +316,8 @@ class Router:
             self._estimates.setdefault(tier, TierEstimates.calibrated(cost))
         return self._estimates[tier]
 
-    async def _prepare(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], max_tokens: int | None):
+    async def _prepare(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+                       max_tokens: int | None):
         tier = self.model_ids.get(req.model)
         if tier is None:
             raise APIError(404, f"model {req.model!r} does not exist; available: {', '.join(self.model_ids)}",
@@ -482,9 +484,12 @@ class Router:
                 async for event in all_events():
                     if event.text:
                         yield chunk(event.text, None)
-                yield chunk(None if chat else "", stats["finish_reason"], extra={"speculation": self._speculation(stats)})
+                yield chunk(None if chat else "", stats["finish_reason"],
+                            extra={"speculation": self._speculation(stats)})
                 if include_usage:
-                    yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': req.model, 'choices': [], 'usage': usage()})}\n\n"
+                    last = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
+                            "usage": usage()}
+                    yield f"data: {json.dumps(last)}\n\n"
             except Exception as e:  # noqa: BLE001 - the stream has started; report in-band, then end it
                 logger.exception("request %s failed mid-stream", rid)
                 err = backend_error(e, self.config.retry_after_s) or APIError(

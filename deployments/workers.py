@@ -17,9 +17,7 @@ from speckv.calibration import DRAFT_TIER, budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
 from speckv.models import load_model
-from speckv.sampling import SamplingParams
-from speckv.signals import NO_STOP, DraftStop
-from speckv.workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
+from speckv.workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
 
@@ -75,11 +73,8 @@ class DraftDeployment:
         """{"draft": this replica's calibration (speckv.calibration.Calibration as a dict)}."""
         return {"draft": self._calibration}
 
-    def propose(
-        self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        stop: DraftStop = NO_STOP,
-    ) -> Proposal:
-        return self.worker.propose(session_id, context_ids, gamma, params, seed, step, stop)
+    def propose(self, inputs: StepInputs) -> Proposal:
+        return self.worker.propose(inputs)
 
     def release(self, session_id: str) -> None:
         """The request has ended: close its session (a call still in flight for it is refused)."""
@@ -107,18 +102,13 @@ class TargetDeployment:
         """{"target": this replica's calibration, and "draft" when it also drafts} (as dicts)."""
         return self._calibration
 
-    def verify(
-        self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams
-    ) -> Verification:
-        return self.worker.verify(session_id, context_ids, draft_token_ids, params)
+    def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
+        return self.worker.verify(inputs, draft_token_ids)
 
-    async def step(
-        self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        stop: DraftStop = NO_STOP,
-    ) -> StepCall:
+    async def step(self, inputs: StepInputs) -> StepCall:
         if self.executor is None:
             raise RuntimeError("this target replica has no colocated draft; use the disaggregated topology")
-        return await self.executor.run_step(session_id, context_ids, gamma, params, seed, step, stop)
+        return await self.executor.run_step(inputs)
 
     def release(self, session_id: str) -> None:
         """The request has ended: close its sessions (a call still in flight for it is refused)."""

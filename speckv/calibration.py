@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import MANIFEST, cache_root
 from .cost_model import CostModel
+from .models import MANIFEST, cache_root
 from .workers import SessionLM
 
 CALIBRATION_FORMAT = 2  # 2: one model (role) per calibration

@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-gamma", type=_positive_int, default=8, help="longest draft run whose verification is timed")
     cal.add_argument("--context-lens", default="64,512", help="context lengths to time at (comma-separated)")
     cal.add_argument("--budget-s", type=float, default=30.0,
-                     help="time budget for both models (target 22/30 of it, draft 8/30); measuring stops once it is spent")
+                     help="time budget for both models (target 22/30 of it, draft 8/30); measuring stops once "
+                          "it is spent")
     cal.add_argument("--repeats", type=_positive_int, default=3)
     cal.add_argument("--force", action="store_true", help="measure again even if a calibration is cached")
     cal.add_argument("--json", action="store_true", help="print the calibration as JSON")
@@ -245,7 +246,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from .costs import measure_costs
+    from .tools.costs import measure_costs
 
     try:
         gammas = [int(g) for g in args.gammas.split(",")]
@@ -291,7 +292,7 @@ def _gamma_list(text: str, name: str, allow_zero: bool) -> list[int]:
 
 
 def _select_prompts(files: list[Path], limit_per_category: int | None, categories: str | None):
-    from .bench import load_prompts
+    from .tools.bench import load_prompts
 
     chosen = [c.strip() for c in categories.split(",")] if categories else None
     prompts = []
@@ -307,7 +308,7 @@ def _select_prompts(files: list[Path], limit_per_category: int | None, categorie
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from .collect import CollectConfig, collect
+    from .tools.collect import CollectConfig, collect
 
     try:
         tiers = [Tier.parse(t.strip()).value for t in args.tiers.split(",") if t.strip()]
@@ -327,7 +328,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_signals(args: argparse.Namespace) -> int:
     from .local import LocalEngine
-    from .signal_study import check_splits, collect_rows, study
+    from .tools.signal_study import check_splits, collect_rows, study
 
     prompts = _select_prompts(args.prompts, args.limit_per_category, args.categories)
     try:
@@ -349,7 +350,7 @@ def cmd_signals(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import train, train_paper
+    from .tools.training import train, train_paper
 
     try:
         if args.format == "speckv-paper":
@@ -382,9 +383,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_shapes(args: argparse.Namespace) -> int:
     from .controller import SHIPPED, ControllerArtifact
-    from .replay import resize
-    from .shapes import report
-    from .training import load_collection, split_of, traces_from_records
+    from .tools.replay import resize
+    from .tools.shapes import report
+    from .tools.training import load_collection, split_of, traces_from_records
 
     try:
         artifact = ControllerArtifact.load(args.controller or SHIPPED)
@@ -402,7 +403,8 @@ def cmd_shapes(args: argparse.Namespace) -> int:
     print(f"{len(traces)} {args.tier} traces; adaptive / best of none and fixed γ 1..8 (geomean tokens/s):")
     for name, s in doc["shapes"].items():
         print(f"  {name:<20} best {s['best']:<8} adaptive {s['adaptive_over_best']:.3f}  "
-              f"(frozen, no online learning: {s['frozen_over_best']:.3f})  mean γ {s['policies']['adaptive']['mean_gamma']:.2f}")
+              f"(frozen, no online learning: {s['frozen_over_best']:.3f})  "
+              f"mean γ {s['policies']['adaptive']['mean_gamma']:.2f}")
     for name, c in doc["changes"].items():
         print(f"  step change {name:<16} after 30 steps: adaptive {c['learning'].get('adaptive_over_best', 0):.3f}"
               f" of {c['learning'].get('best')}, frozen {c['frozen'].get('adaptive_over_best', 0):.3f}")
@@ -411,8 +413,8 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .controller import ControllerArtifact, SHIPPED
-    from .training import evaluate, load_collection, split_of, traces_from_records
+    from .controller import SHIPPED, ControllerArtifact
+    from .tools.training import evaluate, load_collection, split_of, traces_from_records
 
     try:
         artifact = ControllerArtifact.load(args.controller or SHIPPED)
@@ -442,15 +444,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                               "adaptive", "oracle"))
               + f"; adaptive/oracle {t['adaptive_vs_oracle']:.3f}; decision p50 {t['decision_us']['p50']:.1f} us")
         for c in t["comparisons"]:
-            print(f"   adaptive vs {c['b']}: {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] p={c['p_value']:.4f}")
+            print(f"   adaptive vs {c['b']}: {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] "
+                  f"p={c['p_value']:.4f}")
     print(f"results written to {args.out}", file=sys.stderr)
     if args.markdown:
-        from .training import evaluation_markdown
+        from .tools.training import evaluation_markdown
 
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(evaluation_markdown(doc))
     if args.plots:
-        from . import plots
+        from .tools import plots
 
         live = {}
         for path in args.live:
@@ -473,7 +476,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .bench import markdown_report
+    from .tools.bench import markdown_report
 
     for path in args.files:
         try:
@@ -555,9 +558,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, load_prompts, run_bench
-
-    from .bench import ORACLE
+    from .tools.bench import ORACLE, BenchConfig, load_prompts, run_bench
 
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     policies = [p if p == ORACLE else _policy(p) for p in names]

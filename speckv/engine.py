@@ -20,8 +20,8 @@ from .acceptance import greedy_accept, speculative_accept
 from .policy import GammaPolicy, RequestProgress, StepTiming
 from .records import StepRecord
 from .sampling import SamplingParams, step_generator
-from .signals import DraftSignals, DraftStop
-from .workers import Proposal, Verification
+from .signals import DraftSignals
+from .workers import Proposal, StepInputs, Verification
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 128
@@ -40,16 +40,13 @@ class StepCall:
 class StepExecutor(Protocol):
     """Runs the model side of one step (draft γ tokens, then verify them) for a session."""
 
-    async def run_step(
-        self, session_id: str, context_ids: list[int], gamma: int, params: SamplingParams, seed: int, step: int,
-        stop: DraftStop,
-    ) -> StepCall: ...
+    async def run_step(self, inputs: StepInputs) -> StepCall: ...
 
     async def release(self, session_id: str) -> None: ...
 
 
-ProposeFn = Callable[[str, list[int], int, SamplingParams, int, int, DraftStop], Awaitable[Proposal]]
-VerifyFn = Callable[[str, list[int], list[int], SamplingParams], Awaitable[Verification]]
+ProposeFn = Callable[[StepInputs], Awaitable[Proposal]]
+VerifyFn = Callable[[StepInputs, list[int]], Awaitable[Verification]]
 ReleaseFn = Callable[[str], Awaitable[None]]
 
 
@@ -59,14 +56,11 @@ class SplitExecutor:
     def __init__(self, propose: ProposeFn, verify: VerifyFn, release: Callable[[str], Awaitable[None]]) -> None:
         self._propose, self._verify, self._release = propose, verify, release
 
-    async def run_step(self, session_id, context_ids, gamma, params, seed, step, stop) -> StepCall:
+    async def run_step(self, inputs: StepInputs) -> StepCall:
         t0 = time.perf_counter()
-        if gamma > 0:
-            proposal = await self._propose(session_id, context_ids, gamma, params, seed, step, stop)
-        else:
-            proposal = Proposal([], None, DraftSignals(), 0.0)
+        proposal = await self._propose(inputs) if inputs.gamma > 0 else Proposal([], None, DraftSignals(), 0.0)
         t1 = time.perf_counter()
-        verification = await self._verify(session_id, context_ids, proposal.token_ids, params)
+        verification = await self._verify(inputs, proposal.token_ids)
         t2 = time.perf_counter()
         return StepCall(proposal, verification, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
@@ -178,7 +172,7 @@ async def speculate(
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
             stop = policy.draft_stop.with_min_confidence(request.min_confidence)
-            call = await executor.run_step(sid, context, gamma, params, seed, step, stop)
+            call = await executor.run_step(StepInputs(sid, context, gamma, params, seed, step, stop))
             proposal, verification = call.proposal, call.verification
 
             result = accept_step(proposal, verification, params, seed, step)

@@ -15,21 +15,21 @@ from .engine import (
     SplitExecutor,
     run_to_completion,
 )
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
 from .estimates import TierEstimates
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
 from .policy import make_policy
 from .sampling import SamplingParams
-from .workers import DraftWorker, Proposal, SessionLM, TargetWorker, Verification
+from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 
 def local_executor(draft: DraftWorker, target: TargetWorker) -> SplitExecutor:
     """A step executor over in-process workers."""
 
-    async def propose(*args) -> Proposal:
-        return draft.propose(*args)
+    async def propose(inputs: StepInputs) -> Proposal:
+        return draft.propose(inputs)
 
-    async def verify(*args) -> Verification:
-        return target.verify(*args)
+    async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
+        return target.verify(inputs, draft_token_ids)
 
     async def release(session_id: str) -> None:
         draft.lm.release(session_id)

@@ -86,8 +86,9 @@ class DraftStop:
     - `min_run_acceptance`: the predicted probability that every token drafted so far is accepted is below
       it (0 = off). Each token's probability of acceptance, given that the ones before it were accepted, is
       a logistic model over TOKEN_ACCEPTANCE_FEATURES with `token_weights` (one weight each, then the bias),
-      fitted on traces (speckv.training). Past that point another token costs more draft and verify time
-      than the tokens it is expected to add; the threshold is tuned per tier on the cost model.
+      fitted on traces (speckv.tools.training). Past that point another token costs more draft and verify time
+      than the tokens it is expected to add; `adaptive` sets the threshold at every step from its current
+      estimates (speckv.controller).
     """
 
     min_confidence: float = 0.0

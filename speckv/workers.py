@@ -181,30 +181,36 @@ class Verification:
     compute_ms: float
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """One request's step as the model side needs it: built once by the loop, handed whole to executors and
+    workers, in-process or through deployment handles."""
+
+    session_id: str  # the request's KV-cache sessions (and its replica affinity)
+    context_ids: list[int]  # prompt + tokens generated so far
+    gamma: int  # draft tokens to propose, at most
+    params: SamplingParams
+    seed: int  # with `step`, fixes every random draw of the step (speckv.sampling.step_generator)
+    step: int
+    stop: DraftStop = NO_STOP  # when the draft ends its run early
+
+
 class DraftWorker:
     """Proposes γ tokens autoregressively with their signals."""
 
     def __init__(self, lm: SessionLM) -> None:
         self.lm = lm
 
-    def propose(
-        self,
-        session_id: str,
-        context_ids: list[int],
-        gamma: int,
-        params: SamplingParams,
-        seed: int,
-        step: int,
-        stop: DraftStop = NO_STOP,
-    ) -> Proposal:
-        """Draft up to γ tokens after `context_ids`, ending the run early where the `stop` rule says the
+    def propose(self, inputs: StepInputs) -> Proposal:
+        """Draft up to γ tokens after the context, ending the run early where the `stop` rule says the
         tokens after this one would rarely be accepted."""
         start = time.perf_counter()
-        generator = None if params.greedy else step_generator(seed, step, stream=0)
+        session_id, context_ids, gamma, params = inputs.session_id, inputs.context_ids, inputs.gamma, inputs.params
+        generator = None if params.greedy else step_generator(inputs.seed, inputs.step, stream=0)
         tokens: list[int] = []
         probs_rows: list[torch.Tensor] = []
         signals = DraftSignals()
-        stopper = stop.stopper()
+        stopper = inputs.stop.stopper()
         logits = self.lm.logits(session_id, context_ids, 1)[-1]
         for i in range(gamma):
             probs = logits_to_probs(logits, params)
@@ -226,14 +232,13 @@ class TargetWorker:
     def __init__(self, lm: SessionLM) -> None:
         self.lm = lm
 
-    def verify(
-        self, session_id: str, context_ids: list[int], draft_token_ids: list[int], params: SamplingParams
-    ) -> Verification:
+    def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
+        """Score the context's next token and each drafted one, in one pass."""
         start = time.perf_counter()
-        logits = self.lm.logits(session_id, context_ids + draft_token_ids, len(draft_token_ids) + 1)
-        if params.greedy:
+        logits = self.lm.logits(inputs.session_id, inputs.context_ids + draft_token_ids, len(draft_token_ids) + 1)
+        if inputs.params.greedy:
             result = Verification(logits.argmax(-1).tolist(), None, 0.0)
         else:
-            result = Verification(None, logits_to_probs(logits, params).cpu(), 0.0)
+            result = Verification(None, logits_to_probs(logits, inputs.params).cpu(), 0.0)
         result.compute_ms = (time.perf_counter() - start) * 1e3
         return result

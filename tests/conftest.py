@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from speckv.replay import Trace
+from speckv.tools.replay import Trace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VOCAB = 96  # printable ASCII from 32, plus EOS at the end

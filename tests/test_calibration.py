@@ -24,7 +24,8 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
         hook.remove()
     draft = calibrate(SessionLM(draft_model), "draft", "fp16", max_gamma=3, context_lens=(16, 32), repeats=2)
     verify = sorted((r["context_len"], r["tokens"]) for r in target.rows)
-    assert verify == [(16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 4)] and {r["kind"] for r in target.rows} == {"verify"}
+    assert verify == [(16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 4)]
+    assert {r["kind"] for r in target.rows} == {"verify"}
     drafts = sorted((r["context_len"], r["tokens"]) for r in draft.rows)
     assert drafts == [(16, 1), (16, 2), (32, 1)]  # single token, and a catch-up of two tokens keeping one logit
     # verification after a crop: γ+1 tokens fed after the cached context, all of them scored
@@ -113,9 +114,11 @@ def test_weights_fingerprint_follows_the_files(tmp_path):
 
 
 def test_calibrate_command(tmp_path):
-    from .conftest import perturbed_copy, tiny_model
-    from speckv.models import DEFAULT_TARGET, resolve_model_dir
     from transformers import AutoTokenizer
+
+    from speckv.models import DEFAULT_TARGET, resolve_model_dir
+
+    from .conftest import perturbed_copy, tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_TARGET))
     target = tiny_model(0)
@@ -140,7 +143,7 @@ def test_calibrate_command(tmp_path):
 
 def test_the_offline_profile_times_the_same_calls(draft_model, target_model):
     """`speckv cost` (and collect) time through the same `time_call`: every γ at every context, fitted."""
-    from speckv.costs import measure_loaded_costs
+    from speckv.tools.costs import measure_loaded_costs
 
     doc = measure_loaded_costs(SessionLM(draft_model), SessionLM(target_model), [0, 1, 3], [8, 24], repeats=2)
     assert [(r["context_len"], r["gamma"]) for r in doc["rows"]] == [(8, 0), (8, 1), (8, 3), (24, 0), (24, 1), (24, 3)]

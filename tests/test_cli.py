@@ -63,7 +63,7 @@ def test_bad_prompts_file(tmp_path):
 
 
 def test_signals_needs_prompts_in_both_splits_before_loading_models(tmp_path):
-    from speckv.training import split_of
+    from speckv.tools.training import split_of
 
     one = tmp_path / "p.jsonl"
     qid = next(f"q{i}" for i in range(100) if split_of(f"q{i}") == "train")
@@ -86,8 +86,8 @@ def test_not_a_model_directory(tmp_path):
 
 def test_generate_json_on_local_model_directories(tmp_path, drafting_controller):
     """A local directory goes through the same loading path as the embedded defaults and hub ids."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
     import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     try:
         tok_dir = resolve_model_dir(DEFAULT_TARGET)

@@ -26,7 +26,8 @@ def test_default_pair_shares_tokenizer_and_eos(fp32_engine):
 
 
 def test_fp32_greedy_speculation_is_exact_on_default_pair(fp32_engine):
-    ids = encode_prompt(fp32_engine.tokenizer, "Write a Python function that checks whether a number is prime.", chat=True)
+    ids = encode_prompt(fp32_engine.tokenizer, "Write a Python function that checks whether a number is prime.",
+                        chat=True)
     reference = fp32_engine.generate(ids, "none", 16)
     assert reference.new_tokens == 16 and "def" in reference.text
     for policy in ["fixed:4", "heuristic"]:

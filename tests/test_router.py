@@ -85,9 +85,9 @@ BODY = {"model": "speckv-fp16", "prompt": "def add(a, b):", "max_tokens": 24, "t
 
 async def _stream_events(response) -> list:
     chunks = [c if isinstance(c, str) else c.decode() async for c in response.body_iterator]
-    lines = [l[6:] for l in "".join(chunks).splitlines() if l.startswith("data: ")]
+    lines = [line[6:] for line in "".join(chunks).splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
-    return [json.loads(l) for l in lines[:-1]]
+    return [json.loads(line) for line in lines[:-1]]
 
 
 def test_a_retried_step_is_counted_and_the_output_unchanged(router):

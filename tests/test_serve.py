@@ -54,7 +54,8 @@ def app(tmp_path_factory, drafting_controller):
             serve.run(build_app(config), name="speckv", route_prefix="/")
             colocated = {**config, "topology": "colocated", "api_keys_env": "SPECKV_TEST_KEYS",
                          "max_concurrent_generations": 2, "retry_after_s": 3, "deployment_options": {
-                "router": {"ray_actor_options": {"runtime_env": {"env_vars": {"SPECKV_TEST_KEYS": "key-one,key-two"}}}}}}
+                "router": {"ray_actor_options": {"runtime_env": {
+                    "env_vars": {"SPECKV_TEST_KEYS": "key-one,key-two"}}}}}}
             serve.run(build_app(colocated), name="speckv-colocated", route_prefix="/colocated")
             # the server on this port is the one started here: only it has this keyed app
             assert httpx.get(BASE + "/colocated/v1/models").status_code == 401
@@ -75,9 +76,9 @@ def post(path: str, body: dict | bytes, **kw) -> httpx.Response:
 
 
 def sse_events(response_text: str) -> list:
-    lines = [l[len("data: "):] for l in response_text.splitlines() if l.startswith("data: ")]
+    lines = [line[len("data: "):] for line in response_text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
-    return [json.loads(l) for l in lines[:-1]]
+    return [json.loads(line) for line in lines[:-1]]
 
 
 def test_health_and_models(app):
@@ -132,13 +133,15 @@ def test_adaptive_drafts_and_equals_target_only(app):
     base = {"model": "speckv", "prompt": "import numpy as", "max_tokens": 16, "temperature": 0}
     spec = post("/v1/completions", {**base, "speculation": {"policy": "fixed", "gamma": 4}}).json()
     plain = post("/v1/completions", {**base, "speculation": {"policy": "none"}}).json()
-    assert plain["speculation"]["draft_tokens"] == 0 and plain["speculation"]["gamma_histogram"] == {"0": plain["speculation"]["steps"]}
+    assert plain["speculation"]["draft_tokens"] == 0
+    assert plain["speculation"]["gamma_histogram"] == {"0": plain["speculation"]["steps"]}
     assert spec["speculation"]["draft_tokens"] > 0
     assert plain["choices"][0]["text"] == spec["choices"][0]["text"]
     adaptive = post("/v1/completions", base).json()
     assert adaptive["speculation"]["policy"] == "adaptive"
     assert adaptive["speculation"]["controller_version"] == app["version"]
-    assert adaptive["speculation"]["draft_tokens"] > 0 and adaptive["speculation"]["steps"] < plain["speculation"]["steps"]
+    assert adaptive["speculation"]["draft_tokens"] > 0
+    assert adaptive["speculation"]["steps"] < plain["speculation"]["steps"]
     assert adaptive["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
@@ -401,7 +404,8 @@ def _json_values():
 
     scalars = (st.none() | st.booleans() | st.integers(-10**9, 10**9) | st.floats(allow_nan=True, allow_infinity=True)
                | st.text(max_size=30))
-    return st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    return st.recursive(scalars,
+                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                         max_leaves=6)
 
 
@@ -459,7 +463,8 @@ def _valid_bodies(models: list[str]):
         "seed": st.integers(0, 2**63 - 1), "stop": st.lists(st.text(min_size=1, max_size=10), max_size=3),
         "stream": st.booleans(), "speculation": speculation, "user": st.text(max_size=10),
     }
-    completion = st.fixed_dictionaries({"model": st.sampled_from(models), "prompt": text | st.lists(text, min_size=1, max_size=1)},
+    prompt = text | st.lists(text, min_size=1, max_size=1)
+    completion = st.fixed_dictionaries({"model": st.sampled_from(models), "prompt": prompt},
                                        optional=optional)
     message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text})
     chat = st.fixed_dictionaries({"model": st.sampled_from(models),

@@ -53,7 +53,8 @@ def served(tmp_path_factory, drafting_controller):
             if proc.poll() is not None:
                 pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200:
+                auth = {"Authorization": f"Bearer {KEY}"}
+                if httpx.get(base + "/v1/models", headers=auth, timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -1,4 +1,4 @@
-"""`adaptive` on step-cost shapes this machine lacks (speckv.shapes): without retraining it lands within 5%
+"""`adaptive` on step-cost shapes this machine lacks (speckv.tools.shapes): without retraining it lands within 5%
 of the best fixed γ (or of `none`), and follows a step change within 30 steps; with calibration or online
 learning switched off it does not."""
 
@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speckv.controller import load_snapshot
+from speckv.controller import AdaptivePolicy, load_snapshot
 from speckv.cost_model import CostModel
-from speckv.shapes import SHAPES, StepChange, best_baseline, compare, run_policy, summary
-from speckv.controller import AdaptivePolicy
 from speckv.estimates import TierEstimates
-from speckv.replay import fixed
+from speckv.tools.replay import fixed
+from speckv.tools.shapes import SHAPES, StepChange, best_baseline, compare, run_policy, summary
 
-from .conftest import synthetic_trace
+from ..conftest import synthetic_trace
 
 BAR = 0.95
 
@@ -74,3 +73,38 @@ def test_a_step_change_is_followed_within_30_steps(traces, case):
     frozen, _ = _after_change(traces, change, learning=False)
     if case == "draft-neighbour":
         assert frozen < BAR * best, (frozen, best)
+
+
+def test_the_live_loop_under_a_shape_lands_near_the_best_fixed_gamma(draft_model, target_model, tokenizer):
+    """The live loop on the tiny models, its step times taken from a shape (`ShapedExecutor`, a virtual
+    clock): on a GPU-like and on a CPU-like shape, adaptive (calibrated as the shape, learning online)
+    reaches 95% of the best of none and fixed γ 1, 2, 4, 8 in the shape's time, and drafts longer where the
+    verify pass is flat. Greedy and fp32, so every policy decodes the same tokens."""
+    import asyncio
+
+    from speckv.engine import GenerationRequest, run_to_completion
+    from speckv.local import LocalEngine
+    from speckv.policy import make_policy
+    from speckv.tools.shapes import ShapedExecutor
+
+    engine = LocalEngine(draft_model, target_model, tokenizer)
+    prompts = [[5 + i, 17, 33 + i, 2, 40, 41 - i, 8] for i in range(3)]
+    mean_gamma = {}
+    for shape in ("gpu-cheap-draft", "cpu-avx2-bf16"):
+        estimates = TierEstimates.calibrated(SHAPES[shape])
+        speed = {}
+        for name in ["none", *(f"fixed:{g}" for g in (1, 2, 4, 8)), "adaptive"]:
+            executor = ShapedExecutor(engine.executor, SHAPES[shape])
+            tokens, ms, gammas = 0, 0.0, []
+            for ids in prompts:
+                policy = make_policy(name, "fp16", None, estimates)
+                result = asyncio.run(run_to_completion(GenerationRequest(ids, 32), executor, policy, tokenizer))
+                tokens += result.new_tokens
+                ms += sum(r.draft_ms + r.verify_ms for r in result.records)
+                gammas += [r.gamma for r in result.records]
+            speed[name] = tokens / ms
+            if name == "adaptive":
+                mean_gamma[shape] = float(np.mean(gammas))
+        best = max((n for n in speed if n != "adaptive"), key=speed.get)
+        assert speed["adaptive"] >= BAR * speed[best], (shape, best, speed)
+    assert mean_gamma["gpu-cheap-draft"] > mean_gamma["cpu-avx2-bf16"]

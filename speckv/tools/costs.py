@@ -1,6 +1,6 @@
 """Measure a tier's step costs on the machine at hand: draft ms per token, target verify ms per γ.
 
-This is the cost model exact replay and the controller use (speckv.replay.CostModel); the verify curve's
+This is the cost model exact replay and the controller use (speckv.cost_model.CostModel); the verify curve's
 shape is what decides whether speculation pays: nearly flat in γ where a step is memory-bound (GPUs, fp32
 on AVX2 CPUs), linear where it is compute-bound (bf16 emulated on CPUs without AVX512-BF16/AMX). Calls are
 timed by `speckv.calibration.time_call`, the one place that times the live loop's call patterns.
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import statistics
 
-from .calibration import synthetic_ids, time_call
-from .local import LocalEngine
-from .models import draft_dtype_for, load_model
-from .cost_model import CostModel
-from .workers import SessionLM
+from ..calibration import synthetic_ids, time_call
+from ..cost_model import CostModel
+from ..local import LocalEngine
+from ..models import draft_dtype_for, load_model
+from ..workers import SessionLM
 
 LIVE_OVER_PROFILE_FLAG = 1.5  # a part of the live step this much slower than the profile is reported
 
@@ -30,7 +30,7 @@ def measure_costs(
     target_lm = SessionLM(load_model(target, tier, dtype, device))
     doc = measure_loaded_costs(draft_lm, target_lm, gammas, context_lens, repeats)
     if live_prompts:
-        from .models import load_tokenizer
+        from ..models import load_tokenizer
 
         engine = LocalEngine(draft_lm.model, target_lm.model, load_tokenizer(target), tier)
         doc["live"] = live_vs_profile(engine, CostModel.from_dict(doc["cost_model"]), live_prompts, live_policy,

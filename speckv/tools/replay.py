@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cost_model import CostModel
-from .policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepTiming
-from .signals import DraftSignals
+from ..cost_model import CostModel
+from ..policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepTiming
+from ..signals import DraftSignals
 
 
 @dataclass
@@ -178,7 +178,8 @@ def collect_trace(
     Runs are reused: when the run from p starts with the target's token at p, the run from p+1 is the same
     greedy continuation minus its first token (same context), so only one more token is drafted; a fresh
     run is drafted only after a first-token miss. Per-position drafting time is kept in `draft_ms`."""
-    from .sampling import SamplingParams
+    from ..sampling import SamplingParams
+    from ..workers import StepInputs
 
     greedy = SamplingParams()
     n = len(target_token_ids)
@@ -197,7 +198,7 @@ def collect_trace(
             run, signals = [], DraftSignals()
         missing = gamma_max - len(run)
         if missing > 0:
-            more = drafter.propose(session, context + run, missing, greedy, 0, p)
+            more = drafter.propose(StepInputs(session, context + run, missing, greedy, 0, p))
             run = run + more.token_ids
             signals = DraftSignals(signals.chosen_prob + more.signals.chosen_prob,
                                    signals.confidence + more.signals.confidence, signals.entropy + more.signals.entropy)
@@ -221,7 +222,7 @@ def trace_to_records(trace: Trace, tier: str, request_id: str) -> list:
     gamma = γmax drafted from that position, accepted = how many the target's greedy output agrees with,
     emitted = what a step there would add (accepted + 1, capped at the end); verify_ms is 0 (the target's
     tokens come from one greedy generation, not per-position verification)."""
-    from .records import StepRecord
+    from ..records import StepRecord
 
     ms = trace.draft_ms if trace.draft_ms is not None else np.zeros(trace.n)
     return [

@@ -6,7 +6,7 @@ draft's greedy prediction after the target's own first q output tokens, whatever
 teacher-forced pass of the draft over prompt + target output shows, at every output position, all a stop
 rule could read there (confidence, entropy, the second-best probability, the draft's final hidden state)
 and whether the target accepts it (the draft's argmax equals the target's token). The study fits logistic
-models on the train split of the prompts (speckv.training.split_of) and reports held-out ROC AUC per
+models on the train split of the prompts (speckv.tools.training.split_of) and reports held-out ROC AUC per
 feature set: the question is whether any richer draft-side predictor (the hidden-state probe is the
 SpecDec++ idea: a learned acceptance head on the draft) would let a stop rule get closer to the oracle.
 
@@ -108,7 +108,7 @@ def choose_probe_l2(rows: list[TokenRows], folds: int = 3) -> dict[float, float]
 def check_splits(prompt_ids: list[str]) -> None:
     """The study fits on train-split prompts and scores test-split ones: it needs some of each."""
     if {split_of(i) for i in prompt_ids} != {"train", "test"}:
-        raise ValueError("the study needs prompts in both the train and the test split (speckv.training.split_of "
+        raise ValueError("the study needs prompts in both the train and the test split (speckv.tools.training.split_of "
                          "puts about one prompt id in three in the test split); give it more prompts")
 
 
@@ -146,7 +146,7 @@ def collect_rows(engine, prompts: list[Prompt], max_new_tokens: int,
     """Greedy target-only output for each prompt (the engine's `none` run), then the draft teacher-forced on it."""
     from tqdm import tqdm
 
-    from .local import encode_prompt
+    from ..local import encode_prompt
 
     rows, outputs = [], {}
     for prompt in tqdm(prompts, desc="signals", file=sys.stderr):

@@ -1,6 +1,6 @@
 """Training and evaluating the γ controller from step records (speckv.controller holds the model itself).
 
-Data. Traces (policy `trace:γmax` records, speckv.replay) give, at every output position, how many of a
+Data. Traces (policy `trace:γmax` records, speckv.tools.replay) give, at every output position, how many of a
 γmax-token draft run the target accepts. Features depend on what the policy did before (the previous
 step's signals), so training states come from replaying behaviour policies over each trace (uniformly
 random γ, fixed γ, the heuristic): at each visited step the features seen and the label A = accept_len at
@@ -22,14 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
-from .policy import (HF_ASSISTED_TOKENS, MAX_GAMMA, HeuristicGamma, RequestProgress,
-                     StepContext, StepOutcome, hf_assisted_defaults)
-from .cost_model import CostModel
-from .estimates import TierEstimates
-from .records import StepRecord, read_jsonl
+from ..controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
+from ..cost_model import CostModel
+from ..estimates import TierEstimates
+from ..policy import (
+    HF_ASSISTED_TOKENS,
+    MAX_GAMMA,
+    HeuristicGamma,
+    RequestProgress,
+    StepContext,
+    StepOutcome,
+    hf_assisted_defaults,
+)
+from ..records import StepRecord, read_jsonl
+from ..signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, token_acceptance_features
 from .replay import Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
-from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, token_acceptance_features
 from .stats import paired_speedup
 
 RAW_SIGNALS = ("prev_mean_confidence", "prev_min_confidence", "prev_last_confidence", "prev_mean_entropy",
@@ -301,7 +308,8 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
     }
     summary = {
         "train_states": len(train_data.x), "test_states": len(test_data.x) if test_data is not None else 0,
-        "train_prompts": sorted({k[1] for k in splits["train"]}), "test_prompts": sorted({k[1] for k in splits["test"]}),
+        "train_prompts": sorted({k[1] for k in splits["train"]}),
+        "test_prompts": sorted({k[1] for k in splits["test"]}),
         "train_loss": loss, "hidden": hidden, "epochs": epochs, "seed": seed,
         **{k: v for k, v in corr.items() if k not in ("predicted", "actual")}, **token_auc,
     }
@@ -321,8 +329,9 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace],
     the tier's prompts, as a server would.
 
     Fixed γ and the oracle span the longest run the controller may draft (twice its MLP's γmax), so
-    adaptive is never judged against baselines held to shorter runs than it may use; `hf-assisted` is transformers' default drafting policy replayed (runs of up to 20 tokens,
-    ended below confidence 0.4: speckv.policy.hf_assisted_defaults)."""
+    adaptive is never judged against baselines held to shorter runs than it may use; `hf-assisted` is
+    transformers' default drafting policy replayed (runs of up to 20 tokens, ended below confidence 0.4:
+    speckv.policy.hf_assisted_defaults)."""
     span = min(2 * artifact.gamma_max, MAX_GAMMA)
     out: dict = {"tiers": {}, "span": span}
     for tier in sorted({t for t, _ in traces}):
@@ -358,7 +367,8 @@ def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace],
                              "per_prompt": rs} for n, rs in rows.items()},
             "comparisons": comparisons,
             "adaptive_vs_oracle": statistics.geometric_mean(a / o for a, o in zip(tps["adaptive"], tps["oracle"])),
-            "stop_oracle_vs_oracle": statistics.geometric_mean(a / o for a, o in zip(tps["stop-oracle"], tps["oracle"])),
+            "stop_oracle_vs_oracle": statistics.geometric_mean(
+                a / o for a, o in zip(tps["stop-oracle"], tps["oracle"])),
             "decision_us": {"p50": float(np.percentile(decision_us, 50)), "p99": float(np.percentile(decision_us, 99)),
                             "n": len(decision_us)},
         }
@@ -373,10 +383,12 @@ def _row(trace: Trace, r) -> dict:
 # --- the SpecKV paper's released records -----------------------------------------------------------------
 
 PAPER_SIGNALS = ("mean_draft_entropy", "mean_draft_confidence", "max_draft_entropy", "min_draft_confidence")
-PAPER_COLUMNS = ("compression", "gamma", "task", "step", "accepted", "acceptance_rate", "tokens_produced", *PAPER_SIGNALS)
+PAPER_COLUMNS = ("compression", "gamma", "task", "step", "accepted", "acceptance_rate", "tokens_produced",
+                 *PAPER_SIGNALS)
 
 
-def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int = 0, test_fraction: float = 0.2) -> dict:
+def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int = 0,
+                test_fraction: float = 0.2) -> dict:
     """The paper's setting: predict a step's acceptance rate from that step's own draft signals, γ and the
     compression tier (phase2_step_results.csv), on a seeded random 80/20 split; and its policy comparison
     in its own metric (tokens per step), choosing γ ∈ {2,4,6,8} per (tier, task, step) from the predictions."""
@@ -461,13 +473,15 @@ def evaluation_markdown(doc: dict) -> str:
                   "| policy | tokens/s (geomean) | tokens/s (median) | tokens/step | vs none [95% CI] | p |",
                   "|---|---|---|---|---|---|"]
         for name, p in pol.items():
-            c = paired_speedup(name, [r["tokens_per_s"] for r in p["per_prompt"]], "none", base) if name != "none" else None
+            tps = [r["tokens_per_s"] for r in p["per_prompt"]]
+            c = paired_speedup(name, tps, "none", base) if name != "none" else None
             vs = f"{c.speedup:.3f}x [{c.ci95[0]:.3f}, {c.ci95[1]:.3f}] | {c.p_value:.4f}" if c else " | "
             lines.append(f"| {name} | {p['tokens_per_s_geomean']:.3f} | {p['tokens_per_s_median']:.3f} | "
                          f"{p['tokens_per_step']:.2f} | {vs} |")
         lines += ["", "| adaptive vs | speedup [95% CI] | p |", "|---|---|---|"]
         for c in t["comparisons"]:
-            lines.append(f"| {c['b']} | {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['p_value']:.4f} |")
+            lines.append(f"| {c['b']} | {c['speedup']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] "
+                         f"| {c['p_value']:.4f} |")
         main = ["none", t["best_fixed"], "heuristic", "hf-assisted", "adaptive", "stop-oracle", "oracle"]
         lines += ["", "Per category, tokens/s (geometric mean over its prompts):", "",
                   "| category | prompts | " + " | ".join(main) + " |", "|---|---|" + "---|" * len(main)]

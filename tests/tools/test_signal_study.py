@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from .conftest import perturbed_copy
+from ..conftest import perturbed_copy
 
 
 def test_teacher_forcing_sees_what_each_run_saw(target_model, tokenizer):
     """fp32 greedy: at every run token whose predecessors were accepted, the teacher-forced row at that
     output position has the trace's confidence and entropy, and its label is whether the token was accepted."""
     from speckv.local import LocalEngine
-    from speckv.replay import collect_trace
-    from speckv.signal_study import teacher_forced_rows
+    from speckv.tools.replay import collect_trace
+    from speckv.tools.signal_study import teacher_forced_rows
     from speckv.workers import DraftWorker, SessionLM
 
     draft_model = perturbed_copy(target_model, 0.1, 2)
@@ -40,8 +40,8 @@ def test_teacher_forcing_sees_what_each_run_saw(target_model, tokenizer):
 def test_study_reports_held_out_auc_per_feature_set():
     """On synthetic rows where acceptance follows one hidden direction the confidence only hints at, the
     probe beats the signals on held-out prompts; ids in both splits are required."""
-    from speckv.signal_study import TokenRows, study
-    from speckv.training import split_of
+    from speckv.tools.signal_study import TokenRows, study
+    from speckv.tools.training import split_of
 
     rng = np.random.default_rng(0)
     ids = [f"p{i}" for i in range(40)]

@@ -15,10 +15,11 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .controller import AdaptivePolicy, ControllerArtifact
-from .cost_model import CostModel
-from .engine import StepCall, StepExecutor
-from .estimates import TierEstimates
+from ..controller import AdaptivePolicy, ControllerArtifact
+from ..cost_model import CostModel
+from ..engine import StepCall, StepExecutor
+from ..estimates import TierEstimates
+from ..workers import StepInputs
 from .replay import Trace, fixed, replay
 
 SHAPES: dict[str, CostModel] = {  # ms: draft per token, verify base, verify per extra token scored
@@ -92,13 +93,13 @@ class ShapedExecutor:
     def __init__(self, inner: StepExecutor, shape: Shape) -> None:
         self.inner, self.shape, self.steps = inner, shape, 0
 
-    async def run_step(self, session_id, context_ids, gamma, params, seed, step, stop) -> StepCall:
-        call = await self.inner.run_step(session_id, context_ids, gamma, params, seed, step, stop)
+    async def run_step(self, inputs: StepInputs) -> StepCall:
+        call = await self.inner.run_step(inputs)
         cost = _at(self.shape, self.steps)
         self.steps += 1
         drafted = len(call.proposal.token_ids)
         return dataclasses.replace(call, draft_wall_ms=float(cost.draft_ms(drafted)),
-                                   verify_wall_ms=float(cost.verify_ms(drafted, len(context_ids))))
+                                   verify_wall_ms=float(cost.verify_ms(drafted, len(inputs.context_ids))))
 
     async def release(self, session_id: str) -> None:
         await self.inner.release(session_id)
@@ -107,8 +108,8 @@ class ShapedExecutor:
 def step_changes(base: CostModel, at_step: int) -> dict[str, StepChange]:
     """The step changes `report` runs from a machine's own costs: the draft 6x dearer (a neighbour on its
     cores), verification 2.5x dearer (a neighbour on the target's)."""
-    return {"draft-neighbour": StepChange(base, dataclasses.replace(base, draft_ms_per_token=6 * base.draft_ms_per_token),
-                                          at_step),
+    dear_draft = dataclasses.replace(base, draft_ms_per_token=6 * base.draft_ms_per_token)
+    return {"draft-neighbour": StepChange(base, dear_draft, at_step),
             "verify-slows": StepChange(base, CostModel(base.draft_ms_per_token, 2.5 * base.verify_ms_base,
                                                        2.5 * base.verify_ms_per_token), at_step)}
 

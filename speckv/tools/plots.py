@@ -28,7 +28,8 @@ def acceptance_vs_signals(traces: dict[tuple[str, str], Trace], out: Path) -> Pa
         conf = np.concatenate([t.confidence[:, 0] for t in ts])
         ent = np.concatenate([t.entropy[:, 0] for t in ts])
         acc = np.concatenate([(t.accept_len >= 1).astype(float) for t in ts])
-        for ax, x, bins in ((axes[0], conf, np.linspace(0, 1, 11)), (axes[1], ent, np.linspace(0, max(ent.max(), 1e-3), 11))):
+        panels = ((axes[0], conf, np.linspace(0, 1, 11)), (axes[1], ent, np.linspace(0, max(ent.max(), 1e-3), 11)))
+        for ax, x, bins in panels:
             idx = np.clip(np.digitize(x, bins) - 1, 0, len(bins) - 2)
             centers, means = [], []
             for b in range(len(bins) - 1):
@@ -125,7 +126,8 @@ def predicted_vs_actual(points: dict, out: Path) -> Path:
     ax.plot(centers, means, "r-o", label="binned mean")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     corr = float(np.corrcoef(pred, act)[0, 1]) if len(pred) > 2 else float("nan")
-    ax.set(xlabel="predicted acceptance rate", ylabel="actual acceptance rate", title=f"held-out states, r = {corr:.3f}")
+    ax.set(xlabel="predicted acceptance rate", ylabel="actual acceptance rate",
+           title=f"held-out states, r = {corr:.3f}")
     ax.legend()
     return _save(fig, out / "predicted_vs_actual.png")
 

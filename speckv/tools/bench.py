@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sampling import SamplingParams
+from ..sampling import SamplingParams
 from .stats import first_divergence, paired_speedup
 
 # Spec-Bench labels its multi-turn conversation prompts with MT-Bench's sub-categories; it reports them as one.
@@ -47,7 +47,7 @@ class BenchConfig:
     controller: str | None = None  # controller.json for adaptive (None: shipped)
 
 
-ORACLE = "oracle"  # bench-only: the best γ sequence for the prompt, replayed (speckv.replay.oracle)
+ORACLE = "oracle"  # bench-only: the best γ sequence for the prompt, replayed (speckv.tools.replay.oracle)
 ORACLE_GAMMA_MAX = 8
 
 
@@ -66,7 +66,8 @@ def oracle_row(engine, ids: list[int], none_row: dict, cost) -> dict:
             "gammas": best.gammas, "replayed": True}
 
 
-def load_prompts(path: Path, limit_per_category: int | None = None, categories: list[str] | None = None) -> list[Prompt]:
+def load_prompts(path: Path, limit_per_category: int | None = None,
+                 categories: list[str] | None = None) -> list[Prompt]:
     """Spec-Bench JSONL: question_id, category, turns (the first turn is the prompt)."""
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist")
@@ -80,7 +81,8 @@ def load_prompts(path: Path, limit_per_category: int | None = None, categories: 
                 row = json.loads(line)
                 qid, cat, turns = row["question_id"], row["category"], row["turns"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with question_id, category, turns ({e})") from None
+                raise ValueError(f"{path}:{n}: expected a JSON object with question_id, category, turns "
+                                 f"({e})") from None
             if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
                 raise ValueError(f"{path}:{n}: turns must be a non-empty list of strings")
             cat = "mt_bench" if cat in MT_BENCH_SUBCATEGORIES else cat
@@ -162,9 +164,8 @@ def format_table(doc: dict) -> str:
 def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
     from tqdm import tqdm
 
-    from .local import LocalEngine, encode_prompt
-
-    from .controller import load_snapshot
+    from ..controller import load_snapshot
+    from ..local import LocalEngine, encode_prompt
 
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
     engine.controller = load_snapshot(config.controller)
@@ -216,9 +217,11 @@ def markdown_report(doc: dict) -> str:
     cats = sorted({r["category"] for r in next(iter(runs.values()))})
     lines = [f"{n} prompts ({', '.join(cats)}), tier {cfg['tier']}, dtype {cfg['dtype']}, "
              f"max_new_tokens {cfg['max_new_tokens']}, temperature {cfg['sampling']['temperature']}.", "",
-             "| policy | tokens/s (median) | tokens/step | accepted/step | vs none [95% CI] | p | vs hf-assisted [95% CI] | p | identical to none | first divergence |",
+             "| policy | tokens/s (median) | tokens/step | accepted/step | vs none [95% CI] | p "
+             "| vs hf-assisted [95% CI] | p | identical to none | first divergence |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda c: (f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}") if c else ("", "")
+    fmt = lambda c: ((f"{c['speedup']:.2f}x [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]", f"{c['p_value']:.3f}")
+                     if c else ("", ""))
     for name, p in doc["policies"].items():
         a, h = vs_none.get(name), vs_hf.get(name)
         if all("first_divergence_vs_none" in r for r in p["per_prompt"]):

@@ -1,10 +1,10 @@
 """`speckv collect`: profile the engine over prompts and tiers into step records and per-tier cost models.
 
 For each tier it writes, under the output directory:
-- `cost_<tier>.json`: the tier's measured cost model (speckv.costs) on this machine;
+- `cost_<tier>.json`: the tier's measured cost model (speckv.tools.costs) on this machine;
 - `records_<tier>.jsonl`: step records in the engine's one schema, per prompt: the target-only greedy run
   (policy `none`), the prompt's trace (policy `trace:γmax`, one record per output position; see
-  speckv.replay) and, for each `--gammas` value, a live fixed-γ run.
+  speckv.tools.replay) and, for each `--gammas` value, a live fixed-γ run.
 
 Collection is resumable: a prompt whose records are already in the file is skipped, and each prompt's
 records are appended only once all of them exist, so an interrupted run loses at most one prompt.
@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..records import read_jsonl, write_jsonl
 from .bench import Prompt
-from .records import read_jsonl, write_jsonl
 
 
 @dataclass
@@ -46,8 +46,8 @@ def done_prompts(path: Path) -> set[str]:
 def collect(config: CollectConfig, prompts: list[Prompt], out: Path, log=lambda s: print(s, file=sys.stderr)) -> None:
     from tqdm import tqdm
 
+    from ..local import LocalEngine, encode_prompt
     from .costs import measure_loaded_costs
-    from .local import LocalEngine, encode_prompt
     from .replay import collect_trace, trace_to_records
 
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from speckv.cost_model import CostModel
-from speckv.replay import Trace, fixed, oracle, replay, stop_oracle
 from speckv.signals import NO_STOP
+from speckv.tools.replay import Trace, fixed, oracle, replay, stop_oracle
 
 
 class Scripted:
@@ -75,7 +75,7 @@ def test_cost_model_fit_recovers_linear_costs():
 def test_replay_of_a_collected_trace_matches_live_runs(draft_model, target_model, tokenizer):
     """fp32 greedy: replaying fixed γ over a trace reproduces the live engine's steps and γ sequence."""
     from speckv.local import LocalEngine
-    from speckv.replay import collect_trace
+    from speckv.tools.replay import collect_trace
     from speckv.workers import DraftWorker, SessionLM
 
     engine = LocalEngine(draft_model, target_model, tokenizer)
@@ -92,7 +92,7 @@ def test_replay_of_a_collected_trace_matches_live_runs(draft_model, target_model
 
 
 def test_paired_speedup_statistics():
-    from speckv.stats import first_divergence, paired_speedup
+    from speckv.tools.stats import first_divergence, paired_speedup
 
     c = paired_speedup("a", [2.0, 4.0, 3.0, 5.0, 6.0], "b", [1.0, 2.0, 1.5, 2.5, 3.0])
     assert abs(c.speedup - 2.0) < 1e-9 and c.ci95[0] <= 2.0 <= c.ci95[1]
@@ -130,10 +130,10 @@ def test_resized_trace_equals_a_trace_collected_with_longer_runs(target_model, t
     """Chaining γmax-token runs (resize) gives exactly what collecting with longer runs gives (fp32)."""
     from speckv.local import LocalEngine
 
-    from .conftest import perturbed_copy
+    from ..conftest import perturbed_copy
 
     draft_model = perturbed_copy(target_model, 0.1, 2)  # close enough that many runs are accepted whole
-    from speckv.replay import collect_trace, resize
+    from speckv.tools.replay import collect_trace, resize
     from speckv.workers import DraftWorker, SessionLM
 
     engine = LocalEngine(draft_model, target_model, tokenizer)
@@ -158,8 +158,8 @@ def test_stop_rule_replays_like_the_live_draft_worker(draft_model, target_model,
     from speckv.engine import GenerationRequest, run_to_completion
     from speckv.local import LocalEngine
     from speckv.policy import FixedGamma
-    from speckv.replay import collect_trace
     from speckv.signals import DraftStop
+    from speckv.tools.replay import collect_trace
     from speckv.workers import DraftWorker, SessionLM
 
     engine = LocalEngine(draft_model, target_model, tokenizer)
@@ -178,8 +178,8 @@ def test_stop_rule_replays_like_the_live_draft_worker(draft_model, target_model,
 def test_live_steps_compared_with_the_profile(draft_model, target_model, tokenizer):
     """`speckv cost --check-live`: live step times over what the profile predicts, per part; a profile that
     claims the models are far faster than they are gets both parts flagged, one that does not, neither."""
-    from speckv.costs import live_vs_profile
     from speckv.local import LocalEngine
+    from speckv.tools.costs import live_vs_profile
 
     engine = LocalEngine(draft_model, target_model, tokenizer)
     prompts = [[5, 17, 33, 2, 40, 41, 8], [9, 9, 30, 31, 32]]
