@@ -213,7 +213,7 @@ class AdaptivePolicy:
         self._w2 = np.ascontiguousarray(np.asarray(artifact.w2, dtype=np.float64))
         self._b2 = np.asarray(artifact.b2, dtype=np.float64)
         self._gammas = np.arange(gmax + 1)
-        self._conditional: np.ndarray | None = None  # the prior's P(token k accepted | 1..k-1 were), last choice
+        self._prior: np.ndarray | None = None  # the MLP's acceptance_probs at the last choice
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
         self.draft_stop = NO_STOP
         self._refresh()
@@ -232,24 +232,20 @@ class AdaptivePolicy:
             marginal = float(self._extra_ms[-1]) / len(self._extra_ms)  # ms of one more drafted token
             self._stop = DraftStop(0.0, min(1.0, self._rate * marginal), (*w, b + self.estimates.bias.value))
 
-    def expected_tokens(self, context: StepContext) -> np.ndarray:
-        """[γmax+1] expected tokens emitted by a step with γ = 0..γmax under the current acceptance bias."""
-        return np.concatenate(([1.0], 1.0 + np.cumsum(self._acceptance(features(context, self.tier)))))
-
     def _acceptance(self, x: list[float]) -> np.ndarray:
-        """[γmax] P(first k tokens accepted): the MLP's prior with this request's bias applied per token."""
+        """[γmax] P(first k tokens accepted): the MLP's prior (kept for `observe`), this request's bias applied
+        to each token's conditional acceptance."""
         x = [*x, 1.0]
         h = np.dot(x, self._w1)
         np.maximum(h, 0.0, out=h)
         z = np.dot(h, self._w2)
         z += self._b2
         probs = np.minimum.accumulate(1.0 / (1.0 + np.exp(-z)))
-        conditional = probs / np.concatenate(([1.0], probs[:-1]))
-        self._conditional = conditional
+        self._prior = probs
         bias = self.estimates.bias.value
         if bias == 0.0:
             return probs
-        odds = conditional / np.maximum(1.0 - conditional, 1e-9) * math.exp(bias)
+        odds = _conditional(probs) / np.maximum(1.0 - _conditional(probs), 1e-9) * math.exp(bias)
         return np.cumprod(odds / (1.0 + odds))
 
     def choose(self, context: StepContext) -> int:
@@ -274,9 +270,9 @@ class AdaptivePolicy:
         return 0
 
     def observe(self, outcome: StepOutcome) -> None:
-        if outcome.gamma and self._conditional is not None:
-            seen = min(outcome.accepted + 1, outcome.gamma, len(self._conditional))
-            self.estimates.observe_acceptance(self._conditional[:seen].tolist(),
+        if outcome.gamma and self._prior is not None:  # each drafted token's acceptance event, until a rejection
+            seen = min(outcome.accepted + 1, outcome.gamma, len(self._prior))
+            self.estimates.observe_acceptance(_conditional(self._prior)[:seen].tolist(),
                                               [k < outcome.accepted for k in range(seen)])
         if outcome.timing is not None:
             t = outcome.timing
@@ -286,6 +282,11 @@ class AdaptivePolicy:
     def report(self) -> dict:
         """This request's current estimates (the response's `speculation.estimates`)."""
         return self.estimates.to_dict()
+
+
+def _conditional(probs: np.ndarray) -> np.ndarray:
+    """[γmax] P(token k accepted | tokens 1..k-1 were) from P(first k all accepted)."""
+    return probs / np.concatenate(([1.0], probs[:-1]))
 
 
 def make_adaptive_policy(tier: str, estimates: TierEstimates, snapshot: ControllerSnapshot | None = None,

@@ -129,7 +129,6 @@ class LiveCost:
     learning: bool = True
     draft: RobustScale = field(default_factory=RobustScale)
     verify: RobustScale = field(default_factory=RobustScale)
-    version: int = 0  # bumped at every update, so policies recompute what they derive from it
 
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int) -> None:
         """One live step (not the first of a request, which also reads the prompt)."""
@@ -138,7 +137,6 @@ class LiveCost:
         if gamma > 0:
             self.draft.observe(draft_ms, float(self.base.draft_ms(gamma)))
         self.verify.observe(verify_ms, float(self.base.verify_ms(gamma, context_len)))
-        self.version += 1
 
     def draft_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
         return self.draft.value * self.base.draft_ms(gamma)
