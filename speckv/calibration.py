@@ -15,6 +15,7 @@ anything that changes the costs gets its own.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -240,22 +241,35 @@ def calibration_path(key: CalibrationKey) -> Path:
 def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
                       **kwargs) -> tuple[Calibration, bool]:
     """The cached calibration for this setting, or a new one (then cached); returns (it, whether cached).
-    A cache file that cannot be read, or was written for another key, is measured anew and replaced."""
+    A cache file that cannot be read, or was written for another key, is measured anew and replaced.
+
+    Measuring holds a machine-wide lock under the cache root: replicas that load together (a target and
+    the draft on one node) measure one after another, each alone, instead of timing each other's load; a
+    replica that waited finds what another measured for the same key and reuses it."""
     key = CalibrationKey.of(lm.model, role, tier)
     path = calibration_path(key)
-    if not force and path.is_file():
-        try:
-            cached = Calibration.from_dict(json.loads(path.read_text()))
-            if cached.key == key:
-                return cached, True
-        except ValueError:
-            pass
-    result = calibrate(lm, role, tier, **kwargs)
+    cached = None if force else _read_cached(path, key)
+    if cached is not None:
+        return cached, True
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1))
-    os.replace(tmp, path)  # atomic: replicas starting together never read half a file
+    with open(path.parent / ".measuring.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        cached = None if force else _read_cached(path, key)
+        if cached is not None:
+            return cached, True
+        result = calibrate(lm, role, tier, **kwargs)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
     return result, False
+
+
+def _read_cached(path: Path, key: CalibrationKey) -> Calibration | None:
+    try:
+        cached = Calibration.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+    return cached if cached.key == key else None
 
 
 @dataclass

@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from .estimates import RequestEstimates, TierEstimates
+from .models import Tier
 from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
 from .signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftStop
 
 ARTIFACT_KIND = "speckv-gamma-controller"
 ARTIFACT_FORMAT_VERSION = 3  # 3: acceptance predictors only; costs and decision settings are run-time estimates
 READABLE_FORMATS = (2, 3)  # 2 also held one machine's cost models and tuned settings, now ignored
-TIERS = ("fp16", "int8", "nf4")
+TIERS = tuple(t.value for t in Tier)  # the one tier registry, in its order (FEATURES depend on it)
 FEATURES = (
     "prev_drafted",  # 1 if the previous step drafted anything, else 0 (its signals below are then 0)
     "prev_accept_rate",  # accepted / drafted in the previous step

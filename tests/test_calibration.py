@@ -148,3 +148,36 @@ def test_the_offline_profile_times_the_same_calls(draft_model, target_model):
     doc = measure_loaded_costs(SessionLM(draft_model), SessionLM(target_model), [0, 1, 3], [8, 24], repeats=2)
     assert [(r["context_len"], r["gamma"]) for r in doc["rows"]] == [(8, 0), (8, 1), (8, 3), (24, 0), (24, 1), (24, 3)]
     assert all(r["verify_ms"] > 0 for r in doc["rows"]) and doc["cost_model"]["draft_ms_per_token"] > 0
+
+
+def test_replicas_loading_together_measure_one_at_a_time(draft_model, target_model, tmp_path, monkeypatch):
+    """Calibrations on one machine never overlap (each would time the other's load), and one that waited
+    for the same key reuses what was measured meanwhile."""
+    import threading
+    import time
+
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    spans = []
+    real = calibration.calibrate
+
+    def slow(*args, **kwargs):
+        start = time.perf_counter()
+        time.sleep(0.3)
+        result = real(*args, **kwargs)
+        spans.append((start, time.perf_counter()))
+        return result
+
+    monkeypatch.setattr(calibration, "calibrate", slow)
+    kw = {"max_gamma": 1, "context_lens": (8,), "repeats": 1}
+    target, draft = SessionLM(target_model), SessionLM(draft_model)
+    jobs = [(target, "target"), (target, "target"), (draft, "draft")]
+    cached = {}
+    threads = [threading.Thread(target=lambda i=i, lm=lm, role=role: cached.__setitem__(
+        i, load_or_calibrate(lm, role, "fp16", **kw)[1])) for i, (lm, role) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(spans) == 2 and sorted(cached.values()) == [False, False, True]  # the same key measured once
+    (a_start, a_end), (b_start, b_end) = sorted(spans)
+    assert a_end <= b_start  # one after the other
