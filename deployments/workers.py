@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
-from speckv.calibration import DRAFT_TIER, budget_share, load_or_calibrate
+from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
 from speckv.models import load_model
@@ -45,8 +45,7 @@ class WorkerSpec:
     def calibrate(self, lm: SessionLM, role: str) -> dict:
         """This replica's step costs, measured at load (or cached for this machine and setting): the router
         prices γ with them (speckv.calibration)."""
-        tier = DRAFT_TIER if role == "draft" else self.tier
-        result, _ = load_or_calibrate(lm, role, tier, budget_s=budget_share(role, self.calibration_budget_s))
+        result, _ = load_or_calibrate(lm, role, self.tier, budget_s=budget_share(role, self.calibration_budget_s))
         return result.to_dict()
 
 

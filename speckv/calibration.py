@@ -101,6 +101,7 @@ class CalibrationKey:
         if role not in ROLES:
             raise ValueError(f"calibration role must be one of {ROLES}, got {role!r}")
         parameter = next(model.parameters())
+        tier = DRAFT_TIER if role == "draft" else tier  # the draft is the same model whatever the target's tier
         return cls(hardware_id(parameter.device), f"{torch.__version__} threads={torch.get_num_threads()}",
                    weights_fingerprint(model), role, tier, str(model.dtype), str(parameter.device))
 
@@ -299,6 +300,6 @@ def calibrate_pair(draft_lm: SessionLM, target_lm: SessionLM, tier: str, budget_
     """Calibrate (or load) both models of an in-process pair within `budget_s` for both."""
     target, cached_t = load_or_calibrate(target_lm, "target", tier, force, budget_s=budget_share("target", budget_s),
                                          **kwargs)
-    draft, cached_d = load_or_calibrate(draft_lm, "draft", DRAFT_TIER, force, budget_s=budget_share("draft", budget_s),
+    draft, cached_d = load_or_calibrate(draft_lm, "draft", tier, force, budget_s=budget_share("draft", budget_s),
                                         **kwargs)
     return PairCalibration(draft, target, cached_t and cached_d)

@@ -169,7 +169,8 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
 
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
     engine.controller = load_snapshot(config.controller)
-    oracle_cost = engine.calibrate().cost.base  # this machine's calibration: adaptive's prior, the oracle's prices
+    # the oracle prices steps with this machine's calibration (adaptive calibrates on its first request)
+    oracle_cost = engine.calibrate().cost.base if ORACLE in config.policies else None
     live = [p for p in config.policies if p != ORACLE]
     encoded = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in prompts]
     engine.generate(encoded[0], "fixed:2", 4, config.sampling)  # warm-up: first-call allocations, kernels
@@ -194,7 +195,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
                     "gammas": [rec.gamma for rec in r.records],
                     "policy_us": [rec.policy_us for rec in r.records],
                 })
-            if ORACLE in config.policies:
+            if oracle_cost is not None:
                 runs[ORACLE].append(oracle_row(engine, ids, runs["none"][-1], oracle_cost))
             bar.set_postfix_str(f"{prompt.category}:{prompt.question_id}")
     doc = summarize(config, runs)

@@ -53,10 +53,8 @@ def live_vs_profile(engine: LocalEngine, cost: CostModel, prompts: list[list[int
         prefill.append(records[0].draft_compute_ms + records[0].verify_compute_ms)
         for r in records[1:]:
             if r.gamma:
-                ratios["draft"].append(r.draft_compute_ms / (cost.draft_ms_per_token * r.gamma))
-            predicted = cost.verify_ms_base + cost.verify_ms_per_token * r.gamma + \
-                cost.verify_ms_per_context_token * r.context_len
-            ratios["verify"].append(r.verify_compute_ms / predicted)
+                ratios["draft"].append(r.draft_compute_ms / cost.draft_ms(r.gamma))
+            ratios["verify"].append(r.verify_compute_ms / cost.verify_ms(r.gamma, r.context_len))
     parts = {}
     for part, values in ratios.items():
         if values:

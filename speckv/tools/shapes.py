@@ -130,12 +130,13 @@ def report(artifact: ControllerArtifact, traces: list[Trace], measured: CostMode
                                "frozen_over_best": frozen["tokens_per_s_geomean"] / doc[best]["tokens_per_s_geomean"]}
     for name, change in step_changes(measured or SHAPES["cpu-avx512-bf16"], change_at).items():
         out["changes"][name] = {"at_step": change_at, **{
-            mode: _after(artifact, traces, change, learning, tier) for mode, learning in (("learning", True),
+            mode: after_change(artifact, traces, change, learning, tier) for mode, learning in (("learning", True),
                                                                                          ("frozen", False))}}
     return out
 
 
-def _after(artifact: ControllerArtifact, traces: list[Trace], change: StepChange, learning: bool, tier: str) -> dict:
+def after_change(artifact: ControllerArtifact, traces: list[Trace], change: StepChange, learning: bool,
+                 tier: str = "fp16") -> dict:
     """adaptive against the best baseline for the new costs, over prompts starting ≥ 30 steps after the change."""
     estimates = TierEstimates.calibrated(change.before, learning)
     rows = run_policy(lambda: AdaptivePolicy(artifact, tier, estimates), traces, change)
