@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from speckv.models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier
+from speckv.policy import SERVED_POLICIES, policy_kind, validate_policy_spec
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -64,6 +65,14 @@ class AppConfig(BaseModel):
         description="Serve options per deployment name (router, controller, draft, target-<tier>) for "
         "programmatic use; a serve_config.yaml `deployments:` entry overrides these",
     )
+
+    @field_validator("default_policy")
+    @classmethod
+    def _served_policy(cls, spec: str) -> str:
+        spec = validate_policy_spec(spec)
+        if not policy_kind(spec).in_engine:
+            raise ValueError(f"{spec} is not served over HTTP; choose one of {', '.join(SERVED_POLICIES)}")
+        return spec
 
     @field_validator("tiers")
     @classmethod

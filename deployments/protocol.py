@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from speckv.policy import MAX_GAMMA
+from speckv.policy import MAX_GAMMA, SERVED_POLICIES
 
 
 class APIError(Exception):
@@ -29,7 +29,7 @@ class SpeculationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["adaptive", "fixed", "none", "heuristic"] = "adaptive"
+    policy: Literal[SERVED_POLICIES] = "adaptive"  # type: ignore[valid-type]  # the registry in speckv.policy
     gamma: int | None = Field(None, ge=1, le=MAX_GAMMA, description="draft length for policy=fixed")
 
     @model_validator(mode="after")

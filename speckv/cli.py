@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, EMBEDDED_MODELS, ModelError, Tier
-from .policy import MAX_GAMMA
+from .policy import MAX_GAMMA, policy_help
 
 
 class CLIError(Exception):
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--policy", type=_policy, default="adaptive",
-                     help="none | fixed:N | heuristic | adaptive | hf-assisted")
+                     help=policy_help())
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--min-confidence", type=_non_negative_float, default=0.0,
                      help="stop drafting within a step after a token below this confidence (0 = off)")

@@ -17,7 +17,7 @@ from .engine import (
 )
 from .estimates import TierEstimates
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
-from .policy import make_policy
+from .policy import make_policy, policy_kind, validate_policy_spec
 from .sampling import SamplingParams
 from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
@@ -115,7 +115,7 @@ class LocalEngine:
         category: str = "",
         min_confidence: float = 0.0,
     ) -> GenerationResult:
-        if policy == "hf-assisted":
+        if not policy_kind(validate_policy_spec(policy)).in_engine:
             return self.generate_hf_assisted(prompt_ids, max_new_tokens, sampling)
         request = GenerationRequest(
             prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,

@@ -157,23 +157,53 @@ def hf_assisted_defaults() -> FixedGamma:
                       draft_stop=DraftStop(min_confidence=HF_ASSISTED_CONFIDENCE))
 
 
-POLICY_NAMES = ("none", "fixed:N", "heuristic", "adaptive", "hf-assisted")
-LOOP_FREE_POLICIES = {"hf-assisted"}  # run by transformers' own loop, not by the engine
+@dataclass(frozen=True)
+class PolicyKind:
+    """One policy name as users write it: in `speckv generate --policy`, `speculation.policy`, bench lists."""
+
+    name: str
+    help: str
+    takes_gamma: bool = False  # written `name:N` (fixed:4)
+    in_engine: bool = True  # False: run by transformers' own loop, in-process only (not by SpecKV's engine)
+
+
+# The one registry of policy names: argparse help, the API's `speculation.policy`, the app config and
+# make_policy all read it.
+POLICIES: dict[str, PolicyKind] = {k.name: k for k in (
+    PolicyKind("none", "target only, no drafting: the baseline"),
+    PolicyKind("fixed", "always draft N tokens (fixed:N)", takes_gamma=True),
+    PolicyKind("heuristic", "transformers' +2/-1 schedule"),
+    PolicyKind("adaptive", "γ per step from the learned acceptance predictor and this machine's step costs"),
+    PolicyKind("hf-assisted", "transformers' own assisted generation (in-process only)", in_engine=False),
+)}
+SERVED_POLICIES = tuple(k.name for k in POLICIES.values() if k.in_engine)  # what the HTTP API offers
+
+
+def policy_help() -> str:
+    """'none | fixed:N | ...' for help texts and error messages."""
+    return " | ".join(f"{k.name}:N" if k.takes_gamma else k.name for k in POLICIES.values())
+
+
+def policy_kind(spec: str) -> PolicyKind:
+    """The registry entry of a validated spec."""
+    return POLICIES[spec.split(":", 1)[0]]
 
 
 def validate_policy_spec(spec: str) -> str:
     """Check a policy spec without building it; returns it normalised. Raises ValueError naming the problem."""
     spec = spec.strip()
-    if spec in ("none", "heuristic", "adaptive", "hf-assisted"):
-        return spec
-    if spec.startswith("fixed:"):
-        try:
-            gamma = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"bad policy {spec!r}: fixed:N needs an integer N") from None
-        FixedGamma(gamma)
-        return f"fixed:{gamma}"
-    raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(POLICY_NAMES)}")
+    name, _, arg = spec.partition(":")
+    kind = POLICIES.get(name)
+    if kind is None or (arg and not kind.takes_gamma):
+        raise ValueError(f"unknown policy {spec!r}; choose one of {policy_help()}")
+    if not kind.takes_gamma:
+        return name
+    try:
+        gamma = int(arg)
+    except ValueError:
+        raise ValueError(f"bad policy {spec!r}: {name}:N needs an integer N") from None
+    FixedGamma(gamma)
+    return f"{name}:{gamma}"
 
 
 def make_policy(spec: str, tier: str = "fp16", snapshot=None, estimates=None, greedy: bool = True) -> GammaPolicy:
@@ -194,6 +224,6 @@ def make_policy(spec: str, tier: str = "fp16", snapshot=None, estimates=None, gr
         from .controller import make_adaptive_policy
 
         return make_adaptive_policy(tier, estimates, snapshot, greedy)
-    if spec in LOOP_FREE_POLICIES:
+    if not policy_kind(spec).in_engine:
         raise ValueError(f"policy {spec!r} runs transformers' own generation loop, not the SpecKV engine")
     return FixedGamma(int(spec.split(":", 1)[1]))

@@ -331,6 +331,29 @@ def test_policies_are_interchangeable_objects():
         make_policy("fixed:0")
 
 
+def test_policy_registry_feeds_the_api_the_config_and_the_cli():
+    """A name added to or removed from speckv.policy.POLICIES is what every entry point accepts."""
+    from pydantic import ValidationError
+
+    from deployments.config import AppConfig
+    from deployments.protocol import SpeculationOptions
+    from speckv.cli import build_parser
+    from speckv.policy import POLICIES, SERVED_POLICIES
+
+    assert set(SERVED_POLICIES) == {"none", "fixed", "heuristic", "adaptive"}
+    for name in SERVED_POLICIES:
+        SpeculationOptions(policy=name, gamma=2 if POLICIES[name].takes_gamma else None)
+    with pytest.raises(ValidationError):
+        SpeculationOptions(policy="hf-assisted")  # transformers' own loop: in-process only
+    with pytest.raises(ValidationError, match="not served"):
+        AppConfig(default_policy="hf-assisted")
+    with pytest.raises(ValidationError, match="unknown policy"):
+        AppConfig(default_policy="fastest")
+    assert AppConfig(default_policy=" fixed:03").default_policy == "fixed:3"
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert all(n in gen.format_help() for n in POLICIES)
+
+
 def test_request_validation():
     with pytest.raises(ValueError, match="empty"):
         GenerationRequest(prompt_ids=[], max_new_tokens=3)
