@@ -92,8 +92,8 @@ class StepRetries:
                 await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
 
 
-async def release_detached(*calls: Callable[[], Awaitable]) -> None:
-    """Make the release calls so that they reach the replicas even when the request is being cancelled
+async def close_detached(*calls: Callable[[], Awaitable]) -> None:
+    """Make the close calls so that they reach the replicas even when the request is being cancelled
     (client gone): shielded from that cancellation, and made outside the request's context, because Serve
     cancels the handle calls of a cancelled request that are still waiting for a replica (its child
     requests), which left a session behind now and then."""
@@ -113,11 +113,11 @@ def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, ret
     async def verify(inputs: StepInputs, draft_token_ids: list[int]):
         return await retry(lambda: target.options(session_id=inputs.session_id).verify.remote(inputs, draft_token_ids))
 
-    async def release(sid: str) -> None:
-        await release_detached(lambda: draft.options(session_id=sid).release.remote(sid),
-                               lambda: target.options(session_id=sid).release.remote(sid))
+    async def close(sid: str) -> None:
+        await close_detached(lambda: draft.options(session_id=sid).close.remote(sid),
+                               lambda: target.options(session_id=sid).close.remote(sid))
 
-    return SplitExecutor(propose, verify, release)
+    return SplitExecutor(propose, verify, close)
 
 
 class RemoteColocatedExecutor:
@@ -134,8 +134,8 @@ class RemoteColocatedExecutor:
         wall_ms = (time.perf_counter() - start) * 1e3
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
 
-    async def release(self, sid: str) -> None:
-        await release_detached(lambda: self.target.options(session_id=sid).release.remote(sid))
+    async def close(self, sid: str) -> None:
+        await close_detached(lambda: self.target.options(session_id=sid).close.remote(sid))
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -375,7 +375,7 @@ class Router:
             outcome = "cancelled"
             raise
         finally:
-            await steps.aclose()  # runs speculate's cleanup (session release) now, not at garbage collection
+            await steps.aclose()  # runs speculate's cleanup (closing the sessions) now, not at garbage collection
             stats["retries"] = retries.count  # set before any caller reads stats: it does so after this ends
             report = getattr(policy, "report", None)  # adaptive: what it estimates now
             stats["estimates"] = report() if report else None

@@ -75,7 +75,7 @@ class DraftDeployment:
     def propose(self, inputs: StepInputs) -> Proposal:
         return self.worker.propose(inputs)
 
-    def release(self, session_id: str) -> None:
+    def close(self, session_id: str) -> None:
         """The request has ended: close its session (a call still in flight for it is refused)."""
         self.worker.lm.close(session_id)
 
@@ -109,7 +109,7 @@ class TargetDeployment:
             raise RuntimeError("this target replica has no colocated draft; use the disaggregated topology")
         return await self.executor.run_step(inputs)
 
-    def release(self, session_id: str) -> None:
+    def close(self, session_id: str) -> None:
         """The request has ended: close its sessions (a call still in flight for it is refused)."""
         self.worker.lm.close(session_id)
         if self.draft:

@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,21 +161,21 @@ def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
 
 
 def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
-              deadline: float | None = None) -> float:
+              deadline: float | None = None, session: str = "calibration") -> float:
     """Median ms of the live loop's call pattern: `tokens` new tokens fed after a cached `context` (the
     cache is cut back to it before each repeat, as after a rejection), `keep` logits kept, after one
     untimed call of the same pattern. Repeats stop at `deadline` (a perf_counter time) once one is timed.
-    Uses the session id "calibration"."""
+    Uses (and leaves open) the session `session`."""
     vocab = int(lm.model.config.vocab_size)
-    lm.logits("calibration", context, 1)
-    lm.logits("calibration", context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
+    lm.logits(session, context, 1)
+    lm.logits(session, context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
     times: list[float] = []                                                 # pays one-time setup costs
     for r in range(repeats):
         if times and deadline is not None and time.perf_counter() > deadline:
             break
         fed = context + synthetic_ids(tokens, vocab, salt=r + 1)
         start = time.perf_counter()
-        lm.logits("calibration", fed, keep)
+        lm.logits(session, fed, keep)
         if lm.device.type == "cuda":
             torch.cuda.synchronize(lm.device)  # kernels run asynchronously: time them, not their launch
         times.append((time.perf_counter() - start) * 1e3)
@@ -215,6 +216,7 @@ def calibrate(
     vocab = int(lm.model.config.vocab_size)
     plan = _plan(role, max_gamma, context_lens)
     rows: list[dict] = []
+    session = f"calibration-{uuid.uuid4().hex}"
     cached = 0  # context length the calibration session holds
     for n, (kind, ctx, tokens) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
@@ -226,12 +228,13 @@ def calibrate(
                     progress(n + 1, len(plan))
                 continue  # does not fit: later, cheaper measurements still may
         # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one
-        ms = time_call(lm, synthetic_ids(ctx, vocab), tokens, tokens if kind == "verify" else 1, repeats, deadline)
+        ms = time_call(lm, synthetic_ids(ctx, vocab), tokens, tokens if kind == "verify" else 1, repeats, deadline,
+                       session)
         cached = ctx
         rows.append({"kind": kind, "context_len": ctx, "tokens": tokens, "ms": ms})
         if progress:
             progress(n + 1, len(plan))
-    lm.release("calibration")
+    lm.close(session)
     return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan))
 
 

@@ -42,19 +42,21 @@ class StepExecutor(Protocol):
 
     async def run_step(self, inputs: StepInputs) -> StepCall: ...
 
-    async def release(self, session_id: str) -> None: ...
+    async def close(self, session_id: str) -> None:
+        """The request has ended: end its sessions on every worker (a late call for it is refused)."""
+        ...
 
 
 ProposeFn = Callable[[StepInputs], Awaitable[Proposal]]
 VerifyFn = Callable[[StepInputs, list[int]], Awaitable[Verification]]
-ReleaseFn = Callable[[str], Awaitable[None]]
+CloseFn = Callable[[str], Awaitable[None]]
 
 
 class SplitExecutor:
     """Draft and target reached separately (in-process workers, or two deployment handles)."""
 
-    def __init__(self, propose: ProposeFn, verify: VerifyFn, release: Callable[[str], Awaitable[None]]) -> None:
-        self._propose, self._verify, self._release = propose, verify, release
+    def __init__(self, propose: ProposeFn, verify: VerifyFn, close: CloseFn) -> None:
+        self._propose, self._verify, self._close = propose, verify, close
 
     async def run_step(self, inputs: StepInputs) -> StepCall:
         t0 = time.perf_counter()
@@ -64,8 +66,8 @@ class SplitExecutor:
         t2 = time.perf_counter()
         return StepCall(proposal, verification, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
-    async def release(self, session_id: str) -> None:
-        await self._release(session_id)
+    async def close(self, session_id: str) -> None:
+        await self._close(session_id)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ async def speculate(
             if finish:
                 return
     finally:
-        await executor.release(sid)
+        await executor.close(sid)
 
 
 @dataclass

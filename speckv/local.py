@@ -31,11 +31,11 @@ def local_executor(draft: DraftWorker, target: TargetWorker) -> SplitExecutor:
     async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
         return target.verify(inputs, draft_token_ids)
 
-    async def release(session_id: str) -> None:
-        draft.lm.release(session_id)
-        target.lm.release(session_id)
+    async def close(session_id: str) -> None:
+        draft.lm.close(session_id)
+        target.lm.close(session_id)
 
-    return SplitExecutor(propose, verify, release)
+    return SplitExecutor(propose, verify, close)
 
 
 def encode_prompt(tokenizer, text: str | list[dict], chat: bool) -> list[int]:

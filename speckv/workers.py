@@ -94,15 +94,10 @@ class SessionLM:
     def stats(self) -> CacheStats:
         return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions)
 
-    def release(self, session_id: str) -> bool:
-        """Drop the session's cache; the id may be used again (a later call rebuilds it)."""
-        with self._lock:
-            return self._sessions.pop(session_id, None) is not None
-
     def close(self, session_id: str) -> bool:
-        """Drop the session for good, when its request has ended. A call for it that arrives afterwards (one
+        """End a session: drop its cache for good. A call for it that arrives afterwards (one
         in flight when a client went away and the request was cancelled) raises SessionClosedError instead of
-        building a cache that nobody would release."""
+        building a cache that nobody would close."""
         with self._lock:
             self._closed[session_id] = None
             self._closed.move_to_end(session_id)

@@ -55,12 +55,12 @@ class FakeHandle:
 
 class _Target:
     def __init__(self, worker: TargetWorker) -> None:
-        self.verify, self.release = worker.verify, worker.lm.close
+        self.verify, self.close = worker.verify, worker.lm.close
 
 
 class _Draft:
     def __init__(self, worker: DraftWorker) -> None:
-        self.propose, self.release = worker.propose, worker.lm.close
+        self.propose, self.close = worker.propose, worker.lm.close
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_retries_run_out_mid_stream_gives_an_error_event_then_done(router):
     assert error["code"] == "unavailable" and error["type"] == "server_error" and error["message"]
     assert r.active == 0
     # the request's draft session was closed on the way out (the target's replica is gone with its own)
-    assert draft.target.release.__self__.stats().sessions == 0
+    assert draft.target.close.__self__.stats().sessions == 0
 
 
 def test_a_non_replica_error_is_not_retried(router):
@@ -155,10 +155,10 @@ def test_a_non_replica_error_is_not_retried(router):
     assert len(verifies) == 1
 
 
-def test_releases_are_made_outside_the_request_context(router):
-    """Serve cancels the handle calls a cancelled request made that still wait for a replica; a release made
+def test_closes_are_made_outside_the_request_context(router):
+    """Serve cancels the handle calls a cancelled request made that still wait for a replica; a close made
     in the request's context could be cancelled with it (a client going away left a draft session behind).
-    Model calls belong to the request; releases are made outside it."""
+    Model calls belong to the request; closes are made outside it."""
     from ray.serve.context import _RequestContext, _serve_request_context
 
     r, target, draft = router
@@ -171,5 +171,5 @@ def test_releases_are_made_outside_the_request_context(router):
         by_method = {}
         for name, ctx in handle.contexts:
             by_method.setdefault(name, set()).add(getattr(ctx, "_internal_request_id", None))
-        assert by_method["release"] == {None}, by_method
+        assert by_method["close"] == {None}, by_method
         assert by_method["verify" if handle is target else "propose"] == {"parent"}, by_method

@@ -9,6 +9,7 @@ timed by `speckv.calibration.time_call`, the one place that times the live loop'
 from __future__ import annotations
 
 import statistics
+import uuid
 
 from ..calibration import synthetic_ids, time_call
 from ..cost_model import CostModel
@@ -74,12 +75,14 @@ def measure_loaded_costs(
     rows = []
     for ctx in context_lens:
         context = synthetic_ids(ctx, int(target_lm.model.config.vocab_size))
-        draft_ms = time_call(draft_lm, context, 1, 1, repeats)
+        session = f"cost-{uuid.uuid4().hex}"
+        draft_ms = time_call(draft_lm, context, 1, 1, repeats, session=session)
         for gamma in gammas:
             rows.append({"context_len": ctx, "gamma": gamma, "draft_ms": draft_ms * gamma,
-                         "verify_ms": time_call(target_lm, context, gamma + 1, gamma + 1, repeats)})
-        draft_lm.release("calibration")
-        target_lm.release("calibration")
+                         "verify_ms": time_call(target_lm, context, gamma + 1, gamma + 1, repeats,
+                                                    session=session)})
+        draft_lm.close(session)
+        target_lm.close(session)
     model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
                           [r["context_len"] for r in rows])
     return {"rows": rows, "cost_model": model.to_dict()}

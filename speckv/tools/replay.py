@@ -13,6 +13,7 @@ must read after a fully accepted step (its cache lacks the bonus token) is folde
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -186,7 +187,7 @@ def collect_trace(
     accept = np.zeros(n, dtype=int)
     conf, ent, chosen = (np.zeros((n, gamma_max)) for _ in range(3))
     draft_ms = np.zeros(n)
-    session = f"trace-{prompt_id}"
+    session = f"trace-{prompt_id}-{uuid.uuid4().hex}"
     run: list[int] = []
     signals = DraftSignals()
     for p in range(n):
@@ -209,7 +210,7 @@ def collect_trace(
             k += 1
         accept[p] = k
         conf[p], ent[p], chosen[p] = signals.confidence, signals.entropy, signals.chosen_prob
-    drafter.lm.release(session)
+    drafter.lm.close(session)
     return Trace(prompt_id, category, len(prompt_ids), accept, conf, ent, chosen, draft_ms)
 
 

@@ -101,8 +101,8 @@ class ShapedExecutor:
         return dataclasses.replace(call, draft_wall_ms=float(cost.draft_ms(drafted)),
                                    verify_wall_ms=float(cost.verify_ms(drafted, len(inputs.context_ids))))
 
-    async def release(self, session_id: str) -> None:
-        await self.inner.release(session_id)
+    async def close(self, session_id: str) -> None:
+        await self.inner.close(session_id)
 
 
 def step_changes(base: CostModel, at_step: int) -> dict[str, StepChange]:
