@@ -146,7 +146,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from speckv.local import LocalEngine, encode_prompt
+    from speckv.local import LocalEngine
+    from speckv.text import encode_prompt
 
     from .app import build_app
 

@@ -54,7 +54,7 @@ class ServeMetrics:
         self.gamma.observe(record.gamma, tags)
         self.draft_ms.observe(record.draft_ms, tags)
         self.verify_ms.observe(record.verify_ms, tags)
-        self.hop_ms.observe(hop_ms(record), tags)
+        self.hop_ms.observe(record.hop_ms, tags)
 
 
     def estimates(self, tier: str, estimates: TierEstimates) -> None:
@@ -67,8 +67,3 @@ class ServeMetrics:
         for mode in ("greedy", "sampled"):
             self.acceptance_bias.set(doc[mode]["acceptance_bias"], {"tier": tier, "mode": mode})
             self.rate.set(doc[mode]["tokens_per_s"], {"tier": tier, "mode": mode})
-
-
-def hop_ms(record: StepRecord) -> float:
-    """Time a step spent outside the models: handle hops, serialization, queueing."""
-    return max(0.0, record.draft_ms - record.draft_compute_ms) + max(0.0, record.verify_ms - record.verify_compute_ms)

@@ -1,14 +1,17 @@
-"""OpenAI-compatible request/response shapes, plus SpecKV's `speculation` extension."""
+"""OpenAI-compatible request and response shapes (pure: no I/O), plus SpecKV's `speculation` extension."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from speckv.policy import MAX_GAMMA, SERVED_POLICIES
+from speckv.records import RequestStats
 
 
 class APIError(Exception):
@@ -135,3 +138,64 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(body: dict) -> str:
+    """One server-sent event carrying a JSON body."""
+    return f"data: {json.dumps(body)}\n\n"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The shape of one answer (OpenAI's completion or chat completion, whole or streamed): pure functions of
+    what the generation produced, so the router only decides when to send what."""
+
+    model: str
+    chat: bool
+    prompt_tokens: int
+    id: str = ""
+    created: int = 0
+
+    @classmethod
+    def new(cls, model: str, chat: bool, prompt_tokens: int) -> Reply:
+        return cls(model, chat, prompt_tokens, new_id("chatcmpl" if chat else "cmpl"), now())
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def _envelope(self, obj: str, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    def body(self, text: str, stats: RequestStats) -> dict:
+        """The whole answer of a non-streamed request."""
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat else
+                  {"index": 0, "text": text})
+        choice.update(finish_reason=stats.finish_reason, logprobs=None)
+        return self._envelope("chat.completion" if self.chat else "text_completion", [choice],
+                              usage=self.usage(stats.completion_tokens), speculation=stats.speculation())
+
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False, **extra) -> str:
+        """One streamed event: a text delta, the assistant role (chat's first event), or the finish."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return sse(self._envelope(self._chunk_object, [choice], **extra))
+
+    def last_chunk(self, stats: RequestStats) -> str:
+        """The finish event, with SpecKV's `speculation` object."""
+        return self.chunk(None if self.chat else "", stats.finish_reason, speculation=stats.speculation())
+
+    def usage_chunk(self, stats: RequestStats) -> str:
+        """stream_options.include_usage: an event with no choices and the usage."""
+        return sse(self._envelope(self._chunk_object, [], usage=self.usage(stats.completion_tokens)))
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"

@@ -260,8 +260,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
         if not (args.live_policy.startswith("fixed:") or args.live_policy == "heuristic"):
             raise CLIError(f"--live-policy {args.live_policy}: the live check needs a policy that always drafts "
                            "(fixed:N or heuristic)")
-        from .local import encode_prompt
         from .models import load_tokenizer
+        from .text import encode_prompt
 
         prompts = _select_prompts([args.check_live], None, None)[: args.live_limit]
         tokenizer = load_tokenizer(args.target)
@@ -533,7 +533,8 @@ def _controller(path: str | None):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .local import LocalEngine, encode_prompt
+    from .local import LocalEngine
+    from .text import encode_prompt
 
     sampling = _sampling(args)
     if not args.prompt.strip():
@@ -551,9 +552,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json()))
     else:
         print(result.text)
-        print(f"\n[{result.policy}] {result.new_tokens} tokens in {result.seconds:.2f}s "
-              f"({result.tokens_per_s:.2f} tok/s), {result.steps} steps, {result.tokens_per_step:.2f} tokens/step, "
-              f"{result.mean_accepted:.2f} accepted/step", file=sys.stderr)
+        s = result.stats
+        print(f"\n[{s.policy}] {result.new_tokens} tokens in {result.seconds:.2f}s "
+              f"({result.tokens_per_s:.2f} tok/s), {s.steps} steps, {s.tokens_per_step:.2f} tokens/step, "
+              f"{s.mean_accepted:.2f} accepted/step", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .acceptance import greedy_accept, speculative_accept
 from .policy import GammaPolicy, RequestProgress, StepTiming
-from .records import StepRecord
+from .records import RequestStats, StepRecord
 from .sampling import SamplingParams, step_generator
 from .signals import DraftSignals
 from .workers import Proposal, StepInputs, Verification
@@ -215,13 +215,10 @@ async def speculate(
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str
     seconds: float
     time_to_first_token_s: float
-    policy: str
+    stats: RequestStats  # steps, acceptance, γ and timing totals, finish reason
     records: list[StepRecord]  # empty for runs outside the SpecKV loop (hf-assisted)
-    steps: int  # target forward passes (the first also reads the prompt)
-    accepted: int  # accepted draft tokens over all steps
 
     @property
     def new_tokens(self) -> int:
@@ -231,23 +228,11 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
-    @property
-    def mean_accepted(self) -> float:
-        """Accepted draft tokens per step (bonus/recovered excluded)."""
-        return self.accepted / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_step(self) -> float:
-        """Tokens emitted per step (bonus/recovered included): the SpecKV paper's metric."""
-        return self.new_tokens / self.steps if self.steps else 0.0
-
     def to_json(self, with_records: bool = True) -> dict:
-        out = {
-            "text": self.text, "token_ids": self.token_ids, "new_tokens": self.new_tokens,
-            "finish_reason": self.finish_reason, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
-            "time_to_first_token_s": self.time_to_first_token_s, "policy": self.policy, "steps": self.steps,
-            "mean_accepted": self.mean_accepted, "tokens_per_step": self.tokens_per_step,
-        }
+        out = {"text": self.text, "token_ids": self.token_ids, "new_tokens": self.new_tokens,
+               "finish_reason": self.stats.finish_reason, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
+               "time_to_first_token_s": self.time_to_first_token_s, "tokens_per_step": self.stats.tokens_per_step,
+               "speculation": self.stats.speculation()}
         if with_records:
             out["records"] = [r.to_dict() for r in self.records]
         return out
@@ -259,18 +244,16 @@ async def run_to_completion(
     """Drive `speculate` to the end and collect the result."""
     assembler = TextAssembler(tokenizer, request.stop)
     records: list[StepRecord] = []
+    stats = RequestStats(policy.name)
     tokens: list[int] = []
     start = time.perf_counter()
     ttft = 0.0
-    finish = "length"
     async for event in speculate(request, executor, policy, assembler):
         if not records:
             ttft = time.perf_counter() - start
         records.append(event.record)
+        stats.add(event.record, event.finish_reason)
         tokens.extend(event.token_ids)
-        finish = event.finish_reason or finish
-    seconds = time.perf_counter() - start
-    return GenerationResult(
-        assembler.text, tokens, finish, seconds, ttft, policy.name, records,
-        steps=len(records), accepted=sum(r.accepted for r in records),
-    )
+    report = getattr(policy, "report", None)
+    stats.estimates = report() if report else None
+    return GenerationResult(assembler.text, tokens, time.perf_counter() - start, ttft, stats, records)

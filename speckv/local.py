@@ -12,6 +12,7 @@ from .calibration import calibrate_pair
 from .engine import (
     GenerationRequest,
     GenerationResult,
+    RequestStats,
     SplitExecutor,
     run_to_completion,
 )
@@ -19,6 +20,7 @@ from .estimates import TierEstimates
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
 from .policy import make_policy, policy_kind, validate_policy_spec
 from .sampling import SamplingParams
+from .text import eos_token_ids
 from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 
@@ -36,24 +38,6 @@ def local_executor(draft: DraftWorker, target: TargetWorker) -> SplitExecutor:
         target.lm.close(session_id)
 
     return SplitExecutor(propose, verify, close)
-
-
-def encode_prompt(tokenizer, text: str | list[dict], chat: bool) -> list[int]:
-    """Token ids of a prompt; with `chat`, `text` (or a message list) goes through the chat template."""
-    if chat or isinstance(text, list):
-        messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def eos_token_ids(tokenizer, *generation_configs) -> tuple[int, ...]:
-    """The tokenizer's EOS plus every EOS the models' generation configs name (one home for both the
-    in-process engine and the router)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for cfg in generation_configs:
-        eos = getattr(cfg, "eos_token_id", None)
-        ids.update(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-    return tuple(sorted(ids))
 
 
 @dataclass
@@ -162,6 +146,6 @@ class LocalEngine:
                 break
         steps = max(calls[0], 1)  # as in SpecKV, the first verification pass also reads the prompt
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return GenerationResult(
-            text, new, finish, seconds, 0.0, "hf-assisted", [], steps=steps, accepted=max(len(new) - steps, 0)
-        )
+        stats = RequestStats("hf-assisted", steps=steps, accepted_tokens=max(len(new) - steps, 0),
+                             completion_tokens=len(new), finish_reason=finish)
+        return GenerationResult(text, new, seconds, 0.0, stats, [])

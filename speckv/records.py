@@ -20,6 +20,7 @@ Fields
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,6 +54,11 @@ class StepRecord:
     entropy: list[float] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
+    @property
+    def hop_ms(self) -> float:
+        """Time the step spent outside the models: handle hops, serialization, queueing (0 in-process)."""
+        return max(0.0, self.draft_ms - self.draft_compute_ms) + max(0.0, self.verify_ms - self.verify_compute_ms)
+
     def summary(self) -> SignalSummary:
         """Per-step summaries of the per-token signals (derived, never stored separately)."""
         return DraftSignals(self.chosen_prob, self.confidence, self.entropy).summary()
@@ -69,6 +75,72 @@ class StepRecord:
         if unknown:
             raise ValueError(f"unknown step record fields: {sorted(unknown)}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class RequestStats:
+    """One request's totals, built from its step records: the one shape the router's `speculation` object,
+    `speckv generate` and the bench report. Steps are target passes (the first also reads the prompt);
+    accepted tokens exclude the bonus/recovered token each step adds."""
+
+    policy: str
+    steps: int = 0
+    draft_tokens: int = 0  # draft tokens proposed
+    accepted_tokens: int = 0
+    completion_tokens: int = 0  # tokens emitted (accepted + bonus/recovered, cut by stops)
+    gammas: Counter = field(default_factory=Counter)  # draft tokens proposed per step -> steps
+    draft_ms: float = 0.0  # wall time of the draft calls as the loop saw them (hops included when served)
+    verify_ms: float = 0.0
+    hop_ms: float = 0.0  # of draft_ms + verify_ms, the part outside the models
+    policy_us: float = 0.0  # time spent choosing γ
+    finish_reason: str | None = None
+    retries: int = 0  # model calls re-sent because a replica went away mid-request (served only)
+    predictor_version: str | None = None  # adaptive: the acceptance predictor its decisions came from
+    estimates: dict | None = None  # adaptive: its step costs, acceptance bias and rate at the end
+
+    def add(self, record: StepRecord, finish_reason: str | None = None) -> None:
+        self.steps += 1
+        self.draft_tokens += record.gamma
+        self.accepted_tokens += record.accepted
+        self.completion_tokens += record.emitted
+        self.gammas[record.gamma] += 1
+        self.draft_ms += record.draft_ms
+        self.verify_ms += record.verify_ms
+        self.hop_ms += record.hop_ms
+        self.policy_us += record.policy_us
+        self.finish_reason = finish_reason or self.finish_reason
+
+    @classmethod
+    def of(cls, policy: str, records: Iterable[StepRecord], finish_reason: str | None = None) -> RequestStats:
+        stats = cls(policy)
+        for record in records:
+            stats.add(record)
+        stats.finish_reason = finish_reason
+        return stats
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted draft tokens per step."""
+        return self.accepted_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens emitted per step (bonus/recovered included): the SpecKV paper's metric."""
+        return self.completion_tokens / self.steps if self.steps else 0.0
+
+    def speculation(self) -> dict:
+        """The response's `speculation` object."""
+        out = {"policy": self.policy, "steps": self.steps, "draft_tokens": self.draft_tokens,
+               "accepted_tokens": self.accepted_tokens, "mean_accepted": self.mean_accepted,
+               "gamma_histogram": {str(g): n for g, n in sorted(self.gammas.items())},
+               "timing": {"draft_ms": self.draft_ms, "verify_ms": self.verify_ms, "hop_ms": self.hop_ms,
+                          "policy_us": self.policy_us},
+               "retries": self.retries}
+        if self.predictor_version:
+            out["predictor_version"] = self.predictor_version
+        if self.estimates:
+            out["estimates"] = self.estimates
+        return out
 
 
 def write_jsonl(records: Iterable[StepRecord], path: str | Path, append: bool = False) -> None:

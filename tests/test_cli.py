@@ -112,13 +112,13 @@ def test_generate_json_on_local_model_directories(tmp_path, drafting_controller)
         proc = run_cli(*common, "--policy", policy, *extra)
         assert proc.returncode == 0, proc.stderr
         outs[policy] = json.loads(proc.stdout)
-    for key in ["text", "token_ids", "new_tokens", "seconds", "tokens_per_s", "steps", "mean_accepted",
-                "tokens_per_step", "records"]:
+    for key in ["text", "token_ids", "new_tokens", "seconds", "tokens_per_s", "tokens_per_step", "speculation",
+                "records"]:
         assert key in outs["fixed:3"], key
     assert outs["fixed:3"]["token_ids"] == outs["none"]["token_ids"] == outs["hf-assisted"]["token_ids"]
     assert outs["adaptive"]["token_ids"] == outs["none"]["token_ids"]
-    assert outs["adaptive"]["policy"] == "adaptive"
+    assert outs["adaptive"]["speculation"]["policy"] == "adaptive"
     for policy in ("fixed:3", "adaptive"):  # both really drafted
         assert sum(r["gamma"] for r in outs[policy]["records"]) > 0, policy
     assert sum(r["gamma"] for r in outs["none"]["records"]) == 0
-    assert len(outs["fixed:3"]["records"]) == outs["fixed:3"]["steps"]
+    assert len(outs["fixed:3"]["records"]) == outs["fixed:3"]["speculation"]["steps"]

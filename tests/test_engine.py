@@ -108,8 +108,8 @@ def test_fp32_greedy_output_identical_to_target_only(engine, policy):
         assert max(r.gamma for r in result.records) > 1
     assert result.token_ids == reference.token_ids
     assert result.text == reference.text
-    assert result.steps < reference.steps  # the draft agrees often enough to save target passes
-    assert result.tokens_per_step > 1.0
+    assert result.stats.steps < reference.stats.steps  # the draft agrees often enough to save target passes
+    assert result.stats.tokens_per_step > 1.0
 
 
 def test_target_only_equals_plain_recomputation(engine, target_model):
@@ -140,7 +140,7 @@ def test_every_step_is_recorded_with_signals(engine):
 
 def test_max_new_tokens_is_exact_and_gamma_capped(engine):
     result = engine.generate(PROMPT, "fixed:8", 5)
-    assert result.new_tokens == 5 and result.finish_reason == "length"
+    assert result.new_tokens == 5 and result.stats.finish_reason == "length"
     assert all(r.gamma <= 4 for r in result.records)
 
 
@@ -151,7 +151,7 @@ def test_eos_stops_and_is_not_emitted(draft_model, tokenizer):
         target.lm_head.weight[EOS_ID] = target.model.norm.weight * 50
     engine = LocalEngine(draft_model, target, tokenizer)
     result = engine.generate(PROMPT, "fixed:3", 30)
-    assert result.finish_reason == "stop" and EOS_ID not in result.token_ids
+    assert result.stats.finish_reason == "stop" and EOS_ID not in result.token_ids
 
 
 def test_stop_string_truncates_text_and_streams_consistently(engine, tokenizer):
@@ -159,7 +159,7 @@ def test_stop_string_truncates_text_and_streams_consistently(engine, tokenizer):
     assert len(full.text) > 6
     stop = full.text[4:6]
     result = engine.generate(PROMPT, "fixed:3", 30, stop=(stop,))
-    assert result.finish_reason == "stop"
+    assert result.stats.finish_reason == "stop"
     assert result.text == full.text[: full.text.find(stop)]
 
 
@@ -194,7 +194,7 @@ def test_stop_string_spanning_steps_streamed_and_whole(engine, tokenizer):
     deltas = asyncio.run(stream())
     assert "".join(deltas) == full.text[: cut - 2]
     whole = engine.generate(PROMPT, "fixed:2", 40, stop=(stop,))
-    assert whole.text == full.text[: cut - 2] and whole.finish_reason == "stop"
+    assert whole.text == full.text[: cut - 2] and whole.stats.finish_reason == "stop"
 
 
 def test_several_stop_strings_the_earliest_wins(tokenizer):
@@ -282,7 +282,7 @@ def test_speculative_sampling_keeps_the_target_distribution(draft_model, target_
     bonus = recovered = later_steps = 0
     for seed in range(2000):
         result = engine.generate(PROMPT, "fixed:2", 3, dataclasses.replace(params, seed=seed))
-        seq = tuple(result.token_ids) + ((EOS_ID,) if result.finish_reason == "stop" else ())
+        seq = tuple(result.token_ids) + ((EOS_ID,) if result.stats.finish_reason == "stop" else ())
         counts[seq] = counts.get(seq, 0) + 1
         first = result.records[0]
         bonus += first.gamma > 0 and first.accepted == first.gamma

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speckv.local import LocalEngine, encode_prompt
+from speckv.local import LocalEngine
+from speckv.text import encode_prompt
 
 pytestmark = pytest.mark.real_model
 
@@ -33,4 +34,4 @@ def test_fp32_greedy_speculation_is_exact_on_default_pair(fp32_engine):
     for policy in ["fixed:4", "heuristic"]:
         result = fp32_engine.generate(ids, policy, 16)
         assert result.token_ids == reference.token_ids, policy
-        assert result.tokens_per_step > 1.5, policy  # the 0.5B draft predicts code well
+        assert result.stats.tokens_per_step > 1.5, policy  # the 0.5B draft predicts code well

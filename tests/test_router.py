@@ -173,3 +173,25 @@ def test_closes_are_made_outside_the_request_context(router):
             by_method.setdefault(name, set()).add(getattr(ctx, "_internal_request_id", None))
         assert by_method["close"] == {None}, by_method
         assert by_method["verify" if handle is target else "propose"] == {"parent"}, by_method
+
+
+def test_the_router_takes_its_executor_factory(models, router):
+    """The router runs requests through whatever executor its factory builds (here: in-process workers, no
+    handles at all), with the same answer as through the deployment handles."""
+    from speckv.local import local_executor
+
+    target, draft = models
+    r_handles, _, _ = router
+    workers = (DraftWorker(SessionLM(load_model(draft, dtype="float32"))),
+               TargetWorker(SessionLM(load_model(target, dtype="float32"))))
+    made = []
+
+    def factory(topology, target_handle, draft_handle, retry):
+        made.append((topology, target_handle, draft_handle))
+        return local_executor(*workers)
+
+    r = Router(r_handles.config.model_dump(), {"fp16": "no handle"}, controller=None, executor_factory=factory)
+    got = json.loads(asyncio.run(r.completions(CompletionRequest(**BODY))).body)
+    expected = json.loads(asyncio.run(r_handles.completions(CompletionRequest(**BODY))).body)
+    assert made == [("disaggregated", "no handle", None)]
+    assert got["choices"][0]["text"] == expected["choices"][0]["text"] and got["speculation"]["draft_tokens"] > 0

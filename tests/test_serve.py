@@ -11,9 +11,10 @@ import time
 import httpx
 import pytest
 
-from speckv.local import LocalEngine, encode_prompt
+from speckv.local import LocalEngine
 from speckv.models import DEFAULT_TARGET, load_model, load_tokenizer, resolve_model_dir
 from speckv.sampling import SamplingParams
+from speckv.text import encode_prompt
 
 from .serve_helpers import apply_ray_env, free_port, ray_temp_root, save_tiny_pair
 
@@ -99,10 +100,10 @@ def test_greedy_completion_equals_library_engine(app):
     assert body["choices"][0]["text"] == expected.text
     assert body["usage"]["completion_tokens"] == expected.new_tokens
     spec = body["speculation"]
-    assert spec["policy"] == "fixed:3" and spec["steps"] == expected.steps
-    assert spec["accepted_tokens"] == expected.accepted > 0
+    assert spec["policy"] == "fixed:3" and spec["steps"] == expected.stats.steps
+    assert spec["accepted_tokens"] == expected.stats.accepted_tokens > 0
     assert set(spec["gamma_histogram"]) <= {"0", "1", "2", "3"} and spec["gamma_histogram"]["3"] >= 1
-    assert spec["mean_accepted"] == pytest.approx(expected.mean_accepted)
+    assert spec["mean_accepted"] == pytest.approx(expected.stats.mean_accepted)
 
 
 def test_colocated_topology_gives_the_same_output(app):
@@ -562,7 +563,7 @@ def test_overload_answers_429_with_retry_after(app):
 def test_backend_overload_maps_to_503():
     from ray.serve.exceptions import BackPressureError
 
-    from deployments.router import backend_error
+    from deployments.executors import backend_error
 
     err = backend_error(BackPressureError(num_queued_requests=65, max_queued_requests=64), retry_after_s=2)
     assert err.status == 503 and err.headers == {"Retry-After": "2"} and err.code == "overloaded"

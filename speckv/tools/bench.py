@@ -165,7 +165,8 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
     from tqdm import tqdm
 
     from ..controller import load_snapshot
-    from ..local import LocalEngine, encode_prompt
+    from ..local import LocalEngine
+    from ..text import encode_prompt
 
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
     engine.controller = load_snapshot(config.controller)
@@ -190,8 +191,9 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
                 r = rs[0]
                 runs[name].append({
                     "question_id": prompt.question_id, "category": prompt.category, "new_tokens": r.new_tokens,
-                    "seconds": seconds, "tokens_per_s": r.new_tokens / seconds, "tokens_per_step": r.tokens_per_step,
-                    "mean_accepted": r.mean_accepted, "steps": r.steps, "token_ids": r.token_ids,
+                    "seconds": seconds, "tokens_per_s": r.new_tokens / seconds,
+                    "tokens_per_step": r.stats.tokens_per_step, "mean_accepted": r.stats.mean_accepted,
+                    "steps": r.stats.steps, "token_ids": r.token_ids,
                     "gammas": [rec.gamma for rec in r.records],
                     "policy_us": [rec.policy_us for rec in r.records],
                 })

@@ -46,7 +46,8 @@ def done_prompts(path: Path) -> set[str]:
 def collect(config: CollectConfig, prompts: list[Prompt], out: Path, log=lambda s: print(s, file=sys.stderr)) -> None:
     from tqdm import tqdm
 
-    from ..local import LocalEngine, encode_prompt
+    from ..local import LocalEngine
+    from ..text import encode_prompt
     from .costs import measure_loaded_costs
     from .replay import collect_trace, trace_to_records
 

@@ -58,7 +58,7 @@ def run_policy(make: Callable[[], object], traces: list[Trace], shape: Shape) ->
         result = replay(trace, make(), shape, first_step=steps)
         rows.append({"prompt_id": trace.prompt_id, "first_step": steps, "tokens": result.tokens, "ms": result.ms,
                      "tokens_per_s": result.tokens_per_s, "gammas": result.gammas})
-        steps += result.steps
+        steps += result.stats.steps
     return rows
 
 

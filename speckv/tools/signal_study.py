@@ -146,7 +146,7 @@ def collect_rows(engine, prompts: list[Prompt], max_new_tokens: int,
     """Greedy target-only output for each prompt (the engine's `none` run), then the draft teacher-forced on it."""
     from tqdm import tqdm
 
-    from ..local import encode_prompt
+    from ..text import encode_prompt
 
     rows, outputs = [], {}
     for prompt in tqdm(prompts, desc="signals", file=sys.stderr):
