@@ -36,5 +36,5 @@ def build_app(args: dict | None = None) -> Application:
         for tier in config.tiers
     }
     draft = None if colocated else DraftDeployment.options(**opts("draft")).bind(draft_spec)
-    controller = ControllerDeployment.options(**opts("controller")).bind(config.controller_artifact)
+    controller = ControllerDeployment.options(**opts("controller")).bind(config.predictor)
     return RouterDeployment.options(**opts("router")).bind(config.model_dump(mode="json"), targets, controller, draft)

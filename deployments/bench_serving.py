@@ -141,36 +141,52 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/serving.json"))
     args = parser.parse_args()
 
+    prompts = [p.text for p in load_prompts(args.prompts, args.limit_per_category, args.categories.split(","))]
+    doc: dict = {"config": vars(args) | {"prompts": str(args.prompts), "out": str(args.out)}}
+    local, tokenizer = in_process(prompts, args.policy, args.max_tokens, args.dtype)
+    doc["in_process"] = local
+    doc["topologies"] = served(prompts, args, tokenizer)
+    single = doc["topologies"].get("disaggregated", {}).get("levels", [{}])[0]
+    if single and local:
+        doc["served_over_in_process_tokens_per_s"] = single["tokens_per_s"] / statistics.mean(
+            r["tokens_per_s"] for r in local)
+        doc["served_texts_equal_in_process"] = single["texts"][: len(local)] == [r["text"] for r in local]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"written {args.out}")
+
+
+def in_process(prompts: list[str], policy: str, max_tokens: int, dtype: str) -> tuple[list[dict], object]:
+    """Each prompt through the in-process engine (the reference the served rows are compared with); and the
+    tokenizer."""
+    from speckv.local import LocalEngine
+    from speckv.text import encode_prompt
+
+    engine = LocalEngine.load(dtype=dtype)
+    engine.generate(encode_prompt(engine.tokenizer, prompts[0], True), policy, 2)
+    rows = []
+    for prompt in prompts:
+        r = engine.generate(encode_prompt(engine.tokenizer, prompt, True), policy, max_tokens)
+        rows.append({"text": r.text, "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
+                     "step_ms_mean": sum(x.draft_ms + x.verify_ms for x in r.records) / r.stats.steps,
+                     "decision_us_p50": statistics.median(x.policy_us for x in r.records),
+                     "decision_us_p99": percentile([x.policy_us for x in r.records], 99)})
+        print(f"in-process: {r.tokens_per_s:.2f} tok/s", flush=True)
+    return rows, engine.tokenizer
+
+
+def served(prompts: list[str], args: argparse.Namespace, tokenizer) -> dict:
+    """Each topology served by a fresh local Ray: every concurrency level's throughput, latency and hops."""
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
 
-    from speckv.local import LocalEngine
-    from speckv.text import encode_prompt
-
     from .app import build_app
 
-    prompts = [p.text for p in load_prompts(args.prompts, args.limit_per_category, args.categories.split(","))]
     policy = ({"policy": "fixed", "gamma": int(args.policy.split(":")[1])} if args.policy.startswith("fixed:")
               else {"policy": args.policy})
-    levels = [int(c) for c in args.concurrency.split(",")]
-    doc: dict = {"config": vars(args) | {"prompts": str(args.prompts), "out": str(args.out)}, "topologies": {}}
-
-    engine = LocalEngine.load(dtype=args.dtype)
-    engine.generate(encode_prompt(engine.tokenizer, prompts[0], True), args.policy, 2)
-    local = []
-    for prompt in prompts:
-        r = engine.generate(encode_prompt(engine.tokenizer, prompt, True), args.policy, args.max_tokens)
-        local.append({"text": r.text, "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
-                      "step_ms_mean": sum(x.draft_ms + x.verify_ms for x in r.records) / r.steps,
-                      "decision_us_p50": statistics.median(x.policy_us for x in r.records),
-                      "decision_us_p99": percentile([x.policy_us for x in r.records], 99)})
-        print(f"in-process: {r.tokens_per_s:.2f} tok/s", flush=True)
-    doc["in_process"] = local
-    tokenizer = engine.tokenizer
-    del engine
-
+    out = {}
     # logical CPUs: four single-CPU deployments must fit on a 2-core machine
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="raysb", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
@@ -180,29 +196,21 @@ def main() -> None:
                       "deployment_options": {"target-fp16": {"max_ongoing_requests": 16}}}
             serve.run(build_app(config), name="speckv", route_prefix="/")
             asyncio.run(run_level(prompts[:1], 1, 2, policy, tokenizer))  # warm-up
-            memory = ray_rss_bytes()
-            result = {"rss_bytes_all_ray_processes": memory, "levels": [],
+            result = {"rss_bytes_all_ray_processes": ray_rss_bytes(), "levels": [],
                       "controller_choose_hop_ms": controller_hop_ms()}
-            for level in levels:
+            for level in [int(c) for c in args.concurrency.split(",")]:
                 reqs = (prompts * level)[: max(level, len(prompts))]
                 row = asyncio.run(run_level(reqs, level, args.max_tokens, policy, tokenizer))
                 result["levels"].append(row)
                 print(f"{topology} c={level}: {row['tokens_per_s']:.2f} tok/s, ttft p50 {row['ttft_p50_s']:.2f}s, "
                       f"itl p50/p99 {row['inter_token_p50_ms']:.0f}/{row['inter_token_p99_ms']:.0f} ms, "
                       f"hop {row['hop_ms_per_step']:.1f} ms/step ({row['hop_share_of_step']:.1%} of step)", flush=True)
-            doc["topologies"][topology] = result
+            out[topology] = result
             serve.delete("speckv")
     finally:
         serve.shutdown()
         ray.shutdown()
-    single = doc["topologies"].get("disaggregated", {}).get("levels", [{}])[0]
-    if single and local:
-        doc["served_over_in_process_tokens_per_s"] = single["tokens_per_s"] / statistics.mean(
-            r["tokens_per_s"] for r in local)
-        doc["served_texts_equal_in_process"] = single["texts"][: len(local)] == [r["text"] for r in local]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
-    print(f"written {args.out}")
+    return out
 
 
 if __name__ == "__main__":

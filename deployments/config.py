@@ -35,13 +35,15 @@ class AppConfig(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_sessions_per_replica: int = Field(64, ge=1, description="KV-cache sessions kept per replica (LRU beyond)")
     session_idle_timeout_s: float = Field(600.0, gt=0, description="a session idle this long is dropped")
-    controller_artifact: str | None = Field(
-        None, description="controller artifact path (safetensors + JSON); default: the one shipped with speckv"
+    predictor: str | None = Field(
+        None, description="acceptance predictor artifact for `adaptive` (predictor.json, or its directory); "
+        "default: the one shipped with speckv; the controller deployment distributes it"
     )
     calibration_budget_s: float = Field(
         30.0, gt=0, description="seconds each draft/target pair may spend measuring its step costs when a replica "
         "loads (target 22/30 of it, draft 8/30); cached per machine and setting under SPECKV_HOME")
-    policy_refresh_s: float = Field(5.0, gt=0, description="how often the router checks the controller version")
+    policy_refresh_s: float = Field(5.0, gt=0, description="how often a router checks the controller's predictor "
+                                    "version")
     default_policy: str = Field("adaptive", description="policy when a request names none")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per model replica")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted")

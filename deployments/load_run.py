@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -69,6 +70,16 @@ async def complete(client: httpx.AsyncClient, url: str, body: dict, headers: dic
         return type(e).__name__, None
 
 
+@dataclass
+class Tally:
+    """What the clients saw during a run."""
+
+    kinds: Counter = field(default_factory=Counter)  # answers by kind (ok, http_429, ...)
+    latencies: list[float] = field(default_factory=list)  # seconds, answered requests
+    mismatches: list[dict] = field(default_factory=list)  # answers that differ from the reference
+    rss: list[dict] = field(default_factory=list)  # replica memory samples
+
+
 async def run(args: argparse.Namespace) -> dict:
     url = args.url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -77,6 +88,7 @@ async def run(args: argparse.Namespace) -> dict:
         kind, _, gamma = args.policy.partition(":")
         base["speculation"] = {"policy": kind, **({"gamma": int(gamma)} if gamma else {})}
     prompts = args.prompt or DEFAULT_PROMPTS
+    tally = Tally()
     async with httpx.AsyncClient(timeout=args.timeout) as client:
         reference = {}
         for p in prompts:
@@ -84,10 +96,6 @@ async def run(args: argparse.Namespace) -> dict:
             if kind != "ok":
                 raise SystemExit(f"reference request for {p!r} failed: {kind}")
             reference[p] = text
-        kinds: Counter = Counter()
-        latencies: list[float] = []
-        mismatches: list[dict] = []
-        rss: list[dict] = []
         stop_at = time.monotonic() + args.duration
         rng = random.Random(args.seed)
 
@@ -99,37 +107,44 @@ async def run(args: argparse.Namespace) -> dict:
                 stream = rng.random() < 0.5
                 start = time.perf_counter()
                 kind, text = await complete(client, url, {**base, "prompt": prompt, "stream": stream}, headers)
-                latencies.append(time.perf_counter() - start) if kind == "ok" else None
-                kinds[kind] += 1
+                tally.latencies.append(time.perf_counter() - start) if kind == "ok" else None
+                tally.kinds[kind] += 1
                 if kind == "ok" and text != reference[prompt]:
-                    mismatches.append({"prompt": prompt, "stream": stream, "got": text, "expected": reference[prompt]})
+                    tally.mismatches.append({"prompt": prompt, "stream": stream, "got": text,
+                                             "expected": reference[prompt]})
                 if kind in ("http_429", "http_503"):
                     await asyncio.sleep(0.5)
 
         async def sampler() -> None:
             while time.monotonic() < stop_at:
-                rss.append({"t": round(args.duration - (stop_at - time.monotonic()), 1), "rss": replica_rss()})
+                tally.rss.append({"t": round(args.duration - (stop_at - time.monotonic()), 1), "rss": replica_rss()})
                 await asyncio.sleep(args.rss_interval)
 
         started = time.monotonic()
         await asyncio.gather(*[client_loop(i) for i in range(args.clients)],
                              *([sampler()] if args.sample_rss else []))
         elapsed = time.monotonic() - started
-    ok = kinds.get("ok", 0)
-    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return summary(args, tally, elapsed)
+
+
+def summary(args: argparse.Namespace, tally: Tally, elapsed: float) -> dict:
+    """The run's result document."""
+    ok = tally.kinds.get("ok", 0)
+    lat = tally.latencies
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
     doc = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"},
         "elapsed_s": elapsed,
-        "requests": sum(kinds.values()), "answers_by_kind": dict(kinds), "ok_per_s": ok / elapsed,
+        "requests": sum(tally.kinds.values()), "answers_by_kind": dict(tally.kinds), "ok_per_s": ok / elapsed,
         "tokens_per_s_upper_bound": ok * args.max_tokens / elapsed,
-        "latency_s": {"p50": q[49], "p90": q[89], "p99": q[98]}, "mismatches": len(mismatches),
-        "mismatch_examples": mismatches[:3],
+        "latency_s": {"p50": q[49], "p90": q[89], "p99": q[98]}, "mismatches": len(tally.mismatches),
+        "mismatch_examples": tally.mismatches[:3],
     }
-    if rss:
-        first, last = rss[0]["rss"], rss[-1]["rss"]
+    if tally.rss:
+        first, last = tally.rss[0]["rss"], tally.rss[-1]["rss"]
         doc["rss_bytes"] = {name: {"first": first.get(name), "last": last.get(name),
-                                   "max": max(s["rss"].get(name, 0) for s in rss)} for name in first}
-        doc["rss_samples"] = rss
+                                   "max": max(s["rss"].get(name, 0) for s in tally.rss)} for name in first}
+        doc["rss_samples"] = tally.rss
     return doc
 
 

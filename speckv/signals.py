@@ -88,7 +88,7 @@ class DraftStop:
       a logistic model over TOKEN_ACCEPTANCE_FEATURES with `token_weights` (one weight each, then the bias),
       fitted on traces (speckv.tools.training). Past that point another token costs more draft and verify time
       than the tokens it is expected to add; `adaptive` sets the threshold at every step from its current
-      estimates (speckv.controller).
+      estimates (speckv.adaptive).
     """
 
     min_confidence: float = 0.0

@@ -74,26 +74,26 @@ def synthetic_trace(rng: np.random.Generator, prompt_id: str, n: int, easy: floa
     return Trace(prompt_id, "easy" if easy > 0.5 else "hard", 20, accept_len, conf, entropy, conf)
 
 
-def drafting_artifact():
-    """The shipped controller with its acceptance predictor made certain (every token accepted), so
+def certain_predictor():
+    """The shipped acceptance predictor made certain (every token accepted), so
     `adaptive` drafts on any step costs: tests of adaptive's drafting path, which the real predictor would
     only take where this machine's costs and the tiny test models' acceptance make drafting pay. The
     online acceptance bias is bounded (speckv.estimates.BIAS_LIMIT), so it never talks it out of drafting."""
     import copy
 
-    from speckv.controller import shipped_snapshot
+    from speckv.predictor import shipped_predictor
 
-    artifact = copy.copy(shipped_snapshot().artifact)
-    artifact.w2 = np.zeros_like(artifact.w2)
-    artifact.b2 = np.full_like(artifact.b2, 12.0)
-    return artifact
+    predictor = copy.copy(shipped_predictor())
+    predictor.w2 = np.zeros_like(predictor.w2)
+    predictor.b2 = np.full_like(predictor.b2, 12.0)
+    return predictor
 
 
 @pytest.fixture(scope="session")
-def drafting_controller(tmp_path_factory) -> Path:
-    """`drafting_artifact()` saved as a controller artifact directory (for --controller and Serve configs)."""
-    out = tmp_path_factory.mktemp("drafting-controller")
-    drafting_artifact().save(out)
+def drafting_predictor(tmp_path_factory) -> Path:
+    """`certain_predictor()` saved as an artifact directory (for --predictor and the app's `predictor`)."""
+    out = tmp_path_factory.mktemp("drafting-predictor")
+    certain_predictor().save(out)
     return out
 
 

@@ -32,12 +32,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     (["generate", "--prompt", "   "], "--prompt is empty"),
     (["generate"], "required: --prompt"),
     (["bench", "--prompts", "/nonexistent.jsonl"], "does not exist"),
-    (["bench", "--prompts", "README.md", "--policies", "none,none"], "names a policy twice"),
-    (["bench", "--prompts", "README.md", "--policies", "fixed:2,oracle"], "needs --temperature 0 and `none`"),
-    (["bench", "--prompts", "README.md", "--policies", "none,oracle", "--temperature", "0.5"], "needs --temperature 0"),
-    (["generate", "--prompt", "hi", "--controller", "/nonexistent/controller.json"], "cannot read controller"),
+    (["bench", "--prompts", "README.md", "--policies", "none,none"], "name one twice"),
+    (["bench", "--prompts", "README.md", "--policies", "fixed:2,oracle"], "needs temperature 0 and `none`"),
+    (["bench", "--prompts", "README.md", "--policies", "none,oracle", "--temperature", "0.5"], "needs temperature 0"),
+    (["generate", "--prompt", "hi", "--predictor", "/nonexistent/predictor.json"], "cannot read predictor"),
     (["collect", "--prompts", "/nonexistent.jsonl"], "does not exist"),
-    (["collect", "--prompts", "README.md", "--gammas", "0"], "every γ must be in [1, 24]"),
+    (["collect", "--prompts", "README.md", "--gammas", "0"], "every value must be in [1, 24]"),
     (["collect", "--prompts", "README.md", "--tiers", "int3"], "unknown tier"),
     (["signals", "--prompts", "/nonexistent.jsonl"], "does not exist"),
     (["signals", "--prompts", "README.md", "--max-new-tokens", "0"], "positive integer"),
@@ -84,7 +84,7 @@ def test_not_a_model_directory(tmp_path):
     assert proc.returncode == 2 and "without config.json" in proc.stderr
 
 
-def test_generate_json_on_local_model_directories(tmp_path, drafting_controller):
+def test_generate_json_on_local_model_directories(tmp_path, drafting_predictor):
     """A local directory goes through the same loading path as the embedded defaults and hub ids."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -108,7 +108,7 @@ def test_generate_json_on_local_model_directories(tmp_path, drafting_controller)
     outs = {}
     for policy in ["none", "fixed:3", "adaptive", "hf-assisted"]:
         # adaptive with a controller that drafts here (the shipped one never drafts at fp16)
-        extra = ["--controller", str(drafting_controller / "controller.json")] if policy == "adaptive" else []
+        extra = ["--predictor", str(drafting_predictor / "predictor.json")] if policy == "adaptive" else []
         proc = run_cli(*common, "--policy", policy, *extra)
         assert proc.returncode == 0, proc.stderr
         outs[policy] = json.loads(proc.stdout)

@@ -8,7 +8,7 @@ import torch
 from speckv.engine import GenerationRequest, TextAssembler
 from speckv.local import LocalEngine
 from speckv.policy import FixedGamma, HeuristicGamma, make_policy
-from speckv.records import StepRecord
+from speckv.records import RequestStats, StepRecord
 from speckv.sampling import SamplingParams, logits_to_probs
 from speckv.workers import SessionLM
 
@@ -92,15 +92,14 @@ def test_session_lru_bound_and_idle_timeout(target_model):
 @pytest.mark.parametrize("policy", ["fixed:1", "fixed:3", "fixed:6", "heuristic", "adaptive"])
 def test_fp32_greedy_output_identical_to_target_only(engine, policy):
     if policy == "adaptive":  # a controller certain of acceptance, so it drafts on any costs
-        from speckv.controller import ControllerSnapshot
         from speckv.cost_model import CostModel
         from speckv.estimates import TierEstimates
 
-        from .conftest import drafting_artifact
+        from .conftest import certain_predictor
 
         engine = LocalEngine(engine.draft_model, engine.target_model, engine.tokenizer,
                              estimates=TierEstimates.calibrated(CostModel(0.01, 10.0, 0.001), learning=False))
-        engine.controller = ControllerSnapshot("test", drafting_artifact())
+        engine.predictor = certain_predictor()
     reference = engine.generate(PROMPT, "none", 40)
     result = engine.generate(PROMPT, policy, 40)
     if policy == "adaptive":  # runs up to twice the MLP's γmax, the last step cut by the token budget
@@ -135,7 +134,8 @@ def test_every_step_is_recorded_with_signals(engine):
         assert summary.min_confidence <= summary.mean_confidence <= summary.max_confidence
         assert StepRecord.from_dict(r.to_dict()) == r and r.to_dict()["mean_entropy"] == summary.mean_entropy
         assert r.tier == "fp16" and r.policy == "fixed:4"
-    assert result.mean_accepted == pytest.approx(sum(r.accepted for r in result.records) / result.steps)
+    assert result.stats.mean_accepted == pytest.approx(sum(r.accepted for r in result.records) / result.stats.steps)
+    assert result.stats == RequestStats.of("fixed:4", result.records, result.stats.finish_reason)
 
 
 def test_max_new_tokens_is_exact_and_gamma_capped(engine):

@@ -24,7 +24,7 @@ KEY = {"Authorization": "Bearer key-one"}  # the colocated app's API key
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, drafting_controller):
+def app(tmp_path_factory, drafting_predictor):
     """Two applications on one free port: `speckv` (disaggregated, whose `adaptive` reads a configured
     controller artifact that drafts) and `speckv-colocated` (API keys, 2 generations at once)."""
     global BASE
@@ -45,7 +45,7 @@ def app(tmp_path_factory, drafting_controller):
             config = {
                 "draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
                 "draft_dtype": "float32", "torch_threads": 1, "max_tokens_limit": 256,
-                "controller_artifact": str(drafting_controller), "policy_refresh_s": 0.5,
+                "predictor": str(drafting_predictor), "policy_refresh_s": 0.5,
                 "deployment_options": {
                     "target-fp16": {"max_ongoing_requests": 2, "autoscaling_config": {
                         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
@@ -63,8 +63,8 @@ def app(tmp_path_factory, drafting_controller):
             assert httpx.get(BASE + "/colocated/v1/models", headers=KEY).status_code == 200
             engine = LocalEngine(load_model(draft, dtype="float32"), load_model(target, dtype="float32"),
                                  load_tokenizer(target))
-            version = json.loads((drafting_controller / "controller.json").read_text())["version"]
-            yield {"engine": engine, "config": config, "controller": drafting_controller, "version": version}
+            version = json.loads((drafting_predictor / "predictor.json").read_text())["version"]
+            yield {"engine": engine, "config": config, "predictor": drafting_predictor, "version": version}
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -140,7 +140,7 @@ def test_adaptive_drafts_and_equals_target_only(app):
     assert plain["choices"][0]["text"] == spec["choices"][0]["text"]
     adaptive = post("/v1/completions", base).json()
     assert adaptive["speculation"]["policy"] == "adaptive"
-    assert adaptive["speculation"]["controller_version"] == app["version"]
+    assert adaptive["speculation"]["predictor_version"] == app["version"]
     assert adaptive["speculation"]["draft_tokens"] > 0
     assert adaptive["speculation"]["steps"] < plain["speculation"]["steps"]
     assert adaptive["choices"][0]["text"] == plain["choices"][0]["text"]
@@ -151,7 +151,7 @@ def test_router_follows_the_controller_version(app):
     the shipped controller never drafts at fp16, the configured one does."""
     from ray import serve
 
-    from speckv.controller import shipped_snapshot
+    from speckv.predictor import shipped_predictor
 
     controller = serve.get_deployment_handle("controller", "speckv")
     body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
@@ -160,18 +160,18 @@ def test_router_follows_the_controller_version(app):
         deadline = time.time() + 20
         while True:
             spec = post("/v1/completions", body).json()["speculation"]
-            if spec["controller_version"] == version or time.time() > deadline:
+            if spec["predictor_version"] == version or time.time() > deadline:
                 return spec
             time.sleep(0.25)
 
     try:
-        assert controller.load.remote(None).result() == shipped_snapshot().version
-        spec = settle(shipped_snapshot().version)
-        assert spec["controller_version"] == shipped_snapshot().version and spec["draft_tokens"] == 0
+        assert controller.load.remote(None).result() == shipped_predictor().version()
+        spec = settle(shipped_predictor().version())
+        assert spec["predictor_version"] == shipped_predictor().version() and spec["draft_tokens"] == 0
     finally:
-        assert controller.load.remote(str(app["controller"])).result() == app["version"]
+        assert controller.load.remote(str(app["predictor"])).result() == app["version"]
     spec = settle(app["version"])
-    assert spec["controller_version"] == app["version"] and spec["draft_tokens"] > 0
+    assert spec["predictor_version"] == app["version"] and spec["draft_tokens"] > 0
 
 
 def test_chat_stream_equals_non_stream(app):

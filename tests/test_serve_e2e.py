@@ -30,13 +30,13 @@ KEY = secrets.token_hex(8)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, drafting_controller):
+def served(tmp_path_factory, drafting_predictor):
     work = tmp_path_factory.mktemp("serve")
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
-    args["controller_artifact"] = str(drafting_controller)
+    args["predictor"] = str(drafting_predictor)
     args["api_keys_env"] = "SPECKV_E2E_KEYS"
     (work / "serve_config.yaml").write_text(yaml.safe_dump(config))
     log = work / "serve.log"
@@ -62,7 +62,7 @@ def served(tmp_path_factory, drafting_controller):
                 pytest.fail(f"serve run did not come up in 600 s:\n{log.read_text()[-3000:]}")
             time.sleep(2)
         assert httpx.get(base + "/v1/models").status_code == 401  # ours: it wants the key only it knows
-        yield {"base": base, "env": env, "controller": drafting_controller}
+        yield {"base": base, "env": env, "predictor": drafting_predictor}
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -96,7 +96,7 @@ def test_openai_client_greedy_completion_equals_cli(served, policy):
                                extra_body={"speculation": speculation})
     spec = out.model_extra["speculation"]
     assert spec["draft_tokens"] > 0 and spec["policy"] == policy
-    extra = ["--controller", str(served["controller"] / "controller.json")] if policy == "adaptive" else []
+    extra = ["--predictor", str(served["predictor"] / "predictor.json")] if policy == "adaptive" else []
     cli = cli_generate("--policy", policy, *extra)
     assert sum(r["gamma"] for r in cli["records"]) > 0
     assert out.choices[0].text == cli["text"] and out.choices[0].text.strip()

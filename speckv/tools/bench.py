@@ -44,7 +44,17 @@ class BenchConfig:
     repeats: int = 1
     prompts_file: str = ""
     device: str | None = None
-    controller: str | None = None  # controller.json for adaptive (None: shipped)
+    predictor: str | None = None  # predictor artifact for adaptive (None: the shipped one)
+
+    def __post_init__(self) -> None:
+        """The rules between fields, where library users meet them too. Raises ValueError."""
+        if not self.policies:
+            raise ValueError("no policies to bench")
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError("the policies name one twice")
+        if ORACLE in self.policies and (not self.sampling.greedy or "none" not in self.policies):
+            raise ValueError("the oracle is replayed from the target-only greedy output: it needs temperature 0 "
+                             "and `none` among the policies")
 
 
 ORACLE = "oracle"  # bench-only: the best γ sequence for the prompt, replayed (speckv.tools.replay.oracle)
@@ -164,12 +174,12 @@ def format_table(doc: dict) -> str:
 def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
     from tqdm import tqdm
 
-    from ..controller import load_snapshot
     from ..local import LocalEngine
+    from ..predictor import load_predictor
     from ..text import encode_prompt
 
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
-    engine.controller = load_snapshot(config.controller)
+    engine.predictor = load_predictor(config.predictor)
     # the oracle prices steps with this machine's calibration (adaptive calibrates on its first request)
     oracle_cost = engine.calibrate().cost.base if ORACLE in config.policies else None
     live = [p for p in config.policies if p != ORACLE]

@@ -15,10 +15,11 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..controller import AdaptivePolicy, ControllerArtifact
+from ..adaptive import AdaptivePolicy
 from ..cost_model import CostModel
 from ..engine import StepCall, StepExecutor
 from ..estimates import TierEstimates
+from ..predictor import AcceptancePredictor
 from ..workers import StepInputs
 from .replay import Trace, fixed, replay
 
@@ -58,11 +59,11 @@ def run_policy(make: Callable[[], object], traces: list[Trace], shape: Shape) ->
         result = replay(trace, make(), shape, first_step=steps)
         rows.append({"prompt_id": trace.prompt_id, "first_step": steps, "tokens": result.tokens, "ms": result.ms,
                      "tokens_per_s": result.tokens_per_s, "gammas": result.gammas})
-        steps += result.stats.steps
+        steps += result.steps
     return rows
 
 
-def compare(artifact: ControllerArtifact, traces: list[Trace], shape: Shape, tier: str = "fp16",
+def compare(artifact: AcceptancePredictor, traces: list[Trace], shape: Shape, tier: str = "fp16",
             prior: CostModel | None = None, learning: bool = True) -> dict:
     """tokens/s (geomean over traces) of none, every fixed γ and adaptive under a shape; adaptive starts
     from `prior` (default: the shape at step 0, what calibration at load measures) and learns online
@@ -114,7 +115,7 @@ def step_changes(base: CostModel, at_step: int) -> dict[str, StepChange]:
                                                        2.5 * base.verify_ms_per_token), at_step)}
 
 
-def report(artifact: ControllerArtifact, traces: list[Trace], measured: CostModel | None = None,
+def report(artifact: AcceptancePredictor, traces: list[Trace], measured: CostModel | None = None,
            tier: str = "fp16", change_at: int = 100) -> dict:
     """`compare` on every shape (and on `measured`, this machine's own costs), with learning on and off,
     and the step changes from the first CPU shape: per shape, adaptive over the best of none and fixed γ."""
@@ -135,7 +136,7 @@ def report(artifact: ControllerArtifact, traces: list[Trace], measured: CostMode
     return out
 
 
-def after_change(artifact: ControllerArtifact, traces: list[Trace], change: StepChange, learning: bool,
+def after_change(artifact: AcceptancePredictor, traces: list[Trace], change: StepChange, learning: bool,
                  tier: str = "fp16") -> dict:
     """adaptive against the best baseline for the new costs, over prompts starting ≥ 30 steps after the change."""
     estimates = TierEstimates.calibrated(change.before, learning)

@@ -1,4 +1,5 @@
-"""Training and evaluating the γ controller from step records (speckv.controller holds the model itself).
+"""Training the acceptance predictor from step records and evaluating `adaptive` by replay (speckv.predictor
+holds the model itself, speckv.adaptive the policy).
 
 Data. Traces (policy `trace:γmax` records, speckv.tools.replay) give, at every output position, how many of a
 γmax-token draft run the target accepts. Features depend on what the policy did before (the previous
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..controller import FEATURES, AdaptivePolicy, ControllerArtifact, features
+from ..adaptive import AdaptivePolicy
 from ..cost_model import CostModel
 from ..estimates import TierEstimates
 from ..policy import (
@@ -34,6 +35,7 @@ from ..policy import (
     StepOutcome,
     hf_assisted_defaults,
 )
+from ..predictor import FEATURES, AcceptancePredictor, features
 from ..records import StepRecord, read_jsonl
 from ..signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, token_acceptance_features
 from .replay import Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
@@ -173,7 +175,7 @@ def fit_mlp(data: Dataset, hidden: int = 32, epochs: int = 600, seed: int = 0, w
             "feature_mean": mean.astype(np.float32), "feature_std": std.astype(np.float32), "loss": float(loss.item())}
 
 
-def acceptance_correlation(artifact: ControllerArtifact, data: Dataset) -> dict:
+def acceptance_correlation(artifact: AcceptancePredictor, data: Dataset) -> dict:
     """On states where something was drafted: predicted vs actual acceptance rate of the drafted γ, and the
     best single feature's |correlation| with the actual rate (the raw-signal baseline)."""
     keep = data.gamma > 0
@@ -275,7 +277,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs: int = 600, seed: int = 0,
-          gamma_max: int | None = None) -> tuple[ControllerArtifact, dict]:
+          gamma_max: int | None = None) -> tuple[AcceptancePredictor, dict]:
     """Train on the train split of the records; evaluate acceptance prediction on the test split."""
     records, costs = load_collection(records_paths)
     splits = traces_by_split(records)
@@ -298,7 +300,7 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
     loss = weights.pop("loss")
     token_x, token_y = token_acceptance_rows(list(splits["train"].values()))
     token_weights = fit_token_acceptance(token_x, token_y)
-    artifact = ControllerArtifact(**weights, token_weights=token_weights)
+    artifact = AcceptancePredictor(**weights, token_weights=token_weights)
     corr = acceptance_correlation(artifact, test_data) if test_data is not None else {}
     token_x, token_y = token_acceptance_rows(list(splits["test"].values()))
     token_auc = {  # held out; the AUC needs only the logistic model's linear score
@@ -320,7 +322,7 @@ def train(records_paths: list[Path], out: Path | None, hidden: int = 32, epochs:
                       "_corr_points": {"predicted": corr.get("predicted", []), "actual": corr.get("actual", [])}}
 
 
-def evaluate(artifact: ControllerArtifact, traces: dict[tuple[str, str], Trace], costs: dict[str, CostModel],
+def evaluate(artifact: AcceptancePredictor, traces: dict[tuple[str, str], Trace], costs: dict[str, CostModel],
              learning: bool = True) -> dict:
     """Replay every policy over held-out traces, per tier: tokens/s under the tier's cost model (`costs`,
     measured where the traces were collected), tokens/step, paired statistics for adaptive against the best
@@ -392,9 +394,26 @@ def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int 
     """The paper's setting: predict a step's acceptance rate from that step's own draft signals, γ and the
     compression tier (phase2_step_results.csv), on a seeded random 80/20 split; and its policy comparison
     in its own metric (tokens per step), choosing γ ∈ {2,4,6,8} per (tier, task, step) from the predictions."""
-    import csv
+    rows, x, y = _paper_rows(csv_path)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_test = round(len(rows) * test_fraction)
+    test, train_idx = order[:n_test], order[n_test:]
+    pred = _fit_paper_mlp(x, y, train_idx, hidden, epochs, seed)
+    test_corr = float(np.corrcoef(pred[test], y[test])[0, 1])
+    raw = {s: abs(float(np.corrcoef(x[test, i], y[test])[0, 1])) for i, s in enumerate(PAPER_SIGNALS)}
+    best_raw = max(raw, key=raw.get)
+    policy, groups = _paper_policies(rows, pred, set(test.tolist()))
+    return {"format": "speckv-paper", "records": len(rows), "test_records": int(n_test), "test_corr": test_corr,
+            "raw_corr": raw[best_raw], "raw_best_signal": best_raw, "raw_corr_by_signal": raw,
+            "test_mse": float(np.mean((pred[test] - y[test]) ** 2)), "hidden": hidden, "seed": seed,
+            "policy_tokens_per_step": policy, "policy_groups": groups,
+            "note": ("features are the step's own draft signals (known after drafting, before verifying), as in "
+                     "the paper; tokens/step ignores the cost of drafting")}
 
-    import torch
+
+def _paper_rows(csv_path: Path) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The CSV's rows, their features (signals, γ/8, tier one-hot) and acceptance rates. Raises ValueError."""
+    import csv
 
     try:
         with open(csv_path, newline="") as f:
@@ -410,14 +429,17 @@ def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int 
         y = np.array([float(r["acceptance_rate"]) for r in rows], dtype=np.float32)
     except ValueError as e:
         raise ValueError(f"{csv_path}: non-numeric value: {e}") from None
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))
-    n_test = round(len(rows) * test_fraction)
-    test, train_idx = order[:n_test], order[n_test:]
+    return rows, x, y
+
+
+def _fit_paper_mlp(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, hidden: int, epochs: int,
+                   seed: int) -> np.ndarray:
+    """The paper's MLP (sigmoid output, MSE) fitted on the train rows; its predictions for every row."""
+    import torch
+
     mean, std = x[train_idx].mean(0), x[train_idx].std(0)
     std[std < 1e-6] = 1.0
-    xt = torch.tensor((x - mean) / std)
-    yt = torch.tensor(y)
+    xt, yt = torch.tensor((x - mean) / std), torch.tensor(y)
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
@@ -428,29 +450,23 @@ def train_paper(csv_path: Path, hidden: int = 16, epochs: int = 2000, seed: int 
         loss.backward()
         opt.step()
     with torch.no_grad():
-        pred = torch.sigmoid(net(xt)).squeeze(-1).numpy()
-    test_corr = float(np.corrcoef(pred[test], y[test])[0, 1])
-    raw = {s: abs(float(np.corrcoef(x[test, i], y[test])[0, 1])) for i, s in enumerate(PAPER_SIGNALS)}
-    best_raw = max(raw, key=raw.get)
-    # policy comparison in tokens/step, on test-split (tier, task, step) groups that have every γ
+        return torch.sigmoid(net(xt)).squeeze(-1).numpy()
+
+
+def _paper_policies(rows: list[dict], pred: np.ndarray, test_set: set[int]) -> tuple[dict[str, float], int]:
+    """Tokens/step of fixed γ, γ by predicted accepted tokens and the per-step oracle, on test-split
+    (tier, task, step) groups that have every γ; and how many groups that is."""
     groups: dict[tuple, dict[int, int]] = {}
-    for i in range(len(rows)):
-        r = rows[i]
+    for i, r in enumerate(rows):
         groups.setdefault((r["compression"], r["task"], r["step"]), {})[int(r["gamma"])] = i
     gammas = sorted({int(r["gamma"]) for r in rows})
-    test_set = set(test.tolist())
     complete = [g for g in groups.values() if set(g) == set(gammas) and any(i in test_set for i in g.values())]
     produced = lambda i: float(rows[i]["tokens_produced"])
     policy = {f"fixed:{g}": statistics.mean(produced(grp[g]) for grp in complete) for g in gammas}
     policy["mlp (γ by predicted accepted tokens)"] = statistics.mean(
         produced(grp[max(grp, key=lambda g: pred[grp[g]] * g)]) for grp in complete)
     policy["per-step oracle"] = statistics.mean(max(produced(i) for i in grp.values()) for grp in complete)
-    return {"format": "speckv-paper", "records": len(rows), "test_records": int(n_test), "test_corr": test_corr,
-            "raw_corr": raw[best_raw], "raw_best_signal": best_raw, "raw_corr_by_signal": raw,
-            "test_mse": float(np.mean((pred[test] - y[test]) ** 2)), "hidden": hidden, "seed": seed,
-            "policy_tokens_per_step": policy, "policy_groups": len(complete),
-            "note": ("features are the step's own draft signals (known after drafting, before verifying), as in "
-                     "the paper; tokens/step ignores the cost of drafting")}
+    return policy, len(complete)
 
 
 def evaluation_markdown(doc: dict) -> str:

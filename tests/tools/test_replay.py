@@ -86,7 +86,7 @@ def test_replay_of_a_collected_trace_matches_live_runs(draft_model, target_model
     for gamma in (1, 3, 6):
         live = engine.generate(prompt, f"fixed:{gamma}", 30)
         replayed = replay(trace, fixed(gamma), cost)
-        assert replayed.steps == live.steps, gamma
+        assert replayed.steps == live.stats.steps, gamma
         assert replayed.gammas == [r.gamma for r in live.records], gamma
         assert sum(r.accepted for r in live.records) == replayed.tokens - replayed.steps
 

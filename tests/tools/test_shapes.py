@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from speckv.controller import load_snapshot
 from speckv.estimates import TierEstimates
+from speckv.predictor import load_predictor
 from speckv.tools.shapes import SHAPES, after_change, best_baseline, compare, step_changes
 
 from ..conftest import synthetic_trace
@@ -25,7 +25,7 @@ def traces():
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_adaptive_matches_the_best_fixed_gamma_on_every_shape(traces, name):
-    doc = compare(load_snapshot().artifact, traces, SHAPES[name])["policies"]
+    doc = compare(load_predictor(), traces, SHAPES[name])["policies"]
     best = best_baseline(doc)
     ratio = doc["adaptive"]["tokens_per_s_geomean"] / doc[best]["tokens_per_s_geomean"]
     assert ratio >= BAR, (name, best, ratio, {n: round(p["tokens_per_s_geomean"], 3) for n, p in doc.items()})
@@ -34,7 +34,7 @@ def test_adaptive_matches_the_best_fixed_gamma_on_every_shape(traces, name):
 def test_without_calibration_it_misses(traces):
     """Priced with another machine's costs (the AVX2 CPU's, as the controller once shipped) and not
     learning, adaptive on a GPU-like shape falls short of the bar: calibration is what puts it there."""
-    doc = compare(load_snapshot().artifact, traces, SHAPES["gpu-cheap-draft"], prior=SHAPES["cpu-avx2-bf16"],
+    doc = compare(load_predictor(), traces, SHAPES["gpu-cheap-draft"], prior=SHAPES["cpu-avx2-bf16"],
                   learning=False)["policies"]
     assert doc["adaptive"]["tokens_per_s_geomean"] < BAR * doc[best_baseline(doc)]["tokens_per_s_geomean"]
 
@@ -46,7 +46,7 @@ def test_a_step_change_is_followed_within_30_steps(traces, case):
     for the new costs (judged on the prompts that start 30 steps or more after the change) within 30
     steps; frozen at its calibration it does not get there."""
     change = step_changes(SHAPES["cpu-avx512-bf16"], at_step=150)[case]
-    artifact = load_snapshot().artifact
+    artifact = load_predictor()
     learning = after_change(artifact, traces, change, learning=True)
     assert learning["prompts"] >= 6
     assert learning["adaptive_over_best"] >= BAR, learning

@@ -1,4 +1,5 @@
-"""The learned controller: features, artifact round trip, training and replayed evaluation on synthetic traces."""
+"""The acceptance predictor and the adaptive policy: features, artifact round trip, training and replayed
+evaluation on synthetic traces."""
 
 from __future__ import annotations
 
@@ -7,16 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from speckv.controller import (
-    FEATURES,
-    AdaptivePolicy,
-    ControllerArtifact,
-    features,
-    load_snapshot,
-)
+from speckv.adaptive import AdaptivePolicy
 from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
 from speckv.policy import StepContext
+from speckv.predictor import FEATURES, AcceptancePredictor, features, load_predictor
 from speckv.records import write_jsonl
 from speckv.signals import SignalSummary
 from speckv.tools.replay import trace_to_records
@@ -71,7 +67,7 @@ def test_training_learns_and_the_policy_follows_the_cost_model(collection, tmp_p
     # acceptance here follows confidence, so the learned predictors must beat chance by far on held-out prompts
     assert summary["test_corr"] > 0.3, summary
     assert summary["token_auc"] > 0.7, summary  # per drafted token, within a run (the draft stop rule's model)
-    loaded = load_snapshot(str(tmp_path / "ctrl" / "controller.json")).artifact
+    loaded = load_predictor(str(tmp_path / "ctrl" / "predictor.json"))
     assert loaded.version() == artifact.version()
     records, costs = load_collection([collection])
     held_out = traces_by_split(records)["test"]
@@ -99,10 +95,10 @@ def test_training_learns_and_the_policy_follows_the_cost_model(collection, tmp_p
 def _tamper_weights(directory):
     from safetensors.numpy import load_file, save_file
 
-    tensors = load_file(str(directory / "controller.safetensors"))
+    tensors = load_file(str(directory / "predictor.safetensors"))
     tensors["w2"] = tensors["w2"].copy()
     tensors["w2"][0, 0] += 1e-3
-    save_file(tensors, str(directory / "controller.safetensors"))
+    save_file(tensors, str(directory / "predictor.safetensors"))
 
 
 TAMPERINGS = {  # what a changed artifact file looks like -> the error its load must raise
@@ -119,9 +115,9 @@ TAMPERINGS = {  # what a changed artifact file looks like -> the error its load 
 @pytest.mark.parametrize("what", sorted(TAMPERINGS))
 def test_artifact_refuses_tampering(collection, tmp_path, what):
     train([collection], tmp_path / "ctrl", hidden=8, epochs=5)
-    ControllerArtifact.load(tmp_path / "ctrl")  # untouched, it loads
+    AcceptancePredictor.load(tmp_path / "ctrl")  # untouched, it loads
     change, error = TAMPERINGS[what]
-    meta_path = tmp_path / "ctrl" / "controller.json"
+    meta_path = tmp_path / "ctrl" / "predictor.json"
     if change is _tamper_weights:
         change(tmp_path / "ctrl")
     else:
@@ -129,7 +125,7 @@ def test_artifact_refuses_tampering(collection, tmp_path, what):
         change(meta)
         meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=error):
-        ControllerArtifact.load(meta_path)
+        AcceptancePredictor.load(meta_path)
 
 
 def test_artifact_refuses_unknown_tiers_and_other_files(collection, tmp_path):
@@ -138,14 +134,14 @@ def test_artifact_refuses_unknown_tiers_and_other_files(collection, tmp_path):
         AdaptivePolicy(artifact, "int4", TierEstimates.calibrated(CostModel(80, 200, 30)))
     with pytest.raises(ValueError, match="not a SpecKV"):
         (tmp_path / "x.json").write_text("{}")
-        ControllerArtifact.load(tmp_path / "x.json")
+        AcceptancePredictor.load(tmp_path / "x.json")
 
 
 def test_format_2_artifacts_still_load_without_their_machine_settings(collection, tmp_path):
     """A format-2 artifact carried one machine's cost models, prices and stop thresholds beside its
     predictors: it loads, keeps the predictors (token weights from its stop rules) and drops the rest."""
     artifact, _ = train([collection], tmp_path / "ctrl", hidden=8, epochs=5)
-    meta_path = tmp_path / "ctrl" / "controller.json"
+    meta_path = tmp_path / "ctrl" / "predictor.json"
     meta = json.loads(meta_path.read_text())
     weights = meta.pop("token_weights")
     meta.update(format_version=2, version="old", cost_models={"fp16": CostModel(90, 220, 150).to_dict()},
@@ -153,7 +149,7 @@ def test_format_2_artifacts_still_load_without_their_machine_settings(collection
                 draft_stop={"fp16": {"min_confidence": 0.0, "min_run_acceptance": 0.0, "token_weights": []},
                             "nf4": {"min_confidence": 0.0, "min_run_acceptance": 0.3, "token_weights": weights}})
     meta_path.write_text(json.dumps(meta))
-    old = ControllerArtifact.load(meta_path)
+    old = AcceptancePredictor.load(meta_path)
     assert old.token_weights == artifact.token_weights and old.version() == artifact.version()
 
 
@@ -179,7 +175,7 @@ def test_controller_decides_fast_and_follows_the_context():
     cost model where drafting sometimes pays."""
     import time
 
-    policy = AdaptivePolicy(load_snapshot().artifact, "fp16", TierEstimates.calibrated(CostModel(80, 250, 40)))
+    policy = AdaptivePolicy(load_predictor(), "fp16", TierEstimates.calibrated(CostModel(80, 250, 40)))
     policy.estimates.bias.value = -0.5  # the bias path, not the shortcut for an unbiased prior
     micros, decisions = [], set()
     for context in varied_contexts(300):
@@ -208,3 +204,14 @@ def test_live_records_give_censored_states():
     assert data.mask[1].tolist() == [1] * 6 and data.labels[1].tolist() == [1, 0, 0, 0, 0, 0]
     second = dict(zip(FEATURES, data.x[1]))
     assert second["prev_all_accepted"] == 1.0 and abs(second["prev_mean_confidence"] - 0.9) < 1e-6
+
+
+def test_artifacts_written_under_the_old_name_still_load(collection, tmp_path):
+    """Artifacts from before the predictor had its own name are `controller.json` + `controller.safetensors`."""
+    predictor, _ = train([collection], tmp_path / "ctrl", hidden=8, epochs=5)
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((tmp_path / "ctrl" / "predictor.json").read_text())
+    (old / "controller.json").write_text(json.dumps({**meta, "weights": "controller.safetensors"}))
+    (old / "controller.safetensors").write_bytes((tmp_path / "ctrl" / "predictor.safetensors").read_bytes())
+    assert load_predictor(old).version() == predictor.version()
