@@ -16,7 +16,7 @@ from ray import serve
 from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
-from speckv.models import load_model
+from speckv.models import DRAFT_TIER, load_model
 from speckv.workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
@@ -27,7 +27,7 @@ class WorkerSpec:
     """How a replica builds its model(s): the engine is injected as this spec, not built at import."""
 
     model: str
-    tier: str = "fp16"
+    tier: str = DRAFT_TIER.value  # the draft's; targets name theirs
     dtype: str = "auto"
     device: str | None = None
     max_sessions: int = 64

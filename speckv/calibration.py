@@ -31,12 +31,11 @@ import numpy as np
 import torch
 
 from .cost_model import CostModel
-from .models import MANIFEST, cache_root
+from .models import DRAFT_TIER, MANIFEST, cache_root
 from .workers import SessionLM
 
 CALIBRATION_FORMAT = 2  # 2: one model (role) per calibration
 ROLES = ("target", "draft")
-DRAFT_TIER = "fp16"  # the draft is never compressed: one draft calibration serves every target tier
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
 DEFAULT_CONTEXT_LENS = (64, 512)
@@ -102,7 +101,7 @@ class CalibrationKey:
         if role not in ROLES:
             raise ValueError(f"calibration role must be one of {ROLES}, got {role!r}")
         parameter = next(model.parameters())
-        tier = DRAFT_TIER if role == "draft" else tier  # the draft is the same model whatever the target's tier
+        tier = DRAFT_TIER.value if role == "draft" else tier  # the draft is the same model whatever the target's tier
         return cls(hardware_id(parameter.device), f"{torch.__version__} threads={torch.get_num_threads()}",
                    weights_fingerprint(model), role, tier, str(model.dtype), str(parameter.device))
 

@@ -17,7 +17,7 @@ from .engine import (
     run_to_completion,
 )
 from .estimates import TierEstimates
-from .models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier, draft_dtype_for, load_model, load_tokenizer
+from .models import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_TIER, Tier, draft_dtype_for, load_model, load_tokenizer
 from .policy import make_policy, policy_kind, validate_policy_spec
 from .predictor import AcceptancePredictor
 from .sampling import SamplingParams
@@ -85,7 +85,7 @@ class LocalEngine:
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"draft {draft!r} and target {target!r} do not share a tokenizer")
         draft_dtype = draft_dtype or draft_dtype_for(dtype)
-        draft_model = load_model(draft, "fp16", draft_dtype, device)
+        draft_model = load_model(draft, DRAFT_TIER, draft_dtype, device)
         target_model = load_model(target, tier_enum, dtype, device)
         return cls(draft_model, target_model, tokenizer, tier_enum.value)
 

@@ -83,6 +83,8 @@ class Tier(str, Enum):
             raise ValueError(f"unknown tier {value!r}; choose one of {', '.join(t.value for t in cls)}") from None
 
 
+DRAFT_TIER = Tier.FP16  # the draft is never compressed: one draft (and its calibration) serves every target tier
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

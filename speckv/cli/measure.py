@@ -45,14 +45,14 @@ def calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..calibration import calibrate_pair
-    from ..models import draft_dtype_for, load_model
+    from ..models import DRAFT_TIER, draft_dtype_for, load_model
     from ..workers import SessionLM
 
     if args.max_gamma > MAX_GAMMA:
         raise CLIError(f"--max-gamma must be in [1, {MAX_GAMMA}]")
     if not args.budget_s > 0:
         raise CLIError("--budget-s must be > 0")
-    draft = SessionLM(load_model(args.draft, "fp16", draft_dtype_for(args.dtype), args.device))
+    draft = SessionLM(load_model(args.draft, DRAFT_TIER, draft_dtype_for(args.dtype), args.device))
     target = SessionLM(load_model(args.target, args.tier, args.dtype, args.device))
     with tqdm(desc="calibrating", unit="measurement", file=sys.stderr, disable=args.json) as bar:
         def progress(done: int, planned: int) -> None:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     msub.add_parser("list", help="show the embedded models and where they are cached").set_defaults(handler=list_)
     foot = msub.add_parser("footprint", help="load a model at each tier and print its weight memory (JSON)")
     foot.add_argument("--model", default=DEFAULT_TARGET)
-    foot.add_argument("--tiers", type=tier_list, default=["fp16", "int8", "nf4"])
+    foot.add_argument("--tiers", type=tier_list, default=[t.value for t in Tier])
     foot.add_argument("--device", default=None)
     foot.set_defaults(handler=footprint)
 

@@ -14,7 +14,7 @@ import uuid
 from ..calibration import synthetic_ids, time_call
 from ..cost_model import CostModel
 from ..local import LocalEngine
-from ..models import draft_dtype_for, load_model
+from ..models import DRAFT_TIER, draft_dtype_for, load_model
 from ..workers import SessionLM
 
 LIVE_OVER_PROFILE_FLAG = 1.5  # a part of the live step this much slower than the profile is reported
@@ -27,7 +27,7 @@ def measure_costs(
 ) -> dict:
     """Load the pair and measure its cost model (see `measure_loaded_costs`); with `live_prompts`, also run
     the live loop on them and compare its steps with the model (see `live_vs_profile`)."""
-    draft_lm = SessionLM(load_model(draft, "fp16", draft_dtype_for(dtype), device))
+    draft_lm = SessionLM(load_model(draft, DRAFT_TIER, draft_dtype_for(dtype), device))
     target_lm = SessionLM(load_model(target, tier, dtype, device))
     doc = measure_loaded_costs(draft_lm, target_lm, gammas, context_lens, repeats)
     if live_prompts:
