@@ -25,7 +25,7 @@ def save_tiny_pair(root: Path, tokenizer_dir: str) -> tuple[str, str]:
     """A tiny random Qwen2 target and a draft that mostly agrees with it, saved with the real tokenizer."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from .conftest import perturbed_copy
+    from ..conftest import perturbed_copy
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import yaml
 
 from cluster.render import REPO, render, strict_serve_schema
 
-from .conftest import SHARED
+from ..conftest import SHARED
 
 CRDS = SHARED / "k8s"
 

@@ -24,7 +24,7 @@ import yaml
 from .serve_helpers import RAY_ENV, free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.real_model]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT = "# Python function that returns the n-th Fibonacci number\ndef fib(n):"
 KEY = secrets.token_hex(8)
 
