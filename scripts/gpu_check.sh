@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 13, item 6): on one CUDA GPU, in under 8 minutes, every tier's calibration
 # (float16 compute, bitsandbytes' CUDA kernels for int8/nf4) and none / fixed γ / adaptive / hf-assisted on
-# held-out prompts the controller never saw. Writes JSON under $OUT (default results/gpu) and prints tables.
+# held-out prompts the acceptance predictor never saw. Writes JSON under $OUT (default results/gpu) and prints tables.
 #
 # Needs: an environment with speckv installed and a CUDA build of torch (`pip install -e .` with the CUDA
 # wheel index), the embedded models prepared in $SPECKV_HOME (`speckv models prepare`; the device machine

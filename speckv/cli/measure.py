@@ -66,13 +66,14 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def cost_(args: argparse.Namespace) -> int:
-    from ..tools.costs import measure_costs
+    from ..tools.costs import check_live_policy, measure_costs
 
     live_prompts = None
     if args.check_live:
-        if not (args.live_policy.startswith("fixed:") or args.live_policy == "heuristic"):
-            raise CLIError(f"--live-policy {args.live_policy}: the live check needs a policy that always drafts "
-                           "(fixed:N or heuristic)")
+        try:
+            check_live_policy(args.live_policy)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
         from ..models import load_tokenizer
         from ..text import encode_prompt
         from .args import select_prompts
@@ -80,8 +81,11 @@ def cost_(args: argparse.Namespace) -> int:
         prompts = select_prompts([args.check_live], None, None)[: args.live_limit]
         tokenizer = load_tokenizer(args.target)
         live_prompts = [encode_prompt(tokenizer, p.text, chat=True) for p in prompts]
-    doc = measure_costs(args.draft, args.target, args.tier, args.dtype, args.gammas, args.context_lens, args.repeats,
-                        args.device, live_prompts, args.live_policy, args.live_tokens)
+    try:
+        doc = measure_costs(args.draft, args.target, args.tier, args.dtype, args.gammas, args.context_lens,
+                            args.repeats, args.device, live_prompts, args.live_policy, args.live_tokens)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if args.out:
         write_json(args.out, doc)
     print(json.dumps(doc, indent=1))

@@ -20,13 +20,23 @@ from ..workers import SessionLM
 LIVE_OVER_PROFILE_FLAG = 1.5  # a part of the live step this much slower than the profile is reported
 
 
+def check_live_policy(policy: str) -> None:
+    """The live check compares drafting steps with the profile: its policy must always draft."""
+    if not (policy.startswith("fixed:") or policy == "heuristic"):
+        raise ValueError(f"live policy {policy}: the live check needs a policy that always drafts "
+                         "(fixed:N or heuristic)")
+
+
 def measure_costs(
     draft: str, target: str, tier: str, dtype: str, gammas: list[int], context_lens: list[int], repeats: int = 3,
     device: str | None = None, live_prompts: list[list[int]] | None = None, live_policy: str = "fixed:2",
     live_tokens: int = 24,
 ) -> dict:
     """Load the pair and measure its cost model (see `measure_loaded_costs`); with `live_prompts`, also run
-    the live loop on them and compare its steps with the model (see `live_vs_profile`)."""
+    the live loop on them and compare its steps with the model (see `live_vs_profile`). Raises ValueError
+    before loading anything when the live policy would not draft (there would be nothing to compare)."""
+    if live_prompts:
+        check_live_policy(live_policy)
     draft_lm = SessionLM(load_model(draft, DRAFT_TIER, draft_dtype_for(dtype), device))
     target_lm = SessionLM(load_model(target, tier, dtype, device))
     doc = measure_loaded_costs(draft_lm, target_lm, gammas, context_lens, repeats)
