@@ -144,3 +144,23 @@ def _save(fig, path: Path) -> Path:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def cost_curves(costs: dict[str, dict], out: Path, name: str = "cost_curves.png") -> Path:
+    """Per setting ({name: `speckv collect` cost_<tier>.json}): verify ms against γ (γ+1 tokens scored, at
+    the shortest context measured) and what drafting γ tokens costs, measured points and fitted lines."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (setting, doc) in enumerate(sorted(costs.items())):
+        color = f"C{i}"
+        ctx = min(r["context_len"] for r in doc["rows"])
+        rows = sorted((r for r in doc["rows"] if r["context_len"] == ctx), key=lambda r: r["gamma"])
+        gammas = [r["gamma"] for r in rows]
+        axes[0].plot(gammas, [r["verify_ms"] for r in rows], "o-", color=color, label=setting)
+        axes[1].plot(gammas, [r["draft_ms"] for r in rows], "o-", color=color, label=setting)
+    axes[0].set(title="verify pass", xlabel="γ (γ+1 tokens scored)", ylabel="ms")
+    axes[1].set(title="drafting γ tokens", xlabel="γ", ylabel="ms")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _save(fig, out / name)
