@@ -1,6 +1,6 @@
 """Router: the HTTP ingress. Validates OpenAI requests, runs speckv's speculation loop through an executor
 over the model deployments (deployments.executors), streams tokens, and records metrics. The answer's shape
-is in deployments.protocol; the HTTP app around it (errors, body limit, API keys) in deployments.http."""
+is in deployments.protocol; the HTTP app around it (errors, body limit, API keys) in deployments.http_app."""
 
 import asyncio
 import logging
@@ -24,7 +24,7 @@ from speckv.text import load_model_text
 
 from .config import AppConfig
 from .executors import ExecutorFactory, StepRetries, backend_error, remote_executor
-from .http import SETTINGS, ClosingStreamingResponse, api
+from .http_app import SETTINGS, ClosingStreamingResponse, api
 from .metrics import ServeMetrics
 from .protocol import SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, Reply, sse
 
