@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from ray.serve.handle import DeploymentHandle
 
-from speckv.engine import SplitExecutor, StepCall, StepExecutor
+from speckv.engine import SplitExecutor, StepCall, StepExecutor, WhileVerifying
 from speckv.workers import StepInputs
 
 from .protocol import APIError
@@ -106,7 +106,9 @@ class RemoteColocatedExecutor:
         self.target = target
         self.retry = retry
 
-    async def run_step(self, inputs: StepInputs) -> StepCall:
+    async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
+        """One hop for the whole step: the proposal comes back with its verification, so there is nothing to
+        overlap and `while_verifying` is not called (the policy then prepares inside its own choice)."""
         start = time.perf_counter()
         inner: StepCall = await self.retry(
             lambda: self.target.options(session_id=inputs.session_id).step.remote(inputs))

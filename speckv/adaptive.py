@@ -15,6 +15,14 @@ below R · (the marginal ms of one more token): past it, a token costs more time
 give. When γ* = γmax the run may go on to 2·γmax, ended by that rule. γ = 0 is never absorbing: after a
 stretch of target-only steps a one-token probe drafts again, spaced so probes cost at most 2% of
 throughput where drafting never pays, and what it shows updates the estimates.
+
+Off the critical path. A decision is made between a verification's result and the next draft call, so it
+is latency. The engine calls `prepare` while a step's verification is in flight, with the next step's
+context for every accepted count the verification may return; the policy runs its MLP for all of them in
+one batch then, and also folds in what the previous steps taught its estimates. `choose` is then a table
+lookup and a loop over γmax numbers in plain Python (numpy's per-call dispatch, cold after a forward pass,
+cost ~100 µs per decision). So a decision uses the estimates as of the step before last, in every mode:
+without `prepare` (replay, a colocated replica) `choose` folds the new evidence in itself, after deciding.
 """
 
 from __future__ import annotations
@@ -33,10 +41,11 @@ MIN_PROBE_EVERY = 8  # target-only steps between probes, at least
 
 
 class AdaptivePolicy:
-    """γ per step from the learned acceptance predictors and the run-time estimates (module docstring).
+    """γ per step from the learned acceptance predictor and the run-time estimates (module docstring).
 
-    Per request. `choose` is a handful of numpy calls on tiny arrays; whatever depends only on the
-    estimates (step prices, the stop rule, the probe spacing) is recomputed in `observe`, once per step."""
+    Per request. Terms: a *row* is the predictor's output for one context as the log-odds of each draft
+    token's acceptance given the ones before it (`logits`, [γmax]) and those probabilities (`conditional`);
+    the *table* holds the rows `prepare` computed for the next step, by the previous step's accepted count."""
 
     def __init__(self, predictor: AcceptancePredictor, tier: str, estimates: TierEstimates,
                  greedy: bool = True) -> None:
@@ -55,55 +64,93 @@ class AdaptivePolicy:
         self._w2 = np.ascontiguousarray(np.asarray(predictor.w2, dtype=np.float64))
         self._b2 = np.asarray(predictor.b2, dtype=np.float64)
         self._gammas = np.arange(gmax + 1)
-        self._prior: np.ndarray | None = None  # the MLP's acceptance_probs at the last choice
+        self._table: dict[tuple[int, int], tuple[list[float], list[float]]] = {}  # (step, prev accepted) -> row
+        self._prior: list[float] = []  # `conditional` of the row the last choice used (observe learns from it)
+        self._queue: list[tuple[StepOutcome, list[float]]] = []  # (outcome, its prior) not yet folded in
+        self._overlapped = False  # `prepare` is called (the engine overlaps it with verification)
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
         self.draft_stop = NO_STOP
         self._refresh()
+
+    # ----------------------------------------------------------------- off the critical path
+
+    def prepare(self, contexts: list[StepContext]) -> None:
+        """While a verification is in flight: fold in what earlier steps taught, and compute the next step's
+        row for each context it may lead to (one per accepted count)."""
+        self._overlapped = True
+        self._fold_in()
+        if contexts:
+            rows = self._rows(np.array([features(c, self.tier) for c in contexts]))
+            self._table = {(c.step, c.prev_accepted): row for c, row in zip(contexts, rows)}
+
+    def _rows(self, x: np.ndarray) -> list[tuple[list[float], list[float]]]:
+        """[N, F] features -> N rows (logits, conditional), each [γmax]."""
+        h = np.hstack([x, np.ones((len(x), 1))]) @ self._w1
+        np.maximum(h, 0.0, out=h)
+        probs = np.minimum.accumulate(1.0 / (1.0 + np.exp(-(h @ self._w2 + self._b2))), axis=1)  # P(first k)
+        cond = probs / np.hstack([np.ones((len(x), 1)), probs[:, :-1]])
+        logits = np.log(cond / np.maximum(1.0 - cond, 1e-9))
+        return list(zip(logits.tolist(), cond.tolist()))
+
+    def _fold_in(self) -> None:
+        """Fold the queued outcomes into the estimates; then recompute what depends on them."""
+        for outcome, prior in self._queue:
+            if outcome.gamma and prior:  # each drafted token's acceptance event, until a rejection
+                seen = min(outcome.accepted + 1, outcome.gamma, len(prior))
+                self.estimates.observe_acceptance(prior[:seen], [k < outcome.accepted for k in range(seen)])
+            if outcome.timing is not None:
+                t = outcome.timing
+                self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len)
+        if self._queue:
+            self._queue.clear()
+            self._refresh()
 
     def _refresh(self) -> None:
         """Step prices, the rate, the stop rule and the probe spacing from the current estimates."""
         cost = self.estimates.tier.cost
         price = np.asarray(cost.step_ms(self._gammas, 0), dtype=np.float64)  # [γmax+1]
-        self._extra_ms = price[1:] - price[0]  # [γmax] what drafting γ adds to a step
+        extra = price[1:] - price[0]  # [γmax] what drafting γ adds to a step
+        self._extra_ms = extra.tolist()
+        self._price0 = float(price[0])
         self._rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
                       or self._prior_rate)
-        self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(self._extra_ms[0]) / (PROBE_SHARE * price[0])))
+        self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(extra[0]) / (PROBE_SHARE * price[0])))
         self._stop = NO_STOP
         if self.predictor.token_weights and self._rate:
             *w, b = self.predictor.token_weights
-            marginal = float(self._extra_ms[-1]) / len(self._extra_ms)  # ms of one more drafted token
+            marginal = float(extra[-1]) / len(extra)  # ms of one more drafted token
             self._stop = DraftStop(0.0, min(1.0, self._rate * marginal), (*w, b + self.estimates.bias.value))
 
-    def _acceptance(self, x: list[float]) -> np.ndarray:
-        """[γmax] P(first k tokens accepted): the MLP's prior (kept for `observe`), this request's bias applied
-        to each token's conditional acceptance."""
-        x = [*x, 1.0]
-        h = np.dot(x, self._w1)
-        np.maximum(h, 0.0, out=h)
-        z = np.dot(h, self._w2)
-        z += self._b2
-        probs = np.minimum.accumulate(1.0 / (1.0 + np.exp(-z)))
-        self._prior = probs
-        bias = self.estimates.bias.value
-        if bias == 0.0:
-            return probs
-        odds = _conditional(probs) / np.maximum(1.0 - _conditional(probs), 1e-9) * math.exp(bias)
-        return np.cumprod(odds / (1.0 + odds))
+    # ----------------------------------------------------------------- on it
 
     def choose(self, context: StepContext) -> int:
-        accepted = self._acceptance(features(context, self.tier))
+        row = self._table.pop((context.step, context.prev_accepted), None)
+        self._table.clear()
+        logits, self._prior = row if row is not None else self._rows(np.array([features(context, self.tier)]))[0]
+        gamma = self._decide(logits)
+        if not self._overlapped:
+            self._fold_in()
+        return gamma
+
+    def _decide(self, logits: list[float]) -> int:
+        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·extra_ms(γ), in plain Python over γmax numbers."""
+        bias, extra = self.estimates.bias.value, self._extra_ms
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
-            price0 = float(self.estimates.tier.cost.step_ms(0))
-            self._prior_rate = float(max(1.0 / price0, ((1.0 + np.cumsum(accepted)) / (price0 + self._extra_ms)).max()))
+            self._prior_rate = _best_one_step_rate(logits, bias, extra, self._price0)
             self._refresh()
-        gain = np.cumsum(accepted)
-        gain -= self._rate * self._extra_ms
-        best = int(gain.argmax())
+        rate, exp = self._rate, math.exp
+        p, total, best, best_gain = 1.0, 0.0, 0, 0.0
+        for k, z in enumerate(logits):
+            p *= 1.0 / (1.0 + exp(-(z + bias)))
+            total += p
+            gain = total - rate * extra[k]
+            if gain > best_gain:
+                best, best_gain = k + 1, gain
         tier = self.estimates.tier
-        if gain[best] > 0.0:
+        if best:
             tier.target_only_steps = 0
             self.draft_stop = self._stop
-            return self.run_cap if best + 1 == len(gain) else best + 1
+            return self.run_cap if best == len(logits) else best
         tier.target_only_steps += 1
         if tier.target_only_steps >= self._probe_every:  # γ = 0 is never absorbing
             tier.target_only_steps = 0
@@ -112,23 +159,23 @@ class AdaptivePolicy:
         return 0
 
     def observe(self, outcome: StepOutcome) -> None:
-        if outcome.gamma and self._prior is not None:  # each drafted token's acceptance event, until a rejection
-            seen = min(outcome.accepted + 1, outcome.gamma, len(self._prior))
-            self.estimates.observe_acceptance(_conditional(self._prior)[:seen].tolist(),
-                                              [k < outcome.accepted for k in range(seen)])
-        if outcome.timing is not None:
-            t = outcome.timing
-            self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len)
-        self._refresh()
+        """Queue the step's outcome (with the prior its choice used); it is folded in off the critical path."""
+        self._queue.append((outcome, self._prior))
 
     def report(self) -> dict:
         """This request's current estimates (the response's `speculation.estimates`)."""
+        self._fold_in()
         return self.estimates.to_dict()
 
 
-def _conditional(probs: np.ndarray) -> np.ndarray:
-    """[γmax] P(token k accepted | tokens 1..k-1 were) from P(first k all accepted)."""
-    return probs / np.concatenate(([1.0], probs[:-1]))
+def _best_one_step_rate(logits: list[float], bias: float, extra: list[float], price0: float) -> float:
+    """max over γ of (1 + Σ_{k≤γ} P(first k accepted)) / step_ms(γ): tokens per ms of the best single step."""
+    best, p, total = 1.0 / price0, 1.0, 1.0
+    for z, e in zip(logits, extra):
+        p *= 1.0 / (1.0 + math.exp(-(z + bias)))
+        total += p
+        best = max(best, total / (price0 + e))
+    return best
 
 
 def make_adaptive_policy(tier: str, estimates: TierEstimates, predictor: AcceptancePredictor | None = None,

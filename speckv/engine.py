@@ -7,6 +7,7 @@ or colocated). Workers keep the KV caches; the loop only sends token ids.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
@@ -37,10 +38,17 @@ class StepCall:
     verify_wall_ms: float
 
 
+WhileVerifying = Callable[[Proposal], None]  # runs while the proposal is being verified (see run_step)
+
+
 class StepExecutor(Protocol):
     """Runs the model side of one step (draft γ tokens, then verify them) for a session."""
 
-    async def run_step(self, inputs: StepInputs) -> StepCall: ...
+    async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
+        """`while_verifying(proposal)`, when given, is called once the verification has been sent and before
+        its result is awaited, so the caller's work overlaps it (an executor that cannot split the step may
+        not call it)."""
+        ...
 
     async def close(self, session_id: str) -> None:
         """The request has ended: end its sessions on every worker (a late call for it is refused)."""
@@ -58,11 +66,19 @@ class SplitExecutor:
     def __init__(self, propose: ProposeFn, verify: VerifyFn, close: CloseFn) -> None:
         self._propose, self._verify, self._close = propose, verify, close
 
-    async def run_step(self, inputs: StepInputs) -> StepCall:
+    async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
         t0 = time.perf_counter()
         proposal = await self._propose(inputs) if inputs.gamma > 0 else Proposal([], None, DraftSignals(), 0.0)
         t1 = time.perf_counter()
-        verification = await self._verify(inputs, proposal.token_ids)
+        verifying = asyncio.ensure_future(self._verify(inputs, proposal.token_ids))
+        if while_verifying is not None:
+            await asyncio.sleep(0)  # let the verify call go out before the overlapped work
+            try:
+                while_verifying(proposal)
+            except BaseException:
+                verifying.cancel()
+                raise
+        verification = await verifying
         t2 = time.perf_counter()
         return StepCall(proposal, verification, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
@@ -153,6 +169,22 @@ def accept_step(proposal: Proposal, verification: Verification, params: Sampling
     return speculative_accept(draft_ids, draft_probs[None], target_probs, step_generator(seed, step, stream=1))
 
 
+def _preparer(policy: GammaPolicy, progress: RequestProgress, step: int, position: int,
+               context_len: int) -> WhileVerifying | None:
+    """What the policy may prepare while the step is verified: the next step's context for each accepted
+    count (a step that goes on emits accepted + 1 tokens). None for policies with nothing to prepare."""
+    prepare = getattr(policy, "prepare", None)
+    if prepare is None:
+        return None
+
+    def run(proposal: Proposal) -> None:
+        n = len(proposal.token_ids)
+        prepare([progress.preview(proposal.signals, a, step + 1, position + a + 1, context_len + a + 1)
+                 for a in range(n + 1)])
+
+    return run
+
+
 async def speculate(
     request: GenerationRequest,
     executor: StepExecutor,
@@ -174,7 +206,8 @@ async def speculate(
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
             stop = policy.draft_stop.with_min_confidence(request.min_confidence)
-            call = await executor.run_step(StepInputs(sid, context, gamma, params, seed, step, stop))
+            call = await executor.run_step(StepInputs(sid, context, gamma, params, seed, step, stop),
+                                           _preparer(policy, progress, step, len(generated), len(context)))
             proposal, verification = call.proposal, call.verification
 
             result = accept_step(proposal, verification, params, seed, step)

@@ -32,7 +32,8 @@ def local_executor(draft: DraftWorker, target: TargetWorker) -> SplitExecutor:
         return draft.propose(inputs)
 
     async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        return target.verify(inputs, draft_token_ids)
+        # in a thread (torch releases the GIL), so the loop's work overlaps it (StepExecutor.run_step)
+        return await asyncio.to_thread(target.verify, inputs, draft_token_ids)
 
     async def close(session_id: str) -> None:
         draft.lm.close(session_id)

@@ -67,6 +67,17 @@ class RequestProgress:
             accepted_total=self.accepted_total,
         )
 
+    def preview(self, signals: DraftSignals, accepted: int, step: int, position: int,
+                context_len: int) -> StepContext:
+        """The context `advance(signals, accepted)` would lead to, without advancing: what a policy may
+        prepare for while the step is being verified."""
+        drafted = len(signals)
+        return StepContext(
+            step=step, position=position, context_len=context_len, prev_gamma=drafted, prev_accepted=accepted,
+            prev_signals=signals.summary(), prev_last_confidence=signals.confidence[-1] if drafted else 0.0,
+            drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + accepted,
+        )
+
     def advance(self, signals: DraftSignals, accepted: int, timing: StepTiming | None = None) -> StepOutcome:
         """Record a verified step (its drafted tokens' signals, how many were accepted, what it took);
         returns its outcome."""
@@ -89,6 +100,9 @@ class GammaPolicy(Protocol):
     def observe(self, outcome: StepOutcome) -> None:
         """Learn from the step just verified."""
         ...
+
+    # Optional: `prepare(contexts: list[StepContext]) -> None`, called while a step's verification is in
+    # flight with the next step's context for each accepted count it may return (speckv.adaptive).
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -358,3 +360,51 @@ def test_request_validation():
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_the_policy_prepares_while_the_step_is_verified(engine, monkeypatch):
+    """The in-process loop hands the policy the next step's possible contexts while the target verifies
+    (in a thread), and the context it then chooses for is one of them."""
+    import threading
+    import time
+
+    from speckv.engine import run_to_completion
+    from speckv.signals import NO_STOP
+
+    verifying: list[tuple[float, float]] = []
+    verify = engine.target_worker.verify
+
+    def slow_verify(*args):
+        start = time.perf_counter()
+        time.sleep(0.05)
+        out = verify(*args)
+        verifying.append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(engine.target_worker, "verify", slow_verify)
+
+    class Preparing:
+        name, draft_stop = "preparing", NO_STOP
+
+        def __init__(self) -> None:
+            self.seen, self.prepared = [], []
+
+        def choose(self, context):
+            self.seen.append(context)
+            return 3
+
+        def observe(self, outcome) -> None:
+            pass
+
+        def prepare(self, contexts) -> None:
+            self.prepared.append((time.perf_counter(), threading.get_ident(), contexts))
+
+    policy = Preparing()
+    request = GenerationRequest(prompt_ids=PROMPT, max_new_tokens=20)
+    result = asyncio.run(run_to_completion(request, engine.executor, policy, engine.tokenizer))
+    steps = result.stats.steps
+    assert steps > 2 and len(policy.prepared) == steps == len(verifying)
+    for s in range(1, steps):
+        assert policy.seen[s] in policy.prepared[s - 1][2]
+    for (at, _, _), (_, end) in zip(policy.prepared, verifying):
+        assert at < end  # while its verification (sent before) was still running

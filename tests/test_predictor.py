@@ -215,3 +215,46 @@ def test_artifacts_written_under_the_old_name_still_load(collection, tmp_path):
     (old / "controller.json").write_text(json.dumps({**meta, "weights": "controller.safetensors"}))
     (old / "controller.safetensors").write_bytes((tmp_path / "ctrl" / "predictor.safetensors").read_bytes())
     assert load_predictor(old).version() == predictor.version()
+
+
+def test_decisions_from_the_prepared_table_equal_those_computed_in_choose():
+    """`prepare` (run while a step is verified) fills a table from which `choose` only looks up its row; the
+    decisions are the ones a policy never prepared computes itself, over a run whose estimates move."""
+    from speckv.policy import RequestProgress, StepTiming
+    from speckv.signals import DraftSignals
+
+    rng = np.random.default_rng(1)
+
+    def make() -> AdaptivePolicy:
+        return AdaptivePolicy(load_predictor(), "fp16", TierEstimates.calibrated(CostModel(40, 250, 10)))
+
+    plain, prepared = make(), make()
+    computed_rows = []  # rows `prepared` computed inside choose (only before anything was prepared)
+    rows = prepared._rows
+    prepared._rows = lambda x: (computed_rows.append(len(x)) if len(x) == 1 else None) or rows(x)
+    progress, position, chosen = RequestProgress(), 0, []
+    for step in range(80):
+        context = progress.context(step, position, 100 + position)
+        chosen.append((plain.choose(context), prepared.choose(context)))
+        g = max(chosen[-1][0], 1)
+        conf = rng.uniform(0.3, 1, g).tolist()
+        signals = DraftSignals(conf, conf, rng.uniform(0, 2, g).tolist())
+        prepared.prepare([progress.preview(signals, a, step + 1, position + a + 1, 101 + position + a)
+                          for a in range(g + 1)])
+        accepted = int(rng.integers(0, g + 1))
+        outcome = progress.advance(signals, accepted, StepTiming(30.0 * g, 260 + 12 * g, 100 + position,
+                                                                 accepted + 1))
+        plain.observe(outcome)
+        prepared.observe(outcome)
+        position += accepted + 1
+    assert [a for a, _ in chosen] == [b for _, b in chosen]
+    assert len({a for a, _ in chosen}) > 2 and computed_rows == [1]  # only step 0 was not prepared
+    # the estimates agree to rounding (a batched matmul sums in its own order)
+    assert _flat(plain.report()) == pytest.approx(_flat(prepared.report()), rel=1e-9)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out

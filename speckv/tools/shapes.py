@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..adaptive import AdaptivePolicy
 from ..cost_model import CostModel
-from ..engine import StepCall, StepExecutor
+from ..engine import StepCall, StepExecutor, WhileVerifying
 from ..estimates import TierEstimates
 from ..predictor import AcceptancePredictor
 from ..workers import StepInputs
@@ -94,8 +94,8 @@ class ShapedExecutor:
     def __init__(self, inner: StepExecutor, shape: Shape) -> None:
         self.inner, self.shape, self.steps = inner, shape, 0
 
-    async def run_step(self, inputs: StepInputs) -> StepCall:
-        call = await self.inner.run_step(inputs)
+    async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
+        call = await self.inner.run_step(inputs, while_verifying)
         cost = _at(self.shape, self.steps)
         self.steps += 1
         drafted = len(call.proposal.token_ids)
