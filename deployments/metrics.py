@@ -35,7 +35,8 @@ class ServeMetrics:
                                        tag_keys=tags)
         self.requests = metrics.Counter("speckv_requests", "finished requests by outcome", tag_keys=("tier", "outcome"))
         # what `adaptive` currently estimates (speckv.estimates), per tier
-        self.cost_ms = metrics.Gauge("speckv_estimated_cost_ms", "estimated ms: draft per token, verify of one token",
+        self.cost_ms = metrics.Gauge("speckv_estimated_cost_ms", "estimated ms: draft per token, verify of one token, "
+                                     "and each call's hop (part draft_hop, verify_hop)",
                                      tag_keys=("tier", "part"))
         self.cost_scale = metrics.Gauge("speckv_cost_scale", "live step time over the calibration's",
                                         tag_keys=("tier", "part"))
@@ -56,7 +57,6 @@ class ServeMetrics:
         self.verify_ms.observe(record.verify_ms, tags)
         self.hop_ms.observe(record.hop_ms, tags)
 
-
     def estimates(self, tier: str, estimates: TierEstimates) -> None:
         doc = estimates.to_dict()
         cost = doc["cost"]
@@ -64,6 +64,8 @@ class ServeMetrics:
             self.cost_scale.set(cost[f"{part}_scale"], {"tier": tier, "part": part})
         self.cost_ms.set(cost["draft_ms_per_token"], {"tier": tier, "part": "draft"})
         self.cost_ms.set(cost["verify_ms_1_token"], {"tier": tier, "part": "verify"})
+        for part in ("draft", "verify"):
+            self.cost_ms.set(cost[f"{part}_hop_ms"], {"tier": tier, "part": f"{part}_hop"})
         for mode in ("greedy", "sampled"):
             self.acceptance_bias.set(doc[mode]["acceptance_bias"], {"tier": tier, "mode": mode})
             self.rate.set(doc[mode]["tokens_per_s"], {"tier": tier, "mode": mode})

@@ -100,7 +100,8 @@ class AdaptivePolicy:
                 self.estimates.observe_acceptance(prior[:seen], [k < outcome.accepted for k in range(seen)])
             if outcome.timing is not None:
                 t = outcome.timing
-                self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len)
+                self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len,
+                                            t.draft_compute_ms, t.verify_compute_ms)
         if self._queue:
             self._queue.clear()
             self._refresh()

@@ -120,29 +120,63 @@ class RobustScale:
 
 
 @dataclass
+class RunningMedian:
+    """The median of the last `window` values (0 before any): robust to outliers, constant memory."""
+
+    window: int = 9
+    recent: deque = field(default_factory=deque)
+    value: float = 0.0
+
+    def observe(self, x: float) -> None:
+        if not math.isfinite(x):
+            return
+        self.recent.append(x)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        self.value = statistics.median(self.recent)
+
+
+@dataclass
 class LiveCost:
-    """A calibrated CostModel times two online factors, one for the draft and one for verification, learned
-    from the live steps' wall times (what decides throughput: hops and queueing included). `learning` off
-    keeps the calibration as it is (for tests and ablations)."""
+    """A calibrated CostModel followed online, per part of a step (draft, verify): a factor on the
+    calibrated model time, and a fixed *hop* per call (wall time outside the models: handle hops,
+    serialisation, queueing; ~0 in-process, a few ms served, a large share of a GPU step). The hop is
+    learned apart from the factor because it does not grow with γ, and a step that does not draft skips
+    the draft call and its hop. Steps reported without model times (replay) teach the factor on wall time.
+    `learning` off keeps the calibration as it is (for tests and ablations)."""
 
     base: CostModel
     learning: bool = True
     draft: RobustScale = field(default_factory=RobustScale)
     verify: RobustScale = field(default_factory=RobustScale)
+    draft_hop: RunningMedian = field(default_factory=RunningMedian)
+    verify_hop: RunningMedian = field(default_factory=RunningMedian)
 
-    def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int) -> None:
-        """One live step (not the first of a request, which also reads the prompt)."""
+    def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
+                draft_compute_ms: float | None = None, verify_compute_ms: float | None = None) -> None:
+        """One live step (not the first of a request, which also reads the prompt): wall times, and the time
+        inside the models where known."""
         if not self.learning:
             return
         if gamma > 0:
-            self.draft.observe(draft_ms, float(self.base.draft_ms(gamma)))
-        self.verify.observe(verify_ms, float(self.base.verify_ms(gamma, context_len)))
+            self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, float(self.base.draft_ms(gamma)))
+        self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
+                      float(self.base.verify_ms(gamma, context_len)))
+
+    @staticmethod
+    def _observe(scale: RobustScale, hop: RunningMedian, wall: float, compute: float | None,
+                 predicted: float) -> None:
+        if compute is None:
+            scale.observe(wall, predicted)
+            return
+        scale.observe(compute, predicted)
+        hop.observe(max(wall - compute, 0.0))
 
     def draft_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
-        return self.draft.value * self.base.draft_ms(gamma)
+        return self.draft.value * self.base.draft_ms(gamma) + self.draft_hop.value * (np.asarray(gamma) > 0)
 
     def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
-        return self.verify.value * self.base.verify_ms(gamma, context_len)
+        return self.verify.value * self.base.verify_ms(gamma, context_len) + self.verify_hop.value
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
         return self.draft_ms(gamma) + self.verify_ms(gamma, context_len)
@@ -151,4 +185,5 @@ class LiveCost:
         """Current estimates, for /metrics and the response's `speculation` object."""
         return {"draft_ms_per_token": self.draft.value * self.base.draft_ms_per_token,
                 "verify_ms_1_token": float(self.verify_ms(0)), "draft_scale": self.draft.value,
-                "verify_scale": self.verify.value, "steps_observed": self.verify.count}
+                "verify_scale": self.verify.value, "draft_hop_ms": self.draft_hop.value,
+                "verify_hop_ms": self.verify_hop.value, "steps_observed": self.verify.count}

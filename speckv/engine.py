@@ -227,7 +227,8 @@ async def speculate(
             elif finish is None and len(generated) >= request.max_new_tokens:
                 finish = "length"
 
-            timing = StepTiming(call.draft_wall_ms, call.verify_wall_ms, len(context), len(new)) if step else None
+            timing = StepTiming(call.draft_wall_ms, call.verify_wall_ms, len(context), len(new), proposal.compute_ms,
+                                verification.compute_ms) if step else None
             outcome = progress.advance(proposal.signals, accepted, timing)
             policy.observe(outcome)
             record = StepRecord(

@@ -113,8 +113,9 @@ class RequestEstimates:
             self.bias.observe(predicted, outcomes)
             self.tier.mode(self.greedy).bias.observe(predicted, outcomes)
 
-    def observe_step(self, gamma: int, tokens: int, draft_ms: float, verify_ms: float, context_len: int) -> None:
-        self.tier.cost.observe(gamma, draft_ms, verify_ms, context_len)
+    def observe_step(self, gamma: int, tokens: int, draft_ms: float, verify_ms: float, context_len: int,
+                     draft_compute_ms: float | None = None, verify_compute_ms: float | None = None) -> None:
+        self.tier.cost.observe(gamma, draft_ms, verify_ms, context_len, draft_compute_ms, verify_compute_ms)
         self.rate.observe(tokens, draft_ms + verify_ms)
         self.tier.mode(self.greedy).rate.observe(tokens, draft_ms + verify_ms)
 

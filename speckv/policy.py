@@ -39,6 +39,8 @@ class StepTiming:
     verify_ms: float
     context_len: int  # tokens before the step
     emitted: int  # tokens the step added
+    draft_compute_ms: float | None = None  # of those, inside the models (None: not known, as in replay)
+    verify_compute_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,11 @@ class ShapedExecutor:
         cost = _at(self.shape, self.steps)
         self.steps += 1
         drafted = len(call.proposal.token_ids)
-        return dataclasses.replace(call, draft_wall_ms=float(cost.draft_ms(drafted)),
-                                   verify_wall_ms=float(cost.verify_ms(drafted, len(inputs.context_ids))))
+        draft_ms, verify_ms = float(cost.draft_ms(drafted)), float(cost.verify_ms(drafted, len(inputs.context_ids)))
+        # the shape's times are the models' times (no hop), so the policy learns them as the live loop would
+        return dataclasses.replace(call, draft_wall_ms=draft_ms, verify_wall_ms=verify_ms,
+                                   proposal=dataclasses.replace(call.proposal, compute_ms=draft_ms),
+                                   verification=dataclasses.replace(call.verification, compute_ms=verify_ms))
 
     async def close(self, session_id: str) -> None:
         await self.inner.close(session_id)
