@@ -3,7 +3,8 @@
 # machine has, on held-out prompts the acceptance predictor never saw (docs/results/heldout_issue13.jsonl):
 #   greedy, by exact replay of collected traces under each setting's measured step costs (`speckv collect`,
 #   `speckv evaluate`): fp16 computed in bfloat16, fp16 computed in float32, int8, nf4;
-#   temperature 0.7, live (`speckv bench`, replay is exact only for greedy): fp16 in bfloat16.
+#   temperature 0.7, live (`speckv bench`, replay is exact only for greedy): fp16 in bfloat16;
+#   and greedy live at fp16 in bfloat16, to check replay against the live loop and time live decisions.
 # Resumable (collect skips prompts it has); results under $OUT (default results/settings), summaries and plots
 # under docs/results/settings/. Run from the repository root: `bash scripts/settings_bench.sh`.
 # Never run it beside other CPU work: the step costs it measures would be the neighbour's too.
@@ -33,4 +34,7 @@ POLICIES=none,fixed:1,fixed:2,fixed:3,fixed:4,fixed:5,fixed:6,fixed:7,fixed:8,he
 speckv bench --prompts "$PROMPTS" --limit-per-category "$LIVE_LIMIT" --tier fp16 --temperature 0.7 --seed 0 \
   --policies "$POLICIES" --max-new-tokens 32 --out "$OUT/bench_fp16_t07.json"
 speckv report "$OUT/bench_fp16_t07.json" > "$DOCS/bench_fp16_t07.md"
+speckv bench --prompts "$PROMPTS" --limit-per-category "$LIVE_LIMIT" --tier fp16 \
+  --policies none,fixed:1,fixed:2,adaptive,hf-assisted --max-new-tokens 32 --out "$OUT/bench_fp16_greedy.json"
+speckv report "$OUT/bench_fp16_greedy.json" > "$DOCS/bench_fp16_greedy.md"
 python -m speckv.tools.settings_report "$OUT" "$DOCS"

@@ -16,6 +16,12 @@ give. When γ* = γmax the run may go on to 2·γmax, ended by that rule. γ = 0
 stretch of target-only steps a one-token probe drafts again, spaced so probes cost at most 2% of
 throughput where drafting never pays, and what it shows updates the estimates.
 
+Optimism while unsure. The predictor is an average over texts; the text at hand may be far easier (code,
+repetition) or harder. A decision adds OPTIMISM/√(1 + n) log-odds to the acceptance it expects, n the
+drafted tokens this request has seen (an upper-confidence-bound rule): early in a request it tries drafting
+wherever drafting could pay, and what it sees replaces the optimism as n grows. Where drafting cannot pay
+even if every token were accepted, optimism changes nothing (the probes above are all the drafting there).
+
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight, with the next step's
 context for every accepted count the verification may return; the policy runs its MLP for all of them in
@@ -36,6 +42,7 @@ from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
 from .predictor import TIERS, AcceptancePredictor, features, shipped_predictor
 from .signals import NO_STOP, DraftStop
 
+OPTIMISM = 2.0  # log-odds added to acceptance before this request has seen any drafted token (÷ √(1 + seen))
 PROBE_SHARE = 0.02  # where drafting never pays, probes cost at most this share of throughput
 MIN_PROBE_EVERY = 8  # target-only steps between probes, at least
 
@@ -113,8 +120,10 @@ class AdaptivePolicy:
         extra = price[1:] - price[0]  # [γmax] what drafting γ adds to a step
         self._extra_ms = extra.tolist()
         self._price0 = float(price[0])
-        self._rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
-                      or self._prior_rate)
+        rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
+                or self._prior_rate)
+        # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
+        self._rate = max(rate, 1.0 / float(price[0])) if rate else None
         self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(extra[0]) / (PROBE_SHARE * price[0])))
         self._stop = NO_STOP
         if self.predictor.token_weights and self._rate:
@@ -134,8 +143,10 @@ class AdaptivePolicy:
         return gamma
 
     def _decide(self, logits: list[float]) -> int:
-        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·extra_ms(γ), in plain Python over γmax numbers."""
-        bias, extra = self.estimates.bias.value, self._extra_ms
+        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·extra_ms(γ), in plain Python over γmax numbers, with
+        acceptance optimistic while this request has seen few drafted tokens (module docstring)."""
+        bias = self.estimates.bias
+        bias, extra = bias.value + OPTIMISM / math.sqrt(1.0 + bias.events), self._extra_ms
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, bias, extra, self._price0)
             self._refresh()

@@ -74,19 +74,33 @@ def synthetic_trace(rng: np.random.Generator, prompt_id: str, n: int, easy: floa
     return Trace(prompt_id, "easy" if easy > 0.5 else "hard", 20, accept_len, conf, entropy, conf)
 
 
-def certain_predictor():
-    """The shipped acceptance predictor made certain (every token accepted), so
-    `adaptive` drafts on any step costs: tests of adaptive's drafting path, which the real predictor would
-    only take where this machine's costs and the tiny test models' acceptance make drafting pay. The
-    online acceptance bias is bounded (speckv.estimates.BIAS_LIMIT), so it never talks it out of drafting."""
+def predictor_with_acceptance(logit: float):
+    """The shipped acceptance predictor made to predict the same acceptance log-odds for every draft token,
+    whatever the context."""
     import copy
 
     from speckv.predictor import shipped_predictor
 
     predictor = copy.copy(shipped_predictor())
     predictor.w2 = np.zeros_like(predictor.w2)
-    predictor.b2 = np.full_like(predictor.b2, 12.0)
+    predictor.b2 = np.full_like(predictor.b2, logit)
     return predictor
+
+
+def certain_predictor():
+    """The shipped acceptance predictor made certain (every token accepted), so
+    `adaptive` drafts on any step costs: tests of adaptive's drafting path, which the real predictor would
+    only take where this machine's costs and the tiny test models' acceptance make drafting pay. The
+    online acceptance bias is bounded (speckv.estimates.BIAS_LIMIT), so it never talks it out of drafting."""
+    return predictor_with_acceptance(12.0)
+
+
+@pytest.fixture(scope="session")
+def hopeless_predictor(tmp_path_factory) -> Path:
+    """A predictor sure that no draft token is ever accepted (optimism cannot talk it into drafting), saved."""
+    out = tmp_path_factory.mktemp("hopeless-predictor")
+    predictor_with_acceptance(-12.0).save(out)
+    return out
 
 
 @pytest.fixture(scope="session")

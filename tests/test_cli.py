@@ -107,7 +107,7 @@ def test_generate_json_on_local_model_directories(tmp_path, drafting_predictor):
               "--dtype", "float32", "--max-new-tokens", "12", "--json"]
     outs = {}
     for policy in ["none", "fixed:3", "adaptive", "hf-assisted"]:
-        # adaptive with a controller that drafts here (the shipped one never drafts at fp16)
+        # adaptive with a predictor certain of acceptance, so it drafts on any costs
         extra = ["--predictor", str(drafting_predictor / "predictor.json")] if policy == "adaptive" else []
         proc = run_cli(*common, "--policy", policy, *extra)
         assert proc.returncode == 0, proc.stderr

@@ -258,3 +258,31 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
+
+
+def test_optimism_tries_drafting_where_it_could_pay_and_nowhere_else():
+    """Before a request has seen drafted tokens, acceptance is taken optimistically: a prior of 0.27 per token
+    drafts where 0.5 would pay (the text may be easier than the average), never where even certain acceptance
+    would not pay; and the optimism fades as the request sees its drafted tokens rejected."""
+    import copy
+
+    from speckv.policy import RequestProgress, StepTiming
+    from speckv.signals import DraftSignals
+
+    pessimist = copy.copy(load_predictor())
+    pessimist.w2 = np.zeros_like(pessimist.w2)
+    pessimist.b2 = np.full_like(pessimist.b2, -1.0)  # P(token accepted) = 0.27, whatever the context
+    first = RequestProgress().context(0, 0, 100)
+    pays_at_half = CostModel(draft_ms_per_token=25, verify_ms_base=100, verify_ms_per_token=25)  # 1 token: 50 ms
+    never_pays = CostModel(draft_ms_per_token=60, verify_ms_base=100, verify_ms_per_token=60)  # 1 token: 120 ms
+    assert AdaptivePolicy(pessimist, "fp16", TierEstimates.calibrated(pays_at_half)).choose(first) > 0
+    assert AdaptivePolicy(pessimist, "fp16", TierEstimates.calibrated(never_pays)).choose(first) == 0
+
+    policy = AdaptivePolicy(pessimist, "fp16", TierEstimates.calibrated(pays_at_half))
+    progress, gammas = RequestProgress(), []
+    for step in range(40):  # every drafted token rejected: the request learns its text is as hard as the prior says
+        gamma = policy.choose(progress.context(step, step, 100 + step))
+        gammas.append(gamma)
+        signals = DraftSignals([0.3] * gamma, [0.3] * gamma, [2.0] * gamma)
+        policy.observe(progress.advance(signals, 0, StepTiming(25.0 * gamma, 100 + 25.0 * gamma, 100 + step, 1)))
+    assert gammas[0] > 0 and sum(g > 0 for g in gammas[20:]) <= 3  # only the probes

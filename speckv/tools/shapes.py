@@ -132,9 +132,10 @@ def report(artifact: AcceptancePredictor, traces: list[Trace], measured: CostMod
                                "adaptive_over_best": doc["adaptive"]["tokens_per_s_geomean"]
                                / doc[best]["tokens_per_s_geomean"],
                                "frozen_over_best": frozen["tokens_per_s_geomean"] / doc[best]["tokens_per_s_geomean"]}
+    stream = traces * 3  # the prompts again after the change, so some start 30+ steps after it whatever γ is
     for name, change in step_changes(measured or SHAPES["cpu-avx512-bf16"], change_at).items():
         out["changes"][name] = {"at_step": change_at, **{
-            mode: after_change(artifact, traces, change, learning, tier) for mode, learning in (("learning", True),
+            mode: after_change(artifact, stream, change, learning, tier) for mode, learning in (("learning", True),
                                                                                          ("frozen", False))}}
     return out
 

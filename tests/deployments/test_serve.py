@@ -146,13 +146,14 @@ def test_adaptive_drafts_and_equals_target_only(app):
     assert adaptive["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
-def test_router_follows_the_controller_version(app):
-    """Loading another artifact into the controller deployment reaches the routers within policy_refresh_s:
-    the shipped controller never drafts at fp16, the configured one does."""
+def test_router_follows_the_controller_version(app, hopeless_predictor):
+    """Loading another predictor into the controller deployment reaches the routers within policy_refresh_s,
+    and their decisions follow it: one sure that nothing is accepted never drafts, the configured one does."""
     from ray import serve
 
-    from speckv.predictor import shipped_predictor
+    from speckv.predictor import load_predictor
 
+    hopeless = load_predictor(hopeless_predictor).version()
     controller = serve.get_deployment_handle("controller", "speckv")
     body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
 
@@ -165,9 +166,9 @@ def test_router_follows_the_controller_version(app):
             time.sleep(0.25)
 
     try:
-        assert controller.load.remote(None).result() == shipped_predictor().version()
-        spec = settle(shipped_predictor().version())
-        assert spec["predictor_version"] == shipped_predictor().version() and spec["draft_tokens"] == 0
+        assert controller.load.remote(str(hopeless_predictor)).result() == hopeless
+        spec = settle(hopeless)
+        assert spec["predictor_version"] == hopeless and spec["draft_tokens"] == 0
     finally:
         assert controller.load.remote(str(app["predictor"])).result() == app["version"]
     spec = settle(app["version"])
