@@ -180,6 +180,14 @@ def load_tokenizer(spec: str):
         raise ModelError(f"cannot load the tokenizer of {spec!r}: {e}") from None
 
 
+def prepare_device(device: str | torch.device) -> None:
+    """Process-wide settings a device needs for the decode loop. On CUDA, cuDNN's attention backend builds an
+    execution plan for every new key length, and decoding meets a new one at every step: measured on an
+    H200, 51 ms per 1.5B decode step until each length has been seen, 15 ms with the other backends."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_model(
     spec: str, tier: Tier | str = Tier.FP16, dtype: str = "auto", device: str | None = None
 ) -> torch.nn.Module:
@@ -192,6 +200,7 @@ def load_model(
 
     tier = Tier.parse(tier) if isinstance(tier, str) else tier
     device = device or default_device()
+    prepare_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_dir(spec)
     if spec.startswith(EMBEDDED_PREFIX):

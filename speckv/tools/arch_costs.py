@@ -1,0 +1,121 @@
+"""Step costs of a draft/target pair's architecture on this device, with random weights.
+
+What calibration measures (a forward pass's time against tokens scored and context) depends on the models'
+shapes, dtype and device, not on their weights' values. Where the weights cannot travel (a lent GPU with no
+network and a 64 MiB upload), this builds each model from its `config.json` with random weights and measures
+what the product measures there: the calibration of the pair (speckv.calibration, as a replica does when it
+loads), the live loop's step times at each γ against it, and the time `adaptive` takes to decide between
+GPU steps. Acceptance is meaningless with random weights (the draft and target disagree), so no speed-up is
+measured here; the calibrated cost model is replayed over real traces elsewhere (speckv.tools.shapes).
+
+Usage: python -m speckv.tools.arch_costs DRAFT_CONFIG TARGET_CONFIG TOKENIZER_DIR OUT_JSON [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def random_model(config_path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The architecture of `config_path` with random weights, in `dtype` on `device`, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import prepare_device
+
+    prepare_device(device)
+    config = AutoConfig.from_pretrained(config_path.parent if config_path.is_file() else config_path)
+    torch.manual_seed(config.num_hidden_layers * 1000 + config.hidden_size)  # the draft's weights differ
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def live_steps(engine, prompt_ids: list[int], policy: str, tokens: int) -> dict:
+    """One run of the live loop: the median draft and verify wall times per γ, and the decision times."""
+    result = engine.generate(prompt_ids, policy, tokens)
+    by_gamma: dict[int, list] = {}
+    for r in result.records[1:]:  # the first step also reads the prompt
+        by_gamma.setdefault(r.gamma, []).append((r.draft_ms, r.verify_ms, r.draft_compute_ms, r.verify_compute_ms))
+    return {"policy": policy, "steps": result.stats.steps, "seconds": result.seconds,
+            "decision_us_p50": statistics.median(r.policy_us for r in result.records),
+            "by_gamma": {g: {"steps": len(v), "draft_ms": statistics.median(x[0] for x in v),
+                             "verify_ms": statistics.median(x[1] for x in v),
+                             "draft_compute_ms": statistics.median(x[2] for x in v),
+                             "verify_compute_ms": statistics.median(x[3] for x in v)}
+                         for g, v in sorted(by_gamma.items())}}
+
+
+def main(argv: list[str]) -> int:
+    from transformers import AutoTokenizer
+
+    from ..local import LocalEngine
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("draft_config", type=Path)
+    parser.add_argument("target_config", type=Path)
+    parser.add_argument("tokenizer", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--budget-s", type=float, default=30.0)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--exactness", action="store_true",
+                        help="instead: in float32, greedy outputs of none, fixed:3 and adaptive must be identical")
+    args = parser.parse_args(argv)
+    if args.exactness:
+        return exactness(args)
+    dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+    engine = LocalEngine(random_model(args.draft_config, dtype, args.device),
+                         random_model(args.target_config, dtype, args.device),
+                         AutoTokenizer.from_pretrained(args.tokenizer), "fp16")
+    engine.calibration_budget_s = args.budget_s
+    loaded_s = time.perf_counter() - start
+    t = time.perf_counter()
+    estimates = engine.calibrate(force=True)
+    doc = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
+           "torch": torch.__version__, "dtype": args.dtype, "load_s": loaded_s,
+           "calibration_s": time.perf_counter() - t, "cost_model": estimates.cost.base.to_dict(), "live": []}
+    print(json.dumps({k: v for k, v in doc.items() if k != "live"}, indent=1), flush=True)
+    prompt = engine.tokenizer.encode("def quicksort(items):\n    \"\"\"Sort a list.\"\"\"\n" * 8)
+    engine.generate(prompt, "fixed:2", 8)  # warm-up
+    for policy in ("none", "fixed:1", "fixed:4", "fixed:8", "adaptive"):
+        doc["live"].append(live_steps(engine, prompt, policy, args.tokens))
+        print(json.dumps(doc["live"][-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+def exactness(args: argparse.Namespace) -> int:
+    """Greedy outputs in float32 on the device: speculation must not change a token (random weights serve as
+    well as trained ones for this)."""
+    from transformers import AutoTokenizer
+
+    from ..cost_model import CostModel
+    from ..estimates import TierEstimates
+    from ..local import LocalEngine
+
+    engine = LocalEngine(random_model(args.draft_config, torch.float32, args.device),
+                         random_model(args.target_config, torch.float32, args.device),
+                         AutoTokenizer.from_pretrained(args.tokenizer), "fp16",
+                         estimates=TierEstimates.calibrated(CostModel(1.0, 10.0, 0.1)))  # adaptive drafts
+    prompt = engine.tokenizer.encode("def fibonacci(n):\n")
+    outputs = {p: engine.generate(prompt, p, args.tokens).token_ids for p in ("none", "fixed:3", "adaptive")}
+    same = all(o == outputs["none"] for o in outputs.values())
+    doc = {"device": args.device, "tokens": args.tokens, "identical": same, "outputs": outputs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc))
+    print(f"float32 greedy, none / fixed:3 / adaptive identical over {args.tokens} tokens: {same}", flush=True)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
