@@ -37,6 +37,17 @@ def random_model(config_path: Path, dtype: torch.dtype, device: str) -> torch.nn
     return model.eval()
 
 
+def random_target(config_path: Path, tier: str, dtype: str, device: str, work: Path) -> torch.nn.Module:
+    """The target at a tier: fp16 built in place; int8/nf4 written to `work` with random weights and loaded
+    through the product's own loader (bitsandbytes quantizes it there, as it does a real checkpoint)."""
+    from ..models import load_model
+
+    if tier == "fp16":
+        return random_model(config_path, getattr(torch, dtype), device)
+    random_model(config_path, torch.float16, "cpu").save_pretrained(work)
+    return load_model(str(work), tier, "auto" if dtype == "float16" else dtype, device)
+
+
 def live_steps(engine, prompt_ids: list[int], policy: str, tokens: int) -> dict:
     """One run of the live loop: the median draft and verify wall times per γ, and the decision times."""
     result = engine.generate(prompt_ids, policy, tokens)
@@ -64,6 +75,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--tier", default="fp16", choices=["fp16", "int8", "nf4"])
     parser.add_argument("--budget-s", type=float, default=30.0)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--exactness", action="store_true",
@@ -73,15 +85,18 @@ def main(argv: list[str]) -> int:
         return exactness(args)
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
-    engine = LocalEngine(random_model(args.draft_config, dtype, args.device),
-                         random_model(args.target_config, dtype, args.device),
-                         AutoTokenizer.from_pretrained(args.tokenizer), "fp16")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        target = random_target(args.target_config, args.tier, args.dtype, args.device, Path(work))
+    engine = LocalEngine(random_model(args.draft_config, dtype, args.device), target,
+                         AutoTokenizer.from_pretrained(args.tokenizer), args.tier)
     engine.calibration_budget_s = args.budget_s
     loaded_s = time.perf_counter() - start
     t = time.perf_counter()
     estimates = engine.calibrate(force=True)
     doc = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
-           "torch": torch.__version__, "dtype": args.dtype, "load_s": loaded_s,
+           "torch": torch.__version__, "dtype": args.dtype, "tier": args.tier, "load_s": loaded_s,
            "calibration_s": time.perf_counter() - t, "cost_model": estimates.cost.base.to_dict(), "live": []}
     print(json.dumps({k: v for k, v in doc.items() if k != "live"}, indent=1), flush=True)
     prompt = engine.tokenizer.encode("def quicksort(items):\n    \"\"\"Sort a list.\"\"\"\n" * 8)
