@@ -145,8 +145,8 @@ class AdaptivePolicy:
     def _decide(self, logits: list[float]) -> int:
         """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·extra_ms(γ), in plain Python over γmax numbers, with
         acceptance optimistic while this request has seen few drafted tokens (module docstring)."""
-        bias = self.estimates.bias
-        bias, extra = bias.value + OPTIMISM / math.sqrt(1.0 + bias.events), self._extra_ms
+        learned = self.estimates.bias  # its events are the drafted tokens seen (none with acceptance learning off)
+        bias, extra = learned.value + OPTIMISM / math.sqrt(1.0 + learned.events), self._extra_ms
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, bias, extra, self._price0)
             self._refresh()
