@@ -70,15 +70,17 @@ class SplitExecutor:
         t0 = time.perf_counter()
         proposal = await self._propose(inputs) if inputs.gamma > 0 else Proposal([], None, DraftSignals(), 0.0)
         t1 = time.perf_counter()
-        verifying = asyncio.ensure_future(self._verify(inputs, proposal.token_ids))
-        if while_verifying is not None:
-            await asyncio.sleep(0)  # let the verify call go out before the overlapped work
+        if while_verifying is None:
+            verification = await self._verify(inputs, proposal.token_ids)
+        else:  # a task, so the verify call goes out before the overlapped work
+            verifying = asyncio.ensure_future(self._verify(inputs, proposal.token_ids))
+            await asyncio.sleep(0)
             try:
                 while_verifying(proposal)
             except BaseException:
                 verifying.cancel()
                 raise
-        verification = await verifying
+            verification = await verifying
         t2 = time.perf_counter()
         return StepCall(proposal, verification, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
@@ -172,17 +174,11 @@ def accept_step(proposal: Proposal, verification: Verification, params: Sampling
 def _preparer(policy: GammaPolicy, progress: RequestProgress, step: int, position: int,
                context_len: int) -> WhileVerifying | None:
     """What the policy may prepare while the step is verified: the next step's context for each accepted
-    count (a step that goes on emits accepted + 1 tokens). None for policies with nothing to prepare."""
+    count (RequestProgress.previews). None for policies with nothing to prepare."""
     prepare = getattr(policy, "prepare", None)
     if prepare is None:
         return None
-
-    def run(proposal: Proposal) -> None:
-        n = len(proposal.token_ids)
-        prepare([progress.preview(proposal.signals, a, step + 1, position + a + 1, context_len + a + 1)
-                 for a in range(n + 1)])
-
-    return run
+    return lambda proposal: prepare(progress.previews(proposal.signals, step, position, context_len))
 
 
 async def speculate(

@@ -69,16 +69,16 @@ class RequestProgress:
             accepted_total=self.accepted_total,
         )
 
-    def preview(self, signals: DraftSignals, accepted: int, step: int, position: int,
-                context_len: int) -> StepContext:
-        """The context `advance(signals, accepted)` would lead to, without advancing: what a policy may
-        prepare for while the step is being verified."""
-        drafted = len(signals)
-        return StepContext(
-            step=step, position=position, context_len=context_len, prev_gamma=drafted, prev_accepted=accepted,
-            prev_signals=signals.summary(), prev_last_confidence=signals.confidence[-1] if drafted else 0.0,
-            drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + accepted,
-        )
+    def previews(self, signals: DraftSignals, step: int, position: int, context_len: int) -> list[StepContext]:
+        """The next step's context for each accepted count 0..len(signals), without advancing: what a policy
+        may prepare for while step `step` (at `position`, `context_len`) is verified. A step that goes on
+        emits accepted + 1 tokens."""
+        drafted, summary = len(signals), signals.summary()
+        last = signals.confidence[-1] if drafted else 0.0
+        return [StepContext(step=step + 1, position=position + a + 1, context_len=context_len + a + 1,
+                            prev_gamma=drafted, prev_accepted=a, prev_signals=summary, prev_last_confidence=last,
+                            drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + a)
+                for a in range(drafted + 1)]
 
     def advance(self, signals: DraftSignals, accepted: int, timing: StepTiming | None = None) -> StepOutcome:
         """Record a verified step (its drafted tokens' signals, how many were accepted, what it took);

@@ -239,8 +239,7 @@ def test_decisions_from_the_prepared_table_equal_those_computed_in_choose():
         g = max(chosen[-1][0], 1)
         conf = rng.uniform(0.3, 1, g).tolist()
         signals = DraftSignals(conf, conf, rng.uniform(0, 2, g).tolist())
-        prepared.prepare([progress.preview(signals, a, step + 1, position + a + 1, 101 + position + a)
-                          for a in range(g + 1)])
+        prepared.prepare(progress.previews(signals, step, position, 100 + position))
         accepted = int(rng.integers(0, g + 1))
         outcome = progress.advance(signals, accepted, StepTiming(30.0 * g, 260 + 12 * g, 100 + position,
                                                                  accepted + 1))
