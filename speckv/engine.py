@@ -232,7 +232,8 @@ async def speculate(
                 context_len=len(context), gamma_chosen=gamma_chosen, gamma=outcome.gamma, accepted=accepted,
                 emitted=len(new), draft_ms=call.draft_wall_ms, verify_ms=call.verify_wall_ms,
                 draft_compute_ms=proposal.compute_ms, verify_compute_ms=verification.compute_ms, policy_us=policy_us,
-                prompt_id=request.prompt_id, category=request.category, **proposal.signals.to_dict(),
+                prompt_id=request.prompt_id, category=request.category, batch_size=verification.batch_size,
+                batch_tokens=verification.batch_tokens, **proposal.signals.to_dict(),
             )
             yield StepEvent(new, text, record, finish)
             if finish:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batching import Batcher, BatchSettings
 from .calibration import calibrate_pair
 from .engine import (
     GenerationRequest,
@@ -18,22 +19,35 @@ from .engine import (
 )
 from .estimates import TierEstimates
 from .models import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_TIER, Tier, draft_dtype_for, load_model, load_tokenizer
-from .policy import make_policy, policy_kind, validate_policy_spec
+from .policy import GammaPolicy, make_policy, policy_kind, validate_policy_spec
 from .predictor import AcceptancePredictor
 from .sampling import SamplingParams
 from .text import eos_token_ids
 from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 
-def local_executor(draft: DraftWorker, target: TargetWorker) -> SplitExecutor:
-    """A step executor over in-process workers."""
+def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None) -> SplitExecutor:
+    """A step executor over in-process workers. With `batching`, the calls of requests running concurrently
+    (on one event loop) share forward passes (speckv.batching); a new request's long prompt is prefilled in
+    chunks between those passes."""
+    if batching is None:
+        async def propose(inputs: StepInputs) -> Proposal:
+            return draft.propose(inputs)
 
-    async def propose(inputs: StepInputs) -> Proposal:
-        return draft.propose(inputs)
+        async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
+            # in a thread (torch releases the GIL), so the loop's work overlaps it (StepExecutor.run_step)
+            return await asyncio.to_thread(target.verify, inputs, draft_token_ids)
+    else:
+        proposals = Batcher(draft.propose_batch, batching)
+        verifications = Batcher(target.verify_batch, batching)
 
-    async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        # in a thread (torch releases the GIL), so the loop's work overlaps it (StepExecutor.run_step)
-        return await asyncio.to_thread(target.verify, inputs, draft_token_ids)
+        async def propose(inputs: StepInputs) -> Proposal:
+            await asyncio.to_thread(draft.prefill, inputs)
+            return await proposals(inputs)
+
+        async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
+            await asyncio.to_thread(target.prefill, inputs)
+            return await verifications((inputs, draft_token_ids))
 
     async def close(session_id: str) -> None:
         draft.lm.close(session_id)
@@ -53,11 +67,12 @@ class LocalEngine:
     predictor: AcceptancePredictor | None = None  # for `adaptive` (None: the one shipped with speckv)
     estimates: TierEstimates | None = None  # what `adaptive` knows of this machine; None: calibrate at first use
     calibration_budget_s: float | None = None  # None: speckv.calibration's default
+    batching: BatchSettings | None = None  # concurrent requests (generate_many) share passes; None: one by one
 
     def __post_init__(self) -> None:
         self.draft_worker = DraftWorker(SessionLM(self.draft_model))
         self.target_worker = TargetWorker(SessionLM(self.target_model))
-        self.executor = local_executor(self.draft_worker, self.target_worker)
+        self.executor = local_executor(self.draft_worker, self.target_worker, self.batching)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
 
     def calibrate(self, force: bool = False, progress=None) -> TierEstimates:
@@ -103,15 +118,35 @@ class LocalEngine:
     ) -> GenerationResult:
         if not policy_kind(validate_policy_spec(policy)).in_engine:
             return self.generate_hf_assisted(prompt_ids, max_new_tokens, sampling)
-        request = GenerationRequest(
+        request = self.request(prompt_ids, max_new_tokens, sampling, stop, prompt_id, category, min_confidence)
+        return asyncio.run(run_to_completion(request, self.executor, self.policy(policy, sampling), self.tokenizer))
+
+    def request(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: SamplingParams = SamplingParams(),
+                stop: tuple[str, ...] = (), prompt_id: str = "", category: str = "",
+                min_confidence: float = 0.0) -> GenerationRequest:
+        """A request for this engine's tier and end-of-sequence tokens."""
+        return GenerationRequest(
             prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
             eos_token_ids=self.eos, tier=self.tier, prompt_id=prompt_id, category=category,
             min_confidence=min_confidence,
         )
+
+    def policy(self, policy: str, sampling: SamplingParams = SamplingParams()) -> GammaPolicy:
+        """A fresh per-request policy (calibrating this machine first where `adaptive` needs it)."""
         if policy == "adaptive" and self.estimates is None:
             self.calibrate()
-        made = make_policy(policy, self.tier, self.predictor, self.estimates, sampling.greedy)
-        return asyncio.run(run_to_completion(request, self.executor, made, self.tokenizer))
+        return make_policy(policy, self.tier, self.predictor, self.estimates, sampling.greedy)
+
+    async def generate_many(self, requests: list[GenerationRequest], policy: str = "adaptive",
+                            starts_s: list[float] | None = None) -> list[GenerationResult]:
+        """Run the requests concurrently (request i starts `starts_s[i]` seconds in): with `batching` set,
+        their draft and verify calls share forward passes."""
+        async def one(request: GenerationRequest, delay: float) -> GenerationResult:
+            await asyncio.sleep(delay)
+            return await run_to_completion(request, self.executor, self.policy(policy, request.sampling),
+                                           self.tokenizer)
+
+        return list(await asyncio.gather(*(one(r, d) for r, d in zip(requests, starts_s or [0.0] * len(requests)))))
 
     @torch.inference_mode()
     def generate_hf_assisted(

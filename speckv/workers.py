@@ -20,6 +20,7 @@ from .signals import NO_STOP, DraftSignals, DraftStop
 
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward pass in a chunked prefill (SessionLM.prefill)
 CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
 
 
@@ -32,6 +33,16 @@ class _Session:
     cache: object  # transformers DynamicCache
     token_ids: list[int] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class LogitsCall:
+    """One session's part of a forward pass: bring its cache to cover `token_ids`, return the logits after
+    each of the last `num_logits` positions."""
+
+    session_id: str
+    token_ids: list[int]
+    num_logits: int
 
 
 @dataclass
@@ -130,31 +141,130 @@ class SessionLM:
         return session
 
     @torch.inference_mode()
+    def prefill(self, session_id: str, token_ids: list[int], chunk_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
+        """Feed what the session's cache lacks of `token_ids` in chunks of `chunk_tokens`, taking the model
+        for one chunk at a time, until at most `chunk_tokens` are left for the next (batched) call: a long
+        prompt arriving holds the running requests' passes for one chunk at a time, not for all of it
+        (chunked prefill). Returns the chunks fed (0 in steady decoding)."""
+        chunks = 0
+        while True:
+            with self._lock:
+                session = self._open(session_id)
+                done = common_prefix_len(session.token_ids, token_ids)
+                if len(token_ids) - done <= chunk_tokens:
+                    return chunks
+                self._forward_rows([_Row(session, LogitsCall(session_id, token_ids[:done + chunk_tokens], 1))])
+                chunks += 1
+
+    @torch.inference_mode()
     def logits(self, session_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
         """Bring the session's cache to cover `token_ids`; return [num_logits, vocab] logits predicting the
         tokens after each of the last `num_logits` positions."""
-        assert 1 <= num_logits <= len(token_ids), (num_logits, len(token_ids))
+        return self.logits_batch([LogitsCall(session_id, token_ids, num_logits)])[0]
+
+    @torch.inference_mode()
+    def logits_batch(self, calls: list[LogitsCall]) -> list[torch.Tensor]:
+        """`logits` for several sessions in one forward pass (one per call; a session twice runs apart)."""
+        for call in calls:
+            assert 1 <= call.num_logits <= len(call.token_ids), (call.num_logits, len(call.token_ids))
         with self._lock:
-            if session_id in self._closed:
-                raise SessionClosedError(f"session {session_id!r} was closed: its request has ended")
-            session = self._session(session_id)
-            keep = min(common_prefix_len(session.token_ids, token_ids), len(token_ids) - num_logits)
-            cached = len(session.token_ids)
-            if keep == 0 and cached:
-                session.cache = type(session.cache)(config=self.model.config)
-            elif keep < cached:
-                session.cache.crop(-(cached - keep))  # transformers 5: a negative length removes tokens
-            if keep > 0:
+            rows = [_Row(self._open(call.session_id), call) for call in calls]
+            if len({call.session_id for call in calls}) < len(calls):
+                return [self._forward_rows([row])[0] for row in rows]
+            return self._forward_rows(rows)
+
+    def _open(self, session_id: str) -> _Session:
+        if session_id in self._closed:
+            raise SessionClosedError(f"session {session_id!r} was closed: its request has ended")
+        return self._session(session_id)
+
+    def _forward_rows(self, rows: list[_Row]) -> list[torch.Tensor]:
+        """One forward pass over the rows (model lock held): each session's cache is cut back to the longest
+        prefix it shares with its call's tokens (keeping at least `num_logits` to feed), the rest is fed."""
+        for row in rows:
+            cached = len(row.session.token_ids)
+            row.keep = min(common_prefix_len(row.session.token_ids, row.call.token_ids),
+                           len(row.call.token_ids) - row.call.num_logits)
+            if row.keep == 0 and cached:
+                row.session.cache = type(row.session.cache)(config=self.model.config)
+            elif row.keep < cached:
+                row.session.cache.crop(-(cached - row.keep))  # transformers 5: a negative length removes tokens
+            if row.keep > 0:
                 self.hits += 1
             else:
                 self.rebuilds += 1
-            feed = torch.tensor([token_ids[keep:]], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=feed, past_key_values=session.cache, use_cache=True,
-                             logits_to_keep=logit_rows(feed.shape[1], num_logits, self.device))
-            if self.added_ms_per_call:
-                time.sleep(self.added_ms_per_call / 1e3)
-            session.token_ids = list(token_ids)
-            return out.logits[0, -num_logits:]
+        out = self._forward_one(rows[0]) if len(rows) == 1 else batched_forward(self.model, rows)
+        if self.added_ms_per_call:
+            time.sleep(self.added_ms_per_call / 1e3)
+        for row in rows:
+            row.session.token_ids = list(row.call.token_ids)
+        return out
+
+    def _forward_one(self, row: _Row) -> list[torch.Tensor]:
+        feed = torch.tensor([row.call.token_ids[row.keep:]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=feed, past_key_values=row.session.cache, use_cache=True,
+                         logits_to_keep=logit_rows(feed.shape[1], row.call.num_logits, self.device))
+        return [out.logits[0, -row.call.num_logits:]]
+
+
+@dataclass
+class _Row:
+    """A call in a pass, with its session and how many of its cached tokens it keeps."""
+
+    session: _Session
+    call: LogitsCall
+    keep: int = 0
+
+
+def batched_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
+    """One forward pass over several sessions with different cached and fed lengths (a ragged batch).
+
+    Row i is laid out as [pad, its kept cache (k_i), its fed tokens (f_i), pad]: the caches are copied
+    left-padded into one batched cache of C = max k_i columns, the fed tokens right-padded to F = max f_i,
+    with position ids k_i.. and an attention mask that hides every pad. Right padding of the fed tokens
+    means no real query ever sits after a masked gap it must skip, and every pad query still sees real keys
+    (no fully masked row). After the pass each session takes back its own columns: its kept cache then its
+    fed tokens, contiguous. Returns each row's last `num_logits` logits ([num_logits, vocab])."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    kept = [row.keep for row in rows]
+    fed = [row.call.token_ids[row.keep:] for row in rows]
+    c, f = max(kept), max(len(x) for x in fed)
+    batch = DynamicCache(config=model.config)
+    if c:
+        for layer, parts in enumerate(zip(*(row.session.cache.layers for row in rows))):
+            template = next(p for p in parts if p.is_initialized and p.keys.numel())
+            keys = [_left_pad(p.keys if p.is_initialized and p.keys.numel() else None, template.keys, c) for p in parts]
+            values = [_left_pad(p.values if p.is_initialized and p.values.numel() else None, template.values, c)
+                      for p in parts]
+            batch.update(torch.cat(keys), torch.cat(values), layer)
+    input_ids = torch.zeros(len(rows), f, dtype=torch.long)
+    positions = torch.zeros(len(rows), f, dtype=torch.long)
+    mask = torch.zeros(len(rows), c + f, dtype=torch.long)
+    for i, (k, tokens) in enumerate(zip(kept, fed)):
+        input_ids[i, :len(tokens)] = torch.tensor(tokens)
+        positions[i] = torch.arange(k, k + f)
+        mask[i, c - k:c + len(tokens)] = 1
+    starts = [len(tokens) - row.call.num_logits for tokens, row in zip(fed, rows)]
+    first = min(starts)
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                past_key_values=batch, use_cache=True,
+                logits_to_keep=torch.arange(first, max(len(x) for x in fed), device=device))
+    for i, (row, k, tokens) in enumerate(zip(rows, kept, fed)):
+        cache = DynamicCache(config=model.config)
+        for layer, part in enumerate(batch.layers):
+            cache.update(part.keys[i:i + 1, :, c - k:c + len(tokens)].clone(),
+                         part.values[i:i + 1, :, c - k:c + len(tokens)].clone(), layer)
+        row.session.cache = cache
+    return [out.logits[i, s - first:s - first + row.call.num_logits] for i, (row, s) in enumerate(zip(rows, starts))]
+
+
+def _left_pad(x: torch.Tensor | None, like: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, heads, n, dim] -> [1, heads, length, dim] with zeros in front (masked out)."""
+    n = 0 if x is None else x.shape[-2]
+    pad = like.new_zeros((1, like.shape[1], length - n, like.shape[-1]))
+    return pad if x is None else torch.cat([pad, x], dim=-2)
 
 
 @dataclass
@@ -165,6 +275,7 @@ class Proposal:
     draft_probs: torch.Tensor | None  # [G, V] sampling distribution of each token; None when greedy
     signals: DraftSignals
     compute_ms: float
+    batch_size: int = 1  # requests drafted in the same passes
 
 
 @dataclass
@@ -173,7 +284,9 @@ class Verification:
 
     target_token_ids: list[int] | None  # greedy: argmax at each of the G+1 positions
     target_probs: torch.Tensor | None  # sampling: [G+1, V]
-    compute_ms: float
+    compute_ms: float = 0.0  # the pass's time
+    batch_size: int = 1  # requests (sequences) in the pass
+    batch_tokens: int = 0  # tokens scored in the pass, over all its sequences
 
 
 @dataclass(frozen=True)
@@ -190,50 +303,89 @@ class StepInputs:
     stop: DraftStop = NO_STOP  # when the draft ends its run early
 
 
-class DraftWorker:
+class ModelWorker:
+    """A SessionLM in a role (draft or target)."""
+
+    def __init__(self, lm: SessionLM) -> None:
+        self.lm = lm
+
+    def prefill(self, inputs: StepInputs) -> int:
+        """Chunked prefill of a context the cache lacks much of (SessionLM.prefill), before a batched call, so
+        a new request's prompt does not hold the batch's pass for all of it."""
+        return self.lm.prefill(inputs.session_id, inputs.context_ids[:-1])
+
+
+class DraftWorker(ModelWorker):
     """Proposes γ tokens autoregressively with their signals."""
 
-    def __init__(self, lm: SessionLM) -> None:
-        self.lm = lm
-
     def propose(self, inputs: StepInputs) -> Proposal:
-        """Draft up to γ tokens after the context, ending the run early where the `stop` rule says the
-        tokens after this one would rarely be accepted."""
+        return self.propose_batch([inputs])[0]
+
+    def propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
+        """Draft up to γ tokens after each context, one forward pass per drafted position for all requests
+        still drafting, each ending its run early where its `stop` rule says the tokens after this one would
+        rarely be accepted. Each proposal's `compute_ms` is the batch's time (what its request waited)."""
         start = time.perf_counter()
-        session_id, context_ids, gamma, params = inputs.session_id, inputs.context_ids, inputs.gamma, inputs.params
-        generator = None if params.greedy else step_generator(inputs.seed, inputs.step, stream=0)
-        tokens: list[int] = []
-        probs_rows: list[torch.Tensor] = []
-        signals = DraftSignals()
-        stopper = inputs.stop.stopper()
-        logits = self.lm.logits(session_id, context_ids, 1)[-1]
-        for i in range(gamma):
-            probs = logits_to_probs(logits, params)
-            token = int(probs.argmax()) if params.greedy else int(sample(probs, generator))
-            signals.append(logits, token)
-            tokens.append(token)
-            if not params.greedy:
-                probs_rows.append(probs.cpu())
-            if i == gamma - 1 or stopper.stop_after(signals.confidence[-1], signals.entropy[-1]):
-                break
-            logits = self.lm.logits(session_id, context_ids + tokens, 1)[-1]
-        draft_probs = torch.stack(probs_rows) if probs_rows else None
-        return Proposal(tokens, draft_probs, signals, (time.perf_counter() - start) * 1e3)
+        runs = [_DraftRun(inputs) for inputs in batch]
+        active = [run for run in runs if run.inputs.gamma > 0]
+        calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids, 1) for run in active]
+        while active:
+            for run, logits in zip(active, self.lm.logits_batch(calls)):
+                run.take(logits[-1])
+            active = [run for run in active if not run.done]
+            calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids + run.tokens, 1) for run in active]
+        ms = (time.perf_counter() - start) * 1e3
+        return [run.proposal(ms, len(batch)) for run in runs]
 
 
-class TargetWorker:
-    """Scores a proposal in one forward pass."""
+class _DraftRun:
+    """One request's draft run in a (batched) proposal."""
 
-    def __init__(self, lm: SessionLM) -> None:
-        self.lm = lm
+    def __init__(self, inputs: StepInputs) -> None:
+        self.inputs = inputs
+        params = inputs.params
+        self.generator = None if params.greedy else step_generator(inputs.seed, inputs.step, stream=0)
+        self.tokens: list[int] = []
+        self.probs_rows: list[torch.Tensor] = []
+        self.signals = DraftSignals()
+        self.stopper = inputs.stop.stopper()
+        self.done = inputs.gamma == 0
+
+    def take(self, logits: torch.Tensor) -> None:
+        """Draw the next token from the draft's logits after the run so far."""
+        params = self.inputs.params
+        probs = logits_to_probs(logits, params)
+        token = int(probs.argmax()) if params.greedy else int(sample(probs, self.generator))
+        self.signals.append(logits, token)
+        self.tokens.append(token)
+        if not params.greedy:
+            self.probs_rows.append(probs.cpu())
+        self.done = len(self.tokens) == self.inputs.gamma or self.stopper.stop_after(
+            self.signals.confidence[-1], self.signals.entropy[-1])
+
+    def proposal(self, ms: float, batch_size: int) -> Proposal:
+        draft_probs = torch.stack(self.probs_rows) if self.probs_rows else None
+        return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size)
+
+
+class TargetWorker(ModelWorker):
+    """Scores proposals, all of a batch in one forward pass."""
 
     def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
         """Score the context's next token and each drafted one, in one pass."""
+        return self.verify_batch([(inputs, draft_token_ids)])[0]
+
+    def verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification]:
+        """`verify` for several requests in one forward pass; each result reports that pass."""
         start = time.perf_counter()
-        logits = self.lm.logits(inputs.session_id, inputs.context_ids + draft_token_ids, len(draft_token_ids) + 1)
-        if inputs.params.greedy:
-            result = Verification(logits.argmax(-1).tolist(), None, 0.0)
-        else:
-            result = Verification(None, logits_to_probs(logits, inputs.params).cpu(), 0.0)
-        result.compute_ms = (time.perf_counter() - start) * 1e3
-        return result
+        calls = [LogitsCall(inputs.session_id, inputs.context_ids + drafted, len(drafted) + 1)
+                 for inputs, drafted in batch]
+        all_logits = self.lm.logits_batch(calls)
+        results = [Verification(logits.argmax(-1).tolist(), None) if inputs.params.greedy
+                   else Verification(None, logits_to_probs(logits, inputs.params).cpu())
+                   for (inputs, _), logits in zip(batch, all_logits)]
+        ms = (time.perf_counter() - start) * 1e3
+        scored = sum(call.num_logits for call in calls)
+        for result in results:
+            result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored
+        return results

@@ -1,0 +1,71 @@
+"""Gathering concurrent calls into batched forward passes, in-process.
+
+The in-process counterpart of Ray Serve's `@serve.batch` (which the deployments use): calls that arrive
+while a batch runs wait and form the next one, so requests join and leave between passes (continuous
+batching at step granularity). The batched computation itself lives in the workers
+(`DraftWorker.propose_batch`, `TargetWorker.verify_batch`); this only decides what goes in a pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How calls are gathered: at most `max_batch_size` per pass; a pass waits `wait_s` for more calls to
+    join once one arrived (0: whatever arrived while the last pass ran)."""
+
+    max_batch_size: int = 8
+    wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.wait_s < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {self}")
+
+
+class Batcher(Generic[T, R]):
+    """`await batcher(item)` runs `fn([items...])` (in a thread: torch releases the GIL) for the calls
+    gathered with it and returns this item's result; one batch at a time, in arrival order."""
+
+    def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings()) -> None:
+        self.fn = fn
+        self.settings = settings
+        self._pending: list[tuple[T, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+        self.batches = 0  # passes run, for tests and reports
+        self.largest = 0
+
+    async def __call__(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((item, future))
+        if self._runner is None or self._runner.done():
+            self._runner = loop.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.settings.wait_s)  # 0: let the calls already scheduled join
+            batch = [(item, f) for item, f in self._pending[:self.settings.max_batch_size] if not f.done()]
+            del self._pending[:self.settings.max_batch_size]
+            if not batch:
+                continue
+            self.batches += 1
+            self.largest = max(self.largest, len(batch))
+            try:
+                results = await asyncio.to_thread(self.fn, [item for item, _ in batch])
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)

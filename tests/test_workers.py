@@ -1,0 +1,99 @@
+"""Batched passes (speckv.workers, speckv.batching): several sessions with different cached and fed lengths in
+one forward pass give what each gives alone; concurrent requests through the batched path are lossless."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from speckv.batching import BatchSettings
+from speckv.cost_model import CostModel
+from speckv.estimates import TierEstimates
+from speckv.local import LocalEngine
+from speckv.sampling import SamplingParams
+from speckv.workers import LogitsCall, SessionLM
+
+from .conftest import EOS_ID, certain_predictor
+from .test_engine import PROMPT, exact_sequence_probs, pooled_p_value
+
+
+def _sequences(*lengths: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, EOS_ID, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model):
+    """Rows with a warm cache cut back, a new session, different fed lengths and logits kept; then a second
+    pass on the caches the batched one left behind."""
+    alone, batched = SessionLM(target_model), SessionLM(target_model)
+    seqs = _sequences(5, 17, 40, 3)
+    for lm in (alone, batched):
+        for i, s in enumerate(seqs[:3]):
+            lm.logits(f"s{i}", s[:-2] + [7, 7], 1)  # cached, with two tokens the next call does not share
+    for extra, keep in (([], (1, 3, 2, 3)), ([1, 2, 3], (4, 1, 4, 2))):
+        calls = [LogitsCall(f"s{i}", s + extra, n) for i, (s, n) in enumerate(zip(seqs, keep))]
+        expected = [alone.logits(c.session_id, c.token_ids, c.num_logits) for c in calls]
+        got = batched.logits_batch(calls)
+        for e, g in zip(expected, got):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert batched.stats().sessions == 4
+
+
+def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
+    chunked, whole = SessionLM(target_model), SessionLM(target_model)
+    (prompt,) = _sequences(300)
+    assert chunked.prefill("a", prompt, chunk_tokens=64) == 4  # 300 -> 44 left for the next call
+    assert chunked.prefill("a", prompt, chunk_tokens=64) == 0  # steady decoding: nothing to do
+    torch.testing.assert_close(chunked.logits("a", prompt + [3], 2), whole.logits("a", prompt + [3], 2),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _engine(draft_model, target_model, tokenizer, batching: BatchSettings | None) -> LocalEngine:
+    """A pair whose `adaptive` drafts on any costs (a predictor certain of acceptance)."""
+    engine = LocalEngine(draft_model, target_model, tokenizer, batching=batching,
+                         estimates=TierEstimates.calibrated(CostModel(0.01, 10.0, 0.001), learning=False))
+    engine.predictor = certain_predictor()
+    return engine
+
+
+@pytest.mark.parametrize("policy", ["fixed:3", "adaptive", "none"])
+def test_fp32_greedy_requests_in_batches_equal_each_alone(draft_model, target_model, tokenizer, policy):
+    """Requests of different prompt lengths and budgets join and leave mid-run (staggered starts), sharing
+    draft and verify passes; each request's tokens are those it gets alone."""
+    alone = _engine(draft_model, target_model, tokenizer, None)
+    batched = _engine(draft_model, target_model, tokenizer, BatchSettings(max_batch_size=4))
+    prompts = [PROMPT] + _sequences(3, 30, 12, 50, 7, seed=1)
+    budgets = [40, 12, 30, 25, 18, 35]
+    requests = [batched.request(p, n) for p, n in zip(prompts, budgets)]
+    results = asyncio.run(batched.generate_many(requests, policy, starts_s=[0, 0, 0.05, 0.1, 0.3, 0.3]))
+    for request, result in zip(requests, results):
+        assert result.token_ids == alone.generate(request.prompt_ids, policy, request.max_new_tokens).token_ids
+    sizes = [r.batch_size for result in results for r in result.records]
+    assert max(sizes) > 1 and min(sizes) < max(sizes), sizes  # passes were shared, and the batch changed
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.9)], ids=["t0.7-top_p"])
+def test_sampling_through_batched_passes_keeps_the_target_distribution(draft_model, target_model, tokenizer,
+                                                                       params):
+    """As test_engine's distribution test, with requests verified in shared passes beside requests of other
+    lengths (so their rows are padded): the first three tokens follow the target's own distribution
+    (chi-square over 2000 seeds against exact probabilities)."""
+    engine = LocalEngine(draft_model, target_model, tokenizer, batching=BatchSettings(max_batch_size=10))
+    counts: dict[tuple[int, ...], int] = {}
+    sizes = []
+    for first_seed in range(0, 2000, 8):
+        requests = [engine.request(PROMPT, 3, dataclasses.replace(params, seed=s))
+                    for s in range(first_seed, first_seed + 8)]
+        others = [engine.request(p, 4, params) for p in _sequences(2, 15, seed=first_seed)]
+        for result in asyncio.run(engine.generate_many(requests + others, "fixed:2"))[:8]:
+            seq = tuple(result.token_ids) + ((EOS_ID,) if result.stats.finish_reason == "stop" else ())
+            counts[seq] = counts.get(seq, 0) + 1
+            sizes += [r.batch_size for r in result.records]
+    assert sorted(sizes)[len(sizes) // 2] > 1  # most steps were verified in a shared pass
+    exact = exact_sequence_probs(target_model, params, 3)
+    assert pooled_p_value(counts, exact) > 1e-3
+    assert pooled_p_value(counts, exact_sequence_probs(draft_model, params, 3)) < 1e-6  # the test has power
