@@ -7,12 +7,14 @@ rebuilds it from the token ids, so affinity only saves time and never decides co
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
 import torch
 from ray import serve
 
+from speckv.batching import BatchSettings
 from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
@@ -35,6 +37,15 @@ class WorkerSpec:
     torch_threads: int | None = None
     added_ms_per_call: float = 0.0  # see SessionLM
     calibration_budget_s: float | None = None  # for a draft/target pair; None: speckv.calibration's default
+    max_batch_size: int = 8  # requests per forward pass (speckv.batching)
+    batch_wait_share: float = 0.05  # an idle replica waits this share of a pass for more requests to join
+
+    def batching(self, calibration: dict) -> BatchSettings:
+        """How this replica gathers calls into passes: the wait is a share of its calibrated single pass, so
+        the first caller of a batch loses at most that share of a step to the others joining."""
+        rows = [r for r in calibration.get("rows", []) if r.get("tokens") == 1]
+        pass_ms = min((r["ms"] for r in rows), default=0.0)
+        return BatchSettings(self.max_batch_size, self.batch_wait_share * pass_ms / 1e3)
 
     def build_lm(self) -> SessionLM:
         if self.torch_threads:
@@ -62,18 +73,33 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def _apply(handler, settings: BatchSettings) -> None:
+    """Set a `@serve.batch` handler's gathering from this replica's measured pass cost."""
+    handler.set_max_batch_size(settings.max_batch_size)
+    handler.set_batch_wait_timeout_s(settings.wait_s)
+
+
 @serve.deployment(name="draft", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
 class DraftDeployment:
+    """Drafts for every tier; concurrent requests' proposals share forward passes (`@serve.batch`)."""
+
     def __init__(self, spec: WorkerSpec) -> None:
         self.worker = DraftWorker(spec.build_lm())
         self._calibration = spec.calibrate(self.worker.lm, "draft")
+        self.batching = spec.batching(self._calibration)
+        _apply(self._propose_batch, self.batching)
 
     def calibration(self) -> dict:
         """{"draft": this replica's calibration (speckv.calibration.Calibration as a dict)}."""
         return {"draft": self._calibration}
 
-    def propose(self, inputs: StepInputs) -> Proposal:
-        return self.worker.propose(inputs)
+    async def propose(self, inputs: StepInputs) -> Proposal:
+        await asyncio.to_thread(self.worker.prefill, inputs)  # a new request's prompt, in chunks
+        return await self._propose_batch(inputs)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
+        return await asyncio.to_thread(self.worker.propose_batch, batch)
 
     def close(self, session_id: str) -> None:
         """The request has ended: close its session (a call still in flight for it is refused)."""
@@ -85,24 +111,32 @@ class DraftDeployment:
 
 @serve.deployment(name="target", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
 class TargetDeployment:
-    """One compression tier of the target. With `draft` set (colocated topology) it also drafts, and a whole
-    step runs in one call."""
+    """One compression tier of the target; concurrent requests' verifications share forward passes
+    (`@serve.batch`). With `draft` set (colocated topology) it also drafts, and a whole step runs in one call
+    (concurrent steps batched in-process, speckv.batching)."""
 
     def __init__(self, spec: WorkerSpec, draft: WorkerSpec | None = None) -> None:
         self.tier = spec.tier
         self.worker = TargetWorker(spec.build_lm())
         self.draft = DraftWorker(draft.build_lm()) if draft else None
-        self.executor = local_executor(self.draft, self.worker) if self.draft else None
         self._calibration = {"target": spec.calibrate(self.worker.lm, "target")}
         if self.draft:
             self._calibration["draft"] = draft.calibrate(self.draft.lm, "draft")
+        self.batching = spec.batching(self._calibration["target"])
+        _apply(self._verify_batch, self.batching)
+        self.executor = local_executor(self.draft, self.worker, self.batching) if self.draft else None
 
     def calibration(self) -> dict:
         """{"target": this replica's calibration, and "draft" when it also drafts} (as dicts)."""
         return self._calibration
 
-    def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        return self.worker.verify(inputs, draft_token_ids)
+    async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
+        await asyncio.to_thread(self.worker.prefill, inputs)  # a new request's prompt, in chunks
+        return await self._verify_batch((inputs, draft_token_ids))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification]:
+        return await asyncio.to_thread(self.worker.verify_batch, batch)
 
     async def step(self, inputs: StepInputs) -> StepCall:
         if self.executor is None:

@@ -16,6 +16,14 @@ give. When γ* = γmax the run may go on to 2·γmax, ended by that rule. γ = 0
 stretch of target-only steps a one-token probe drafts again, spaced so probes cost at most 2% of
 throughput where drafting never pays, and what it shows updates the estimates.
 
+Under load. A verify pass may carry other requests (batched serving). The step costs are then those of a
+pass like the ones the tier runs now (PassLoad: sequences per pass and tokens scored, as the verifications
+report them), and a millisecond a request's drafting adds to a shared pass delays every request in it, so
+it is priced R · sequences (≈ the whole pass's rate): the decision maximises the pass's goodput, not the
+request's. As load rises, each drafted token costs more of what the pass could deliver and γ falls; it
+comes back as the load drops. No batch-size table: both inputs are measured (docs/SERVING.md compares this
+with vLLM's table and SmartSpec's rule).
+
 Optimism while unsure. The predictor is an average over texts; the text at hand may be far easier (code,
 repetition) or harder. A decision adds OPTIMISM/√(1 + n) log-odds to the acceptance it expects, n the
 drafted tokens this request has seen (an upper-confidence-bound rule): early in a request it tries drafting
@@ -108,16 +116,17 @@ class AdaptivePolicy:
             if outcome.timing is not None:
                 t = outcome.timing
                 self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len,
-                                            t.draft_compute_ms, t.verify_compute_ms)
+                                            t.draft_compute_ms, t.verify_compute_ms, t.batch_size, t.batch_tokens)
         if self._queue:
             self._queue.clear()
             self._refresh()
 
     def _refresh(self) -> None:
-        """Step prices, the rate, the stop rule and the probe spacing from the current estimates."""
+        """Step prices, the rate, the stop rule and the probe spacing from the current estimates and load."""
         cost = self.estimates.tier.cost
-        price = np.asarray(cost.step_ms(self._gammas, 0), dtype=np.float64)  # [γmax+1]
-        extra = price[1:] - price[0]  # [γmax] what drafting γ adds to a step
+        sequences, others = self.estimates.tier.load.now()
+        price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
+        extra = (price[1:] - price[0]) * sequences  # [γmax] what drafting γ adds, to every request in the pass
         self._extra_ms = extra.tolist()
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value

@@ -32,13 +32,14 @@ import torch
 
 from .cost_model import CostModel
 from .models import DRAFT_TIER, MANIFEST, cache_root
-from .workers import SessionLM
+from .workers import LogitsCall, SessionLM
 
-CALIBRATION_FORMAT = 2  # 2: one model (role) per calibration
+CALIBRATION_FORMAT = 3  # 2: one model (role) per calibration; 3: batched passes measured too
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
 DEFAULT_CONTEXT_LENS = (64, 512)
+BATCH_PROBE = 4  # sequences in the batched passes measured (what more sequences in a pass cost)
 MIN_MEASUREMENTS = {"target": 2, "draft": 1}  # verification at γ = 0 and γmax; the draft's single token
 # CPU features that change which kernels torch runs (and so the shape of a step's cost)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -111,7 +112,8 @@ class CalibrationKey:
 
 @dataclass
 class Calibration:
-    """One model's measured calls: rows of {kind: verify|draft, context_len, tokens, ms}."""
+    """One model's measured calls: rows of {kind: verify|draft, context_len, tokens, ms, sequences} (tokens
+    per sequence; rows without `sequences` have one)."""
 
     key: CalibrationKey
     rows: list[dict] = field(default_factory=list)
@@ -138,8 +140,9 @@ def cost_model(draft: Calibration, target: Calibration) -> CostModel:
     and the draft's median single-token time."""
     if draft.key.role != "draft" or target.key.role != "target":
         raise ValueError(f"need a draft and a target calibration, got {draft.key.role} and {target.key.role}")
-    verify = [r for r in target.rows if r["kind"] == "verify"]
-    single = [r["ms"] for r in draft.rows if r["kind"] == "draft" and r["tokens"] == 1]
+    batched = [r for r in target.rows + draft.rows if r.get("sequences", 1) > 1]
+    verify = [r for r in target.rows if r["kind"] == "verify" and r.get("sequences", 1) == 1]
+    single = [r["ms"] for r in draft.rows if r["kind"] == "draft" and r["tokens"] == 1 and r.get("sequences", 1) == 1]
     if not verify or not single:
         raise ValueError("a calibration without its first measurements cannot price a step")
     line = CostModel.fit([r["tokens"] - 1 for r in verify], [0.0] * len(verify), [r["ms"] for r in verify],
@@ -150,8 +153,34 @@ def cost_model(draft: Calibration, target: Calibration) -> CostModel:
     if len(points) > 1:
         tokens = np.arange(1, points[-1][0] + 1)
         curve = tuple(float(v) for v in np.interp(tokens, [t for t, _ in points], [ms for _, ms in points]))
-    return dataclasses.replace(line, draft_ms_per_token=statistics.median(single), verify_curve=curve,
-                               curve_context_len=first)
+    model = dataclasses.replace(line, draft_ms_per_token=statistics.median(single), verify_curve=curve,
+                                curve_context_len=first)
+    return _with_batched(model, batched, first)
+
+
+def _with_batched(model: CostModel, rows: list[dict], context_len: int) -> CostModel:
+    """What more sequences in a pass cost, from the batched rows (a model without them prices a batched pass
+    as its sequences' tokens on the single line)."""
+    def ms(kind: str, tokens: int) -> tuple[float, int] | None:
+        found = [(r["ms"], r["sequences"]) for r in rows if (r["kind"], r["tokens"]) == (kind, tokens)
+                 and r["context_len"] == context_len]
+        return found[0] if found else None
+
+    out = model
+    one = ms("verify", 1)
+    if one:
+        out = dataclasses.replace(out, verify_ms_per_sequence=max(
+            (one[0] - float(model.verify_ms(0, context_len))) / (one[1] - 1), 0.0))
+        wide = [r for r in rows if r["kind"] == "verify" and r["tokens"] > 1 and r["context_len"] == context_len]
+        if wide:
+            r = wide[0]
+            out = dataclasses.replace(out, batched_ms_per_token=max(
+                (r["ms"] - one[0]) / (r["sequences"] * (r["tokens"] - 1)), 0.0))
+    draft = ms("draft", 1)
+    if draft:
+        out = dataclasses.replace(out, draft_ms_per_sequence=max(
+            (draft[0] - model.draft_ms_per_token) / (draft[1] - 1), 0.0))
+    return out
 
 
 def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
@@ -160,38 +189,47 @@ def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
 
 
 def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
-              deadline: float | None = None, session: str = "calibration") -> float:
+              deadline: float | None = None, session: str = "calibration", sequences: int = 1) -> float:
     """Median ms of the live loop's call pattern: `tokens` new tokens fed after a cached `context` (the
     cache is cut back to it before each repeat, as after a rejection), `keep` logits kept, after one
-    untimed call of the same pattern. Repeats stop at `deadline` (a perf_counter time) once one is timed.
-    Uses (and leaves open) the session `session`."""
+    untimed call of the same pattern; with `sequences` > 1, that many sessions in one batched pass.
+    Repeats stop at `deadline` (a perf_counter time) once one is timed. Uses (and leaves open) the
+    session `session` (and `session`-1.. for the batch's others)."""
     vocab = int(lm.model.config.vocab_size)
-    lm.logits(session, context, 1)
-    lm.logits(session, context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
-    times: list[float] = []                                                 # pays one-time setup costs
+    sessions = [session] + [f"{session}-{j}" for j in range(1, sequences)]
+
+    def call(fed: list[int], num_logits: int) -> None:
+        lm.logits_batch([LogitsCall(s, fed, num_logits) for s in sessions])
+
+    call(context, 1)
+    call(context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
+    times: list[float] = []                             # pays one-time setup costs
     for r in range(repeats):
         if times and deadline is not None and time.perf_counter() > deadline:
             break
         fed = context + synthetic_ids(tokens, vocab, salt=r + 1)
         start = time.perf_counter()
-        lm.logits(session, fed, keep)
+        call(fed, keep)
         if lm.device.type == "cuda":
             torch.cuda.synchronize(lm.device)  # kernels run asynchronously: time them, not their launch
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tuple[str, int, int]]:
-    """(kind, context_len, tokens) in the order they are measured: what a cost model needs most first
-    (verification at γ = 0 and γmax on the first context; the draft's single token), then the rest of the
-    curve or the draft's catch-up, then the other contexts."""
+def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
+    """(kind, context_len, tokens, sequences) in the order they are measured: what a cost model needs most
+    first (verification at γ = 0 and γmax on the first context; the draft's single token), then the rest
+    of the curve or the draft's catch-up, then batched passes (BATCH_PROBE sequences), then the other
+    contexts."""
     first, *others = context_lens
     if role == "draft":
-        return [("draft", first, 1), ("draft", first, 2), *(("draft", ctx, 1) for ctx in others)]
+        return [("draft", first, 1, 1), ("draft", first, 2, 1), ("draft", first, 1, BATCH_PROBE),
+                *(("draft", ctx, 1, 1) for ctx in others)]
     gammas = [0, max_gamma] + [g for g in range(1, max_gamma)]
-    plan = [("verify", first, g + 1) for g in gammas]
+    plan = [("verify", first, g + 1, 1) for g in gammas]
+    plan += [("verify", first, 1, BATCH_PROBE), ("verify", first, max_gamma + 1, BATCH_PROBE)]
     for ctx in others:
-        plan += [("verify", ctx, 1), ("verify", ctx, max_gamma + 1)]
+        plan += [("verify", ctx, 1, 1), ("verify", ctx, max_gamma + 1, 1)]
     return plan
 
 
@@ -217,23 +255,25 @@ def calibrate(
     rows: list[dict] = []
     session = f"calibration-{uuid.uuid4().hex}"
     cached = 0  # context length the calibration session holds
-    for n, (kind, ctx, tokens) in enumerate(plan):
+    for n, (kind, ctx, tokens, sequences) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
             per_token = max(r["ms"] / r["tokens"] for r in rows)  # the dearest: what more context costs at most
             same = [r["ms"] for r in rows if r["tokens"] >= tokens]
-            estimate_ms = max(ctx - cached, 0) * per_token + repeats * (min(same) if same else tokens * per_token)
+            estimate_ms = (max(ctx - cached, 0) * per_token
+                           + repeats * sequences * (min(same) if same else tokens * per_token))
             if time.perf_counter() + estimate_ms / 1e3 > deadline:
                 if progress:
                     progress(n + 1, len(plan))
                 continue  # does not fit: later, cheaper measurements still may
         # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one
         ms = time_call(lm, synthetic_ids(ctx, vocab), tokens, tokens if kind == "verify" else 1, repeats, deadline,
-                       session)
+                       session, sequences)
         cached = ctx
-        rows.append({"kind": kind, "context_len": ctx, "tokens": tokens, "ms": ms})
+        rows.append({"kind": kind, "context_len": ctx, "tokens": tokens, "ms": ms, "sequences": sequences})
         if progress:
             progress(n + 1, len(plan))
-    lm.close(session)
+    for s in [session] + [f"{session}-{j}" for j in range(1, BATCH_PROBE)]:
+        lm.close(s)
     return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan))
 
 

@@ -7,8 +7,11 @@ switches), so decisions use measured points and the line only beyond them. `Live
 what the live steps take (contention, throttling, a neighbour, the hops of a served deployment), learned
 online with bounded memory and robust to single outliers.
 
-`sequences` (sequences in one batched pass) is an input of every cost function so batched serving can
-price load; with one sequence per pass (all that exists today) it changes nothing.
+Batched passes. A pass may carry several requests (sequences); `sequences` and `other_tokens` (the tokens
+the other sequences score in it) are inputs of the verify and draft costs. With one sequence the measured
+single-sequence curve holds; a batched pass costs the single pass at γ = 0, plus `verify_ms_per_sequence`
+per extra sequence, plus `batched_ms_per_token` per token scored beyond one per sequence (all measured at
+calibration, speckv.calibration). `PassLoad` follows what the live passes carry.
 """
 
 from __future__ import annotations
@@ -34,11 +37,23 @@ class CostModel:
     verify_ms_per_context_token: float = 0.0
     verify_curve: tuple[float, ...] = ()
     curve_context_len: int = 0
+    verify_ms_per_sequence: float = 0.0  # what one more sequence adds to a pass (beyond its tokens)
+    batched_ms_per_token: float | None = None  # per token beyond one per sequence in a batched pass (None: the line's)
+    draft_ms_per_sequence: float = 0.0  # what one more sequence adds to a drafting pass (per drafted position)
 
-    def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1) -> float | np.ndarray:
-        """Verify time of γ+1 tokens scored after `context_len` cached tokens (one sequence per pass)."""
-        if sequences != 1:
-            raise NotImplementedError("batched passes are priced once batched serving measures them (issue 14)")
+    def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
+                  other_tokens: float = 0.0) -> float | np.ndarray:
+        """Time of a pass that scores γ+1 tokens after `context_len` cached tokens for one sequence, beside
+        `sequences` − 1 others scoring `other_tokens` in all."""
+        if sequences <= 1:
+            return self._single_verify_ms(gamma, context_len)
+        per_token = self.verify_ms_per_token if self.batched_ms_per_token is None else self.batched_ms_per_token
+        beyond = np.asarray(gamma) + max(other_tokens - (sequences - 1), 0.0)  # tokens beyond one per sequence
+        out = (self._single_verify_ms(0, context_len) + self.verify_ms_per_sequence * (sequences - 1)
+               + per_token * beyond)
+        return float(out) if np.ndim(gamma) == 0 else out
+
+    def _single_verify_ms(self, gamma: int | np.ndarray, context_len: int) -> float | np.ndarray:
         if not self.verify_curve:
             return (self.verify_ms_base + self.verify_ms_per_token * gamma
                     + self.verify_ms_per_context_token * context_len)
@@ -49,11 +64,13 @@ class CostModel:
                + self.verify_ms_per_context_token * (context_len - self.curve_context_len))
         return float(out) if np.ndim(gamma) == 0 else out
 
-    def draft_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
-        return self.draft_ms_per_token * gamma
+    def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
+        """Time of drafting γ tokens, one pass per position, each carrying `sequences` requests."""
+        return (self.draft_ms_per_token + self.draft_ms_per_sequence * max(sequences - 1, 0)) * gamma
 
-    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
-        return self.draft_ms(gamma) + self.verify_ms(gamma, context_len)
+    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
+                other_tokens: float = 0.0) -> float | np.ndarray:
+        return self.draft_ms(gamma, sequences) + self.verify_ms(gamma, context_len, sequences, other_tokens)
 
     @classmethod
     def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float],
@@ -82,6 +99,8 @@ class CostModel:
                "verify_ms_per_context_token": self.verify_ms_per_context_token}
         if self.verify_curve:
             out.update(verify_curve=list(self.verify_curve), curve_context_len=self.curve_context_len)
+        out.update(verify_ms_per_sequence=self.verify_ms_per_sequence, batched_ms_per_token=self.batched_ms_per_token,
+                   draft_ms_per_sequence=self.draft_ms_per_sequence)
         return out
 
     @classmethod
@@ -89,7 +108,10 @@ class CostModel:
         try:
             return cls(float(d["draft_ms_per_token"]), float(d["verify_ms_base"]), float(d["verify_ms_per_token"]),
                        float(d.get("verify_ms_per_context_token", 0.0)),
-                       tuple(float(x) for x in d.get("verify_curve", ())), int(d.get("curve_context_len", 0)))
+                       tuple(float(x) for x in d.get("verify_curve", ())), int(d.get("curve_context_len", 0)),
+                       float(d.get("verify_ms_per_sequence", 0.0)),
+                       None if d.get("batched_ms_per_token") is None else float(d["batched_ms_per_token"]),
+                       float(d.get("draft_ms_per_sequence", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a cost model: {d!r} ({e})") from None
 
@@ -153,15 +175,18 @@ class LiveCost:
     verify_hop: RunningMedian = field(default_factory=RunningMedian)
 
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
-                draft_compute_ms: float | None = None, verify_compute_ms: float | None = None) -> None:
-        """One live step (not the first of a request, which also reads the prompt): wall times, and the time
-        inside the models where known."""
+                draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
+                sequences: int = 1, batch_tokens: int = 0) -> None:
+        """One live step (not the first of a request, which also reads the prompt): wall times, the time
+        inside the models where known, and the verify pass's batch (sequences, tokens scored in all)."""
         if not self.learning:
             return
+        others = max(batch_tokens - (gamma + 1), 0)
         if gamma > 0:
-            self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, float(self.base.draft_ms(gamma)))
+            self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms,
+                          float(self.base.draft_ms(gamma, sequences)))
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
-                      float(self.base.verify_ms(gamma, context_len)))
+                      float(self.base.verify_ms(gamma, context_len, sequences, others)))
 
     @staticmethod
     def _observe(scale: RobustScale, hop: RunningMedian, wall: float, compute: float | None,
@@ -172,14 +197,17 @@ class LiveCost:
         scale.observe(compute, predicted)
         hop.observe(max(wall - compute, 0.0))
 
-    def draft_ms(self, gamma: int | np.ndarray) -> float | np.ndarray:
-        return self.draft.value * self.base.draft_ms(gamma) + self.draft_hop.value * (np.asarray(gamma) > 0)
+    def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
+        return self.draft.value * self.base.draft_ms(gamma, sequences) + self.draft_hop.value * (np.asarray(gamma) > 0)
 
-    def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
-        return self.verify.value * self.base.verify_ms(gamma, context_len) + self.verify_hop.value
+    def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
+                  other_tokens: float = 0.0) -> float | np.ndarray:
+        model = self.base.verify_ms(gamma, context_len, sequences, other_tokens)
+        return self.verify.value * model + self.verify_hop.value
 
-    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0) -> float | np.ndarray:
-        return self.draft_ms(gamma) + self.verify_ms(gamma, context_len)
+    def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
+                other_tokens: float = 0.0) -> float | np.ndarray:
+        return self.draft_ms(gamma, sequences) + self.verify_ms(gamma, context_len, sequences, other_tokens)
 
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
@@ -187,3 +215,29 @@ class LiveCost:
                 "verify_ms_1_token": float(self.verify_ms(0)), "draft_scale": self.draft.value,
                 "verify_scale": self.verify.value, "draft_hop_ms": self.draft_hop.value,
                 "verify_hop_ms": self.verify_hop.value, "steps_observed": self.verify.count}
+
+
+@dataclass
+class PassLoad:
+    """What the live verify passes of a tier carry: running medians over recent passes of the sequences in
+    a pass and of the tokens it scores, as the verifications report them. The policy prices a request's γ
+    in a pass like the ones the others are running now."""
+
+    sequences: RunningMedian = field(default_factory=RunningMedian)
+    tokens: RunningMedian = field(default_factory=RunningMedian)
+
+    def observe(self, sequences: int, tokens: int) -> None:
+        if sequences >= 1 and tokens >= sequences:
+            self.sequences.observe(float(sequences))
+            self.tokens.observe(float(tokens))
+
+    def now(self) -> tuple[int, float]:
+        """(sequences in a pass, tokens the others in it score), 1 and 0 before any pass was seen."""
+        sequences = max(1, round(self.sequences.value))
+        if sequences == 1:
+            return 1, 0.0
+        per_sequence = self.tokens.value / max(self.sequences.value, 1.0)
+        return sequences, per_sequence * (sequences - 1)
+
+    def to_dict(self) -> dict:
+        return {"sequences_per_pass": self.sequences.value, "tokens_per_pass": self.tokens.value}

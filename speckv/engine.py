@@ -224,7 +224,8 @@ async def speculate(
                 finish = "length"
 
             timing = StepTiming(call.draft_wall_ms, call.verify_wall_ms, len(context), len(new), proposal.compute_ms,
-                                verification.compute_ms) if step else None
+                                verification.compute_ms, verification.batch_size,
+                                verification.batch_tokens) if step else None
             outcome = progress.advance(proposal.signals, accepted, timing)
             policy.observe(outcome)
             record = StepRecord(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .cost_model import CostModel, LiveCost
+from .cost_model import CostModel, LiveCost, PassLoad
 
 BIAS_LIMIT = 4.0  # the prior is never overruled by more than this many log-odds
 
@@ -77,6 +77,7 @@ class TierEstimates:
     greedy: ModeEstimates = field(default_factory=ModeEstimates)
     sampled: ModeEstimates = field(default_factory=ModeEstimates)
     learn_acceptance: bool = True
+    load: PassLoad = field(default_factory=PassLoad)  # what the tier's verify passes carry now
     target_only_steps: int = 0  # since the tier last drafted, over all its requests (adaptive probes from it)
 
     @classmethod
@@ -89,7 +90,7 @@ class TierEstimates:
 
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
-        return {"cost": self.cost.to_dict(),
+        return {"cost": self.cost.to_dict(), "load": self.load.to_dict(),
                 **{name: {"acceptance_bias": m.bias.value, "tokens_per_s": (m.rate.value or 0.0) * 1e3}
                    for name, m in (("greedy", self.greedy), ("sampled", self.sampled))}}
 
@@ -114,14 +115,17 @@ class RequestEstimates:
             self.tier.mode(self.greedy).bias.observe(predicted, outcomes)
 
     def observe_step(self, gamma: int, tokens: int, draft_ms: float, verify_ms: float, context_len: int,
-                     draft_compute_ms: float | None = None, verify_compute_ms: float | None = None) -> None:
-        self.tier.cost.observe(gamma, draft_ms, verify_ms, context_len, draft_compute_ms, verify_compute_ms)
+                     draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
+                     batch_size: int = 1, batch_tokens: int = 0) -> None:
+        self.tier.cost.observe(gamma, draft_ms, verify_ms, context_len, draft_compute_ms, verify_compute_ms,
+                               batch_size, batch_tokens)
+        self.tier.load.observe(batch_size, batch_tokens or gamma + 1)
         self.rate.observe(tokens, draft_ms + verify_ms)
         self.tier.mode(self.greedy).rate.observe(tokens, draft_ms + verify_ms)
 
     def to_dict(self) -> dict:
         return {"acceptance_bias": self.bias.value, "tokens_per_s": (self.rate.value or 0.0) * 1e3,
-                "cost": self.tier.cost.to_dict()}
+                "cost": self.tier.cost.to_dict(), "load": self.tier.load.to_dict()}
 
 
 def _logit(p: float) -> float:

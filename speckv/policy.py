@@ -41,6 +41,8 @@ class StepTiming:
     emitted: int  # tokens the step added
     draft_compute_ms: float | None = None  # of those, inside the models (None: not known, as in replay)
     verify_compute_ms: float | None = None
+    batch_size: int = 1  # requests in the verify pass
+    batch_tokens: int = 0  # tokens the verify pass scored over all of them (0: not reported)
 
 
 @dataclass(frozen=True)

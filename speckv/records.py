@@ -95,6 +95,7 @@ class RequestStats:
     verify_ms: float = 0.0
     hop_ms: float = 0.0  # of draft_ms + verify_ms, the part outside the models
     policy_us: float = 0.0  # time spent choosing γ
+    sequences_per_pass: Counter = field(default_factory=Counter)  # requests in a step's verify pass -> steps
     finish_reason: str | None = None
     retries: int = 0  # model calls re-sent because a replica went away mid-request (served only)
     predictor_version: str | None = None  # adaptive: the acceptance predictor its decisions came from
@@ -110,6 +111,7 @@ class RequestStats:
         self.verify_ms += record.verify_ms
         self.hop_ms += record.hop_ms
         self.policy_us += record.policy_us
+        self.sequences_per_pass[record.batch_size] += 1
         self.finish_reason = finish_reason or self.finish_reason
 
     @classmethod
@@ -135,6 +137,7 @@ class RequestStats:
         out = {"policy": self.policy, "steps": self.steps, "draft_tokens": self.draft_tokens,
                "accepted_tokens": self.accepted_tokens, "mean_accepted": self.mean_accepted,
                "gamma_histogram": {str(g): n for g, n in sorted(self.gammas.items())},
+               "batch_histogram": {str(b): n for b, n in sorted(self.sequences_per_pass.items())},
                "timing": {"draft_ms": self.draft_ms, "verify_ms": self.verify_ms, "hop_ms": self.hop_ms,
                           "policy_us": self.policy_us},
                "retries": self.retries}

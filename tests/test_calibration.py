@@ -23,20 +23,27 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
     finally:
         hook.remove()
     draft = calibrate(SessionLM(draft_model), "draft", "fp16", max_gamma=3, context_lens=(16, 32), repeats=2)
-    verify = sorted((r["context_len"], r["tokens"]) for r in target.rows)
-    assert verify == [(16, 1), (16, 2), (16, 3), (16, 4), (32, 1), (32, 4)]
+    verify = sorted((r["context_len"], r["tokens"], r["sequences"]) for r in target.rows)
+    assert verify == [(16, 1, 1), (16, 1, 4), (16, 2, 1), (16, 3, 1), (16, 4, 1), (16, 4, 4), (32, 1, 1), (32, 4, 1)]
     assert {r["kind"] for r in target.rows} == {"verify"}
-    drafts = sorted((r["context_len"], r["tokens"]) for r in draft.rows)
-    assert drafts == [(16, 1), (16, 2), (32, 1)]  # single token, and a catch-up of two tokens keeping one logit
+    drafts = sorted((r["context_len"], r["tokens"], r["sequences"]) for r in draft.rows)
+    # single token (alone and four in a pass), and a catch-up of two tokens keeping one logit
+    assert drafts == [(16, 1, 1), (16, 1, 4), (16, 2, 1), (32, 1, 1)]
     # verification after a crop: γ+1 tokens fed after the cached context, all of them scored
     assert (4, 4) in seen and all(fed == keep for fed, keep in seen if isinstance(keep, int) and fed > 1)
     assert target.complete and draft.complete and target.seconds > 0
     cost = cost_model(draft, target)
     assert cost.draft_ms_per_token > 0 and cost.verify_ms_base > 0
     # decisions price γ with the measured points: the curve at the first context, exactly as measured
-    measured = {r["tokens"]: r["ms"] for r in target.rows if r["context_len"] == 16}
+    measured = {r["tokens"]: r["ms"] for r in target.rows if r["context_len"] == 16 and r["sequences"] == 1}
     assert cost.verify_curve == tuple(measured[t] for t in (1, 2, 3, 4)) and cost.curve_context_len == 16
     assert cost.verify_ms(2, 16) == measured[3]
+    # a batched pass is priced through the measured batched points: four sequences scoring 1 or 4 tokens each
+    batched = {r["tokens"]: r["ms"] for r in target.rows if r["sequences"] == 4}
+    assert cost.verify_ms(0, 16, sequences=4, other_tokens=3) == pytest.approx(batched[1])
+    assert cost.verify_ms(3, 16, sequences=4, other_tokens=12) == pytest.approx(batched[4])
+    drafted = next(r["ms"] for r in draft.rows if r["sequences"] == 4)
+    assert cost.draft_ms(2, sequences=4) == pytest.approx(2 * drafted)
     assert target.key.role == "target" and target.key.tier == "fp16" and target.key.dtype == "torch.float32"
     with pytest.raises(ValueError, match="draft and a target"):
         cost_model(target, draft)
@@ -96,7 +103,8 @@ def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, targ
         torch.set_num_threads(threads)
     calibration.calibration_path(first.key).write_text("{not json")  # a damaged file is measured anew
     repaired, cached = load_or_calibrate(target, "target", "fp16", **kw)
-    assert not cached and json.loads(calibration.calibration_path(first.key).read_text())["format"] == 2
+    written = json.loads(calibration.calibration_path(first.key).read_text())
+    assert not cached and written["format"] == calibration.CALIBRATION_FORMAT
     _, cached = load_or_calibrate(target, "target", "fp16", force=True, **kw)
     assert not cached
 

@@ -640,3 +640,27 @@ def test_bounded_load_run_loses_nothing(app, tmp_path):
     assert doc["answers_by_kind"].get("ok", 0) >= 8, doc["answers_by_kind"]
     assert set(doc["answers_by_kind"]) <= {"ok", "http_429", "http_503"}, doc["answers_by_kind"]
     assert doc["rss_bytes"], "no Serve replica processes were sampled"
+
+
+def test_concurrent_requests_share_passes_and_each_equals_its_reference(app, slow_app):
+    """Requests of different lengths sent at once (to the app whose model calls are slow, so they overlap
+    in the replicas) are drafted and verified in shared passes (their `batch_histogram` shows passes of
+    more than one request) and each answer is token for token its single-request reference (fp32)."""
+    engine: LocalEngine = app["engine"]
+    prompts = ["def f(x):", "class Stack:\n    def push(self, item):", "import os\n", "# sort a list of numbers\n"
+               "def sort_numbers(values):", "x = [i * i for i in range(10)]\n", "def add(a, b):"]
+    budgets = [24, 16, 30, 20, 12, 28]
+    expected = [engine.generate(encode_prompt(engine.tokenizer, p, chat=False), "fixed:3", n).text
+                for p, n in zip(prompts, budgets)]
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            calls = [client.post(BASE + "/slow/v1/completions", json={
+                "model": "speckv-fp16", "prompt": p, "max_tokens": n, "temperature": 0,
+                "speculation": {"policy": "fixed", "gamma": 3}}) for p, n in zip(prompts, budgets)]
+            return [r.json() for r in await asyncio.gather(*calls)]
+
+    bodies = asyncio.run(run())
+    assert [b["choices"][0]["text"] for b in bodies] == expected
+    shared = [int(size) for b in bodies for size, n in b["speculation"]["batch_histogram"].items()]
+    assert max(shared) > 1, [b["speculation"]["batch_histogram"] for b in bodies]
