@@ -42,6 +42,8 @@ class ServeMetrics:
                                         tag_keys=("tier", "part"))
         self.acceptance_bias = metrics.Gauge("speckv_acceptance_bias", "log-odds correction to predicted acceptance",
                                              tag_keys=("tier", "mode"))
+        self.pass_load = metrics.Gauge("speckv_pass_load", "what the tier's verify passes carry now (median of "
+                                       "recent passes): part sequences, tokens", tag_keys=("tier", "part"))
         self.rate = metrics.Gauge("speckv_estimated_tokens_per_s", "decode rate that prices a millisecond",
                                   tag_keys=("tier", "mode"))
 
@@ -66,6 +68,8 @@ class ServeMetrics:
         self.cost_ms.set(cost["verify_ms_1_token"], {"tier": tier, "part": "verify"})
         for part in ("draft", "verify"):
             self.cost_ms.set(cost[f"{part}_hop_ms"], {"tier": tier, "part": f"{part}_hop"})
+        self.pass_load.set(doc["load"]["sequences_per_pass"], {"tier": tier, "part": "sequences"})
+        self.pass_load.set(doc["load"]["tokens_per_pass"], {"tier": tier, "part": "tokens"})
         for mode in ("greedy", "sampled"):
             self.acceptance_bias.set(doc[mode]["acceptance_bias"], {"tier": tier, "mode": mode})
             self.rate.set(doc[mode]["tokens_per_s"], {"tier": tier, "mode": mode})

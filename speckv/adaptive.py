@@ -18,11 +18,12 @@ throughput where drafting never pays, and what it shows updates the estimates.
 
 Under load. A verify pass may carry other requests (batched serving). The step costs are then those of a
 pass like the ones the tier runs now (PassLoad: sequences per pass and tokens scored, as the verifications
-report them), and a millisecond a request's drafting adds to a shared pass delays every request in it, so
-it is priced R · sequences (≈ the whole pass's rate): the decision maximises the pass's goodput, not the
-request's. As load rises, each drafted token costs more of what the pass could deliver and γ falls; it
-comes back as the load drops. No batch-size table: both inputs are measured (docs/SERVING.md compares this
-with vLLM's table and SmartSpec's rule).
+report them), and what a request's drafting adds to the passes it shares (its drafted tokens scored in the
+verify pass, its sequence in each drafting pass: LiveCost.shared_ms) delays every other request in them,
+so it is priced for each of them too: the decision maximises the goodput of the whole pass (its tokens
+over its time), not the request's own. As load rises, each drafted token costs more of what the pass
+could deliver and γ falls; it comes back as the load drops. No batch-size table: both inputs are
+measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
 Optimism while unsure. The predictor is an average over texts; the text at hand may be far easier (code,
 repetition) or harder. A decision adds OPTIMISM/√(1 + n) log-odds to the acceptance it expects, n the
@@ -126,7 +127,8 @@ class AdaptivePolicy:
         cost = self.estimates.tier.cost
         sequences, others = self.estimates.tier.load.now()
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
-        extra = (price[1:] - price[0]) * sequences  # [γmax] what drafting γ adds, to every request in the pass
+        shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others), dtype=np.float64)
+        extra = price[1:] - price[0] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
         self._extra_ms = extra.tolist()
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value

@@ -209,6 +209,17 @@ class LiveCost:
                 other_tokens: float = 0.0) -> float | np.ndarray:
         return self.draft_ms(gamma, sequences) + self.verify_ms(gamma, context_len, sequences, other_tokens)
 
+    def shared_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
+                  other_tokens: float = 0.0) -> float | np.ndarray:
+        """What one sequence drafting γ tokens adds to the passes it shares (the verify pass scores its γ
+        more tokens; each drafting pass carries one sequence more): what every other request in them waits
+        more. 0 alone."""
+        if sequences <= 1:
+            return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
+        verify = self.verify_ms(gamma, context_len, sequences, other_tokens) - self.verify_ms(
+            0, context_len, sequences, other_tokens)
+        return verify + self.draft_ms(gamma, sequences) - self.draft_ms(gamma, sequences - 1)
+
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
         return {"draft_ms_per_token": self.draft.value * self.base.draft_ms_per_token,

@@ -34,3 +34,20 @@ def test_the_hop_is_learned_apart_from_the_model_time():
     assert float(split.step_ms(0)) == pytest.approx(float(base.verify_ms(0)) + hop)  # no draft call, no hop
     assert float(folded.step_ms(8)) > float(base.step_ms(8)) + 2 * hop + 20  # 1.4x per token, times 8
     assert split.to_dict()["draft_hop_ms"] == pytest.approx(hop)
+
+
+def test_batched_passes_are_priced_and_learned_as_batched():
+    """A pass of eight sequences costs more than one alone, by what calibration measured; the live factor
+    compares a batched pass with the batched price (so it stays 1 when the calibration holds), and what one
+    sequence's drafting adds to the passes it shares is 0 alone."""
+    base = CostModel(draft_ms_per_token=2.0, verify_ms_base=20.0, verify_ms_per_token=0.5,
+                     verify_ms_per_sequence=1.0, batched_ms_per_token=0.4, draft_ms_per_sequence=0.3)
+    assert base.verify_ms(2, 0, sequences=8, other_tokens=21) == pytest.approx(20 + 7 * 1.0 + 0.4 * (2 + 14))
+    assert base.draft_ms(3, sequences=8) == pytest.approx(3 * (2.0 + 7 * 0.3))
+    live = LiveCost(base)
+    for _ in range(9):
+        d, v = float(base.draft_ms(2, 8)), float(base.verify_ms(2, 0, 8, 21))
+        live.observe(2, d, v, 0, d, v, sequences=8, batch_tokens=24)
+    assert live.verify.value == pytest.approx(1.0) and live.draft.value == pytest.approx(1.0)
+    assert live.shared_ms(3) == 0.0
+    assert live.shared_ms(3, 0, 8, 21) == pytest.approx(3 * 0.4 + 3 * 0.3)

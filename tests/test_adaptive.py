@@ -1,0 +1,52 @@
+"""The adaptive policy under load (speckv.adaptive): γ falls as the verify passes carry more requests and
+comes back as they carry fewer, from the measured load alone (no batch-size table)."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+from speckv.adaptive import AdaptivePolicy
+from speckv.cost_model import CostModel
+from speckv.estimates import TierEstimates
+from speckv.policy import RequestProgress, StepTiming
+from speckv.signals import DraftSignals
+
+from .conftest import predictor_with_acceptance
+
+# GPU-like: a flat verify pass; one more sequence in a pass costs 1 ms, each token beyond one per sequence
+# 0.6 ms, alone or batched (so only the sharing of the pass, not a dearer token, can move γ)
+FLAT = CostModel(draft_ms_per_token=2.0, verify_ms_base=20.0, verify_ms_per_token=0.6, verify_ms_per_sequence=1.0,
+                 batched_ms_per_token=0.6, draft_ms_per_sequence=0.2)
+
+
+def _run(policy: AdaptivePolicy, loads: list[int]) -> list[int]:
+    """Steps of one request, step i verified in a pass of loads[i] requests that all do as it does (the
+    symmetric case: every request runs this policy on the same text), every call taking what the cost
+    model says; a draft run is accepted whole with probability 2/3, else its first token is rejected (what
+    `predictor_with_acceptance(0.7)` predicts)."""
+    rng = random.Random(0)
+    progress, position, gammas = RequestProgress(), 0, []
+    for step, sequences in enumerate(loads):
+        gamma = policy.choose(progress.context(step, position, 200 + position))
+        gammas.append(gamma)
+        others = (sequences - 1) * (gamma + 1)
+        draft = float(FLAT.draft_ms(gamma, sequences))
+        verify = float(FLAT.verify_ms(gamma, 200 + position, sequences, others))
+        accepted = gamma if rng.random() < 2 / 3 else 0
+        signals = DraftSignals([0.8] * gamma, [0.8] * gamma, [0.5] * gamma)
+        timing = StepTiming(draft, verify, 200 + position, accepted + 1, draft, verify, sequences, others + gamma + 1)
+        policy.observe(progress.advance(signals, accepted, timing if step else None))
+        position += accepted + 1
+    return gammas
+
+
+def test_gamma_falls_as_load_rises_and_comes_back_as_it_drops():
+    policy = AdaptivePolicy(predictor_with_acceptance(0.7), "fp16", TierEstimates.calibrated(FLAT))
+    loads = [1, 16, 64, 1]
+    gammas = _run(policy, [n for n in loads for _ in range(30)])
+    alone, sixteen, crowded, after = (statistics.mean(gammas[30 * i + 15:30 * i + 30]) for i in range(4))
+    # a shared pass makes each drafted token dearer for everyone in it: γ falls as the passes fill
+    assert alone > sixteen > crowded and crowded < 1, gammas
+    assert after > crowded + 8, gammas  # and comes back when the load goes
+    assert policy.report()["load"]["sequences_per_pass"] == 1
