@@ -18,6 +18,8 @@ from .workers import DraftDeployment, TargetDeployment, WorkerSpec
 def build_app(args: dict | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
     common = dict(device=config.device, max_sessions=config.max_sessions_per_replica,
+                  max_kv_bytes=None if config.kv_cache_mib is None else int(config.kv_cache_mib * 2**20),
+                  max_batch_size=config.max_batch_size,
                   idle_timeout_s=config.session_idle_timeout_s, torch_threads=config.torch_threads,
                   calibration_budget_s=config.calibration_budget_s)
     delay = config.added_ms_per_call.get

@@ -35,6 +35,12 @@ class AppConfig(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_sessions_per_replica: int = Field(64, ge=1, description="KV-cache sessions kept per replica (LRU beyond)")
     session_idle_timeout_s: float = Field(600.0, gt=0, description="a session idle this long is dropped")
+    kv_cache_mib: float | None = Field(
+        2048.0, gt=0, description="KV-cache bytes each model replica may hold (MiB; bytes per token from the "
+        "model's layers, KV heads, head size and dtype); a new request that would not fit beside the running ones "
+        "gets 503 + Retry-After; null: bounded by session count only")
+    max_batch_size: int = Field(8, ge=1, description="requests per forward pass in a model replica (batched draft "
+                                "and verify passes); a deployment's max_ongoing_requests must be at least this")
     predictor: str | None = Field(
         None, description="acceptance predictor artifact for `adaptive` (predictor.json, or its directory); "
         "default: the one shipped with speckv; the controller deployment distributes it"

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from ray.serve.handle import DeploymentHandle
 
 from speckv.engine import SplitExecutor, StepCall, StepExecutor, WhileVerifying
-from speckv.workers import StepInputs
+from speckv.workers import KVCapacityError, StepInputs
 
 from .protocol import APIError
 
@@ -28,10 +28,14 @@ def _is_replica_failure(error: BaseException) -> bool:
 
 def backend_error(error: BaseException, retry_after_s: int) -> APIError | None:
     """The HTTP answer for a model-side failure before any token was sent: 503 + Retry-After when a tier is
-    overloaded (its queue is full) or its replicas stayed unreachable past the retry deadline."""
+    overloaded (its queue is full), its replica's KV cache bound is taken by running requests, or its
+    replicas stayed unreachable past the retry deadline."""
     from ray.serve.exceptions import BackPressureError
 
     headers = {"Retry-After": str(retry_after_s)}
+    if isinstance(error, KVCapacityError):
+        return APIError(503, "the model's KV cache memory is taken by running requests; retry later",
+                        type_="server_error", code="kv_cache_full", headers=headers)
     if isinstance(error, BackPressureError):
         return APIError(503, "the model is overloaded (its request queue is full); retry later", type_="server_error",
                         code="overloaded", headers=headers)

@@ -34,6 +34,7 @@ class WorkerSpec:
     device: str | None = None
     max_sessions: int = 64
     idle_timeout_s: float = 600.0
+    max_kv_bytes: int | None = None  # see SessionLM
     torch_threads: int | None = None
     added_ms_per_call: float = 0.0  # see SessionLM
     calibration_budget_s: float | None = None  # for a draft/target pair; None: speckv.calibration's default
@@ -51,7 +52,7 @@ class WorkerSpec:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         model = load_model(self.model, self.tier, self.dtype, self.device)
-        return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call)
+        return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call, self.max_kv_bytes)
 
     def calibrate(self, lm: SessionLM, role: str) -> dict:
         """This replica's step costs, measured at load (or cached for this machine and setting): the router

@@ -20,12 +20,29 @@ from .signals import NO_STOP, DraftSignals, DraftStop
 
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
+DEFAULT_ACTIVE_S = 5.0  # a session used this recently belongs to a running request (SessionLM's byte bound)
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward pass in a chunked prefill (SessionLM.prefill)
 CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
 
 
 class SessionClosedError(RuntimeError):
     """A call for a session whose request has ended: it was still in flight when the request was cancelled."""
+
+
+class KVCapacityError(RuntimeError):
+    """The KV caches would outgrow the replica's bound in bytes while the running requests hold them: a new
+    request must wait (the router answers 503 + Retry-After), a running one never loses its cache to it."""
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one token's keys and values take in a DynamicCache: layers × 2 × KV heads × head dim × the
+    activations' element size (the embedding's dtype: quantized tiers keep activations in half precision)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = model.get_input_embeddings().weight.element_size()
+    return int(config.num_hidden_layers * 2 * kv_heads * head_dim * element)
 
 
 @dataclass
@@ -51,6 +68,7 @@ class CacheStats:
     hits: int  # calls that reused a cached prefix
     rebuilds: int  # calls that found no usable cache and prefilled from scratch
     evictions: int
+    kv_bytes: int = 0  # what the caches hold now
 
 
 def logit_rows(fed: int, num_logits: int, device: torch.device) -> int | torch.Tensor:
@@ -84,12 +102,21 @@ class SessionLM:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         added_ms_per_call: float = 0.0,
+        max_kv_bytes: int | None = None,
+        active_s: float = DEFAULT_ACTIVE_S,
     ) -> None:
         """`added_ms_per_call` adds that much time to every forward call (0 = none): a slower model, for
-        tests that need a call to be in flight when something happens (a replica killed mid-call)."""
+        tests that need a call to be in flight when something happens (a replica killed mid-call).
+        `max_kv_bytes` bounds the caches in bytes (None: only by session count): to make room, sessions not
+        used for `active_s` are dropped first (least recently used first; a request that comes back rebuilds
+        its cache from its token ids), then other requests' sessions for a running request's growth; a new
+        session that would not fit beside the active ones raises KVCapacityError."""
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.model = model
+        self.max_kv_bytes = max_kv_bytes
+        self.active_s = active_s
+        self.bytes_per_token = kv_bytes_per_token(model)
         self.added_ms_per_call = added_ms_per_call
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
@@ -103,7 +130,62 @@ class SessionLM:
         return next(self.model.parameters()).device
 
     def stats(self) -> CacheStats:
-        return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions)
+        return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions, self.kv_bytes())
+
+    def kv_bytes(self) -> int:
+        """Bytes the sessions' caches hold now."""
+        return self.bytes_per_token * sum(len(s.token_ids) for s in self._sessions.values())
+
+    def _token_limit(self) -> int | None:
+        return None if self.max_kv_bytes is None else self.max_kv_bytes // self.bytes_per_token
+
+    def admit(self, session_id: str, token_ids: list[int]) -> None:
+        """Before a request's first pass here: raise KVCapacityError if its cache would not fit beside the
+        sessions in use (those idle for `active_s` are dropped to make room). A session that holds a cache
+        is admitted already."""
+        limit = self._token_limit()
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if limit is None or (session is not None and session.token_ids):
+                return
+            used = sum(len(s.token_ids) for s in self._sessions.values())
+            self._drop(self._idle_first(set()), used + len(token_ids) - limit, active_too=False)
+            used = sum(len(s.token_ids) for s in self._sessions.values())
+            if used + len(token_ids) > limit:
+                mib = self.bytes_per_token / 2**20
+                raise KVCapacityError(
+                    f"a new request of {len(token_ids)} tokens needs {len(token_ids) * mib:.1f} MiB of KV cache; the "
+                    f"running requests hold {used * mib:.0f} of this replica's {self.max_kv_bytes / 2**20:.0f} MiB; "
+                    "retry later")
+
+    def _make_room(self, rows: list[_Row]) -> None:
+        """Keep the caches within the byte bound once this pass has run: drop idle sessions, then other
+        requests' (least recently used first; they rebuild from token ids when they come back)."""
+        limit = self._token_limit()
+        if limit is None:
+            return
+        mine = {id(row.session) for row in rows}
+        after = sum(len(s.token_ids) for s in self._sessions.values() if id(s) not in mine)
+        after += sum(len(row.call.token_ids) for row in rows)
+        self._drop(self._idle_first(mine), after - limit, active_too=True)
+        if sum(len(row.call.token_ids) for row in rows) > limit:
+            raise KVCapacityError(f"this pass alone needs more KV cache than this replica's bound of "
+                                  f"{self.max_kv_bytes / 2**20:.0f} MiB")
+
+    def _idle_first(self, exclude: set[int]) -> list[tuple[str, _Session, bool]]:
+        """(id, session, active) of the sessions not in `exclude`, idle ones first, least recently used first."""
+        now = time.monotonic()
+        others = [(sid, s, now - s.last_used <= self.active_s) for sid, s in self._sessions.items()
+                  if id(s) not in exclude]
+        return [o for o in others if not o[2]] + [o for o in others if o[2]]
+
+    def _drop(self, candidates: list[tuple[str, _Session, bool]], excess: int, active_too: bool) -> None:
+        for sid, session, active in candidates:
+            if excess <= 0 or (active and not active_too):
+                return
+            excess -= len(session.token_ids)
+            del self._sessions[sid]
+            self.evictions += 1
 
     def close(self, session_id: str) -> bool:
         """End a session: drop its cache for good. A call for it that arrives afterwards (one
@@ -146,6 +228,7 @@ class SessionLM:
         for one chunk at a time, until at most `chunk_tokens` are left for the next (batched) call: a long
         prompt arriving holds the running requests' passes for one chunk at a time, not for all of it
         (chunked prefill). Returns the chunks fed (0 in steady decoding)."""
+        self.admit(session_id, token_ids)
         chunks = 0
         while True:
             with self._lock:
@@ -181,6 +264,7 @@ class SessionLM:
     def _forward_rows(self, rows: list[_Row]) -> list[torch.Tensor]:
         """One forward pass over the rows (model lock held): each session's cache is cut back to the longest
         prefix it shares with its call's tokens (keeping at least `num_logits` to feed), the rest is fed."""
+        self._make_room(rows)
         for row in rows:
             cached = len(row.session.token_ids)
             row.keep = min(common_prefix_len(row.session.token_ids, row.call.token_ids),

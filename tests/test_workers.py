@@ -14,7 +14,7 @@ from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
 from speckv.local import LocalEngine
 from speckv.sampling import SamplingParams
-from speckv.workers import LogitsCall, SessionLM
+from speckv.workers import KVCapacityError, LogitsCall, SessionLM, kv_bytes_per_token
 
 from .conftest import EOS_ID, certain_predictor
 from .test_engine import PROMPT, exact_sequence_probs, pooled_p_value
@@ -97,3 +97,31 @@ def test_sampling_through_batched_passes_keeps_the_target_distribution(draft_mod
     exact = exact_sequence_probs(target_model, params, 3)
     assert pooled_p_value(counts, exact) > 1e-3
     assert pooled_p_value(counts, exact_sequence_probs(draft_model, params, 3)) < 1e-6  # the test has power
+
+
+def test_kv_bytes_per_token_follow_the_architecture(target_model):
+    # 2 layers x (keys, values) x 2 KV heads x head size 64/4 x 4 bytes (float32)
+    assert kv_bytes_per_token(target_model) == 2 * 2 * 2 * 16 * 4
+    lm = SessionLM(target_model)
+    lm.logits("a", _sequences(30)[0], 1)
+    assert lm.stats().kv_bytes == 30 * lm.bytes_per_token
+
+
+def test_the_kv_byte_bound_turns_new_requests_away_and_never_running_ones(target_model):
+    """Room for 100 tokens: a second request of 60 waits (KVCapacityError, the router's 503) while the first
+    is running; a running request growing past the bound drops the others' idle caches instead of failing;
+    once the first is idle, the new one gets its room, and the first still gets the same logits when it comes
+    back (its cache is rebuilt from its token ids)."""
+    lm = SessionLM(target_model, max_kv_bytes=100 * kv_bytes_per_token(target_model), active_s=60.0)
+    a, b = _sequences(60, 60, seed=3)
+    before = lm.logits("a", a, 2)
+    with pytest.raises(KVCapacityError, match="retry later"):
+        lm.prefill("b", b)
+    assert not lm.has_session("b") or lm.stats().kv_bytes == 60 * lm.bytes_per_token
+    lm.logits("a", a + [1] * 30, 1)  # the running request grows to 90 tokens: fine
+    lm.active_s = 0.0  # now "a" counts as idle
+    lm.prefill("b", b)
+    lm.logits("b", b, 1)
+    assert not lm.has_session("a") and lm.stats().kv_bytes <= 100 * lm.bytes_per_token
+    torch.testing.assert_close(lm.logits("a", a, 2), before, atol=1e-5, rtol=1e-5)
+    assert lm.stats().kv_bytes <= 100 * lm.bytes_per_token

@@ -565,9 +565,12 @@ def test_backend_overload_maps_to_503():
     from ray.serve.exceptions import BackPressureError
 
     from deployments.executors import backend_error
+    from speckv.workers import KVCapacityError
 
     err = backend_error(BackPressureError(num_queued_requests=65, max_queued_requests=64), retry_after_s=2)
     assert err.status == 503 and err.headers == {"Retry-After": "2"} and err.code == "overloaded"
+    err = backend_error(KVCapacityError("full"), retry_after_s=2)
+    assert err.status == 503 and err.headers == {"Retry-After": "2"} and err.code == "kv_cache_full"
     assert backend_error(ValueError("bug"), 2) is None
 
 
@@ -664,3 +667,39 @@ def test_concurrent_requests_share_passes_and_each_equals_its_reference(app, slo
     assert [b["choices"][0]["text"] for b in bodies] == expected
     shared = [int(size) for b in bodies for size, n in b["speculation"]["batch_histogram"].items()]
     assert max(shared) > 1, [b["speculation"]["batch_histogram"] for b in bodies]
+
+
+def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app):
+    """Replicas bounded to 80 tokens of KV cache: while a long request runs, a new one that would not fit
+    gets 503 + Retry-After with an OpenAI-shaped body; the running one completes as it would alone, and the
+    new one is served once the running one has ended."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    per_token = 2 * 2 * 2 * 12 * 4  # the tiny pair: layers x (K, V) x KV heads x head size x float32
+    config = {**app["config"], "kv_cache_mib": 80 * per_token / 2**20, "added_ms_per_call": {"target-fp16": 150.0},
+              "deployment_options": {}}
+    serve.run(build_app(config), name="speckv-kv", route_prefix="/kv")
+    try:
+        engine: LocalEngine = app["engine"]
+        long_body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 50, "temperature": 0,
+                     "speculation": {"policy": "fixed", "gamma": 2}}
+        new_body = {**long_body, "prompt": "# " + "numbers and letters " * 20, "max_tokens": 4}  # ~60 tokens
+
+        async def run() -> tuple[httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(timeout=300) as client:
+                running = asyncio.create_task(client.post(BASE + "/kv/v1/completions", json=long_body))
+                await asyncio.sleep(1.5)
+                turned_away = await client.post(BASE + "/kv/v1/completions", json=new_body)
+                return await running, turned_away
+
+        done, turned_away = asyncio.run(run())
+        assert turned_away.status_code == 503, turned_away.text
+        assert turned_away.headers["Retry-After"] and turned_away.json()["error"]["code"] == "kv_cache_full"
+        expected = engine.generate(encode_prompt(engine.tokenizer, long_body["prompt"], chat=False), "fixed:2", 50)
+        assert done.status_code == 200 and done.json()["choices"][0]["text"] == expected.text
+        later = post("/kv/v1/completions", new_body)
+        assert later.status_code == 200 and later.json()["usage"]["completion_tokens"] == 4
+    finally:
+        serve.delete("speckv-kv")
