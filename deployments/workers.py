@@ -7,14 +7,13 @@ rebuilds it from the token ids, so affinity only saves time and never decides co
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass
 
 import torch
 from ray import serve
 
-from speckv.batching import BatchSettings
+from speckv.batching import BatchSettings, admit_and_prefill
 from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
@@ -89,18 +88,24 @@ class DraftDeployment:
         self._calibration = spec.calibrate(self.worker.lm, "draft")
         self.batching = spec.batching(self._calibration)
         _apply(self._propose_batch, self.batching)
+        _apply(self._prefill_step, self.batching)
 
     def calibration(self) -> dict:
         """{"draft": this replica's calibration (speckv.calibration.Calibration as a dict)}."""
         return {"draft": self._calibration}
 
     async def propose(self, inputs: StepInputs) -> Proposal:
-        await asyncio.to_thread(self.worker.prefill, inputs)  # a new request's prompt, in chunks
+        await admit_and_prefill(self.worker, inputs, self._prefill_step)  # a new request's prompt, in chunks
         return await self._propose_batch(inputs)
 
+    # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
-        return await asyncio.to_thread(self.worker.propose_batch, batch)
+        return self.worker.propose_batch(batch)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _prefill_step(self, batch: list[StepInputs]) -> list[int]:
+        return self.worker.prefill_step(batch)
 
     def close(self, session_id: str) -> None:
         """The request has ended: close its session (a call still in flight for it is refused)."""
@@ -125,6 +130,7 @@ class TargetDeployment:
             self._calibration["draft"] = draft.calibrate(self.draft.lm, "draft")
         self.batching = spec.batching(self._calibration["target"])
         _apply(self._verify_batch, self.batching)
+        _apply(self._prefill_step, self.batching)
         self.executor = local_executor(self.draft, self.worker, self.batching) if self.draft else None
 
     def calibration(self) -> dict:
@@ -132,12 +138,17 @@ class TargetDeployment:
         return self._calibration
 
     async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        await asyncio.to_thread(self.worker.prefill, inputs)  # a new request's prompt, in chunks
+        await admit_and_prefill(self.worker, inputs, self._prefill_step)  # a new request's prompt, in chunks
         return await self._verify_batch((inputs, draft_token_ids))
 
+    # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification]:
-        return await asyncio.to_thread(self.worker.verify_batch, batch)
+        return self.worker.verify_batch(batch)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _prefill_step(self, batch: list[StepInputs]) -> list[int]:
+        return self.worker.prefill_step(batch)
 
     async def step(self, inputs: StepInputs) -> StepCall:
         if self.executor is None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import Batcher, BatchSettings
+from .batching import Batcher, BatchSettings, admit_and_prefill
 from .calibration import calibrate_pair
 from .engine import (
     GenerationRequest,
@@ -28,8 +28,8 @@ from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker,
 
 def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None) -> SplitExecutor:
     """A step executor over in-process workers. With `batching`, the calls of requests running concurrently
-    (on one event loop) share forward passes (speckv.batching); a new request's long prompt is prefilled in
-    chunks between those passes."""
+    (on one event loop) share forward passes (speckv.batching); new requests' prompts are prefilled together,
+    in chunks, between those passes."""
     if batching is None:
         async def propose(inputs: StepInputs) -> Proposal:
             return draft.propose(inputs)
@@ -38,15 +38,15 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
             # in a thread (torch releases the GIL), so the loop's work overlaps it (StepExecutor.run_step)
             return await asyncio.to_thread(target.verify, inputs, draft_token_ids)
     else:
-        proposals = Batcher(draft.propose_batch, batching)
-        verifications = Batcher(target.verify_batch, batching)
+        proposals, draft_prefills = Batcher(draft.propose_batch, batching), Batcher(draft.prefill_step, batching)
+        verifications, target_prefills = Batcher(target.verify_batch, batching), Batcher(target.prefill_step, batching)
 
         async def propose(inputs: StepInputs) -> Proposal:
-            await asyncio.to_thread(draft.prefill, inputs)
+            await admit_and_prefill(draft, inputs, draft_prefills)
             return await proposals(inputs)
 
         async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-            await asyncio.to_thread(target.prefill, inputs)
+            await admit_and_prefill(target, inputs, target_prefills)
             return await verifications((inputs, draft_token_ids))
 
     async def close(session_id: str) -> None:

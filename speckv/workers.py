@@ -22,6 +22,8 @@ DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_ACTIVE_S = 5.0  # a session used this recently belongs to a running request (SessionLM's byte bound)
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward pass in a chunked prefill (SessionLM.prefill)
+PREFILL_LEAVE = 16  # tokens a cache may lack and still go into the shared pass (more: prefilled first)
+PREFILL_PADDING = 0.25  # a prefill pass's padded tokens, at most this share of its real ones
 CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
 
 
@@ -223,21 +225,46 @@ class SessionLM:
         return session
 
     @torch.inference_mode()
+    def missing(self, session_id: str, token_ids: list[int]) -> int:
+        """How many of `token_ids` the session's cache lacks (all of them for a session it does not hold)."""
+        session = self._sessions.get(session_id)
+        return len(token_ids) - (common_prefix_len(session.token_ids, token_ids) if session else 0)
+
     def prefill(self, session_id: str, token_ids: list[int], chunk_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
-        """Feed what the session's cache lacks of `token_ids` in chunks of `chunk_tokens`, taking the model
-        for one chunk at a time, until at most `chunk_tokens` are left for the next (batched) call: a long
-        prompt arriving holds the running requests' passes for one chunk at a time, not for all of it
-        (chunked prefill). Returns the chunks fed (0 in steady decoding)."""
+        """Admit a session (KVCapacityError where it does not fit) and prefill it as `prefill_step` would,
+        until its cache lacks at most PREFILL_LEAVE of `token_ids`; returns the passes made."""
         self.admit(session_id, token_ids)
-        chunks = 0
-        while True:
-            with self._lock:
+        passes = 0
+        while self.missing(session_id, token_ids) > PREFILL_LEAVE:
+            self.prefill_step([(session_id, token_ids)], chunk_tokens)
+            passes += 1
+        return passes
+
+    @torch.inference_mode()
+    def prefill_step(self, items: list[tuple[str, list[int]]], chunk_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
+        """One pass of chunked prefill: the sessions whose caches lack more than PREFILL_LEAVE of their tokens
+        (new requests' prompts, rebuilt caches) are fed up to `chunk_tokens` each, in one pass with those whose
+        chunks are about as long as the longest (so padding costs at most PREFILL_PADDING of the pass; the rest
+        wait for the next). One pass per call: the running requests' passes run between a long prompt's
+        chunks. Returns the sessions fed."""
+        with self._lock:
+            chunks = []
+            for session_id, token_ids in dict(items).items():
                 session = self._open(session_id)
                 done = common_prefix_len(session.token_ids, token_ids)
-                if len(token_ids) - done <= chunk_tokens:
-                    return chunks
-                self._forward_rows([_Row(session, LogitsCall(session_id, token_ids[:done + chunk_tokens], 1))])
-                chunks += 1
+                if len(token_ids) - done > PREFILL_LEAVE:
+                    upto = min(len(token_ids), done + chunk_tokens)
+                    chunks.append((upto - done, _Row(session, LogitsCall(session_id, token_ids[:upto], 1))))
+            chunks.sort(key=lambda c: -c[0])
+            rows, fed = [], 0
+            for length, row in chunks:
+                if rows and (len(rows) + 1) * chunks[0][0] > (1 + PREFILL_PADDING) * (fed + length):
+                    break
+                rows.append(row)
+                fed += length
+            if rows:
+                self._forward_rows(rows)
+            return len(rows)
 
     @torch.inference_mode()
     def logits(self, session_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
@@ -393,10 +420,19 @@ class ModelWorker:
     def __init__(self, lm: SessionLM) -> None:
         self.lm = lm
 
-    def prefill(self, inputs: StepInputs) -> int:
-        """Chunked prefill of a context the cache lacks much of (SessionLM.prefill), before a batched call, so
-        a new request's prompt does not hold the batch's pass for all of it."""
-        return self.lm.prefill(inputs.session_id, inputs.context_ids[:-1])
+    def admit(self, inputs: StepInputs) -> None:
+        """Before a request's call joins a batch: KVCapacityError where its cache would not fit."""
+        self.lm.admit(inputs.session_id, inputs.context_ids[:-1])
+
+    def needs_prefill(self, inputs: StepInputs) -> bool:
+        """Whether the cache lacks too much of the context for the shared pass (SessionLM.prefill_step)."""
+        return self.lm.missing(inputs.session_id, inputs.context_ids[:-1]) > PREFILL_LEAVE
+
+    def prefill_step(self, batch: list[StepInputs]) -> list[int]:
+        """One chunk pass of prefill for the requests of `batch` that need it, together where their chunks are
+        of about the same length; returns the sessions fed (for each)."""
+        fed = self.lm.prefill_step([(inputs.session_id, inputs.context_ids[:-1]) for inputs in batch])
+        return [fed] * len(batch)
 
 
 class DraftWorker(ModelWorker):

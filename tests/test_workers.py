@@ -46,8 +46,9 @@ def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model):
 def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
     chunked, whole = SessionLM(target_model), SessionLM(target_model)
     (prompt,) = _sequences(300)
-    assert chunked.prefill("a", prompt, chunk_tokens=64) == 4  # 300 -> 44 left for the next call
-    assert chunked.prefill("a", prompt, chunk_tokens=64) == 0  # steady decoding: nothing to do
+    assert chunked.prefill("a", prompt, chunk_tokens=64) == 5  # 64+64+64+64+44: the whole prompt, in chunks
+    assert chunked.prefill("a", prompt + [1] * 16, chunk_tokens=64) == 0  # a few tokens more go in the shared pass
+    assert chunked.prefill("a", prompt + [1] * 17, chunk_tokens=64) == 1
     torch.testing.assert_close(chunked.logits("a", prompt + [3], 2), whole.logits("a", prompt + [3], 2),
                                atol=1e-5, rtol=1e-5)
 
