@@ -45,7 +45,7 @@ def app(tmp_path_factory, drafting_predictor):
             config = {
                 "draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
                 "draft_dtype": "float32", "torch_threads": 1, "max_tokens_limit": 256,
-                "predictor": str(drafting_predictor), "policy_refresh_s": 0.5,
+                "predictor": str(drafting_predictor), "policy_refresh_s": 0.5, "max_batch_size": 2,
                 "deployment_options": {
                     "target-fp16": {"max_ongoing_requests": 2, "autoscaling_config": {
                         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
