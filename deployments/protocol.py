@@ -50,6 +50,7 @@ class SpeculationOptions(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM extension: the usage so far in every chunk")
 
 
 class _SamplingRequest(BaseModel):
@@ -67,6 +68,8 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, description="only 1 is supported")
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension (load tools use it): generate max_tokens tokens, "
+                             "past end-of-sequence tokens")
     speculation: SpeculationOptions | None = None
 
     @field_validator("n")

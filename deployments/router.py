@@ -26,7 +26,7 @@ from .config import AppConfig
 from .executors import ExecutorFactory, StepRetries, backend_error, remote_executor
 from .http_app import SETTINGS, ClosingStreamingResponse, api
 from .metrics import ServeMetrics
-from .protocol import SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, Reply, sse
+from .protocol import SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, Reply, StreamOptions, sse
 
 logger = logging.getLogger("ray.serve")
 
@@ -118,7 +118,8 @@ class Router:
         try:
             sampling = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
             request = GenerationRequest(prompt_ids=prompt_ids, max_new_tokens=max_tokens, sampling=sampling,
-                                        stop=tuple(req.stop_list()), eos_token_ids=self.text.eos_token_ids,
+                                        stop=tuple(req.stop_list()),
+                                        eos_token_ids=() if req.ignore_eos else self.text.eos_token_ids,
                                         tier=tier.value)
         except ValueError as e:
             raise APIError(400, str(e), param="stop" if "stop" in str(e) else None) from None
@@ -197,8 +198,8 @@ class Router:
                 self.active -= 1
                 await events.aclose()
             return JSONResponse(reply.body(text, gen.stats))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return ClosingStreamingResponse(self._stream(reply, gen.stats, first, events, include_usage),
+        options = req.stream_options or StreamOptions()
+        return ClosingStreamingResponse(self._stream(reply, gen.stats, first, events, options),
                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @staticmethod
@@ -210,16 +211,19 @@ class Router:
             yield event
 
     async def _stream(self, reply: Reply, stats: RequestStats, first: StepEvent | None,
-                      events: AsyncIterator[StepEvent], include_usage: bool) -> AsyncIterator[str]:
+                      events: AsyncIterator[StepEvent], options: StreamOptions) -> AsyncIterator[str]:
         """The answer as server-sent events; a failure after the first event is reported in-band."""
         try:
             if reply.chat:
                 yield reply.chunk(None, role=True)
+            tokens = 0
             async for event in self._after(first, events):
+                tokens += len(event.token_ids)
                 if event.text:
-                    yield reply.chunk(event.text)
+                    usage = {"usage": reply.usage(tokens)} if options.continuous_usage_stats else {}
+                    yield reply.chunk(event.text, **usage)
             yield reply.last_chunk(stats)
-            if include_usage:
+            if options.include_usage:
                 yield reply.usage_chunk(stats)
         except Exception as e:  # noqa: BLE001 - the stream has started; report in-band, then end it
             logger.exception("request %s failed mid-stream", reply.id)

@@ -195,3 +195,25 @@ def test_the_router_takes_its_executor_factory(models, router):
     expected = json.loads(asyncio.run(r_handles.completions(CompletionRequest(**BODY))).body)
     assert made == [("disaggregated", "no handle", None)]
     assert got["choices"][0]["text"] == expected["choices"][0]["text"] and got["speculation"]["draft_tokens"] > 0
+
+
+def test_what_load_tools_send_is_served(router):
+    """vLLM's extensions that load tools (GuideLLM) send: `ignore_eos` generates max_tokens tokens past
+    end-of-sequence tokens (here every token is one), and `stream_options.continuous_usage_stats` puts the
+    usage so far in every streamed chunk."""
+    import dataclasses
+
+    r, _, _ = router
+    r.text = dataclasses.replace(r.text, eos_token_ids=tuple(range(r.text.tokenizer.vocab_size + 64)))
+    stopped = json.loads(asyncio.run(r.completions(CompletionRequest(**BODY))).body)
+    assert stopped["usage"]["completion_tokens"] == 0 and stopped["choices"][0]["finish_reason"] == "stop"
+    body = {**BODY, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+    async def run():
+        return await _stream_events(await r.completions(CompletionRequest(**body)))
+
+    events = asyncio.run(run())
+    counts = [e["usage"]["completion_tokens"] for e in events if e["choices"] and e["choices"][0]["text"]]
+    assert counts == sorted(counts) and len(counts) > 1
+    assert events[-1]["usage"]["completion_tokens"] == BODY["max_tokens"]
