@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup models serve lint test
+.PHONY: setup models serve lint test loadtool
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,11 @@ lint: setup
 
 test: lint models
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# GuideLLM (the load tool of `python -m deployments.load_sweep`) in its own venv: it wants torch, so the CPU
+# build on this disk is pinned first (a bare requirement would pull a multi-GB CUDA build).
+loadtool: .loadtool/.installed
+.loadtool/.installed:
+	$(PYTHON) -m venv .loadtool
+	.loadtool/bin/pip install -q torch==2.13.0 guidellm==0.8.1
+	touch $@

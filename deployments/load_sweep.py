@@ -1,0 +1,174 @@
+"""Load sweep of the served OpenAI endpoint with GuideLLM, the field's load tool.
+
+    make loadtool                      # GuideLLM in its own venv (.loadtool/), beside the CPU torch
+    make serve                         # in another shell (or any SpecKV endpoint)
+    python -m deployments.load_sweep --url http://127.0.0.1:8000 --tiers nf4,fp16 \
+        --policies none,fixed:1,adaptive --concurrency 1,2,4,8,16 --rate-shares 0.25,0.5 --out docs/results/load
+
+For each tier and policy GuideLLM runs fixed numbers of concurrent streams, then Poisson arrivals at shares of
+the capacity (requests/s) the highest concurrency reached, with synthetic prompts of --prompt-tokens tokens
+and exactly --output-tokens generated tokens each (`ignore_eos`), greedy, streamed, the policy chosen by the
+request's `speculation` field. GuideLLM's own report of each run is kept beside the summary; the summary
+(aggregate output tokens/s, time to first token and inter-token latency p50/p99, requests completed and
+failed, per level) is printed and saved as load_sweep.json, with plots. `deployments/load_run.py` stays
+the check that every stream equals its greedy reference under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_GUIDELLM = Path(__file__).resolve().parents[1] / ".loadtool" / "bin" / "guidellm"
+
+
+def speculation(policy: str) -> dict:
+    """The request's `speculation` field for a policy spec (none, fixed:N, adaptive, heuristic)."""
+    if policy.startswith("fixed:"):
+        return {"policy": "fixed", "gamma": int(policy.split(":", 1)[1])}
+    return {"policy": policy}
+
+
+def scenario(url: str, tier: str, policy: str, tokenizer: str, prompt_tokens: int, output_tokens: int,
+             seconds: float, profile: dict, levels: list[dict]) -> dict:
+    """A GuideLLM scenario: one benchmark per level (overrides of `profile`)."""
+    body = {"temperature": 0, "speculation": speculation(policy)}
+    return {
+        "metadata": {"name": f"speckv-{tier}-{policy}", "description": "SpecKV load sweep (deployments/load_sweep.py)"},
+        "spec": {
+            "backend": {"kind": "openai_http", "target": url, "model": f"speckv-{tier}",
+                        "request_format": "/v1/completions", "extras": {"body": body}, "timeout": 1800,
+                        "api_routes": {"/health": "healthz"},
+                        "http2": False},
+            "profile": profile,
+            "tokenizer": {"kind": "huggingface_auto", "model": tokenizer},
+            "data": [{"kind": "synthetic_text", "prompt_tokens": prompt_tokens, "output_tokens": output_tokens}],
+            "constraints": [{"kind": "max_duration", "seconds": seconds}],
+        },
+        "benchmarks": levels,
+    }
+
+
+def run_guidellm(guidellm: str, spec: dict, out: Path) -> dict:
+    """Run one scenario; GuideLLM's JSON report, also kept at `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".scenario.json")
+    path.write_text(json.dumps(spec, indent=2))
+    cmd = [guidellm, "run", "-c", str(path), "--output", f"kind=json,path={out}", "--disable-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"guidellm failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def summarize(report: dict, level: str, values: list[float]) -> list[dict]:
+    """One row per benchmark of a GuideLLM report: aggregate output tokens/s (every token streamed within
+    the window, finished requests or not), requests per second, TTFT and inter-token latency of the finished
+    requests (p50, p99), requests finished, failed and cut by the window's end."""
+    rows = []
+    for bench, value in zip(report["benchmarks"], values):
+        m = bench["metrics"]
+
+        def stat(name: str, which: str = "successful") -> dict:
+            return m[name][which]
+
+        rows.append({
+            level: value, "seconds": bench["duration"],
+            "output_tokens_per_s": stat("output_tokens_per_second", "total")["mean"],
+            "requests_per_s": stat("requests_per_second")["mean"],
+            "ttft_ms_p50": stat("time_to_first_token_ms")["median"],
+            "ttft_ms_p99": stat("time_to_first_token_ms")["percentiles"]["p99"],
+            "itl_ms_p50": stat("inter_token_latency_ms")["median"],
+            "itl_ms_p99": stat("inter_token_latency_ms")["percentiles"]["p99"],
+            **{f"requests_{k}": v for k, v in m["request_totals"].items()},
+        })
+    return rows
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """Every tier and policy: the concurrency levels, then Poisson rates at shares of the capacity reached."""
+    out = Path(args.out)
+    results: dict = {"args": vars(args), "runs": []}
+    for tier in args.tiers:
+        for policy in args.policies:
+            name = f"{tier}-{policy.replace(':', '')}"
+            spec = scenario(args.url, tier, policy, args.tokenizer, args.prompt_tokens, args.output_tokens,
+                            args.seconds, {"kind": "concurrent", "streams": args.concurrency},
+                            [{"profile.streams": c} for c in args.concurrency])
+            rows = summarize(run_guidellm(args.guidellm, spec, out / f"{name}-concurrent.json"), "concurrency",
+                             args.concurrency)
+            for row in rows:
+                print(json.dumps({"tier": tier, "policy": policy, **row}), flush=True)
+            capacity = max(r["requests_per_s"] for r in rows)
+            rates = [round(share * capacity, 4) for share in args.rate_shares if share * capacity > 0]
+            poisson = []
+            if rates:
+                spec = scenario(args.url, tier, policy, args.tokenizer, args.prompt_tokens, args.output_tokens,
+                                args.seconds, {"kind": "poisson", "rate": rates},
+                                [{"profile.rate": r} for r in rates])
+                poisson = summarize(run_guidellm(args.guidellm, spec, out / f"{name}-poisson.json"), "rate", rates)
+                for row, share in zip(poisson, args.rate_shares):
+                    row["capacity_share"] = share
+                    print(json.dumps({"tier": tier, "policy": policy, **row}), flush=True)
+            results["runs"].append({"tier": tier, "policy": policy, "concurrency": rows, "poisson": poisson,
+                                    "capacity_requests_per_s": capacity})
+    (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def plot(results: dict, out: Path) -> None:
+    """Aggregate tokens/s and TTFT p50 against concurrency, one panel per tier, one line per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = sorted({r["tier"] for r in results["runs"]})
+    fig, axes = plt.subplots(2, len(tiers), figsize=(5 * len(tiers), 7), squeeze=False)
+    for col, tier in enumerate(tiers):
+        for run in (r for r in results["runs"] if r["tier"] == tier):
+            c = [row["concurrency"] for row in run["concurrency"]]
+            axes[0][col].plot(c, [row["output_tokens_per_s"] for row in run["concurrency"]], "o-", label=run["policy"])
+            axes[1][col].plot(c, [row["ttft_ms_p50"] / 1e3 for row in run["concurrency"]], "o-", label=run["policy"])
+        axes[0][col].set(title=f"{tier}: aggregate output tokens/s", xlabel="concurrent streams", xscale="log")
+        axes[1][col].set(title=f"{tier}: TTFT p50 (s)", xlabel="concurrent streams", xscale="log")
+        axes[0][col].legend()
+    fig.tight_layout()
+    fig.savefig(out / "load_sweep.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from speckv.models import DEFAULT_TARGET, resolve_model_dir
+
+    def floats(s: str) -> list[float]:
+        return [float(x) for x in s.split(",") if x]
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--guidellm", default=str(DEFAULT_GUIDELLM), help="GuideLLM executable (default: .loadtool's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the target's)")
+    p.add_argument("--tiers", type=lambda s: s.split(","), default=["nf4", "fp16"])
+    p.add_argument("--policies", type=lambda s: s.split(","), default=["none", "fixed:1", "adaptive"])
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument("--rate-shares", type=floats, default=[0.5], help="Poisson rates as shares of the capacity")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=120.0, help="length of each level's window")
+    p.add_argument("--out", default="results/load")
+    args = p.parse_args(argv)
+    if not Path(args.guidellm).exists():
+        print(f"GuideLLM not found at {args.guidellm}; run `make loadtool` (or pass --guidellm)", file=sys.stderr)
+        return 2
+    args.tokenizer = args.tokenizer or resolve_model_dir(DEFAULT_TARGET)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = sweep(args)
+    plot(results, Path(args.out))
+    print(f"saved {Path(args.out) / 'load_sweep.json'} and load_sweep.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
