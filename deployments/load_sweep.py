@@ -119,6 +119,21 @@ def sweep(args: argparse.Namespace) -> dict:
     return results
 
 
+def table(results: dict) -> str:
+    """The summary as a markdown table: one row per tier, policy and level."""
+    lines = ["| tier | policy | load | aggregate output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
+             "| requests done / cut / failed |", "|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        levels = [(f"{r['concurrency']} streams", r) for r in run["concurrency"]]
+        levels += [(f"Poisson {r['rate']:.3g}/s ({r['capacity_share']:.0%} of capacity)", r) for r in run["poisson"]]
+        for load, r in levels:
+            lines.append(f"| {run['tier']} | {run['policy']} | {load} | {r['output_tokens_per_s']:.2f} | "
+                         f"{r['ttft_ms_p50'] / 1e3:.1f} / {r['ttft_ms_p99'] / 1e3:.1f} | "
+                         f"{r['itl_ms_p50']:.0f} / {r['itl_ms_p99']:.0f} | {r['requests_successful']} / "
+                         f"{r['requests_incomplete']} / {r['requests_errored']} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, out: Path) -> None:
     """Aggregate tokens/s and TTFT p50 against concurrency, one panel per tier, one line per policy."""
     import matplotlib
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = sweep(args)
     plot(results, Path(args.out))
+    (Path(args.out) / "load_sweep.md").write_text(table(results) + "\n")
+    print(table(results))
     print(f"saved {Path(args.out) / 'load_sweep.json'} and load_sweep.png")
     return 0
 

@@ -1,6 +1,6 @@
 """The load sweep's own logic (deployments/load_sweep.py): what it asks GuideLLM for and what it reads back."""
 
-from deployments.load_sweep import scenario, speculation, summarize
+from deployments.load_sweep import scenario, speculation, summarize, table
 
 
 def test_each_policy_is_asked_for_in_the_request_body():
@@ -26,3 +26,7 @@ def test_a_report_is_summarized_per_level():
     (row,) = summarize({"benchmarks": [bench]}, "concurrency", [8])
     assert row["concurrency"] == 8 and row["output_tokens_per_s"] == 2.5 and row["ttft_ms_p99"] == 1500.0
     assert row["itl_ms_p50"] == 300.0 and row["requests_successful"] == 8 and row["requests_incomplete"] == 2
+    poisson = {**row, "rate": 0.05, "capacity_share": 0.5}
+    md = table({"runs": [{"tier": "nf4", "policy": "none", "concurrency": [row], "poisson": [poisson]}]})
+    assert "| nf4 | none | 8 streams | 2.50 | 0.9 / 1.5 | 300 / 420 | 8 / 2 / 0 |" in md
+    assert "Poisson 0.05/s (50% of capacity)" in md
