@@ -18,7 +18,15 @@ from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
 from speckv.models import DRAFT_TIER, load_model
-from speckv.workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
+from speckv.workers import (
+    DraftWorker,
+    Proposal,
+    SessionLM,
+    StepInputs,
+    TargetWorker,
+    Verification,
+    raise_failed,
+)
 
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
 
@@ -96,7 +104,7 @@ class DraftDeployment:
 
     async def propose(self, inputs: StepInputs) -> Proposal:
         await admit_and_prefill(self.worker, inputs, self._prefill_step)  # a new request's prompt, in chunks
-        return await self._propose_batch(inputs)
+        return raise_failed(await self._propose_batch(inputs))  # a closed session fails alone
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
@@ -139,7 +147,7 @@ class TargetDeployment:
 
     async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
         await admit_and_prefill(self.worker, inputs, self._prefill_step)  # a new request's prompt, in chunks
-        return await self._verify_batch((inputs, draft_token_ids))
+        return raise_failed(await self._verify_batch((inputs, draft_token_ids)))  # a closed session fails alone
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)

@@ -75,7 +75,11 @@ class Batcher(Generic[T, R]):
                         future.set_exception(e)
                 continue
             for (_, future), result in zip(batch, results):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Exception):  # this call failed alone (workers.raise_failed)
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
 

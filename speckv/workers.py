@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +30,16 @@ CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (ol
 
 class SessionClosedError(RuntimeError):
     """A call for a session whose request has ended: it was still in flight when the request was cancelled."""
+
+
+T = TypeVar("T")
+
+
+def raise_failed(result: T | Exception) -> T:
+    """A batched call's entry for one request: its result, or the error it alone failed with, raised."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 class KVCapacityError(RuntimeError):
@@ -250,6 +261,8 @@ class SessionLM:
         with self._lock:
             chunks = []
             for session_id, token_ids in dict(items).items():
+                if session_id in self._closed:
+                    continue  # its request has ended; its next call fails alone (logits_batch)
                 session = self._open(session_id)
                 done = common_prefix_len(session.token_ids, token_ids)
                 if len(token_ids) - done > PREFILL_LEAVE:
@@ -270,18 +283,30 @@ class SessionLM:
     def logits(self, session_id: str, token_ids: list[int], num_logits: int) -> torch.Tensor:
         """Bring the session's cache to cover `token_ids`; return [num_logits, vocab] logits predicting the
         tokens after each of the last `num_logits` positions."""
-        return self.logits_batch([LogitsCall(session_id, token_ids, num_logits)])[0]
+        return raise_failed(self.logits_batch([LogitsCall(session_id, token_ids, num_logits)])[0])
 
     @torch.inference_mode()
-    def logits_batch(self, calls: list[LogitsCall]) -> list[torch.Tensor]:
-        """`logits` for several sessions in one forward pass (one per call; a session twice runs apart)."""
+    def logits_batch(self, calls: list[LogitsCall]) -> list[torch.Tensor | SessionClosedError]:
+        """`logits` for several sessions in one forward pass (one per call; a session twice runs apart). A
+        call for a closed session fails alone: its entry is the SessionClosedError, the others are served."""
         for call in calls:
             assert 1 <= call.num_logits <= len(call.token_ids), (call.num_logits, len(call.token_ids))
+        out: list = [None] * len(calls)
         with self._lock:
-            rows = [_Row(self._open(call.session_id), call) for call in calls]
-            if len({call.session_id for call in calls}) < len(calls):
-                return [self._forward_rows([row])[0] for row in rows]
-            return self._forward_rows(rows)
+            rows, where = [], []
+            for i, call in enumerate(calls):
+                try:
+                    rows.append(_Row(self._open(call.session_id), call))
+                    where.append(i)
+                except SessionClosedError as e:
+                    out[i] = e
+            if len({row.call.session_id for row in rows}) < len(rows):
+                results = [self._forward_rows([row])[0] for row in rows]
+            else:
+                results = self._forward_rows(rows) if rows else []
+        for i, result in zip(where, results):
+            out[i] = result
+        return out
 
     def _open(self, session_id: str) -> _Session:
         if session_id in self._closed:
@@ -439,23 +464,27 @@ class DraftWorker(ModelWorker):
     """Proposes γ tokens autoregressively with their signals."""
 
     def propose(self, inputs: StepInputs) -> Proposal:
-        return self.propose_batch([inputs])[0]
+        return raise_failed(self.propose_batch([inputs])[0])
 
-    def propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
+    def propose_batch(self, batch: list[StepInputs]) -> list[Proposal | SessionClosedError]:
         """Draft up to γ tokens after each context, one forward pass per drafted position for all requests
         still drafting, each ending its run early where its `stop` rule says the tokens after this one would
-        rarely be accepted. Each proposal's `compute_ms` is the batch's time (what its request waited)."""
+        rarely be accepted. Each proposal's `compute_ms` is the batch's time (what its request waited); a
+        request whose session was closed gets its error, the others their proposals."""
         start = time.perf_counter()
         runs = [_DraftRun(inputs) for inputs in batch]
         active = [run for run in runs if run.inputs.gamma > 0]
         calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids, 1) for run in active]
         while active:
             for run, logits in zip(active, self.lm.logits_batch(calls)):
-                run.take(logits[-1])
+                if isinstance(logits, Exception):
+                    run.failed, run.done = logits, True
+                else:
+                    run.take(logits[-1])
             active = [run for run in active if not run.done]
             calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids + run.tokens, 1) for run in active]
         ms = (time.perf_counter() - start) * 1e3
-        return [run.proposal(ms, len(batch)) for run in runs]
+        return [run.failed or run.proposal(ms, len(batch)) for run in runs]
 
 
 class _DraftRun:
@@ -470,6 +499,7 @@ class _DraftRun:
         self.signals = DraftSignals()
         self.stopper = inputs.stop.stopper()
         self.done = inputs.gamma == 0
+        self.failed: SessionClosedError | None = None
 
     def take(self, logits: torch.Tensor) -> None:
         """Draw the next token from the draft's logits after the run so far."""
@@ -493,19 +523,22 @@ class TargetWorker(ModelWorker):
 
     def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
         """Score the context's next token and each drafted one, in one pass."""
-        return self.verify_batch([(inputs, draft_token_ids)])[0]
+        return raise_failed(self.verify_batch([(inputs, draft_token_ids)])[0])
 
-    def verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification]:
-        """`verify` for several requests in one forward pass; each result reports that pass."""
+    def verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification | SessionClosedError]:
+        """`verify` for several requests in one forward pass; each result reports that pass (a request whose
+        session was closed gets its error, the others their verifications)."""
         start = time.perf_counter()
         calls = [LogitsCall(inputs.session_id, inputs.context_ids + drafted, len(drafted) + 1)
                  for inputs, drafted in batch]
         all_logits = self.lm.logits_batch(calls)
-        results = [Verification(logits.argmax(-1).tolist(), None) if inputs.params.greedy
+        results = [logits if isinstance(logits, Exception)
+                   else Verification(logits.argmax(-1).tolist(), None) if inputs.params.greedy
                    else Verification(None, logits_to_probs(logits, inputs.params).cpu())
                    for (inputs, _), logits in zip(batch, all_logits)]
         ms = (time.perf_counter() - start) * 1e3
         scored = sum(call.num_logits for call in calls)
         for result in results:
-            result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored
+            if isinstance(result, Verification):
+                result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored
         return results

@@ -126,3 +126,23 @@ def test_the_kv_byte_bound_turns_new_requests_away_and_never_running_ones(target
     assert not lm.has_session("a") and lm.stats().kv_bytes <= 100 * lm.bytes_per_token
     torch.testing.assert_close(lm.logits("a", a, 2), before, atol=1e-5, rtol=1e-5)
     assert lm.stats().kv_bytes <= 100 * lm.bytes_per_token
+
+
+def test_a_closed_session_fails_alone_in_a_shared_pass(draft_model, target_model):
+    """A call still in flight for a request that has ended (its client went away) shares a pass with running
+    requests: it gets SessionClosedError, they get their results."""
+    from speckv.sampling import SamplingParams
+    from speckv.workers import DraftWorker, SessionClosedError, StepInputs, TargetWorker
+
+    a, b = _sequences(12, 20, seed=5)
+    steps = [StepInputs(sid, ids, 3, SamplingParams(), 0, 1) for sid, ids in (("a", a), ("b", b))]
+    target, draft = TargetWorker(SessionLM(target_model)), DraftWorker(SessionLM(draft_model))
+    alone = [target.verify(s, [1, 2]) for s in steps]
+    target.lm.close("a")
+    draft.lm.close("a")
+    failed, served = target.verify_batch([(s, [1, 2]) for s in steps])
+    assert isinstance(failed, SessionClosedError) and served.target_token_ids == alone[1].target_token_ids
+    failed, proposal = draft.propose_batch(steps)
+    assert isinstance(failed, SessionClosedError) and len(proposal.token_ids) == 3
+    with pytest.raises(SessionClosedError):
+        target.verify(steps[0], [1])
