@@ -51,7 +51,7 @@ class WorkerSpec:
     def batching(self, calibration: dict) -> BatchSettings:
         """How this replica gathers calls into passes: the wait is a share of its calibrated single pass, so
         the first caller of a batch loses at most that share of a step to the others joining."""
-        rows = [r for r in calibration.get("rows", []) if r.get("tokens") == 1]
+        rows = [r for r in calibration.get("rows", []) if r.get("tokens") == 1 and r.get("sequences", 1) == 1]
         pass_ms = min((r["ms"] for r in rows), default=0.0)
         return BatchSettings(self.max_batch_size, self.batch_wait_share * pass_ms / 1e3)
 

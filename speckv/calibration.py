@@ -344,7 +344,7 @@ class PairCalibration:
             cut = "" if c.complete else " (the budget ran out before every planned measurement)"
             lines.append(f"{c.key.role}: {'cached' if self.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
                          f"{calibration_path(c.key)}")
-        rows = self.target.rows + self.draft.rows
+        rows = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) == 1]
         for ctx in sorted({r["context_len"] for r in rows}):
             verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(rows, key=lambda r: r["tokens"])
                                if r["kind"] == "verify" and r["context_len"] == ctx)
@@ -354,6 +354,13 @@ class PairCalibration:
         lines.append(f"cost model: verify {cost.verify_ms_base:.0f} + {cost.verify_ms_per_token:.1f}·γ "
                      f"+ {cost.verify_ms_per_context_token:.3f}·context ms; "
                      f"draft {cost.draft_ms_per_token:.0f} ms/token")
+        batched = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) > 1]
+        if batched:
+            per_token = cost.verify_ms_per_token if cost.batched_ms_per_token is None else cost.batched_ms_per_token
+            lines.append("batched passes: " + "; ".join(
+                f"{r['kind']} {r['sequences']} sequences x {r['tokens']} tokens {r['ms']:.0f} ms" for r in batched)
+                + f"; priced as +{cost.verify_ms_per_sequence:.1f} ms per sequence, {per_token:.1f} ms per token "
+                f"beyond one a sequence, draft +{cost.draft_ms_per_sequence:.1f} ms per sequence")
         return "\n".join(lines)
 
 
