@@ -211,6 +211,9 @@ class SessionLM:
                 self._closed.popitem(last=False)
             return self._sessions.pop(session_id, None) is not None
 
+    def is_closed(self, session_id: str) -> bool:
+        return session_id in self._closed
+
     def has_session(self, session_id: str) -> bool:
         return session_id in self._sessions
 
@@ -247,6 +250,8 @@ class SessionLM:
         self.admit(session_id, token_ids)
         passes = 0
         while self.missing(session_id, token_ids) > PREFILL_LEAVE:
+            if self.is_closed(session_id):
+                raise SessionClosedError(f"session {session_id!r} was closed: its request has ended")
             self.prefill_step([(session_id, token_ids)], chunk_tokens)
             passes += 1
         return passes
@@ -450,8 +455,15 @@ class ModelWorker:
         self.lm.admit(inputs.session_id, inputs.context_ids[:-1])
 
     def needs_prefill(self, inputs: StepInputs) -> bool:
-        """Whether the cache lacks too much of the context for the shared pass (SessionLM.prefill_step)."""
-        return self.lm.missing(inputs.session_id, inputs.context_ids[:-1]) > PREFILL_LEAVE
+        """Whether the cache lacks too much of the context for the shared pass (SessionLM.prefill_step); not
+        for a closed session (its call then fails alone in the pass)."""
+        return (not self.lm.is_closed(inputs.session_id)
+                and self.lm.missing(inputs.session_id, inputs.context_ids[:-1]) > PREFILL_LEAVE)
+
+    def prefill(self, inputs: StepInputs) -> None:
+        """`admit`, then the chunk passes `needs_prefill` asks for, alone: a single request's calls make the
+        same passes as in a batch (so its numerics do not depend on how it is served)."""
+        self.lm.prefill(inputs.session_id, inputs.context_ids[:-1])
 
     def prefill_step(self, batch: list[StepInputs]) -> list[int]:
         """One chunk pass of prefill for the requests of `batch` that need it, together where their chunks are
@@ -464,6 +476,8 @@ class DraftWorker(ModelWorker):
     """Proposes γ tokens autoregressively with their signals."""
 
     def propose(self, inputs: StepInputs) -> Proposal:
+        """One request's proposal, with the same passes it makes in a batch (prefill, then drafting)."""
+        self.prefill(inputs)
         return raise_failed(self.propose_batch([inputs])[0])
 
     def propose_batch(self, batch: list[StepInputs]) -> list[Proposal | SessionClosedError]:
@@ -522,7 +536,9 @@ class TargetWorker(ModelWorker):
     """Scores proposals, all of a batch in one forward pass."""
 
     def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        """Score the context's next token and each drafted one, in one pass."""
+        """Score the context's next token and each drafted one, in one pass (after the prefill passes a new
+        request makes in a batch too)."""
+        self.prefill(inputs)
         return raise_failed(self.verify_batch([(inputs, draft_token_ids)])[0])
 
     def verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification | SessionClosedError]:

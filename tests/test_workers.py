@@ -146,3 +146,7 @@ def test_a_closed_session_fails_alone_in_a_shared_pass(draft_model, target_model
     assert isinstance(failed, SessionClosedError) and len(proposal.token_ids) == 3
     with pytest.raises(SessionClosedError):
         target.verify(steps[0], [1])
+    long = StepInputs("a", _sequences(60)[0], 3, SamplingParams(), 0, 1)  # would need a prefill: it must not spin
+    assert not target.needs_prefill(long)
+    with pytest.raises(SessionClosedError):
+        target.lm.prefill("a", long.context_ids)
