@@ -34,10 +34,14 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
     assert target.complete and draft.complete and target.seconds > 0
     cost = cost_model(draft, target)
     assert cost.draft_ms_per_token > 0 and cost.verify_ms_base > 0
-    # decisions price γ with the measured points: the curve at the first context, exactly as measured
+    # decisions price γ with the measured points: the curve at the first context as measured (made
+    # non-decreasing where noise dipped it: CostModel)
+    from scipy.optimize import isotonic_regression
+
     measured = {r["tokens"]: r["ms"] for r in target.rows if r["context_len"] == 16 and r["sequences"] == 1}
-    assert cost.verify_curve == tuple(measured[t] for t in (1, 2, 3, 4)) and cost.curve_context_len == 16
-    assert cost.verify_ms(2, 16) == measured[3]
+    expected = isotonic_regression([measured[t] for t in (1, 2, 3, 4)]).x
+    assert cost.verify_curve == pytest.approx(tuple(expected)) and cost.curve_context_len == 16
+    assert cost.verify_ms(2, 16) == pytest.approx(expected[2])
     # a batched pass is priced through the measured batched points: four sequences scoring 1 or 4 tokens each
     batched = {r["tokens"]: r["ms"] for r in target.rows if r["sequences"] == 4}
     assert cost.verify_ms(0, 16, sequences=4, other_tokens=3) == pytest.approx(batched[1])
