@@ -63,6 +63,9 @@ def test_the_curve_fills_what_the_budget_left_out():
     cost = cost_model(draft, target)
     assert cost.verify_curve == (100.0, 150.0, 160.0, 170.0, 180.0)  # 3 and 4 interpolated, the rest as measured
     assert cost.draft_ms_per_token == 30.0
+    noisy = Calibration(key("draft"), [{"kind": "draft", "context_len": 64, "tokens": 1, "ms": 224.0},
+                                       {"kind": "draft", "context_len": 64, "tokens": 2, "ms": 132.0}])
+    assert cost_model(noisy, target).draft_ms_per_token == 132.0  # one token never costs more than two
     assert cost.verify_ms(5, 64) == 180.0 + cost.verify_ms_per_token  # beyond the curve (γ = 4 is its end): its slope
 
 
