@@ -250,8 +250,7 @@ class SessionLM:
         self.admit(session_id, token_ids)
         passes = 0
         while self.missing(session_id, token_ids) > PREFILL_LEAVE:
-            if self.is_closed(session_id):
-                raise SessionClosedError(f"session {session_id!r} was closed: its request has ended")
+            self._refuse_closed(session_id)
             self.prefill_step([(session_id, token_ids)], chunk_tokens)
             passes += 1
         return passes
@@ -313,9 +312,12 @@ class SessionLM:
             out[i] = result
         return out
 
-    def _open(self, session_id: str) -> _Session:
+    def _refuse_closed(self, session_id: str) -> None:
         if session_id in self._closed:
             raise SessionClosedError(f"session {session_id!r} was closed: its request has ended")
+
+    def _open(self, session_id: str) -> _Session:
+        self._refuse_closed(session_id)
         return self._session(session_id)
 
     def _forward_rows(self, rows: list[_Row]) -> list[torch.Tensor]:
