@@ -25,6 +25,13 @@ over its time), not the request's own. As load rises, each drafted token costs m
 could deliver and γ falls; it comes back as the load drops. No batch-size table: both inputs are
 measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
+The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
+tokens of every target-only step since it last drafted (speckv.policy.RequestProgress follows how much it
+lacks). Reading them is a prefill pass (CostModel.catch_up_ms, calibrated), paid once, after which every
+drafting step left in the request benefits: a step is charged its share, the catch-up over the steps the
+request's remaining tokens make. So a long prompt with a short answer is not drafted for where the draft's
+prefill would cost more than drafting saves, and a probe's spacing counts its catch-up too.
+
 Optimism while unsure. The predictor is an average over texts; the text at hand may be far easier (code,
 repetition) or harder. A decision adds OPTIMISM/√(1 + n) log-odds to the acceptance it expects, n the
 drafted tokens this request has seen (an upper-confidence-bound rule): early in a request it tries drafting
@@ -46,6 +53,7 @@ import math
 
 import numpy as np
 
+from .cost_model import CAUGHT_UP
 from .estimates import RequestEstimates, TierEstimates
 from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
 from .predictor import TIERS, AcceptancePredictor, features, shipped_predictor
@@ -117,7 +125,8 @@ class AdaptivePolicy:
             if outcome.timing is not None:
                 t = outcome.timing
                 self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len,
-                                            t.draft_compute_ms, t.verify_compute_ms, t.batch_size, t.batch_tokens)
+                                            t.draft_compute_ms, t.verify_compute_ms, t.batch_size, t.batch_tokens,
+                                            t.draft_behind)
         if self._queue:
             self._queue.clear()
             self._refresh()
@@ -148,25 +157,37 @@ class AdaptivePolicy:
         row = self._table.pop((context.step, context.prev_accepted), None)
         self._table.clear()
         logits, self._prior = row if row is not None else self._rows(np.array([features(context, self.tier)]))[0]
-        gamma = self._decide(logits)
+        gamma = self._decide(logits, self._catch_up_ms(context.draft_behind), context.remaining)
         if not self._overlapped:
             self._fold_in()
         return gamma
 
-    def _decide(self, logits: list[float]) -> int:
-        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·extra_ms(γ), in plain Python over γmax numbers, with
-        acceptance optimistic while this request has seen few drafted tokens (module docstring)."""
+    def _catch_up_ms(self, behind: int) -> float:
+        """What reading the `behind` tokens its draft lacks costs the pass: the catch-up (a prefill pass the
+        draft runs apart), waited for by every request in the pass."""
+        if behind <= CAUGHT_UP:
+            return 0.0
+        sequences, _ = self.estimates.tier.load.now()
+        return sequences * float(self.estimates.tier.cost.catch_up_ms(behind))
+
+    def _decide(self, logits: list[float], catch_up_ms: float = 0.0, remaining: int | None = None) -> int:
+        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·(extra_ms(γ) + its share of the catch-up), in plain
+        Python over γmax numbers, with acceptance optimistic while this request has seen few drafted tokens
+        (module docstring). The catch-up is paid once and serves the drafting steps left in the request
+        (`remaining` tokens over 1 + Σ P per step), so each is charged its share; all of it where
+        `remaining` is not known."""
         learned = self.estimates.bias  # its events are the drafted tokens seen (none with acceptance learning off)
         bias, extra = learned.value + OPTIMISM / math.sqrt(1.0 + learned.events), self._extra_ms
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, bias, extra, self._price0)
             self._refresh()
+        share = catch_up_ms / remaining if remaining else catch_up_ms  # per token the steps left emit
         rate, exp = self._rate, math.exp
         p, total, best, best_gain = 1.0, 0.0, 0, 0.0
         for k, z in enumerate(logits):
             p *= 1.0 / (1.0 + exp(-(z + bias)))
             total += p
-            gain = total - rate * extra[k]
+            gain = total - rate * (extra[k] + (share * (1.0 + total) if remaining else share))
             if gain > best_gain:
                 best, best_gain = k + 1, gain
         tier = self.estimates.tier
@@ -175,7 +196,8 @@ class AdaptivePolicy:
             self.draft_stop = self._stop
             return self.run_cap if best == len(logits) else best
         tier.target_only_steps += 1
-        if tier.target_only_steps >= self._probe_every:  # γ = 0 is never absorbing
+        probe_every = max(self._probe_every, math.ceil((extra[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))
+        if tier.target_only_steps >= probe_every:  # γ = 0 is never absorbing
             tier.target_only_steps = 0
             self.draft_stop = NO_STOP
             return 1

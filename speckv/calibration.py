@@ -3,9 +3,11 @@ them.
 
 The live loop makes three kinds of model calls: the target scores γ+1 tokens after its cache was cut back
 to the context (verification after a rejection); the draft catches up on the tokens the last step added
-and keeps one logit; then it drafts single tokens. `calibrate` times exactly those for one model (its
-role: "target" or "draft"), within a time budget (the most informative measurements first, so a run the
-budget cuts short still gives a cost model), so each replica calibrates what it holds when it loads, and
+and keeps one logit; then it drafts single tokens. A draft that has not read the context yet (a new
+prompt, or target-only steps since it last drafted) first reads it: its prefill, timed too. `calibrate`
+times exactly those for one model (its role: "target" or "draft"), within a time budget (the most
+informative measurements first, so a run the budget cuts short still gives a cost model), so each
+replica calibrates what it holds when it loads, and
 `cost_model` joins a draft's and a target's calibration into the `CostModel` policies price γ with.
 `load_or_calibrate` caches a calibration under `$SPECKV_HOME/calibration/`, keyed by the hardware, the
 torch version and threads, the model's weights, role, tier, dtype and device: the same setting reuses it,
@@ -34,13 +36,13 @@ from .cost_model import CostModel
 from .models import DRAFT_TIER, MANIFEST, cache_root
 from .workers import LogitsCall, SessionLM
 
-CALIBRATION_FORMAT = 3  # 2: one model (role) per calibration; 3: batched passes measured too
+CALIBRATION_FORMAT = 4  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
 DEFAULT_CONTEXT_LENS = (64, 512)
 BATCH_PROBE = 4  # sequences in the batched passes measured (what more sequences in a pass cost)
-MIN_MEASUREMENTS = {"target": 2, "draft": 1}  # verification at γ = 0 and γmax; the draft's single token
+MIN_MEASUREMENTS = {"target": 2, "draft": 2}  # verification at γ = 0 and γmax; the draft's single token, its prefill
 # CPU features that change which kernels torch runs (and so the shape of a step's cost)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
              "amx_int8", "avx_vnni", "asimd", "sve", "bf16")
@@ -156,8 +158,10 @@ def cost_model(draft: Calibration, target: Calibration) -> CostModel:
     # feeding more tokens never costs less, so a catch-up of two tokens bounds one token's cost from above: a
     # noisy single-token measurement (224 ms beside a 132 ms catch-up, seen in CI under load) is capped by it
     fed = [r["ms"] for r in draft.rows if r["kind"] == "draft" and r.get("sequences", 1) == 1]
+    prefill = [r["ms"] / r["tokens"] for r in draft.rows if r["kind"] == "prefill"]
     model = dataclasses.replace(line, draft_ms_per_token=min(statistics.median(single), min(fed)),
-                                verify_curve=curve, curve_context_len=first)
+                                verify_curve=curve, curve_context_len=first,
+                                draft_prefill_ms_per_token=prefill[0] if prefill else 0.0)
     return _with_batched(model, batched, first)
 
 
@@ -204,7 +208,8 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
     def call(fed: list[int], num_logits: int) -> None:
         lm.logits_batch([LogitsCall(s, fed, num_logits) for s in sessions])
 
-    call(context, 1)
+    if context:
+        call(context, 1)
     call(context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
     times: list[float] = []                             # pays one-time setup costs
     for r in range(repeats):
@@ -225,9 +230,9 @@ def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tupl
     of the curve or the draft's catch-up, then batched passes (BATCH_PROBE sequences), then the other
     contexts."""
     first, *others = context_lens
-    if role == "draft":
-        return [("draft", first, 1, 1), ("draft", first, 2, 1), ("draft", first, 1, BATCH_PROBE),
-                *(("draft", ctx, 1, 1) for ctx in others)]
+    if role == "draft":  # a prefill row reads `first` tokens into an empty cache (what a catch-up costs)
+        return [("draft", first, 1, 1), ("prefill", 0, first, 1), ("draft", first, 2, 1),
+                ("draft", first, 1, BATCH_PROBE), *(("draft", ctx, 1, 1) for ctx in others)]
     gammas = [0, max_gamma] + [g for g in range(1, max_gamma)]
     plan = [("verify", first, g + 1, 1) for g in gammas]
     plan += [("verify", first, 1, BATCH_PROBE), ("verify", first, max_gamma + 1, BATCH_PROBE)]
@@ -268,7 +273,7 @@ def calibrate(
                 if progress:
                     progress(n + 1, len(plan))
                 continue  # does not fit: later, cheaper measurements still may
-        # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one
+        # the verify pattern keeps every fed row; the draft's (catch-up, single token, prefill) keeps one
         ms = time_call(lm, synthetic_ids(ctx, vocab), tokens, tokens if kind == "verify" else 1, repeats, deadline,
                        session, sequences)
         cached = ctx
@@ -347,7 +352,7 @@ class PairCalibration:
             cut = "" if c.complete else " (the budget ran out before every planned measurement)"
             lines.append(f"{c.key.role}: {'cached' if self.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
                          f"{calibration_path(c.key)}")
-        rows = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) == 1]
+        rows = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) == 1 and r["kind"] != "prefill"]
         for ctx in sorted({r["context_len"] for r in rows}):
             verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(rows, key=lambda r: r["tokens"])
                                if r["kind"] == "verify" and r["context_len"] == ctx)
@@ -356,7 +361,8 @@ class PairCalibration:
             lines.append(f"context {ctx}: verify ms by tokens scored {verify}; draft ms by tokens fed {draft}")
         lines.append(f"cost model: verify {cost.verify_ms_base:.0f} + {cost.verify_ms_per_token:.1f}·γ "
                      f"+ {cost.verify_ms_per_context_token:.3f}·context ms; "
-                     f"draft {cost.draft_ms_per_token:.0f} ms/token")
+                     f"draft {cost.draft_ms_per_token:.0f} ms/token; "
+                     f"draft catch-up {cost.draft_prefill_ms_per_token:.1f} ms per token it lacks")
         batched = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) > 1]
         if batched:
             per_token = cost.verify_ms_per_token if cost.batched_ms_per_token is None else cost.batched_ms_per_token

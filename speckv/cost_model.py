@@ -12,6 +12,12 @@ the other sequences score in it) are inputs of the verify and draft costs. With 
 single-sequence curve holds; a batched pass costs the single pass at γ = 0, plus `verify_ms_per_sequence`
 per extra sequence, plus `batched_ms_per_token` per token scored beyond one per sequence (all measured at
 calibration, speckv.calibration). `PassLoad` follows what the live passes carry.
+
+Catch-up. The draft reads only what it is asked to draft after: a request that has not drafted yet (its
+prompt) or not for a while (target-only steps) has a draft cache that lacks part of its context, and its
+next drafting step first feeds those tokens (a prefill pass). `catch_up_ms` prices that, from the
+calibrated prefill time per token; the one or two tokens every drafting step feeds after a verification
+are in `draft_ms_per_token` already.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+CAUGHT_UP = 2  # tokens a drafting step feeds the draft after a verification (the recovered or bonus token and,
+#                after a fully accepted run, its last drafted one): priced in draft_ms_per_token
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class CostModel:
     verify_ms_per_sequence: float = 0.0  # what one more sequence adds to a pass (beyond its tokens)
     batched_ms_per_token: float | None = None  # per token beyond one per sequence in a batched pass (None: the line's)
     draft_ms_per_sequence: float = 0.0  # what one more sequence adds to a drafting pass (per drafted position)
+    draft_prefill_ms_per_token: float = 0.0  # per token the draft's cache lacks (catch-up; 0: not priced)
 
     def __post_init__(self) -> None:
         """Scoring more tokens in a pass never costs less: a dip in a measured curve is noise (a first call's
@@ -83,6 +93,11 @@ class CostModel:
                 other_tokens: float = 0.0) -> float | np.ndarray:
         return self.draft_ms(gamma, sequences) + self.verify_ms(gamma, context_len, sequences, other_tokens)
 
+    def catch_up_ms(self, behind: int) -> float:
+        """What feeding the draft the `behind` tokens of the context its cache lacks costs before it can draft,
+        beyond the one or two a drafting step always feeds (priced in draft_ms_per_token)."""
+        return self.draft_prefill_ms_per_token * max(behind - CAUGHT_UP, 0)
+
     @classmethod
     def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float],
             context_lens: list[int] | None = None) -> CostModel:
@@ -111,7 +126,8 @@ class CostModel:
         if self.verify_curve:
             out.update(verify_curve=list(self.verify_curve), curve_context_len=self.curve_context_len)
         out.update(verify_ms_per_sequence=self.verify_ms_per_sequence, batched_ms_per_token=self.batched_ms_per_token,
-                   draft_ms_per_sequence=self.draft_ms_per_sequence)
+                   draft_ms_per_sequence=self.draft_ms_per_sequence,
+                   draft_prefill_ms_per_token=self.draft_prefill_ms_per_token)
         return out
 
     @classmethod
@@ -122,7 +138,7 @@ class CostModel:
                        tuple(float(x) for x in d.get("verify_curve", ())), int(d.get("curve_context_len", 0)),
                        float(d.get("verify_ms_per_sequence", 0.0)),
                        None if d.get("batched_ms_per_token") is None else float(d["batched_ms_per_token"]),
-                       float(d.get("draft_ms_per_sequence", 0.0)))
+                       float(d.get("draft_ms_per_sequence", 0.0)), float(d.get("draft_prefill_ms_per_token", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a cost model: {d!r} ({e})") from None
 
@@ -187,13 +203,15 @@ class LiveCost:
 
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
                 draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
-                sequences: int = 1, batch_tokens: int = 0) -> None:
+                sequences: int = 1, batch_tokens: int = 0, draft_behind: int = 0) -> None:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
-        inside the models where known, and the verify pass's batch (sequences, tokens scored in all)."""
+        inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
+        many tokens the draft read first. A draft call that caught up on more than CAUGHT_UP tokens teaches
+        nothing of the draft (its time is mostly that prefill, which runs apart from the drafting passes)."""
         if not self.learning:
             return
         others = max(batch_tokens - (gamma + 1), 0)
-        if gamma > 0:
+        if gamma > 0 and draft_behind <= CAUGHT_UP:
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms,
                           float(self.base.draft_ms(gamma, sequences)))
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
@@ -220,6 +238,10 @@ class LiveCost:
                 other_tokens: float = 0.0) -> float | np.ndarray:
         return self.draft_ms(gamma, sequences) + self.verify_ms(gamma, context_len, sequences, other_tokens)
 
+    def catch_up_ms(self, behind: int) -> float:
+        """CostModel.catch_up_ms, scaled as the live draft calls are."""
+        return self.draft.value * self.base.catch_up_ms(behind)
+
     def shared_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                   other_tokens: float = 0.0) -> float | np.ndarray:
         """What one sequence drafting γ tokens adds to the passes it shares (the verify pass scores its γ
@@ -234,6 +256,7 @@ class LiveCost:
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
         return {"draft_ms_per_token": self.draft.value * self.base.draft_ms_per_token,
+                "draft_prefill_ms_per_token": self.draft.value * self.base.draft_prefill_ms_per_token,
                 "verify_ms_1_token": float(self.verify_ms(0)), "draft_scale": self.draft.value,
                 "verify_scale": self.verify.value, "draft_hop_ms": self.draft_hop.value,
                 "verify_hop_ms": self.verify_hop.value, "steps_observed": self.verify.count}

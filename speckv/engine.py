@@ -192,13 +192,14 @@ async def speculate(
     seed = params.seed if params.seed is not None else secrets.randbits(62)
     eos = set(request.eos_token_ids)
     generated: list[int] = []
-    progress = RequestProgress()
+    progress = RequestProgress(max_new_tokens=request.max_new_tokens)
     try:
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
             remaining = request.max_new_tokens - len(generated)
             t0 = time.perf_counter()
-            gamma_chosen = policy.choose(progress.context(step, len(generated), len(context)))
+            step_context = progress.context(step, len(generated), len(context))
+            gamma_chosen = policy.choose(step_context)
             policy_us = (time.perf_counter() - t0) * 1e6
             gamma = max(0, min(gamma_chosen, remaining - 1))  # never draft past the token budget
             stop = policy.draft_stop.with_min_confidence(request.min_confidence)
@@ -224,8 +225,8 @@ async def speculate(
                 finish = "length"
 
             timing = StepTiming(call.draft_wall_ms, call.verify_wall_ms, len(context), len(new), proposal.compute_ms,
-                                verification.compute_ms, verification.batch_size,
-                                verification.batch_tokens) if step else None
+                                verification.compute_ms, verification.batch_size, verification.batch_tokens,
+                                step_context.draft_behind if gamma else 0) if step else None
             outcome = progress.advance(proposal.signals, accepted, timing)
             policy.observe(outcome)
             record = StepRecord(

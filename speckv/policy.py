@@ -29,6 +29,8 @@ class StepContext:
     prev_last_confidence: float  # confidence of the previous step's last draft token (0 if none)
     drafted_total: int  # draft tokens proposed so far in this request
     accepted_total: int  # of those, accepted
+    draft_behind: int = 0  # tokens of the context the draft has not read (all of it before the first draft)
+    remaining: int | None = None  # tokens the request may still generate (None: not known)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class StepTiming:
     verify_compute_ms: float | None = None
     batch_size: int = 1  # requests in the verify pass
     batch_tokens: int = 0  # tokens the verify pass scored over all of them (0: not reported)
+    draft_behind: int = 0  # tokens the draft read before drafting (StepContext.draft_behind)
 
 
 @dataclass(frozen=True)
@@ -56,20 +59,37 @@ class StepOutcome:
 @dataclass
 class RequestProgress:
     """A request's history as policies see it: the one place that turns step outcomes into the next
-    StepContext (used by the engine loop, exact replay, and training from live records)."""
+    StepContext (used by the engine loop, exact replay, and training from live records). `advance` records
+    the step whose context was asked for last.
 
+    It also follows how much of the context the draft has read (its cache, as the workers keep it): the
+    context and the accepted part of its run when it drafted; nothing new when a step did not draft."""
+
+    max_new_tokens: int | None = None  # the request's budget (StepContext.remaining); None: not known
     prev: StepOutcome = field(default_factory=lambda: StepOutcome(0, 0, SignalSummary()))
     prev_last_confidence: float = 0.0
     drafted_total: int = 0
     accepted_total: int = 0
+    draft_read: int = 0  # tokens of the context the draft's cache covers
+    context_len: int = 0  # of the step asked for last
 
     def context(self, step: int, position: int, context_len: int) -> StepContext:
+        self.context_len = context_len
         return StepContext(
             step=step, position=position, context_len=context_len, prev_gamma=self.prev.gamma,
             prev_accepted=self.prev.accepted, prev_signals=self.prev.signals,
             prev_last_confidence=self.prev_last_confidence, drafted_total=self.drafted_total,
-            accepted_total=self.accepted_total,
+            accepted_total=self.accepted_total, draft_behind=context_len - self.draft_read,
+            remaining=self._remaining(position),
         )
+
+    def _remaining(self, position: int) -> int | None:
+        return None if self.max_new_tokens is None else max(self.max_new_tokens - position, 0)
+
+    def _read_after(self, context_len: int, drafted: int, accepted: int) -> int:
+        """What the draft has read after a step at `context_len` that drafted `drafted` tokens and had
+        `accepted` accepted: the context and its accepted run (its last token is drafted, never fed)."""
+        return context_len + min(accepted, drafted - 1) if drafted else self.draft_read
 
     def previews(self, signals: DraftSignals, step: int, position: int, context_len: int) -> list[StepContext]:
         """The next step's context for each accepted count 0..len(signals), without advancing: what a policy
@@ -79,13 +99,16 @@ class RequestProgress:
         last = signals.confidence[-1] if drafted else 0.0
         return [StepContext(step=step + 1, position=position + a + 1, context_len=context_len + a + 1,
                             prev_gamma=drafted, prev_accepted=a, prev_signals=summary, prev_last_confidence=last,
-                            drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + a)
+                            drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + a,
+                            draft_behind=context_len + a + 1 - self._read_after(context_len, drafted, a),
+                            remaining=self._remaining(position + a + 1))
                 for a in range(drafted + 1)]
 
     def advance(self, signals: DraftSignals, accepted: int, timing: StepTiming | None = None) -> StepOutcome:
         """Record a verified step (its drafted tokens' signals, how many were accepted, what it took);
         returns its outcome."""
         drafted = len(signals)
+        self.draft_read = self._read_after(self.context_len, drafted, accepted)
         self.prev = StepOutcome(drafted, accepted, signals.summary(), timing)
         self.prev_last_confidence = signals.confidence[-1] if drafted else 0.0
         self.drafted_total += drafted

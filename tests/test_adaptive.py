@@ -1,16 +1,22 @@
-"""The adaptive policy under load (speckv.adaptive): γ falls as the verify passes carry more requests and
-comes back as they carry fewer, from the measured load alone (no batch-size table)."""
+"""The adaptive policy's prices (speckv.adaptive): under load, γ falls as the verify passes carry more
+requests and comes back as they carry fewer, from the measured load alone (no batch-size table); and the
+draft's catch-up on a prompt it has not read is worth paying only where enough tokens are left to repay it."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
+
+import numpy as np
+import pytest
 
 from speckv.adaptive import AdaptivePolicy
 from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
 from speckv.policy import RequestProgress, StepTiming
 from speckv.signals import DraftSignals
+from speckv.tools.replay import Trace, fixed, replay
 
 from .conftest import predictor_with_acceptance
 
@@ -50,3 +56,29 @@ def test_gamma_falls_as_load_rises_and_comes_back_as_it_drops():
     assert alone > sixteen > crowded and crowded < 1, gammas
     assert after > crowded + 8, gammas  # and comes back when the load goes
     assert policy.report()["load"]["sequences_per_pass"] == 1
+
+
+# CPU-like: drafting pays well once the draft has read the context, and reading it costs 10 ms a token
+CPU = CostModel(draft_ms_per_token=20.0, verify_ms_base=100.0, verify_ms_per_token=2.0, draft_prefill_ms_per_token=10.0)
+
+
+@pytest.mark.parametrize("tokens", [8, 200])
+def test_the_drafts_catch_up_on_a_long_prompt_is_paid_only_where_it_is_repaid(tokens):
+    """A 300-token prompt the draft has not read (3 s to read), every drafted token accepted. For 8 tokens
+    target-only decoding is fastest (any drafting pays the 3 s first) and `adaptive` does not draft; for 200
+    it drafts (about 2x `none`). A policy that does not price the catch-up drafts at 8 tokens too and pays it."""
+    gmax = predictor_with_acceptance(3.0).gamma_max
+    ones = np.ones((tokens, gmax))
+    trace = Trace("long-prompt", "qa", 300, np.full(tokens, gmax), ones, ones, ones)
+    none, best_fixed = replay(trace, fixed(0), CPU), replay(trace, fixed(gmax), CPU)
+    priced = replay(trace, AdaptivePolicy(predictor_with_acceptance(3.0), "fp16", TierEstimates.calibrated(CPU)), CPU)
+    unpriced_model = dataclasses.replace(CPU, draft_prefill_ms_per_token=0.0)
+    unpriced = replay(trace, AdaptivePolicy(predictor_with_acceptance(3.0), "fp16",
+                                            TierEstimates.calibrated(unpriced_model)), CPU)
+    best = min(none.ms, best_fixed.ms)
+    assert priced.ms <= 1.03 * best, (priced.gammas, priced.ms, none.ms, best_fixed.ms)
+    if tokens == 8:
+        assert none.ms < best_fixed.ms and not any(priced.gammas)
+        assert unpriced.ms > 3 * none.ms  # what the catch-up costs a policy that does not see it
+    else:
+        assert best_fixed.ms < 0.6 * none.ms and any(priced.gammas)

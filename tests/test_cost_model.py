@@ -63,3 +63,21 @@ def test_a_noisy_dip_in_the_measured_curve_never_makes_drafting_look_free():
     assert all(float(cost.step_ms(g)) - float(cost.step_ms(0)) >= cost.draft_ms_per_token * g for g in range(1, 6))
     monotone = (1.0, 2.0, 2.0, 3.0)
     assert CostModel(1.0, 1.0, 1.0, verify_curve=monotone).verify_curve == monotone
+
+
+def test_the_drafts_catch_up_is_priced_beyond_what_a_drafting_step_feeds_and_not_learned_as_drafting():
+    """A draft that lacks 66 tokens of the context (a 64-token prompt and two more) reads them first: 64 at
+    the calibrated prefill price (the two a drafting step always feeds are in draft_ms_per_token). A step
+    whose draft call was mostly that prefill does not move the drafting factor."""
+    base = CostModel(draft_ms_per_token=80.0, verify_ms_base=250.0, verify_ms_per_token=5.0,
+                     draft_prefill_ms_per_token=14.0)
+    assert base.catch_up_ms(66) == pytest.approx(64 * 14.0)
+    assert base.catch_up_ms(2) == 0.0 and base.catch_up_ms(0) == 0.0
+    assert CostModel.from_dict(base.to_dict()) == base
+    live = LiveCost(base)
+    for _ in range(9):
+        live.observe(1, 80.0 + base.catch_up_ms(40), 255.0, 0, 80.0 + base.catch_up_ms(40), 255.0, draft_behind=40)
+    assert live.draft.value == pytest.approx(1.0) and live.verify.count == 9
+    for _ in range(9):  # a slower draft (a neighbour) scales its catch-up too
+        live.observe(1, 160.0, 255.0, 0, 160.0, 255.0, draft_behind=1)
+    assert live.catch_up_ms(66) == pytest.approx(2 * 64 * 14.0)

@@ -69,15 +69,17 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel | Callable[[int], 
     """Run an engine policy (the same GammaPolicy objects the engine uses, seeing the same StepContext) over
     a trace: each step drafts γ (≤ γmax; fewer where the policy's DraftStop ends the run, token by token as
     DraftWorker.propose does), accepts min(accept_len, γ) and emits one more token, and the policy is told
-    what the step took, as the live loop tells it. `cost` may change with time: a function of the step's
+    what the step took, as the live loop tells it (a drafting step pays the draft's catch-up on what it has
+    not read, CostModel.catch_up_ms, as live). `cost` may change with time: a function of the step's
     index counted from `first_step` (steps of earlier requests), returning the cost model then in force."""
     n, position, step = trace.n, 0, 0
-    progress = RequestProgress()
+    progress = RequestProgress(max_new_tokens=n)
     ms, gammas, decision_us, step_ms = 0.0, [], [], []
     while position < n:
         p = position
         t0 = time.perf_counter()
-        chosen = policy.choose(progress.context(step, p, trace.prompt_len + p))
+        context = progress.context(step, p, trace.prompt_len + p)
+        chosen = policy.choose(context)
         decision_us.append((time.perf_counter() - t0) * 1e6)
         limit = int(min(max(chosen, 0), trace.gamma_max, n - p - 1))
         stopper, gamma = policy.draft_stop.stopper(), 0
@@ -87,14 +89,16 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel | Callable[[int], 
                 break
         accepted = int(min(trace.accept_len[p], gamma))
         now = cost(first_step + step) if callable(cost) else cost
-        draft_ms, verify_ms = float(now.draft_ms(gamma)), float(now.verify_ms(gamma, trace.prompt_len + p))
+        draft_ms = float(now.draft_ms(gamma)) + (now.catch_up_ms(context.draft_behind) if gamma else 0.0)
+        verify_ms = float(now.verify_ms(gamma, trace.prompt_len + p))
         ms += draft_ms + verify_ms
         step_ms.append(draft_ms + verify_ms)
         gammas.append(gamma)
         signals = DraftSignals(trace.chosen_prob[p, :gamma].tolist(), trace.confidence[p, :gamma].tolist(),
                                trace.entropy[p, :gamma].tolist())
         emitted = min(accepted + 1, n - p)
-        timing = StepTiming(draft_ms, verify_ms, trace.prompt_len + p, emitted) if step else None
+        timing = StepTiming(draft_ms, verify_ms, trace.prompt_len + p, emitted,
+                            draft_behind=context.draft_behind if gamma else 0) if step else None
         policy.observe(progress.advance(signals, accepted, timing))
         position, step = p + accepted + 1, step + 1
     return ReplayResult(tokens=n, steps=len(gammas), ms=ms, gammas=gammas, decision_us=decision_us,
@@ -102,7 +106,8 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel | Callable[[int], 
 
 
 def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
-    """The fastest sequence of γ choices for this trace (dynamic programming over positions)."""
+    """The fastest sequence of γ choices for this trace (dynamic programming over positions). It does not pay
+    the draft's catch-up (`replay` does): a bound, optimistic where the cost model prices a catch-up."""
     n, gmax = trace.n, trace.gamma_max
     best = np.full(n + 1, np.inf)
     choice = np.zeros(n + 1, dtype=int)
