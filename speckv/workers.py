@@ -98,12 +98,19 @@ def logit_rows(fed: int, num_logits: int, device: torch.device) -> int | torch.T
     return torch.arange(fed - num_logits, fed, device=device)
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: list[int], b: list[int], chunk: int = 256) -> int:
+    """How many leading tokens `a` and `b` share. Runs on every call (admission, prefill, the pass itself), so
+    whole chunks are compared as slices (C speed) and only the chunk that differs token by token."""
     n = min(len(a), len(b))
     i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    while i < n:
+        j = min(i + chunk, n)
+        if a[i:j] != b[i:j]:
+            while a[i] == b[i]:
+                i += 1
+            return i
+        i = j
+    return n
 
 
 class SessionLM:

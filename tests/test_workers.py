@@ -150,3 +150,17 @@ def test_a_closed_session_fails_alone_in_a_shared_pass(draft_model, target_model
     assert not target.needs_prefill(long)
     with pytest.raises(SessionClosedError):
         target.lm.prefill("a", long.context_ids)
+
+
+def test_common_prefix_len_agrees_with_the_definition_at_every_chunk_boundary():
+    import random
+
+    from speckv.workers import common_prefix_len
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        b = a[:rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 10))]
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for chunk in (1, 3, 8, 256):
+            assert common_prefix_len(a, b, chunk) == expected == common_prefix_len(b, a, chunk), (a, b, chunk)
