@@ -170,6 +170,8 @@ def test_the_offline_profile_times_the_same_calls(draft_model, target_model):
     doc = measure_loaded_costs(SessionLM(draft_model), SessionLM(target_model), [0, 1, 3], [8, 24], repeats=2)
     assert [(r["context_len"], r["gamma"]) for r in doc["rows"]] == [(8, 0), (8, 1), (8, 3), (24, 0), (24, 1), (24, 3)]
     assert all(r["verify_ms"] > 0 for r in doc["rows"]) and doc["cost_model"]["draft_ms_per_token"] > 0
+    # the draft's prefill of the first context, so replay prices its catch-up as the live policy does
+    assert doc["cost_model"]["draft_prefill_ms_per_token"] == doc["draft_prefill_ms"]["ms"] / 8 > 0
 
 
 def test_replicas_loading_together_measure_one_at_a_time(draft_model, target_model, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ timed by `speckv.calibration.time_call`, the one place that times the live loop'
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import uuid
 
@@ -80,8 +81,12 @@ def live_vs_profile(engine: LocalEngine, cost: CostModel, prompts: list[list[int
 def measure_loaded_costs(
     draft_lm: SessionLM, target_lm: SessionLM, gammas: list[int], context_lens: list[int], repeats: int = 3
 ) -> dict:
-    """Per context length: draft ms per token, and verify ms for each γ (γ+1 tokens scored); plus the fitted
-    CostModel."""
+    """Per context length: draft ms per token, and verify ms for each γ (γ+1 tokens scored); the draft's
+    prefill of the first context length (what its catch-up costs per token, as calibration times it); plus
+    the fitted CostModel."""
+    session = f"cost-{uuid.uuid4().hex}"
+    prefill_ms = time_call(draft_lm, [], context_lens[0], 1, repeats, session=session)
+    draft_lm.close(session)
     rows = []
     for ctx in context_lens:
         context = synthetic_ids(ctx, int(target_lm.model.config.vocab_size))
@@ -95,4 +100,6 @@ def measure_loaded_costs(
         target_lm.close(session)
     model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
                           [r["context_len"] for r in rows])
-    return {"rows": rows, "cost_model": model.to_dict()}
+    model = dataclasses.replace(model, draft_prefill_ms_per_token=prefill_ms / context_lens[0])
+    return {"rows": rows, "draft_prefill_ms": {"tokens": context_lens[0], "ms": prefill_ms},
+            "cost_model": model.to_dict()}
