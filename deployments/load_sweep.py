@@ -8,10 +8,12 @@
 For each tier and policy GuideLLM runs fixed numbers of concurrent streams, then Poisson arrivals at shares of
 the capacity (requests/s) the highest concurrency reached, with synthetic prompts of --prompt-tokens tokens
 and exactly --output-tokens generated tokens each (`ignore_eos`), greedy, streamed, the policy chosen by the
-request's `speculation` field. GuideLLM's own report of each run is kept beside the summary; the summary
-(aggregate output tokens/s, time to first token and inter-token latency p50/p99, requests completed and
-failed, per level) is printed and saved as load_sweep.json, with plots. `deployments/load_run.py` stays
-the check that every stream equals its greedy reference under load.
+request's `speculation` field. Each level is its own GuideLLM run, with the server's `GET /speckv/stats`
+read before and after it, so the summary has what speculation did at that level (mean γ, sequences per
+verify pass), which GuideLLM does not keep. GuideLLM's own report of each run is kept beside the summary;
+the summary (aggregate output tokens/s, time to first token and inter-token latency p50/p99, requests
+completed and failed, mean γ, per level) is printed and saved as load_sweep.json, with plots.
+`deployments/load_run.py` stays the check that every stream equals its greedy reference under load.
 """
 
 from __future__ import annotations
@@ -64,6 +66,33 @@ def run_guidellm(guidellm: str, spec: dict, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def server_stats(url: str) -> dict[tuple[str, str], dict] | None:
+    """The server's per (tier, policy) totals (GET /speckv/stats); None where it has no such route."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/speckv/stats", timeout=30) as reply:
+            doc = json.load(reply)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return {(row["tier"], row["policy"]): row for row in doc.get("data", [])}
+
+
+def speculation_during(before: dict | None, after: dict | None, tier: str, policy: str) -> dict:
+    """What the server's requests of `tier` and `policy` did between two `server_stats` readings: steps,
+    mean γ (draft tokens per step) and mean sequences per verify pass. Empty where not known."""
+    if before is None or after is None or (tier, policy) not in after:
+        return {}
+    new, old = after[(tier, policy)], before.get((tier, policy), {})
+    steps = new["steps"] - old.get("steps", 0)
+    if steps <= 0:
+        return {"steps": 0}
+    batches = {int(b): n - old.get("batch_histogram", {}).get(b, 0) for b, n in new["batch_histogram"].items()}
+    return {"steps": steps, "mean_gamma": (new["draft_tokens"] - old.get("draft_tokens", 0)) / steps,
+            "mean_batch": sum(b * n for b, n in batches.items()) / steps}
+
+
 def summarize(report: dict, level: str, values: list[float]) -> list[dict]:
     """One row per benchmark of a GuideLLM report: aggregate output tokens/s (every token streamed within
     the window, finished requests or not), requests per second, TTFT and inter-token latency of the finished
@@ -88,6 +117,21 @@ def summarize(report: dict, level: str, values: list[float]) -> list[dict]:
     return rows
 
 
+def run_level(args: argparse.Namespace, tier: str, policy: str, level: str, value: float, out: Path) -> dict:
+    """One level (a number of concurrent streams, or a Poisson rate) as its own GuideLLM run: its summary row,
+    with what speculation did meanwhile on the server."""
+    profile = {"kind": "concurrent", "streams": [int(value)]} if level == "concurrency" else \
+        {"kind": "poisson", "rate": [value]}
+    override = {"profile.streams": int(value)} if level == "concurrency" else {"profile.rate": value}
+    spec = scenario(args.url, tier, policy, args.tokenizer, args.prompt_tokens, args.output_tokens, args.seconds,
+                    profile, [override])
+    before = server_stats(args.url)
+    (row,) = summarize(run_guidellm(args.guidellm, spec, out), level, [value])
+    row.update(speculation_during(before, server_stats(args.url), tier, policy))
+    print(json.dumps({"tier": tier, "policy": policy, **row}), flush=True)
+    return row
+
+
 def sweep(args: argparse.Namespace) -> dict:
     """Every tier and policy: the concurrency levels, then Poisson rates at shares of the capacity reached."""
     out = Path(args.out)
@@ -95,24 +139,15 @@ def sweep(args: argparse.Namespace) -> dict:
     for tier in args.tiers:
         for policy in args.policies:
             name = f"{tier}-{policy.replace(':', '')}"
-            spec = scenario(args.url, tier, policy, args.tokenizer, args.prompt_tokens, args.output_tokens,
-                            args.seconds, {"kind": "concurrent", "streams": args.concurrency},
-                            [{"profile.streams": c} for c in args.concurrency])
-            rows = summarize(run_guidellm(args.guidellm, spec, out / f"{name}-concurrent.json"), "concurrency",
-                             args.concurrency)
-            for row in rows:
-                print(json.dumps({"tier": tier, "policy": policy, **row}), flush=True)
+            rows = [run_level(args, tier, policy, "concurrency", c, out / f"{name}-c{c}.json")
+                    for c in args.concurrency]
             capacity = max(r["requests_per_s"] for r in rows)
-            rates = [round(share * capacity, 4) for share in args.rate_shares if share * capacity > 0]
             poisson = []
-            if rates:
-                spec = scenario(args.url, tier, policy, args.tokenizer, args.prompt_tokens, args.output_tokens,
-                                args.seconds, {"kind": "poisson", "rate": rates},
-                                [{"profile.rate": r} for r in rates])
-                poisson = summarize(run_guidellm(args.guidellm, spec, out / f"{name}-poisson.json"), "rate", rates)
-                for row, share in zip(poisson, args.rate_shares):
-                    row["capacity_share"] = share
-                    print(json.dumps({"tier": tier, "policy": policy, **row}), flush=True)
+            for share in args.rate_shares:
+                rate = round(share * capacity, 4)
+                if rate > 0:
+                    row = run_level(args, tier, policy, "rate", rate, out / f"{name}-r{rate}.json")
+                    poisson.append({**row, "capacity_share": share})
             results["runs"].append({"tier": tier, "policy": policy, "concurrency": rows, "poisson": poisson,
                                     "capacity_requests_per_s": capacity})
     (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
@@ -122,7 +157,7 @@ def sweep(args: argparse.Namespace) -> dict:
 def table(results: dict) -> str:
     """The summary as a markdown table: one row per tier, policy and level."""
     lines = ["| tier | policy | load | aggregate output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
-             "| requests done / cut / failed |", "|---|---|---|---|---|---|---|"]
+             "| requests done / cut / failed | mean γ | sequences per pass |", "|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         levels = [(f"{r['concurrency']} streams", r) for r in run["concurrency"]]
         levels += [(f"Poisson {r['rate']:.3g}/s ({r['capacity_share']:.0%} of capacity)", r) for r in run["poisson"]]
@@ -130,8 +165,13 @@ def table(results: dict) -> str:
             lines.append(f"| {run['tier']} | {run['policy']} | {load} | {r['output_tokens_per_s']:.2f} | "
                          f"{r['ttft_ms_p50'] / 1e3:.1f} / {r['ttft_ms_p99'] / 1e3:.1f} | "
                          f"{r['itl_ms_p50']:.0f} / {r['itl_ms_p99']:.0f} | {r['requests_successful']} / "
-                         f"{r['requests_incomplete']} / {r['requests_errored']} |")
+                         f"{r['requests_incomplete']} / {r['requests_errored']} | {_maybe(r, 'mean_gamma')} | "
+                         f"{_maybe(r, 'mean_batch')} |")
     return "\n".join(lines)
+
+
+def _maybe(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "n/a"
 
 
 def plot(results: dict, out: Path) -> None:
@@ -142,14 +182,17 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     tiers = sorted({r["tier"] for r in results["runs"]})
-    fig, axes = plt.subplots(2, len(tiers), figsize=(5 * len(tiers), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(tiers), figsize=(5 * len(tiers), 10), squeeze=False)
     for col, tier in enumerate(tiers):
         for run in (r for r in results["runs"] if r["tier"] == tier):
             c = [row["concurrency"] for row in run["concurrency"]]
             axes[0][col].plot(c, [row["output_tokens_per_s"] for row in run["concurrency"]], "o-", label=run["policy"])
             axes[1][col].plot(c, [row["ttft_ms_p50"] / 1e3 for row in run["concurrency"]], "o-", label=run["policy"])
+            axes[2][col].plot(c, [row.get("mean_gamma", float("nan")) for row in run["concurrency"]], "o-",
+                              label=run["policy"])
         axes[0][col].set(title=f"{tier}: aggregate output tokens/s", xlabel="concurrent streams", xscale="log")
         axes[1][col].set(title=f"{tier}: TTFT p50 (s)", xlabel="concurrent streams", xscale="log")
+        axes[2][col].set(title=f"{tier}: mean γ (server's count)", xlabel="concurrent streams", xscale="log")
         axes[0][col].legend()
     fig.tight_layout()
     fig.savefig(out / "load_sweep.png", dpi=110)

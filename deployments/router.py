@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -69,6 +70,9 @@ class Router:
         self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
         self.active = 0  # generations in flight on this replica (admission control)
+        # every step this replica ran, per (tier, policy), and the requests that ended (GET /speckv/stats)
+        self.totals: dict[tuple[str, str], RequestStats] = {}
+        self.requests_ended: Counter[tuple[str, str]] = Counter()
 
     # ------------------------------------------------------------------ what a request runs with
 
@@ -151,12 +155,15 @@ class Router:
                               on_retry=lambda: self.metrics.retries.inc(1, {"tier": tier}))
         executor = self.executor_factory(self.config.topology, self.targets[tier], self.draft, retries)
         steps = speculate(gen.request, executor, gen.policy, TextAssembler(self.text.tokenizer, gen.request.stop))
+        key = (tier, gen.policy.name)
+        totals = self.totals.setdefault(key, RequestStats(gen.policy.name))
         try:
             async for event in steps:
                 if stats.steps == 0:
                     self.metrics.ttft_ms.observe((time.perf_counter() - start) * 1e3, {"tier": tier})
                 self.metrics.step(event.record)
                 stats.add(event.record, event.finish_reason)
+                totals.add(event.record)
                 yield event
             outcome = "ok"
         except (asyncio.CancelledError, GeneratorExit):
@@ -173,6 +180,7 @@ class Router:
             if outcome == "ok" and seconds > 0:
                 self.metrics.tokens_per_s.set(stats.completion_tokens / seconds, {"tier": tier})
             self.metrics.requests.inc(1, {"tier": tier, "outcome": outcome})
+            self.requests_ended[key] += 1
 
     def _http_error(self, error: Exception) -> Exception:
         """A model-side failure before any token was sent, as its HTTP answer (503) where it has one."""
@@ -240,6 +248,18 @@ class Router:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/speckv/stats")
+    async def speculation_stats(self) -> dict:
+        """What this router replica's requests did since it started, per tier and policy (requests ended,
+        steps, draft tokens, mean γ, the γ and batch histograms), and `adaptive`'s current estimates per tier:
+        a load tool reads it before and after a run to see what speculation did under that load (Prometheus
+        has the same counters summed over replicas)."""
+        return {"object": "speckv.stats", "data": [
+            {"tier": tier, "requests": self.requests_ended[(tier, policy)], "mean_gamma": stats.mean_gamma,
+             **{k: v for k, v in stats.speculation().items() if k not in ("retries", "estimates")}}
+            for (tier, policy), stats in sorted(self.totals.items())],
+            "estimates": {tier: estimates.to_dict() for tier, estimates in sorted(self._estimates.items())}}
 
     @api.get("/v1/models")
     async def models(self) -> dict:

@@ -128,6 +128,11 @@ class RequestStats:
         return self.accepted_tokens / self.steps if self.steps else 0.0
 
     @property
+    def mean_gamma(self) -> float:
+        """Draft tokens proposed per step."""
+        return self.draft_tokens / self.steps if self.steps else 0.0
+
+    @property
     def tokens_per_step(self) -> float:
         """Tokens emitted per step (bonus/recovered included): the SpecKV paper's metric."""
         return self.completion_tokens / self.steps if self.steps else 0.0

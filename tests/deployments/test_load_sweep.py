@@ -1,6 +1,6 @@
 """The load sweep's own logic (deployments/load_sweep.py): what it asks GuideLLM for and what it reads back."""
 
-from deployments.load_sweep import scenario, speculation, summarize, table
+from deployments.load_sweep import scenario, speculation, speculation_during, summarize, table
 
 
 def test_each_policy_is_asked_for_in_the_request_body():
@@ -28,5 +28,19 @@ def test_a_report_is_summarized_per_level():
     assert row["itl_ms_p50"] == 300.0 and row["requests_successful"] == 8 and row["requests_incomplete"] == 2
     poisson = {**row, "rate": 0.05, "capacity_share": 0.5}
     md = table({"runs": [{"tier": "nf4", "policy": "none", "concurrency": [row], "poisson": [poisson]}]})
-    assert "| nf4 | none | 8 streams | 2.50 | 0.9 / 1.5 | 300 / 420 | 8 / 2 / 0 |" in md
+    assert "| nf4 | none | 8 streams | 2.50 | 0.9 / 1.5 | 300 / 420 | 8 / 2 / 0 | n/a | n/a |" in md
     assert "Poisson 0.05/s (50% of capacity)" in md
+
+
+def test_what_speculation_did_during_a_level_is_the_servers_difference():
+    """GuideLLM does not keep the response's `speculation` field: the sweep diffs the server's totals
+    (GET /speckv/stats) around each level for the mean γ and the sequences per verify pass."""
+    before = {("nf4", "adaptive"): {"steps": 100, "draft_tokens": 300, "batch_histogram": {"1": 100}},
+              ("nf4", "none"): {"steps": 50, "draft_tokens": 0, "batch_histogram": {"1": 50}}}
+    after = {("nf4", "adaptive"): {"steps": 140, "draft_tokens": 320, "batch_histogram": {"1": 110, "8": 30}},
+             ("nf4", "none"): {"steps": 50, "draft_tokens": 0, "batch_histogram": {"1": 50}}}
+    assert speculation_during(before, after, "nf4", "adaptive") == {
+        "steps": 40, "mean_gamma": 0.5, "mean_batch": (10 * 1 + 30 * 8) / 40}
+    assert speculation_during({}, after, "nf4", "adaptive")["mean_gamma"] == 320 / 140  # first run on the server
+    assert speculation_during(before, after, "nf4", "none") == {"steps": 0}
+    assert speculation_during(None, after, "nf4", "adaptive") == {}  # a server without the route

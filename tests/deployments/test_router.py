@@ -217,3 +217,19 @@ def test_what_load_tools_send_is_served(router):
     counts = [e["usage"]["completion_tokens"] for e in events if e["choices"] and e["choices"][0]["text"]]
     assert counts == sorted(counts) and len(counts) > 1
     assert events[-1]["usage"]["completion_tokens"] == BODY["max_tokens"]
+
+
+def test_stats_count_what_each_policy_did_on_this_replica(router):
+    """GET /speckv/stats: per tier and policy, the requests ended and their steps and draft tokens (a load
+    tool diffs it around a run to get the mean γ under that load)."""
+    r, _, _ = router
+    assert asyncio.run(r.speculation_stats())["data"] == []
+    answers = [json.loads(asyncio.run(r.completions(CompletionRequest(**body))).body) for body in
+               (BODY, BODY, {**BODY, "speculation": {"policy": "none"}})]
+    stats = {row["policy"]: row for row in asyncio.run(r.speculation_stats())["data"]}
+    fixed, none = stats["fixed:2"], stats["none"]
+    assert fixed["tier"] == "fp16" and fixed["requests"] == 2 and none["requests"] == 1
+    assert fixed["steps"] == sum(a["speculation"]["steps"] for a in answers[:2])
+    assert fixed["draft_tokens"] == sum(a["speculation"]["draft_tokens"] for a in answers[:2])
+    assert fixed["mean_gamma"] == fixed["draft_tokens"] / fixed["steps"] > 1
+    assert none["mean_gamma"] == 0 and none["steps"] == answers[2]["usage"]["completion_tokens"]
