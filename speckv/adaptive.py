@@ -145,6 +145,8 @@ class AdaptivePolicy:
         # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
         self._rate = max(rate, 1.0 / float(price[0])) if rate else None
         self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(extra[0]) / (PROBE_SHARE * price[0])))
+        # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass
+        self._catch_up_per_token = sequences * float(cost.catch_up_ms(CAUGHT_UP + 1))
         self._stop = NO_STOP
         if self.predictor.token_weights and self._rate:
             *w, b = self.predictor.token_weights
@@ -165,10 +167,7 @@ class AdaptivePolicy:
     def _catch_up_ms(self, behind: int) -> float:
         """What reading the `behind` tokens its draft lacks costs the pass: the catch-up (a prefill pass the
         draft runs apart), waited for by every request in the pass."""
-        if behind <= CAUGHT_UP:
-            return 0.0
-        sequences, _ = self.estimates.tier.load.now()
-        return sequences * float(self.estimates.tier.cost.catch_up_ms(behind))
+        return self._catch_up_per_token * (behind - CAUGHT_UP) if behind > CAUGHT_UP else 0.0
 
     def _decide(self, logits: list[float], catch_up_ms: float = 0.0, remaining: int | None = None) -> int:
         """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·(extra_ms(γ) + its share of the catch-up), in plain
@@ -181,13 +180,16 @@ class AdaptivePolicy:
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, bias, extra, self._price0)
             self._refresh()
-        share = catch_up_ms / remaining if remaining else catch_up_ms  # per token the steps left emit
         rate, exp = self._rate, math.exp
+        # gain(γ) = total − R·(extra + share of the catch-up) = weight·total − R·extra − fixed, where the share
+        # is catch_up_ms·(1 + total)/remaining (the step's tokens' part of it), or all of it
+        share = rate * catch_up_ms / remaining if remaining else 0.0
+        weight, fixed = 1.0 - share, share if remaining else rate * catch_up_ms
         p, total, best, best_gain = 1.0, 0.0, 0, 0.0
         for k, z in enumerate(logits):
             p *= 1.0 / (1.0 + exp(-(z + bias)))
             total += p
-            gain = total - rate * (extra[k] + (share * (1.0 + total) if remaining else share))
+            gain = weight * total - rate * extra[k] - fixed
             if gain > best_gain:
                 best, best_gain = k + 1, gain
         tier = self.estimates.tier
@@ -196,7 +198,8 @@ class AdaptivePolicy:
             self.draft_stop = self._stop
             return self.run_cap if best == len(logits) else best
         tier.target_only_steps += 1
-        probe_every = max(self._probe_every, math.ceil((extra[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))
+        probe_every = self._probe_every if not catch_up_ms else max(
+            self._probe_every, math.ceil((extra[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))
         if tier.target_only_steps >= probe_every:  # γ = 0 is never absorbing
             tier.target_only_steps = 0
             self.draft_stop = NO_STOP
