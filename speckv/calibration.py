@@ -195,6 +195,20 @@ def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
     return [(salt * 101 + i * 37 + 11) % (vocab - 1) for i in range(count)]
 
 
+def time_prefill(lm: SessionLM, tokens: int, session: str) -> float:
+    """Ms of reading `tokens` tokens into an empty cache, keeping one logit (the draft's catch-up on a
+    context it has not read): one call on a fresh session, after the calls before it warmed the model up
+    (a prefill costs as much as many single tokens, and its first call is no dearer than the next)."""
+    ids = synthetic_ids(tokens, int(lm.model.config.vocab_size), salt=7)
+    start = time.perf_counter()
+    lm.logits_batch([LogitsCall(session, ids, 1)])
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    ms = (time.perf_counter() - start) * 1e3
+    lm.close(session)
+    return ms
+
+
 def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
               deadline: float | None = None, session: str = "calibration", sequences: int = 1) -> float:
     """Median ms of the live loop's call pattern: `tokens` new tokens fed after a cached `context` (the
@@ -208,8 +222,7 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
     def call(fed: list[int], num_logits: int) -> None:
         lm.logits_batch([LogitsCall(s, fed, num_logits) for s in sessions])
 
-    if context:
-        call(context, 1)
+    call(context, 1)
     call(context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
     times: list[float] = []                             # pays one-time setup costs
     for r in range(repeats):
@@ -265,15 +278,22 @@ def calibrate(
     cached = 0  # context length the calibration session holds
     for n, (kind, ctx, tokens, sequences) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
-            per_token = max(r["ms"] / r["tokens"] for r in rows)  # the dearest: what more context costs at most
-            same = [r["ms"] for r in rows if r["tokens"] >= tokens]
+            timed = [r for r in rows if r["kind"] != "prefill"]
+            per_token = max(r["ms"] / r["tokens"] for r in timed)  # the dearest: what more context costs at most
+            same = [r["ms"] for r in timed if r["tokens"] >= tokens]
             estimate_ms = (max(ctx - cached, 0) * per_token
                            + repeats * sequences * (min(same) if same else tokens * per_token))
             if time.perf_counter() + estimate_ms / 1e3 > deadline:
                 if progress:
                     progress(n + 1, len(plan))
                 continue  # does not fit: later, cheaper measurements still may
-        # the verify pattern keeps every fed row; the draft's (catch-up, single token, prefill) keeps one
+        if kind == "prefill":  # its own session: the calibration session keeps its context cached
+            rows.append({"kind": kind, "context_len": 0, "tokens": tokens, "sequences": 1,
+                         "ms": time_prefill(lm, tokens, f"{session}-prefill")})
+            if progress:
+                progress(n + 1, len(plan))
+            continue
+        # the verify pattern keeps every fed row; the draft's (catch-up, single token) keeps one
         ms = time_call(lm, synthetic_ids(ctx, vocab), tokens, tokens if kind == "verify" else 1, repeats, deadline,
                        session, sequences)
         cached = ctx

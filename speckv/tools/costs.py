@@ -12,7 +12,7 @@ import dataclasses
 import statistics
 import uuid
 
-from ..calibration import synthetic_ids, time_call
+from ..calibration import synthetic_ids, time_call, time_prefill
 from ..cost_model import CostModel
 from ..local import LocalEngine
 from ..models import DRAFT_TIER, draft_dtype_for, load_model
@@ -84,9 +84,6 @@ def measure_loaded_costs(
     """Per context length: draft ms per token, and verify ms for each γ (γ+1 tokens scored); the draft's
     prefill of the first context length (what its catch-up costs per token, as calibration times it); plus
     the fitted CostModel."""
-    session = f"cost-{uuid.uuid4().hex}"
-    prefill_ms = time_call(draft_lm, [], context_lens[0], 1, repeats, session=session)
-    draft_lm.close(session)
     rows = []
     for ctx in context_lens:
         context = synthetic_ids(ctx, int(target_lm.model.config.vocab_size))
@@ -98,6 +95,7 @@ def measure_loaded_costs(
                                                     session=session)})
         draft_lm.close(session)
         target_lm.close(session)
+    prefill_ms = time_prefill(draft_lm, context_lens[0], f"cost-{uuid.uuid4().hex}")
     model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
                           [r["context_len"] for r in rows])
     model = dataclasses.replace(model, draft_prefill_ms_per_token=prefill_ms / context_lens[0])
