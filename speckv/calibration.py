@@ -239,16 +239,18 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
 
 def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
     """(kind, context_len, tokens, sequences) in the order they are measured: what a cost model needs most
-    first (verification at γ = 0 and γmax on the first context; the draft's single token), then the rest
-    of the curve or the draft's catch-up, then batched passes (BATCH_PROBE sequences), then the other
-    contexts."""
+    first (verification at γ = 0 and γmax on the first context; the draft's single token and its prefill),
+    then the small-γ points of the curve or the draft's catch-up, then batched passes (BATCH_PROBE
+    sequences), then the rest of the curve, then the other contexts."""
     first, *others = context_lens
     if role == "draft":  # a prefill row reads `first` tokens into an empty cache (what a catch-up costs)
         return [("draft", first, 1, 1), ("prefill", 0, first, 1), ("draft", first, 2, 1),
                 ("draft", first, 1, BATCH_PROBE), *(("draft", ctx, 1, 1) for ctx in others)]
-    gammas = [0, max_gamma] + [g for g in range(1, max_gamma)]
-    plan = [("verify", first, g + 1, 1) for g in gammas]
+    # the curve's ends and its small-γ points (where CPU decisions fall), then batched passes (what load
+    # costs: without them a batched pass is priced on the single line), then the rest of the curve
+    plan = [("verify", first, g + 1, 1) for g in dict.fromkeys([0, max_gamma, 1, 2]) if g <= max_gamma]
     plan += [("verify", first, 1, BATCH_PROBE), ("verify", first, max_gamma + 1, BATCH_PROBE)]
+    plan += [("verify", first, g + 1, 1) for g in range(3, max_gamma)]
     for ctx in others:
         plan += [("verify", ctx, 1, 1), ("verify", ctx, max_gamma + 1, 1)]
     return plan
