@@ -218,6 +218,16 @@ class SessionLM:
                 self._closed.popitem(last=False)
             return self._sessions.pop(session_id, None) is not None
 
+    def fork(self, source: str, target: str) -> None:
+        """Give session `target` a copy of `source`'s cache and tokens (calibration's batched passes: several
+        sessions on one context, without reading it once per session)."""
+        import copy
+
+        with self._lock:
+            cache, token_ids = copy.deepcopy(self._sessions[source].cache), list(self._sessions[source].token_ids)
+            session = self._open(target)
+            session.cache, session.token_ids = cache, token_ids
+
     def is_closed(self, session_id: str) -> bool:
         return session_id in self._closed
 

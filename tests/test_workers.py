@@ -164,3 +164,19 @@ def test_common_prefix_len_agrees_with_the_definition_at_every_chunk_boundary():
         expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         for chunk in (1, 3, 8, 256):
             assert common_prefix_len(a, b, chunk) == expected == common_prefix_len(b, a, chunk), (a, b, chunk)
+
+
+def test_a_forked_session_continues_as_its_source_would(target_model):
+    """Calibration's batched probes fork one cached context into several sessions: each then gives the
+    logits a session that read the context itself gives, and the source is left as it was."""
+    from speckv.workers import LogitsCall, SessionLM
+
+    lm, fresh = SessionLM(target_model), SessionLM(target_model)
+    context, more = list(range(5, 25)), [7, 8, 9]
+    lm.logits("a", context, 1)
+    lm.fork("a", "b")
+    assert lm.missing("b", context) == 0
+    forked = lm.logits_batch([LogitsCall("b", context + more, 3)])[0]
+    alone = fresh.logits("x", context + more, 3)
+    assert torch.allclose(forked, alone, atol=1e-4)
+    assert torch.allclose(lm.logits("a", context + more[:1], 1), alone[:1], atol=1e-4)
