@@ -285,8 +285,10 @@ def calibrate(
             timed = [r for r in rows if r["kind"] != "prefill"]
             per_token = max(r["ms"] / r["tokens"] for r in timed)  # the dearest: what more context costs at most
             same = [r["ms"] for r in timed if r["tokens"] >= tokens]
+            # a batched pass costs less than its sequences' single passes (assumed: half a pass each one more;
+            # where it costs more, repeats stop at the deadline)
             estimate_ms = (max(ctx - cached, 0) * per_token
-                           + repeats * sequences * (min(same) if same else tokens * per_token))
+                           + repeats * (1 + (sequences - 1) / 2) * (min(same) if same else tokens * per_token))
             if time.perf_counter() + estimate_ms / 1e3 > deadline:
                 if progress:
                     progress(n + 1, len(plan))
