@@ -8,6 +8,7 @@ back after a rejection. The same classes run in-process (CLI, benchmarks) and in
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -221,8 +222,6 @@ class SessionLM:
     def fork(self, source: str, target: str) -> None:
         """Give session `target` a copy of `source`'s cache and tokens (calibration's batched passes: several
         sessions on one context, without reading it once per session)."""
-        import copy
-
         with self._lock:
             cache, token_ids = copy.deepcopy(self._sessions[source].cache), list(self._sessions[source].token_ids)
             session = self._open(target)
