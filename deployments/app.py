@@ -21,7 +21,7 @@ def build_app(args: dict | None = None) -> Application:
                   max_kv_bytes=None if config.kv_cache_mib is None else int(config.kv_cache_mib * 2**20),
                   max_batch_size=config.max_batch_size,
                   idle_timeout_s=config.session_idle_timeout_s, torch_threads=config.torch_threads,
-                  calibration_budget_s=config.calibration_budget_s)
+                  calibration_budget_s=config.calibration_budget_s, share_cores=config.share_cores)
     delay = config.added_ms_per_call.get
     draft_spec = WorkerSpec(model=config.draft_model, dtype=config.draft_dtype, added_ms_per_call=delay("draft", 0.0),
                             **common)

@@ -41,6 +41,10 @@ class AppConfig(BaseModel):
         "gets 503 + Retry-After; null: bounded by session count only")
     max_batch_size: int = Field(8, ge=1, description="requests per forward pass in a model replica (batched draft "
                                 "and verify passes); a deployment's max_ongoing_requests must be at least this")
+    share_cores: bool = Field(
+        False, description="model replicas on one machine take turns for its cores, one forward pass at a time "
+        "(speckv.batching.CoreLease): for one machine whose draft and targets share the same cores; leave it off "
+        "where each replica has cores of its own (cluster/placement.yaml)")
     predictor: str | None = Field(
         None, description="acceptance predictor artifact for `adaptive` (predictor.json, or its directory); "
         "default: the one shipped with speckv; the controller deployment distributes it"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
-from speckv.batching import BatchSettings, admit_and_prefill
+from speckv.batching import BatchSettings, CoreLease, admit_and_prefill, run_pass
 from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
@@ -47,6 +47,7 @@ class WorkerSpec:
     calibration_budget_s: float | None = None  # for a draft/target pair; None: speckv.calibration's default
     max_batch_size: int = 8  # requests per forward pass (speckv.batching)
     batch_wait_share: float = 0.05  # an idle replica waits this share of a pass for more requests to join
+    share_cores: bool = False  # model replicas on one machine take turns for its cores (speckv.batching.CoreLease)
 
     def batching(self, calibration: dict) -> BatchSettings:
         """How this replica gathers calls into passes: the wait is a share of its calibrated single pass, so
@@ -93,6 +94,7 @@ class DraftDeployment:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.worker = DraftWorker(spec.build_lm())
+        self.cores = CoreLease() if spec.share_cores else None
         self._calibration = spec.calibrate(self.worker.lm, "draft")
         self.batching = spec.batching(self._calibration)
         _apply(self._propose_batch, self.batching)
@@ -109,18 +111,19 @@ class DraftDeployment:
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
-        return self.worker.propose_batch(batch)
+        return await run_pass(self.worker.propose_batch, batch, self.cores)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _prefill_step(self, batch: list[StepInputs]) -> list[int]:
-        return self.worker.prefill_step(batch)
+        return await run_pass(self.worker.prefill_step, batch, self.cores)
 
     def close(self, session_id: str) -> None:
         """The request has ended: close its session (a call still in flight for it is refused)."""
         self.worker.lm.close(session_id)
 
     def stats(self) -> dict:
-        return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__}
+        return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__,
+                "cores_waited_s": self.cores.waited_s if self.cores else 0.0}
 
 
 @serve.deployment(name="target", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
@@ -132,6 +135,7 @@ class TargetDeployment:
     def __init__(self, spec: WorkerSpec, draft: WorkerSpec | None = None) -> None:
         self.tier = spec.tier
         self.worker = TargetWorker(spec.build_lm())
+        self.cores = CoreLease() if spec.share_cores else None
         self.draft = DraftWorker(draft.build_lm()) if draft else None
         self._calibration = {"target": spec.calibrate(self.worker.lm, "target")}
         if self.draft:
@@ -139,7 +143,7 @@ class TargetDeployment:
         self.batching = spec.batching(self._calibration["target"])
         _apply(self._verify_batch, self.batching)
         _apply(self._prefill_step, self.batching)
-        self.executor = local_executor(self.draft, self.worker, self.batching) if self.draft else None
+        self.executor = local_executor(self.draft, self.worker, self.batching, self.cores) if self.draft else None
 
     def calibration(self) -> dict:
         """{"target": this replica's calibration, and "draft" when it also drafts} (as dicts)."""
@@ -152,11 +156,11 @@ class TargetDeployment:
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification]:
-        return self.worker.verify_batch(batch)
+        return await run_pass(self.worker.verify_batch, batch, self.cores)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _prefill_step(self, batch: list[StepInputs]) -> list[int]:
-        return self.worker.prefill_step(batch)
+        return await run_pass(self.worker.prefill_step, batch, self.cores)
 
     async def step(self, inputs: StepInputs) -> StepCall:
         if self.executor is None:
@@ -170,4 +174,5 @@ class TargetDeployment:
             self.draft.lm.close(session_id)
 
     def stats(self) -> dict:
-        return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}
+        return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__,
+                "cores_waited_s": self.cores.waited_s if self.cores else 0.0}

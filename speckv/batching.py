@@ -9,7 +9,11 @@ batching at step granularity). The batched computation itself lives in the worke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -42,9 +46,11 @@ class Batcher(Generic[T, R]):
     nf4 pass of eight requests took 2.0 s in a thread beside the live loop and 1.1 s on the loop's thread
     (25 s beside a busy Python thread). The requests' own work runs between passes."""
 
-    def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings()) -> None:
+    def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings(),
+                 cores: CoreLease | None = None) -> None:
         self.fn = fn
         self.settings = settings
+        self.cores = cores  # held for each pass where replicas share the machine's cores
         self._pending: list[tuple[T, asyncio.Future]] = []
         self._runner: asyncio.Task | None = None
         self.batches = 0  # passes run, for tests and reports
@@ -68,7 +74,7 @@ class Batcher(Generic[T, R]):
             self.batches += 1
             self.largest = max(self.largest, len(batch))
             try:
-                results = self.fn([item for item, _ in batch])
+                results = await run_pass(self.fn, [item for item, _ in batch], self.cores)
             except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
                 for _, future in batch:
                     if not future.done():
@@ -92,3 +98,49 @@ async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,
     worker.admit(inputs)
     while worker.needs_prefill(inputs):
         await prefill_step(inputs)
+
+
+class CoreLease:
+    """Model replicas on one machine that share its cores take turns for them, one forward pass at a time.
+
+    Each replica's torch runs as many threads as the cores it was given; two replicas' passes at once (a
+    draft pass and a target pass of different requests, disaggregated on one machine) run twice the threads
+    on the same cores and slow each other (docs/SERVING.md, "Measured under load"). Every calibration times
+    a model alone, so taking turns is also what keeps the cost model true. The lease is an exclusive
+    `flock` on a file named by `name` in the machine's temp directory, so it spans processes (Ray workers)
+    but not machines; within a process an asyncio lock orders the passes. Waiting for it happens in a
+    thread, off the event loop."""
+
+    def __init__(self, name: str = "speckv-cores") -> None:
+        self.path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
+        self._local = asyncio.Lock()
+        self.waited_s = 0.0  # total time spent waiting for another process's pass, for stats
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with self._local:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            acquire = asyncio.ensure_future(asyncio.to_thread(fcntl.flock, self._fd, fcntl.LOCK_EX))
+            try:
+                await asyncio.shield(acquire)
+            except asyncio.CancelledError:  # the thread still takes the lock: hand it back when it does
+                acquire.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release())
+                raise
+            self.waited_s += loop.time() - start
+            try:
+                yield
+            finally:
+                self._release()
+
+    def _release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+async def run_pass(fn: Callable[[list[T]], list[R]], items: list[T], cores: CoreLease | None = None) -> list[R]:
+    """One batched pass, on the event loop's thread (see Batcher), holding `cores` where replicas share them."""
+    if cores is None:
+        return fn(items)
+    async with cores.hold():
+        return fn(items)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import Batcher, BatchSettings, admit_and_prefill
+from .batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
 from .calibration import calibrate_pair
 from .engine import (
     GenerationRequest,
@@ -26,10 +26,11 @@ from .text import eos_token_ids
 from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 
-def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None) -> SplitExecutor:
+def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None,
+                   cores: CoreLease | None = None) -> SplitExecutor:
     """A step executor over in-process workers. With `batching`, the calls of requests running concurrently
     (on one event loop) share forward passes (speckv.batching); new requests' prompts are prefilled together,
-    in chunks, between those passes."""
+    in chunks, between those passes; with `cores` too, every pass holds that lease."""
     if batching is None:
         async def propose(inputs: StepInputs) -> Proposal:
             return draft.propose(inputs)
@@ -38,8 +39,10 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
             # in a thread (torch releases the GIL), so the loop's work overlaps it (StepExecutor.run_step)
             return await asyncio.to_thread(target.verify, inputs, draft_token_ids)
     else:
-        proposals, draft_prefills = Batcher(draft.propose_batch, batching), Batcher(draft.prefill_step, batching)
-        verifications, target_prefills = Batcher(target.verify_batch, batching), Batcher(target.prefill_step, batching)
+        proposals, draft_prefills = (Batcher(draft.propose_batch, batching, cores),
+                                     Batcher(draft.prefill_step, batching, cores))
+        verifications, target_prefills = (Batcher(target.verify_batch, batching, cores),
+                                          Batcher(target.prefill_step, batching, cores))
 
         async def propose(inputs: StepInputs) -> Proposal:
             await admit_and_prefill(draft, inputs, draft_prefills)

@@ -2,8 +2,9 @@
 
 import pytest
 
-from deployments.app import model_replica_options
+from deployments.app import build_app, model_replica_options
 from deployments.config import AppConfig
+from deployments.workers import WorkerSpec
 
 
 def test_a_cpu_replica_asks_for_the_cores_its_threads_use():
@@ -18,3 +19,19 @@ def test_a_replica_must_take_a_whole_batch_of_calls():
     with pytest.raises(ValueError, match="below max_batch_size"):
         model_replica_options(AppConfig(max_batch_size=8), {"max_ongoing_requests": 4})
     assert model_replica_options(AppConfig(max_batch_size=4), {"max_ongoing_requests": 4})
+
+
+def _model_specs(app) -> dict:
+    """deployment name -> the WorkerSpec(s) its replicas are built from."""
+    router = app._bound_deployment
+    _, targets, _, draft = router.init_args
+    specs = {d._bound_deployment.name: d._bound_deployment.init_args for d in [*targets.values(), draft] if d}
+    return {name: [a for a in args if isinstance(a, WorkerSpec)] for name, args in specs.items()}
+
+
+@pytest.mark.parametrize("topology", ["disaggregated", "colocated"])
+def test_share_cores_reaches_every_model_replica(topology):
+    for share in (True, False):
+        specs = _model_specs(build_app({"share_cores": share, "tiers": ["fp16", "nf4"], "topology": topology}))
+        assert set(specs) == {"target-fp16", "target-nf4"} | ({"draft"} if topology == "disaggregated" else set())
+        assert all(s.share_cores is share for group in specs.values() for s in group)

@@ -1,0 +1,80 @@
+"""speckv.batching: CoreLease makes passes of replicas in different processes take turns for the cores, and the
+Batcher holds it for each pass."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import multiprocessing as mp
+import os
+import time
+import uuid
+
+from speckv.batching import Batcher, BatchSettings, CoreLease, run_pass
+
+PASS_S = 0.15
+
+
+def _passes(name: str | None, out: mp.Queue, n: int) -> None:
+    """A replica's loop: n passes that each occupy PASS_S, with the lease named `name` (None: without one)."""
+
+    async def main() -> None:
+        cores = CoreLease(name) if name else None
+        for _ in range(n):
+            def busy(items: list[int]) -> list[int]:
+                start = time.monotonic()
+                time.sleep(PASS_S)
+                out.put((start, time.monotonic()))
+                return items
+            await run_pass(busy, [0], cores)
+
+    asyncio.run(main())
+
+
+def _overlap_s(name: str | None) -> float:
+    """Two processes run three passes each at once; how long their passes overlapped in all."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_passes, args=(name, out, 3)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    intervals = sorted(out.get(timeout=5) for _ in range(6))
+    return sum(max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+               for i, a in enumerate(intervals) for b in intervals[i + 1:])
+
+
+def test_core_lease_serialises_passes_of_different_processes():
+    assert _overlap_s(f"speckv-test-{uuid.uuid4().hex}") < 0.01
+    assert _overlap_s(None) > PASS_S  # the control: without the lease the two processes' passes overlap
+
+
+def test_batcher_holds_the_lease_for_each_pass_and_a_cancelled_wait_returns_it():
+    async def main() -> None:
+        cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
+        held = []
+
+        def fn(items: list[int]) -> list[int]:
+            held.append(cores._local.locked())
+            return [i * 2 for i in items]
+
+        batcher = Batcher(fn, BatchSettings(max_batch_size=4), cores)
+        assert await asyncio.gather(*(batcher(i) for i in range(3))) == [0, 2, 4]
+        assert held == [True]
+
+        # a caller cancelled while it waits for the lease must not leave it taken
+        other = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))  # its own open file
+        async with cores.hold():
+            waiter = asyncio.ensure_future(run_pass(fn, [1], other))
+            await asyncio.sleep(0.1)
+            waiter.cancel()
+        await asyncio.sleep(0.2)
+        fd = os.open(cores.path, os.O_RDWR)  # as another process would
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the cancelled wait kept it
+        finally:
+            os.close(fd)
+
+    asyncio.run(main())
