@@ -258,6 +258,20 @@ def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tupl
     return plan
 
 
+def estimate_measurement_ms(rows: list[dict], read: int, tokens: int, sequences: int, repeats: int) -> float:
+    """What one planned measurement will take, from the rows measured so far: reading `read` more context
+    tokens into the cache first, then `repeats` passes of `tokens` tokens for `sequences` sequences."""
+    # reading: at the cheapest per-token rate measured (the draft's prefill where timed), about what a long read
+    # costs a token or more (a pass's fixed part amortises over more tokens); the dearest (a 1-token pass) made
+    # a 512-token read look like a minute on a CPU where it takes seconds, so the longer context went unmeasured
+    per_token = min(r["ms"] / r["tokens"] for r in rows)
+    same = [r["ms"] for r in rows if r["kind"] != "prefill" and r["tokens"] >= tokens]
+    # a batched pass costs less than its sequences' single passes (assumed: half a pass each one more; where it
+    # costs more, repeats stop at the deadline)
+    one = min(same) if same else tokens * per_token
+    return max(read, 0) * per_token + repeats * (1 + (sequences - 1) / 2) * one
+
+
 def calibrate(
     lm: SessionLM,
     role: str,
@@ -282,13 +296,7 @@ def calibrate(
     cached = 0  # context length the calibration session holds
     for n, (kind, ctx, tokens, sequences) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
-            timed = [r for r in rows if r["kind"] != "prefill"]
-            per_token = max(r["ms"] / r["tokens"] for r in timed)  # the dearest: what more context costs at most
-            same = [r["ms"] for r in timed if r["tokens"] >= tokens]
-            # a batched pass costs less than its sequences' single passes (assumed: half a pass each one more;
-            # where it costs more, repeats stop at the deadline)
-            estimate_ms = (max(ctx - cached, 0) * per_token
-                           + repeats * (1 + (sequences - 1) / 2) * (min(same) if same else tokens * per_token))
+            estimate_ms = estimate_measurement_ms(rows, ctx - cached, tokens, sequences, repeats)
             if time.perf_counter() + estimate_ms / 1e3 > deadline:
                 if progress:
                     progress(n + 1, len(plan))

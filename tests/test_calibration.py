@@ -74,6 +74,18 @@ def test_the_curve_fills_what_the_budget_left_out():
     assert cost.verify_ms(5, 64) == 180.0 + cost.verify_ms_per_token  # beyond the curve (γ = 4 is its end): its slope
 
 
+def test_a_longer_context_is_priced_at_the_cheapest_rate_measured():
+    """Reading 448 more tokens is estimated from the draft's prefill rate (1.5 ms a token), or the cheapest pass
+    per token (a 9-token verify: 20 ms), never at a 1-token pass's 130 ms a token (a minute: never measured)."""
+    from speckv.calibration import estimate_measurement_ms
+
+    verify = [{"kind": "verify", "tokens": 1, "ms": 130.0}, {"kind": "verify", "tokens": 9, "ms": 180.0}]
+    assert estimate_measurement_ms(verify, 448, 1, 1, 3) == 448 * 20.0 + 3 * 130.0
+    draft = [{"kind": "draft", "tokens": 1, "ms": 50.0}, {"kind": "prefill", "tokens": 64, "ms": 96.0}]
+    assert estimate_measurement_ms(draft, 448, 1, 1, 3) == 448 * 1.5 + 3 * 50.0
+    assert estimate_measurement_ms(draft, 0, 1, 4, 3) == 3 * 2.5 * 50.0  # four sequences: 2.5 passes' worth
+
+
 def test_the_budget_bounds_calibration_and_it_still_fits(draft_model, target_model):
     target = calibrate(SessionLM(target_model), "target", "fp16", max_gamma=8, context_lens=(16, 64), budget_s=1e-9)
     draft = calibrate(SessionLM(draft_model), "draft", "fp16", max_gamma=8, context_lens=(16, 64), budget_s=1e-9)
