@@ -1,6 +1,9 @@
 """The load sweep's own logic (deployments/load_sweep.py): what it asks GuideLLM for and what it reads back."""
 
-from deployments.load_sweep import scenario, speculation, speculation_during, summarize, table
+import argparse
+
+import deployments.load_sweep as load_sweep
+from deployments.load_sweep import arrivals_valid, scenario, speculation, speculation_during, summarize, table
 
 
 def test_each_policy_is_asked_for_in_the_request_body():
@@ -44,3 +47,32 @@ def test_what_speculation_did_during_a_level_is_the_servers_difference():
     assert speculation_during({}, after, "nf4", "adaptive")["mean_gamma"] == 320 / 140  # first run on the server
     assert speculation_during(before, after, "nf4", "none") == {"steps": 0}
     assert speculation_during(None, after, "nf4", "adaptive") == {}  # a server without the route
+
+
+def _report(total: int) -> dict:
+    dist = {"median": 1.0, "mean": 1.0, "percentiles": {"p99": 1.0}}
+    return {"benchmarks": [{"duration": 60.0, "metrics": {
+        "output_tokens_per_second": {"total": dist}, "requests_per_second": {"successful": dist},
+        "time_to_first_token_ms": {"successful": dist}, "inter_token_latency_ms": {"successful": dist},
+        "request_totals": {"successful": total, "errored": 0, "incomplete": 0, "total": total}}}]}
+
+
+def test_a_poisson_level_sent_as_a_burst_is_rerun_and_marked(monkeypatch, tmp_path):
+    """0.2/s for 60 s expects 12 requests: 20 is within Poisson noise, 77 (what GuideLLM 0.8.1 sent once) is a
+    burst; the level is rerun, and kept marked invalid when every attempt bursts."""
+    assert arrivals_valid({"rate": 0.2, "seconds": 60.0, "requests_total": 20})
+    assert not arrivals_valid({"rate": 0.2, "seconds": 60.0, "requests_total": 77})
+    sent = iter([77, 13, 77, 77, 77, 500])  # the last: a concurrency level, never judged as a rate
+    monkeypatch.setattr(load_sweep, "run_guidellm", lambda *a: _report(next(sent)))
+    monkeypatch.setattr(load_sweep, "server_stats", lambda url: None)
+    args = argparse.Namespace(url="u", tokenizer="t", prompt_tokens=64, output_tokens=32, seconds=60.0,
+                              guidellm="g", rate_retries=2)
+    row = load_sweep.run_level(args, "fp16", "none", "rate", 0.2, tmp_path / "r.json")
+    assert row["requests_total"] == 13 and row["arrivals_valid"] and row["attempts"] == 2
+    row = load_sweep.run_level(args, "fp16", "none", "rate", 0.2, tmp_path / "r.json")
+    assert row["requests_total"] == 77 and not row["arrivals_valid"] and row["attempts"] == 3
+    md = table({"runs": [{"tier": "fp16", "policy": "none", "concurrency": [],
+                          "poisson": [{**row, "capacity_share": 0.5}]}]})
+    assert "not valid, a burst of 77" in md
+    concurrent = load_sweep.run_level(args, "fp16", "none", "concurrency", 8, tmp_path / "c.json")
+    assert "arrivals_valid" not in concurrent  # streams are not a rate
