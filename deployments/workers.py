@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from ray import serve
 
-from speckv.batching import BatchSettings, CoreLease, admit_and_prefill, run_pass
+from speckv.batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
 from speckv.calibration import budget_share, load_or_calibrate
 from speckv.engine import StepCall
 from speckv.local import local_executor
@@ -82,6 +82,16 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def _gatherers(serve_pass, serve_prefill, pass_fn, prefill_fn, settings: BatchSettings, cores: CoreLease | None):
+    """How a replica gathers calls into passes: Serve's `@serve.batch` handlers where it has its cores; where
+    it shares them (`cores`), speckv's Batcher, which waits for the cores before it takes the calls, so the
+    calls that arrive while another replica's pass runs join the next pass (a `@serve.batch` handler is
+    handed its batch already formed: waiting for the cores inside it, passes carried one call each)."""
+    if cores is None:
+        return serve_pass, serve_prefill
+    return Batcher(pass_fn, settings, cores), Batcher(prefill_fn, settings, cores)
+
+
 def _apply(handler, settings: BatchSettings) -> None:
     """Set a `@serve.batch` handler's gathering from this replica's measured pass cost."""
     handler.set_max_batch_size(settings.max_batch_size)
@@ -99,23 +109,25 @@ class DraftDeployment:
         self.batching = spec.batching(self._calibration)
         _apply(self._propose_batch, self.batching)
         _apply(self._prefill_step, self.batching)
+        self._propose, self._prefill = _gatherers(self._propose_batch, self._prefill_step, self.worker.propose_batch,
+                                                  self.worker.prefill_step, self.batching, self.cores)
 
     def calibration(self) -> dict:
         """{"draft": this replica's calibration (speckv.calibration.Calibration as a dict)}."""
         return {"draft": self._calibration}
 
     async def propose(self, inputs: StepInputs) -> Proposal:
-        await admit_and_prefill(self.worker, inputs, self._prefill_step)  # a new request's prompt, in chunks
-        return raise_failed(await self._propose_batch(inputs))  # a closed session fails alone
+        await admit_and_prefill(self.worker, inputs, self._prefill)  # a new request's prompt, in chunks
+        return raise_failed(await self._propose(inputs))  # a closed session fails alone
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
-        return await run_pass(self.worker.propose_batch, batch, self.cores)
+        return self.worker.propose_batch(batch)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _prefill_step(self, batch: list[StepInputs]) -> list[int]:
-        return await run_pass(self.worker.prefill_step, batch, self.cores)
+        return self.worker.prefill_step(batch)
 
     def close(self, session_id: str) -> None:
         """The request has ended: close its session (a call still in flight for it is refused)."""
@@ -143,6 +155,8 @@ class TargetDeployment:
         self.batching = spec.batching(self._calibration["target"])
         _apply(self._verify_batch, self.batching)
         _apply(self._prefill_step, self.batching)
+        self._verify, self._prefill = _gatherers(self._verify_batch, self._prefill_step, self.worker.verify_batch,
+                                                 self.worker.prefill_step, self.batching, self.cores)
         self.executor = local_executor(self.draft, self.worker, self.batching, self.cores) if self.draft else None
 
     def calibration(self) -> dict:
@@ -150,17 +164,17 @@ class TargetDeployment:
         return self._calibration
 
     async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        await admit_and_prefill(self.worker, inputs, self._prefill_step)  # a new request's prompt, in chunks
-        return raise_failed(await self._verify_batch((inputs, draft_token_ids)))  # a closed session fails alone
+        await admit_and_prefill(self.worker, inputs, self._prefill)  # a new request's prompt, in chunks
+        return raise_failed(await self._verify((inputs, draft_token_ids)))  # a closed session fails alone
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _verify_batch(self, batch: list[tuple[StepInputs, list[int]]]) -> list[Verification]:
-        return await run_pass(self.worker.verify_batch, batch, self.cores)
+        return self.worker.verify_batch(batch)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _prefill_step(self, batch: list[StepInputs]) -> list[int]:
-        return await run_pass(self.worker.prefill_step, batch, self.cores)
+        return self.worker.prefill_step(batch)
 
     async def step(self, inputs: StepInputs) -> StepCall:
         if self.executor is None:

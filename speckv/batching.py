@@ -67,26 +67,37 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while self._pending:
             await asyncio.sleep(self.settings.wait_s)  # 0: let the calls already scheduled join
-            batch = [(item, f) for item, f in self._pending[:self.settings.max_batch_size] if not f.done()]
-            del self._pending[:self.settings.max_batch_size]
-            if not batch:
+            if self.cores is None:
+                self._pass()
                 continue
-            self.batches += 1
-            self.largest = max(self.largest, len(batch))
-            try:
-                results = await run_pass(self.fn, [item for item, _ in batch], self.cores)
-            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
+            # where replicas share the cores, wait for them before taking the calls: the calls that arrive
+            # while another replica's pass runs join this one (taken first, the pass would carry one call and
+            # the others would wait for the next turn: passes of one sequence each under load)
+            async with self.cores.hold():
+                self._pass()
+
+    def _pass(self) -> None:
+        """Take up to max_batch_size pending calls and run them as one pass (on the loop's thread)."""
+        batch = [(item, f) for item, f in self._pending[:self.settings.max_batch_size] if not f.done()]
+        del self._pending[:self.settings.max_batch_size]
+        if not batch:
+            return
+        self.batches += 1
+        self.largest = max(self.largest, len(batch))
+        try:
+            results = self.fn([item for item, _ in batch])
+        except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results):
+            if future.done():
                 continue
-            for (_, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):  # this call failed alone (workers.raise_failed)
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if isinstance(result, Exception):  # this call failed alone (workers.raise_failed)
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
 
 async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,
@@ -137,10 +148,3 @@ class CoreLease:
     def _release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-
-async def run_pass(fn: Callable[[list[T]], list[R]], items: list[T], cores: CoreLease | None = None) -> list[R]:
-    """One batched pass, on the event loop's thread (see Batcher), holding `cores` where replicas share them."""
-    if cores is None:
-        return fn(items)
-    async with cores.hold():
-        return fn(items)

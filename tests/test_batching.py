@@ -1,5 +1,5 @@
-"""speckv.batching: CoreLease makes passes of replicas in different processes take turns for the cores, and the
-Batcher holds it for each pass."""
+"""speckv.batching: CoreLease makes passes of replicas in different processes take turns for the cores; the
+Batcher waits for it before it takes the calls, so calls arriving meanwhile share the pass."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 
-from speckv.batching import Batcher, BatchSettings, CoreLease, run_pass
+from speckv.batching import Batcher, BatchSettings, CoreLease
 
 PASS_S = 0.15
 
@@ -18,15 +18,16 @@ PASS_S = 0.15
 def _passes(name: str | None, out: mp.Queue, n: int) -> None:
     """A replica's loop: n passes that each occupy PASS_S, with the lease named `name` (None: without one)."""
 
+    def busy(items: list[int]) -> list[int]:
+        start = time.monotonic()
+        time.sleep(PASS_S)
+        out.put((start, time.monotonic()))
+        return items
+
     async def main() -> None:
-        cores = CoreLease(name) if name else None
-        for _ in range(n):
-            def busy(items: list[int]) -> list[int]:
-                start = time.monotonic()
-                time.sleep(PASS_S)
-                out.put((start, time.monotonic()))
-                return items
-            await run_pass(busy, [0], cores)
+        batcher = Batcher(busy, BatchSettings(), CoreLease(name) if name else None)
+        for i in range(n):
+            await batcher(i)
 
     asyncio.run(main())
 
@@ -51,23 +52,40 @@ def test_core_lease_serialises_passes_of_different_processes():
     assert _overlap_s(None) > PASS_S  # the control: without the lease the two processes' passes overlap
 
 
-def test_batcher_holds_the_lease_for_each_pass_and_a_cancelled_wait_returns_it():
+def test_calls_arriving_while_another_replica_holds_the_cores_join_the_next_pass():
     async def main() -> None:
         cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
-        held = []
+        other = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))  # another replica's open file
+        passes: list[list[int]] = []
 
         def fn(items: list[int]) -> list[int]:
-            held.append(cores._local.locked())
+            assert cores._local.locked()  # the pass holds the lease
+            passes.append(items)
             return [i * 2 for i in items]
 
         batcher = Batcher(fn, BatchSettings(max_batch_size=4), cores)
-        assert await asyncio.gather(*(batcher(i) for i in range(3))) == [0, 2, 4]
-        assert held == [True]
+        async with other.hold():  # another replica's pass runs: three calls arrive one by one meanwhile
+            calls = []
+            for i in range(3):
+                calls.append(asyncio.ensure_future(batcher(i)))
+                await asyncio.sleep(0.05)
+        assert await asyncio.gather(*calls) == [0, 2, 4]
+        assert passes == [[0, 1, 2]]  # one pass, not three
 
-        # a caller cancelled while it waits for the lease must not leave it taken
+    asyncio.run(main())
+
+
+def test_a_cancelled_wait_for_the_cores_returns_them():
+    async def main() -> None:
+        cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
         other = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))  # its own open file
+
+        async def hold_other() -> None:
+            async with other.hold():
+                pass
+
         async with cores.hold():
-            waiter = asyncio.ensure_future(run_pass(fn, [1], other))
+            waiter = asyncio.ensure_future(hold_other())
             await asyncio.sleep(0.1)
             waiter.cancel()
         await asyncio.sleep(0.2)
