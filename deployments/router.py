@@ -69,7 +69,7 @@ class Router:
         self._predictor_checked = 0.0
         self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
-        self.active = 0  # generations in flight on this replica (admission control)
+        self._active = 0  # generations in flight on this replica (admission control)
         # every step this replica ran, per (tier, policy), and the requests that ended (GET /speckv/stats)
         self.totals: dict[tuple[str, str], RequestStats] = {}
         self.requests_ended: Counter[tuple[str, str]] = Counter()
@@ -86,6 +86,19 @@ class Router:
             self._predictor_checked = time.monotonic()
         return self._predictor
 
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @active.setter
+    def active(self, n: int) -> None:
+        """Where the model replicas share the machine's cores, every generation in flight waits for the passes
+        of the others, whatever its tier: `adaptive` prices its drafting for all of them (TierEstimates.sharing)."""
+        self._active = n
+        if self.config.share_cores:
+            for estimates in self._estimates.values():
+                estimates.sharing = max(n, 1)
+
     async def _tier_estimates(self, tier: str) -> TierEstimates:
         """What `adaptive` knows of a tier's step costs: the calibration its replicas measured when they loaded
         (fetched once), followed online by every step this router runs."""
@@ -95,6 +108,7 @@ class Router:
                 measured = {**measured, **(await self.draft.calibration.remote())}
             cost = cost_model(Calibration.from_dict(measured["draft"]), Calibration.from_dict(measured["target"]))
             self._estimates.setdefault(tier, TierEstimates.calibrated(cost))
+            self.active = self.active  # its sharing count
         return self._estimates[tier]
 
     def _check_limits(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],

@@ -21,8 +21,12 @@ pass like the ones the tier runs now (PassLoad: sequences per pass and tokens sc
 report them), and what a request's drafting adds to the passes it shares (its drafted tokens scored in the
 verify pass, its sequence in each drafting pass: LiveCost.shared_ms) delays every other request in them,
 so it is priced for each of them too: the decision maximises the goodput of the whole pass (its tokens
-over its time), not the request's own. As load rises, each drafted token costs more of what the pass
-could deliver and γ falls; it comes back as the load drops. No batch-size table: both inputs are
+over its time), not the request's own. Where the replicas share one machine's cores (TierEstimates.sharing,
+set by the server), the requests in flight that are not in its passes wait for them too, for its share of
+each drafting pass and its tokens in the verify pass (LiveCost.alone_ms): under load on one machine the
+passes fragment, and priced by its own pass alone, a request's drafting looked free (γ rose with load).
+As load rises, each drafted token costs more of what the pass could deliver and γ falls; it comes back as
+the load drops. No batch-size table: both inputs are
 measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
 The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
@@ -138,6 +142,9 @@ class AdaptivePolicy:
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
         shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others), dtype=np.float64)
         extra = price[1:] - price[0] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
+        outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
+        if outside > 0:
+            extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others))[1:]
         self._extra_ms = extra.tolist()
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value

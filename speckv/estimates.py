@@ -79,6 +79,9 @@ class TierEstimates:
     learn_acceptance: bool = True
     load: PassLoad = field(default_factory=PassLoad)  # what the tier's verify passes carry now
     target_only_steps: int = 0  # since the tier last drafted, over all its requests (adaptive probes from it)
+    # requests in flight on the cores this tier's passes run on, where the replicas share them (one machine: the
+    # server sets it); each waits for every pass, including those it is not in. 1: only a pass's own wait for it
+    sharing: int = 1
 
     @classmethod
     def calibrated(cls, cost: CostModel, learning: bool = True) -> TierEstimates:

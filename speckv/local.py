@@ -144,10 +144,21 @@ class LocalEngine:
                             starts_s: list[float] | None = None) -> list[GenerationResult]:
         """Run the requests concurrently (request i starts `starts_s[i]` seconds in): with `batching` set,
         their draft and verify calls share forward passes."""
+        running = [0]
+
+        def share(delta: int) -> None:  # in one process every pass runs on the same cores
+            running[0] += delta
+            if self.estimates is not None:
+                self.estimates.sharing = max(running[0], 1)
+
         async def one(request: GenerationRequest, delay: float) -> GenerationResult:
             await asyncio.sleep(delay)
-            return await run_to_completion(request, self.executor, self.policy(policy, request.sampling),
-                                           self.tokenizer)
+            gamma_policy = self.policy(policy, request.sampling)
+            share(+1)
+            try:
+                return await run_to_completion(request, self.executor, gamma_policy, self.tokenizer)
+            finally:
+                share(-1)
 
         return list(await asyncio.gather(*(one(r, d) for r, d in zip(requests, starts_s or [0.0] * len(requests)))))
 

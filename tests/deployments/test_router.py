@@ -233,3 +233,21 @@ def test_stats_count_what_each_policy_did_on_this_replica(router):
     assert fixed["draft_tokens"] == sum(a["speculation"]["draft_tokens"] for a in answers[:2])
     assert fixed["mean_gamma"] == fixed["draft_tokens"] / fixed["steps"] > 1
     assert none["mean_gamma"] == 0 and none["steps"] == answers[2]["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("share_cores", [True, False])
+def test_generations_in_flight_are_the_sharing_adaptive_prices_on_shared_cores(models, share_cores):
+    """Where the replicas share the machine's cores, every generation in flight (any tier, any policy) waits
+    for the others' passes: the router tells each tier's estimates how many there are (TierEstimates.sharing)."""
+    from speckv.cost_model import CostModel
+    from speckv.estimates import TierEstimates
+
+    target, draft = models
+    config = {"draft_model": draft, "target_model": target, "tiers": ["fp16"], "share_cores": share_cores}
+    r = Router(config, {"fp16": FakeHandle(object())}, controller=None, draft=FakeHandle(object()))
+    r._estimates["fp16"] = estimates = TierEstimates.calibrated(CostModel(50.0, 100.0, 2.0))
+    for _ in range(3):
+        r._admit()
+    assert estimates.sharing == (3 if share_cores else 1)
+    r.active -= 3
+    assert estimates.sharing == 1
