@@ -149,11 +149,26 @@ def run_level(args: argparse.Namespace, tier: str, policy: str, level: str, valu
     return row
 
 
+def warm_up(url: str, tier: str, requests: int = 2) -> None:
+    """A few short requests to the tier before it is measured: a tier's first passes are slow (allocation,
+    kernels chosen on first use; seen here: an nf4 replica's first 16 tokens took 16 s, the next 1.3 s), and
+    a tier that scales to zero loads its replica on the first request."""
+    import urllib.request
+
+    body = json.dumps({"model": f"speckv-{tier}", "prompt": "def fib(n):", "max_tokens": 16, "temperature": 0,
+                       "speculation": {"policy": "fixed", "gamma": 2}}).encode()
+    for _ in range(requests):
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            reply.read()
+
+
 def sweep(args: argparse.Namespace) -> dict:
     """Every tier and policy: the concurrency levels, then Poisson rates at shares of the capacity reached."""
     out = Path(args.out)
     results: dict = {"args": vars(args), "runs": []}
     for tier in args.tiers:
+        warm_up(args.url, tier)
         for policy in args.policies:
             name = f"{tier}-{policy.replace(':', '')}"
             rows = [run_level(args, tier, policy, "concurrency", c, out / f"{name}-c{c}.json")
