@@ -14,7 +14,7 @@ import torch
 from ray import serve
 
 from speckv.batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
-from speckv.calibration import budget_share, load_or_calibrate
+from speckv.calibration import budget_share, load_or_calibrate, warm_up
 from speckv.engine import StepCall
 from speckv.local import local_executor
 from speckv.models import DRAFT_TIER, load_model
@@ -65,7 +65,10 @@ class WorkerSpec:
     def calibrate(self, lm: SessionLM, role: str) -> dict:
         """This replica's step costs, measured at load (or cached for this machine and setting): the router
         prices γ with them (speckv.calibration)."""
-        result, _ = load_or_calibrate(lm, role, self.tier, budget_s=budget_share(role, self.calibration_budget_s))
+        result, cached = load_or_calibrate(lm, role, self.tier,
+                                           budget_s=budget_share(role, self.calibration_budget_s))
+        if cached:  # measuring warmed the model up; a cached calibration did not
+            warm_up(lm, role)
         return result.to_dict()
 
 

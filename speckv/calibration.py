@@ -323,6 +323,23 @@ def calibration_path(key: CalibrationKey) -> Path:
     return cache_root() / "calibration" / f"{key.digest()}.json"
 
 
+def warm_up(lm: SessionLM, role: str, max_gamma: int = DEFAULT_MAX_GAMMA) -> float:
+    """Run the live loop's call shapes once each, untimed, and return the seconds it took: a model's first
+    passes of a shape are slow (allocation, kernels chosen on first use: an nf4 replica's first 16 tokens took
+    16 s on this project's EPYC, the next 16 1.3 s). Calibrating does this on the way; a replica whose
+    calibration was cached does it instead, so the first requests it serves do not pay for it."""
+    start = time.perf_counter()
+    session = f"warm-up-{uuid.uuid4().hex}"
+    context = synthetic_ids(DEFAULT_CONTEXT_LENS[0], int(lm.model.config.vocab_size))
+    shapes = [(1, 1, 1), (2, 1, 1), (1, 1, BATCH_PROBE)] if role == "draft" else \
+        [(1, 1, 1), (max_gamma + 1, max_gamma + 1, 1), (max_gamma + 1, max_gamma + 1, BATCH_PROBE)]
+    for tokens, keep, sequences in shapes:
+        time_call(lm, context, tokens, keep, 1, session=session, sequences=sequences)
+    for s in [session] + [f"{session}-{j}" for j in range(1, BATCH_PROBE)]:
+        lm.close(s)
+    return time.perf_counter() - start
+
+
 def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
                       **kwargs) -> tuple[Calibration, bool]:
     """The cached calibration for this setting, or a new one (then cached); returns (it, whether cached).

@@ -135,6 +135,34 @@ def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, targ
     assert not cached
 
 
+def test_a_replica_with_a_cached_calibration_warms_its_model_up(draft_model, target_model, tmp_path, monkeypatch):
+    """Every live call shape runs once before the first request (its first passes are the slow ones), only
+    where calibration did not already run them, and no warm-up session stays behind."""
+    from deployments.workers import WorkerSpec
+
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    shapes = []
+    for role, model in (("target", target_model), ("draft", draft_model)):
+        lm = SessionLM(model)
+        real = lm.logits_batch
+        monkeypatch.setattr(lm, "logits_batch", lambda calls, real=real: shapes.append(
+            (len(calls), max(len(c.token_ids) for c in calls), calls[0].num_logits)) or real(calls))
+        assert calibration.warm_up(lm, role, max_gamma=2) > 0 and lm.stats().sessions == 0
+    # (sequences, tokens fed after the 64-token context, logits kept): target 1 token, γmax+1 tokens, γmax+1
+    # for BATCH_PROBE sequences; draft one token, a two-token catch-up keeping one logit, one token batched
+    fed = sorted({(n, t - 64, k) for n, t, k in shapes if t > 64})
+    assert fed == [(1, 1, 1), (1, 2, 1), (1, 3, 3), (4, 1, 1), (4, 3, 3)], shapes
+
+    warmed = []
+    monkeypatch.setattr("deployments.workers.warm_up", lambda lm, role: warmed.append(role))
+    spec = WorkerSpec(model="unused", calibration_budget_s=2.0)
+    lm = SessionLM(target_model)
+    spec.calibrate(lm, "target")  # measured: warm already
+    assert warmed == []
+    spec.calibrate(lm, "target")  # cached: warmed up
+    assert warmed == ["target"]
+
+
 def test_weights_fingerprint_follows_the_files(tmp_path):
     from .conftest import tiny_model
 
