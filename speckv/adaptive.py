@@ -130,7 +130,7 @@ class AdaptivePolicy:
                 t = outcome.timing
                 self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len,
                                             t.draft_compute_ms, t.verify_compute_ms, t.batch_size, t.batch_tokens,
-                                            t.draft_behind)
+                                            t.draft_behind, t.draft_waited_ms, t.verify_waited_ms)
         if self._queue:
             self._queue.clear()
             self._refresh()

@@ -51,7 +51,7 @@ class Batcher(Generic[T, R]):
         self.fn = fn
         self.settings = settings
         self.cores = cores  # held for each pass where replicas share the machine's cores
-        self._pending: list[tuple[T, asyncio.Future]] = []
+        self._pending: list[tuple[T, asyncio.Future, float]] = []  # (call, its result, when it arrived)
         self._runner: asyncio.Task | None = None
         self.batches = 0  # passes run, for tests and reports
         self.largest = 0
@@ -59,7 +59,7 @@ class Batcher(Generic[T, R]):
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, loop.time()))
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
         return await future
@@ -77,27 +77,31 @@ class Batcher(Generic[T, R]):
                 self._pass()
 
     def _pass(self) -> None:
-        """Take up to max_batch_size pending calls and run them as one pass (on the loop's thread)."""
-        batch = [(item, f) for item, f in self._pending[:self.settings.max_batch_size] if not f.done()]
+        """Take up to max_batch_size pending calls and run them as one pass (on the loop's thread). A result
+        with a `waited_ms` field gets how long its call waited here for the pass to begin."""
+        batch = [(item, f, t) for item, f, t in self._pending[:self.settings.max_batch_size] if not f.done()]
         del self._pending[:self.settings.max_batch_size]
         if not batch:
             return
         self.batches += 1
         self.largest = max(self.largest, len(batch))
+        begun = asyncio.get_running_loop().time()
         try:
-            results = self.fn([item for item, _ in batch])
+            results = self.fn([item for item, _, _ in batch])
         except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(e)
             return
-        for (_, future), result in zip(batch, results):
+        for (_, future, arrived), result in zip(batch, results):
             if future.done():
                 continue
             if isinstance(result, Exception):  # this call failed alone (workers.raise_failed)
                 future.set_exception(result)
-            else:
-                future.set_result(result)
+                continue
+            if hasattr(result, "waited_ms"):
+                result.waited_ms = (begun - arrived) * 1e3
+            future.set_result(result)
 
 
 async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,

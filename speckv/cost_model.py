@@ -203,28 +203,32 @@ class LiveCost:
 
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
                 draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
-                sequences: int = 1, batch_tokens: int = 0, draft_behind: int = 0) -> None:
+                sequences: int = 1, batch_tokens: int = 0, draft_behind: int = 0, draft_waited_ms: float = 0.0,
+                verify_waited_ms: float = 0.0) -> None:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
         inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
         many tokens the draft read first. A draft call that caught up on more than CAUGHT_UP tokens teaches
-        nothing of the draft (its time is mostly that prefill, which runs apart from the drafting passes)."""
+        nothing of the draft (its time is mostly that prefill, which runs apart from the drafting passes).
+        Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
+        waiting under load stayed in the price of every drafting step after the load was gone (180 ms here, so
+        γ = 0 alone, where drafting pays 1.6x), since target-only steps do not call the draft to unlearn it."""
         if not self.learning:
             return
         others = max(batch_tokens - (gamma + 1), 0)
         if gamma > 0 and draft_behind <= CAUGHT_UP:
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms,
-                          float(self.base.draft_ms(gamma, sequences)))
+                          float(self.base.draft_ms(gamma, sequences)), draft_waited_ms)
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
-                      float(self.base.verify_ms(gamma, context_len, sequences, others)))
+                      float(self.base.verify_ms(gamma, context_len, sequences, others)), verify_waited_ms)
 
     @staticmethod
     def _observe(scale: RobustScale, hop: RunningMedian, wall: float, compute: float | None,
-                 predicted: float) -> None:
+                 predicted: float, waited: float = 0.0) -> None:
         if compute is None:
             scale.observe(wall, predicted)
             return
         scale.observe(compute, predicted)
-        hop.observe(max(wall - compute, 0.0))
+        hop.observe(max(wall - compute - waited, 0.0))
 
     def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
         return self.draft.value * self.base.draft_ms(gamma, sequences) + self.draft_hop.value * (np.asarray(gamma) > 0)

@@ -119,9 +119,10 @@ class RequestEstimates:
 
     def observe_step(self, gamma: int, tokens: int, draft_ms: float, verify_ms: float, context_len: int,
                      draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
-                     batch_size: int = 1, batch_tokens: int = 0, draft_behind: int = 0) -> None:
+                     batch_size: int = 1, batch_tokens: int = 0, draft_behind: int = 0,
+                     draft_waited_ms: float = 0.0, verify_waited_ms: float = 0.0) -> None:
         self.tier.cost.observe(gamma, draft_ms, verify_ms, context_len, draft_compute_ms, verify_compute_ms,
-                               batch_size, batch_tokens, draft_behind)
+                               batch_size, batch_tokens, draft_behind, draft_waited_ms, verify_waited_ms)
         self.tier.load.observe(batch_size, batch_tokens or gamma + 1)
         self.rate.observe(tokens, draft_ms + verify_ms)
         self.tier.mode(self.greedy).rate.observe(tokens, draft_ms + verify_ms)

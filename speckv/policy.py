@@ -46,6 +46,8 @@ class StepTiming:
     batch_size: int = 1  # requests in the verify pass
     batch_tokens: int = 0  # tokens the verify pass scored over all of them (0: not reported)
     draft_behind: int = 0  # tokens the draft read before drafting (StepContext.draft_behind)
+    draft_waited_ms: float = 0.0  # of the wall times, waiting in the replica for a pass to begin (the load's,
+    verify_waited_ms: float = 0.0  # not a hop's: a hop is paid again on every call, waiting only under load)
 
 
 @dataclass(frozen=True)

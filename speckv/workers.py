@@ -435,6 +435,7 @@ class Proposal:
     signals: DraftSignals
     compute_ms: float
     batch_size: int = 1  # requests drafted in the same passes
+    waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
 
 
 @dataclass
@@ -446,6 +447,7 @@ class Verification:
     compute_ms: float = 0.0  # the pass's time
     batch_size: int = 1  # requests (sequences) in the pass
     batch_tokens: int = 0  # tokens scored in the pass, over all its sequences
+    waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
 
 
 @dataclass(frozen=True)

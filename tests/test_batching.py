@@ -96,3 +96,18 @@ def test_a_cancelled_wait_for_the_cores_returns_them():
             os.close(fd)
 
     asyncio.run(main())
+
+
+def test_a_result_learns_how_long_its_call_waited_for_its_pass():
+    from speckv.workers import Verification
+
+    async def main() -> None:
+        cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
+        other = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))
+        batcher = Batcher(lambda items: [Verification(None, None) for _ in items], BatchSettings(), cores)
+        async with other.hold():  # another replica's pass runs for 0.2 s after the call arrives
+            call = asyncio.ensure_future(batcher(0))
+            await asyncio.sleep(0.2)
+        assert 190 <= (await call).waited_ms < 1000
+
+    asyncio.run(main())

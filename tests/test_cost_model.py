@@ -81,3 +81,15 @@ def test_the_drafts_catch_up_is_priced_beyond_what_a_drafting_step_feeds_and_not
     for _ in range(9):  # a slower draft (a neighbour) scales its catch-up too
         live.observe(1, 160.0, 255.0, 0, 160.0, 255.0, draft_behind=1)
     assert live.catch_up_ms(66) == pytest.approx(2 * 64 * 14.0)
+
+
+def test_waiting_in_a_replica_for_a_pass_is_not_learned_as_a_hop():
+    """Under load a call waits in its replica for the cores or the batch: that is the load's time, and it goes
+    with the load. Learned as a hop it would stay in every drafting step's price (target-only steps never
+    call the draft to unlearn it)."""
+    base = CostModel(draft_ms_per_token=50.0, verify_ms_base=130.0, verify_ms_per_token=2.0)
+    live = LiveCost(base)
+    for _ in range(9):  # loaded: every call waits 300 ms in its replica, 4 ms outside it
+        d, v = float(base.draft_ms(2)), float(base.verify_ms(2))
+        live.observe(2, d + 304, v + 304, 0, d, v, draft_waited_ms=300.0, verify_waited_ms=300.0)
+    assert live.draft_hop.value == pytest.approx(4.0) and live.verify_hop.value == pytest.approx(4.0)
