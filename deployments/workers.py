@@ -7,6 +7,7 @@ rebuilds it from the token ids, so affinity only saves time and never decides co
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -65,10 +66,11 @@ class WorkerSpec:
     def calibrate(self, lm: SessionLM, role: str) -> dict:
         """This replica's step costs, measured at load (or cached for this machine and setting): the router
         prices γ with them (speckv.calibration)."""
-        result, cached = load_or_calibrate(lm, role, self.tier,
-                                           budget_s=budget_share(role, self.calibration_budget_s))
-        if cached:  # measuring warmed the model up; a cached calibration did not
-            warm_up(lm, role)
+        with CoreLease().held() if self.share_cores else contextlib.nullcontext():
+            result, cached = load_or_calibrate(lm, role, self.tier,
+                                               budget_s=budget_share(role, self.calibration_budget_s))
+            if cached:  # measuring warmed the model up; a cached calibration did not
+                warm_up(lm, role)
         return result.to_dict()
 
 

@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -148,6 +148,16 @@ class CoreLease:
                 yield
             finally:
                 self._release()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The lease, taken blocking, outside an event loop: for what a replica runs while it loads (calibrating,
+        warming up), so that neither times nor slows the passes other replicas serve meanwhile."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            self._release()
 
     def _release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)

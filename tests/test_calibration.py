@@ -245,3 +245,34 @@ def test_replicas_loading_together_measure_one_at_a_time(draft_model, target_mod
     assert len(spans) == 2 and sorted(cached.values()) == [False, False, True]  # the same key measured once
     (a_start, a_end), (b_start, b_end) = sorted(spans)
     assert a_end <= b_start  # one after the other
+
+
+def test_a_replica_sharing_the_cores_holds_them_while_it_calibrates(target_model, tmp_path, monkeypatch):
+    """Replicas of one machine take turns for its cores; one that loads (a tier scaling up from zero under
+    load) must neither time the others' passes nor slow them while it measures or warms up."""
+    import fcntl
+    import os
+
+    from deployments.workers import WorkerSpec
+    from speckv.batching import CoreLease
+
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    held = []
+
+    def probe(*args, **kwargs):
+        fd = os.open(CoreLease().path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real(*args, **kwargs)
+
+    real = calibration.load_or_calibrate
+    monkeypatch.setattr("deployments.workers.load_or_calibrate", probe)
+    lm = SessionLM(target_model)
+    WorkerSpec(model="unused", calibration_budget_s=1.0, share_cores=True).calibrate(lm, "target")
+    WorkerSpec(model="unused", calibration_budget_s=1.0).calibrate(lm, "target")
+    assert held == [True, False]
