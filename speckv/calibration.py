@@ -16,6 +16,7 @@ anything that changes the costs gets its own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -25,7 +26,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -323,6 +324,17 @@ def calibration_path(key: CalibrationKey) -> Path:
     return cache_root() / "calibration" / f"{key.digest()}.json"
 
 
+@contextlib.contextmanager
+def _unbounded(lm: SessionLM) -> Iterator[None]:
+    """The replica's KV bound lifted while it measures or warms up, before it serves: those passes' sessions
+    are closed afterwards, and a small bound (an operator's, or a test's) must not stop the replica loading."""
+    bound, lm.max_kv_bytes = lm.max_kv_bytes, None
+    try:
+        yield
+    finally:
+        lm.max_kv_bytes = bound
+
+
 def warm_up(lm: SessionLM, role: str, max_gamma: int = DEFAULT_MAX_GAMMA) -> float:
     """Run the live loop's call shapes once each, untimed, and return the seconds it took: a model's first
     passes of a shape are slow (allocation, kernels chosen on first use: an nf4 replica's first 16 tokens took
@@ -333,8 +345,9 @@ def warm_up(lm: SessionLM, role: str, max_gamma: int = DEFAULT_MAX_GAMMA) -> flo
     context = synthetic_ids(DEFAULT_CONTEXT_LENS[0], int(lm.model.config.vocab_size))
     shapes = [(1, 1, 1), (2, 1, 1), (1, 1, BATCH_PROBE)] if role == "draft" else \
         [(1, 1, 1), (max_gamma + 1, max_gamma + 1, 1), (max_gamma + 1, max_gamma + 1, BATCH_PROBE)]
-    for tokens, keep, sequences in shapes:
-        time_call(lm, context, tokens, keep, 1, session=session, sequences=sequences)
+    with _unbounded(lm):
+        for tokens, keep, sequences in shapes:
+            time_call(lm, context, tokens, keep, 1, session=session, sequences=sequences)
     for s in [session] + [f"{session}-{j}" for j in range(1, BATCH_PROBE)]:
         lm.close(s)
     return time.perf_counter() - start
@@ -359,7 +372,8 @@ def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
         cached = None if force else _read_cached(path, key)
         if cached is not None:
             return cached, True
-        result = calibrate(lm, role, tier, **kwargs)
+        with _unbounded(lm):
+            result = calibrate(lm, role, tier, **kwargs)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
         os.replace(tmp, path)  # atomic: a reader never sees half a file

@@ -153,6 +153,10 @@ def test_a_replica_with_a_cached_calibration_warms_its_model_up(draft_model, tar
     fed = sorted({(n, t - 64, k) for n, t, k in shapes if t > 64})
     assert fed == [(1, 1, 1), (1, 2, 1), (1, 3, 3), (4, 1, 1), (4, 3, 3)], shapes
 
+    tiny = SessionLM(target_model, max_kv_bytes=1)  # a replica bound too small for any warm-up pass
+    calibration.warm_up(tiny, "target", max_gamma=2)  # loads all the same, its bound kept for what it serves
+    assert tiny.max_kv_bytes == 1 and tiny.stats().sessions == 0
+
     warmed = []
     monkeypatch.setattr("deployments.workers.warm_up", lambda lm, role: warmed.append(role))
     spec = WorkerSpec(model="unused", calibration_budget_s=2.0)
