@@ -95,9 +95,12 @@ class Router:
         """Where the model replicas share the machine's cores, every generation in flight waits for the passes
         of the others, whatever its tier: `adaptive` prices its drafting for all of them (TierEstimates.sharing)."""
         self._active = n
+        self._update_sharing()
+
+    def _update_sharing(self) -> None:
         if self.config.share_cores:
             for estimates in self._estimates.values():
-                estimates.sharing = max(n, 1)
+                estimates.sharing = max(self._active, 1)
 
     async def _tier_estimates(self, tier: str) -> TierEstimates:
         """What `adaptive` knows of a tier's step costs: the calibration its replicas measured when they loaded
@@ -108,7 +111,7 @@ class Router:
                 measured = {**measured, **(await self.draft.calibration.remote())}
             cost = cost_model(Calibration.from_dict(measured["draft"]), Calibration.from_dict(measured["target"]))
             self._estimates.setdefault(tier, TierEstimates.calibrated(cost))
-            self.active = self.active  # its sharing count
+            self._update_sharing()
         return self._estimates[tier]
 
     def _check_limits(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],

@@ -139,8 +139,7 @@ class DraftDeployment:
         self.worker.lm.close(session_id)
 
     def stats(self) -> dict:
-        return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__,
-                "cores_waited_s": self.cores.waited_s if self.cores else 0.0}
+        return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__}
 
 
 @serve.deployment(name="target", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
@@ -193,5 +192,4 @@ class TargetDeployment:
             self.draft.lm.close(session_id)
 
     def stats(self) -> dict:
-        return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__,
-                "cores_waited_s": self.cores.waited_s if self.cores else 0.0}
+        return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}

@@ -130,20 +130,16 @@ class CoreLease:
         self.path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
         self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
         self._local = asyncio.Lock()
-        self.waited_s = 0.0  # total time spent waiting for another process's pass, for stats
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
         async with self._local:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
             acquire = asyncio.ensure_future(asyncio.to_thread(fcntl.flock, self._fd, fcntl.LOCK_EX))
             try:
                 await asyncio.shield(acquire)
             except asyncio.CancelledError:  # the thread still takes the lock: hand it back when it does
                 acquire.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release())
                 raise
-            self.waited_s += loop.time() - start
             try:
                 yield
             finally:

@@ -315,9 +315,14 @@ def calibrate(
         rows.append({"kind": kind, "context_len": ctx, "tokens": tokens, "ms": ms, "sequences": sequences})
         if progress:
             progress(n + 1, len(plan))
+    _close_probe_sessions(lm, session)
+    return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan))
+
+
+def _close_probe_sessions(lm: SessionLM, session: str) -> None:
+    """Close `session` and the batch's others that `time_call` opened beside it."""
     for s in [session] + [f"{session}-{j}" for j in range(1, BATCH_PROBE)]:
         lm.close(s)
-    return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan))
 
 
 def calibration_path(key: CalibrationKey) -> Path:
@@ -348,8 +353,7 @@ def warm_up(lm: SessionLM, role: str, max_gamma: int = DEFAULT_MAX_GAMMA) -> flo
     with _unbounded(lm):
         for tokens, keep, sequences in shapes:
             time_call(lm, context, tokens, keep, 1, session=session, sequences=sequences)
-    for s in [session] + [f"{session}-{j}" for j in range(1, BATCH_PROBE)]:
-        lm.close(s)
+    _close_probe_sessions(lm, session)
     return time.perf_counter() - start
 
 

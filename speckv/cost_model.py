@@ -253,18 +253,22 @@ class LiveCost:
         more. 0 alone."""
         if sequences <= 1:
             return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
-        verify = self.verify_ms(gamma, context_len, sequences, other_tokens) - self.verify_ms(
-            0, context_len, sequences, other_tokens)
-        return verify + self.draft_ms(gamma, sequences) - self.draft_ms(gamma, sequences - 1)
+        return (self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens)
+                + self.draft_ms(gamma, sequences) - self.draft_ms(gamma, sequences - 1))
 
     def alone_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                  other_tokens: float = 0.0) -> float | np.ndarray:
         """What one sequence drafting γ tokens adds to the time of the cores, for requests that share them but
         not its passes (they wait for the cores while its passes run): its share of the drafting passes (one
         per position, carrying `sequences` as the verify passes do) and its γ more tokens in the verify pass."""
-        verify = self.verify_ms(gamma, context_len, sequences, other_tokens) - self.verify_ms(
+        return (self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens)
+                + self.draft_ms(gamma, sequences) / max(sequences, 1))
+
+    def _drafted_tokens_ms(self, gamma: int | np.ndarray, context_len: int, sequences: int,
+                           other_tokens: float) -> float | np.ndarray:
+        """What scoring one sequence's γ drafted tokens adds to its verify pass."""
+        return self.verify_ms(gamma, context_len, sequences, other_tokens) - self.verify_ms(
             0, context_len, sequences, other_tokens)
-        return verify + self.draft_ms(gamma, sequences) / max(sequences, 1)
 
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
