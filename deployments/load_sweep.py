@@ -151,7 +151,7 @@ def run_level(args: argparse.Namespace, tier: str, policy: str, level: str, valu
 
 def warm_up(url: str, tier: str, requests: int = 2) -> None:
     """A few short requests to the tier before it is measured: a tier's first passes are slow (allocation,
-    kernels chosen on first use; seen here: an nf4 replica's first 16 tokens took 16 s, the next 1.3 s), and
+    kernels chosen on first use; on an AVX512-BF16 EPYC an nf4 replica's first 16 tokens took 16 s, the next 1.3 s), and
     a tier that scales to zero loads its replica on the first request."""
     import urllib.request
 

@@ -343,7 +343,7 @@ def _unbounded(lm: SessionLM) -> Iterator[None]:
 def warm_up(lm: SessionLM, role: str, max_gamma: int = DEFAULT_MAX_GAMMA) -> float:
     """Run the live loop's call shapes once each, untimed, and return the seconds it took: a model's first
     passes of a shape are slow (allocation, kernels chosen on first use: an nf4 replica's first 16 tokens took
-    16 s on this project's EPYC, the next 16 1.3 s). Calibrating does this on the way; a replica whose
+    16 s on an AVX512-BF16 EPYC, the next 16 1.3 s). Calibrating does this on the way; a replica whose
     calibration was cached does it instead, so the first requests it serves do not pay for it."""
     start = time.perf_counter()
     session = f"warm-up-{uuid.uuid4().hex}"

@@ -210,8 +210,9 @@ class LiveCost:
         many tokens the draft read first. A draft call that caught up on more than CAUGHT_UP tokens teaches
         nothing of the draft (its time is mostly that prefill, which runs apart from the drafting passes).
         Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
-        waiting under load stayed in the price of every drafting step after the load was gone (180 ms here, so
-        γ = 0 alone, where drafting pays 1.6x), since target-only steps do not call the draft to unlearn it."""
+        waiting under load stayed in the price of every drafting step after the load was gone (180 ms on an
+        AVX512-BF16 EPYC, so γ = 0 alone where fixed γ = 2 ran 1.5x faster), since target-only steps do not
+        call the draft to unlearn it."""
         if not self.learning:
             return
         others = max(batch_tokens - (gamma + 1), 0)
