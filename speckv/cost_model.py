@@ -182,7 +182,20 @@ class RunningMedian:
         self.recent.append(x)
         if len(self.recent) > self.window:
             self.recent.popleft()
-        self.value = statistics.median(self.recent)
+        self.value = self._summary(self.recent)
+
+    @staticmethod
+    def _summary(values: deque) -> float:
+        return statistics.median(values)
+
+
+class RunningFloor(RunningMedian):
+    """The smallest of the last `window` values (0 before any): the fixed part of a time whose excess over it is
+    waiting. One observation at the floor brings it back down."""
+
+    @staticmethod
+    def _summary(values: deque) -> float:
+        return min(values)
 
 
 @dataclass
@@ -191,15 +204,21 @@ class LiveCost:
     calibrated model time, and a fixed *hop* per call (wall time outside the models: handle hops,
     serialisation, queueing; ~0 in-process, a few ms served, a large share of a GPU step). The hop is
     learned apart from the factor because it does not grow with γ, and a step that does not draft skips
-    the draft call and its hop. Steps reported without model times (replay) teach the factor on wall time.
+    the draft call and its hop. The hop is the floor of the recent calls' times outside the models, not their
+    median: what a call spends above it is waiting (behind another request's pass on the replica's event
+    loop, which a replica cannot see begin; for a router loop busy with other streams), which is the load's
+    and priced as load (PassLoad, TierEstimates.sharing). Learned as a median, the waits of a loaded
+    AVX512-BF16 EPYC made a 320 ms draft hop that outlived the load: target-only steps never call the draft,
+    and five probes, 140 target-only steps apart, would have been needed to unlearn it; the floor needs one.
+    Steps reported without model times (replay) teach the factor on wall time.
     `learning` off keeps the calibration as it is (for tests and ablations)."""
 
     base: CostModel
     learning: bool = True
     draft: RobustScale = field(default_factory=RobustScale)
     verify: RobustScale = field(default_factory=RobustScale)
-    draft_hop: RunningMedian = field(default_factory=RunningMedian)
-    verify_hop: RunningMedian = field(default_factory=RunningMedian)
+    draft_hop: RunningFloor = field(default_factory=RunningFloor)
+    verify_hop: RunningFloor = field(default_factory=RunningFloor)
 
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
                 draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
@@ -223,7 +242,7 @@ class LiveCost:
                       float(self.base.verify_ms(gamma, context_len, sequences, others)), verify_waited_ms)
 
     @staticmethod
-    def _observe(scale: RobustScale, hop: RunningMedian, wall: float, compute: float | None,
+    def _observe(scale: RobustScale, hop: RunningFloor, wall: float, compute: float | None,
                  predicted: float, waited: float = 0.0) -> None:
         if compute is None:
             scale.observe(wall, predicted)

@@ -93,3 +93,25 @@ def test_waiting_in_a_replica_for_a_pass_is_not_learned_as_a_hop():
         d, v = float(base.draft_ms(2)), float(base.verify_ms(2))
         live.observe(2, d + 304, v + 304, 0, d, v, draft_waited_ms=300.0, verify_waited_ms=300.0)
     assert live.draft_hop.value == pytest.approx(4.0) and live.verify_hop.value == pytest.approx(4.0)
+
+
+def test_a_hop_learned_under_load_is_gone_after_one_unloaded_call():
+    """Waiting a replica cannot report (behind another request's pass on its event loop, or for a busy router
+    loop) shows up outside the models. The hop is the floor of those times: under load it does not rise with
+    the waits, and the first call after the load, a probe of a policy that stopped drafting, brings it back."""
+    base = CostModel(draft_ms_per_token=50.0, verify_ms_base=130.0, verify_ms_per_token=2.0)
+    live = LiveCost(base)
+    d, v = float(base.draft_ms(2)), float(base.verify_ms(2))
+    for wait in (320.0, 250.0, 410.0, 300.0, 280.0, 350.0, 330.0, 290.0, 305.0):  # loaded: waits of 250-410 ms
+        live.observe(2, d + 4 + wait, v + 4 + wait, 0, d, v)
+    assert live.draft_hop.value == pytest.approx(254.0)  # never below what every loaded call waited
+    live.observe(1, float(base.draft_ms(1)) + 4, float(base.verify_ms(1)) + 4, 0, float(base.draft_ms(1)),
+                 float(base.verify_ms(1)))  # the probe, unloaded
+    assert live.draft_hop.value == pytest.approx(4.0) and live.verify_hop.value == pytest.approx(4.0)
+    assert float(live.step_ms(1)) == pytest.approx(float(base.step_ms(1)) + 8.0)
+    for _ in range(8):  # one slow call among unloaded ones moves nothing
+        live.observe(1, float(base.draft_ms(1)) + 4, float(base.verify_ms(1)) + 4, 0, float(base.draft_ms(1)),
+                     float(base.verify_ms(1)))
+    live.observe(1, float(base.draft_ms(1)) + 500, float(base.verify_ms(1)) + 4, 0, float(base.draft_ms(1)),
+                 float(base.verify_ms(1)))
+    assert live.draft_hop.value == pytest.approx(4.0)
