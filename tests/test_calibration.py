@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -80,10 +81,30 @@ def test_a_longer_context_is_priced_at_the_cheapest_rate_measured():
     from speckv.calibration import estimate_measurement_ms
 
     verify = [{"kind": "verify", "tokens": 1, "ms": 130.0}, {"kind": "verify", "tokens": 9, "ms": 180.0}]
-    assert estimate_measurement_ms(verify, 448, 1, 1, 3) == 448 * 20.0 + 3 * 130.0
+    assert estimate_measurement_ms(verify, 448, 1, 1, 3) == 448 * 20.0 + (1 + 3) * 130.0  # untimed first + 3
     draft = [{"kind": "draft", "tokens": 1, "ms": 50.0}, {"kind": "prefill", "tokens": 64, "ms": 96.0}]
-    assert estimate_measurement_ms(draft, 448, 1, 1, 3) == 448 * 1.5 + 3 * 50.0
-    assert estimate_measurement_ms(draft, 0, 1, 4, 3) == 3 * 2.5 * 50.0  # four sequences: 2.5 passes' worth
+    assert estimate_measurement_ms(draft, 448, 1, 1, 3) == 448 * 1.5 + 4 * 50.0
+    assert estimate_measurement_ms(draft, 0, 1, 4, 3) == 4 * 2.5 * 50.0  # four sequences: 2.5 passes' worth
+
+
+def test_long_passes_are_timed_once_so_the_budget_reaches_the_batched_ones(target_model, monkeypatch):
+    """A 1.4 s pass (nf4 on an AVX2 EPYC) is timed once, not three times, and what one more sequence costs is
+    measured next: at three repeats a 22 s budget held the two ends of the curve and never the batched passes
+    load is priced with."""
+    from speckv.calibration import ENOUGH_TIMED_MS, estimate_measurement_ms, time_call
+
+    slow = [{"kind": "verify", "tokens": 1, "ms": 1448.0}, {"kind": "verify", "tokens": 9, "ms": 2453.0}]
+    assert ENOUGH_TIMED_MS < 1448.0
+    # untimed + one timed, each as 4 tokens on the line through the single passes (1448 + 3 × 125.6 ms)
+    assert estimate_measurement_ms(slow, 0, 1, 4, 3) == pytest.approx(2 * (1448.0 + 3 * (2453.0 - 1448.0) / 8))
+    monkeypatch.setattr(calibration, "ENOUGH_TIMED_MS", 100.0)  # the same, at a tenth of the scale
+    lm = SessionLM(target_model, added_ms_per_call=150.0)
+    start = time.perf_counter()
+    time_call(lm, [1, 2, 3], 1, 1, repeats=3)
+    assert time.perf_counter() - start < 0.6  # context, untimed, one timed: 0.45 s; three repeats: 0.75 s
+    target = calibrate(SessionLM(target_model, added_ms_per_call=300.0), "target", "nf4", max_gamma=8,
+                       context_lens=(16, 64), budget_s=4.5)
+    assert [(r["tokens"], r["sequences"]) for r in target.rows][:3] == [(1, 1), (9, 1), (1, 4)]
 
 
 def test_the_budget_bounds_calibration_and_it_still_fits(draft_model, target_model):
