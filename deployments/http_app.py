@@ -4,6 +4,7 @@ and the API-key check."""
 import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 from fastapi import FastAPI, Request
@@ -19,13 +20,20 @@ logger = logging.getLogger("ray.serve")
 class ClosingStreamingResponse(StreamingResponse):
     """Closes its body generator when the response ends for any reason, a client that went away included,
     so the generator's cleanup (releasing the workers' sessions) runs now rather than whenever the
-    abandoned generator is garbage-collected."""
+    abandoned generator is garbage-collected; then awaits `on_close`, which runs even where the body never
+    started (closing a generator that never ran does not run its `finally`)."""
+
+    def __init__(self, content, *, on_close: Callable[[], Awaitable[None]] | None = None, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await asyncio.shield(self.body_iterator.aclose())
+            if self.on_close is not None:
+                await asyncio.shield(self.on_close())
 
 
 api = FastAPI(title="SpecKV", description="Adaptive speculative decoding, OpenAI-compatible.")

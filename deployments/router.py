@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
@@ -207,12 +207,14 @@ class Router:
         gen = await self._prepare(req, prompt_ids, max_tokens)
         self._admit()
         events = self._events(gen)
+        close = self._closer(events)
         try:  # the first step runs before answering, so failures before any token get a proper HTTP status
             first = await anext(events, None)
-        except Exception as e:
-            self.active -= 1
-            await events.aclose()
-            raise self._http_error(e) from None
+        except BaseException as e:  # a client gone during the first step (cancelled) gives its slot back too
+            await close()
+            if isinstance(e, Exception):
+                raise self._http_error(e) from None
+            raise
         reply = Reply.new(req.model, chat, len(prompt_ids))
         if not req.stream:
             try:
@@ -220,12 +222,27 @@ class Router:
             except Exception as e:
                 raise self._http_error(e) from None
             finally:
-                self.active -= 1
-                await events.aclose()
+                await close()
             return JSONResponse(reply.body(text, gen.stats))
         options = req.stream_options or StreamOptions()
-        return ClosingStreamingResponse(self._stream(reply, gen.stats, first, events, options),
+        return ClosingStreamingResponse(self._stream(reply, gen.stats, first, events, options, close), on_close=close,
                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _closer(self, events: AsyncIterator[StepEvent]) -> Callable[[], Awaitable[None]]:
+        """What ends an admitted generation, once, however it ends (finished, failed, its client gone before
+        or during its stream): its slot given back and its steps closed (the workers' sessions released now).
+        A slot that a cancelled first step or a stream closed before it began kept was never given back: after
+        a load run whose window cut streams, the router counted them in flight for good (`adaptive` priced
+        drafting for 16 phantom requests and never drafted; enough of them and every request gets 429)."""
+        closed = False
+
+        async def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                self.active -= 1
+                await events.aclose()
+        return close
 
     @staticmethod
     async def _after(first: StepEvent | None, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
@@ -236,7 +253,8 @@ class Router:
             yield event
 
     async def _stream(self, reply: Reply, stats: RequestStats, first: StepEvent | None,
-                      events: AsyncIterator[StepEvent], options: StreamOptions) -> AsyncIterator[str]:
+                      events: AsyncIterator[StepEvent], options: StreamOptions,
+                      close: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
         """The answer as server-sent events; a failure after the first event is reported in-band."""
         try:
             if reply.chat:
@@ -255,9 +273,8 @@ class Router:
             err = backend_error(e, self.config.retry_after_s) or APIError(
                 500, f"generation failed: {type(e).__name__}", type_="server_error")
             yield sse(err.body())
-        finally:  # also on client disconnect (cancellation): free the slot and the workers' sessions now
-            self.active -= 1
-            await events.aclose()
+        finally:  # also on client disconnect (cancellation); where this never started, the response's on_close
+            await close()
         yield SSE_DONE
 
     # ------------------------------------------------------------------ routes

@@ -8,6 +8,7 @@ import json
 
 import pytest
 from ray.exceptions import ActorUnavailableError
+from starlette.requests import ClientDisconnect
 
 from deployments.protocol import APIError, CompletionRequest
 from deployments.router import Router
@@ -251,3 +252,44 @@ def test_generations_in_flight_are_the_sharing_adaptive_prices_on_shared_cores(m
     assert estimates.sharing == (3 if share_cores else 1)
     r.active -= 3
     assert estimates.sharing == 1
+
+
+def test_a_client_gone_during_the_first_step_gives_its_slot_back(router):
+    """A client that disconnects while its first step runs cancels the request there: its generation slot and
+    its sessions are given back. They were not (only errors were handled there): after a load run whose window
+    cut streams in their prefill, the router counted 16 phantom generations in flight for good, `adaptive`
+    priced every drafting step for them and never drafted, and enough of them would have refused everything."""
+    r, target, draft = router
+
+    def cancelled(*args):
+        raise asyncio.CancelledError  # what the awaiting request sees when its client goes away
+
+    target.target.verify = cancelled
+    for stream in (False, True):
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(r.completions(CompletionRequest(**{**BODY, "stream": stream})))
+        assert r.active == 0
+    assert draft.target.close.__self__.stats().sessions == 0
+
+
+def test_a_stream_whose_client_left_before_it_began_gives_its_slot_back(router):
+    """The response is closed before its body generator ever ran (the client went away before the headers
+    were sent): closing a generator that never started does not run its cleanup, so the response does it."""
+    r, _, draft = router
+
+    async def run():
+        response = await r.completions(CompletionRequest(**{**BODY, "stream": True}))
+        assert r.active == 1
+
+        async def gone(message):
+            raise OSError("client disconnected")
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        with pytest.raises(ClientDisconnect):  # what Starlette makes of it
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone)
+
+    asyncio.run(run())
+    assert r.active == 0
+    assert draft.target.close.__self__.stats().sessions == 0
