@@ -93,7 +93,7 @@ class TierEstimates:
 
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
-        return {"cost": self.cost.to_dict(), "load": self.load.to_dict(),
+        return {"cost": self.cost.to_dict(), "load": {**self.load.to_dict(), "sharing": self.sharing},
                 **{name: {"acceptance_bias": m.bias.value, "tokens_per_s": (m.rate.value or 0.0) * 1e3}
                    for name, m in (("greedy", self.greedy), ("sampled", self.sampled))}}
 
@@ -129,7 +129,7 @@ class RequestEstimates:
 
     def to_dict(self) -> dict:
         return {"acceptance_bias": self.bias.value, "tokens_per_s": (self.rate.value or 0.0) * 1e3,
-                "cost": self.tier.cost.to_dict(), "load": self.tier.load.to_dict()}
+                "cost": self.tier.cost.to_dict(), "load": {**self.tier.load.to_dict(), "sharing": self.tier.sharing}}
 
 
 def _logit(p: float) -> float:
