@@ -29,6 +29,7 @@ from speckv.workers import (
     raise_failed,
 )
 
+HANDOVER_MIN_S = 0.005  # at least a router hop (2-4 ms here) for the calls another replica's pass set off
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
 
 
@@ -55,7 +56,9 @@ class WorkerSpec:
         the first caller of a batch loses at most that share of a step to the others joining."""
         rows = [r for r in calibration.get("rows", []) if r.get("tokens") == 1 and r.get("sequences", 1) == 1]
         pass_ms = min((r["ms"] for r in rows), default=0.0)
-        return BatchSettings(self.max_batch_size, self.batch_wait_share * pass_ms / 1e3)
+        wait_s = self.batch_wait_share * pass_ms / 1e3
+        # handed the shared cores by another replica's pass, the calls it set off are a router hop away
+        return BatchSettings(self.max_batch_size, wait_s, max(wait_s, HANDOVER_MIN_S) if self.share_cores else 0.0)
 
     def build_lm(self) -> SessionLM:
         if self.torch_threads:

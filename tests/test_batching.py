@@ -111,3 +111,29 @@ def test_a_result_learns_how_long_its_call_waited_for_its_pass():
         assert 190 <= (await call).waited_ms < 1000
 
     asyncio.run(main())
+
+
+def test_handed_the_cores_a_pass_waits_for_the_calls_the_other_pass_set_off():
+    """Another replica's pass (a draft pass) ends and its requests' calls (their verifications) arrive a router
+    hop later: handed the cores, the pass waits `handover_s` for them, so requests that drafted and requests
+    that did not share one pass instead of alternating passes that each pay a pass's fixed cost. On cores
+    nobody else held, it does not wait."""
+    async def run(handover_s: float) -> tuple[list[list[int]], float]:
+        cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
+        other = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))
+        passes: list[list[int]] = []
+        batcher = Batcher(lambda items: passes.append(items) or items, BatchSettings(4, 0.0, handover_s), cores)
+        async with other.hold():  # the draft pass runs; a request that did not draft is waiting
+            first = asyncio.ensure_future(batcher(0))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)  # a hop after the draft pass: its request's verification
+        second = asyncio.ensure_future(batcher(1))
+        await asyncio.gather(first, second)
+        start = time.monotonic()
+        await batcher(2)  # the cores are free: nobody handed them over
+        return passes, time.monotonic() - start
+
+    passes, alone_s = asyncio.run(run(0.1))
+    assert passes[:-1] == [[0, 1]] and alone_s < 0.05
+    passes, _ = asyncio.run(run(0.0))  # the control: taken at once, the pass leaves the second call behind
+    assert passes[:-1] == [[0], [1]]
