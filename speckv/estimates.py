@@ -88,12 +88,16 @@ class TierEstimates:
         """Fresh estimates from a calibration; `learning` False freezes costs and acceptance (ablations)."""
         return cls(LiveCost(cost, learning=learning), learn_acceptance=learning)
 
+    def load_dict(self) -> dict:
+        """What its passes carry now, and the generations in flight its drafting is priced for."""
+        return {**self.load.to_dict(), "sharing": self.sharing}
+
     def mode(self, greedy: bool) -> ModeEstimates:
         return self.greedy if greedy else self.sampled
 
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
-        return {"cost": self.cost.to_dict(), "load": {**self.load.to_dict(), "sharing": self.sharing},
+        return {"cost": self.cost.to_dict(), "load": self.load_dict(),
                 **{name: {"acceptance_bias": m.bias.value, "tokens_per_s": (m.rate.value or 0.0) * 1e3}
                    for name, m in (("greedy", self.greedy), ("sampled", self.sampled))}}
 
@@ -129,7 +133,7 @@ class RequestEstimates:
 
     def to_dict(self) -> dict:
         return {"acceptance_bias": self.bias.value, "tokens_per_s": (self.rate.value or 0.0) * 1e3,
-                "cost": self.tier.cost.to_dict(), "load": {**self.tier.load.to_dict(), "sharing": self.tier.sharing}}
+                "cost": self.tier.cost.to_dict(), "load": self.tier.load_dict()}
 
 
 def _logit(p: float) -> float:
