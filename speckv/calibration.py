@@ -104,15 +104,17 @@ class CalibrationKey:
     tier: str
     dtype: str  # compute dtype
     device: str
+    added_ms_per_call: float = 0.0  # a deliberately slowed model (SessionLM.added_ms_per_call) costs more
 
     @classmethod
-    def of(cls, model: torch.nn.Module, role: str, tier: str) -> CalibrationKey:
+    def of(cls, model: torch.nn.Module, role: str, tier: str, added_ms_per_call: float = 0.0) -> CalibrationKey:
         if role not in ROLES:
             raise ValueError(f"calibration role must be one of {ROLES}, got {role!r}")
         parameter = next(model.parameters())
         tier = DRAFT_TIER.value if role == "draft" else tier  # the draft is the same model whatever the target's tier
         return cls(hardware_id(parameter.device), f"{torch.__version__} threads={torch.get_num_threads()}",
-                   weights_fingerprint(model), role, tier, str(model.dtype), str(parameter.device))
+                   weights_fingerprint(model), role, tier, str(model.dtype), str(parameter.device),
+                   float(added_ms_per_call))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -312,7 +314,7 @@ def calibrate(
     the role): the first MIN_MEASUREMENTS are always made; after them a measurement is made only if its
     estimated time (its repeats, and reading a longer context into the cache first) fits in what is left,
     and repeats stop at the deadline. `progress(done, planned)` is called after each measurement."""
-    key = CalibrationKey.of(lm.model, role, tier)
+    key = CalibrationKey.of(lm.model, role, tier, lm.added_ms_per_call)
     start = time.perf_counter()
     deadline = start + (DEFAULT_BUDGET_S[role] if budget_s is None else budget_s)
     vocab = int(lm.model.config.vocab_size)
@@ -390,7 +392,7 @@ def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
     Measuring holds a machine-wide lock under the cache root: replicas that load together (a target and
     the draft on one node) measure one after another, each alone, instead of timing each other's load; a
     replica that waited finds what another measured for the same key and reuses it."""
-    key = CalibrationKey.of(lm.model, role, tier)
+    key = CalibrationKey.of(lm.model, role, tier, lm.added_ms_per_call)
     path = calibration_path(key)
     cached = None if force else _read_cached(path, key)
     if cached is not None:

@@ -142,6 +142,8 @@ def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, targ
     assert not cached and measured == [1]
     _, cached = load_or_calibrate(SessionLM(draft_model), "target", "fp16", **kw)  # other weights: their own
     assert not cached and measured == [1, 1]
+    _, cached = load_or_calibrate(SessionLM(target_model, added_ms_per_call=1.0), "target", "fp16", **kw)
+    assert not cached and measured == [1, 1, 1]  # a slowed model (tests' added delay) is not the model
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:

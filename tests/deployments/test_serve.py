@@ -128,39 +128,57 @@ def test_api_keys_when_configured(app):
     assert post("/v1/completions", body).status_code == 200  # the app without keys stays open
 
 
-def test_adaptive_drafts_and_equals_target_only(app):
-    """`adaptive` (the app's configured controller, which drafts) and fixed γ both really speculate, and
-    greedy output equals target-only decoding."""
+@pytest.fixture(scope="module")
+def paying_app(app):
+    """An application whose target calls take 60 ms longer (calibration sees it too): a verify pass costs
+    ~10x a drafted token of the tiny draft, so drafting pays whatever the machine's noise. On the plain tiny
+    pair a step's time is mostly handle hops and drafting is near break-even, so whether `adaptive` should draft
+    there turns on a few milliseconds of a calibration measured on a busy machine."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    config = {**app["config"], "added_ms_per_call": {"target-fp16": 60.0}, "calibration_budget_s": 4.0,
+              "deployment_options": {}}
+    serve.run(build_app(config), name="speckv-pays", route_prefix="/pays")
+    yield
+    serve.delete("speckv-pays")
+
+
+def test_adaptive_drafts_and_equals_target_only(app, paying_app):
+    """Where drafting pays, `adaptive` (the app's configured controller, which drafts) and fixed γ both really
+    speculate, and greedy output equals target-only decoding."""
     base = {"model": "speckv", "prompt": "import numpy as", "max_tokens": 16, "temperature": 0}
-    spec = post("/v1/completions", {**base, "speculation": {"policy": "fixed", "gamma": 4}}).json()
-    plain = post("/v1/completions", {**base, "speculation": {"policy": "none"}}).json()
+    spec = post("/pays/v1/completions", {**base, "speculation": {"policy": "fixed", "gamma": 4}}).json()
+    plain = post("/pays/v1/completions", {**base, "speculation": {"policy": "none"}}).json()
     assert plain["speculation"]["draft_tokens"] == 0
     assert plain["speculation"]["gamma_histogram"] == {"0": plain["speculation"]["steps"]}
     assert spec["speculation"]["draft_tokens"] > 0
     assert plain["choices"][0]["text"] == spec["choices"][0]["text"]
-    adaptive = post("/v1/completions", base).json()
+    adaptive = post("/pays/v1/completions", base).json()
     assert adaptive["speculation"]["policy"] == "adaptive"
     assert adaptive["speculation"]["predictor_version"] == app["version"]
-    assert adaptive["speculation"]["draft_tokens"] > 0
+    assert adaptive["speculation"]["draft_tokens"] > 0, adaptive["speculation"]
     assert adaptive["speculation"]["steps"] < plain["speculation"]["steps"]
     assert adaptive["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
-def test_router_follows_the_controller_version(app, hopeless_predictor):
+def test_router_follows_the_controller_version(app, paying_app, hopeless_predictor):
     """Loading another predictor into the controller deployment reaches the routers within policy_refresh_s,
-    and their decisions follow it: one sure that nothing is accepted never drafts, the configured one does."""
+    and their decisions follow it: one sure that nothing is accepted never drafts, the configured one does
+    (where drafting pays)."""
     from ray import serve
 
     from speckv.predictor import load_predictor
 
     hopeless = load_predictor(hopeless_predictor).version()
-    controller = serve.get_deployment_handle("controller", "speckv")
+    controller = serve.get_deployment_handle("controller", "speckv-pays")
     body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 8, "temperature": 0}
 
     def settle(version: str) -> dict:
         deadline = time.time() + 20
         while True:
-            spec = post("/v1/completions", body).json()["speculation"]
+            spec = post("/pays/v1/completions", body).json()["speculation"]
             if spec["predictor_version"] == version or time.time() > deadline:
                 return spec
             time.sleep(0.25)
@@ -172,7 +190,7 @@ def test_router_follows_the_controller_version(app, hopeless_predictor):
     finally:
         assert controller.load.remote(str(app["predictor"])).result() == app["version"]
     spec = settle(app["version"])
-    assert spec["predictor_version"] == app["version"] and spec["draft_tokens"] > 0
+    assert spec["predictor_version"] == app["version"] and spec["draft_tokens"] > 0, spec
 
 
 def test_chat_stream_equals_non_stream(app):
@@ -670,9 +688,10 @@ def test_concurrent_requests_share_passes_and_each_equals_its_reference(app, slo
 
 
 def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app):
-    """Replicas bounded to 80 tokens of KV cache: while a long request runs, a new one that would not fit
-    gets 503 + Retry-After with an OpenAI-shaped body; the running one completes as it would alone, and the
-    new one is served once the running one has ended."""
+    """Replicas bounded to 80 tokens of KV cache: while a long request runs (streamed; the new one is sent once
+    10 of its steps have reached the client, so it surely holds more than the 9 tokens of room a 71-token prompt
+    leaves), the new one gets 503 + Retry-After with an OpenAI-shaped body; the running one completes as it
+    would alone, and the new one is served once the running one has ended."""
     from ray import serve
 
     from deployments.app import build_app
@@ -683,22 +702,31 @@ def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app)
     serve.run(build_app(config), name="speckv-kv", route_prefix="/kv")
     try:
         engine: LocalEngine = app["engine"]
-        long_body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 50, "temperature": 0,
-                     "speculation": {"policy": "fixed", "gamma": 2}}
-        new_body = {**long_body, "prompt": "# " + "numbers and letters " * 20, "max_tokens": 4}  # ~60 tokens
+        long_body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 70, "temperature": 0,
+                     "speculation": {"policy": "fixed", "gamma": 2}}  # 4 + 70 tokens: fits alone
+        new_body = {**long_body, "prompt": "# " + "numbers and letters " * 23, "max_tokens": 4}  # 71 tokens
 
-        async def run() -> tuple[httpx.Response, httpx.Response]:
+        async def run() -> tuple[str, httpx.Response]:
             async with httpx.AsyncClient(timeout=300) as client:
-                running = asyncio.create_task(client.post(BASE + "/kv/v1/completions", json=long_body))
-                await asyncio.sleep(1.5)
-                turned_away = await client.post(BASE + "/kv/v1/completions", json=new_body)
-                return await running, turned_away
+                texts, turned_away = [], None
+                async with client.stream("POST", BASE + "/kv/v1/completions",
+                                         json={**long_body, "stream": True}) as running:
+                    assert running.status_code == 200
+                    async for line in running.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        text = json.loads(line[len("data: "):])["choices"][0]["text"]
+                        texts.append(text)
+                        if turned_away is None and sum(1 for t in texts if t) >= 10:
+                            turned_away = await client.post(BASE + "/kv/v1/completions", json=new_body)
+                return "".join(texts), turned_away
 
-        done, turned_away = asyncio.run(run())
+        done_text, turned_away = asyncio.run(run())
+        assert turned_away is not None, "the long request ended before 10 of its steps arrived"
         assert turned_away.status_code == 503, turned_away.text
         assert turned_away.headers["Retry-After"] and turned_away.json()["error"]["code"] == "kv_cache_full"
-        expected = engine.generate(encode_prompt(engine.tokenizer, long_body["prompt"], chat=False), "fixed:2", 50)
-        assert done.status_code == 200 and done.json()["choices"][0]["text"] == expected.text
+        expected = engine.generate(encode_prompt(engine.tokenizer, long_body["prompt"], chat=False), "fixed:2", 70)
+        assert done_text == expected.text
         later = post("/kv/v1/completions", new_body)
         assert later.status_code == 200 and later.json()["usage"]["completion_tokens"] == 4
     finally:
