@@ -218,8 +218,9 @@ def test_artifacts_written_under_the_old_name_still_load(collection, tmp_path):
 
 
 def test_decisions_from_the_prepared_table_equal_those_computed_in_choose():
-    """`prepare` (run while a step is verified) fills a table from which `choose` only looks up its row; the
-    decisions are the ones a policy never prepared computes itself, over a run whose estimates move."""
+    """`prepare` (run while a step is verified) fills a table from which `choose` only looks up its decision (no
+    MLP row, no gain computed on the critical path); the decisions are the ones a policy never prepared
+    computes itself, over a run whose estimates move."""
     from speckv.policy import RequestProgress, StepTiming
     from speckv.signals import DraftSignals
 
@@ -232,10 +233,14 @@ def test_decisions_from_the_prepared_table_equal_those_computed_in_choose():
     computed_rows = []  # rows `prepared` computed inside choose (only before anything was prepared)
     rows = prepared._rows
     prepared._rows = lambda x: (computed_rows.append(len(x)) if len(x) == 1 else None) or rows(x)
+    gains_in_choose, best, choosing = [], prepared._best, [False]
+    prepared._best = lambda *a: (gains_in_choose.append(1) if choosing[0] else None) or best(*a)
     progress, position, chosen = RequestProgress(), 0, []
     for step in range(80):
         context = progress.context(step, position, 100 + position)
+        choosing[0] = True
         chosen.append((plain.choose(context), prepared.choose(context)))
+        choosing[0] = False
         g = max(chosen[-1][0], 1)
         conf = rng.uniform(0.3, 1, g).tolist()
         signals = DraftSignals(conf, conf, rng.uniform(0, 2, g).tolist())
@@ -248,6 +253,7 @@ def test_decisions_from_the_prepared_table_equal_those_computed_in_choose():
         position += accepted + 1
     assert [a for a, _ in chosen] == [b for _, b in chosen]
     assert len({a for a, _ in chosen}) > 2 and computed_rows == [1]  # only step 0 was not prepared
+    assert gains_in_choose == [1]
     # the estimates agree to rounding (a batched matmul sums in its own order)
     assert _flat(plain.report()) == pytest.approx(_flat(prepared.report()), rel=1e-9)
 
