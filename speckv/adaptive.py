@@ -37,10 +37,12 @@ request's remaining tokens make. So a long prompt with a short answer is not dra
 prefill would cost more than drafting saves, and a probe's spacing counts its catch-up too.
 
 Optimism while unsure. The predictor is an average over texts; the text at hand may be far easier (code,
-repetition) or harder. A decision adds OPTIMISM/√(1 + n) log-odds to the acceptance it expects, n the
-drafted tokens this request has seen (an upper-confidence-bound rule): early in a request it tries drafting
-wherever drafting could pay, and what it sees replaces the optimism as n grows. Where drafting cannot pay
-even if every token were accepted, optimism changes nothing (the probes above are all the drafting there).
+repetition) or harder. Where the learned acceptance picks γ* = 0, a decision adds OPTIMISM/√(1 + n) log-odds
+to it, n the drafted tokens this request has seen (an upper-confidence-bound rule): early in a request it tries
+drafting wherever drafting could pay, and what it sees replaces the optimism as n grows. Optimism decides
+whether to draft, not how long: where the learned acceptance drafts, its γ* stands (runs priced at the
+optimistic acceptance were 14-16 tokens where 5 paid). Where drafting cannot pay even if every token were
+accepted, optimism changes nothing (the probes above are all the drafting there).
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight, with the next step's
@@ -94,7 +96,7 @@ class AdaptivePolicy:
         self._w2 = np.ascontiguousarray(np.asarray(predictor.w2, dtype=np.float64))
         self._b2 = np.asarray(predictor.b2, dtype=np.float64)
         self._gammas = np.arange(gmax + 1)
-        # (step, prev accepted) -> (row's logits, conditional, catch-up ms, γ the gain picks or None)
+        # (step, prev accepted) -> (row's logits, conditional, catch-up ms, the run `_best` picks or None)
         self._table: dict[tuple[int, int], tuple[list[float], list[float], float, int | None]] = {}
         self._prior: list[float] = []  # `conditional` of the row the last choice used (observe learns from it)
         self._queue: list[tuple[StepOutcome, list[float]]] = []  # (outcome, its prior) not yet folded in
@@ -107,7 +109,7 @@ class AdaptivePolicy:
 
     def prepare(self, contexts: list[StepContext]) -> None:
         """While a verification is in flight: fold in what earlier steps taught, and decide the next step for
-        each context it may lead to (one per accepted count): its row and the γ the gain picks."""
+        each context it may lead to (one per accepted count): its row and the run `_best` picks."""
         self._overlapped = True
         self._fold_in()
         if contexts:
@@ -180,7 +182,7 @@ class AdaptivePolicy:
             catch_up, best = self._catch_up_ms(context.draft_behind), None
         if best is None:
             best = self._best(logits, catch_up, context.remaining)
-        gamma = self._commit(best, len(logits), catch_up)
+        gamma = self._commit(best, catch_up)
         if not self._overlapped:
             self._fold_in()
         return gamma
@@ -191,17 +193,28 @@ class AdaptivePolicy:
         return self._catch_up_per_token * (behind - CAUGHT_UP) if behind > CAUGHT_UP else 0.0
 
     def _best(self, logits: list[float], catch_up_ms: float = 0.0, remaining: int | None = None) -> int:
-        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·(extra_ms(γ) + its share of the catch-up), in plain
-        Python over γmax numbers, with acceptance optimistic while this request has seen few drafted tokens
-        (module docstring). The catch-up is paid once and serves the drafting steps left in the request
-        (`remaining` tokens over 1 + Σ P per step), so each is charged its share; all of it where
-        `remaining` is not known. Pure but for the first call, which sets the prior rate."""
+        """The run to draft (0 = none): γ* of the learned acceptance (`_gain_argmax`), and where that is 0, γ*
+        of the optimistic one (module docstring: it tries drafting wherever drafting could pay). Optimism
+        decides whether to draft, never how long: the run cap beyond γmax only where the learned acceptance
+        itself picks γmax. Long optimistic runs opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each
+        ~10% of a pass) where the learned estimate picked 5. Pure but for the first call, which sets the prior
+        rate (from the learned acceptance: the rate the request may reach, not an optimistic one)."""
         learned = self.estimates.bias  # its events are the drafted tokens seen (none with acceptance learning off)
-        bias, extra = learned.value + OPTIMISM / math.sqrt(1.0 + learned.events), self._extra_ms
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
-            self._prior_rate = _best_one_step_rate(logits, bias, extra, self._price0)
+            self._prior_rate = _best_one_step_rate(logits, learned.value, self._extra_ms, self._price0)
             self._refresh()
-        rate, exp = self._rate, math.exp
+        best = self._gain_argmax(logits, learned.value, catch_up_ms, remaining)
+        if best:
+            return self.run_cap if best == len(logits) else best
+        return self._gain_argmax(logits, learned.value + OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms,
+                                 remaining)
+
+    def _gain_argmax(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None) -> int:
+        """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·(extra_ms(γ) + its share of the catch-up), in plain
+        Python over γmax numbers, acceptance shifted by `bias` log-odds. The catch-up is paid once and serves
+        the drafting steps left in the request (`remaining` tokens over 1 + Σ P per step), so each is charged its
+        share; all of it where `remaining` is not known."""
+        rate, extra, exp = self._rate, self._extra_ms, math.exp
         # gain(γ) = total − R·(extra + share of the catch-up) = weight·total − R·extra − fixed, where the share
         # is catch_up_ms·(1 + total)/remaining (the step's tokens' part of it), or all of it
         share = rate * catch_up_ms / remaining if remaining else 0.0
@@ -215,15 +228,14 @@ class AdaptivePolicy:
                 best, best_gain = k + 1, gain
         return best
 
-    def _commit(self, best: int, gamma_max: int, catch_up_ms: float) -> int:
-        """The γ to run for the gain's pick: the run cap where it is γmax; where it is 0, a one-token probe once
-        target-only steps reach the probe spacing (γ = 0 is never absorbing). Counts the tier's target-only
-        steps and sets the run's stop rule."""
+    def _commit(self, run: int, catch_up_ms: float) -> int:
+        """The run `_best` picked; where it is 0, a one-token probe once target-only steps reach the probe
+        spacing (γ = 0 is never absorbing). Counts the tier's target-only steps and sets the run's stop rule."""
         tier = self.estimates.tier
-        if best:
+        if run:
             tier.target_only_steps = 0
             self.draft_stop = self._stop
-            return self.run_cap if best == gamma_max else best
+            return run
         tier.target_only_steps += 1
         probe_every = self._probe_every if not catch_up_ms else max(
             self._probe_every, math.ceil((self._extra_ms[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))

@@ -29,6 +29,7 @@ SHAPES: dict[str, CostModel] = {  # ms: draft per token, verify base, verify per
     "cpu-avx2-bf16": CostModel(94.0, 224.0, 148.0),  # bf16 emulated: scoring a token costs almost a pass
     "cpu-avx512-bf16": CostModel(74.0, 175.0, 9.3),  # bf16 in hardware: drafting pays well
     "cpu-nf4-dear-draft": CostModel(93.0, 81.0, 22.0),  # a draft token dearer than a target pass
+    "cpu-avx2-nf4": CostModel(66.0, 1588.0, 94.0),  # 4-bit dequantised every pass: drafting pays, long runs don't
 }
 FIXED_GAMMAS = range(1, 9)
 
