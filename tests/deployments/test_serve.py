@@ -39,7 +39,9 @@ def app(tmp_path_factory, drafting_predictor):
     port = free_port()
     BASE = f"http://127.0.0.1:{port}"
     with ray_temp_root():
-        ray.init(num_cpus=16, include_dashboard=False)  # logical: three apps of one-CPU replicas fit
+        # logical CPUs: every replica asks for one, and up to five apps (main, colocated, paying, slow, kv) of
+        # 3-5 replicas live at once; one that does not fit waits to be scheduled and serve.run never returns
+        ray.init(num_cpus=32, include_dashboard=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = {
