@@ -5,8 +5,10 @@ and a tier scaling up under load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -78,6 +80,22 @@ def post(path: str, body: dict | bytes, **kw) -> httpx.Response:
     return httpx.post(BASE + path, json=body, timeout=120, **kw)
 
 
+@contextlib.contextmanager
+def derived_app(app: dict, name: str, route_prefix: str, **overrides) -> Iterator[None]:
+    """Another application on the same server: the `speckv` app's config with `overrides` (Serve options
+    reset), deleted afterwards, on failure too."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app({**app["config"], "deployment_options": {}, **overrides}), name=name,
+              route_prefix=route_prefix)
+    try:
+        yield
+    finally:
+        serve.delete(name)
+
+
 def sse_events(response_text: str) -> list:
     lines = [line[len("data: "):] for line in response_text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -136,15 +154,8 @@ def paying_app(app):
     ~10x a drafted token of the tiny draft, so drafting pays whatever the machine's noise. On the plain tiny
     pair a step's time is mostly handle hops and drafting is near break-even, so whether `adaptive` should draft
     there turns on a few milliseconds of a calibration measured on a busy machine."""
-    from ray import serve
-
-    from deployments.app import build_app
-
-    config = {**app["config"], "added_ms_per_call": {"target-fp16": 60.0}, "calibration_budget_s": 4.0,
-              "deployment_options": {}}
-    serve.run(build_app(config), name="speckv-pays", route_prefix="/pays")
-    yield
-    serve.delete("speckv-pays")
+    with derived_app(app, "speckv-pays", "/pays", added_ms_per_call={"target-fp16": 60.0}, calibration_budget_s=4.0):
+        yield
 
 
 def test_adaptive_drafts_and_equals_target_only(app, paying_app):
@@ -328,15 +339,8 @@ def slow_app(app):
     """A third application whose model calls take 100 ms (draft) and 300 ms (target) longer, so a test
     knows when a call is in flight: after a step's chunk arrives the router drafts (one 100 ms call at
     γ = 1), then verifies (one 300 ms call)."""
-    from ray import serve
-
-    from deployments.app import build_app
-
-    config = {**app["config"], "added_ms_per_call": {"draft": 100.0, "target-fp16": 300.0},
-              "deployment_options": {}}
-    serve.run(build_app(config), name="speckv-slow", route_prefix="/slow")
-    yield
-    serve.delete("speckv-slow")
+    with derived_app(app, "speckv-slow", "/slow", added_ms_per_call={"draft": 100.0, "target-fp16": 300.0}):
+        yield
 
 
 # after a step's chunk reaches the client: when the next step's call to each deployment is surely running
@@ -694,15 +698,9 @@ def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app)
     10 of its steps have reached the client, so it surely holds more than the 9 tokens of room a 71-token prompt
     leaves), the new one gets 503 + Retry-After with an OpenAI-shaped body; the running one completes as it
     would alone, and the new one is served once the running one has ended."""
-    from ray import serve
-
-    from deployments.app import build_app
-
     per_token = 2 * 2 * 2 * 12 * 4  # the tiny pair: layers x (K, V) x KV heads x head size x float32
-    config = {**app["config"], "kv_cache_mib": 80 * per_token / 2**20, "added_ms_per_call": {"target-fp16": 150.0},
-              "deployment_options": {}}
-    serve.run(build_app(config), name="speckv-kv", route_prefix="/kv")
-    try:
+    with derived_app(app, "speckv-kv", "/kv", kv_cache_mib=80 * per_token / 2**20,
+                     added_ms_per_call={"target-fp16": 150.0}):
         engine: LocalEngine = app["engine"]
         long_body = {"model": "speckv-fp16", "prompt": "def f(x):", "max_tokens": 70, "temperature": 0,
                      "speculation": {"policy": "fixed", "gamma": 2}}  # 4 + 70 tokens: fits alone
@@ -710,7 +708,7 @@ def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app)
 
         async def run() -> tuple[str, httpx.Response]:
             async with httpx.AsyncClient(timeout=300) as client:
-                texts, turned_away = [], None
+                texts, steps, turned_away = [], 0, None
                 async with client.stream("POST", BASE + "/kv/v1/completions",
                                          json={**long_body, "stream": True}) as running:
                     assert running.status_code == 200
@@ -719,7 +717,8 @@ def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app)
                             continue
                         text = json.loads(line[len("data: "):])["choices"][0]["text"]
                         texts.append(text)
-                        if turned_away is None and sum(1 for t in texts if t) >= 10:
+                        steps += bool(text)
+                        if turned_away is None and steps >= 10:
                             turned_away = await client.post(BASE + "/kv/v1/completions", json=new_body)
                 return "".join(texts), turned_away
 
@@ -731,5 +730,3 @@ def test_a_full_kv_cache_turns_new_requests_away_with_503_and_loses_nothing(app)
         assert done_text == expected.text
         later = post("/kv/v1/completions", new_body)
         assert later.status_code == 200 and later.json()["usage"]["completion_tokens"] == 4
-    finally:
-        serve.delete("speckv-kv")
