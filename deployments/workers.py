@@ -17,7 +17,7 @@ from ray import serve
 from speckv.batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
 from speckv.calibration import budget_share, load_or_calibrate, warm_up
 from speckv.engine import StepCall
-from speckv.local import local_executor
+from speckv.local import local_executor, verify_session
 from speckv.models import DRAFT_TIER, load_model
 from speckv.workers import (
     DraftWorker,
@@ -57,8 +57,12 @@ class WorkerSpec:
         rows = [r for r in calibration.get("rows", []) if r.get("tokens") == 1 and r.get("sequences", 1) == 1]
         pass_ms = min((r["ms"] for r in rows), default=0.0)
         wait_s = self.batch_wait_share * pass_ms / 1e3
-        # handed the shared cores by another replica's pass, the calls it set off are a router hop away
-        return BatchSettings(self.max_batch_size, wait_s, max(wait_s, HANDOVER_MIN_S) if self.share_cores else 0.0)
+        if not self.share_cores:
+            return BatchSettings(self.max_batch_size, wait_s)
+        # handed the shared cores by another replica's pass, the calls it set off are a router hop away; the
+        # sessions of the last verify pass still drafting are waited for up to what a split would cost: one
+        # more pass's fixed cost (speckv.batching.Batcher, regrouping)
+        return BatchSettings(self.max_batch_size, wait_s, max(wait_s, HANDOVER_MIN_S), pass_ms / 1e3)
 
     def build_lm(self) -> SessionLM:
         if self.torch_threads:
@@ -90,14 +94,16 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def _gatherers(serve_pass, serve_prefill, pass_fn, prefill_fn, settings: BatchSettings, cores: CoreLease | None):
+def _gatherers(serve_pass, serve_prefill, pass_fn, prefill_fn, settings: BatchSettings, cores: CoreLease | None,
+               session=None):
     """How a replica gathers calls into passes: Serve's `@serve.batch` handlers where it has its cores; where
     it shares them (`cores`), speckv's Batcher, which waits for the cores before it takes the calls, so the
     calls that arrive while another replica's pass runs join the next pass (a `@serve.batch` handler is
-    handed its batch already formed: waiting for the cores inside it, passes carried one call each)."""
+    handed its batch already formed: waiting for the cores inside it, passes carried one call each), and
+    regroups its passes by `session` where given (the target's verify calls)."""
     if cores is None:
         return serve_pass, serve_prefill
-    return Batcher(pass_fn, settings, cores), Batcher(prefill_fn, settings, cores)
+    return Batcher(pass_fn, settings, cores, session), Batcher(prefill_fn, settings, cores)
 
 
 def _apply(handler, settings: BatchSettings) -> None:
@@ -163,7 +169,7 @@ class TargetDeployment:
         _apply(self._verify_batch, self.batching)
         _apply(self._prefill_step, self.batching)
         self._verify, self._prefill = _gatherers(self._verify_batch, self._prefill_step, self.worker.verify_batch,
-                                                 self.worker.prefill_step, self.batching, self.cores)
+                                                 self.worker.prefill_step, self.batching, self.cores, verify_session)
         self.executor = local_executor(self.draft, self.worker, self.batching, self.cores) if self.draft else None
 
     def calibration(self) -> dict:
@@ -189,10 +195,13 @@ class TargetDeployment:
         return await self.executor.run_step(inputs)
 
     def close(self, session_id: str) -> None:
-        """The request has ended: close its sessions (a call still in flight for it is refused)."""
+        """The request has ended: close its sessions (a call still in flight for it is refused); its next verify
+        pass does not wait for it."""
         self.worker.lm.close(session_id)
         if self.draft:
             self.draft.lm.close(session_id)
+        if isinstance(self._verify, Batcher):
+            self._verify.forget(session_id)
 
     def stats(self) -> dict:
         return {"replica": _replica_id(), "node": _node_id(), "tier": self.tier, **self.worker.lm.stats().__dict__}

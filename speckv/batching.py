@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -28,15 +28,17 @@ class BatchSettings:
     """How calls are gathered: at most `max_batch_size` per pass; a pass waits `wait_s` for more calls to
     join once one arrived (0: whatever arrived while the last pass ran); where replicas share the cores, a
     pass that got them from another replica's pass waits `handover_s` more, with them, for the calls that
-    pass set off (Batcher)."""
+    pass set off; a Batcher that knows its calls' sessions waits up to `regroup_s` for the sessions of its last
+    pass to come back before it starts the next without them (Batcher)."""
 
     max_batch_size: int = 8
     wait_s: float = 0.0
     handover_s: float = 0.0
+    regroup_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.wait_s < 0 or self.handover_s < 0:
-            raise ValueError(f"max_batch_size must be >= 1, wait_s and handover_s >= 0, got {self}")
+        if self.max_batch_size < 1 or min(self.wait_s, self.handover_s, self.regroup_s) < 0:
+            raise ValueError(f"max_batch_size must be >= 1, wait_s, handover_s and regroup_s >= 0, got {self}")
 
 
 class Batcher(Generic[T, R]):
@@ -47,15 +49,27 @@ class Batcher(Generic[T, R]):
     the GIL with whatever Python the loop runs meanwhile, and a CPU pass made of many small ops (a 4-bit
     bitsandbytes matmul is several) waits for the GIL at each: measured on this project's 2-core Xeon, an
     nf4 pass of eight requests took 2.0 s in a thread beside the live loop and 1.1 s on the loop's thread
-    (25 s beside a busy Python thread). The requests' own work runs between passes."""
+    (25 s beside a busy Python thread). The requests' own work runs between passes.
+
+    Regrouping. Given `session` (a call's session), the Batcher expects every session of its last pass back
+    (a request verifies at every step) and waits up to `regroup_s` for the missing ones before it starts the
+    next pass without them, unless the pass is full already or `forget` says a session ended. Without it,
+    under load the requests that do not draft at a step reach the target a draft pass before those that do,
+    and the pass starts without the drafting ones: two passes each paying a pass's fixed cost where one
+    would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
+    ran 8.00; docs/SERVING.md). A split costs at least one pass's fixed cost, so waiting up to that long
+    costs at most what it may save."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings(),
-                 cores: CoreLease | None = None) -> None:
+                 cores: CoreLease | None = None, session: Callable[[T], Hashable] | None = None) -> None:
         self.fn = fn
         self.settings = settings
         self.cores = cores  # held for each pass where replicas share the machine's cores
+        self.session = session
         self._pending: list[tuple[T, asyncio.Future, float]] = []  # (call, its result, when it arrived)
         self._runner: asyncio.Task | None = None
+        self._expected: set[Hashable] = set()  # sessions of the last pass not yet back (regrouping)
+        self._arrived: asyncio.Event | None = None  # set when a call arrives or a session is forgotten
         self.batches = 0  # passes run, for tests and reports
         self.largest = 0
 
@@ -63,13 +77,43 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((item, future, loop.time()))
+        if self.session is not None:
+            self._expected.discard(self.session(item))
+            self._wake()
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
         return await future
 
+    def forget(self, session: Hashable) -> None:
+        """The session has ended: the next pass does not wait for it."""
+        self._expected.discard(session)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._arrived is not None:
+            self._arrived.set()
+
+    async def _regroup(self) -> None:
+        """Wait, up to `regroup_s` after the first call of the next pass arrived, for the last pass's sessions
+        that are not back yet (none where the pass is full already)."""
+        if not self._pending:
+            return
+        deadline = self._pending[0][2] + self.settings.regroup_s
+        loop = asyncio.get_running_loop()
+        while self._expected and len(self._pending) < self.settings.max_batch_size:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._arrived = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+        self._arrived = None
+
     async def _run(self) -> None:
         while self._pending:
             await asyncio.sleep(self.settings.wait_s)  # 0: let the calls already scheduled join
+            if self.session is not None and self.settings.regroup_s:
+                await self._regroup()  # before the cores are taken: the draft pass it waits for needs them
             if self.cores is None:
                 self._pass()
                 continue
@@ -93,6 +137,8 @@ class Batcher(Generic[T, R]):
         del self._pending[:self.settings.max_batch_size]
         if not batch:
             return
+        if self.session is not None:  # expected back for the next pass (those still pending are there already)
+            self._expected = {self.session(item) for item, _, _ in batch}
         self.batches += 1
         self.largest = max(self.largest, len(batch))
         begun = asyncio.get_running_loop().time()

@@ -26,6 +26,11 @@ from .text import eos_token_ids
 from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
 
 
+def verify_session(call: tuple[StepInputs, list[int]]) -> str:
+    """The session of a verify call (a Batcher regroups a pass's sessions by it)."""
+    return call[0].session_id
+
+
 def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None,
                    cores: CoreLease | None = None) -> SplitExecutor:
     """A step executor over in-process workers. With `batching`, the calls of requests running concurrently
@@ -41,7 +46,7 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
     else:
         proposals, draft_prefills = (Batcher(draft.propose_batch, batching, cores),
                                      Batcher(draft.prefill_step, batching, cores))
-        verifications, target_prefills = (Batcher(target.verify_batch, batching, cores),
+        verifications, target_prefills = (Batcher(target.verify_batch, batching, cores, session=verify_session),
                                           Batcher(target.prefill_step, batching, cores))
 
         async def propose(inputs: StepInputs) -> Proposal:
@@ -55,6 +60,8 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
     async def close(session_id: str) -> None:
         draft.lm.close(session_id)
         target.lm.close(session_id)
+        if batching is not None:
+            verifications.forget(session_id)
 
     return SplitExecutor(propose, verify, close)
 

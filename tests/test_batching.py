@@ -137,3 +137,33 @@ def test_handed_the_cores_a_pass_waits_for_the_calls_the_other_pass_set_off():
     assert passes[:-1] == [[0, 1]] and alone_s < 0.05
     passes, _ = asyncio.run(run(0.0))  # the control: taken at once, the pass leaves the second call behind
     assert passes[:-1] == [[0], [1]]
+
+
+def test_a_pass_waits_for_the_sessions_of_the_last_pass_still_drafting():
+    """Under load the requests that do not draft at a step are back at the target a draft pass before those
+    that do: the next pass waits (up to `regroup_s`) for the last pass's sessions, so all share one pass
+    instead of two that each pay a pass's fixed cost. It does not wait for a session that ended (`forget`),
+    nor past `regroup_s` for one that never comes back."""
+    async def run(regroup_s: float, late: str = "c", forget: bool = False) -> tuple[list[list[str]], float]:
+        passes: list[list[str]] = []
+        batcher = Batcher(lambda items: passes.append(items) or items, BatchSettings(4, 0.0, 0.0, regroup_s),
+                          session=lambda item: item)
+        await asyncio.gather(*(batcher(s) for s in "abc"))  # the first pass: three sessions
+        start = time.monotonic()
+        back = [asyncio.ensure_future(batcher(s)) for s in "abc" if s != late]  # did not draft: back at once
+        await asyncio.sleep(0.15)  # the drafting session's draft pass
+        if forget:
+            batcher.forget(late)  # its request ended instead
+        else:
+            back.append(asyncio.ensure_future(batcher(late)))
+        await asyncio.gather(*back)
+        return passes[1:], time.monotonic() - start
+
+    passes, _ = asyncio.run(run(1.0))
+    assert passes == [["a", "b", "c"]]  # one pass
+    passes, _ = asyncio.run(run(0.0))  # the control: without the wait the pass leaves the drafting one behind
+    assert passes == [["a", "b"], ["c"]]
+    passes, waited = asyncio.run(run(1.0, forget=True))
+    assert passes == [["a", "b"]] and waited < 0.5  # an ended session is not waited for
+    passes, waited = asyncio.run(run(0.05, late="c"))  # back later than regroup_s: the pass went without it
+    assert passes == [["a", "b"], ["c"]]

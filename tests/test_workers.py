@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -75,6 +76,22 @@ def test_fp32_greedy_requests_in_batches_equal_each_alone(draft_model, target_mo
         assert result.token_ids == alone.generate(request.prompt_ids, policy, request.max_new_tokens).token_ids
     sizes = [r.batch_size for result in results for r in result.records]
     assert max(sizes) > 1 and min(sizes) < max(sizes), sizes  # passes were shared, and the batch changed
+
+
+def test_regrouped_passes_are_lossless_and_never_wait_for_an_ended_request(draft_model, target_model, tokenizer):
+    """With regrouping (a verify pass waits for the sessions of the last one, speckv.batching.Batcher) the
+    requests keep their tokens, and a request that ended is not waited for: with a 10 s regroup bound the
+    requests left after the short ones end are not held up."""
+    alone = _engine(draft_model, target_model, tokenizer, None)
+    batched = _engine(draft_model, target_model, tokenizer, BatchSettings(max_batch_size=4, regroup_s=10.0))
+    prompts = _sequences(5, 30, 12, seed=2)
+    requests = [batched.request(p, n) for p, n in zip(prompts, [3, 30, 8])]
+    start = time.monotonic()
+    results = asyncio.run(batched.generate_many(requests, "adaptive"))
+    assert time.monotonic() - start < 8.0
+    for request, result in zip(requests, results):
+        assert result.token_ids == alone.generate(request.prompt_ids, "adaptive", request.max_new_tokens).token_ids
+    assert max(r.batch_size for r in results[1].records) == 3
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.9)], ids=["t0.7-top_p"])

@@ -1,10 +1,14 @@
 """The application builder's rules for model replicas (deployments/app.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from deployments.app import build_app, model_replica_options
 from deployments.config import AppConfig
-from deployments.workers import WorkerSpec
+from deployments.workers import TargetDeployment, WorkerSpec
+from speckv.batching import Batcher, BatchSettings
+from speckv.local import verify_session
 
 
 def test_a_cpu_replica_asks_for_the_cores_its_threads_use():
@@ -35,3 +39,22 @@ def test_share_cores_reaches_every_model_replica(topology):
         specs = _model_specs(build_app({"share_cores": share, "tiers": ["fp16", "nf4"], "topology": topology}))
         assert set(specs) == {"target-fp16", "target-nf4"} | ({"draft"} if topology == "disaggregated" else set())
         assert all(s.share_cores is share for group in specs.values() for s in group)
+
+
+def test_a_replica_on_shared_cores_regroups_its_verify_passes_for_up_to_one_pass():
+    """Where the replicas share the cores, a verify pass waits for the last pass's sessions still drafting
+    for up to one calibrated single pass (what a split pass would cost); where they do not, Serve's batching
+    gathers the calls and nothing regroups."""
+    calibration = {"rows": [{"tokens": 1, "sequences": 1, "ms": 1600.0}, {"tokens": 2, "sequences": 1, "ms": 1700.0}]}
+    shared = WorkerSpec("m", share_cores=True).batching(calibration)
+    assert shared.regroup_s == pytest.approx(1.6) and shared.handover_s == pytest.approx(0.08)
+    assert WorkerSpec("m").batching(calibration).regroup_s == 0
+
+
+def test_closing_a_session_stops_the_target_waiting_for_it():
+    replica = TargetDeployment.func_or_class.__new__(TargetDeployment.func_or_class)
+    replica.worker, replica.draft = SimpleNamespace(lm=SimpleNamespace(close=lambda sid: None)), None
+    replica._verify = Batcher(lambda calls: calls, BatchSettings(regroup_s=1.0), session=verify_session)
+    replica._verify._expected = {"ended", "running"}
+    replica.close("ended")
+    assert replica._verify._expected == {"running"}
