@@ -21,7 +21,11 @@ pass like the ones the tier runs now (PassLoad: sequences per pass and tokens sc
 report them), and what a request's drafting adds to the passes it shares (its drafted tokens scored in the
 verify pass, its sequence in each drafting pass: LiveCost.shared_ms) delays every other request in them,
 so it is priced for each of them too: the decision maximises the goodput of the whole pass (its tokens
-over its time), not the request's own. Where the replicas share one machine's cores (TierEstimates.sharing,
+over its time), not the request's own. Its drafted positions are priced as shared with the others' only up
+to one beyond the longest run the others of the pass draft (PassLoad.led, from the verifications): beyond,
+the pass waits for its drafting passes alone (the verify pass regroups, speckv.batching), each a whole pass
+for every request waiting (LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16
+tokens held every request's step). Where the replicas share one machine's cores (TierEstimates.sharing,
 set by the server), the requests in flight that are not in its passes wait for them too, for its share of
 each drafting pass and its tokens in the verify pass (LiveCost.alone_ms): under load on one machine the
 passes fragment, and priced by its own pass alone, a request's drafting looked free (γ rose with load).
@@ -136,10 +140,7 @@ class AdaptivePolicy:
                 seen = min(outcome.accepted + 1, outcome.gamma, len(prior))
                 self.estimates.observe_acceptance(prior[:seen], [k < outcome.accepted for k in range(seen)])
             if outcome.timing is not None:
-                t = outcome.timing
-                self.estimates.observe_step(outcome.gamma, t.emitted, t.draft_ms, t.verify_ms, t.context_len,
-                                            t.draft_compute_ms, t.verify_compute_ms, t.batch_size, t.batch_tokens,
-                                            t.draft_behind, t.draft_waited_ms, t.verify_waited_ms)
+                self.estimates.observe_step(outcome.gamma, outcome.timing)
         if self._queue:
             self._queue.clear()
             self._refresh()
@@ -147,13 +148,14 @@ class AdaptivePolicy:
     def _refresh(self) -> None:
         """Step prices, the rate, the stop rule and the probe spacing from the current estimates and load."""
         cost = self.estimates.tier.cost
-        sequences, others = self.estimates.tier.load.now()
+        load = self.estimates.tier.load
+        sequences, others = load.now()
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
-        shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others), dtype=np.float64)
+        shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, load.led()), dtype=np.float64)
         extra = price[1:] - price[0] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
         if outside > 0:
-            extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others))[1:]
+            extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, load.led()))[1:]
         self._extra_ms = extra.tolist()
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value

@@ -267,22 +267,43 @@ class LiveCost:
         return self.draft.value * self.base.catch_up_ms(behind)
 
     def shared_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
-                  other_tokens: float = 0.0) -> float | np.ndarray:
+                  other_tokens: float = 0.0, led: int | None = None) -> float | np.ndarray:
         """What one sequence drafting γ tokens adds to the passes it shares (the verify pass scores its γ
         more tokens; each drafting pass carries one sequence more): what every other request in them waits
-        more. 0 alone."""
+        more. 0 alone. Positions beyond `led` (None: no limit) are the sequence's alone: the verify pass
+        waits for the sequences still drafting (speckv.batching, regrouping), so the others wait a whole
+        drafting pass for each (`lone_ms`)."""
         if sequences <= 1:
             return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
-        return (self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens)
-                + self.draft_ms(gamma, sequences) - self.draft_ms(gamma, sequences - 1))
+        marginal = self.base.draft_ms_per_sequence  # one more sequence in a drafting pass
+        return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
+            gamma, marginal, led)
 
     def alone_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
-                 other_tokens: float = 0.0) -> float | np.ndarray:
+                 other_tokens: float = 0.0, led: int | None = None) -> float | np.ndarray:
         """What one sequence drafting γ tokens adds to the time of the cores, for requests that share them but
         not its passes (they wait for the cores while its passes run): its share of the drafting passes (one
-        per position, carrying `sequences` as the verify passes do) and its γ more tokens in the verify pass."""
-        return (self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens)
-                + self.draft_ms(gamma, sequences) / max(sequences, 1))
+        per position, carrying `sequences` as the verify passes do), whole passes beyond `led` (`lone_ms`),
+        and its γ more tokens in the verify pass."""
+        share = (self.base.draft_ms_per_token + self.base.draft_ms_per_sequence * max(sequences - 1, 0)) / max(
+            sequences, 1)  # its share of a drafting pass carrying the pass's sequences
+        return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
+            gamma, share, led)
+
+    def _positions_ms(self, gamma: int | np.ndarray, shared_ms: float, led: int | None) -> float | np.ndarray:
+        """The drafting passes of γ positions as the requests waiting for the step see them: `shared_ms` each
+        for the positions drafted along with the others of the pass (up to `led`; None: all), and a whole
+        drafting pass of one sequence for each beyond, where the others have stopped and wait for it (the
+        verify pass regroups: speckv.batching). Priced as a pass of its own from the others' longest run on
+        (a rule tried), the policy had two stable states and found the bad one: where nobody drafted,
+        starting alone cost a whole pass for every request waiting, so nobody started, although all
+        drafting beat none (tests/test_adaptive.py). So `led` is one beyond the others' runs (PassLoad.led):
+        runs can grow together, a position a step, and a lone long run pays for the passes the others wait
+        through."""
+        g = np.asarray(gamma)
+        along = g if led is None else np.minimum(g, led)
+        out = self.draft.value * (shared_ms * along + self.base.draft_ms_per_token * (g - along))
+        return float(out) if np.ndim(gamma) == 0 else out
 
     def _drafted_tokens_ms(self, gamma: int | np.ndarray, context_len: int, sequences: int,
                            other_tokens: float) -> float | np.ndarray:
@@ -307,11 +328,18 @@ class PassLoad:
 
     sequences: RunningMedian = field(default_factory=RunningMedian)
     tokens: RunningMedian = field(default_factory=RunningMedian)
+    others_deepest: RunningMedian = field(default_factory=RunningMedian)  # the others' longest draft run in a pass
 
-    def observe(self, sequences: int, tokens: int) -> None:
+    def observe(self, sequences: int, tokens: int, others_deepest: int = 0) -> None:
         if sequences >= 1 and tokens >= sequences:
             self.sequences.observe(float(sequences))
             self.tokens.observe(float(tokens))
+            self.others_deepest.observe(float(others_deepest))
+
+    def led(self) -> int:
+        """Drafted positions a sequence can draft along with the others of its pass: one beyond their longest
+        run (LiveCost._positions_ms says why one beyond)."""
+        return round(self.others_deepest.value) + 1
 
     def now(self) -> tuple[int, float]:
         """(sequences in a pass, tokens the others in it score), 1 and 0 before any pass was seen."""
@@ -322,4 +350,5 @@ class PassLoad:
         return sequences, per_sequence * (sequences - 1)
 
     def to_dict(self) -> dict:
-        return {"sequences_per_pass": self.sequences.value, "tokens_per_pass": self.tokens.value}
+        return {"sequences_per_pass": self.sequences.value, "tokens_per_pass": self.tokens.value,
+                "others_deepest_run": self.others_deepest.value}

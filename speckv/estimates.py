@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 
 from .cost_model import CostModel, LiveCost, PassLoad
+from .policy import StepTiming
 
 BIAS_LIMIT = 4.0  # the prior is never overruled by more than this many log-odds
 
@@ -121,15 +122,14 @@ class RequestEstimates:
             self.bias.observe(predicted, outcomes)
             self.tier.mode(self.greedy).bias.observe(predicted, outcomes)
 
-    def observe_step(self, gamma: int, tokens: int, draft_ms: float, verify_ms: float, context_len: int,
-                     draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
-                     batch_size: int = 1, batch_tokens: int = 0, draft_behind: int = 0,
-                     draft_waited_ms: float = 0.0, verify_waited_ms: float = 0.0) -> None:
-        self.tier.cost.observe(gamma, draft_ms, verify_ms, context_len, draft_compute_ms, verify_compute_ms,
-                               batch_size, batch_tokens, draft_behind, draft_waited_ms, verify_waited_ms)
-        self.tier.load.observe(batch_size, batch_tokens or gamma + 1)
-        self.rate.observe(tokens, draft_ms + verify_ms)
-        self.tier.mode(self.greedy).rate.observe(tokens, draft_ms + verify_ms)
+    def observe_step(self, gamma: int, t: StepTiming) -> None:
+        """A verified step that drafted `gamma` tokens: its times teach the costs, its pass the load, and its
+        tokens over its wall time the rate."""
+        self.tier.cost.observe(gamma, t.draft_ms, t.verify_ms, t.context_len, t.draft_compute_ms, t.verify_compute_ms,
+                               t.batch_size, t.batch_tokens, t.draft_behind, t.draft_waited_ms, t.verify_waited_ms)
+        self.tier.load.observe(t.batch_size, t.batch_tokens or gamma + 1, t.others_deepest)
+        self.rate.observe(t.emitted, t.draft_ms + t.verify_ms)
+        self.tier.mode(self.greedy).rate.observe(t.emitted, t.draft_ms + t.verify_ms)
 
     def to_dict(self) -> dict:
         return {"acceptance_bias": self.bias.value, "tokens_per_s": (self.rate.value or 0.0) * 1e3,

@@ -48,6 +48,7 @@ class StepTiming:
     draft_behind: int = 0  # tokens the draft read before drafting (StepContext.draft_behind)
     draft_waited_ms: float = 0.0  # of the wall times, waiting in the replica for a pass to begin (the load's,
     verify_waited_ms: float = 0.0  # not a hop's: a hop is paid again on every call, waiting only under load)
+    others_deepest: int = 0  # the longest draft run among the other sequences of the verify pass
 
 
 @dataclass(frozen=True)

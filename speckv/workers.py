@@ -448,6 +448,7 @@ class Verification:
     batch_size: int = 1  # requests (sequences) in the pass
     batch_tokens: int = 0  # tokens scored in the pass, over all its sequences
     waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
+    others_deepest: int = 0  # the longest draft run among the other sequences in the pass
 
 
 @dataclass(frozen=True)
@@ -574,7 +575,9 @@ class TargetWorker(ModelWorker):
                    for (inputs, _), logits in zip(batch, all_logits)]
         ms = (time.perf_counter() - start) * 1e3
         scored = sum(call.num_logits for call in calls)
-        for result in results:
+        runs = [len(drafted) for _, drafted in batch]
+        for i, result in enumerate(results):
             if isinstance(result, Verification):
                 result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored
+                result.others_deepest = max(runs[:i] + runs[i + 1:], default=0)
         return results

@@ -26,10 +26,11 @@ FLAT = CostModel(draft_ms_per_token=2.0, verify_ms_base=20.0, verify_ms_per_toke
                  batched_ms_per_token=0.6, draft_ms_per_sequence=0.2)
 
 
-def _run(policy: AdaptivePolicy, loads: list[int]) -> list[int]:
+def _run(policy: AdaptivePolicy, loads: list[int], others_deepest: int | None = None) -> list[int]:
     """Steps of one request, step i verified in a pass of loads[i] requests that all do as it does (the
-    symmetric case: every request runs this policy on the same text), every call taking what the cost
-    model says; a draft run is accepted whole with probability 2/3, else its first token is rejected (what
+    symmetric case: every request runs this policy on the same text; or, with `others_deepest`, the others
+    draft at most that many tokens, as the verifications report), every call taking what the cost model
+    says; a draft run is accepted whole with probability 2/3, else its first token is rejected (what
     `predictor_with_acceptance(0.7)` predicts)."""
     rng = random.Random(0)
     progress, position, gammas = RequestProgress(), 0, []
@@ -41,7 +42,8 @@ def _run(policy: AdaptivePolicy, loads: list[int]) -> list[int]:
         verify = float(FLAT.verify_ms(gamma, 200 + position, sequences, others))
         accepted = gamma if rng.random() < 2 / 3 else 0
         signals = DraftSignals([0.8] * gamma, [0.8] * gamma, [0.5] * gamma)
-        timing = StepTiming(draft, verify, 200 + position, accepted + 1, draft, verify, sequences, others + gamma + 1)
+        timing = StepTiming(draft, verify, 200 + position, accepted + 1, draft, verify, sequences, others + gamma + 1,
+                            others_deepest=others_deepest if others_deepest is not None else gamma)
         policy.observe(progress.advance(signals, accepted, timing if step else None))
         position += accepted + 1
     return gammas
@@ -56,6 +58,22 @@ def test_gamma_falls_as_load_rises_and_comes_back_as_it_drops():
     assert alone > sixteen > crowded and crowded < 1, gammas
     assert after > crowded + 8, gammas  # and comes back when the load goes
     assert policy.report()["load"]["sequences_per_pass"] == 1
+
+
+def test_a_lone_long_run_pays_for_the_drafting_passes_the_others_wait_through():
+    """Eight sequences a pass. Where the others draft long runs too, its drafted positions ride in drafting
+    passes that run anyway, and it drafts as long as they do; where the others do not draft, the pass waits
+    for its drafting passes alone (the verify pass regroups), and each position beyond the one it may lead
+    by costs a whole drafting pass for the seven others: its runs stay short. Priced as shared either way,
+    the lone runs are as long as the shared ones."""
+    def mean_gamma(others_deepest: int, cost: CostModel = FLAT) -> float:
+        policy = AdaptivePolicy(predictor_with_acceptance(0.7), "fp16", TierEstimates.calibrated(cost))
+        return statistics.mean(_run(policy, [8] * 40, others_deepest)[20:])
+
+    # drafting passes dear and their sharing cheap: what a pass of its own costs shows
+    dear = dataclasses.replace(FLAT, draft_ms_per_token=6.0, draft_ms_per_sequence=0.2)
+    along, lone = mean_gamma(16, dear), mean_gamma(0, dear)
+    assert along >= 8 and lone <= 2, (along, lone)
 
 
 # CPU-like: drafting pays well once the draft has read the context, and reading it costs 10 ms a token

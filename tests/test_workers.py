@@ -197,3 +197,15 @@ def test_a_forked_session_continues_as_its_source_would(target_model):
     alone = fresh.logits("x", context + more, 3)
     assert torch.allclose(forked, alone, atol=1e-4)
     assert torch.allclose(lm.logits("a", context + more[:1], 1), alone[:1], atol=1e-4)
+
+
+def test_a_verification_reports_the_longest_draft_run_of_the_others_in_its_pass(target_model):
+    """What `adaptive` learns the others' drafting from (PassLoad.led): each row gets the longest run among the
+    other rows of its pass, not its own."""
+    from speckv.workers import StepInputs, TargetWorker
+
+    worker = TargetWorker(SessionLM(target_model))
+    prompts = _sequences(5, 9, 7, seed=3)
+    runs = [[], [1, 2, 3], [4]]
+    batch = [(StepInputs(f"s{i}", p, len(r), SamplingParams(), 0, 0), r) for i, (p, r) in enumerate(zip(prompts, runs))]
+    assert [v.others_deepest for v in worker.verify_batch(batch)] == [3, 1, 3]
