@@ -102,7 +102,11 @@ class CostModel:
     def fit(cls, gammas: list[int], draft_ms: list[float], verify_ms: list[float],
             context_lens: list[int] | None = None) -> CostModel:
         """Least-squares fit of measured per-step draft and verify milliseconds against γ (and context length
-        when more than one was measured); slopes are floored at 0."""
+        when more than one was measured), every coefficient non-negative (scipy's NNLS): a pass never costs
+        less for scoring more, nor less than nothing. Unconstrained, three noisy points of a tiny model's ~1 ms
+        passes (fresh-clone CI) gave a verify base of -0.4 ms."""
+        from scipy.optimize import nnls
+
         g = np.asarray(gammas, dtype=float)
         d, v = np.asarray(draft_ms, dtype=float), np.asarray(verify_ms, dtype=float)
         drafted = g > 0
@@ -113,11 +117,11 @@ class CostModel:
             columns.append(g)
         if len(set(ctx.tolist())) > 1:
             columns.append(ctx)
-        coef = np.linalg.lstsq(np.stack(columns, 1), v, rcond=None)[0].tolist()
+        coef = nnls(np.stack(columns, 1), v)[0].tolist()
         base = coef.pop(0)
         slope = coef.pop(0) if len(set(gammas)) > 1 else 0.0
         per_ctx = coef.pop(0) if coef else 0.0
-        return cls(per_token, float(base), float(max(slope, 0.0)), float(max(per_ctx, 0.0)))
+        return cls(per_token, float(base), float(slope), float(per_ctx))
 
     def to_dict(self) -> dict:
         out = {"draft_ms_per_token": self.draft_ms_per_token, "verify_ms_base": self.verify_ms_base,

@@ -95,10 +95,14 @@ def test_generate_json_on_local_model_directories(tmp_path, drafting_predictor):
         pytest.fail("the default models must be prepared before the tests (`speckv models prepare`)")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     dirs = []
-    for seed, name in [(0, "target"), (1, "draft")]:
+    # the target several times the draft's size, so drafting pays whatever the calibration measures (of the same
+    # size, a draft token cost about a target pass, and in a fresh-clone CI run adaptive measured that it did
+    # not pay and never drafted)
+    for seed, name, hidden, layers in [(0, "target", 128, 4), (1, "draft", 32, 1)]:
         torch.manual_seed(seed)
-        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             eos_token_id=tokenizer.eos_token_id)
         model = Qwen2ForCausalLM(config)
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)

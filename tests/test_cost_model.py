@@ -115,3 +115,15 @@ def test_a_hop_learned_under_load_is_gone_after_one_unloaded_call():
     live.observe(1, float(base.draft_ms(1)) + 500, float(base.verify_ms(1)) + 4, 0, float(base.draft_ms(1)),
                  float(base.verify_ms(1)))
     assert live.draft_hop.value == pytest.approx(4.0)
+
+
+def test_a_fitted_line_never_has_a_negative_base_or_slope():
+    """Three noisy single timings of a tiny model's ~1 ms passes (fresh-clone CI): unconstrained, the line through
+    them had a verify base of -0.4 ms. Every coefficient is fitted non-negative, and a clean line is found as is."""
+    noisy = CostModel.fit([0, 1, 2], [0.0] * 3, [0.2, 0.3, 3.1], [16] * 3)  # unconstrained: base -0.25
+    assert noisy.verify_ms_base >= 0 and noisy.verify_ms_per_token >= 0
+    assert float(noisy.verify_ms(0)) >= 0
+    falling = CostModel.fit([0, 1, 2], [0.0] * 3, [3.0, 2.0, 1.0])
+    assert falling.verify_ms_per_token == 0 and falling.verify_ms_base == pytest.approx(2.0)
+    clean = CostModel.fit([0, 1, 2, 3], [0.0] * 4, [10.0, 12.0, 14.0, 16.0], [0, 0, 64, 64])
+    assert clean.verify_ms_base == pytest.approx(10.0) and clean.verify_ms_per_token == pytest.approx(2.0)
