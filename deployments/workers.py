@@ -17,7 +17,7 @@ from ray import serve
 from speckv.batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
 from speckv.calibration import budget_share, load_or_calibrate, warm_up
 from speckv.engine import StepCall
-from speckv.local import local_executor, verify_session
+from speckv.local import local_executor
 from speckv.models import DRAFT_TIER, load_model
 from speckv.workers import (
     DraftWorker,
@@ -27,6 +27,7 @@ from speckv.workers import (
     TargetWorker,
     Verification,
     raise_failed,
+    verify_session,
 )
 
 HANDOVER_MIN_S = 0.005  # at least a router hop (2-4 ms here) for the calls another replica's pass set off

@@ -59,8 +59,7 @@ def main() -> None:
     engine = LocalEngine.load(tier=args.tier)
     estimates = engine.calibrate()
     single_ms = float(estimates.cost.base.verify_ms(0))
-    engine = dataclasses.replace(engine, estimates=estimates,
-                                 batching=BatchSettings(max(len(prompts), 1), 0.0, 0.0, single_ms / 1e3))
+    engine = dataclasses.replace(engine, batching=BatchSettings(max(len(prompts), 1), 0.0, 0.0, single_ms / 1e3))
     encoded = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in prompts]
     engine.generate(encoded[0], "fixed:2", 4)  # warm-up
     runs = []

@@ -150,12 +150,13 @@ class AdaptivePolicy:
         cost = self.estimates.tier.cost
         load = self.estimates.tier.load
         sequences, others = load.now()
+        led = load.led()
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
-        shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, load.led()), dtype=np.float64)
+        shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, led), dtype=np.float64)
         extra = price[1:] - price[0] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
         if outside > 0:
-            extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, load.led()))[1:]
+            extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]
         self._extra_ms = extra.tolist()
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value

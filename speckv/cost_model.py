@@ -276,7 +276,7 @@ class LiveCost:
         more tokens; each drafting pass carries one sequence more): what every other request in them waits
         more. 0 alone. Positions beyond `led` (None: no limit) are the sequence's alone: the verify pass
         waits for the sequences still drafting (speckv.batching, regrouping), so the others wait a whole
-        drafting pass for each (`lone_ms`)."""
+        drafting pass for each (`_positions_ms`)."""
         if sequences <= 1:
             return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
         marginal = self.base.draft_ms_per_sequence  # one more sequence in a drafting pass
@@ -287,7 +287,7 @@ class LiveCost:
                  other_tokens: float = 0.0, led: int | None = None) -> float | np.ndarray:
         """What one sequence drafting γ tokens adds to the time of the cores, for requests that share them but
         not its passes (they wait for the cores while its passes run): its share of the drafting passes (one
-        per position, carrying `sequences` as the verify passes do), whole passes beyond `led` (`lone_ms`),
+        per position, carrying `sequences` as the verify passes do), whole passes beyond `led` (`_positions_ms`),
         and its γ more tokens in the verify pass."""
         share = (self.base.draft_ms_per_token + self.base.draft_ms_per_sequence * max(sequences - 1, 0)) / max(
             sequences, 1)  # its share of a drafting pass carrying the pass's sequences

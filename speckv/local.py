@@ -23,12 +23,7 @@ from .policy import GammaPolicy, make_policy, policy_kind, validate_policy_spec
 from .predictor import AcceptancePredictor
 from .sampling import SamplingParams
 from .text import eos_token_ids
-from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification
-
-
-def verify_session(call: tuple[StepInputs, list[int]]) -> str:
-    """The session of a verify call (a Batcher regroups a pass's sessions by it)."""
-    return call[0].session_id
+from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification, verify_session
 
 
 def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None,

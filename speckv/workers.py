@@ -553,6 +553,11 @@ class _DraftRun:
         return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size)
 
 
+def verify_session(call: tuple[StepInputs, list[int]]) -> str:
+    """The session of a `TargetWorker.verify_batch` call (a Batcher regroups a pass's sessions by it)."""
+    return call[0].session_id
+
+
 class TargetWorker(ModelWorker):
     """Scores proposals, all of a batch in one forward pass."""
 

@@ -8,7 +8,7 @@ from deployments.app import build_app, model_replica_options
 from deployments.config import AppConfig
 from deployments.workers import TargetDeployment, WorkerSpec
 from speckv.batching import Batcher, BatchSettings
-from speckv.local import verify_session
+from speckv.workers import verify_session
 
 
 def test_a_cpu_replica_asks_for_the_cores_its_threads_use():
