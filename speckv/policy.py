@@ -44,7 +44,7 @@ class StepTiming:
     draft_compute_ms: float | None = None  # of those, inside the models (None: not known, as in replay)
     verify_compute_ms: float | None = None
     batch_size: int = 1  # requests in the verify pass
-    batch_tokens: int = 0  # tokens the verify pass scored over all of them (0: not reported)
+    batch_tokens: int = 0  # token positions the verify pass ran, padding included (0: not reported)
     draft_behind: int = 0  # tokens the draft read before drafting (StepContext.draft_behind)
     draft_waited_ms: float = 0.0  # of the wall times, waiting in the replica for a pass to begin (the load's,
     verify_waited_ms: float = 0.0  # not a hop's: a hop is paid again on every call, waiting only under load)

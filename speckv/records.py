@@ -50,7 +50,7 @@ class StepRecord:
     prompt_id: str = ""
     category: str = ""
     batch_size: int = 1  # requests in the verify pass (batched serving)
-    batch_tokens: int = 0  # tokens that pass scored, over all its requests (0: not reported)
+    batch_tokens: int = 0  # token positions that pass ran over all its requests, padding included (0: not reported)
     chosen_prob: list[float] = field(default_factory=list)
     confidence: list[float] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)

@@ -446,7 +446,7 @@ class Verification:
     target_probs: torch.Tensor | None  # sampling: [G+1, V]
     compute_ms: float = 0.0  # the pass's time
     batch_size: int = 1  # requests (sequences) in the pass
-    batch_tokens: int = 0  # tokens scored in the pass, over all its sequences
+    batch_tokens: int = 0  # token positions the pass ran: its sequences times the widest's γ + 1 (padding included)
     waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
     others_deepest: int = 0  # the longest draft run among the other sequences in the pass
 
@@ -579,8 +579,8 @@ class TargetWorker(ModelWorker):
                    else Verification(None, logits_to_probs(logits, inputs.params).cpu())
                    for (inputs, _), logits in zip(batch, all_logits)]
         ms = (time.perf_counter() - start) * 1e3
-        scored = sum(call.num_logits for call in calls)
         runs = [len(drafted) for _, drafted in batch]
+        scored = len(batch) * (max(runs) + 1)  # every row as wide as the widest (batched_forward pads)
         for i, result in enumerate(results):
             if isinstance(result, Verification):
                 result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored

@@ -201,11 +201,13 @@ def test_a_forked_session_continues_as_its_source_would(target_model):
 
 def test_a_verification_reports_the_longest_draft_run_of_the_others_in_its_pass(target_model):
     """What `adaptive` learns the others' drafting from (PassLoad.led): each row gets the longest run among the
-    other rows of its pass, not its own."""
+    other rows of its pass, not its own; and the positions the pass ran: every row as wide as the widest."""
     from speckv.workers import StepInputs, TargetWorker
 
     worker = TargetWorker(SessionLM(target_model))
     prompts = _sequences(5, 9, 7, seed=3)
     runs = [[], [1, 2, 3], [4]]
     batch = [(StepInputs(f"s{i}", p, len(r), SamplingParams(), 0, 0), r) for i, (p, r) in enumerate(zip(prompts, runs))]
-    assert [v.others_deepest for v in worker.verify_batch(batch)] == [3, 1, 3]
+    verifications = worker.verify_batch(batch)
+    assert [v.others_deepest for v in verifications] == [3, 1, 3]
+    assert [v.batch_tokens for v in verifications] == [3 * 4] * 3  # 3 rows of 1 + 3 positions, not 1 + 4 + 2
