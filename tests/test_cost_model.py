@@ -117,6 +117,20 @@ def test_a_hop_learned_under_load_is_gone_after_one_unloaded_call():
     assert live.draft_hop.value == pytest.approx(4.0)
 
 
+def test_one_call_that_waited_behind_a_wave_of_prefills_does_not_set_the_hop():
+    """The first calls of a loaded server wait behind other requests' prefill passes, waiting a replica cannot
+    see begin (measured: 13.9 s). Taken alone as the hop, it priced a target-only step at 16 s where a pass
+    took 1.7 s; the calibration's hop (0: it times the models alone) stays in the floor for a window of calls."""
+    base = CostModel(draft_ms_per_token=90.0, verify_ms_base=1600.0, verify_ms_per_token=150.0)
+    live = LiveCost(base)
+    d, v = float(base.draft_ms(1)), float(base.verify_ms(1))
+    live.observe(1, d + 13906.0, v + 13906.0, 0, d, v)
+    assert float(live.step_ms(0)) == pytest.approx(float(base.step_ms(0)))
+    for _ in range(9):  # a hop every call pays is learned once a window of calls has shown it
+        live.observe(1, d + 5.0, v + 5.0, 0, d, v)
+    assert live.verify_hop.value == pytest.approx(5.0)
+
+
 def test_a_fitted_line_never_has_a_negative_base_or_slope():
     """Three noisy single timings of a tiny model's ~1 ms passes (fresh-clone CI): unconstrained, the line through
     them had a verify base of -0.4 ms. Every coefficient is fitted non-negative, and a clean line is found as is."""
