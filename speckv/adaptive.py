@@ -36,7 +36,8 @@ measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
 The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
 tokens of every target-only step since it last drafted (speckv.policy.RequestProgress follows how much it
-lacks). Reading them is a prefill pass (CostModel.catch_up_ms, calibrated), paid once, after which every
+lacks). Reading them is a prefill pass (CostModel.catch_up_ms, calibrated; waited for by the requests of its
+pass or, where the replicas share the cores, by every request on them), paid once, after which every
 drafting step left in the request benefits: a step is charged its share, the catch-up over the steps the
 request's remaining tokens make. So a long prompt with a short answer is not drafted for where the draft's
 prefill would cost more than drafting saves, and a probe's spacing counts its catch-up too.
@@ -166,8 +167,10 @@ class AdaptivePolicy:
         # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
         self._rate = max(rate, 1.0 / float(price[0])) if rate else None
         self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(extra[0]) / (PROBE_SHARE * price[0])))
-        # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass
-        self._catch_up_per_token = sequences * float(cost.catch_up_ms(CAUGHT_UP + 1))
+        # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass and,
+        # where the replicas share the cores, by every request on them (a prefill pass holds the cores)
+        waiting = max(sequences, self.estimates.tier.sharing)
+        self._catch_up_per_token = waiting * float(cost.catch_up_ms(CAUGHT_UP + 1))
         self._stop = NO_STOP
         if self.predictor.token_weights and self._rate:
             *w, b = self.predictor.token_weights

@@ -155,9 +155,9 @@ class LocalEngine:
 
         async def one(request: GenerationRequest, delay: float) -> GenerationResult:
             await asyncio.sleep(delay)
-            gamma_policy = self.policy(policy, request.sampling)
-            share(+1)
+            share(+1)  # before its policy is made: it prices its first step for the requests running with it
             try:
+                gamma_policy = self.policy(policy, request.sampling)
                 return await run_to_completion(request, self.executor, gamma_policy, self.tokenizer)
             finally:
                 share(-1)

@@ -119,6 +119,30 @@ def test_the_drafts_catch_up_on_a_long_prompt_is_paid_only_where_it_is_repaid(to
         assert best_fixed.ms < 0.6 * none.ms and any(priced.gammas)
 
 
+def test_the_drafts_catch_up_is_priced_for_every_request_waiting_on_the_cores():
+    """Four requests on one machine's cores, a first step, 1000 tokens to go, before any pass has shown the
+    load. Where its draft has read the context, the request drafts; where it must first read a 300-token
+    prompt (3 s of the cores, which all four wait through), it does not. Priced for its own pass alone (one
+    sequence until passes are seen), it drafted 8 tokens and charged the other three nothing for the prefill."""
+    def first_gamma(prompt_len: int) -> int:
+        estimates = TierEstimates.calibrated(CPU)
+        estimates.sharing = 4
+        policy = AdaptivePolicy(predictor_with_acceptance(3.0), "fp16", estimates)
+        return policy.choose(RequestProgress(max_new_tokens=1000).context(0, 0, prompt_len))
+
+    assert first_gamma(2) > 0 and first_gamma(300) == 0
+
+
+def test_the_rate_that_prices_a_millisecond_leaves_out_waiting_for_other_requests_passes():
+    """A request's rate is its tokens over its own steps' time: time its calls waited in a replica for other
+    requests' passes (a wave of prefills) is the load's. Counted in, it made a millisecond look 10x cheaper."""
+    estimates = RequestEstimates(TierEstimates.calibrated(CPU), greedy=True)
+    for _ in range(5):
+        estimates.observe_step(1, StepTiming(1000.0, 1100.0, 100, 2, 100.0, 100.0, draft_waited_ms=900.0,
+                                             verify_waited_ms=1000.0))
+    assert estimates.rate.value == pytest.approx(2 / 200.0)
+
+
 def _machine(sharing: bool, n: int = 8, rounds: int = 40) -> tuple[float, float]:
     """`n` requests on one machine's cores whose passes do not batch (each request's drafting and verify
     passes run alone, in turn: the fragmented case), every request running `adaptive` on text whose draft
