@@ -128,8 +128,9 @@ class RequestEstimates:
         self.tier.cost.observe(gamma, t.draft_ms, t.verify_ms, t.context_len, t.draft_compute_ms, t.verify_compute_ms,
                                t.batch_size, t.batch_tokens, t.draft_behind, t.draft_waited_ms, t.verify_waited_ms)
         self.tier.load.observe(t.batch_size, t.batch_tokens or gamma + 1, t.others_deepest)
-        self.rate.observe(t.emitted, t.draft_ms + t.verify_ms)
-        self.tier.mode(self.greedy).rate.observe(t.emitted, t.draft_ms + t.verify_ms)
+        ms = t.draft_ms + t.verify_ms - t.draft_waited_ms - t.verify_waited_ms  # its passes, not waits for others'
+        self.rate.observe(t.emitted, ms)
+        self.tier.mode(self.greedy).rate.observe(t.emitted, ms)
 
     def to_dict(self) -> dict:
         return {"acceptance_bias": self.bias.value, "tokens_per_s": (self.rate.value or 0.0) * 1e3,

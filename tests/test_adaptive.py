@@ -13,7 +13,7 @@ import pytest
 
 from speckv.adaptive import AdaptivePolicy
 from speckv.cost_model import CostModel
-from speckv.estimates import TierEstimates
+from speckv.estimates import RequestEstimates, TierEstimates
 from speckv.policy import RequestProgress, StepTiming
 from speckv.signals import DraftSignals
 from speckv.tools.replay import Trace, fixed, replay
