@@ -44,7 +44,9 @@ def run_policy(engine: LocalEngine, prompts: list[list[int]], policy: str, max_t
             "mean_gamma": statistics.mean(r.gamma for r in records),
             "sequences_per_pass": statistics.mean(r.batch_size for r in records),
             "steps": len(records), "token_ids": [result.token_ids for result in results],
-            "gammas": [[r.gamma for r in result.records] for result in results]}
+            "gammas": [[r.gamma for r in result.records] for result in results],
+            "records": [[{k: v for k, v in r.to_dict().items() if k not in ("chosen_prob", "confidence", "entropy")}
+                         for r in result.records] for result in results]}
 
 
 def main() -> None:
