@@ -25,8 +25,8 @@ over its time), not the request's own. Its drafted positions are priced as share
 to one beyond the longest run the others of the pass draft (PassLoad.led, from the verifications): beyond,
 the pass waits for its drafting passes alone (the verify pass regroups, speckv.batching), each a whole pass
 for every request waiting (LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16
-tokens held every request's step), and the verify pass, which runs every sequence as wide as its widest,
-scores each such position once for every other sequence too (LiveCost.padding_ms). Where the replicas share one machine's cores (TierEstimates.sharing,
+tokens held every request's step). The verify pass itself charges a long run by its tokens only: where rows'
+lengths differ that much it packs them into one sequence rather than padding (speckv.workers.batched_forward). Where the replicas share one machine's cores (TierEstimates.sharing,
 set by the server), the requests in flight that are not in its passes wait for them too, for its share of
 each drafting pass and its tokens in the verify pass (LiveCost.alone_ms): under load on one machine the
 passes fragment, and priced by its own pass alone, a request's drafting looked free (γ rose with load).
@@ -155,8 +155,7 @@ class AdaptivePolicy:
         led = load.led()
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
         shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, led), dtype=np.float64)
-        padding = np.asarray(cost.padding_ms(self._gammas, sequences, led), dtype=np.float64)  # its own row's wait too
-        extra = price[1:] - price[0] + padding[1:] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
+        extra = price[1:] - price[0] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
         if outside > 0:
             extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]

@@ -284,8 +284,8 @@ class LiveCost:
         if sequences <= 1:
             return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
         marginal = self.base.draft_ms_per_sequence  # one more sequence in a drafting pass
-        return (self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self.padding_ms(gamma, sequences, led)
-                + self._positions_ms(gamma, marginal, led))
+        return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
+            gamma, marginal, led)
 
     def alone_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                  other_tokens: float = 0.0, led: int | None = None) -> float | np.ndarray:
@@ -295,23 +295,8 @@ class LiveCost:
         and its γ more tokens in the verify pass."""
         share = (self.base.draft_ms_per_token + self.base.draft_ms_per_sequence * max(sequences - 1, 0)) / max(
             sequences, 1)  # its share of a drafting pass carrying the pass's sequences
-        return (self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self.padding_ms(gamma, sequences, led)
-                + self._positions_ms(gamma, share, led))
-
-    def padding_ms(self, gamma: int | np.ndarray, sequences: int = 1, led: int | None = None) -> float | np.ndarray:
-        """What a run longer than `led` adds to the verify pass as padding: a ragged pass runs every sequence as
-        wide as its widest (speckv.workers.batched_forward), so each drafted position beyond the others' runs
-        is scored once for each of the other `sequences` − 1 too. Priced by its tokens alone (the sum the
-        calibration's line charges), lone runs of 5-16 tokens among runs of 1-2 made nf4 passes of eight
-        sequences cost 1.5-2.5x their tokens' price (AVX2 EPYC: 119 ms per padded token fits a pass's time,
-        R² 0.99; per real token, 0.75). Positions up to `led` are priced by their tokens, as if the others
-        drafted them too (one position of lead: `_positions_ms` says why)."""
-        if sequences <= 1 or led is None:
-            return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
-        per_token = (self.base.verify_ms_per_token if self.base.batched_ms_per_token is None
-                     else self.base.batched_ms_per_token)
-        out = self.verify.value * per_token * (sequences - 1) * np.maximum(np.asarray(gamma) - led, 0)
-        return float(out) if np.ndim(gamma) == 0 else out
+        return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
+            gamma, share, led)
 
     def _positions_ms(self, gamma: int | np.ndarray, shared_ms: float, led: int | None) -> float | np.ndarray:
         """The drafting passes of γ positions as the requests waiting for the step see them: `shared_ms` each

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from speckv import workers
 from speckv.batching import BatchSettings
 from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
@@ -26,9 +27,12 @@ def _sequences(*lengths: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, EOS_ID, (n,), generator=g).tolist() for n in lengths]
 
 
-def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model):
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model, monkeypatch, packed):
     """Rows with a warm cache cut back, a new session, different fed lengths and logits kept; then a second
-    pass on the caches the batched one left behind."""
+    pass on the caches the batched one left behind. In both layouts of a pass: packed into one sequence and
+    padded to the longest row."""
+    monkeypatch.setattr(workers, "_packs", lambda fed: packed)
     alone, batched = SessionLM(target_model), SessionLM(target_model)
     seqs = _sequences(5, 17, 40, 3)
     for lm in (alone, batched):
@@ -201,7 +205,8 @@ def test_a_forked_session_continues_as_its_source_would(target_model):
 
 def test_a_verification_reports_the_longest_draft_run_of_the_others_in_its_pass(target_model):
     """What `adaptive` learns the others' drafting from (PassLoad.led): each row gets the longest run among the
-    other rows of its pass, not its own; and the positions the pass ran: every row as wide as the widest."""
+    other rows of its pass, not its own; and the positions the pass ran (this one packs: its rows' fed lengths
+    differ too much to pad)."""
     from speckv.workers import StepInputs, TargetWorker
 
     worker = TargetWorker(SessionLM(target_model))
@@ -210,4 +215,5 @@ def test_a_verification_reports_the_longest_draft_run_of_the_others_in_its_pass(
     batch = [(StepInputs(f"s{i}", p, len(r), SamplingParams(), 0, 0), r) for i, (p, r) in enumerate(zip(prompts, runs))]
     verifications = worker.verify_batch(batch)
     assert [v.others_deepest for v in verifications] == [3, 1, 3]
-    assert [v.batch_tokens for v in verifications] == [3 * 4] * 3  # 3 rows of 1 + 3 positions, not 1 + 4 + 2
+    fed = [len(p) + len(r) for p, r in zip(prompts, runs)]  # no cache yet: prompt and drafted tokens, 5, 12, 8
+    assert [v.batch_tokens for v in verifications] == [sum(fed)] * 3  # packed; padded, 3 rows of 12
