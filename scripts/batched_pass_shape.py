@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-
 import time
 
 import torch
@@ -33,7 +32,8 @@ def ragged_passes(lm: SessionLM, vocab_size: int, repeats: int = 2) -> list[dict
     rows, chooses = [], workers._packs
     try:
         for runs in RAGGED:
-            calls = [workers.LogitsCall(f"r{i}", c + [5] * (r + 1), r + 1) for i, (c, r) in enumerate(zip(contexts, runs))]
+            calls = [workers.LogitsCall(f"r{i}", c + [5] * (r + 1), r + 1)
+                     for i, (c, r) in enumerate(zip(contexts, runs))]
             times, argmax = {True: [], False: []}, {}
             for packed in [True, False] * repeats:
                 workers._packs = lambda fed, packed=packed: packed

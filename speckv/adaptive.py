@@ -26,9 +26,10 @@ to one beyond the longest run the others of the pass draft (PassLoad.led, from t
 the pass waits for its drafting passes alone (the verify pass regroups, speckv.batching), each a whole pass
 for every request waiting (LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16
 tokens held every request's step). The verify pass itself charges a long run by its tokens only: where rows'
-lengths differ that much it packs them into one sequence rather than padding (speckv.workers.batched_forward). Where the replicas share one machine's cores (TierEstimates.sharing,
-set by the server), the requests in flight that are not in its passes wait for them too, for its share of
-each drafting pass and its tokens in the verify pass (LiveCost.alone_ms): under load on one machine the
+lengths differ that much it packs them into one sequence rather than padding (speckv.workers.batched_forward).
+Where the replicas share one machine's cores (TierEstimates.sharing, set by the server), the requests in
+flight that are not in its passes wait for them too, for its share of each drafting pass and its tokens in
+the verify pass (LiveCost.alone_ms): under load on one machine the
 passes fragment, and priced by its own pass alone, a request's drafting looked free (γ rose with load).
 As load rises, each drafted token costs more of what the pass could deliver and γ falls; it comes back as
 the load drops. No batch-size table: both inputs are

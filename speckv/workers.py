@@ -145,7 +145,6 @@ class SessionLM:
         self._closed: OrderedDict[str, None] = OrderedDict()  # ids of ended requests (see close)
         self._lock = threading.Lock()  # one forward at a time: replicas may serve calls from several threads
         self.hits = self.rebuilds = self.evictions = 0
-        self.last_pass_positions = 0  # token positions the last forward pass ran, padding included (pass_positions)
 
     @property
     def device(self) -> torch.device:
@@ -306,10 +305,15 @@ class SessionLM:
         tokens after each of the last `num_logits` positions."""
         return raise_failed(self.logits_batch([LogitsCall(session_id, token_ids, num_logits)])[0])
 
-    @torch.inference_mode()
     def logits_batch(self, calls: list[LogitsCall]) -> list[torch.Tensor | SessionClosedError]:
         """`logits` for several sessions in one forward pass (one per call; a session twice runs apart). A
         call for a closed session fails alone: its entry is the SessionClosedError, the others are served."""
+        return self.logits_pass(calls)[0]
+
+    @torch.inference_mode()
+    def logits_pass(self, calls: list[LogitsCall]) -> tuple[list[torch.Tensor | SessionClosedError], int]:
+        """`logits_batch`, with the token positions its forward passes ran (padding included where they padded:
+        `pass_positions`), which a verification reports."""
         for call in calls:
             assert 1 <= call.num_logits <= len(call.token_ids), (call.num_logits, len(call.token_ids))
         out: list = [None] * len(calls)
@@ -323,11 +327,13 @@ class SessionLM:
                     out[i] = e
             if len({row.call.session_id for row in rows}) < len(rows):
                 results = [self._forward_rows([row])[0] for row in rows]
+                positions = sum(pass_positions([row]) for row in rows)
             else:
                 results = self._forward_rows(rows) if rows else []
+                positions = pass_positions(rows) if rows else 0
         for i, result in zip(where, results):
             out[i] = result
-        return out
+        return out, positions
 
     def _refuse_closed(self, session_id: str) -> None:
         if session_id in self._closed:
@@ -645,14 +651,13 @@ class TargetWorker(ModelWorker):
         start = time.perf_counter()
         calls = [LogitsCall(inputs.session_id, inputs.context_ids + drafted, len(drafted) + 1)
                  for inputs, drafted in batch]
-        all_logits = self.lm.logits_batch(calls)
+        all_logits, scored = self.lm.logits_pass(calls)  # scored: positions run, padding included where it padded
         results = [logits if isinstance(logits, Exception)
                    else Verification(logits.argmax(-1).tolist(), None) if inputs.params.greedy
                    else Verification(None, logits_to_probs(logits, inputs.params).cpu())
                    for (inputs, _), logits in zip(batch, all_logits)]
         ms = (time.perf_counter() - start) * 1e3
         runs = [len(drafted) for _, drafted in batch]
-        scored = self.lm.last_pass_positions  # padding included where the pass padded
         for i, result in enumerate(results):
             if isinstance(result, Verification):
                 result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored
