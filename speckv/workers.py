@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TypeVar
 
 import torch
@@ -326,11 +327,10 @@ class SessionLM:
                 except SessionClosedError as e:
                     out[i] = e
             if len({row.call.session_id for row in rows}) < len(rows):
-                results = [self._forward_rows([row])[0] for row in rows]
-                positions = sum(pass_positions([row]) for row in rows)
+                passes = [self._forward_rows([row]) for row in rows]
+                results, positions = [out[0] for out, _ in passes], sum(n for _, n in passes)
             else:
-                results = self._forward_rows(rows) if rows else []
-                positions = pass_positions(rows) if rows else 0
+                results, positions = self._forward_rows(rows) if rows else ([], 0)
         for i, result in zip(where, results):
             out[i] = result
         return out, positions
@@ -343,9 +343,10 @@ class SessionLM:
         self._refuse_closed(session_id)
         return self._session(session_id)
 
-    def _forward_rows(self, rows: list[_Row]) -> list[torch.Tensor]:
+    def _forward_rows(self, rows: list[_Row]) -> tuple[list[torch.Tensor], int]:
         """One forward pass over the rows (model lock held): each session's cache is cut back to the longest
-        prefix it shares with its call's tokens (keeping at least `num_logits` to feed), the rest is fed."""
+        prefix it shares with its call's tokens (keeping at least `num_logits` to feed), the rest is fed. Returns
+        the logits and the token positions the pass ran (`pass_positions`)."""
         self._make_room(rows)
         for row in rows:
             cached = len(row.session.token_ids)
@@ -360,12 +361,12 @@ class SessionLM:
             else:
                 self.rebuilds += 1
         out = self._forward_one(rows[0]) if len(rows) == 1 else batched_forward(self.model, rows)
-        self.last_pass_positions = pass_positions(rows)
+        positions = pass_positions(rows)
         if self.added_ms_per_call:
             time.sleep(self.added_ms_per_call / 1e3)
         for row in rows:
             row.session.token_ids = list(row.call.token_ids)
-        return out
+        return out, positions
 
     def _forward_one(self, row: _Row) -> list[torch.Tensor]:
         feed = torch.tensor([row.call.token_ids[row.keep:]], dtype=torch.long, device=self.device)
@@ -383,9 +384,13 @@ class _Row:
     keep: int = 0
 
 
+def _fed_lengths(rows: list[_Row]) -> list[int]:
+    return [len(row.call.token_ids) - row.keep for row in rows]
+
+
 def pass_positions(rows: list[_Row]) -> int:
     """Token positions a pass over `rows` runs: the fed tokens, plus the padding where it pads (`batched_forward`)."""
-    fed = [len(row.call.token_ids) - row.keep for row in rows]
+    fed = _fed_lengths(rows)
     return sum(fed) if len(rows) == 1 or _packs(fed) else len(fed) * max(fed)
 
 
@@ -399,8 +404,7 @@ def batched_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tens
     """One forward pass over several sessions with different cached and fed lengths (a ragged batch): packed
     into one sequence where padding would waste more than PREFILL_PADDING of the pass (`packed_forward`),
     else padded (`padded_forward`: the model's batched layout, no cross-row attention to mask)."""
-    fed = [len(row.call.token_ids) - row.keep for row in rows]
-    return packed_forward(model, rows) if _packs(fed) else padded_forward(model, rows)
+    return packed_forward(model, rows) if _packs(_fed_lengths(rows)) else padded_forward(model, rows)
 
 
 def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
@@ -416,8 +420,8 @@ def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tenso
     dtype = model.get_input_embeddings().weight.dtype
     kept = [row.keep for row in rows]
     fed = [row.call.token_ids[row.keep:] for row in rows]
-    cache_at = [sum(kept[:i]) for i in range(len(rows))]  # where each row's cache starts among the keys
-    fed_at = [sum(len(x) for x in fed[:i]) for i in range(len(rows))]  # where its fed tokens start
+    cache_at = list(accumulate(kept, initial=0))  # where each row's cache starts among the keys
+    fed_at = list(accumulate((len(x) for x in fed), initial=0))  # where its fed tokens start
     total_kept, total_fed = sum(kept), sum(len(x) for x in fed)
     batch = DynamicCache(config=model.config)
     if total_kept:
