@@ -52,7 +52,8 @@ optimistic acceptance were 14-16 tokens where 5 paid). Where drafting cannot pay
 accepted, optimism changes nothing (the probes above are all the drafting there).
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
-is latency. The engine calls `prepare` while a step's verification is in flight, with the next step's
+is latency. The engine calls `prepare` while a step's verification is in flight (served: the target is a
+replica; in-process the pass runs on the loop's thread and `prepare` follows it, speckv.local), with the next step's
 context for every accepted count the verification may return; the policy folds in what the previous steps
 taught its estimates, runs its MLP for all of them in one batch and decides γ for each then. `choose` is then
 a table lookup and the probe count (numpy's per-call dispatch, cold after a forward pass, cost ~100 µs per

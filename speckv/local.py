@@ -32,12 +32,15 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
     (on one event loop) share forward passes (speckv.batching); new requests' prompts are prefilled together,
     in chunks, between those passes; with `cores` too, every pass holds that lease."""
     if batching is None:
+        # Both passes run on the loop's thread, as the Batcher's do (speckv.batching.Batcher says why), so the
+        # policy's `prepare` runs after the verification, not beside it (SplitExecutor.run_step): verified in
+        # a worker thread, the same requests took 1.14x as long (nf4, fixed γ = 6, AVX2 EPYC; 6 of 6 paired
+        # runs slower, docs/RESULTS.md), far more than the preparation the thread let overlap.
         async def propose(inputs: StepInputs) -> Proposal:
             return draft.propose(inputs)
 
         async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-            # in a thread (torch releases the GIL), so the loop's work overlaps it (StepExecutor.run_step)
-            return await asyncio.to_thread(target.verify, inputs, draft_token_ids)
+            return target.verify(inputs, draft_token_ids)
     else:
         proposals, draft_prefills = (Batcher(draft.propose_batch, batching, cores),
                                      Batcher(draft.prefill_step, batching, cores))
