@@ -34,8 +34,8 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
     if batching is None:
         # Both passes run on the loop's thread, as the Batcher's do (speckv.batching.Batcher says why), so the
         # policy's `prepare` runs after the verification, not beside it (SplitExecutor.run_step): verified in
-        # a worker thread, the same requests took 1.14x as long (nf4, fixed γ = 6, AVX2 EPYC; 6 of 6 paired
-        # runs slower, docs/RESULTS.md), far more than the preparation the thread let overlap.
+        # a worker thread, the same requests took 1.16x as long (nf4, fixed γ = 6, AVX2 EPYC; 6 of 6 paired
+        # runs slower: scripts/verify_thread_ab.py), far more than the preparation the thread let overlap.
         async def propose(inputs: StepInputs) -> Proposal:
             return draft.propose(inputs)
 

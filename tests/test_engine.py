@@ -364,7 +364,7 @@ def test_request_validation():
 
 def test_in_process_passes_run_on_the_loops_thread(engine):
     """In-process, the draft's and the target's passes run on the event loop's thread, not in a worker thread:
-    verified in a thread, the same nf4 requests took 1.14x as long (docs/RESULTS.md)."""
+    verified in a thread, the same nf4 requests took 1.16x as long (docs/RESULTS.md, run 3)."""
     import threading
 
     threads: list[int] = []
