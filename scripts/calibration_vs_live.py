@@ -44,11 +44,15 @@ def main() -> None:
             live_ms = (time.perf_counter() - start) * 1e3
             rows.append({"round": r, "tokens": tokens, "calibration_ms": calibration_ms, "live_like_ms": live_ms})
             print(json.dumps(rows[-1]), flush=True)
-    summary = {t: {"calibration_median_ms": statistics.median(x["calibration_ms"] for x in rows if x["tokens"] == t),
-                   "live_like_median_ms": statistics.median(x["live_like_ms"] for x in rows if x["tokens"] == t),
-                   "calibration_range_ms": [min(x["calibration_ms"] for x in rows if x["tokens"] == t),
-                                            max(x["calibration_ms"] for x in rows if x["tokens"] == t)]}
-               for t in sorted({x["tokens"] for x in rows})}
+    by_tokens: dict[int, list[dict]] = {}
+    for row in rows:
+        by_tokens.setdefault(row["tokens"], []).append(row)
+    summary = {}
+    for tokens, group in sorted(by_tokens.items()):
+        calibration = [x["calibration_ms"] for x in group]
+        summary[tokens] = {"calibration_median_ms": statistics.median(calibration),
+                           "live_like_median_ms": statistics.median(x["live_like_ms"] for x in group),
+                           "calibration_range_ms": [min(calibration), max(calibration)]}
     doc = {"tier": args.tier, "context": args.context, "hardware": hardware_id(lm.device), "rows": rows,
            "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
