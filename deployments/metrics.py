@@ -38,8 +38,9 @@ class ServeMetrics:
         self.cost_ms = metrics.Gauge("speckv_estimated_cost_ms", "estimated ms: draft per token, verify of one token, "
                                      "and each call's hop (part draft_hop, verify_hop)",
                                      tag_keys=("tier", "part"))
-        self.cost_scale = metrics.Gauge("speckv_cost_scale", "live step time over the calibration's",
-                                        tag_keys=("tier", "part"))
+        self.cost_scale = metrics.Gauge("speckv_cost_scale", "live step time over the calibration's (part draft, "
+                                        "verify: the verify curve's level, verify_tokens: its per-token part "
+                                        "against its fixed part)", tag_keys=("tier", "part"))
         self.acceptance_bias = metrics.Gauge("speckv_acceptance_bias", "log-odds correction to predicted acceptance",
                                              tag_keys=("tier", "mode"))
         self.pass_load = metrics.Gauge("speckv_pass_load", "what the tier's verify passes carry now (median of "
@@ -64,6 +65,7 @@ class ServeMetrics:
         cost = doc["cost"]
         for part in ("draft", "verify"):
             self.cost_scale.set(cost[f"{part}_scale"], {"tier": tier, "part": part})
+        self.cost_scale.set(cost["verify_token_factor"], {"tier": tier, "part": "verify_tokens"})
         self.cost_ms.set(cost["draft_ms_per_token"], {"tier": tier, "part": "draft"})
         self.cost_ms.set(cost["verify_ms_1_token"], {"tier": tier, "part": "verify"})
         for part in ("draft", "verify"):

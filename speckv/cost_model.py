@@ -4,8 +4,8 @@ A step drafts γ tokens (the draft's cost) and has the target score γ+1 tokens 
 verify cost). `CostModel` is a calibration's result (speckv.calibration): a line fitted through the
 measurements, and the measured verify curve itself where it was measured (real curves bend: caches, kernel
 switches), so decisions use measured points and the line only beyond them. `LiveCost` scales a CostModel by
-what the live steps take (contention, throttling, a neighbour, the hops of a served deployment), learned
-online with bounded memory and robust to single outliers.
+what the live steps take (contention, throttling, a neighbour, the hops of a served deployment), the verify
+curve's level and its per-token part apart, learned online with bounded memory and robust to single outliers.
 
 Batched passes. A pass may carry several requests (sequences); `sequences` and `other_tokens` (the tokens
 the other sequences score in it) are inputs of the verify and draft costs. With one sequence the measured
@@ -173,6 +173,67 @@ class RobustScale:
 
 
 @dataclass
+class TokenFactor:
+    """A factor ρ on the per-token part of a calibrated verify curve against its fixed part: a pass scoring a
+    request's γ drafted tokens costs s·(fixed + ρ·tokens), `fixed` the calibrated pass without them, `tokens`
+    what the calibration says they add, s the level (RobustScale). Calibration at a tier whose pass takes
+    seconds times one pass per point (nf4 on an AVX2 EPYC: single passes spread 8-20%, so the fitted slope
+    lay anywhere in 66-148 ms a token), and a level factor alone makes the curve right at the γ it sees and
+    wrong at every other: the marginal token, which is what decides γ, stays off by the calibration's error.
+
+    Learned as a line through y = measured / fixed against x = tokens / fixed (y = s + s·ρ·x): its slope is the
+    median of the slopes between steps at most `near` steps apart, each weighted by how far apart their x lie
+    (a close pair's slope is mostly noise); its level the median of y − slope·x; ρ = slope / level. Pairs of
+    near steps share the level, so a level that moves (a neighbour, throttling) teaches the shape nothing but
+    in the few pairs that straddle the change. Refitted every `refit` steps (a fit over the window's pairs
+    takes ~0.3 ms); until `min_pairs` pairs with different x are in the window, or where every step scores
+    alike, ρ stays as it was (1: the calibration's shape). Never below 0 (scoring more never costs less).
+    Simulated (scripts/token_factor_noise.py: γ 0..8, 10% noise a pass, the level 1.5x for the last quarter):
+    after 160 steps ρ is within [0.90, 1.20] of the truth (10th-90th percentile), after 32 within [0.7, 1.4];
+    the level change leaves a bias of up to +9%."""
+
+    window: int = 128
+    near: int = 8
+    min_pairs: int = 16
+    refit: int = 8
+    recent: deque = field(default_factory=deque)  # (fixed ms, tokens ms, measured ms) per step
+    value: float = 1.0
+    count: int = 0
+
+    def observe(self, measured: float, fixed: float, tokens: float) -> None:
+        if not (measured > 0 and fixed > 0 and tokens >= 0 and math.isfinite(measured)):
+            return
+        self.recent.append((fixed, tokens, measured))
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        self.count += 1
+        if self.count % self.refit == 0:
+            self._fit()
+
+    def _fit(self) -> None:
+        fixed, tokens, measured = np.asarray(self.recent).T  # [n] each
+        x, y = tokens / fixed, measured / fixed
+        i, j = np.triu_indices(len(x), 1)
+        close = j - i <= self.near
+        i, j = i[close], j[close]
+        dx = x[j] - x[i]
+        apart = np.abs(dx) > 1e-9
+        if apart.sum() < self.min_pairs:
+            return
+        slope = _weighted_median((y[j] - y[i])[apart] / dx[apart], np.abs(dx[apart]))
+        level = float(np.median(y - slope * x))
+        if level > 0:
+            self.value = max(slope / level, 0.0)
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """The value at which half the weight lies on either side."""
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+@dataclass
 class RunningMedian:
     """The median of the last `window` values (0 before any): robust to outliers, constant memory."""
 
@@ -214,13 +275,19 @@ class LiveCost:
     and priced as load (PassLoad, TierEstimates.sharing). Learned as a median, the waits of a loaded
     AVX512-BF16 EPYC made a 320 ms draft hop that outlived the load: target-only steps never call the draft,
     and five probes, 140 target-only steps apart, would have been needed to unlearn it; the floor needs one.
-    Steps reported without model times (replay) teach the factor on wall time.
-    `learning` off keeps the calibration as it is (for tests and ablations)."""
+    The verify curve's level and its per-token part are learned apart (TokenFactor): a calibration's slope can
+    be off where its passes are few and noisy, and one factor on the whole curve leaves the marginal token,
+    which decides γ, as wrong as the calibration had it.
+    Steps reported without model times (replay) teach the factors on wall time.
+    `learning` off keeps the calibration as it is; `learn_shape` off learns the verify curve's level alone (for
+    tests and ablations)."""
 
     base: CostModel
     learning: bool = True
+    learn_shape: bool = True
     draft: RobustScale = field(default_factory=RobustScale)
-    verify: RobustScale = field(default_factory=RobustScale)
+    verify: RobustScale = field(default_factory=RobustScale)  # the verify curve's level
+    verify_tokens: TokenFactor = field(default_factory=TokenFactor)  # its per-token part against its fixed part
     # the calibration's hop (none: it times the models alone) stays in the floor until a window of calls has
     # passed: a first call that waited behind a wave of prefills (13.9 s outside its pass, nf4 at 8 requests on
     # an AVX2 EPYC) set the hop alone, priced a target-only step at 16-54 s and every millisecond so cheap that
@@ -246,8 +313,17 @@ class LiveCost:
         if gamma > 0 and draft_behind <= CAUGHT_UP:
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms,
                           float(self.base.draft_ms(gamma, sequences)), draft_waited_ms)
+        fixed, tokens = self._verify_parts(gamma, context_len, sequences, others)
+        if self.learn_shape:
+            self.verify_tokens.observe(verify_ms if verify_compute_ms is None else verify_compute_ms, fixed, tokens)
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
-                      float(self.base.verify_ms(gamma, context_len, sequences, others)), verify_waited_ms)
+                      fixed + self.verify_tokens.value * tokens, verify_waited_ms)
+
+    def _verify_parts(self, gamma: int | np.ndarray, context_len: int, sequences: int,
+                      other_tokens: float) -> tuple[float | np.ndarray, float | np.ndarray]:
+        """The calibrated verify pass split in two: without this sequence's drafted tokens, and what they add."""
+        fixed = self.base.verify_ms(0, context_len, sequences, other_tokens)
+        return fixed, self.base.verify_ms(gamma, context_len, sequences, other_tokens) - fixed
 
     @staticmethod
     def _observe(scale: RobustScale, hop: RunningFloor, wall: float, compute: float | None,
@@ -263,8 +339,8 @@ class LiveCost:
 
     def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                   other_tokens: float = 0.0) -> float | np.ndarray:
-        model = self.base.verify_ms(gamma, context_len, sequences, other_tokens)
-        return self.verify.value * model + self.verify_hop.value
+        fixed, tokens = self._verify_parts(gamma, context_len, sequences, other_tokens)
+        return self.verify.value * (fixed + self.verify_tokens.value * tokens) + self.verify_hop.value
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                 other_tokens: float = 0.0) -> float | np.ndarray:
@@ -324,7 +400,8 @@ class LiveCost:
         return {"draft_ms_per_token": self.draft.value * self.base.draft_ms_per_token,
                 "draft_prefill_ms_per_token": self.draft.value * self.base.draft_prefill_ms_per_token,
                 "verify_ms_1_token": float(self.verify_ms(0)), "draft_scale": self.draft.value,
-                "verify_scale": self.verify.value, "draft_hop_ms": self.draft_hop.value,
+                "verify_scale": self.verify.value, "verify_token_factor": self.verify_tokens.value,
+                "draft_hop_ms": self.draft_hop.value,
                 "verify_hop_ms": self.verify_hop.value, "steps_observed": self.verify.count}
 
 

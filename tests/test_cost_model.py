@@ -141,3 +141,41 @@ def test_a_fitted_line_never_has_a_negative_base_or_slope():
     assert falling.verify_ms_per_token == 0 and falling.verify_ms_base == pytest.approx(2.0)
     clean = CostModel.fit([0, 1, 2, 3], [0.0] * 4, [10.0, 12.0, 14.0, 16.0], [0, 0, 64, 64])
     assert clean.verify_ms_base == pytest.approx(10.0) and clean.verify_ms_per_token == pytest.approx(2.0)
+
+
+def test_the_verify_curves_per_token_part_is_learned_apart_from_its_level():
+    """Calibrated with a verify slope 4x too low, the live passes (10% noise each, γ 0..8, the whole machine
+    1.5x slower from step 80 on: a neighbour) teach the per-token part and the level apart: after 160 steps
+    the marginal token and the whole curve are right; with the level learned alone the curve is right only at
+    the γ it saw most and the marginal token stays 4x too cheap. (The level itself is a median of the last 9
+    noisy passes: within ±20%.)"""
+    import numpy as np
+
+    truth = CostModel(draft_ms_per_token=70.0, verify_ms_base=1900.0, verify_ms_per_token=120.0)
+    calibrated = CostModel(draft_ms_per_token=70.0, verify_ms_base=1900.0, verify_ms_per_token=30.0)
+    rng = np.random.default_rng(0)
+    both, level_only = LiveCost(calibrated), LiveCost(calibrated, learn_shape=False)
+    for step in range(160):
+        gamma = int(rng.integers(0, 9))
+        slow = 1.5 if step >= 80 else 1.0
+        v = slow * float(truth.verify_ms(gamma)) * float(np.exp(rng.normal(0, 0.1)))
+        for live in (both, level_only):
+            live.observe(gamma, 0.0, v, 0, 0.0, v)
+    shape = float(both.verify_ms(8)) / float(both.verify_ms(0))  # the level's own noise (a median of 9) cancels
+    assert shape == pytest.approx(float(truth.verify_ms(8)) / float(truth.verify_ms(0)), rel=0.05)
+    assert both.to_dict()["verify_token_factor"] == pytest.approx(4.0, rel=0.15)
+    assert float(both.verify_ms(4)) == pytest.approx(1.5 * float(truth.verify_ms(4)), rel=0.2)
+    level_only_marginal = (float(level_only.verify_ms(8)) - float(level_only.verify_ms(0))) / 8
+    assert level_only_marginal < 0.5 * 1.5 * 120.0
+
+
+def test_steps_that_all_score_alike_leave_the_calibrated_shape_as_it_is():
+    """A fixed γ (or a policy that never drafts) says nothing of the slope: the level follows, the shape
+    stays the calibration's."""
+    base = CostModel(draft_ms_per_token=10.0, verify_ms_base=100.0, verify_ms_per_token=5.0)
+    live = LiveCost(base)
+    for _ in range(64):
+        live.observe(4, 40.0, 240.0, 0, 40.0, 240.0)  # twice the calibrated 120 ms, at γ = 4 only
+    assert live.verify_tokens.value == 1.0
+    assert float(live.verify_ms(4)) == pytest.approx(240.0)
+    assert float(live.verify_ms(0)) == pytest.approx(200.0)

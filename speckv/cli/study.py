@@ -182,6 +182,10 @@ def shapes(args: argparse.Namespace) -> int:
         print(f"  {name:<20} best {s['best']:<8} adaptive {s['adaptive_over_best']:.3f}  "
               f"(frozen, no online learning: {s['frozen_over_best']:.3f})  "
               f"mean γ {s['policies']['adaptive']['mean_gamma']:.2f}")
+    for name, errors in doc["slope_errors"].items():
+        print(f"  {name:<20} calibrated verify slope " + ", ".join(
+            f"{k}: adaptive {e['learning']:.3f} (level learned alone: {e['level_only']:.3f})"
+            for k, e in errors.items()))
     for name, c in doc["changes"].items():
         print(f"  step change {name:<16} after 30 steps: adaptive {c['learning'].get('adaptive_over_best', 0):.3f}"
               f" of {c['learning'].get('best')}, frozen {c['frozen'].get('adaptive_over_best', 0):.3f}")

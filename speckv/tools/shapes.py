@@ -5,7 +5,8 @@ measured so far, or a step change mid-run (a neighbour starts). `compare` replay
 pair's, or synthetic ones in tests) under a shape: every policy's steps are charged, and `adaptive` is told,
 what the shape says a step takes, as the live loop would tell it from the wall clock; `ShapedExecutor` does
 the same to live model calls (a virtual clock over any StepExecutor). `adaptive` starts from a calibration
-(by default the shape itself at the first step, as calibration at load would measure it) and learns online.
+(by default the shape itself at the first step, as calibration at load would measure it, or one whose
+verify slope is off, as a few noisy timed passes leave it: `slope_errors`) and learns online.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ SHAPES: dict[str, CostModel] = {  # ms: draft per token, verify base, verify per
     "cpu-avx2-nf4": CostModel(66.0, 1588.0, 94.0),  # 4-bit dequantised every pass: drafting pays, long runs don't
 }
 FIXED_GAMMAS = range(1, 9)
+# a calibration's verify slope off by these factors (one noisy timed pass per point: nf4 on an AVX2 EPYC spread
+# 66-148 ms a token), on shapes where the slope decides: GPU-like, and the two AVX2 CPU tiers measured
+SLOPE_ERRORS = (0.25, 4.0)
+SLOPE_ERROR_SHAPES = ("gpu-cheap-draft", "cpu-avx2-bf16", "cpu-avx2-nf4")
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,12 @@ def run_policy(make: Callable[[], object], traces: list[Trace], shape: Shape) ->
 
 
 def compare(artifact: AcceptancePredictor, traces: list[Trace], shape: Shape, tier: str = "fp16",
-            prior: CostModel | None = None, learning: bool = True) -> dict:
+            prior: CostModel | None = None, learning: bool = True, learn_shape: bool = True) -> dict:
     """tokens/s (geomean over traces) of none, every fixed γ and adaptive under a shape; adaptive starts
     from `prior` (default: the shape at step 0, what calibration at load measures) and learns online
-    unless `learning` is off."""
+    unless `learning` is off (with `learn_shape` off, the verify curve's level alone: LiveCost)."""
     estimates = TierEstimates.calibrated(prior or _at(shape, 0), learning)
+    estimates.cost.learn_shape = learn_shape
     runs = {"none": run_policy(lambda: fixed(0), traces, shape)}
     for g in FIXED_GAMMAS:
         runs[f"fixed:{g}"] = run_policy(lambda g=g: fixed(g), traces, shape)
@@ -124,7 +130,7 @@ def report(artifact: AcceptancePredictor, traces: list[Trace], measured: CostMod
     """`compare` on every shape (and on `measured`, this machine's own costs), with learning on and off,
     and the step changes from the first CPU shape: per shape, adaptive over the best of none and fixed γ."""
     shapes = dict(SHAPES, **({"measured-here": measured} if measured else {}))
-    out: dict = {"shapes": {}, "changes": {}}
+    out: dict = {"shapes": {}, "slope_errors": {}, "changes": {}}
     for name, shape in shapes.items():
         doc = compare(artifact, traces, shape, tier)["policies"]
         frozen = compare(artifact, traces, shape, tier, learning=False)["policies"]["adaptive"]
@@ -133,11 +139,27 @@ def report(artifact: AcceptancePredictor, traces: list[Trace], measured: CostMod
                                "adaptive_over_best": doc["adaptive"]["tokens_per_s_geomean"]
                                / doc[best]["tokens_per_s_geomean"],
                                "frozen_over_best": frozen["tokens_per_s_geomean"] / doc[best]["tokens_per_s_geomean"]}
+    for name in SLOPE_ERROR_SHAPES:
+        out["slope_errors"][name] = slope_errors(artifact, traces, SHAPES[name], tier)
     stream = traces * 3  # the prompts again after the change, so some start 30+ steps after it whatever γ is
     for name, change in step_changes(measured or SHAPES["cpu-avx512-bf16"], change_at).items():
         out["changes"][name] = {"at_step": change_at, **{
             mode: after_change(artifact, stream, change, learning, tier) for mode, learning in (("learning", True),
                                                                                          ("frozen", False))}}
+    return out
+
+
+def slope_errors(artifact: AcceptancePredictor, traces: list[Trace], shape: CostModel, tier: str = "fp16") -> dict:
+    """adaptive over the best baseline where its calibration's verify slope is off by each of SLOPE_ERRORS
+    (the level right), learning the curve's per-token part online and, for comparison, its level alone."""
+    out = {}
+    for factor in SLOPE_ERRORS:
+        prior = dataclasses.replace(shape, verify_ms_per_token=factor * shape.verify_ms_per_token)
+        row = {}
+        for mode, learn_shape in (("learning", True), ("level_only", False)):
+            doc = compare(artifact, traces, shape, tier, prior=prior, learn_shape=learn_shape)["policies"]
+            row[mode] = doc["adaptive"]["tokens_per_s_geomean"] / doc[best_baseline(doc)]["tokens_per_s_geomean"]
+        out[f"x{factor:g}"] = row
     return out
 
 
