@@ -204,8 +204,9 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
                     "seconds": seconds, "tokens_per_s": r.new_tokens / seconds,
                     "tokens_per_step": r.stats.tokens_per_step, "mean_accepted": r.stats.mean_accepted,
                     "steps": r.stats.steps, "token_ids": r.token_ids,
-                    "gammas": [rec.gamma for rec in r.records],
+                    "gammas": [rec.gamma for rec in r.records], "accepted": [rec.accepted for rec in r.records],
                     "policy_us": [rec.policy_us for rec in r.records],
+                    **({"estimates": r.stats.estimates} if r.stats.estimates else {}),
                 })
             if oracle_cost is not None:
                 runs[ORACLE].append(oracle_row(engine, ids, runs["none"][-1], oracle_cost))
