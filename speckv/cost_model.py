@@ -174,9 +174,9 @@ class RobustScale:
 
 @dataclass
 class TokenFactor:
-    """A factor ρ on the per-token part of a calibrated verify curve against its fixed part: a pass scoring a
-    request's γ drafted tokens costs s·(fixed + ρ·tokens), `fixed` the calibrated pass without them, `tokens`
-    what the calibration says they add, s the level (RobustScale). Calibration at a tier whose pass takes
+    """A factor ρ on the per-token part of a calibrated verify curve against its fixed part: a pass costs
+    s·(fixed + ρ·tokens), `fixed` the calibrated pass scoring one token per sequence, `tokens` what the
+    calibration says its drafted tokens add, s the level (RobustScale). Calibration at a tier whose pass takes
     seconds times one pass per point (nf4 on an AVX2 EPYC: single passes spread 8-20%, so the fitted slope
     lay anywhere in 66-148 ms a token), and a level factor alone makes the curve right at the γ it sees and
     wrong at every other: the marginal token, which is what decides γ, stays off by the calibration's error.
@@ -321,8 +321,9 @@ class LiveCost:
 
     def _verify_parts(self, gamma: int | np.ndarray, context_len: int, sequences: int,
                       other_tokens: float) -> tuple[float | np.ndarray, float | np.ndarray]:
-        """The calibrated verify pass split in two: without this sequence's drafted tokens, and what they add."""
-        fixed = self.base.verify_ms(0, context_len, sequences, other_tokens)
+        """The calibrated verify pass split in two: the pass scoring one token per sequence, and what the drafted
+        tokens of all its sequences add (this one's γ, the others' beyond one each)."""
+        fixed = self.base.verify_ms(0, context_len, sequences, sequences - 1)
         return fixed, self.base.verify_ms(gamma, context_len, sequences, other_tokens) - fixed
 
     @staticmethod

@@ -179,3 +179,24 @@ def test_steps_that_all_score_alike_leave_the_calibrated_shape_as_it_is():
     assert live.verify_tokens.value == 1.0
     assert float(live.verify_ms(4)) == pytest.approx(240.0)
     assert float(live.verify_ms(0)) == pytest.approx(200.0)
+
+
+def test_in_a_batched_pass_every_drafted_token_is_learned_at_the_same_per_token_price():
+    """Batched, the per-token part is every token beyond one per sequence, this request's and the others' alike:
+    with the calibrated batched price per token 4x too low, passes of 8 sequences (this one's γ and the others'
+    tokens varying) teach one factor on all of them, and the pass is then priced right whatever it carries."""
+    import numpy as np
+
+    def model(per_token: float) -> CostModel:
+        return CostModel(draft_ms_per_token=70.0, verify_ms_base=1900.0, verify_ms_per_token=per_token,
+                         verify_ms_per_sequence=150.0, batched_ms_per_token=per_token)
+
+    truth, live = model(120.0), LiveCost(model(30.0))
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        gamma, others = int(rng.integers(0, 9)), int(rng.integers(7, 40))
+        v = float(truth.verify_ms(gamma, 0, 8, others))
+        live.observe(gamma, 0.0, v, 0, 0.0, v, sequences=8, batch_tokens=gamma + 1 + others)
+    for gamma, others in ((0, 7), (8, 7), (0, 39), (8, 39)):
+        assert float(live.verify_ms(gamma, 0, 8, others)) == pytest.approx(float(truth.verify_ms(gamma, 0, 8, others)),
+                                                                         rel=0.02)
