@@ -71,16 +71,26 @@ def run_policy(make: Callable[[], object], traces: list[Trace], shape: Shape) ->
 
 def compare(artifact: AcceptancePredictor, traces: list[Trace], shape: Shape, tier: str = "fp16",
             prior: CostModel | None = None, learning: bool = True, learn_shape: bool = True) -> dict:
-    """tokens/s (geomean over traces) of none, every fixed γ and adaptive under a shape; adaptive starts
-    from `prior` (default: the shape at step 0, what calibration at load measures) and learns online
-    unless `learning` is off (with `learn_shape` off, the verify curve's level alone: LiveCost)."""
+    """tokens/s (geomean over traces) of none, every fixed γ and adaptive under a shape (`adaptive_rows`)."""
+    runs = {**baseline_runs(traces, shape),
+            "adaptive": adaptive_rows(artifact, traces, shape, tier, prior, learning, learn_shape)}
+    return {"policies": {name: summary(rows) for name, rows in runs.items()}, "runs": runs}
+
+
+def baseline_runs(traces: list[Trace], shape: Shape) -> dict[str, list[dict]]:
+    """none and every fixed γ replayed under a shape (what adaptive is judged against)."""
+    return {"none": run_policy(lambda: fixed(0), traces, shape),
+            **{f"fixed:{g}": run_policy(lambda g=g: fixed(g), traces, shape) for g in FIXED_GAMMAS}}
+
+
+def adaptive_rows(artifact: AcceptancePredictor, traces: list[Trace], shape: Shape, tier: str = "fp16",
+                  prior: CostModel | None = None, learning: bool = True, learn_shape: bool = True) -> list[dict]:
+    """adaptive replayed under a shape, starting from `prior` (default: the shape at step 0, what calibration at
+    load measures) and learning online unless `learning` is off (with `learn_shape` off, the verify curve's
+    level alone: LiveCost)."""
     estimates = TierEstimates.calibrated(prior or _at(shape, 0), learning)
     estimates.cost.learn_shape = learn_shape
-    runs = {"none": run_policy(lambda: fixed(0), traces, shape)}
-    for g in FIXED_GAMMAS:
-        runs[f"fixed:{g}"] = run_policy(lambda g=g: fixed(g), traces, shape)
-    runs["adaptive"] = run_policy(lambda: AdaptivePolicy(artifact, tier, estimates), traces, shape)
-    return {"policies": {name: summary(rows) for name, rows in runs.items()}, "runs": runs}
+    return run_policy(lambda: AdaptivePolicy(artifact, tier, estimates), traces, shape)
 
 
 def summary(rows: list[dict]) -> dict:
@@ -149,17 +159,18 @@ def report(artifact: AcceptancePredictor, traces: list[Trace], measured: CostMod
     return out
 
 
-def slope_errors(artifact: AcceptancePredictor, traces: list[Trace], shape: CostModel, tier: str = "fp16") -> dict:
-    """adaptive over the best baseline where its calibration's verify slope is off by each of SLOPE_ERRORS
-    (the level right), learning the curve's per-token part online and, for comparison, its level alone."""
+def slope_errors(artifact: AcceptancePredictor, traces: list[Trace], shape: CostModel, tier: str = "fp16",
+                 factors: tuple[float, ...] = SLOPE_ERRORS) -> dict:
+    """adaptive over the best baseline where its calibration's verify slope is off by each of `factors` (the
+    level right), learning the curve's per-token part online and, for comparison, its level alone."""
+    baselines = {name: summary(rows) for name, rows in baseline_runs(traces, shape).items()}
+    best = baselines[best_baseline(baselines)]["tokens_per_s_geomean"]
     out = {}
-    for factor in SLOPE_ERRORS:
+    for factor in factors:
         prior = dataclasses.replace(shape, verify_ms_per_token=factor * shape.verify_ms_per_token)
-        row = {}
-        for mode, learn_shape in (("learning", True), ("level_only", False)):
-            doc = compare(artifact, traces, shape, tier, prior=prior, learn_shape=learn_shape)["policies"]
-            row[mode] = doc["adaptive"]["tokens_per_s_geomean"] / doc[best_baseline(doc)]["tokens_per_s_geomean"]
-        out[f"x{factor:g}"] = row
+        out[f"x{factor:g}"] = {
+            mode: summary(adaptive_rows(artifact, traces, shape, tier, prior, learn_shape=learn_shape))[
+                "tokens_per_s_geomean"] / best for mode, learn_shape in (("learning", True), ("level_only", False))}
     return out
 
 

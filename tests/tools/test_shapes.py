@@ -99,6 +99,6 @@ def test_a_calibrated_verify_slope_that_is_off_is_corrected_online(traces, name,
     on the AVX2 bf16 shape it drafts where nothing pays, on the GPU-like one it drafts too little)."""
     from speckv.tools.shapes import slope_errors
 
-    row = slope_errors(load_predictor(), traces, SHAPES[name])[f"x{factor:g}"]
+    row = slope_errors(load_predictor(), traces, SHAPES[name], factors=(factor,))[f"x{factor:g}"]
     assert row["learning"] >= BAR, row
     assert row["level_only"] < BAR, row
