@@ -217,3 +217,30 @@ def test_a_verification_reports_the_longest_draft_run_of_the_others_in_its_pass(
     assert [v.others_deepest for v in verifications] == [3, 1, 3]
     fed = [len(p) + len(r) for p, r in zip(prompts, runs)]  # no cache yet: prompt and drafted tokens, 5, 12, 8
     assert [v.batch_tokens for v in verifications] == [sum(fed)] * 3  # packed; padded, 3 rows of 12
+
+
+def test_requests_started_together_each_price_their_first_step_for_all_of_them(draft_model, target_model,
+                                                                               tokenizer):
+    """Requests that arrive together are all in flight when the first of them decides its first step (where the
+    draft reads the whole prompt, the dearest drafting a request makes): counted one by one as each decided,
+    the first of eight requests priced it as if alone (TierEstimates.sharing 1). One that arrives after they
+    ended is alone."""
+    engine = _engine(draft_model, target_model, tokenizer, BatchSettings(max_batch_size=4))
+    seen: list[int] = []
+    make = engine.policy
+
+    def policy(spec: str, sampling: SamplingParams = SamplingParams()):
+        made = make(spec, sampling)
+        choose = made.choose
+
+        def first_step_sharing(context):
+            if context.step == 0:
+                seen.append(engine.estimates.sharing)
+            return choose(context)
+        made.choose = first_step_sharing
+        return made
+
+    engine.policy = policy
+    requests = [engine.request(p, n) for p, n in zip(_sequences(5, 9, 7, 4, seed=3), [6, 6, 6, 3])]
+    asyncio.run(engine.generate_many(requests, "adaptive", starts_s=[0, 0, 0, 5.0]))
+    assert seen == [3, 3, 3, 1]

@@ -294,3 +294,31 @@ def test_a_stream_whose_client_left_before_it_began_gives_its_slot_back(router):
     asyncio.run(run())
     assert r.active == 0
     assert draft.target.close.__self__.stats().sessions == 0
+
+
+def test_requests_that_arrive_together_are_all_in_flight_at_their_first_step(models):
+    """Where the replicas share the cores, a request's first step (where the draft reads its whole prompt) is
+    priced for every generation in flight: requests that arrive together are all counted before the first of
+    them decides it (speckv.local.LocalEngine.generate_many says what counting them one by one cost)."""
+    from speckv.cost_model import CostModel
+    from speckv.estimates import TierEstimates
+
+    target, draft = models
+    config = {"draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
+              "draft_dtype": "float32", "share_cores": True, "default_policy": "fixed:2"}
+    r = Router(config, {"fp16": FakeHandle(_Target(TargetWorker(SessionLM(load_model(target, dtype="float32")))))},
+               controller=None, draft=None)
+    r._estimates["fp16"] = estimates = TierEstimates.calibrated(CostModel(50.0, 100.0, 2.0))
+    worker, seen = DraftWorker(SessionLM(load_model(draft, dtype="float32"))), []
+
+    def propose(inputs, *args):
+        if inputs.step == 0:
+            seen.append(estimates.sharing)
+        return worker.propose(inputs, *args)
+    r.draft = FakeHandle(type("Draft", (), {"propose": staticmethod(propose), "close": worker.lm.close})())
+
+    async def run():
+        return await asyncio.gather(*(r.completions(CompletionRequest(**{**BODY, "max_tokens": 4}))
+                                      for _ in range(3)))
+    asyncio.run(run())
+    assert seen == [3, 3, 3]
