@@ -310,12 +310,14 @@ def test_requests_that_arrive_together_are_all_in_flight_at_their_first_step(mod
                controller=None, draft=None)
     r._estimates["fp16"] = estimates = TierEstimates.calibrated(CostModel(50.0, 100.0, 2.0))
     worker, seen = DraftWorker(SessionLM(load_model(draft, dtype="float32"))), []
+    counting = _Draft(worker)
 
     def propose(inputs, *args):
         if inputs.step == 0:
             seen.append(estimates.sharing)
         return worker.propose(inputs, *args)
-    r.draft = FakeHandle(type("Draft", (), {"propose": staticmethod(propose), "close": worker.lm.close})())
+    counting.propose = propose
+    r.draft = FakeHandle(counting)
 
     async def run():
         return await asyncio.gather(*(r.completions(CompletionRequest(**{**BODY, "max_tokens": 4}))
