@@ -36,7 +36,9 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
     assert (4, 4) in seen and all(fed == keep for fed, keep in seen if isinstance(keep, int) and fed > 1)
     assert target.complete and draft.complete and target.seconds > 0
     cost = cost_model(draft, target)
-    assert cost.draft_ms_per_token > 0 and cost.verify_ms_base > 0
+    # a pass costs something; the fitted line's base may be 0 (never below: NNLS) where a tiny model's noisy
+    # timings put its few ms in the slopes (a fresh-clone CI run: base 0, 27 ms a token from one slow pass)
+    assert cost.draft_ms_per_token > 0 and cost.verify_ms(0, 16) > 0 and cost.verify_ms_base >= 0
     prefill = next(r["ms"] for r in draft.rows if r["kind"] == "prefill")
     assert cost.draft_prefill_ms_per_token == pytest.approx(prefill / 16) and cost.catch_up_ms(18) > 0
     # decisions price γ with the measured points: the curve at the first context as measured (made
