@@ -209,6 +209,7 @@ class Router:
         events = self._events(gen)
         close = self._closer(events)
         try:  # the first step runs before answering, so failures before any token get a proper HTTP status
+            await asyncio.sleep(0)  # requests that arrived with it are in flight before it decides its first step
             first = await anext(events, None)
         except BaseException as e:  # a client gone during the first step (cancelled) gives its slot back too
             await close()

@@ -195,12 +195,6 @@ async def speculate(
     generated: list[int] = []
     progress = RequestProgress(max_new_tokens=request.max_new_tokens)
     try:
-        # the servers count a request in flight before its steps begin (TierEstimates.sharing); one turn of the
-        # loop lets those that arrived with it be counted too before it decides its first step (where the draft
-        # reads the whole prompt). Counted one by one as each decided at once, the first of eight requests
-        # started together priced that step as if alone; six of eight drafted there (nf4, AVX2 EPYC), every
-        # request waited 32 s for those draft prefills, and none of that paid in 32 tokens
-        await asyncio.sleep(0)
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
             remaining = request.max_new_tokens - len(generated)

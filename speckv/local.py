@@ -157,9 +157,15 @@ class LocalEngine:
                 self.estimates.sharing = max(running[0], 1)
 
         async def one(request: GenerationRequest, delay: float) -> GenerationResult:
-            await asyncio.sleep(delay)
-            share(+1)  # before its steps begin: it prices its first step for the requests running with it
+            if delay > 0:
+                await asyncio.sleep(delay)
+            share(+1)  # before its policy is made: it prices its first step for the requests running with it
             try:
+                # and for those that arrived with it: counted one by one as each decided at once, the first of
+                # eight requests started together priced its first step (the draft reading its whole prompt)
+                # as if alone; six of eight drafted there (nf4, AVX2 EPYC), every request waited 32 s for those
+                # draft prefills, and none of that paid in 32 tokens
+                await asyncio.sleep(0)
                 gamma_policy = self.policy(policy, request.sampling)
                 return await run_to_completion(request, self.executor, gamma_policy, self.tokenizer)
             finally:

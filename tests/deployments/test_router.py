@@ -299,7 +299,7 @@ def test_a_stream_whose_client_left_before_it_began_gives_its_slot_back(router):
 def test_requests_that_arrive_together_are_all_in_flight_at_their_first_step(models):
     """Where the replicas share the cores, a request's first step (where the draft reads its whole prompt) is
     priced for every generation in flight: requests that arrive together are all counted before the first of
-    them decides it (speckv.engine.speculate says what counting them one by one cost)."""
+    them decides it (speckv.local.LocalEngine.generate_many says what counting them one by one cost)."""
     from speckv.cost_model import CostModel
     from speckv.estimates import TierEstimates
 
