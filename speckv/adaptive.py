@@ -110,6 +110,7 @@ class AdaptivePolicy:
         self._queue: list[tuple[StepOutcome, list[float]]] = []  # (outcome, its prior) not yet folded in
         self._overlapped = False  # `prepare` is called (the engine overlaps it with verification)
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
+        self._decided = False  # its first step re-prices: the load may have moved since it was made
         self.draft_stop = NO_STOP
         self._refresh()
 
@@ -184,6 +185,12 @@ class AdaptivePolicy:
         """The prepared decision for this context (a lookup), else decided now (the first step; replay)."""
         entry = self._table.pop((context.step, context.prev_accepted), None)
         self._table.clear()
+        if not self._decided:
+            # priced when it was made, before the server counted it (and those that arrived with it) in flight:
+            # a served request arriving after the first wave priced its first step (the draft reading its whole
+            # prompt) as if the load were what it was before it came
+            self._decided = True
+            self._refresh()
         if entry is not None:
             logits, self._prior, catch_up, best = entry
         else:

@@ -116,6 +116,25 @@ def test_the_drafts_catch_up_is_priced_for_every_request_waiting_on_the_cores():
     assert first_gamma(2) > 0 and first_gamma(300) == 0
 
 
+@pytest.mark.parametrize("known_rate", [None, 2 / 150])
+@pytest.mark.parametrize("prompt_len", [2, 300])
+def test_a_requests_first_step_is_priced_for_the_load_when_it_decides_not_when_it_was_made(known_rate, prompt_len):
+    """The router makes a request's policy before it counts the request in flight (and before the others that
+    arrived with it are counted). Its first step must be priced for the load when it decides it, as if it had
+    been made then. Priced as of when it was made, a request arriving after the first wave (the tier's rate
+    known) drafted 16 tokens at its first step where four requests in flight price that at 0."""
+    def first_gamma(made_with: int) -> int:
+        estimates = TierEstimates.calibrated(CPU)
+        if known_rate:
+            estimates.mode(True).rate.observe(200, 200 / known_rate)  # an earlier wave's decode rate
+        estimates.sharing = made_with
+        policy = AdaptivePolicy(predictor_with_acceptance(3.0), "fp16", estimates)
+        estimates.sharing = 4  # it and three others in flight when it decides
+        return policy.choose(RequestProgress(max_new_tokens=1000).context(0, 0, prompt_len))
+
+    assert first_gamma(made_with=1) == first_gamma(made_with=4)
+
+
 def test_the_rate_that_prices_a_millisecond_leaves_out_waiting_for_other_requests_passes():
     """A request's rate is its tokens over its own steps' time: time its calls waited in a replica for other
     requests' passes (a wave of prefills) is the load's. Counted in, it made a millisecond look 10x cheaper."""
