@@ -55,6 +55,17 @@ def test_bad_input_gives_clear_error_and_nonzero_exit(args, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_output_to_a_reader_that_stops_reading_ends_quietly():
+    """`speckv report results.json | head` printed a BrokenPipeError traceback once head had its lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "speckv.cli", "report",
+                             "docs/results/epyc/bench_fp16_greedy.json"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before anything is written
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_bad_prompts_file(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"question_id": 1, "category": "qa"}\n')

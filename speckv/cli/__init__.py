@@ -4,6 +4,7 @@ plain functions that run them (litgpt's shape)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..models import ModelError
@@ -31,3 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("speckv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # its reader stopped reading (`speckv report ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not raise
+        return 141  # 128 + SIGPIPE, the shell's code for it
