@@ -60,7 +60,9 @@ a table lookup and the probe count (numpy's per-call dispatch, cold after a forw
 decision; with the gain's loop over γmax numbers left in `choose`, adaptive's live decision took 27 µs more
 than `none`'s on an AVX2-only EPYC, 40 µs p50 in all). So a
 decision uses the estimates as of the step before last, in every mode: without `prepare` (replay, a
-colocated replica) `choose` decides now and folds the new evidence in itself, after deciding.
+colocated replica) `choose` decides now and folds the new evidence in itself, after deciding. A request's
+first decision re-prices with the load as it is then (a server makes the policy before counting the request
+in flight).
 """
 
 from __future__ import annotations
