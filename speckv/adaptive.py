@@ -60,9 +60,9 @@ a table lookup and the probe count (numpy's per-call dispatch, cold after a forw
 decision; with the gain's loop over γmax numbers left in `choose`, adaptive's live decision took 27 µs more
 than `none`'s on an AVX2-only EPYC, 40 µs p50 in all). So a
 decision uses the estimates as of the step before last, in every mode: without `prepare` (replay, a
-colocated replica) `choose` decides now and folds the new evidence in itself, after deciding. A request's
-first decision re-prices with the load as it is then (a server makes the policy before counting the request
-in flight).
+colocated replica) `choose` decides now and folds the new evidence in itself, after deciding. A request is
+first priced at its first decision, with the load as it is then (a server makes the policy before counting
+the request in flight).
 """
 
 from __future__ import annotations
@@ -112,9 +112,8 @@ class AdaptivePolicy:
         self._queue: list[tuple[StepOutcome, list[float]]] = []  # (outcome, its prior) not yet folded in
         self._overlapped = False  # `prepare` is called (the engine overlaps it with verification)
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
-        self._decided = False  # its first step re-prices: the load may have moved since it was made
+        self._priced = False  # `_refresh` runs first at its first decision, with the load as it is then
         self.draft_stop = NO_STOP
-        self._refresh()
 
     # ----------------------------------------------------------------- off the critical path
 
@@ -187,11 +186,11 @@ class AdaptivePolicy:
         """The prepared decision for this context (a lookup), else decided now (the first step; replay)."""
         entry = self._table.pop((context.step, context.prev_accepted), None)
         self._table.clear()
-        if not self._decided:
-            # priced when it was made, before the server counted it (and those that arrived with it) in flight:
-            # a served request arriving after the first wave priced its first step (the draft reading its whole
-            # prompt) as if the load were what it was before it came
-            self._decided = True
+        if not self._priced:
+            # not when it was made: a server makes it before counting it (and those that arrived with it) in
+            # flight, and a request arriving after the first wave priced its first step (the draft reading its
+            # whole prompt) as if the load were what it was before it came
+            self._priced = True
             self._refresh()
         if entry is not None:
             logits, self._prior, catch_up, best = entry

@@ -159,7 +159,7 @@ class LocalEngine:
         async def one(request: GenerationRequest, delay: float) -> GenerationResult:
             if delay > 0:
                 await asyncio.sleep(delay)
-            share(+1)  # before its policy is made: it prices its first step for the requests running with it
+            share(+1)  # before its first step: it prices that step for the requests running with it
             try:
                 # and for those that arrived with it: counted one by one as each decided at once, the first of
                 # eight requests started together priced its first step (the draft reading its whole prompt)
