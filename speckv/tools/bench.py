@@ -2,7 +2,9 @@
 
 For each prompt the policies run one after another in an order rotated per prompt, so slow phases of a
 shared machine fall on all policies alike. Each (prompt, policy) pair is run `repeats` times and the
-median time kept. Results are JSON (schema in docs/BENCHMARKS.md) plus a printed table.
+median time kept. Results are JSON (schema in docs/BENCHMARKS.md) plus a printed table; every step record of
+every run goes beside it (`records_path`), so what a policy was shown at each step can be studied afterwards
+(scripts/acceptance_by_position.py rebuilds the predictor's prior from them).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class BenchConfig:
 
 ORACLE = "oracle"  # bench-only: the best γ sequence for the prompt, replayed (speckv.tools.replay.oracle)
 ORACLE_GAMMA_MAX = 8
+
+
+def records_path(out: Path) -> Path:
+    """Where the bench writing `out` keeps its step records (JSON Lines, speckv.records)."""
+    return out.with_name(out.stem + ".records.jsonl")
 
 
 def oracle_row(engine, ids: list[int], none_row: dict, cost) -> dict:
@@ -176,6 +183,7 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
 
     from ..local import LocalEngine
     from ..predictor import load_predictor
+    from ..records import write_jsonl
     from ..text import encode_prompt
 
     engine = LocalEngine.load(config.draft, config.target, config.tier, config.dtype, device=config.device)
@@ -186,6 +194,9 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
     encoded = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in prompts]
     engine.generate(encoded[0], "fixed:2", 4, config.sampling)  # warm-up: first-call allocations, kernels
     runs: dict[str, list[dict]] = {name: [] for name in config.policies}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records_out = records_path(out)
+    records_out.unlink(missing_ok=True)
     total = len(prompts) * len(live) * config.repeats
     with tqdm(total=total, desc=f"bench {config.tier}", file=sys.stderr) as bar:
         for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
@@ -197,6 +208,8 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
                                                          prompt_id=prompt.question_id, category=prompt.category))
                     bar.update(1)
             for name, rs in results.items():
+                for r in rs:
+                    write_jsonl(r.records, records_out, append=True)
                 seconds = statistics.median(r.seconds for r in rs)
                 r = rs[0]
                 runs[name].append({
@@ -213,10 +226,9 @@ def run_bench(config: BenchConfig, prompts: list[Prompt], out: Path) -> dict:
             bar.set_postfix_str(f"{prompt.category}:{prompt.question_id}")
     doc = summarize(config, runs)
     doc["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(format_table(doc))
-    print(f"results written to {out}", file=sys.stderr)
+    print(f"results written to {out}, step records to {records_out}", file=sys.stderr)
     return doc
 
 
