@@ -22,11 +22,14 @@ report them), and what a request's drafting adds to the passes it shares (its dr
 verify pass, its sequence in each drafting pass: LiveCost.shared_ms) delays every other request in them,
 so it is priced for each of them too: the decision maximises the goodput of the whole pass (its tokens
 over its time), not the request's own. Its drafted positions are priced as shared with the others' only up
-to one beyond the longest run the others of the pass draft (PassLoad.led, from the verifications): beyond,
-the pass waits for its drafting passes alone (the verify pass regroups, speckv.batching), each a whole pass
-for every request waiting (LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16
-tokens held every request's step). The verify pass itself charges a long run by its tokens only: where rows'
-lengths differ that much it packs them into one sequence rather than padding (speckv.workers.batched_forward).
+to the longest run the others of the pass draft (PassLoad.others_deepest_run, from the verifications), and one
+beyond it where the whole pass drafting that much together would pay (`_leads`: then the others follow, and
+runs grow together a position a step): beyond, the pass waits for its drafting passes alone (the verify pass
+regroups, speckv.batching), each a whole pass for every request waiting (LiveCost._positions_ms; nf4 at 8
+streams on an AVX2 EPYC, lone runs of 7-16 tokens held every request's step; fp16 at 8 requests on an AMX
+Xeon, lone one-token runs where drafting together did not pay). The verify pass itself charges a long run by
+its tokens only: where rows' lengths differ that much it packs them into one sequence rather than padding
+(speckv.workers.batched_forward).
 Where the replicas share one machine's cores (TierEstimates.sharing, set by the server), the requests in
 flight that are not in its passes wait for them too, for its share of each drafting pass and its tokens in
 the verify pass (LiveCost.alone_ms): under load on one machine the
@@ -156,14 +159,31 @@ class AdaptivePolicy:
         cost = self.estimates.tier.cost
         load = self.estimates.tier.load
         sequences, others = load.now()
-        led = load.led()
+        deepest = load.others_deepest_run()
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
-        shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, led), dtype=np.float64)
-        extra = price[1:] - price[0] + (sequences - 1) * shared[1:]  # [γmax] what drafting γ costs, all told
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
-        if outside > 0:
-            extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]
-        self._extra_ms = extra.tolist()
+
+        def extra_ms(led: int) -> list[float]:
+            """[γmax] what drafting γ costs, all told, with `led` positions drafted along with the others."""
+            shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, led), dtype=np.float64)
+            extra = price[1:] - price[0] + (sequences - 1) * shared[1:]
+            if outside > 0:
+                extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]
+            return extra.tolist()
+
+        # a position beyond the others' runs is shared only if they follow: they would where the whole pass
+        # drafting it together beats the runs it has now (LiveCost._positions_ms, `_leads`)
+        self._extra_lone, self._extra_leading = extra_ms(deepest), extra_ms(deepest + 1)
+        self._deepest = deepest
+        if sequences > 1:
+            # every sequence drafting γ: γ drafting passes of all, and a verify pass scoring γ more tokens for each
+            together = (np.asarray(cost.draft_ms(self._gammas, sequences))
+                        + np.asarray(cost.verify_ms(sequences * self._gammas, 0, sequences, sequences - 1)))
+            self._extra_together = ((together[1:] - together[0]) * max(self.estimates.tier.sharing, sequences)
+                                    / sequences).tolist()  # per request: every one drafts γ, all wait
+        else:
+            self._extra_together = None
+        extra = np.asarray(self._extra_leading)
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
                 or self._prior_rate)
@@ -218,20 +238,33 @@ class AdaptivePolicy:
         rate (from the learned acceptance: the rate the request may reach, not an optimistic one)."""
         learned = self.estimates.bias  # its events are the drafted tokens seen (none with acceptance learning off)
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
-            self._prior_rate = _best_one_step_rate(logits, learned.value, self._extra_ms, self._price0)
+            self._prior_rate = _best_one_step_rate(logits, learned.value, self._extra_leading, self._price0)
             self._refresh()
-        best = self._gain_argmax(logits, learned.value, catch_up_ms, remaining)
+        extra = self._extra_leading if self._leads(logits, learned.value, catch_up_ms, remaining) else self._extra_lone
+        best = self._gain_argmax(logits, learned.value, catch_up_ms, remaining, extra)
         if best:
             return self.run_cap if best == len(logits) else best
         return self._gain_argmax(logits, learned.value + OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms,
-                                 remaining)
+                                 remaining, extra)
 
-    def _gain_argmax(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None) -> int:
+    def _leads(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None) -> bool:
+        """Whether a position beyond the others' longest run is priced as drafted along with them: where every
+        request of the pass drafting more than that together pays (this request's acceptance standing for
+        theirs). Granted everywhere, a request whose pass did not draft priced its first position as shared,
+        drafted it, and held the whole pass through a drafting pass of its own where drafting together did
+        not pay (fp16 on an AMX Xeon, 8 requests: γ = 1 on 90 of 141 steps, 0.79x `none`); never granted,
+        nobody starts where drafting together would pay (tests/test_adaptive.py)."""
+        if self._extra_together is None:
+            return True
+        return self._gain_argmax(logits, bias, catch_up_ms, remaining, self._extra_together) > self._deepest
+
+    def _gain_argmax(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None,
+                     extra: list[float]) -> int:
         """γ* = argmax Σ_{k≤γ} P(first k accepted) − R·(extra_ms(γ) + its share of the catch-up), in plain
         Python over γmax numbers, acceptance shifted by `bias` log-odds. The catch-up is paid once and serves
         the drafting steps left in the request (`remaining` tokens over 1 + Σ P per step), so each is charged its
         share; all of it where `remaining` is not known."""
-        rate, extra, exp = self._rate, self._extra_ms, math.exp
+        rate, exp = self._rate, math.exp
         # gain(γ) = total − R·(extra + share of the catch-up) = weight·total − R·extra − fixed, where the share
         # is catch_up_ms·(1 + total)/remaining (the step's tokens' part of it), or all of it
         share = rate * catch_up_ms / remaining if remaining else 0.0
@@ -255,7 +288,7 @@ class AdaptivePolicy:
             return run
         tier.target_only_steps += 1
         probe_every = self._probe_every if not catch_up_ms else max(
-            self._probe_every, math.ceil((self._extra_ms[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))
+            self._probe_every, math.ceil((self._extra_leading[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))
         if tier.target_only_steps >= probe_every:
             tier.target_only_steps = 0
             self.draft_stop = NO_STOP

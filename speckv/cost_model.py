@@ -375,12 +375,10 @@ class LiveCost:
         """The drafting passes of γ positions as the requests waiting for the step see them: `shared_ms` each
         for the positions drafted along with the others of the pass (up to `led`; None: all), and a whole
         drafting pass of one sequence for each beyond, where the others have stopped and wait for it (the
-        verify pass regroups: speckv.batching). Priced as a pass of its own from the others' longest run on
-        (a rule tried), the policy had two stable states and found the bad one: where nobody drafted,
-        starting alone cost a whole pass for every request waiting, so nobody started, although all
-        drafting beat none (tests/test_adaptive.py). So `led` is one beyond the others' runs (PassLoad.led):
-        runs can grow together, a position a step, and a lone long run pays for the passes the others wait
-        through."""
+        verify pass regroups: speckv.batching). `led` is the others' longest run (PassLoad.others_deepest_run),
+        or one beyond it where the whole pass drafting one more position together would pay
+        (AdaptivePolicy._leads), so that runs can grow together, a position a step, while a lone long run pays
+        for the passes the others wait through."""
         g = np.asarray(gamma)
         along = g if led is None else np.minimum(g, led)
         out = self.draft.value * (shared_ms * along + self.base.draft_ms_per_token * (g - along))
@@ -418,10 +416,9 @@ class PassLoad:
             self.tokens.observe(float(tokens))
             self.others_deepest.observe(float(others_deepest))
 
-    def led(self) -> int:
-        """Drafted positions a sequence can draft along with the others of its pass: one beyond their longest
-        run (LiveCost._positions_ms says why one beyond)."""
-        return round(self.others_deepest.value) + 1
+    def others_deepest_run(self) -> int:
+        """The longest draft run among the others of a pass, as recent passes had it (0: they did not draft)."""
+        return round(self.others_deepest.value)
 
     def now(self) -> tuple[int, float]:
         """(sequences in a pass, tokens the others in it score), 1 and 0 before any pass was seen."""

@@ -87,6 +87,15 @@ def predictor_with_acceptance(logit: float):
     return predictor
 
 
+def predictor_with_token_acceptance(acceptance: float):
+    """The shipped acceptance predictor made to predict that each draft token is accepted with `acceptance` given
+    the ones before it were (P(first k accepted) = acceptance^k), whatever the context."""
+    predictor = predictor_with_acceptance(0.0)
+    first_k = acceptance ** np.arange(1, predictor.gamma_max + 1)
+    predictor.b2 = np.log(first_k / (1 - first_k))
+    return predictor
+
+
 def certain_predictor():
     """The shipped acceptance predictor made certain (every token accepted), so
     `adaptive` drafts on any step costs: tests of adaptive's drafting path, which the real predictor would

@@ -18,7 +18,7 @@ from speckv.signals import SignalSummary
 from speckv.tools.replay import trace_to_records
 from speckv.tools.training import evaluate, load_collection, split_of, traces_by_split, train
 
-from .conftest import GAMMA_MAX, synthetic_trace
+from .conftest import GAMMA_MAX, predictor_with_token_acceptance, synthetic_trace
 
 
 @pytest.fixture(scope="module")
@@ -297,18 +297,13 @@ def test_optimism_decides_whether_to_draft_never_how_long():
     """Where the learned acceptance already drafts (0.7 per token, the AVX2 EPYC's nf4 costs: γ* = 4), the first
     step drafts what it picks; the optimistic acceptance would pick γmax and the doubled run cap (16 tokens at
     ~10% of a pass each, which opened every request there). The prior rate is the learned one's too."""
-    import copy
-
     from speckv.adaptive import OPTIMISM, _best_one_step_rate
     from speckv.policy import RequestProgress
 
-    predictor = copy.copy(load_predictor())
-    predictor.w2 = np.zeros_like(predictor.w2)
-    first_k = 0.7 ** np.arange(1, predictor.gamma_max + 1)  # P(first k accepted), every context
-    predictor.b2 = np.log(first_k / (1 - first_k))
+    predictor = predictor_with_token_acceptance(0.7)
     policy = AdaptivePolicy(predictor, "nf4", TierEstimates.calibrated(CostModel(66.0, 1588.0, 94.0)))
     gamma = policy.choose(RequestProgress().context(0, 0, 100))
     logits = [float(np.log(0.7 / 0.3))] * predictor.gamma_max
-    assert policy._gain_argmax(logits, OPTIMISM, 0.0, None) == predictor.gamma_max  # what optimism would run
+    assert policy._gain_argmax(logits, OPTIMISM, 0.0, None, policy._extra_leading) == predictor.gamma_max  # optimism's
     assert gamma == 4 < policy.run_cap
-    assert policy._prior_rate == pytest.approx(_best_one_step_rate(logits, 0.0, policy._extra_ms, policy._price0))
+    assert policy._prior_rate == pytest.approx(_best_one_step_rate(logits, 0.0, policy._extra_leading, policy._price0))

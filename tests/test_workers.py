@@ -204,9 +204,9 @@ def test_a_forked_session_continues_as_its_source_would(target_model):
 
 
 def test_a_verification_reports_the_longest_draft_run_of_the_others_in_its_pass(target_model):
-    """What `adaptive` learns the others' drafting from (PassLoad.led): each row gets the longest run among the
-    other rows of its pass, not its own; and the positions the pass ran (this one packs: its rows' fed lengths
-    differ too much to pad)."""
+    """What `adaptive` learns the others' drafting from (PassLoad.others_deepest_run): each row gets the longest
+    run among the other rows of its pass, not its own; and the positions the pass ran (this one packs: its rows'
+    fed lengths differ too much to pad)."""
     from speckv.workers import StepInputs, TargetWorker
 
     worker = TargetWorker(SessionLM(target_model))
