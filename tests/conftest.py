@@ -90,10 +90,10 @@ def predictor_with_acceptance(logit: float):
 def predictor_with_token_acceptance(acceptance: float):
     """The shipped acceptance predictor made to predict that each draft token is accepted with `acceptance` given
     the ones before it were (P(first k accepted) = acceptance^k), whatever the context."""
-    predictor = predictor_with_acceptance(0.0)
-    first_k = acceptance ** np.arange(1, predictor.gamma_max + 1)
-    predictor.b2 = np.log(first_k / (1 - first_k))
-    return predictor
+    from speckv.predictor import shipped_predictor
+    from speckv.tools.shapes import token_acceptance_predictor
+
+    return token_acceptance_predictor(shipped_predictor(), acceptance)
 
 
 def certain_predictor():

@@ -17,13 +17,11 @@ from speckv.estimates import RequestEstimates, TierEstimates
 from speckv.policy import RequestProgress, StepTiming
 from speckv.signals import DraftSignals
 from speckv.tools.replay import Trace, fixed, replay
+from speckv.tools.shapes import AMX_FP16_BATCHED as AMX
+from speckv.tools.shapes import GPU_BATCHED as FLAT
+from speckv.tools.shapes import decode_together
 
 from .conftest import predictor_with_acceptance, predictor_with_token_acceptance
-
-# GPU-like: a flat verify pass; one more sequence in a pass costs 1 ms, each token beyond one per sequence
-# 0.6 ms, alone or batched (so only the sharing of the pass, not a dearer token, can move γ)
-FLAT = CostModel(draft_ms_per_token=2.0, verify_ms_base=20.0, verify_ms_per_token=0.6, verify_ms_per_sequence=1.0,
-                 batched_ms_per_token=0.6, draft_ms_per_sequence=0.2)
 
 
 def _run(policy: AdaptivePolicy, loads: list[int], others_deepest: int | None = None) -> list[int]:
@@ -76,54 +74,8 @@ def test_a_lone_long_run_pays_for_the_drafting_passes_the_others_wait_through():
     assert along >= 8 and lone <= 2, (along, lone)
 
 
-def _decode_together(make_policy, cost: CostModel, acceptance: list[float], seed: int, prompt_len: int = 64,
-                     tokens: int = 32) -> tuple[float, float]:
-    """Requests that arrive together (their prompts read) and decode `tokens` each, one verify pass per step over
-    all still running, each with its own policy over the tier's shared estimates and its own per-token
-    acceptance; the draft reads what it lacks before drafting (a prefill each), then drafts one pass per position
-    over the requests still drafting, as the replicas do. Every call takes what `cost` says, and every request
-    waits for the whole step. Returns (tokens per second of all of them, mean γ)."""
-    rng = random.Random(seed)
-    estimates = TierEstimates.calibrated(cost)
-    requests = [{"policy": make_policy(estimates), "progress": RequestProgress(max_new_tokens=tokens), "position": 0,
-                 "acceptance": a} for a in acceptance]
-    clock, gammas, step = 0.0, [], 0
-    while running := [r for r in requests if r["position"] < tokens]:
-        estimates.sharing = len(running)
-        for r in running:
-            r["context"] = r["progress"].context(step, r["position"], prompt_len + r["position"])
-            gamma = min(r["policy"].choose(r["context"]), tokens - r["position"] - 1)
-            stopper = r["policy"].draft_stop.stopper()  # the draft worker ends the run by the policy's rule
-            r["gamma"] = next((k + 1 for k in range(gamma) if stopper.stop_after(0.8, 0.5)), gamma)
-            gammas.append(r["gamma"])
-        deepest, tokens_scored = max(r["gamma"] for r in running), sum(r["gamma"] + 1 for r in running)
-        draft = sum(cost.catch_up_ms(r["context"].draft_behind) for r in running if r["gamma"]) + sum(
-            float(cost.draft_ms(1, sum(r["gamma"] >= k for r in running))) for k in range(1, deepest + 1))
-        verify = float(cost.verify_ms(0, prompt_len, len(running), tokens_scored - 1))
-        clock += draft + verify
-        for r in running:
-            accepted = 0
-            while accepted < r["gamma"] and rng.random() < r["acceptance"]:
-                accepted += 1
-            others = max([q["gamma"] for q in running if q is not r], default=0)
-            timing = StepTiming(draft if r["gamma"] else 0.0, verify, r["context"].context_len, accepted + 1,
-                                draft if r["gamma"] else 0.0, verify, len(running), tokens_scored,
-                                r["context"].draft_behind, others_deepest=others)
-            signals = DraftSignals([0.8] * r["gamma"], [0.8] * r["gamma"], [0.5] * r["gamma"])
-            r["policy"].observe(r["progress"].advance(signals, accepted, timing if step else None))
-            r["position"] += accepted + 1
-        step += 1
-    return len(requests) * tokens / clock * 1e3, statistics.mean(gammas)
-
-
 def _adaptive(estimates: TierEstimates) -> AdaptivePolicy:
     return AdaptivePolicy(predictor_with_token_acceptance(0.7), "fp16", estimates)
-
-
-# an Intel Xeon with AMX at fp16 (bf16), as calibrated (docs/results/amx/calibrate_fp16.txt): a flat verify pass,
-# a draft token 40% of it, each more sequence 5.9 ms, each more token 2.7 ms, the draft's prefill 1.5 ms a token
-AMX = CostModel(draft_ms_per_token=68.0, verify_ms_base=167.0, verify_ms_per_token=0.0, verify_ms_per_sequence=5.9,
-                batched_ms_per_token=2.7, draft_ms_per_sequence=3.1, draft_prefill_ms_per_token=1.5)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -134,9 +86,9 @@ def test_where_drafting_together_does_not_pay_no_request_leads_the_pass_into_dra
     one token alone, every step a drafting pass the other seven waited through: adaptive ran at 0.90-0.96x
     `none` here (0.79x measured in-process on that Xeon)."""
     acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(8)]
-    none, _ = _decode_together(lambda e: fixed(0), AMX, acceptance, seed)
-    one, _ = _decode_together(lambda e: fixed(1), AMX, acceptance, seed)
-    adaptive, _ = _decode_together(_adaptive, AMX, acceptance, seed)
+    none, _ = decode_together(lambda e: fixed(0), AMX, acceptance, seed)
+    one, _ = decode_together(lambda e: fixed(1), AMX, acceptance, seed)
+    adaptive, _ = decode_together(_adaptive, AMX, acceptance, seed)
     assert one < none  # drafting does not pay at this load
     assert adaptive >= 0.98 * none, (adaptive, none)
 
@@ -147,8 +99,8 @@ def test_where_drafting_together_pays_requests_draft_together(seed):
     `none`): they draft together, at least 1.1x `none`. (Not yet as fast as the best fixed γ: 0.91-0.95x here,
     most of it the first steps of 32-token requests, priced before any pass has shown who drafts.)"""
     acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(8)]
-    runs = {g: _decode_together(lambda e: fixed(g), FLAT, acceptance, seed)[0] for g in range(4)}
-    adaptive, mean_gamma = _decode_together(_adaptive, FLAT, acceptance, seed)
+    runs = {g: decode_together(lambda e: fixed(g), FLAT, acceptance, seed)[0] for g in range(4)}
+    adaptive, mean_gamma = decode_together(_adaptive, FLAT, acceptance, seed)
     assert max(runs.values()) > 1.15 * runs[0]
     assert adaptive >= 1.1 * runs[0] and mean_gamma > 0.5, (adaptive, runs, mean_gamma)
 

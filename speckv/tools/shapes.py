@@ -1,7 +1,8 @@
 """Step-cost shapes this machine lacks, to prove `adaptive` on them without the hardware (offline tooling).
 
 A shape is a CostModel standing for a machine: GPU-like (flat verify, a cheap or a dear draft), the CPUs
-measured so far, or a step change mid-run (a neighbour starts). `compare` replays greedy traces (the real
+measured so far, or a step change mid-run (a neighbour starts). `decode_together` runs requests decoding together
+in batched passes under a shape (what load does to γ). `compare` replays greedy traces (the real
 pair's, or synthetic ones in tests) under a shape: every policy's steps are charged, and `adaptive` is told,
 what the shape says a step takes, as the live loop would tell it from the wall clock; `ShapedExecutor` does
 the same to live model calls (a virtual clock over any StepExecutor). `adaptive` starts from a calibration
@@ -12,15 +13,20 @@ verify slope is off, as a few noisy timed passes leave it: `slope_errors`) and l
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..adaptive import AdaptivePolicy
 from ..cost_model import CostModel
 from ..engine import StepCall, StepExecutor, WhileVerifying
 from ..estimates import TierEstimates
+from ..policy import RequestProgress, StepTiming
 from ..predictor import AcceptancePredictor
+from ..signals import DraftSignals
 from ..workers import StepInputs
 from .replay import Trace, fixed, replay
 
@@ -32,6 +38,16 @@ SHAPES: dict[str, CostModel] = {  # ms: draft per token, verify base, verify per
     "cpu-nf4-dear-draft": CostModel(93.0, 81.0, 22.0),  # a draft token dearer than a target pass
     "cpu-avx2-nf4": CostModel(66.0, 1588.0, 94.0),  # 4-bit dequantised every pass: drafting pays, long runs don't
 }
+# the AMX Xeon's fp16 (bf16) calibration with its batched passes (docs/results/amx/calibrate_fp16.txt): a flat
+# verify pass, a draft token 40% of it, each more sequence 5.9 ms, each more token 2.7 ms, the draft's prefill
+# 1.5 ms a token; where 8 requests decoding together run fastest without drafting
+AMX_FP16_BATCHED = CostModel(draft_ms_per_token=68.0, verify_ms_base=167.0, verify_ms_per_token=0.0,
+                             verify_ms_per_sequence=5.9, batched_ms_per_token=2.7, draft_ms_per_sequence=3.1,
+                             draft_prefill_ms_per_token=1.5)
+# GPU-like with batched passes (tests/test_adaptive.py): a flat verify pass; one more sequence in a pass costs 1 ms,
+# each token beyond one per sequence 0.6 ms, alone or batched
+GPU_BATCHED = CostModel(draft_ms_per_token=2.0, verify_ms_base=20.0, verify_ms_per_token=0.6,
+                        verify_ms_per_sequence=1.0, batched_ms_per_token=0.6, draft_ms_per_sequence=0.2)
 FIXED_GAMMAS = range(1, 9)
 # a calibration's verify slope off by these factors (one noisy timed pass per point: nf4 on an AVX2 EPYC spread
 # 66-148 ms a token), on shapes where the slope decides: GPU-like, and the two AVX2 CPU tiers measured
@@ -101,6 +117,72 @@ def summary(rows: list[dict]) -> dict:
 def best_baseline(policies: dict) -> str:
     """The fastest of none and the fixed γ."""
     return max((n for n in policies if n != "adaptive"), key=lambda n: policies[n]["tokens_per_s_geomean"])
+
+
+def token_acceptance_predictor(artifact: AcceptancePredictor, acceptance: float) -> AcceptancePredictor:
+    """`artifact` made to predict that each draft token is accepted with `acceptance` given the ones before it were
+    (P(first k accepted) = acceptance^k), whatever the context: a prior that knows nothing of the text."""
+    first_k = acceptance ** np.arange(1, artifact.gamma_max + 1)
+    return dataclasses.replace(artifact, w2=np.zeros_like(artifact.w2), b2=np.log(first_k / (1 - first_k)))
+
+
+def decode_together(make_policy: Callable[[TierEstimates], object], cost: CostModel, acceptance: list[float],
+                    seed: int, prompt_len: int = 64, tokens: int = 32, requests: int = 1,
+                    steady: bool = False) -> tuple[float, float]:
+    """Streams decoding together under a shape, one per entry of `acceptance` (its requests' per-token
+    acceptance): each sends `requests` requests one after another, of `tokens` tokens each (their prompts read by
+    the target, not by the draft), so the load holds as requests end and new ones begin. One verify pass per step
+    over every request running; each request has its own policy over the tier's shared estimates; its draft reads
+    what it lacks before drafting (a prefill each), then drafts one pass per position over the requests still
+    drafting, as the replicas do. Every call takes what `cost` says, and every request waits for the whole step.
+    Returns (tokens per second, mean γ) of all the streams until the last is done (a burst, as
+    scripts/concurrent_bench.py runs it), or, `steady`, until the first is done: a steady load, as a load tool
+    keeping `len(acceptance)` streams in flight measures it, without the stragglers at the end."""
+    rng = random.Random(seed)
+    estimates = TierEstimates.calibrated(cost)
+
+    def new_request(a: float) -> dict:
+        return {"policy": make_policy(estimates), "progress": RequestProgress(max_new_tokens=tokens), "position": 0,
+                "step": 0, "acceptance": a, "left": requests - 1}
+
+    running = [new_request(a) for a in acceptance]
+    clock, gammas, emitted = 0.0, [], 0
+    while running:
+        estimates.sharing = len(running)
+        for r in running:
+            r["context"] = r["progress"].context(r["step"], r["position"], prompt_len + r["position"])
+            gamma = min(r["policy"].choose(r["context"]), tokens - r["position"] - 1)
+            stopper = r["policy"].draft_stop.stopper()  # the draft worker ends the run by the policy's rule
+            r["gamma"] = next((k + 1 for k in range(gamma) if stopper.stop_after(0.8, 0.5)), gamma)
+            gammas.append(r["gamma"])
+        deepest, tokens_scored = max(r["gamma"] for r in running), sum(r["gamma"] + 1 for r in running)
+        draft = sum(cost.catch_up_ms(r["context"].draft_behind) for r in running if r["gamma"]) + sum(
+            float(cost.draft_ms(1, sum(r["gamma"] >= k for r in running))) for k in range(1, deepest + 1))
+        verify = float(cost.verify_ms(0, prompt_len, len(running), tokens_scored - 1))
+        clock += draft + verify
+        runs = [r["gamma"] for r in running]
+        for i, r in enumerate(list(running)):
+            accepted = 0
+            while accepted < r["gamma"] and rng.random() < r["acceptance"]:
+                accepted += 1
+            others = max(runs[:i] + runs[i + 1:], default=0)
+            timing = StepTiming(draft if r["gamma"] else 0.0, verify, r["context"].context_len, accepted + 1,
+                                draft if r["gamma"] else 0.0, verify, len(running), tokens_scored,
+                                r["context"].draft_behind, others_deepest=others)
+            signals = DraftSignals([0.8] * r["gamma"], [0.8] * r["gamma"], [0.5] * r["gamma"])
+            r["policy"].observe(r["progress"].advance(signals, accepted, timing if r["step"] else None))
+            r["position"] += accepted + 1
+            r["step"] += 1
+            emitted += accepted + 1
+            if r["position"] >= tokens:
+                if r["left"]:
+                    running[i] = {**new_request(r["acceptance"]), "left": r["left"] - 1}
+                elif steady:
+                    return emitted / clock * 1e3, statistics.mean(gammas)
+                else:
+                    running[i] = None
+        running = [r for r in running if r is not None]
+    return emitted / clock * 1e3, statistics.mean(gammas)
 
 
 class ShapedExecutor:

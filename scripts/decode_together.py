@@ -1,0 +1,61 @@
+"""Requests decoding together in batched passes under a step-cost shape (speckv.tools.shapes.decode_together):
+aggregate tokens/s and mean γ of `none`, fixed γ 1-4 and `adaptive` at several loads, per shape, a few seeds, as a
+burst (every stream one request, all to the end: scripts/concurrent_bench.py's workload) and as a steady load
+(every stream four requests in a row, measured until the first stream is done: a load tool's workload).
+
+Why: whether `adaptive` drafts where the whole pass drafting pays and not where it does not, on shapes this
+machine lacks (the AMX Xeon's calibrated fp16, a GPU-like one). The requests' prompts are read, their answers
+are 32 tokens, each accepts 50-90% of the draft's tokens (drawn per request), and adaptive's prior knows nothing
+of the text (0.7 a token). No model runs: every call takes what the shape says. About 30 s.
+
+    python scripts/decode_together.py --out docs/results/decode_together.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+from speckv.adaptive import AdaptivePolicy
+from speckv.predictor import shipped_predictor
+from speckv.tools.replay import fixed
+from speckv.tools.shapes import AMX_FP16_BATCHED, GPU_BATCHED, decode_together, token_acceptance_predictor
+
+SHAPES = {"amx-fp16": AMX_FP16_BATCHED, "gpu-like": GPU_BATCHED}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loads", default="1,4,8,16")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    predictor = token_acceptance_predictor(shipped_predictor(), 0.7)
+    policies = {"none": lambda e: fixed(0), **{f"fixed:{g}": (lambda e, g=g: fixed(g)) for g in range(1, 5)},
+                "adaptive": lambda e: AdaptivePolicy(predictor, "fp16", e)}
+    rows = []
+    workloads = {"burst": {}, "steady": {"requests": 4, "steady": True}}
+    for (shape_name, shape), (workload, kwargs) in ((s, w) for s in SHAPES.items() for w in workloads.items()):
+        for load in (int(x) for x in args.loads.split(",")):
+            for seed in range(args.seeds):
+                acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(load)]
+                runs = {name: decode_together(make, shape, acceptance, seed, **kwargs)
+                        for name, make in policies.items()}
+                best = max((n for n in runs if n != "adaptive"), key=lambda n: runs[n][0])
+                row = {"shape": shape_name, "workload": workload, "load": load, "seed": seed, "best": best,
+                       "adaptive_over_none": runs["adaptive"][0] / runs["none"][0],
+                       "adaptive_over_best": runs["adaptive"][0] / runs[best][0],
+                       "policies": {n: {"tokens_per_s": t, "mean_gamma": g} for n, (t, g) in runs.items()}}
+                rows.append(row)
+                cells = "  ".join(f"{n} {t:.1f}" for n, (t, _) in runs.items())
+                print(f"{shape_name:<9} {workload:<6} load {load:>2} seed {seed}  {cells}  adaptive γ "
+                      f"{runs['adaptive'][1]:.2f}  / none {row['adaptive_over_none']:.2f}  / best ({best}) "
+                      f"{row['adaptive_over_best']:.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
