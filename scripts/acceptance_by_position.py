@@ -39,26 +39,16 @@ def by_position(gammas: list[int], accepted: list[int]) -> dict[int, tuple[int, 
 def prior_events(records: list, predictor) -> dict[str, list[tuple[int, float, bool]]]:
     """Per policy: (position k, the predictor's P(token k accepted | k-1 were), accepted) for every drafted token
     whose predecessors were accepted; positions beyond γmax take the prior of γmax."""
-    from speckv.policy import RequestProgress
     from speckv.predictor import features
-    from speckv.signals import DraftSignals
+    from speckv.tools.training import request_contexts
 
-    by_request: dict[str, list] = {}
-    for r in records:
-        by_request.setdefault(r.request_id, []).append(r)
     out: dict[str, list[tuple[int, float, bool]]] = {}
-    for rows in by_request.values():
-        rows.sort(key=lambda r: r.step)
-        progress = RequestProgress()
-        for r in rows:
-            context = progress.context(r.step, r.position, r.context_len)
-            if r.gamma > 0:
-                probs = predictor.acceptance_probs(np.array([features(context, r.tier)]))[0]  # P(first k)
-                cond = probs / np.concatenate([[1.0], probs[:-1]])
-                for k in range(1, min(r.gamma, r.accepted + 1) + 1):
-                    p = float(cond[min(k, len(cond)) - 1])
-                    out.setdefault(r.policy, []).append((k, p, r.accepted >= k))
-            progress.advance(DraftSignals(r.chosen_prob, r.confidence, r.entropy), r.accepted)
+    for r, context in request_contexts(records):
+        if r.gamma > 0:
+            probs = predictor.acceptance_probs(np.array([features(context, r.tier)]))[0]  # P(first k accepted)
+            cond = probs / np.concatenate([[1.0], probs[:-1]])
+            for k in range(1, min(r.gamma, r.accepted + 1) + 1):
+                out.setdefault(r.policy, []).append((k, float(cond[min(k, len(cond)) - 1]), r.accepted >= k))
     return out
 
 

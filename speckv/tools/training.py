@@ -18,6 +18,7 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,26 +127,30 @@ def trace_states(trace: Trace, tier: str, rng: np.random.Generator, gamma_max: i
                    np.asarray(gammas))
 
 
-def live_states(records: list[StepRecord], gamma_max: int) -> Dataset | None:
-    """Training states from live engine runs (non-trace records with γ > 0), labels censored at γ."""
+def request_contexts(records: list[StepRecord]) -> Iterator[tuple[StepRecord, StepContext]]:
+    """Each record with the StepContext its policy was shown, rebuilt request by request in step order."""
     by_request: dict[str, list[StepRecord]] = {}
     for r in records:
-        if not r.policy.startswith("trace:"):
-            by_request.setdefault(r.request_id, []).append(r)
-    xs, accept, mask, gammas = [], [], [], []
-    k = np.arange(1, gamma_max + 1)
+        by_request.setdefault(r.request_id, []).append(r)
     for rows in by_request.values():
         rows.sort(key=lambda r: r.step)
         progress = RequestProgress()
         for r in rows:
-            context = progress.context(r.step, r.position, r.context_len)
-            if r.gamma > 0:
-                xs.append(features(context, r.tier))
-                accept.append(min(r.accepted, gamma_max))
-                known = k <= r.gamma if r.accepted == r.gamma else np.ones(gamma_max, dtype=bool)
-                mask.append(known.astype(np.float32))
-                gammas.append(r.gamma)
+            yield r, progress.context(r.step, r.position, r.context_len)
             progress.advance(DraftSignals(r.chosen_prob, r.confidence, r.entropy), r.accepted)
+
+
+def live_states(records: list[StepRecord], gamma_max: int) -> Dataset | None:
+    """Training states from live engine runs (non-trace records with γ > 0), labels censored at γ."""
+    xs, accept, mask, gammas = [], [], [], []
+    k = np.arange(1, gamma_max + 1)
+    for r, context in request_contexts([r for r in records if not r.policy.startswith("trace:")]):
+        if r.gamma > 0:
+            xs.append(features(context, r.tier))
+            accept.append(min(r.accepted, gamma_max))
+            known = k <= r.gamma if r.accepted == r.gamma else np.ones(gamma_max, dtype=bool)
+            mask.append(known.astype(np.float32))
+            gammas.append(r.gamma)
     if not xs:
         return None
     return Dataset(np.asarray(xs, dtype=np.float32), np.asarray(accept), np.asarray(mask, dtype=np.float32),
