@@ -24,7 +24,7 @@ from ..adaptive import AdaptivePolicy
 from ..cost_model import CostModel
 from ..engine import StepCall, StepExecutor, WhileVerifying
 from ..estimates import TierEstimates
-from ..policy import RequestProgress, StepTiming
+from ..policy import GammaPolicy, RequestProgress, StepTiming
 from ..predictor import AcceptancePredictor
 from ..signals import DraftSignals
 from ..workers import StepInputs
@@ -126,7 +126,7 @@ def token_acceptance_predictor(artifact: AcceptancePredictor, acceptance: float)
     return dataclasses.replace(artifact, w2=np.zeros_like(artifact.w2), b2=np.log(first_k / (1 - first_k)))
 
 
-def decode_together(make_policy: Callable[[TierEstimates], object], cost: CostModel, acceptance: list[float],
+def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: CostModel, acceptance: list[float],
                     seed: int, prompt_len: int = 64, tokens: int = 32, requests: int = 1,
                     steady: bool = False) -> tuple[float, float]:
     """Streams decoding together under a shape, one per entry of `acceptance` (its requests' per-token
