@@ -163,27 +163,29 @@ class AdaptivePolicy:
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
 
-        def extra_ms(led: int) -> list[float]:
+        def extra_ms(led: int) -> np.ndarray:
             """[γmax] what drafting γ costs, all told, with `led` positions drafted along with the others."""
             shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, led), dtype=np.float64)
             extra = price[1:] - price[0] + (sequences - 1) * shared[1:]
             if outside > 0:
                 extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]
-            return extra.tolist()
+            return extra
 
         # a position beyond the others' runs is shared only if they follow: they would where the whole pass
-        # drafting it together beats the runs it has now (LiveCost._positions_ms, `_leads`)
-        self._extra_lone, self._extra_leading = extra_ms(deepest), extra_ms(deepest + 1)
+        # drafting it together beats the runs it has now (LiveCost._positions_ms, `_leads`); alone in its
+        # passes there are no others to lead, and `_leads` grants it without pricing the lone runs
+        extra = extra_ms(deepest + 1)
+        self._extra_leading = extra.tolist()
         self._deepest = deepest
         if sequences > 1:
+            self._extra_lone = extra_ms(deepest).tolist()
             # every sequence drafting γ: γ drafting passes of all, and a verify pass scoring γ more tokens for each
             together = (np.asarray(cost.draft_ms(self._gammas, sequences))
                         + np.asarray(cost.verify_ms(sequences * self._gammas, 0, sequences, sequences - 1)))
             self._extra_together = ((together[1:] - together[0]) * max(self.estimates.tier.sharing, sequences)
                                     / sequences).tolist()  # per request: every one drafts γ, all wait
         else:
-            self._extra_together = None
-        extra = np.asarray(self._extra_leading)
+            self._extra_lone = self._extra_together = None
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
                 or self._prior_rate)

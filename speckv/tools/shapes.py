@@ -154,13 +154,13 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
             gamma = min(r["policy"].choose(r["context"]), tokens - r["position"] - 1)
             stopper = r["policy"].draft_stop.stopper()  # the draft worker ends the run by the policy's rule
             r["gamma"] = next((k + 1 for k in range(gamma) if stopper.stop_after(0.8, 0.5)), gamma)
-            gammas.append(r["gamma"])
-        deepest, tokens_scored = max(r["gamma"] for r in running), sum(r["gamma"] + 1 for r in running)
+        runs = [r["gamma"] for r in running]
+        gammas += runs
+        tokens_scored = sum(runs) + len(runs)
         draft = sum(cost.catch_up_ms(r["context"].draft_behind) for r in running if r["gamma"]) + sum(
-            float(cost.draft_ms(1, sum(r["gamma"] >= k for r in running))) for k in range(1, deepest + 1))
+            float(cost.draft_ms(1, sum(g >= k for g in runs))) for k in range(1, max(runs) + 1))
         verify = float(cost.verify_ms(0, prompt_len, len(running), tokens_scored - 1))
         clock += draft + verify
-        runs = [r["gamma"] for r in running]
         for i, r in enumerate(list(running)):
             accepted = 0
             while accepted < r["gamma"] and rng.random() < r["acceptance"]:
