@@ -41,8 +41,12 @@ class ServeMetrics:
         self.cost_scale = metrics.Gauge("speckv_cost_scale", "live step time over the calibration's (part draft, "
                                         "verify: the verify curve's level, verify_tokens: its per-token part "
                                         "against its fixed part)", tag_keys=("tier", "part"))
-        self.acceptance_bias = metrics.Gauge("speckv_acceptance_bias", "log-odds correction to predicted acceptance",
-                                             tag_keys=("tier", "mode"))
+        self.acceptance_bias = metrics.Gauge("speckv_acceptance_bias", "log-odds bias of the online calibration of "
+                                             "predicted acceptance (model step: the step predictor; token: the "
+                                             "within-run token model)", tag_keys=("tier", "mode", "model"))
+        self.acceptance_slope = metrics.Gauge("speckv_acceptance_slope", "log-odds slope of the online calibration "
+                                              "of predicted acceptance (1: as trained; near 0: uninformative)",
+                                              tag_keys=("tier", "mode", "model"))
         self.pass_load = metrics.Gauge("speckv_pass_load", "what the tier's verify passes carry now (median of "
                                        "recent passes): part sequences, tokens", tag_keys=("tier", "part"))
         self.rate = metrics.Gauge("speckv_estimated_tokens_per_s", "decode rate that prices a millisecond",
@@ -73,5 +77,8 @@ class ServeMetrics:
         self.pass_load.set(doc["load"]["sequences_per_pass"], {"tier": tier, "part": "sequences"})
         self.pass_load.set(doc["load"]["tokens_per_pass"], {"tier": tier, "part": "tokens"})
         for mode in ("greedy", "sampled"):
-            self.acceptance_bias.set(doc[mode]["acceptance_bias"], {"tier": tier, "mode": mode})
+            for model, prefix in (("step", "acceptance"), ("token", "token_acceptance")):
+                tags = {"tier": tier, "mode": mode, "model": model}
+                self.acceptance_bias.set(doc[mode][f"{prefix}_bias"], tags)
+                self.acceptance_slope.set(doc[mode][f"{prefix}_slope"], tags)
             self.rate.set(doc[mode]["tokens_per_s"], {"tier": tier, "mode": mode})

@@ -2,8 +2,9 @@
 machine's run-time estimates (speckv.estimates).
 
 Everything that depends on the machine and the moment is estimated at run time: the step costs (calibrated
-when the models load, then followed online), an acceptance bias on the predictor (per request and per tier,
-greedy and sampled apart) and the decode rate R (tokens per ms) that prices a millisecond. With them:
+when the models load, then followed online), an acceptance calibration (a log-odds slope and bias) on the step
+predictor and on the within-run token model (per request and per tier, greedy and sampled apart:
+speckv.estimates.LogitCalibration) and the decode rate R (tokens per ms) that prices a millisecond. With them:
 
     expected_tokens(γ) = 1 + Σ_{k ≤ γ} acceptance_probs[k-1]        (accepted tokens + the bonus/recovered one)
     γ* = argmax_γ expected_tokens(γ) − R · step_ms(γ),   γ ∈ 0..γmax  (0 = no speculation)
@@ -78,7 +79,7 @@ from .cost_model import CAUGHT_UP
 from .estimates import RequestEstimates, TierEstimates
 from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
 from .predictor import TIERS, AcceptancePredictor, features, shipped_predictor
-from .signals import NO_STOP, DraftStop
+from .signals import NO_STOP, DraftStop, token_acceptance
 
 OPTIMISM = 2.0  # log-odds added to acceptance before this request has seen any drafted token (÷ √(1 + seen))
 PROBE_SHARE = 0.02  # where drafting never pays, probes cost at most this share of throughput
@@ -147,7 +148,10 @@ class AdaptivePolicy:
         for outcome, prior in self._queue:
             if outcome.gamma and prior:  # each drafted token's acceptance event, until a rejection
                 seen = min(outcome.accepted + 1, outcome.gamma, len(prior))
-                self.estimates.observe_acceptance(prior[:seen], [k < outcome.accepted for k in range(seen)])
+                tokens, weights = outcome.tokens, self.predictor.token_weights
+                by_token = ([token_acceptance(weights, tokens.confidence[k], tokens.entropy[k], k) for k in range(seen)]
+                            if weights and tokens is not None and len(tokens) >= seen else None)
+                self.estimates.observe_acceptance(prior[:seen], [k < outcome.accepted for k in range(seen)], by_token)
             if outcome.timing is not None:
                 self.estimates.observe_step(outcome.gamma, outcome.timing)
         if self._queue:
@@ -199,8 +203,10 @@ class AdaptivePolicy:
         self._stop = NO_STOP
         if self.predictor.token_weights and self._rate:
             *w, b = self.predictor.token_weights
+            c = self.estimates.token_acceptance  # its calibration folds into the weights
             marginal = float(extra[-1]) / len(extra)  # ms of one more drafted token
-            self._stop = DraftStop(0.0, min(1.0, self._rate * marginal), (*w, b + self.estimates.bias.value))
+            self._stop = DraftStop(0.0, min(1.0, self._rate * marginal),
+                                   (*(c.slope * wi for wi in w), c.slope * b + c.intercept))
 
     # ----------------------------------------------------------------- on it
 
@@ -238,16 +244,16 @@ class AdaptivePolicy:
         itself picks γmax. Long optimistic runs opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each
         ~10% of a pass) where the learned estimate picked 5. Pure but for the first call, which sets the prior
         rate (from the learned acceptance: the rate the request may reach, not an optimistic one)."""
-        learned = self.estimates.bias  # its events are the drafted tokens seen (none with acceptance learning off)
+        learned = self.estimates.acceptance  # its events are the drafted tokens seen (none with learning off)
+        logits = [learned.logit(z) for z in logits]
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
-            self._prior_rate = _best_one_step_rate(logits, learned.value, self._extra_leading, self._price0)
+            self._prior_rate = _best_one_step_rate(logits, 0.0, self._extra_leading, self._price0)
             self._refresh()
-        extra = self._extra_leading if self._leads(logits, learned.value, catch_up_ms, remaining) else self._extra_lone
-        best = self._gain_argmax(logits, learned.value, catch_up_ms, remaining, extra)
+        extra = self._extra_leading if self._leads(logits, 0.0, catch_up_ms, remaining) else self._extra_lone
+        best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
             return self.run_cap if best == len(logits) else best
-        return self._gain_argmax(logits, learned.value + OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms,
-                                 remaining, extra)
+        return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra)
 
     def _leads(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None) -> bool:
         """Whether a position beyond the others' longest run is priced as drafted along with them: where every

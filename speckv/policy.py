@@ -57,6 +57,7 @@ class StepOutcome:
     accepted: int  # accepted draft tokens (bonus/recovered excluded)
     signals: SignalSummary
     timing: StepTiming | None = None  # None for a request's first step (it also reads the prompt)
+    tokens: DraftSignals | None = None  # each drafted token's signals (what `adaptive`'s token model learns from)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class RequestProgress:
         returns its outcome."""
         drafted = len(signals)
         self.draft_read = self._read_after(self.context_len, drafted, accepted)
-        self.prev = StepOutcome(drafted, accepted, signals.summary(), timing)
+        self.prev = StepOutcome(drafted, accepted, signals.summary(), timing, signals)
         self.prev_last_confidence = signals.confidence[-1] if drafted else 0.0
         self.drafted_total += drafted
         self.accepted_total += accepted

@@ -77,6 +77,14 @@ def token_acceptance_features(confidence: float, entropy: float, index: int) -> 
     return math.log(c / (1 - c)), entropy, math.log1p(index)
 
 
+def token_acceptance(weights: tuple[float, ...], confidence: float, entropy: float, index: int) -> float:
+    """P(the token at 0-based `index` of a run is accepted | the tokens before it were): the logistic model over
+    TOKEN_ACCEPTANCE_FEATURES with `weights` (one weight each, then the bias)."""
+    *w, bias = weights
+    z = bias + sum(wi * x for wi, x in zip(w, token_acceptance_features(confidence, entropy, index)))
+    return 1.0 / (1.0 + math.exp(-z)) if z > -30 else 1e-13
+
+
 @dataclass(frozen=True)
 class DraftStop:
     """When the draft ends its run early within a step (the chosen γ is then an upper bound).
@@ -105,9 +113,7 @@ class DraftStop:
 
     def token_acceptance(self, confidence: float, entropy: float, index: int) -> float:
         """P(the token at 0-based `index` of a run is accepted | the tokens before it were)."""
-        *weights, bias = self.token_weights
-        z = bias + sum(w * x for w, x in zip(weights, token_acceptance_features(confidence, entropy, index)))
-        return 1.0 / (1.0 + math.exp(-z)) if z > -30 else 1e-13
+        return token_acceptance(self.token_weights, confidence, entropy, index)
 
     def with_min_confidence(self, min_confidence: float) -> DraftStop:
         """This rule, with the confidence floor raised to `min_confidence` if that is stricter."""

@@ -176,7 +176,7 @@ def test_controller_decides_fast_and_follows_the_context():
     import time
 
     policy = AdaptivePolicy(load_predictor(), "fp16", TierEstimates.calibrated(CostModel(80, 250, 40)))
-    policy.estimates.bias.value = -0.5  # the bias path, not the shortcut for an unbiased prior
+    policy.estimates.acceptance.intercept = -0.5  # a calibrated path, not the prior as trained
     micros, decisions = [], set()
     for context in varied_contexts(300):
         start = time.perf_counter()

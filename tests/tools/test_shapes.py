@@ -11,7 +11,7 @@ from speckv.estimates import TierEstimates
 from speckv.predictor import load_predictor
 from speckv.tools.shapes import SHAPES, after_change, best_baseline, compare, step_changes
 
-from ..conftest import synthetic_trace
+from ..conftest import synthetic_trace, uninformative_trace
 
 BAR = 0.95
 
@@ -90,15 +90,40 @@ def test_the_live_loop_under_a_shape_lands_near_the_best_fixed_gamma(draft_model
     assert mean_gamma["gpu-cheap-draft"] > mean_gamma["cpu-avx2-bf16"]
 
 
-@pytest.mark.parametrize("name,factor", [("cpu-avx2-bf16", 0.25), ("gpu-cheap-draft", 4.0)])
-def test_a_calibrated_verify_slope_that_is_off_is_corrected_online(traces, name, factor):
+@pytest.mark.parametrize("name,factor,level_misses", [("cpu-avx2-bf16", 0.25, True), ("cpu-avx512-bf16", 8.0, True),
+                                                       ("gpu-cheap-draft", 4.0, False)])
+def test_a_calibrated_verify_slope_that_is_off_is_corrected_online(traces, name, factor, level_misses):
     """Calibration times few passes where a pass takes seconds, so its verify slope can be off (nf4 on an AVX2
     EPYC: 66-148 ms a token from single passes). Calibrated with the slope off by `factor` (the level right),
     adaptive learns the curve's per-token part online and lands within 5% of the best baseline; learning the
-    curve's level alone it does not (it prices the marginal token, which decides γ, as the calibration did:
-    on the AVX2 bf16 shape it drafts where nothing pays, on the GPU-like one it drafts too little)."""
+    curve's level alone it does not where the slope decides γ (it prices the marginal token as the calibration
+    did: on the AVX2 bf16 shape it drafts where nothing pays, on the AVX512 one, a slope 8x too steep, it drafts
+    too little). On the GPU-like shape a token is cheap either way: with acceptance calibrated online (slope and
+    bias), level-only learning reaches the bar there too (1.01)."""
     from speckv.tools.shapes import slope_errors
 
     row = slope_errors(load_predictor(), traces, SHAPES[name], factors=(factor,))[f"x{factor:g}"]
     assert row["learning"] >= BAR, row
-    assert row["level_only"] < BAR, row
+    if level_misses:
+        assert row["level_only"] < BAR, row
+
+
+@pytest.mark.parametrize("name", ["cpu-avx2-nf4", "gpu-cheap-draft"])
+def test_where_acceptance_ignores_the_signals_adaptive_still_matches_the_best_fixed_gamma(monkeypatch, name):
+    """Where acceptance does not follow the draft's signals (sampling, a tier the predictor has not seen), the
+    predictor's spread of log-odds is noise: adaptive learns a slope near 0 for it online and drafts runs as long
+    as the best fixed γ does. With the bias alone learned (slope held at 1), it fitted the bias on the runs it chose
+    (those the predictor rated high), expected too little of the others, and drafted short runs: 0.90x the best
+    fixed γ on these shapes, as measured live at nf4, t = 0.7, on AVX2 EPYCs (0.92-0.94x, docs/RESULTS.md)."""
+    import speckv.estimates
+
+    rng = np.random.default_rng(0)
+    traces = [uninformative_trace(rng, f"p{i}", 48, (0.8, 0.7, 0.85, 0.75)[i % 4], gamma_max=16) for i in range(16)]
+
+    def adaptive_over_best() -> float:
+        doc = compare(load_predictor(), traces, SHAPES[name])["policies"]
+        return doc["adaptive"]["tokens_per_s_geomean"] / doc[best_baseline(doc)]["tokens_per_s_geomean"]
+
+    assert adaptive_over_best() >= BAR
+    monkeypatch.setattr(speckv.estimates, "SLOPE_RANGE", (1.0, 1.0))
+    assert adaptive_over_best() < BAR

@@ -1,0 +1,53 @@
+"""speckv.estimates: the online acceptance calibration `adaptive` decides with."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from speckv.estimates import TIER_MEMORY, TIER_PRIOR, LogitCalibration
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def test_an_overconfident_predictor_is_flattened_and_shifted():
+    """Events whose true log-odds are 0.1·z + 1 where the predictor says z (its spread 4.5 log-odds, as the step
+    predictor's at nf4, t = 0.7): after a few hundred events the calibration gives nearly the true probabilities,
+    low and high alike; a shift alone cannot (it is off by 0.2+ at one end)."""
+    rng = np.random.default_rng(0)
+    calibration = LogitCalibration(TIER_PRIOR, TIER_MEMORY)
+    for _ in range(100):  # steps of 4 events
+        z = rng.normal(0.0, 4.5, 4)
+        calibration.observe(_sigmoid(z).tolist(), (rng.random(4) < _sigmoid(0.1 * z + 1.0)).tolist())
+    assert 0.0 < calibration.slope < 0.35 and 0.6 < calibration.intercept < 1.5, calibration
+    for z in (-4.0, 0.0, 4.0):
+        assert calibration.corrected(float(_sigmoid(z))) == pytest.approx(float(_sigmoid(0.1 * z + 1.0)), abs=0.08)
+
+
+def test_a_calibrated_predictor_is_left_as_it_is():
+    """Events that follow the predictor: slope stays near 1 and the bias near 0."""
+    rng = np.random.default_rng(1)
+    calibration = LogitCalibration(TIER_PRIOR, TIER_MEMORY)
+    for _ in range(100):
+        z = rng.normal(0.0, 2.0, 4)
+        calibration.observe(_sigmoid(z).tolist(), (rng.random(4) < _sigmoid(z)).tolist())
+    assert calibration.slope == pytest.approx(1.0, abs=0.25) and abs(calibration.intercept) < 0.4, calibration
+
+
+def test_old_evidence_fades_and_a_fork_follows_its_own_text_faster():
+    """Acceptance changes (a new text): the tier's calibration moves to it within its memory, and a request's fork
+    (weaker prior, shorter memory) within tens of events."""
+    rng = np.random.default_rng(2)
+    tier = LogitCalibration(TIER_PRIOR, TIER_MEMORY)
+    for _ in range(200):  # every token accepted with 0.9, whatever the predictor says (0.5)
+        tier.observe([0.5] * 4, (rng.random(4) < 0.9).tolist())
+    assert tier.corrected(0.5) == pytest.approx(0.9, abs=0.05)
+    request = tier.fork((30.0, 3.0), 50.0)
+    for _ in range(15):  # its text is hard: 0.3
+        request.observe([0.5] * 4, (rng.random(4) < 0.3).tolist())
+    assert request.corrected(0.5) < 0.5 < tier.corrected(0.5)
+    assert math.isfinite(request.slope) and request.events == 60
