@@ -131,6 +131,25 @@ def test_the_drafts_catch_up_on_a_long_prompt_is_paid_only_where_it_is_repaid(to
         assert best_fixed.ms < 0.6 * none.ms and any(priced.gammas)
 
 
+def test_the_drafts_catch_up_decides_whether_to_draft_never_how_long():
+    """The AVX2 EPYC's nf4 costs (model 1: verify 1668 + 186·γ ms, a draft token 107 ms, reading 45.5 ms a token),
+    every token accepted with 0.75, 32 tokens to go. A first step whose draft must first read a 100-token prompt
+    (4.5 s) drafts as long as one whose draft has read it: the catch-up is paid whatever the run, and every token
+    the request emits carries the same share of it. Charged by the run's tokens, it cut the first run to 3 where
+    the next steps drafted 4 (live at nf4, t = 0.7: first runs of 1-3 tokens against fixed:6's 6)."""
+    nf4 = CostModel(draft_ms_per_token=107.0, verify_ms_base=1668.0, verify_ms_per_token=186.4,
+                    draft_prefill_ms_per_token=45.5)
+
+    def first_gamma(draft_read: int) -> int:
+        policy = AdaptivePolicy(predictor_with_token_acceptance(0.75), "nf4", TierEstimates.calibrated(nf4))
+        progress = RequestProgress(max_new_tokens=32)
+        progress.draft_read = draft_read
+        return policy.choose(progress.context(0, 0, 100))
+
+    caught_up = first_gamma(99)
+    assert caught_up >= 3 and first_gamma(0) == caught_up
+
+
 def test_the_drafts_catch_up_is_priced_for_every_request_waiting_on_the_cores():
     """Four requests on one machine's cores, a first step, 1000 tokens to go, before any pass has shown the
     load. Where its draft has read the context, the request drafts; where it must first read a 300-token
