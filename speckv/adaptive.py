@@ -45,8 +45,9 @@ lacks). Reading them is a prefill pass (CostModel.catch_up_ms, calibrated; waite
 pass or, where the replicas share the cores, by every request on them), paid once, after which every
 drafting step left in the request benefits: a step is charged its share, the catch-up over the steps the
 request's remaining tokens make. So a long prompt with a short answer is not drafted for where the draft's
-prefill would cost more than drafting saves, and a probe's spacing counts its catch-up too. The share decides whether to draft, never how long
-(`_gain_argmax`): each token the request emits carries the same share, drafted now or later.
+prefill would cost more than drafting saves, and a probe's spacing counts its catch-up too. The share decides
+whether to draft, never how long (`_gain_argmax`): each token the request emits carries the same share, drafted
+now or later.
 
 Optimism while unsure. The predictor is an average over texts; the text at hand may be far easier (code,
 repetition) or harder. Where the learned acceptance picks γ* = 0, a decision adds OPTIMISM/√(1 + n) log-odds
