@@ -126,6 +126,18 @@ class TierEstimates:
     # server sets it); each waits for every pass, including those it is not in. 1: only a pass's own wait for it
     sharing: int = 1
 
+    predictor_version: str | None = None  # the predictor whose outputs the acceptance calibrations map
+
+    def calibrate_for(self, predictor_version: str) -> None:
+        """The acceptance calibrations map one predictor's outputs: where another is loaded (the controller's
+        `load`), they start again from it as trained. Kept across the swap, the calibration learned for the
+        configured predictor made one sure that nothing is accepted draft (tests/deployments/test_serve.py)."""
+        if predictor_version != self.predictor_version:
+            self.predictor_version = predictor_version
+            for m in (self.greedy, self.sampled):
+                m.acceptance = LogitCalibration(TIER_PRIOR, TIER_MEMORY)
+                m.token_acceptance = LogitCalibration(TIER_PRIOR, TIER_MEMORY)
+
     @classmethod
     def calibrated(cls, cost: CostModel, learning: bool = True) -> TierEstimates:
         """Fresh estimates from a calibration; `learning` False freezes costs and acceptance (ablations)."""

@@ -51,3 +51,19 @@ def test_old_evidence_fades_and_a_fork_follows_its_own_text_faster():
         request.observe([0.5] * 4, (rng.random(4) < 0.3).tolist())
     assert request.corrected(0.5) < 0.5 < tier.corrected(0.5)
     assert math.isfinite(request.slope) and request.events == 60
+
+
+def test_another_predictor_starts_the_calibrations_again():
+    """A calibration maps one predictor's outputs: loading another resets it; the same one keeps what it learned."""
+    from speckv.cost_model import CostModel
+    from speckv.estimates import TierEstimates
+
+    tier = TierEstimates.calibrated(CostModel(10.0, 100.0, 5.0))
+    tier.calibrate_for("a")
+    tier.sampled.acceptance.observe([0.99] * 40, [False] * 40)
+    learned = (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept)
+    assert learned != (1.0, 0.0)
+    tier.calibrate_for("a")
+    assert (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept) == learned
+    tier.calibrate_for("b")
+    assert (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept) == (1.0, 0.0)
