@@ -22,11 +22,10 @@ from collections.abc import Callable
 from speckv.adaptive import AdaptivePolicy
 from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
-from speckv.policy import GammaPolicy, RequestProgress, StepTiming
+from speckv.policy import GammaPolicy, RequestProgress
 from speckv.predictor import shipped_predictor
 from speckv.records import StepRecord, read_jsonl
-from speckv.signals import DraftSignals
-from speckv.tools.replay import fixed
+from speckv.tools.replay import fixed, play_step
 
 
 def requests_of(files: list[str], source: str) -> list[list[StepRecord]]:
@@ -50,25 +49,14 @@ def replay_steps(requests: list[list[StepRecord]], make: Callable[[TierEstimates
     for start in range(rounds):
         for rows in requests:
             policy, progress, position, step = make(estimates), RequestProgress(max_new_tokens=tokens), 0, 0
+            prompt_len = rows[0].context_len
             while position < tokens:
                 r = rows[(start + step) % len(rows)]
-                prompt_len = rows[0].context_len
                 context = progress.context(step, position, prompt_len + position)
-                limit = min(policy.choose(context), len(r.confidence), tokens - position - 1)
-                stopper, d = policy.draft_stop.stopper(), 0
-                while d < limit:
-                    d += 1
-                    if stopper.stop_after(r.confidence[d - 1], r.entropy[d - 1]):
-                        break
-                accepted = min(r.accepted, d)
-                draft_ms = float(cost.draft_ms(d)) + (cost.catch_up_ms(context.draft_behind) if d else 0.0)
-                verify_ms = float(cost.verify_ms(d, prompt_len + position))
+                d, accepted, ms = play_step(policy, progress, context, policy.choose(context), tokens - position,
+                                            r.accepted, r.confidence, r.entropy, r.chosen_prob, cost)
                 emitted = min(accepted + 1, tokens - position)
-                timing = StepTiming(draft_ms, verify_ms, prompt_len + position, emitted,
-                                    draft_behind=context.draft_behind if d else 0) if step else None
-                signals = DraftSignals(r.chosen_prob[:d], r.confidence[:d], r.entropy[:d])
-                policy.observe(progress.advance(signals, accepted, timing))
-                emitted_total, ms_total = emitted_total + emitted, ms_total + draft_ms + verify_ms
+                emitted_total, ms_total = emitted_total + emitted, ms_total + ms
                 drafted.append(d)
                 position, step = position + emitted, step + 1
     return {"tokens_per_s": emitted_total / ms_total * 1e3, "mean_gamma": sum(drafted) / len(drafted)}

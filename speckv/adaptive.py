@@ -102,7 +102,7 @@ class AdaptivePolicy:
         self.name = "adaptive"
         self.tier = tier
         self.predictor = predictor
-        estimates.calibrate_for(predictor.version())
+        estimates.calibrate_for(predictor)
         self.estimates = RequestEstimates(estimates, greedy)
         gmax = predictor.gamma_max
         self.run_cap = min(2 * gmax, MAX_GAMMA) if predictor.token_weights else gmax

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .cost_model import CostModel, LiveCost, PassLoad
 from .policy import StepTiming
+
+if TYPE_CHECKING:
+    from .predictor import AcceptancePredictor
 
 BIAS_LIMIT = 4.0  # the prior is never overruled by more than this many log-odds
 SLOPE_RANGE = (0.02, 2.0)  # the predictor may be found nearly uninformative, never inverted
@@ -127,13 +131,17 @@ class TierEstimates:
     sharing: int = 1
 
     predictor_version: str | None = None  # the predictor whose outputs the acceptance calibrations map
+    _predictor: object = field(default=None, repr=False)  # the last one seen (a version is a hash: taken once each)
 
-    def calibrate_for(self, predictor_version: str) -> None:
+    def calibrate_for(self, predictor: AcceptancePredictor) -> None:
         """The acceptance calibrations map one predictor's outputs: where another is loaded (the controller's
         `load`), they start again from it as trained. Kept across the swap, the calibration learned for the
         configured predictor made one sure that nothing is accepted draft (tests/deployments/test_serve.py)."""
-        if predictor_version != self.predictor_version:
-            self.predictor_version = predictor_version
+        if predictor is self._predictor:
+            return
+        self._predictor, version = predictor, predictor.version()
+        if version != self.predictor_version:
+            self.predictor_version = version
             for m in (self.greedy, self.sampled):
                 m.acceptance = LogitCalibration(TIER_PRIOR, TIER_MEMORY)
                 m.token_acceptance = LogitCalibration(TIER_PRIOR, TIER_MEMORY)

@@ -55,15 +55,20 @@ def test_old_evidence_fades_and_a_fork_follows_its_own_text_faster():
 
 def test_another_predictor_starts_the_calibrations_again():
     """A calibration maps one predictor's outputs: loading another resets it; the same one keeps what it learned."""
+    import copy
+
     from speckv.cost_model import CostModel
     from speckv.estimates import TierEstimates
+    from speckv.predictor import shipped_predictor
+
+    from .conftest import predictor_with_acceptance
 
     tier = TierEstimates.calibrated(CostModel(10.0, 100.0, 5.0))
-    tier.calibrate_for("a")
+    tier.calibrate_for(shipped_predictor())
     tier.sampled.acceptance.observe([0.99] * 40, [False] * 40)
     learned = (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept)
     assert learned != (1.0, 0.0)
-    tier.calibrate_for("a")
+    tier.calibrate_for(copy.copy(shipped_predictor()))  # the same predictor, fetched again (a router's refresh)
     assert (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept) == learned
-    tier.calibrate_for("b")
+    tier.calibrate_for(predictor_with_acceptance(-12.0))
     assert (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept) == (1.0, 0.0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cost_model import CostModel
-from ..policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepTiming
+from ..policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepContext, StepTiming
 from ..signals import DraftSignals
 
 
@@ -81,28 +81,41 @@ def replay(trace: Trace, policy: GammaPolicy, cost: CostModel | Callable[[int], 
         context = progress.context(step, p, trace.prompt_len + p)
         chosen = policy.choose(context)
         decision_us.append((time.perf_counter() - t0) * 1e6)
-        limit = int(min(max(chosen, 0), trace.gamma_max, n - p - 1))
-        stopper, gamma = policy.draft_stop.stopper(), 0
-        while gamma < limit:
-            gamma += 1
-            if stopper.stop_after(float(trace.confidence[p, gamma - 1]), float(trace.entropy[p, gamma - 1])):
-                break
-        accepted = int(min(trace.accept_len[p], gamma))
         now = cost(first_step + step) if callable(cost) else cost
-        draft_ms = float(now.draft_ms(gamma)) + (now.catch_up_ms(context.draft_behind) if gamma else 0.0)
-        verify_ms = float(now.verify_ms(gamma, trace.prompt_len + p))
-        ms += draft_ms + verify_ms
-        step_ms.append(draft_ms + verify_ms)
+        gamma, accepted, took = play_step(policy, progress, context, chosen, n - p, int(trace.accept_len[p]),
+                                          trace.confidence[p].tolist(), trace.entropy[p].tolist(),
+                                          trace.chosen_prob[p].tolist(), now)
+        ms += took
+        step_ms.append(took)
         gammas.append(gamma)
-        signals = DraftSignals(trace.chosen_prob[p, :gamma].tolist(), trace.confidence[p, :gamma].tolist(),
-                               trace.entropy[p, :gamma].tolist())
-        emitted = min(accepted + 1, n - p)
-        timing = StepTiming(draft_ms, verify_ms, trace.prompt_len + p, emitted,
-                            draft_behind=context.draft_behind if gamma else 0) if step else None
-        policy.observe(progress.advance(signals, accepted, timing))
         position, step = p + accepted + 1, step + 1
     return ReplayResult(tokens=n, steps=len(gammas), ms=ms, gammas=gammas, decision_us=decision_us,
                         step_ms=step_ms)
+
+
+def play_step(policy: GammaPolicy, progress: RequestProgress, context: StepContext, chosen: int, tokens_left: int,
+              accept_len: int, confidence: list[float], entropy: list[float], chosen_prob: list[float],
+              cost: CostModel) -> tuple[int, int, float]:
+    """One recorded step as a policy that chose `chosen` would have run it: the draft proposes up to `chosen` of the
+    recorded run's tokens (fewer where the policy's DraftStop ends the run, token by token as DraftWorker.propose
+    does, or the request's tokens run out), min(accept_len, drafted) are accepted, the step is priced by `cost`
+    (the draft's catch-up on what it has not read included, as live) and the policy is told. Returns (drafted,
+    accepted, the step's ms)."""
+    limit = int(min(max(chosen, 0), len(confidence), tokens_left - 1))
+    stopper, gamma = policy.draft_stop.stopper(), 0
+    while gamma < limit:
+        gamma += 1
+        if stopper.stop_after(float(confidence[gamma - 1]), float(entropy[gamma - 1])):
+            break
+    accepted = min(accept_len, gamma)
+    draft_ms = float(cost.draft_ms(gamma)) + (cost.catch_up_ms(context.draft_behind) if gamma else 0.0)
+    verify_ms = float(cost.verify_ms(gamma, context.context_len))
+    emitted = min(accepted + 1, tokens_left)
+    timing = StepTiming(draft_ms, verify_ms, context.context_len, emitted,
+                        draft_behind=context.draft_behind if gamma else 0) if context.step else None
+    signals = DraftSignals(chosen_prob[:gamma], confidence[:gamma], entropy[:gamma])
+    policy.observe(progress.advance(signals, accepted, timing))
+    return gamma, accepted, draft_ms + verify_ms
 
 
 def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
