@@ -215,8 +215,9 @@ class AdaptivePolicy:
 
     def choose(self, context: StepContext) -> int:
         """The prepared decision for this context (a lookup), else decided now (the first step; replay)."""
+        # the table's other rows are left for `prepare` to drop: freeing them here is ~100 objects on the
+        # critical path, and a later step never matches their keys
         entry = self._table.pop((context.step, context.prev_accepted), None)
-        self._table.clear()
         if not self._priced:
             # not when it was made: a server makes it before counting it (and those that arrived with it) in
             # flight, and a request arriving after the first wave priced its first step (the draft reading its

@@ -76,9 +76,21 @@ class RequestProgress:
     accepted_total: int = 0
     draft_read: int = 0  # tokens of the context the draft's cache covers
     context_len: int = 0  # of the step asked for last
+    # (the signals they were made for, the next step's contexts by accepted count): the last `previews`
+    _ahead: tuple[DraftSignals, list[StepContext]] | None = field(default=None, repr=False, compare=False)
 
     def context(self, step: int, position: int, context_len: int) -> StepContext:
+        """The context of step `step`. Where `previews` made it while the step before was verified, that one:
+        asked between a verification's result and the next draft call, nothing is built then."""
         self.context_len = context_len
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and self.prev.tokens is ahead[0]:
+            made = ahead[1][self.prev.accepted]
+            if made.step == step and made.position == position and made.context_len == context_len:
+                return made
+        return self._build(step, position, context_len)
+
+    def _build(self, step: int, position: int, context_len: int) -> StepContext:
         return StepContext(
             step=step, position=position, context_len=context_len, prev_gamma=self.prev.gamma,
             prev_accepted=self.prev.accepted, prev_signals=self.prev.signals,
@@ -98,15 +110,18 @@ class RequestProgress:
     def previews(self, signals: DraftSignals, step: int, position: int, context_len: int) -> list[StepContext]:
         """The next step's context for each accepted count 0..len(signals), without advancing: what a policy
         may prepare for while step `step` (at `position`, `context_len`) is verified. A step that goes on
-        emits accepted + 1 tokens."""
+        emits accepted + 1 tokens. Once the step is advanced with these signals, `context` hands out the one
+        it leads to."""
         drafted, summary = len(signals), signals.summary()
         last = signals.confidence[-1] if drafted else 0.0
-        return [StepContext(step=step + 1, position=position + a + 1, context_len=context_len + a + 1,
+        made = [StepContext(step=step + 1, position=position + a + 1, context_len=context_len + a + 1,
                             prev_gamma=drafted, prev_accepted=a, prev_signals=summary, prev_last_confidence=last,
                             drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + a,
                             draft_behind=context_len + a + 1 - self._read_after(context_len, drafted, a),
                             remaining=self._remaining(position + a + 1))
                 for a in range(drafted + 1)]
+        self._ahead = (signals, made)
+        return made
 
     def advance(self, signals: DraftSignals, accepted: int, timing: StepTiming | None = None) -> StepOutcome:
         """Record a verified step (its drafted tokens' signals, how many were accepted, what it took);

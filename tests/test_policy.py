@@ -28,13 +28,40 @@ def test_the_draft_lacks_the_prompt_then_what_target_only_steps_added():
 
 def test_previews_agree_with_the_context_after_the_step():
     """What `adaptive` prepares during verification is the context it is then asked about, for every accepted
-    count, the draft's arrears and the remaining budget included."""
+    count, the draft's arrears and the remaining budget included: the same as a request that never previewed
+    builds after the step."""
     for drafted in (0, 1, 4):
         for accepted in range(drafted + 1):
-            progress = RequestProgress(max_new_tokens=50)
-            progress.context(0, 0, 40)
-            progress.advance(_signals(2), 0)
-            progress.context(1, 1, 41)
-            previews = progress.previews(_signals(drafted), 1, 1, 41)
-            progress.advance(_signals(drafted), accepted)
-            assert previews[accepted] == progress.context(2, 1 + accepted + 1, 41 + accepted + 1)
+            progress, twin = RequestProgress(max_new_tokens=50), RequestProgress(max_new_tokens=50)
+            for p in (progress, twin):
+                p.context(0, 0, 40)
+                p.advance(_signals(2), 0)
+                p.context(1, 1, 41)
+            signals = _signals(drafted)
+            previews = progress.previews(signals, 1, 1, 41)
+            for p in (progress, twin):
+                p.advance(signals, accepted)
+            asked = progress.context(2, 1 + accepted + 1, 41 + accepted + 1)
+            assert asked is previews[accepted]  # handed out, not built between the verification and the draft
+            assert asked == twin.context(2, 1 + accepted + 1, 41 + accepted + 1)
+
+
+def test_a_preview_is_handed_out_only_for_the_step_it_was_made_for():
+    """A step that emitted fewer tokens than its accepted count + 1 (an end of sequence, the budget), or was
+    advanced with other signals, gets a context built for it, as if nothing had been previewed."""
+    def after(previewed: bool, advanced_with_other_signals: bool, position: int) -> tuple:
+        progress = RequestProgress(max_new_tokens=50)
+        progress.context(0, 0, 40)
+        progress.advance(_signals(0), 0)
+        progress.context(1, 1, 41)
+        signals = _signals(3)
+        previews = progress.previews(signals, 1, 1, 41) if previewed else []
+        progress.advance(_signals(3) if advanced_with_other_signals else signals, 2)
+        return progress.context(2, position, 40 + position), previews
+
+    asked, previews = after(True, False, 4)  # at 1, 2 accepted + 1 more emitted: the preview's step
+    assert asked is previews[2]
+    for other_signals, position in ((False, 3), (True, 4)):
+        asked, previews = after(True, other_signals, position)
+        assert all(asked is not p for p in previews)
+        assert asked == after(False, False, position)[0]
