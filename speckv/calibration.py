@@ -9,6 +9,8 @@ times exactly those for one model (its role: "target" or "draft"), within a time
 informative measurements first, so a run the budget cuts short still gives a cost model), so each
 replica calibrates what it holds when it loads, and
 `cost_model` joins a draft's and a target's calibration into the `CostModel` policies price γ with.
+A model whose 4-bit layers multiply in half precision on a CPU without bf16 hardware may read a prompt
+faster with them in float32 (`probe_prefill_dtype`): measured first, and what its prefill passes use after.
 `load_or_calibrate` caches a calibration under `$SPECKV_HOME/calibration/`, keyed by the hardware, the
 torch version and threads, the model's weights, role, tier, dtype and device: the same setting reuses it,
 anything that changes the costs gets its own.
@@ -36,9 +38,10 @@ import torch
 
 from .cost_model import CostModel
 from .models import DRAFT_TIER, MANIFEST, cache_root
-from .workers import LogitsCall, SessionLM
+from .workers import LogitsCall, SessionLM, computing_in
 
-CALIBRATION_FORMAT = 4  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill
+CALIBRATION_FORMAT = 5  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
+# 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`)
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
@@ -48,6 +51,7 @@ BATCH_PROBE = 4  # sequences in the batched passes measured (what more sequences
 # three repeats of a 1.4-2.3 s pass (nf4, int8 on an AVX2 EPYC) the budget held two measurements and never the
 # batched passes load is priced with
 ENOUGH_TIMED_MS = 1000.0
+PREFILL_PROBE_TOKENS = 16  # tokens of each timed pass `probe_prefill_dtype` makes, one per compute dtype
 MIN_MEASUREMENTS = {"target": 2, "draft": 2}  # verification at γ = 0 and γmax; the draft's single token, its prefill
 # CPU features that change which kernels torch runs (and so the shape of a step's cost)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -129,17 +133,28 @@ class Calibration:
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0  # how long measuring took
     complete: bool = True  # False when the budget left planned measurements out
+    prefill_probe: dict | None = None  # `probe_prefill_dtype`'s times and choice (None: no half-precision 4-bit layers)
+
+    @property
+    def prefill_dtype(self) -> torch.dtype | None:
+        """What the model's 4-bit layers compute in during prefill passes (None: as loaded)."""
+        return torch.float32 if self.prefill_probe and self.prefill_probe["chosen"] == "float32" else None
+
+    def configure(self, lm: SessionLM) -> None:
+        """Set on the worker what this calibration chose for it (its prefill passes' compute dtype)."""
+        lm.prefill_dtype = self.prefill_dtype if lm.four_bit else None
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "key": asdict(self.key), "rows": self.rows, "seconds": self.seconds,
-                "complete": self.complete}
+                "complete": self.complete, "prefill_probe": self.prefill_probe}
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
         if d.get("format") != CALIBRATION_FORMAT:
             raise ValueError(f"calibration format {d.get('format')!r}, expected {CALIBRATION_FORMAT}")
         try:
-            return cls(CalibrationKey(**d["key"]), list(d["rows"]), float(d["seconds"]), bool(d["complete"]))
+            return cls(CalibrationKey(**d["key"]), list(d["rows"]), float(d["seconds"]), bool(d["complete"]),
+                       d.get("prefill_probe"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a calibration: {e}") from None
 
@@ -217,6 +232,34 @@ def time_prefill(lm: SessionLM, tokens: int, session: str) -> float:
     return ms
 
 
+def _timed_ms(lm: SessionLM, call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)  # kernels run asynchronously: time them, not their launch
+    return (time.perf_counter() - start) * 1e3
+
+
+def probe_prefill_dtype(lm: SessionLM, context: list[int], session: str) -> dict:
+    """Whether a model whose 4-bit layers multiply in half precision (SessionLM.four_bit) reads a prompt faster
+    with them in float32; sets `lm.prefill_dtype` and returns the times and the choice. The first
+    PREFILL_PROBE_TOKENS of `context` are read in float32, the next as loaded, one timed pass each into
+    `session` (the calibration's own session: reading its context was needed anyway), after an untimed
+    one-token pass apart (a model's first pass pays one-time costs). Float32 goes first, so its own first use
+    counts against it: it is chosen only where it is faster even so."""
+    n = min(PREFILL_PROBE_TOKENS, len(context) // 2)
+    lm.logits_batch([LogitsCall(f"{session}-warm", context[:1], 1)])
+    lm.close(f"{session}-warm")
+    loaded = str(lm.four_bit[0].compute_dtype).removeprefix("torch.")
+    times = {}
+    for dtype, upto in ((torch.float32, n), (None, 2 * n)):
+        with computing_in(lm.four_bit, dtype):
+            times[dtype] = _timed_ms(lm, lambda upto=upto: lm.logits_batch([LogitsCall(session, context[:upto], 1)]))
+    lm.prefill_dtype = torch.float32 if times[torch.float32] < times[None] else None
+    return {"tokens": n, "float32_ms": times[torch.float32], "loaded": loaded, "loaded_ms": times[None],
+            "chosen": "float32" if lm.prefill_dtype is not None else loaded}
+
+
 def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
               deadline: float | None = None, session: str = "calibration", sequences: int = 1) -> float:
     """Median ms of the live loop's call pattern: `tokens` new tokens fed after a cached `context` (the
@@ -231,7 +274,8 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
         lm.logits_batch([LogitsCall(s, fed, num_logits) for s in sessions])
 
     if lm.missing(session, context):  # a context the session holds already is not read again (a 1.6 s pass at nf4)
-        lm.logits_batch([LogitsCall(session, context, 1)])
+        with computing_in(lm.four_bit, lm.prefill_dtype):  # as a prompt is read
+            lm.logits_batch([LogitsCall(session, context, 1)])
     for other in sessions[1:]:  # the batch's other sessions start from the same cached context
         lm.fork(session, other)
     call(context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
@@ -241,11 +285,7 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
                       or deadline is not None and time.perf_counter() > deadline):
             break
         fed = context + synthetic_ids(tokens, vocab, salt=r + 1)
-        start = time.perf_counter()
-        call(fed, keep)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize(lm.device)  # kernels run asynchronously: time them, not their launch
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(_timed_ms(lm, lambda fed=fed: call(fed, keep)))
     return statistics.median(times)
 
 
@@ -322,6 +362,10 @@ def calibrate(
     rows: list[dict] = []
     session = f"calibration-{uuid.uuid4().hex}"
     cached = 0  # context length the calibration session holds
+    probe = None
+    if lm.four_bit:  # before the plan: its context is then read as a prompt would be
+        probe = probe_prefill_dtype(lm, synthetic_ids(context_lens[0], vocab), session)
+        cached = 2 * probe["tokens"]
     for n, (kind, ctx, tokens, sequences) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
             estimate_ms = estimate_measurement_ms(rows, ctx - cached, tokens, sequences, repeats)
@@ -343,7 +387,7 @@ def calibrate(
         if progress:
             progress(n + 1, len(plan))
     _close_probe_sessions(lm, session)
-    return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan))
+    return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan), prefill_probe=probe)
 
 
 def _close_probe_sessions(lm: SessionLM, session: str) -> None:
@@ -386,8 +430,9 @@ def warm_up(lm: SessionLM, role: str, max_gamma: int = DEFAULT_MAX_GAMMA) -> flo
 
 def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
                       **kwargs) -> tuple[Calibration, bool]:
-    """The cached calibration for this setting, or a new one (then cached); returns (it, whether cached).
-    A cache file that cannot be read, or was written for another key, is measured anew and replaced.
+    """The cached calibration for this setting, or a new one (then cached); returns (it, whether cached), and
+    sets on `lm` what it chose (`Calibration.configure`). A cache file that cannot be read, or was written for
+    another key, is measured anew and replaced.
 
     Measuring holds a machine-wide lock under the cache root: replicas that load together (a target and
     the draft on one node) measure one after another, each alone, instead of timing each other's load; a
@@ -396,12 +441,14 @@ def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
     path = calibration_path(key)
     cached = None if force else _read_cached(path, key)
     if cached is not None:
+        cached.configure(lm)
         return cached, True
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".measuring.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         cached = None if force else _read_cached(path, key)
         if cached is not None:
+            cached.configure(lm)
             return cached, True
         with _unbounded(lm):
             result = calibrate(lm, role, tier, **kwargs)
@@ -459,6 +506,11 @@ class PairCalibration:
                      f"+ {cost.verify_ms_per_context_token:.3f}·context ms; "
                      f"draft {cost.draft_ms_per_token:.0f} ms/token; "
                      f"draft catch-up {cost.draft_prefill_ms_per_token:.1f} ms per token it lacks")
+        for c in (self.target, self.draft):
+            if c.prefill_probe:
+                p = c.prefill_probe
+                lines.append(f"{c.key.role} prefill of {p['tokens']} tokens: float32 {p['float32_ms']:.0f} ms, "
+                             f"{p['loaded']} {p['loaded_ms']:.0f} ms: prompts are read in {p['chosen']}")
         batched = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) > 1]
         if batched:
             per_token = cost.verify_ms_per_token if cost.batched_ms_per_token is None else cost.batched_ms_per_token

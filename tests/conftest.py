@@ -147,6 +147,21 @@ def draft_model(target_model):
     return perturbed_copy(target_model, 0.3, 1)
 
 
+@pytest.fixture
+def nf4_model(tmp_path):
+    """The tiny target quantized to nf4 by bitsandbytes through `load_model`, multiplying in bf16 on the
+    CPU. bitsandbytes' own kernel for CPUs with bf16 hardware is turned off, so its 4-bit layers dequantize
+    and multiply as they do on one without (what SessionLM.four_bit finds) on any CPU."""
+    from speckv.models import load_model
+
+    tiny_model(0, torch.bfloat16).save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), "nf4", dtype="bfloat16", device="cpu")
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -305,3 +306,39 @@ def test_a_replica_sharing_the_cores_holds_them_while_it_calibrates(target_model
     WorkerSpec(model="unused", calibration_budget_s=1.0, share_cores=True).calibrate(lm, "target")
     WorkerSpec(model="unused", calibration_budget_s=1.0).calibrate(lm, "target")
     assert held == [True, False]
+
+
+@pytest.mark.parametrize("slower", ["float32", "bfloat16"])
+def test_a_four_bit_model_reads_prompts_in_the_dtype_its_calibration_measured_faster(nf4_model, tmp_path,
+                                                                                     monkeypatch, slower):
+    """The prefill probe times a prompt's pass with the 4-bit layers in float32 and as loaded (bf16), and the
+    worker reads prompts in the faster (here made slower by 0.3 s a pass, each way in turn); a replica that
+    finds the calibration cached reads them the same way, and the calibration's context was read that way."""
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    real = calibration.computing_in
+    read_in = []
+
+    @contextlib.contextmanager
+    def noted(layers, dtype):
+        read_in.append(dtype)
+        with real(layers, dtype):
+            yield
+
+    def slow(module, args):
+        if module.compute_dtype == getattr(torch, slower):
+            time.sleep(0.3)
+
+    monkeypatch.setattr(calibration, "computing_in", noted)
+    lm = SessionLM(nf4_model)
+    hook = lm.four_bit[0].register_forward_pre_hook(slow)
+    try:
+        result, cached = load_or_calibrate(lm, "target", "nf4", max_gamma=2, context_lens=(48,), repeats=1)
+    finally:
+        hook.remove()
+    faster = "bfloat16" if slower == "float32" else "float32"
+    assert not cached and result.prefill_probe["chosen"] == faster
+    assert lm.prefill_dtype == (torch.float32 if faster == "float32" else None)
+    assert read_in[:2] == [torch.float32, None] and read_in[2] == lm.prefill_dtype  # the probe, then the context
+    again = SessionLM(nf4_model)
+    reloaded, cached = load_or_calibrate(again, "target", "nf4", max_gamma=2, context_lens=(48,), repeats=1)
+    assert cached and reloaded.prefill_probe == result.prefill_probe and again.prefill_dtype == lm.prefill_dtype

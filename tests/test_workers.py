@@ -58,6 +58,26 @@ def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_a_four_bit_models_prompts_are_read_in_the_prefill_dtype_and_its_steps_as_loaded(nf4_model):
+    """SessionLM.prefill_dtype: the prefill passes' 4-bit layers multiply in float32, every other pass's as loaded
+    (bf16), and what they compute in is restored after each; the same prompt read either way continues alike."""
+    lm = SessionLM(nf4_model)
+    assert lm.four_bit and {layer.compute_dtype for layer in lm.four_bit} == {torch.bfloat16}
+    seen: list[torch.dtype] = []
+    hook = lm.four_bit[0].register_forward_pre_hook(lambda module, args: seen.append(module.compute_dtype))
+    prompt = _sequences(40)[0]
+    try:
+        lm.prefill("as loaded", prompt)
+        lm.prefill_dtype = torch.float32
+        lm.prefill("in float32", prompt)
+        steps = [lm.logits(s, prompt + [5, 6], 3) for s in ("as loaded", "in float32")]
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    assert {layer.compute_dtype for layer in lm.four_bit} == {torch.bfloat16}
+    assert steps[0].argmax(-1).tolist() == steps[1].argmax(-1).tolist()
+
+
 def _engine(draft_model, target_model, tokenizer, batching: BatchSettings | None) -> LocalEngine:
     """A pair whose `adaptive` drafts on any costs (a predictor certain of acceptance)."""
     engine = LocalEngine(draft_model, target_model, tokenizer, batching=batching,
