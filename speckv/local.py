@@ -74,6 +74,7 @@ class LocalEngine:
     tier: str = "fp16"
     predictor: AcceptancePredictor | None = None  # for `adaptive` (None: the one shipped with speckv)
     estimates: TierEstimates | None = None  # what `adaptive` knows of this machine; None: calibrate at first use
+    # (at once for a 4-bit target)
     calibration_budget_s: float | None = None  # None: speckv.calibration's default
     batching: BatchSettings | None = None  # concurrent requests (generate_many) share passes; None: one by one
 
@@ -82,6 +83,10 @@ class LocalEngine:
         self.target_worker = TargetWorker(SessionLM(self.target_model))
         self.executor = local_executor(self.draft_worker, self.target_worker, self.batching)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
+        if self.estimates is None and self.target_worker.lm.four_bit:
+            # a 4-bit target's calibration also decides how its prompts are read (SessionLM.prefill_dtype): from
+            # the first request on, whatever the policy, not from the first `adaptive` one
+            self.calibrate()
 
     def calibrate(self, force: bool = False, progress=None) -> TierEstimates:
         """This machine's step costs for the pair (cached under SPECKV_HOME; measured within the budget if not),

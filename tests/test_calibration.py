@@ -342,3 +342,17 @@ def test_a_four_bit_model_reads_prompts_in_the_dtype_its_calibration_measured_fa
     again = SessionLM(nf4_model)
     reloaded, cached = load_or_calibrate(again, "target", "nf4", max_gamma=2, context_lens=(48,), repeats=1)
     assert cached and reloaded.prefill_probe == result.prefill_probe and again.prefill_dtype == lm.prefill_dtype
+
+
+def test_an_engine_with_a_four_bit_target_is_calibrated_when_it_loads(nf4_model, draft_model, tokenizer, tmp_path,
+                                                                      monkeypatch):
+    """The in-process engine calibrates a 4-bit target at once (its calibration decides how prompts are read,
+    from the first request whatever its policy); a full-precision pair is still calibrated at first use."""
+    from speckv.local import LocalEngine
+
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    engine = LocalEngine(draft_model, nf4_model, tokenizer, tier="nf4", calibration_budget_s=3.0)
+    assert engine.estimates is not None
+    probe = load_or_calibrate(SessionLM(nf4_model), "target", "nf4")[0].prefill_probe
+    assert engine.target_worker.lm.prefill_dtype == (torch.float32 if probe["chosen"] == "float32" else None)
+    assert LocalEngine(draft_model, draft_model, tokenizer, tier="nf4").estimates is None
