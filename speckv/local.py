@@ -73,8 +73,8 @@ class LocalEngine:
     tokenizer: object
     tier: str = "fp16"
     predictor: AcceptancePredictor | None = None  # for `adaptive` (None: the one shipped with speckv)
-    estimates: TierEstimates | None = None  # what `adaptive` knows of this machine; None: calibrate at first use
-    # (at once for a 4-bit target)
+    # what `adaptive` knows of this machine; None: calibrate at first use (a 4-bit target: at once, __post_init__)
+    estimates: TierEstimates | None = None
     calibration_budget_s: float | None = None  # None: speckv.calibration's default
     batching: BatchSettings | None = None  # concurrent requests (generate_many) share passes; None: one by one
 

@@ -178,8 +178,9 @@ class SessionLM:
         self.hits = self.rebuilds = self.evictions = 0
         self.four_bit = half_four_bit_layers(model)
         # what the 4-bit layers compute in during prefill passes (None: as loaded). Where a CPU has no bf16
-        # hardware, a prompt's bf16 matmuls are emulated, and float32 read a 64-token nf4 prompt 2x as fast on an
-        # AVX2 EPYC (a one-token pass 1.8x as slow); the calibration measures which is faster (speckv.calibration)
+        # hardware, a prompt's bf16 matmuls are emulated: on an AVX2 EPYC float32 read 16-64 nf4 tokens 2-3.5x as
+        # fast, while one- and nine-token passes went either way; the calibration measures which is faster
+        # for prompts (speckv.calibration.probe_prefill_dtype)
         self.prefill_dtype: torch.dtype | None = None
 
     @property
