@@ -16,13 +16,14 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
-import bitsandbytes as bnb
 import torch
 
 from speckv.calibration import hardware_id, synthetic_ids
 from speckv.models import DEFAULT_TARGET, load_model
+from speckv.workers import computing_in, half_four_bit_layers
 
 
 def main() -> None:
@@ -34,15 +35,16 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model, "nf4")
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers = half_four_bit_layers(model)
+    if not layers:
+        sys.exit("no 4-bit layers multiplying in half precision here (bitsandbytes uses its own bf16 kernel on a "
+                 "CPU with bf16 hardware): nothing to compare")
     loaded = layers[0].compute_dtype
     vocab = int(model.config.vocab_size)
 
     def run(ids: list[int], dtype: torch.dtype) -> tuple[float, int]:
-        for layer in layers:
-            layer.compute_dtype = dtype
         start = time.perf_counter()
-        with torch.inference_mode():
+        with computing_in(layers, dtype), torch.inference_mode():
             logits = model(torch.tensor([ids]), logits_to_keep=1).logits
         return (time.perf_counter() - start) * 1e3, int(logits[0, -1].argmax())
 

@@ -126,9 +126,10 @@ class RequestProgress:
     def advance(self, signals: DraftSignals, accepted: int, timing: StepTiming | None = None) -> StepOutcome:
         """Record a verified step (its drafted tokens' signals, how many were accepted, what it took);
         returns its outcome."""
-        drafted = len(signals)
+        drafted, ahead = len(signals), self._ahead
+        summary = ahead[1][0].prev_signals if ahead is not None and ahead[0] is signals else signals.summary()
         self.draft_read = self._read_after(self.context_len, drafted, accepted)
-        self.prev = StepOutcome(drafted, accepted, signals.summary(), timing, signals)
+        self.prev = StepOutcome(drafted, accepted, summary, timing, signals)
         self.prev_last_confidence = signals.confidence[-1] if drafted else 0.0
         self.drafted_total += drafted
         self.accepted_total += accepted

@@ -105,10 +105,12 @@ def half_four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def computing_in(layers: list[torch.nn.Module], dtype: torch.dtype | None) -> Iterator[None]:
     """The 4-bit `layers` dequantize and multiply in `dtype` inside the block (their inputs cast to it, their
     outputs back to the activations' dtype, so the rest of the model is unchanged); None: as loaded."""
+    if dtype is None:
+        yield
+        return
     before = [layer.compute_dtype for layer in layers]
-    if dtype is not None:
-        for layer in layers:
-            layer.compute_dtype = dtype
+    for layer in layers:
+        layer.compute_dtype = dtype
     try:
         yield
     finally:
