@@ -9,8 +9,9 @@ times exactly those for one model (its role: "target" or "draft"), within a time
 informative measurements first, so a run the budget cuts short still gives a cost model), so each
 replica calibrates what it holds when it loads, and
 `cost_model` joins a draft's and a target's calibration into the `CostModel` policies price γ with.
-A model whose 4-bit layers multiply in half precision on a CPU without bf16 hardware may read a prompt
-faster with them in float32 (`probe_prefill_dtype`): measured first, and what its prefill passes use after.
+A model whose linear layers multiply in half precision on the CPU (4-bit layers dequantizing to bf16, or plain
+bf16 ones) may read a prompt faster with them in float32 where the CPU has no bf16 hardware
+(`probe_prefill_dtype`): measured first, and what its prefill passes use after.
 `load_or_calibrate` caches a calibration under `$SPECKV_HOME/calibration/`, keyed by the hardware, the
 torch version and threads, the model's weights, role, tier, dtype and device: the same setting reuses it,
 anything that changes the costs gets its own.
@@ -38,10 +39,10 @@ import torch
 
 from .cost_model import CostModel
 from .models import DRAFT_TIER, MANIFEST, cache_root
-from .workers import LogitsCall, SessionLM, computing_in
+from .workers import LogitsCall, SessionLM, computing_in, multiplies_in
 
-CALIBRATION_FORMAT = 5  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
-# 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`)
+CALIBRATION_FORMAT = 6  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
+# 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`); 6: and of a plain half-precision one
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
@@ -133,16 +134,16 @@ class Calibration:
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0  # how long measuring took
     complete: bool = True  # False when the budget left planned measurements out
-    prefill_probe: dict | None = None  # `probe_prefill_dtype`'s times and choice (None: no half-precision 4-bit layers)
+    prefill_probe: dict | None = None  # `probe_prefill_dtype`'s times and choice (None: no half-precision layers)
 
     @property
     def prefill_dtype(self) -> torch.dtype | None:
-        """What the model's 4-bit layers compute in during prefill passes (None: as loaded)."""
+        """What the model's half-precision layers compute in during prefill passes (None: as loaded)."""
         return torch.float32 if self.prefill_probe and self.prefill_probe["chosen"] == "float32" else None
 
     def configure(self, lm: SessionLM) -> None:
         """Set on the worker what this calibration chose for it (its prefill passes' compute dtype)."""
-        lm.prefill_dtype = self.prefill_dtype if lm.four_bit else None
+        lm.read_prompts_in(self.prefill_dtype)
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "key": asdict(self.key), "rows": self.rows, "seconds": self.seconds,
@@ -241,23 +242,29 @@ def _timed_ms(lm: SessionLM, call: Callable[[], object]) -> float:
 
 
 def probe_prefill_dtype(lm: SessionLM, context: list[int], session: str) -> dict:
-    """Whether a model whose 4-bit layers multiply in half precision (SessionLM.four_bit) reads a prompt faster
-    with them in float32; sets `lm.prefill_dtype` and returns the times and the choice. The first
+    """Whether a model with half-precision layers on the CPU (SessionLM.half_layers) reads a prompt faster with
+    them in float32; sets it on `lm` (`read_prompts_in`) and returns the times and the choice. The first
     PREFILL_PROBE_TOKENS of `context` are read in float32, the next as loaded, one timed pass each into
     `session` (the calibration's own session: reading its context was needed anyway), after an untimed
     one-token pass apart (a model's first pass pays one-time costs). Float32 goes first, so its own first use
-    counts against it: it is chosen only where it is faster even so."""
+    counts against it: it is chosen only where it is faster even so. Making the plain layers' float32 copies
+    is timed apart (`copy_ms`): once per replica, not per prompt."""
     n = min(PREFILL_PROBE_TOKENS, len(context) // 2)
     lm.logits_batch([LogitsCall(f"{session}-warm", context[:1], 1)])
     lm.close(f"{session}-warm")
-    loaded = str(lm.four_bit[0].compute_dtype).removeprefix("torch.")
+    loaded = str(multiplies_in(lm.half_layers[0])).removeprefix("torch.")
+    start = time.perf_counter()
+    copy_bytes = lm.read_prompts_in(torch.float32)
+    copy_ms = (time.perf_counter() - start) * 1e3
     times = {}
     for dtype, upto in ((torch.float32, n), (None, 2 * n)):
-        with computing_in(lm.four_bit, dtype):
+        with computing_in(lm.half_layers, dtype):
             times[dtype] = _timed_ms(lm, lambda upto=upto: lm.logits_batch([LogitsCall(session, context[:upto], 1)]))
-    lm.prefill_dtype = torch.float32 if times[torch.float32] < times[None] else None
+    chosen = torch.float32 if times[torch.float32] < times[None] else None
+    lm.read_prompts_in(chosen)
     return {"tokens": n, "float32_ms": times[torch.float32], "loaded": loaded, "loaded_ms": times[None],
-            "chosen": "float32" if lm.prefill_dtype is not None else loaded}
+            "copy_ms": copy_ms, "float32_copy_mib": round(copy_bytes / 2**20, 1),
+            "chosen": "float32" if chosen is not None else loaded}
 
 
 def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
@@ -274,7 +281,7 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
         lm.logits_batch([LogitsCall(s, fed, num_logits) for s in sessions])
 
     if lm.missing(session, context):  # a context the session holds already is not read again (a 1.6 s pass at nf4)
-        with computing_in(lm.four_bit, lm.prefill_dtype):  # as a prompt is read
+        with computing_in(lm.half_layers, lm.prefill_dtype):  # as a prompt is read
             lm.logits_batch([LogitsCall(session, context, 1)])
     for other in sessions[1:]:  # the batch's other sessions start from the same cached context
         lm.fork(session, other)
@@ -363,7 +370,7 @@ def calibrate(
     session = f"calibration-{uuid.uuid4().hex}"
     cached = 0  # context length the calibration session holds
     probe = None
-    if lm.four_bit:  # before the plan: its context is then read as a prompt would be
+    if lm.half_layers:  # before the plan: its context is then read as a prompt would be
         probe = probe_prefill_dtype(lm, synthetic_ids(context_lens[0], vocab), session)
         cached = 2 * probe["tokens"]
     for n, (kind, ctx, tokens, sequences) in enumerate(plan):

@@ -73,7 +73,8 @@ class LocalEngine:
     tokenizer: object
     tier: str = "fp16"
     predictor: AcceptancePredictor | None = None  # for `adaptive` (None: the one shipped with speckv)
-    # what `adaptive` knows of this machine; None: calibrate at first use (a 4-bit target: at once, __post_init__)
+    # what `adaptive` knows of this machine; None: calibrate at first use (half-precision layers on the CPU: at once,
+    # __post_init__)
     estimates: TierEstimates | None = None
     calibration_budget_s: float | None = None  # None: speckv.calibration's default
     batching: BatchSettings | None = None  # concurrent requests (generate_many) share passes; None: one by one
@@ -83,9 +84,10 @@ class LocalEngine:
         self.target_worker = TargetWorker(SessionLM(self.target_model))
         self.executor = local_executor(self.draft_worker, self.target_worker, self.batching)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
-        if self.estimates is None and self.target_worker.lm.four_bit:
-            # a 4-bit target's calibration also decides how its prompts are read (SessionLM.prefill_dtype): from
-            # the first request on, whatever the policy, not from the first `adaptive` one
+        if self.estimates is None and (self.target_worker.lm.half_layers or self.draft_worker.lm.half_layers):
+            # the calibration of a model with half-precision layers on the CPU also decides how its prompts are
+            # read (SessionLM.prefill_dtype): from the first request on, whatever the policy, not from the first
+            # `adaptive` one
             self.calibrate()
 
     def calibrate(self, force: bool = False, progress=None) -> TierEstimates:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -88,34 +89,90 @@ class CacheStats:
     kv_bytes: int = 0  # what the caches hold now
 
 
-def half_four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """bitsandbytes' 4-bit linear layers that dequantize to half precision (bf16/fp16) and multiply there on a
-    CPU that bitsandbytes finds without bf16 hardware (it packs the weights for its own kernel on one with it):
-    the layers whose matmuls a pass may run in float32 instead (`computing_in`). Empty for the other tiers."""
+def half_precision_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The linear layers that multiply in half precision (bf16/fp16) on the CPU, which a pass may run in float32
+    instead (`computing_in`): bitsandbytes' 4-bit layers that dequantize to half precision (on a CPU bitsandbytes
+    finds without bf16 hardware; on one with it, it packs the weights for its own kernel), and plain half-precision
+    linear layers (the fp16 tier, a bf16 draft) apart from the output embedding (a prompt's pass applies it to
+    one row). On a CPU without bf16 hardware their matmuls are emulated. Empty on a GPU and for float32 models."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, Linear4bit) and m.weight.device.type == "cpu"
-            and m.compute_dtype in (torch.bfloat16, torch.float16)
-            and not getattr(m, "support_avx512bf16_for_cpu", False)]
+        Linear4bit = ()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    half = (torch.bfloat16, torch.float16)
+    layers = []
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear) or m.weight.device.type != "cpu" or m is output:
+            continue
+        if isinstance(m, Linear4bit):
+            if m.compute_dtype in half and not getattr(m, "support_avx512bf16_for_cpu", False):
+                layers.append(m)
+        elif type(m) is torch.nn.Linear and m.weight.dtype in half:
+            layers.append(m)
+    return layers
+
+
+def _is_four_bit(layer: torch.nn.Module) -> bool:
+    return hasattr(layer, "compute_dtype")  # bitsandbytes' Linear4bit; plain layers multiply in their weights' dtype
+
+
+def multiplies_in(layer: torch.nn.Module) -> torch.dtype:
+    """What a half-precision layer multiplies in now: as loaded, or float32 inside `computing_in`."""
+    if _is_four_bit(layer):
+        return layer.compute_dtype
+    return torch.float32 if "forward" in vars(layer) else layer.weight.dtype
+
+
+def keep_float32_copies(layers: list[torch.nn.Module]) -> None:
+    """Give the plain half-precision `layers` a float32 copy of their weights, which `computing_in(.., float32)`
+    multiplies with (converting them at every pass cost more than it saved: 2-3 s for the 1.5B target on the
+    AVX2 EPYC). 4-bit layers dequantize at every pass anyway and need none."""
+    for layer in layers:
+        if _is_four_bit(layer) or hasattr(layer, "speckv_float32"):
+            continue
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        layer.speckv_float32 = (layer.weight.detach().float(), bias)
+
+
+def drop_float32_copies(layers: list[torch.nn.Module]) -> None:
+    for layer in layers:
+        if hasattr(layer, "speckv_float32"):
+            del layer.speckv_float32
+
+
+def _linear_in_float32(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = layer.speckv_float32
+    return torch.nn.functional.linear(x.to(torch.float32), weight, bias).to(x.dtype)
 
 
 @contextlib.contextmanager
 def computing_in(layers: list[torch.nn.Module], dtype: torch.dtype | None) -> Iterator[None]:
-    """The 4-bit `layers` dequantize and multiply in `dtype` inside the block (their inputs cast to it, their
-    outputs back to the activations' dtype, so the rest of the model is unchanged); None: as loaded."""
+    """The half-precision `layers` multiply in `dtype` (float32) inside the block: their inputs cast to it,
+    their outputs back to the activations' dtype, so the rest of the model, the KV cache included, is unchanged.
+    4-bit layers dequantize to it; plain layers multiply with their float32 copies (`keep_float32_copies`,
+    which must have been made). None: as loaded."""
     if dtype is None:
         yield
         return
-    before = [layer.compute_dtype for layer in layers]
-    for layer in layers:
+    if dtype != torch.float32:
+        raise ValueError(f"half-precision layers switch to float32 only, not {dtype}")
+    plain = [layer for layer in layers if not _is_four_bit(layer)]
+    if any(not hasattr(layer, "speckv_float32") for layer in plain):
+        raise ValueError("computing_in(float32) needs keep_float32_copies(layers) first")
+    four_bit = [layer for layer in layers if _is_four_bit(layer)]
+    before = [layer.compute_dtype for layer in four_bit]
+    for layer in four_bit:
         layer.compute_dtype = dtype
+    for layer in plain:
+        layer.forward = functools.partial(_linear_in_float32, layer)
     try:
         yield
     finally:
-        for layer, loaded in zip(layers, before):
+        for layer, loaded in zip(four_bit, before):
             layer.compute_dtype = loaded
+        for layer in plain:
+            del layer.forward
 
 
 def logit_rows(fed: int, num_logits: int, device: torch.device) -> int | torch.Tensor:
@@ -178,16 +235,33 @@ class SessionLM:
         self._closed: OrderedDict[str, None] = OrderedDict()  # ids of ended requests (see close)
         self._lock = threading.Lock()  # one forward at a time: replicas may serve calls from several threads
         self.hits = self.rebuilds = self.evictions = 0
-        self.four_bit = half_four_bit_layers(model)
-        # what the 4-bit layers compute in during prefill passes (None: as loaded). Where a CPU has no bf16
-        # hardware, a prompt's bf16 matmuls are emulated: on an AVX2 EPYC float32 read 16-64 nf4 tokens 2-3.5x as
-        # fast, while one- and nine-token passes went either way; the calibration measures which is faster
-        # for prompts (speckv.calibration.probe_prefill_dtype)
+        self.half_layers = half_precision_layers(model)
+        # what the half-precision layers compute in during prefill passes (None: as loaded); set through
+        # `read_prompts_in`. Where a CPU has no bf16 hardware, a prompt's bf16 matmuls are emulated: on an AVX2
+        # EPYC float32 read 16-64 nf4 tokens 2-3.5x as fast, while one- and nine-token passes went either way;
+        # the calibration measures which is faster for prompts (speckv.calibration.probe_prefill_dtype)
         self.prefill_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def read_prompts_in(self, dtype: torch.dtype | None) -> int:
+        """Run prefill passes' half-precision layers in `dtype` (float32; None: as loaded). Plain half-precision
+        layers keep a float32 copy of their weights for it, only while it is chosen; returns the bytes the
+        copies take."""
+        if dtype is None or not self.half_layers:
+            drop_float32_copies(self.half_layers)
+            self.prefill_dtype = None
+            return 0
+        keep_float32_copies(self.half_layers)
+        self.prefill_dtype = dtype
+        return self.float32_copy_bytes()
+
+    def float32_copy_bytes(self) -> int:
+        """Bytes the float32 copies of the plain half-precision layers take now (read_prompts_in)."""
+        return sum(layer.speckv_float32[0].numel() * 4 for layer in self.half_layers
+                   if hasattr(layer, "speckv_float32"))
 
     def stats(self) -> CacheStats:
         return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions, self.kv_bytes())
@@ -335,7 +409,7 @@ class SessionLM:
                 rows.append(row)
                 fed += length
             if rows:
-                with computing_in(self.four_bit, self.prefill_dtype):
+                with computing_in(self.half_layers, self.prefill_dtype):
                     self._forward_rows(rows)
             return len(rows)
 

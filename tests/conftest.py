@@ -148,10 +148,22 @@ def draft_model(target_model):
 
 
 @pytest.fixture
+def bf16_model():
+    """The tiny target in bf16: plain half-precision linear layers (the fp16 tier on a CPU)."""
+    return tiny_model(0, torch.bfloat16)
+
+
+@pytest.fixture(params=["nf4", "bf16"])
+def half_model(request):
+    """A model whose linear layers multiply in half precision on the CPU, 4-bit or plain (SessionLM.half_layers)."""
+    return request.getfixturevalue(f"{request.param}_model")
+
+
+@pytest.fixture
 def nf4_model(tmp_path):
     """The tiny target quantized to nf4 by bitsandbytes through `load_model`, multiplying in bf16 on the
     CPU. bitsandbytes' own kernel for CPUs with bf16 hardware is turned off, so its 4-bit layers dequantize
-    and multiply as they do on one without (what SessionLM.four_bit finds) on any CPU."""
+    and multiply as they do on one without (what SessionLM.half_layers finds) on any CPU."""
     from speckv.models import load_model
 
     tiny_model(0, torch.bfloat16).save_pretrained(tmp_path / "tiny")

@@ -11,7 +11,7 @@ import torch
 
 from speckv import calibration
 from speckv.calibration import CalibrationKey, calibrate, cost_model, load_or_calibrate, weights_fingerprint
-from speckv.workers import SessionLM
+from speckv.workers import SessionLM, drop_float32_copies, multiplies_in
 
 from .test_cli import run_cli
 
@@ -309,11 +309,12 @@ def test_a_replica_sharing_the_cores_holds_them_while_it_calibrates(target_model
 
 
 @pytest.mark.parametrize("slower", ["float32", "bfloat16"])
-def test_a_four_bit_model_reads_prompts_in_the_dtype_its_calibration_measured_faster(nf4_model, tmp_path,
-                                                                                     monkeypatch, slower):
-    """The prefill probe times a prompt's pass with the 4-bit layers in float32 and as loaded (bf16), and the
-    worker reads prompts in the faster (here made slower by 0.3 s a pass, each way in turn); a replica that
-    finds the calibration cached reads them the same way, and the calibration's context was read that way."""
+def test_a_half_precision_model_reads_prompts_in_the_dtype_its_calibration_measured_faster(half_model, tmp_path,
+                                                                                           monkeypatch, slower):
+    """The prefill probe times a prompt's pass with the half-precision layers (4-bit or plain bf16) in float32
+    and as loaded (bf16), and the worker reads prompts in the faster (here made slower by 0.3 s a pass, each way
+    in turn); a replica that finds the calibration cached reads them the same way, and the calibration's
+    context was read that way. Plain layers keep float32 copies only where float32 was chosen."""
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
     real = calibration.computing_in
     read_in = []
@@ -325,34 +326,40 @@ def test_a_four_bit_model_reads_prompts_in_the_dtype_its_calibration_measured_fa
             yield
 
     def slow(module, args):
-        if module.compute_dtype == getattr(torch, slower):
+        if multiplies_in(module) == getattr(torch, slower):
             time.sleep(0.3)
 
     monkeypatch.setattr(calibration, "computing_in", noted)
-    lm = SessionLM(nf4_model)
-    hook = lm.four_bit[0].register_forward_pre_hook(slow)
+    lm = SessionLM(half_model)
+    plain = type(lm.half_layers[0]) is torch.nn.Linear  # not 4-bit
+    tier = "fp16" if plain else "nf4"
+    hook = lm.half_layers[0].register_forward_pre_hook(slow)
     try:
-        result, cached = load_or_calibrate(lm, "target", "nf4", max_gamma=2, context_lens=(48,), repeats=1)
+        result, cached = load_or_calibrate(lm, "target", tier, max_gamma=2, context_lens=(48,), repeats=1)
     finally:
         hook.remove()
     faster = "bfloat16" if slower == "float32" else "float32"
     assert not cached and result.prefill_probe["chosen"] == faster
     assert lm.prefill_dtype == (torch.float32 if faster == "float32" else None)
     assert read_in[:2] == [torch.float32, None] and read_in[2] == lm.prefill_dtype  # the probe, then the context
-    again = SessionLM(nf4_model)
-    reloaded, cached = load_or_calibrate(again, "target", "nf4", max_gamma=2, context_lens=(48,), repeats=1)
+    assert (lm.float32_copy_bytes() > 0) == (plain and faster == "float32")
+    again = SessionLM(half_model)
+    drop_float32_copies(again.half_layers)  # the same modules: what the first worker made is not the second's
+    reloaded, cached = load_or_calibrate(again, "target", tier, max_gamma=2, context_lens=(48,), repeats=1)
     assert cached and reloaded.prefill_probe == result.prefill_probe and again.prefill_dtype == lm.prefill_dtype
+    assert (again.float32_copy_bytes() > 0) == (plain and faster == "float32")
 
 
-def test_an_engine_with_a_four_bit_target_is_calibrated_when_it_loads(nf4_model, draft_model, tokenizer, tmp_path,
-                                                                      monkeypatch):
-    """The in-process engine calibrates a 4-bit target at once (its calibration decides how prompts are read,
-    from the first request whatever its policy); a full-precision pair is still calibrated at first use."""
+def test_an_engine_with_a_half_precision_target_is_calibrated_when_it_loads(half_model, draft_model, tokenizer,
+                                                                            tmp_path, monkeypatch):
+    """The in-process engine calibrates a target with half-precision layers on the CPU (4-bit or bf16) at once
+    (its calibration decides how prompts are read, from the first request whatever its policy); a
+    full-precision pair is still calibrated at first use."""
     from speckv.local import LocalEngine
 
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
-    engine = LocalEngine(draft_model, nf4_model, tokenizer, tier="nf4", calibration_budget_s=3.0)
+    engine = LocalEngine(draft_model, half_model, tokenizer, tier="nf4", calibration_budget_s=3.0)
     assert engine.estimates is not None
-    probe = load_or_calibrate(SessionLM(nf4_model), "target", "nf4")[0].prefill_probe
+    probe = load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].prefill_probe
     assert engine.target_worker.lm.prefill_dtype == (torch.float32 if probe["chosen"] == "float32" else None)
     assert LocalEngine(draft_model, draft_model, tokenizer, tier="nf4").estimates is None

@@ -16,7 +16,8 @@ from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
 from speckv.local import LocalEngine
 from speckv.sampling import SamplingParams
-from speckv.workers import KVCapacityError, LogitsCall, SessionLM, kv_bytes_per_token
+from speckv.workers import (KVCapacityError, LogitsCall, SessionLM, computing_in, half_precision_layers,
+                            keep_float32_copies, kv_bytes_per_token, multiplies_in)
 
 from .conftest import EOS_ID, certain_predictor
 from .test_engine import PROMPT, exact_sequence_probs, pooled_p_value
@@ -58,24 +59,45 @@ def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_a_four_bit_models_prompts_are_read_in_the_prefill_dtype_and_its_steps_as_loaded(nf4_model):
-    """SessionLM.prefill_dtype: the prefill passes' 4-bit layers multiply in float32, every other pass's as loaded
-    (bf16), and what they compute in is restored after each; the same prompt read either way continues alike."""
-    lm = SessionLM(nf4_model)
-    assert lm.four_bit and {layer.compute_dtype for layer in lm.four_bit} == {torch.bfloat16}
+def test_a_half_precision_models_prompts_are_read_in_the_prefill_dtype_and_its_steps_as_loaded(half_model):
+    """SessionLM.prefill_dtype: the prefill passes' half-precision layers (4-bit or plain bf16) multiply in
+    float32, every other pass's as loaded (bf16), and what they multiply in is restored after each; the same
+    prompt read either way continues alike. Plain layers' float32 copies live only while float32 is chosen."""
+    lm = SessionLM(half_model)
+    assert lm.half_layers and {multiplies_in(layer) for layer in lm.half_layers} == {torch.bfloat16}
     seen: list[torch.dtype] = []
-    hook = lm.four_bit[0].register_forward_pre_hook(lambda module, args: seen.append(module.compute_dtype))
+    hook = lm.half_layers[0].register_forward_pre_hook(lambda module, args: seen.append(multiplies_in(module)))
     prompt = _sequences(40)[0]
     try:
         lm.prefill("as loaded", prompt)
-        lm.prefill_dtype = torch.float32
+        assert lm.read_prompts_in(torch.float32) == lm.float32_copy_bytes()
         lm.prefill("in float32", prompt)
         steps = [lm.logits(s, prompt + [5, 6], 3) for s in ("as loaded", "in float32")]
     finally:
         hook.remove()
     assert seen == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
-    assert {layer.compute_dtype for layer in lm.four_bit} == {torch.bfloat16}
+    assert {multiplies_in(layer) for layer in lm.half_layers} == {torch.bfloat16}
     assert steps[0].argmax(-1).tolist() == steps[1].argmax(-1).tolist()
+    plain = any(layer.weight.dtype == torch.bfloat16 for layer in lm.half_layers)
+    assert (lm.float32_copy_bytes() > 0) == plain
+    lm.read_prompts_in(None)
+    assert lm.float32_copy_bytes() == 0 and lm.prefill_dtype is None
+
+
+def test_plain_layers_in_float32_multiply_their_float32_copies(bf16_model):
+    """Inside computing_in(float32) a plain bf16 layer's output is its float32 product rounded to bf16 (not the
+    bf16 product); outside, as loaded; without its float32 copy it refuses rather than converting every pass."""
+    layer = half_precision_layers(bf16_model)[0]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.float(), layer.weight.float(),
+                                       None if layer.bias is None else layer.bias.float()).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="keep_float32_copies"), computing_in([layer], torch.float32):
+        pass
+    keep_float32_copies([layer])
+    with computing_in([layer], torch.float32):
+        torch.testing.assert_close(layer(x), exact, atol=0, rtol=0)
+    assert layer(x).dtype == torch.bfloat16 and "forward" not in vars(layer)
+    assert bf16_model.get_output_embeddings() not in half_precision_layers(bf16_model)
 
 
 def _engine(draft_model, target_model, tokenizer, batching: BatchSettings | None) -> LocalEngine:
