@@ -39,7 +39,7 @@ import torch
 
 from .cost_model import CostModel
 from .models import DRAFT_TIER, MANIFEST, cache_root
-from .workers import LogitsCall, SessionLM, computing_in, multiplies_in
+from .workers import PREFILL_LEAVE, LogitsCall, SessionLM, computing_in, multiplies_in
 
 CALIBRATION_FORMAT = 6  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
 # 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`); 6: and of a plain half-precision one
@@ -221,11 +221,15 @@ def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
 
 def time_prefill(lm: SessionLM, tokens: int, session: str) -> float:
     """Ms of reading `tokens` tokens into an empty cache, keeping one logit (the draft's catch-up on a
-    context it has not read): one call on a fresh session, after the calls before it warmed the model up
-    (a prefill costs as much as many single tokens, and its first call is no dearer than the next)."""
+    context it has not read), as a replica reads a prompt (`SessionLM.prefill`: its prefill dtype): one call
+    on a fresh session, after the calls before it warmed the model up (a prefill costs as much as many single
+    tokens, and its first call is no dearer than the next)."""
     ids = synthetic_ids(tokens, int(lm.model.config.vocab_size), salt=7)
     start = time.perf_counter()
-    lm.logits_batch([LogitsCall(session, ids, 1)])
+    if tokens > PREFILL_LEAVE:
+        lm.prefill(session, ids)
+    else:  # so few tokens are fed in the drafting pass itself
+        lm.logits_batch([LogitsCall(session, ids, 1)])
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
     ms = (time.perf_counter() - start) * 1e3

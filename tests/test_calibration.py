@@ -363,3 +363,17 @@ def test_an_engine_with_a_half_precision_target_is_calibrated_when_it_loads(half
     probe = load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].prefill_probe
     assert engine.target_worker.lm.prefill_dtype == (torch.float32 if probe["chosen"] == "float32" else None)
     assert LocalEngine(draft_model, draft_model, tokenizer, tier="nf4").estimates is None
+
+
+def test_the_drafts_catch_up_is_timed_as_a_prompt_is_read(bf16_model):
+    """time_prefill (what a draft's catch-up costs) reads its tokens the way a replica reads a prompt: in the
+    prefill dtype the probe chose (float32 here), not as loaded."""
+    lm = SessionLM(bf16_model)
+    lm.read_prompts_in(torch.float32)
+    seen = []
+    hook = lm.half_layers[0].register_forward_pre_hook(lambda module, args: seen.append(multiplies_in(module)))
+    try:
+        calibration.time_prefill(lm, 40, "catch-up")
+    finally:
+        hook.remove()
+    assert seen == [torch.float32]
