@@ -25,6 +25,15 @@ import sys
 from pathlib import Path
 
 DEFAULT_GUIDELLM = Path(__file__).resolve().parents[1] / ".loadtool" / "bin" / "guidellm"
+POISSON_MENDED = Path(__file__).with_name("guidellm_poisson.py")
+
+
+def guidellm_command(guidellm: str) -> list[str]:
+    """How to start GuideLLM: through `deployments/guidellm_poisson.py` (its Poisson arrivals mended) with the
+    Python installed beside the executable; the executable itself where there is none (the Poisson levels then
+    keep GuideLLM's start race, which `arrivals_valid` catches)."""
+    python = Path(guidellm).with_name("python")
+    return [str(python), str(POISSON_MENDED)] if python.exists() else [guidellm]
 
 
 def speculation(policy: str) -> dict:
@@ -59,7 +68,7 @@ def run_guidellm(guidellm: str, spec: dict, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".scenario.json")
     path.write_text(json.dumps(spec, indent=2))
-    cmd = [guidellm, "run", "-c", str(path), "--output", f"kind=json,path={out}", "--disable-progress"]
+    cmd = [*guidellm_command(guidellm), "run", "-c", str(path), "--output", f"kind=json,path={out}", "--disable-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"guidellm failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
@@ -122,7 +131,8 @@ def arrivals_valid(row: dict) -> bool:
     Poisson(rate × window). GuideLLM 0.8.1's Poisson strategy can start its arrival clock at -1 instead of the
     run's start (its start event is set before the clock: a race between processes), and then sends every
     arrival at once, up to its own concurrency limit: a burst, not the rate (seen here: 77 requests in a 60 s
-    window at 0.2/s). Such a level measures the burst, so it is rerun, and marked where it stays invalid."""
+    window at 0.2/s). `guidellm_command` runs it mended; where it cannot, such a level measures the burst, so
+    it is rerun, and marked where it stays invalid."""
     from scipy.stats import poisson
 
     return row["requests_total"] <= poisson.ppf(0.999, row["rate"] * row["seconds"])
@@ -173,7 +183,7 @@ def sweep(args: argparse.Namespace) -> dict:
             name = f"{tier}-{policy.replace(':', '')}"
             rows = [run_level(args, tier, policy, "concurrency", c, out / f"{name}-c{c}.json")
                     for c in args.concurrency]
-            capacity = max(r["requests_per_s"] for r in rows)
+            capacity = args.capacity or max(r["requests_per_s"] for r in rows)
             poisson = []
             for share in args.rate_shares:
                 rate = round(share * capacity, 4)
@@ -246,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", type=lambda s: s.split(","), default=["none", "fixed:1", "adaptive"])
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     p.add_argument("--rate-shares", type=floats, default=[0.5], help="Poisson rates as shares of the capacity")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="requests/s the rate shares are of (default: the most the concurrency levels reached); "
+                        "to run Poisson levels against a capacity an earlier sweep measured")
     p.add_argument("--rate-retries", type=int, default=2,
                    help="reruns of a Poisson level whose arrivals came as a burst (arrivals_valid)")
     p.add_argument("--prompt-tokens", type=int, default=64)

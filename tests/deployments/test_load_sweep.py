@@ -1,7 +1,9 @@
 """The load sweep's own logic (deployments/load_sweep.py): what it asks GuideLLM for and what it reads back."""
 
 import argparse
+from pathlib import Path
 
+import deployments.guidellm_poisson as guidellm_poisson
 import deployments.load_sweep as load_sweep
 from deployments.load_sweep import arrivals_valid, scenario, speculation, speculation_during, summarize, table
 
@@ -76,3 +78,53 @@ def test_a_poisson_level_sent_as_a_burst_is_rerun_and_marked(monkeypatch, tmp_pa
     assert "not valid, a burst of 77" in md
     concurrent = load_sweep.run_level(args, "fp16", "none", "concurrency", 8, tmp_path / "c.json")
     assert "arrivals_valid" not in concurrent  # streams are not a rate
+
+
+def test_the_poisson_clock_is_written_before_the_workers_are_woken():
+    """GuideLLM 0.8.1 wakes its workers (the base class's start) before it writes the arrival clock's offset, so a
+    worker may add its delays to -1 and send everything at once; the mend writes the offset first, so whatever
+    the base's start wakes sees the run's start time."""
+    import multiprocessing
+
+    strategy = argparse.Namespace(_offset=multiprocessing.get_context("spawn").Value("d", -1.0))
+    seen_at_wake = []
+    guidellm_poisson.init_processes_start(strategy, 1234.5,
+                                          lambda s, start: seen_at_wake.append(s._offset.value))
+    assert seen_at_wake == [1234.5] and strategy._offset.value == 1234.5
+
+
+def test_each_poisson_worker_draws_its_own_delays_reproducibly():
+    """Every GuideLLM worker seeded one generator alike, so all drew the same delays; each worker's own seed
+    gives different delays per worker and the same ones again for the same worker."""
+    draws = {w: [guidellm_poisson.worker_random(42, w).expovariate(1.0) for _ in range(3)] for w in range(3)}
+    assert len({tuple(d) for d in draws.values()}) == 3
+    assert draws[1] == [guidellm_poisson.worker_random(42, 1).expovariate(1.0) for _ in range(3)]
+
+
+def test_guidellm_runs_mended_where_its_python_is_beside_it(tmp_path):
+    """The sweep starts GuideLLM through the mend with the load tool's own Python; a bare executable (no Python
+    beside it) is run as it is."""
+    (tmp_path / "guidellm").touch()
+    assert load_sweep.guidellm_command(str(tmp_path / "guidellm")) == [str(tmp_path / "guidellm")]
+    (tmp_path / "python").touch()
+    assert load_sweep.guidellm_command(str(tmp_path / "guidellm")) == [
+        str(tmp_path / "python"), str(Path(load_sweep.__file__).with_name("guidellm_poisson.py"))]
+
+
+def test_poisson_rates_are_shares_of_the_capacity_measured_or_given(monkeypatch, tmp_path):
+    """Rates are shares of the most requests/s the concurrency levels reached, or of --capacity where given
+    (one rate for every policy, from an earlier sweep)."""
+    asked = []
+
+    def level(args, tier, policy, kind, value, out):
+        asked.append((kind, value))
+        return {"requests_per_s": 0.4, "rate": value}
+
+    monkeypatch.setattr(load_sweep, "run_level", level)
+    monkeypatch.setattr(load_sweep, "warm_up", lambda url, tier: None)
+    args = argparse.Namespace(url="u", out=str(tmp_path), tiers=["fp16"], policies=["none"], concurrency=[8],
+                              rate_shares=[0.5], capacity=None)
+    load_sweep.sweep(args)
+    args.capacity = 1.0
+    load_sweep.sweep(args)
+    assert asked == [("concurrency", 8), ("rate", 0.2), ("concurrency", 8), ("rate", 0.5)]
