@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: the target's)")
     p.add_argument("--tiers", type=lambda s: s.split(","), default=["nf4", "fp16"])
     p.add_argument("--policies", type=lambda s: s.split(","), default=["none", "fixed:1", "adaptive"])
-    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 4, 8, 16],
+                   help="streams per level (\"\": none, with --capacity for Poisson levels alone)")
     p.add_argument("--rate-shares", type=floats, default=[0.5], help="Poisson rates as shares of the capacity")
     p.add_argument("--capacity", type=float, default=None,
                    help="requests/s the rate shares are of (default: the most the concurrency levels reached); "
