@@ -68,7 +68,8 @@ def run_guidellm(guidellm: str, spec: dict, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".scenario.json")
     path.write_text(json.dumps(spec, indent=2))
-    cmd = [*guidellm_command(guidellm), "run", "-c", str(path), "--output", f"kind=json,path={out}", "--disable-progress"]
+    cmd = [*guidellm_command(guidellm), "run", "-c", str(path), "--output", f"kind=json,path={out}",
+           "--disable-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"guidellm failed (exit {proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")

@@ -67,8 +67,8 @@ def main() -> None:
             print(f"{tokens:>4} tokens  {str(dtype):<15} {statistics.median(times):8.0f} ms  argmax {choice}",
                   flush=True)
     result = {"hardware": hardware_id(next(model.parameters()).device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "python": platform.python_version(), "model": args.model, "tier": args.tier,
-              "loaded_compute_dtype": str(loaded), "rows": rows}
+              "threads": torch.get_num_threads(), "python": platform.python_version(), "model": args.model,
+              "tier": args.tier, "loaded_compute_dtype": str(loaded), "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -16,8 +16,16 @@ from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
 from speckv.local import LocalEngine
 from speckv.sampling import SamplingParams
-from speckv.workers import (KVCapacityError, LogitsCall, SessionLM, computing_in, half_precision_layers,
-                            keep_float32_copies, kv_bytes_per_token, multiplies_in)
+from speckv.workers import (
+    KVCapacityError,
+    LogitsCall,
+    SessionLM,
+    computing_in,
+    half_precision_layers,
+    keep_float32_copies,
+    kv_bytes_per_token,
+    multiplies_in,
+)
 
 from .conftest import EOS_ID, certain_predictor
 from .test_engine import PROMPT, exact_sequence_probs, pooled_p_value
