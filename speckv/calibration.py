@@ -39,7 +39,7 @@ import torch
 
 from .cost_model import CostModel
 from .models import DRAFT_TIER, MANIFEST, cache_root
-from .workers import PREFILL_LEAVE, LogitsCall, SessionLM, computing_in, multiplies_in
+from .workers import LogitsCall, SessionLM, computing_in, multiplies_in
 
 CALIBRATION_FORMAT = 6  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
 # 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`); 6: and of a plain half-precision one
@@ -226,9 +226,8 @@ def time_prefill(lm: SessionLM, tokens: int, session: str) -> float:
     tokens, and its first call is no dearer than the next)."""
     ids = synthetic_ids(tokens, int(lm.model.config.vocab_size), salt=7)
     start = time.perf_counter()
-    if tokens > PREFILL_LEAVE:
-        lm.prefill(session, ids)
-    else:  # so few tokens are fed in the drafting pass itself
+    lm.prefill(session, ids)  # the chunk passes a replica reads a prompt in
+    if lm.missing(session, ids):  # the few tokens prefill leaves are fed in the drafting pass itself
         lm.logits_batch([LogitsCall(session, ids, 1)])
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
