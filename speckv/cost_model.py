@@ -89,6 +89,11 @@ class CostModel:
         """Time of drafting γ tokens, one pass per position, each carrying `sequences` requests."""
         return (self.draft_ms_per_token + self.draft_ms_per_sequence * max(sequences - 1, 0)) * gamma
 
+    def drafting_passes_ms(self, passes: int, rows: int) -> float:
+        """Time of a batch's drafting passes: `passes` passes (its longest run) carrying `rows` sequence-positions
+        in all (the sum of its runs); what a proposal's `compute_ms` measured (speckv.workers.Proposal)."""
+        return self.draft_ms_per_token * passes + self.draft_ms_per_sequence * max(rows - passes, 0)
+
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                 other_tokens: float = 0.0) -> float | np.ndarray:
         return self.draft_ms(gamma, sequences) + self.verify_ms(gamma, context_len, sequences, other_tokens)
@@ -294,7 +299,7 @@ class LiveCost:
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
                 draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
                 sequences: int = 1, batch_tokens: int = 0, draft_behind: int = 0, draft_waited_ms: float = 0.0,
-                verify_waited_ms: float = 0.0) -> None:
+                verify_waited_ms: float = 0.0, draft_passes: int = 0, draft_rows: int = 0) -> None:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
         inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
         many tokens the draft read first. A draft call that caught up on more than CAUGHT_UP tokens teaches
@@ -302,13 +307,20 @@ class LiveCost:
         Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
         waiting under load stayed in the price of every drafting step after the load was gone (180 ms on an
         AVX512-BF16 EPYC, so γ = 0 alone where fixed γ = 2 ran 1.5x faster), since target-only steps do not
-        call the draft to unlearn it."""
+        call the draft to unlearn it.
+        The draft call is predicted as the drafting passes it ran (`draft_passes`, carrying `draft_rows`
+        sequence-positions, as the draft worker reports them), not as γ passes carrying every sequence of the
+        verify pass (0: not reported; then so): under load only some requests of a verify pass draft, and a
+        probe's pass of one sequence, predicted as carrying all of them, taught a draft 40% cheaper than it is
+        (the AMX Xeon's fp16 shape at 16 requests: a draft scale of 0.59), so drafting looked cheap to every
+        request and all of them drafted where none should."""
         if not self.learning:
             return
         others = max(batch_tokens - (gamma + 1), 0)
         if gamma > 0 and draft_behind <= CAUGHT_UP:
-            self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms,
-                          float(self.base.draft_ms(gamma, sequences)), draft_waited_ms)
+            predicted = (self.base.drafting_passes_ms(draft_passes, draft_rows) if draft_passes
+                         else float(self.base.draft_ms(gamma, sequences)))
+            self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, predicted, draft_waited_ms)
         fixed, tokens = self._verify_parts(gamma, context_len, sequences, others)
         if self.learn_shape:
             self.verify_tokens.observe(verify_ms if verify_compute_ms is None else verify_compute_ms, fixed, tokens)
@@ -377,7 +389,7 @@ class LiveCost:
         drafting pass of one sequence for each beyond, where the others have stopped and wait for it (the
         verify pass regroups: speckv.batching). `led` is the others' longest run (PassLoad.others_deepest_run),
         or one beyond it where the whole pass drafting one more position together would pay
-        (AdaptivePolicy._leads), so that runs can grow together, a position a step, while a lone long run pays
+        (AdaptivePolicy._shared_prices), so that runs can grow together, a position a step, while a lone long run pays
         for the passes the others wait through."""
         g = np.asarray(gamma)
         along = g if led is None else np.minimum(g, led)

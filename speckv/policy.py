@@ -49,6 +49,8 @@ class StepTiming:
     draft_waited_ms: float = 0.0  # of the wall times, waiting in the replica for a pass to begin (the load's,
     verify_waited_ms: float = 0.0  # not a hop's: a hop is paid again on every call, waiting only under load)
     others_deepest: int = 0  # the longest draft run among the other sequences of the verify pass
+    draft_passes: int = 0  # the drafting passes the draft call ran (its batch's longest run; 0: not reported)
+    draft_rows: int = 0  # the sequence-positions they carried (the sum of its batch's runs)
 
 
 @dataclass(frozen=True)

@@ -631,6 +631,8 @@ class Proposal:
     compute_ms: float
     batch_size: int = 1  # requests drafted in the same passes
     waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
+    passes: int = 0  # drafting passes the batch ran (its longest run), which `compute_ms` timed
+    rows: int = 0  # sequence-positions those passes carried (the sum of the batch's runs)
 
 
 @dataclass
@@ -714,7 +716,8 @@ class DraftWorker(ModelWorker):
             active = [run for run in active if not run.done]
             calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids + run.tokens, 1) for run in active]
         ms = (time.perf_counter() - start) * 1e3
-        return [run.failed or run.proposal(ms, len(batch)) for run in runs]
+        drafted = [len(run.tokens) for run in runs]
+        return [run.failed or run.proposal(ms, len(batch), max(drafted, default=0), sum(drafted)) for run in runs]
 
 
 class _DraftRun:
@@ -743,9 +746,9 @@ class _DraftRun:
         self.done = len(self.tokens) == self.inputs.gamma or self.stopper.stop_after(
             self.signals.confidence[-1], self.signals.entropy[-1])
 
-    def proposal(self, ms: float, batch_size: int) -> Proposal:
+    def proposal(self, ms: float, batch_size: int, passes: int, rows: int) -> Proposal:
         draft_probs = torch.stack(self.probs_rows) if self.probs_rows else None
-        return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size)
+        return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size, passes=passes, rows=rows)
 
 
 def verify_session(call: tuple[StepInputs, list[int]]) -> str:

@@ -200,3 +200,20 @@ def test_in_a_batched_pass_every_drafted_token_is_learned_at_the_same_per_token_
     for gamma, others in ((0, 7), (8, 7), (0, 39), (8, 39)):
         assert float(live.verify_ms(gamma, 0, 8, others)) == pytest.approx(float(truth.verify_ms(gamma, 0, 8, others)),
                                                                          rel=0.02)
+
+
+def test_the_draft_is_learned_against_the_drafting_passes_it_ran_not_the_verify_passes_batch():
+    """Sixteen requests verify together, one of them drafts (a probe): its draft call ran one pass of one
+    sequence. Predicted as γ passes carrying all sixteen, the draft looked 40% cheaper than calibrated after a
+    few such calls (the AMX Xeon's fp16 shape: every request then drafted where none should)."""
+    base = CostModel(draft_ms_per_token=68.0, verify_ms_base=167.0, verify_ms_per_token=0.0,
+                     verify_ms_per_sequence=5.9, batched_ms_per_token=2.7, draft_ms_per_sequence=3.1)
+    live = LiveCost(base)
+    for _ in range(12):  # a lone run of one token, and (below) a batch's passes: 2 passes carrying 5 rows
+        live.observe(1, 68.0, 260.0, 100, 68.0, 260.0, sequences=16, batch_tokens=17, draft_passes=1, draft_rows=1)
+    assert live.draft.value == pytest.approx(1.0, abs=0.02)
+    for _ in range(12):
+        ms = base.drafting_passes_ms(2, 5)  # 2 · 68 + 3 · 3.1
+        live.observe(2, ms, 270.0, 100, ms, 270.0, sequences=16, batch_tokens=21, draft_passes=2, draft_rows=5)
+    assert live.draft.value == pytest.approx(1.0, abs=0.02)
+    assert float(live.draft_ms(1, 16)) == pytest.approx(68.0 + 15 * 3.1, rel=0.02)

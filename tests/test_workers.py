@@ -223,6 +223,20 @@ def test_a_closed_session_fails_alone_in_a_shared_pass(draft_model, target_model
         target.lm.prefill("a", long.context_ids)
 
 
+def test_a_batched_proposal_reports_the_drafting_passes_it_timed(draft_model):
+    """Runs of 3, 1 and 0 tokens drafted together: three drafting passes carrying four sequence-positions,
+    which is what each proposal's `compute_ms` timed (the policy learns the draft's cost against them)."""
+    from speckv.sampling import SamplingParams
+    from speckv.workers import DraftWorker, StepInputs
+
+    draft = DraftWorker(SessionLM(draft_model))
+    steps = [StepInputs(sid, ids, gamma, SamplingParams(), 0, 1)
+             for sid, ids, gamma in zip("abc", _sequences(12, 20, 9, seed=3), (3, 1, 0))]
+    proposals = draft.propose_batch(steps)
+    assert [len(p.token_ids) for p in proposals] == [3, 1, 0]
+    assert {(p.passes, p.rows, p.batch_size) for p in proposals} == {(3, 4, 3)}
+
+
 def test_common_prefix_len_agrees_with_the_definition_at_every_chunk_boundary():
     import random
 

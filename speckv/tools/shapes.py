@@ -157,8 +157,9 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
         runs = [r["gamma"] for r in running]
         gammas += runs
         tokens_scored = sum(runs) + len(runs)
-        draft = sum(cost.catch_up_ms(r["context"].draft_behind) for r in running if r["gamma"]) + sum(
-            float(cost.draft_ms(1, sum(g >= k for g in runs))) for k in range(1, max(runs) + 1))
+        catch_up = sum(cost.catch_up_ms(r["context"].draft_behind) for r in running if r["gamma"])
+        drafting = sum(float(cost.draft_ms(1, sum(g >= k for g in runs))) for k in range(1, max(runs) + 1))
+        draft = catch_up + drafting  # the catch-ups, then the drafting passes: what a drafting request waits
         verify = float(cost.verify_ms(0, prompt_len, len(running), tokens_scored - 1))
         clock += draft + verify
         for i, r in enumerate(list(running)):
@@ -166,9 +167,11 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
             while accepted < r["gamma"] and rng.random() < r["acceptance"]:
                 accepted += 1
             others = max(runs[:i] + runs[i + 1:], default=0)
-            timing = StepTiming(draft if r["gamma"] else 0.0, verify, r["context"].context_len, accepted + 1,
-                                draft if r["gamma"] else 0.0, verify, len(running), tokens_scored,
-                                r["context"].draft_behind, others_deepest=others)
+            drafted = bool(r["gamma"])
+            timing = StepTiming(draft if drafted else 0.0, verify, r["context"].context_len, accepted + 1,
+                                drafting if drafted else 0.0, verify, len(running), tokens_scored,
+                                r["context"].draft_behind, catch_up if drafted else 0.0, others_deepest=others,
+                                draft_passes=max(runs) if drafted else 0, draft_rows=sum(runs) if drafted else 0)
             signals = DraftSignals([0.8] * r["gamma"], [0.8] * r["gamma"], [0.5] * r["gamma"])
             r["policy"].observe(r["progress"].advance(signals, accepted, timing if r["step"] else None))
             r["position"] += accepted + 1
