@@ -23,12 +23,15 @@ report them), and what a request's drafting adds to the passes it shares (its dr
 verify pass, its sequence in each drafting pass: LiveCost.shared_ms) delays every other request in them,
 so it is priced for each of them too: the decision maximises the goodput of the whole pass (its tokens
 over its time), not the request's own. Its drafted positions are priced as shared with the others' only up
-to the longest run the others of the pass draft (PassLoad.others_deepest_run, from the verifications), and one
-beyond it where the whole pass drafting that much together would pay (`_leads`: then the others follow, and
-runs grow together a position a step): beyond, the pass waits for its drafting passes alone (the verify pass
-regroups, speckv.batching), each a whole pass for every request waiting (LiveCost._positions_ms; nf4 at 8
-streams on an AVX2 EPYC, lone runs of 7-16 tokens held every request's step; fp16 at 8 requests on an AMX
-Xeon, lone one-token runs where drafting together did not pay). The verify pass itself charges a long run by
+to the longest run the others of the pass draft (PassLoad.others_deepest_run, from the verifications) and only
+where the whole pass drafting together would pay at all, and one beyond it where the whole pass drafting that
+much together would (a lead: then the others follow, and runs grow together a position a step; a lead that
+nobody follows for LEAD_PATIENCE steps ends; `_shared_prices`): beyond, the pass waits for its drafting passes
+alone (the verify pass regroups, speckv.batching), each a whole pass for every request waiting
+(LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16 tokens held every request's step;
+fp16 at 8 requests on an AMX Xeon, lone one-token runs where drafting together did not pay). The within-run
+stop prices one more token as the positions drafted along with the others cost on average. The verify pass
+itself charges a long run by
 its tokens only: where rows' lengths differ that much it packs them into one sequence rather than padding
 (speckv.workers.batched_forward).
 Where the replicas share one machine's cores (TierEstimates.sharing, set by the server), the requests in
@@ -86,6 +89,7 @@ from .signals import NO_STOP, DraftStop, token_acceptance
 OPTIMISM = 2.0  # log-odds added to acceptance before this request has seen any drafted token (÷ √(1 + seen))
 PROBE_SHARE = 0.02  # where drafting never pays, probes cost at most this share of throughput
 MIN_PROBE_EVERY = 8  # target-only steps between probes, at least
+LEAD_PATIENCE = 2  # drafting steps in a row that nobody else in the pass drafted, before a request stops leading
 
 
 class AdaptivePolicy:
@@ -120,6 +124,7 @@ class AdaptivePolicy:
         self._overlapped = False  # `prepare` is called (the engine overlaps it with verification)
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
         self._priced = False  # `_refresh` runs first at its first decision, with the load as it is then
+        self._unfollowed = 0  # its drafting steps in a row in passes where no other sequence drafted (`_shared_prices`)
         self.draft_stop = NO_STOP
 
     # ----------------------------------------------------------------- off the critical path
@@ -157,6 +162,10 @@ class AdaptivePolicy:
                 self.estimates.observe_acceptance(prior[:seen], [k < outcome.accepted for k in range(seen)], by_token)
             if outcome.timing is not None:
                 self.estimates.observe_step(outcome.gamma, outcome.timing)
+                if outcome.timing.others_deepest:  # another sequence of its pass drafted
+                    self._unfollowed = 0
+                elif outcome.gamma and outcome.timing.batch_size > 1:
+                    self._unfollowed += 1
         if self._queue:
             self._queue.clear()
             self._refresh()
@@ -179,20 +188,21 @@ class AdaptivePolicy:
             return extra
 
         # a position beyond the others' runs is shared only if they follow: they would where the whole pass
-        # drafting it together beats the runs it has now (LiveCost._positions_ms, `_leads`); alone in its
-        # passes there are no others to lead, and `_leads` grants it without pricing the lone runs
+        # drafting it together beats the runs it has now (LiveCost._positions_ms, `_shared_prices`); alone in
+        # its passes there are no others to lead, and the lead is granted without pricing the lone runs
         extra = extra_ms(deepest + 1)
         self._extra_leading = extra.tolist()
         self._deepest = deepest
         if sequences > 1:
             self._extra_lone = extra_ms(deepest).tolist()
+            self._extra_unshared = extra_ms(0).tolist() if deepest else self._extra_lone
             # every sequence drafting γ: γ drafting passes of all, and a verify pass scoring γ more tokens for each
             together = (np.asarray(cost.draft_ms(self._gammas, sequences))
                         + np.asarray(cost.verify_ms(sequences * self._gammas, 0, sequences, sequences - 1)))
             self._extra_together = ((together[1:] - together[0]) * max(self.estimates.tier.sharing, sequences)
                                     / sequences).tolist()  # per request: every one drafts γ, all wait
         else:
-            self._extra_lone = self._extra_together = None
+            self._extra_lone = self._extra_unshared = self._extra_together = None
         self._price0 = float(price[0])
         rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
                 or self._prior_rate)
@@ -207,7 +217,11 @@ class AdaptivePolicy:
         if self.predictor.token_weights and self._rate:
             *w, b = self.predictor.token_weights
             c = self.estimates.token_acceptance  # its calibration folds into the weights
-            marginal = float(extra[-1]) / len(extra)  # ms of one more drafted token
+            # ms of one more drafted token: the mean over the positions drafted along with the others (alone: all);
+            # over every position, those priced as lone drafting passes made a threshold that ended two-token
+            # runs after the first (GPU-like shape, 8 requests in a steady load: runs of 1.0 where 2 were chosen)
+            along = len(extra) if sequences == 1 and outside <= 0 else min(deepest + 1, len(extra))
+            marginal = float(extra[along - 1]) / along
             self._stop = DraftStop(0.0, min(1.0, self._rate * marginal),
                                    (*(c.slope * wi for wi in w), c.slope * b + c.intercept))
 
@@ -253,22 +267,39 @@ class AdaptivePolicy:
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, 0.0, self._extra_leading, self._price0)
             self._refresh()
-        extra = self._extra_leading if self._leads(logits, 0.0, catch_up_ms, remaining) else self._extra_lone
+        extra = self._shared_prices(logits, catch_up_ms, remaining)
         best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
             return self.run_cap if best == len(logits) else best
         return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra)
 
-    def _leads(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None) -> bool:
-        """Whether a position beyond the others' longest run is priced as drafted along with them: where every
-        request of the pass drafting more than that together pays (this request's acceptance standing for
-        theirs). Granted everywhere, a request whose pass did not draft priced its first position as shared,
-        drafted it, and held the whole pass through a drafting pass of its own where drafting together did
-        not pay (fp16 on an AMX Xeon, 8 requests: γ = 1 on 90 of 141 steps, 0.79x `none`); never granted,
-        nobody starts where drafting together would pay (tests/test_adaptive.py)."""
-        if self._extra_together is None:
-            return True
-        return self._gain_argmax(logits, bias, catch_up_ms, remaining, self._extra_together) > self._deepest
+    def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
+        """[γmax] what drafting γ costs, by how many positions are priced as drafted along with the others of
+        the pass: decided by the run that every request of the pass drafting together would pick (this request's
+        acceptance standing for theirs, `_extra_together`).
+        - Beyond the others' longest run: one more position (the lead) where drafting together goes further.
+          Granted everywhere, a request whose pass did not draft priced its first position as shared, drafted
+          it, and held the whole pass through a drafting pass of its own where drafting together did not pay
+          (fp16 on an AMX Xeon, 8 requests: γ = 1 on 90 of 141 steps, 0.79x `none`); never granted, nobody
+          starts where drafting together would pay (tests/test_adaptive.py).
+          The lead is a bet that the others follow: after LEAD_PATIENCE drafting steps in passes where no other
+          sequence drafted, nothing is priced as shared until another sequence of its pass drafts (its own
+          verifications say so; the tier's running "others' longest run" counts its own lone runs, as the others
+          saw them). The others may not follow for reasons its check
+          cannot see (their drafts must first read what they lack; their policy is not `adaptive`): the AMX
+          Xeon's fp16 shape, 8 requests in a steady load, one request at a time drafting alone for 8-14 steps
+          while the others waited for its drafting passes (0.93x `none`).
+        - Up to it: where drafting together pays at all. Where it does not, nothing is priced as shared: the
+          others' drafting is then a probe or a lead that stops, and each request joining it because riding
+          along costs little at the margin made a state, everyone drafting, slower than none."""
+        if self._extra_together is None:  # alone in its passes: nothing to share, nobody to lead
+            return self._extra_leading
+        if self._unfollowed >= LEAD_PATIENCE:
+            return self._extra_unshared
+        together = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, self._extra_together)
+        if together > self._deepest:
+            return self._extra_leading
+        return self._extra_lone if together else self._extra_unshared
 
     def _gain_argmax(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None,
                      extra: list[float]) -> int:

@@ -105,6 +105,44 @@ def test_where_drafting_together_pays_requests_draft_together(seed):
     assert adaptive >= 1.1 * runs[0] and mean_gamma > 0.5, (adaptive, runs, mean_gamma)
 
 
+@pytest.mark.parametrize("load", [8, 16])
+def test_under_a_steady_load_where_drafting_does_not_pay_adaptive_keeps_up_with_none(load):
+    """Eight or sixteen streams of four 32-token requests in a row on the AMX Xeon's fp16 shape (a load tool's
+    steady load; every fixed γ slower than `none`). At 16 a probe's one-sequence drafting passes, learned as if
+    they carried all sixteen, made the draft look 40% cheaper, and every new arrival drafted (0.89-0.91x `none`);
+    at 8 one request at a time led, nobody followed, and the others waited through its drafting passes for 8-14
+    steps (0.91-0.94x)."""
+    ratios = []
+    for seed in range(3):
+        acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(load)]
+        none, _ = decode_together(lambda e: fixed(0), AMX, acceptance, seed, requests=4, steady=True)
+        adaptive, _ = decode_together(_adaptive, AMX, acceptance, seed, requests=4, steady=True)
+        ratios.append(adaptive / none)
+    assert statistics.mean(ratios) >= 0.95, ratios
+
+
+def test_a_lead_that_nobody_follows_ends():
+    """Eight sequences a pass on the GPU-like shape, where drafting together pays, but the others never draft
+    (their policy is `none`, say): its verifications say so, and after LEAD_PATIENCE steps it stops pricing its
+    first position as shared and stops drafting alone (probes aside). Where the others draft, it drafts along."""
+    def gammas(others_deepest: int) -> list[int]:
+        policy = AdaptivePolicy(predictor_with_token_acceptance(0.7), "fp16", TierEstimates.calibrated(FLAT))
+        return _run(policy, [8] * 40, others_deepest)[20:]
+
+    assert statistics.mean(gammas(0)) <= 0.2 and statistics.mean(gammas(1)) >= 1.5
+
+
+def test_under_load_the_within_run_stop_prices_the_positions_drafted_along_with_the_others():
+    """Eight sequences a pass on the GPU-like shape, the others drafting one or two tokens: it chooses two,
+    and a first token accepted 70% of the time must not end the run. The stop threshold averaged over every
+    position up to γmax, those beyond the others' runs priced as lone drafting passes: 0.91-0.99, so every run
+    of two ended after its first token (GPU-like, 8 streams in a steady load: 0.95x the best fixed γ)."""
+    for others_deepest in (1, 2):
+        policy = AdaptivePolicy(predictor_with_token_acceptance(0.7), "fp16", TierEstimates.calibrated(FLAT))
+        assert _run(policy, [8] * 30, others_deepest)[-10:] == [2] * 10
+        assert 0 < policy.draft_stop.min_run_acceptance < 0.7, policy.draft_stop
+
+
 # CPU-like: drafting pays well once the draft has read the context, and reading it costs 10 ms a token
 CPU = CostModel(draft_ms_per_token=20.0, verify_ms_base=100.0, verify_ms_per_token=2.0, draft_prefill_ms_per_token=10.0)
 
