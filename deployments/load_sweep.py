@@ -127,6 +127,52 @@ def summarize(report: dict, level: str, values: list[float]) -> list[dict]:
     return rows
 
 
+def request_seconds(report: dict) -> dict[str, float]:
+    """Each finished request of a GuideLLM report's first benchmark by its prompt: seconds from its start to
+    its last token. GuideLLM's synthetic prompts are the same, in the same order, for every run with the same
+    settings, so a prompt names the same request in every policy's run of a level."""
+    out = {}
+    for r in report["benchmarks"][0]["requests"]["successful"]:
+        t = r["info"]["timings"]
+        if t.get("request_start") and t.get("last_token_iteration"):
+            out[json.loads(r["request_args"])["body"]["prompt"]] = t["last_token_iteration"] - t["request_start"]
+    return out
+
+
+def paired(report: dict, against: dict) -> dict:
+    """`report`'s requests against the same prompts' in `against` (another policy at the same level), as the
+    offline benchmarks compare policies (speckv.tools.stats.paired_speedup): n, the geometric-mean speedup
+    (`against`'s seconds over `report`'s: above 1, `report` was faster), its 95% bootstrap CI and the sign-flip
+    p. A level's requests share their passes, so they are not independent: read p as a screen, beside the
+    aggregate tokens/s; and the two runs ran one after the other, so drift of the machine falls on one only."""
+    from speckv.tools.stats import paired_speedup
+
+    a, b = request_seconds(report), request_seconds(against)
+    prompts = sorted(p for p in a.keys() & b.keys() if a[p] > 0 and b[p] > 0)
+    if not prompts:
+        return {"n": 0}
+    c = paired_speedup("report", [1 / a[p] for p in prompts], "against", [1 / b[p] for p in prompts])
+    return {"n": c.n, "speedup": c.speedup, "ci95": list(c.ci95), "p": c.p_value}
+
+
+def paired_levels(out: Path, tier: str, policies: list[str], files: list[str], of: str = "adaptive") -> list[dict]:
+    """`paired` for `of` against every other policy at every level (GuideLLM reports named `files`, one per level,
+    as `sweep` saves them under `out`)."""
+    def report(policy: str, file: str) -> dict | None:
+        path = out / f"{tier}-{policy.replace(':', '')}-{file}"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    rows = []
+    for file in files:
+        mine = report(of, file)
+        for policy in (p for p in policies if p != of):
+            theirs = report(policy, file)
+            if mine is not None and theirs is not None:
+                rows.append({"tier": tier, "level": file.removesuffix(".json"), "policy": of, "against": policy,
+                             **paired(mine, theirs)})
+    return rows
+
+
 def arrivals_valid(row: dict) -> bool:
     """Whether a Poisson level sent about the requests its rate asks for: at most the 99.9th percentile of
     Poisson(rate × window). GuideLLM 0.8.1's Poisson strategy can start its arrival clock at -1 instead of the
@@ -193,8 +239,25 @@ def sweep(args: argparse.Namespace) -> dict:
                     poisson.append({**row, "capacity_share": share})
             results["runs"].append({"tier": tier, "policy": policy, "concurrency": rows, "poisson": poisson,
                                     "capacity_requests_per_s": capacity})
+    results["paired"] = pair(out, results["args"])
     (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def pair(out: Path, args: dict) -> list[dict]:
+    """`adaptive` against each other policy swept, request by request, at every concurrency level (`paired_levels`;
+    Poisson levels are not paired: their rates are shares of each policy's own capacity)."""
+    if "adaptive" not in args["policies"]:
+        return []
+    return [row for tier in args["tiers"]
+            for row in paired_levels(out, tier, args["policies"], [f"c{c}.json" for c in args["concurrency"]])]
+
+
+def write_summary(results: dict, out: Path) -> None:
+    plot(results, out)
+    (out / "load_sweep.md").write_text(table(results) + "\n")
+    print(table(results))
+    print(f"saved {out / 'load_sweep.json'} and load_sweep.png")
 
 
 def table(results: dict) -> str:
@@ -212,6 +275,13 @@ def table(results: dict) -> str:
                          f"{r['itl_ms_p50']:.0f} / {r['itl_ms_p99']:.0f} | {r['requests_successful']} / "
                          f"{r['requests_incomplete']} / {r['requests_errored']} | {_maybe(r, 'mean_gamma')} | "
                          f"{_maybe(r, 'mean_batch')} |")
+    if results.get("paired"):
+        lines += ["", "| tier | level | policy | against | requests paired by prompt | speedup [95% CI] | p |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in results["paired"]:
+            low, high = r.get("ci95", (0, 0))
+            ratio = f"{r['speedup']:.2f}x [{low:.2f}, {high:.2f}] | {r['p']:.2g}" if r["n"] else "- | -"
+            lines.append(f"| {r['tier']} | {r['level']} | {r['policy']} | {r['against']} | {r['n']} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -227,6 +297,8 @@ def plot(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     tiers = sorted({r["tier"] for r in results["runs"]})
+    if not tiers:
+        return
     fig, axes = plt.subplots(3, len(tiers), figsize=(5 * len(tiers), 10), squeeze=False)
     for col, tier in enumerate(tiers):
         for run in (r for r in results["runs"] if r["tier"] == tier):
@@ -267,17 +339,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--seconds", type=float, default=120.0, help="length of each level's window")
     p.add_argument("--out", default="results/load")
+    p.add_argument("--pair", metavar="DIR", default=None,
+                   help="only add the request-by-request comparisons to the summary of a sweep saved in DIR "
+                        "(its GuideLLM reports beside it), and rewrite its table")
     args = p.parse_args(argv)
+    if args.pair:
+        out = Path(args.pair)
+        if not (out / "load_sweep.json").exists():
+            print(f"no load_sweep.json in {out}", file=sys.stderr)
+            return 2
+        results = json.loads((out / "load_sweep.json").read_text())
+        results["paired"] = pair(out, results["args"])
+        (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
+        write_summary(results, out)
+        return 0
     if not Path(args.guidellm).exists():
         print(f"GuideLLM not found at {args.guidellm}; run `make loadtool` (or pass --guidellm)", file=sys.stderr)
         return 2
     args.tokenizer = args.tokenizer or resolve_model_dir(DEFAULT_TARGET)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    results = sweep(args)
-    plot(results, Path(args.out))
-    (Path(args.out) / "load_sweep.md").write_text(table(results) + "\n")
-    print(table(results))
-    print(f"saved {Path(args.out) / 'load_sweep.json'} and load_sweep.png")
+    write_summary(sweep(args), Path(args.out))
     return 0
 
 

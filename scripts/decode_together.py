@@ -59,8 +59,9 @@ def main() -> None:
                       f"{row['adaptive_over_best']:.2f}")
     cells = summary(rows)
     for c in cells:
-        print(f"{c['shape']:<9} {c['workload']:<6} load {c['load']:>2}  best by mean {c['best']:<8} adaptive over it "
-              f"{c['adaptive_over_best']:.3f}  over none {c['adaptive_over_none']:.3f}  adaptive γ {c['mean_gamma']:.2f}")
+        print(f"{c['shape']:<9} {c['workload']:<6} load {c['load']:>2}  best by mean {c['best']:<8} "
+              f"adaptive over it {c['adaptive_over_best']:.3f}  over none {c['adaptive_over_none']:.3f}  "
+              f"adaptive γ {c['mean_gamma']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"seeds": args.seeds, "cells": cells, "rows": rows}, f, indent=1)

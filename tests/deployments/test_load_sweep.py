@@ -128,3 +128,40 @@ def test_poisson_rates_are_shares_of_the_capacity_measured_or_given(monkeypatch,
     args.capacity = 1.0
     load_sweep.sweep(args)
     assert asked == [("concurrency", 8), ("rate", 0.2), ("concurrency", 8), ("rate", 0.5)]
+
+
+def _requests(seconds: dict[str, float]) -> dict:
+    """A GuideLLM report whose finished requests took `seconds` each, by prompt."""
+    import json
+
+    return {"benchmarks": [{"requests": {"successful": [
+        {"request_args": json.dumps({"body": {"prompt": prompt}}),
+         "info": {"timings": {"request_start": 100.0, "last_token_iteration": 100.0 + s}}}
+        for prompt, s in seconds.items()]}}]}
+
+
+def test_policies_are_compared_request_by_request_on_the_same_prompts(tmp_path):
+    """adaptive against none at a level: the prompts both finished, paired (a prompt that one run cut is left
+    out), the speedup, and a p that is small only where every pair points the same way."""
+    import json
+
+    from deployments.load_sweep import paired, paired_levels
+
+    none = {f"p{i}": 10.0 + i for i in range(8)}
+    faster = {**{p: s / 1.25 for p, s in none.items()}, "cut-in-none": 1.0}
+    result = paired(_requests(faster), _requests(none))
+    assert result["n"] == 8 and abs(result["speedup"] - 1.25) < 1e-9 and result["p"] < 0.01
+    mixed = {p: s * (1.1 if i % 2 else 1 / 1.1) for i, (p, s) in enumerate(none.items())}
+    assert paired(_requests(mixed), _requests(none))["p"] > 0.5
+    assert paired(_requests({"a": 1.0}), _requests({"b": 1.0})) == {"n": 0}
+    for policy, seconds in (("adaptive", faster), ("none", none), ("fixed1", none)):
+        (tmp_path / f"nf4-{policy}-c8.json").write_text(json.dumps(_requests(seconds)))
+    rows = paired_levels(tmp_path, "nf4", ["none", "fixed:1", "adaptive"], ["c8.json", "c16.json"])
+    assert [(r["against"], r["level"], r["n"]) for r in rows] == [("none", "c8", 8), ("fixed:1", "c8", 8)]
+    # and added to an earlier sweep's summary (`--pair DIR`), its table rewritten
+    args = {"tiers": ["nf4"], "policies": ["none", "fixed:1", "adaptive"], "concurrency": [8, 16]}
+    (tmp_path / "load_sweep.json").write_text(json.dumps({"args": args, "runs": []}))
+    assert load_sweep.main(["--pair", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "load_sweep.json").read_text())["paired"] == rows
+    assert "| nf4 | c8 | adaptive | none | 8 | 1.25x" in (tmp_path / "load_sweep.md").read_text()
+    assert load_sweep.main(["--pair", str(tmp_path / "missing")]) == 2
