@@ -31,9 +31,8 @@ alone (the verify pass regroups, speckv.batching), each a whole pass for every r
 (LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16 tokens held every request's step;
 fp16 at 8 requests on an AMX Xeon, lone one-token runs where drafting together did not pay). The within-run
 stop prices one more token as the positions drafted along with the others cost on average. The verify pass
-itself charges a long run by
-its tokens only: where rows' lengths differ that much it packs them into one sequence rather than padding
-(speckv.workers.batched_forward).
+itself charges a long run by its tokens only: where rows' lengths differ that much it packs them into one
+sequence rather than padding (speckv.workers.batched_forward).
 Where the replicas share one machine's cores (TierEstimates.sharing, set by the server), the requests in
 flight that are not in its passes wait for them too, for its share of each drafting pass and its tokens in
 the verify pass (LiveCost.alone_ms): under load on one machine the
@@ -285,10 +284,10 @@ class AdaptivePolicy:
           The lead is a bet that the others follow: after LEAD_PATIENCE drafting steps in passes where no other
           sequence drafted, nothing is priced as shared until another sequence of its pass drafts (its own
           verifications say so; the tier's running "others' longest run" counts its own lone runs, as the others
-          saw them). The others may not follow for reasons its check
-          cannot see (their drafts must first read what they lack; their policy is not `adaptive`): the AMX
-          Xeon's fp16 shape, 8 requests in a steady load, one request at a time drafting alone for 8-14 steps
-          while the others waited for its drafting passes (0.93x `none`).
+          saw them). The others may not follow for reasons its check cannot see (their drafts must first read
+          what they lack; their policy is not `adaptive`): the AMX Xeon's fp16 shape, 8 requests in a steady
+          load, one request at a time drafting alone for 8-14 steps while the others waited for its drafting
+          passes (0.93x `none`).
         - Up to it: where drafting together pays at all. Where it does not, nothing is priced as shared: the
           others' drafting is then a probe or a lead that stops, and each request joining it because riding
           along costs little at the margin made a state, everyone drafting, slower than none."""
