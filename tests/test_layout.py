@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # entry points of the tools among the globbed files (speckv/cli/, the command line, is a package: not globbed)
-TOOLING = {"deployments/bench_serving.py", "deployments/load_run.py"}
+TOOLING = {"deployments/bench_serving.py", "deployments/load_run.py", "deployments/load_sweep.py"}
 
 
 def runtime_files() -> list[Path]:
