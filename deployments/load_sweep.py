@@ -127,6 +127,11 @@ def summarize(report: dict, level: str, values: list[float]) -> list[dict]:
     return rows
 
 
+def report_path(out: Path, tier: str, policy: str, level: str) -> Path:
+    """Where a sweep keeps GuideLLM's report of one level (`c8`: 8 streams; `r0.05`: Poisson at 0.05/s)."""
+    return out / f"{tier}-{policy.replace(':', '')}-{level}.json"
+
+
 def request_seconds(report: dict) -> dict[str, float]:
     """Each finished request of a GuideLLM report's first benchmark by its prompt: seconds from its start to
     its last token. GuideLLM's synthetic prompts are the same, in the same order, for every run with the same
@@ -155,21 +160,20 @@ def paired(report: dict, against: dict) -> dict:
     return {"n": c.n, "speedup": c.speedup, "ci95": list(c.ci95), "p": c.p_value}
 
 
-def paired_levels(out: Path, tier: str, policies: list[str], files: list[str], of: str = "adaptive") -> list[dict]:
-    """`paired` for `of` against every other policy at every level (GuideLLM reports named `files`, one per level,
-    as `sweep` saves them under `out`)."""
-    def report(policy: str, file: str) -> dict | None:
-        path = out / f"{tier}-{policy.replace(':', '')}-{file}"
+def paired_levels(out: Path, tier: str, policies: list[str], levels: list[str], of: str = "adaptive") -> list[dict]:
+    """`paired` for `of` against every other policy at every level (`report_path`'s `level`), from the GuideLLM
+    reports `sweep` saved under `out`."""
+    def report(policy: str, level: str) -> dict | None:
+        path = report_path(out, tier, policy, level)
         return json.loads(path.read_text()) if path.exists() else None
 
     rows = []
-    for file in files:
-        mine = report(of, file)
+    for level in levels:
+        mine = report(of, level)
         for policy in (p for p in policies if p != of):
-            theirs = report(policy, file)
+            theirs = report(policy, level)
             if mine is not None and theirs is not None:
-                rows.append({"tier": tier, "level": file.removesuffix(".json"), "policy": of, "against": policy,
-                             **paired(mine, theirs)})
+                rows.append({"tier": tier, "level": level, "policy": of, "against": policy, **paired(mine, theirs)})
     return rows
 
 
@@ -227,30 +231,30 @@ def sweep(args: argparse.Namespace) -> dict:
     for tier in args.tiers:
         warm_up(args.url, tier)
         for policy in args.policies:
-            name = f"{tier}-{policy.replace(':', '')}"
-            rows = [run_level(args, tier, policy, "concurrency", c, out / f"{name}-c{c}.json")
+            rows = [run_level(args, tier, policy, "concurrency", c, report_path(out, tier, policy, f"c{c}"))
                     for c in args.concurrency]
             capacity = args.capacity or max(r["requests_per_s"] for r in rows)
             poisson = []
             for share in args.rate_shares:
                 rate = round(share * capacity, 4)
                 if rate > 0:
-                    row = run_level(args, tier, policy, "rate", rate, out / f"{name}-r{rate}.json")
+                    row = run_level(args, tier, policy, "rate", rate, report_path(out, tier, policy, f"r{rate}"))
                     poisson.append({**row, "capacity_share": share})
             results["runs"].append({"tier": tier, "policy": policy, "concurrency": rows, "poisson": poisson,
                                     "capacity_requests_per_s": capacity})
-    results["paired"] = pair(out, results["args"])
-    (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
+    save_paired(results, out)
     return results
 
 
-def pair(out: Path, args: dict) -> list[dict]:
-    """`adaptive` against each other policy swept, request by request, at every concurrency level (`paired_levels`;
-    Poisson levels are not paired: their rates are shares of each policy's own capacity)."""
-    if "adaptive" not in args["policies"]:
-        return []
-    return [row for tier in args["tiers"]
-            for row in paired_levels(out, tier, args["policies"], [f"c{c}.json" for c in args["concurrency"]])]
+def save_paired(results: dict, out: Path) -> None:
+    """Add `adaptive` against each other policy swept, request by request, at every concurrency level
+    (`paired_levels`; Poisson levels are not paired: their rates are shares of each policy's own capacity), and
+    save the summary as load_sweep.json."""
+    args = results["args"]
+    results["paired"] = [] if "adaptive" not in args["policies"] else [
+        row for tier in args["tiers"]
+        for row in paired_levels(out, tier, args["policies"], [f"c{c}" for c in args["concurrency"]])]
+    (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
 
 
 def write_summary(results: dict, out: Path) -> None:
@@ -349,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no load_sweep.json in {out}", file=sys.stderr)
             return 2
         results = json.loads((out / "load_sweep.json").read_text())
-        results["paired"] = pair(out, results["args"])
-        (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
+        save_paired(results, out)
         write_summary(results, out)
         return 0
     if not Path(args.guidellm).exists():

@@ -87,12 +87,14 @@ class CostModel:
 
     def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
         """Time of drafting γ tokens, one pass per position, each carrying `sequences` requests."""
-        return (self.draft_ms_per_token + self.draft_ms_per_sequence * max(sequences - 1, 0)) * gamma
+        return self.drafting_passes_ms(gamma, np.asarray(gamma) * max(sequences, 1))
 
-    def drafting_passes_ms(self, passes: int, rows: int) -> float:
+    def drafting_passes_ms(self, passes: int | np.ndarray, rows: int | np.ndarray) -> float | np.ndarray:
         """Time of a batch's drafting passes: `passes` passes (its longest run) carrying `rows` sequence-positions
         in all (the sum of its runs); what a proposal's `compute_ms` measured (speckv.workers.Proposal)."""
-        return self.draft_ms_per_token * passes + self.draft_ms_per_sequence * max(rows - passes, 0)
+        out = self.draft_ms_per_token * np.asarray(passes) + self.draft_ms_per_sequence * np.maximum(
+            np.asarray(rows) - passes, 0)
+        return float(out) if np.ndim(passes) == 0 else out
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                 other_tokens: float = 0.0) -> float | np.ndarray:
@@ -319,7 +321,7 @@ class LiveCost:
         others = max(batch_tokens - (gamma + 1), 0)
         if gamma > 0 and draft_behind <= CAUGHT_UP:
             predicted = (self.base.drafting_passes_ms(draft_passes, draft_rows) if draft_passes
-                         else float(self.base.draft_ms(gamma, sequences)))
+                         else self.base.draft_ms(gamma, sequences))
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, predicted, draft_waited_ms)
         fixed, tokens = self._verify_parts(gamma, context_len, sequences, others)
         if self.learn_shape:

@@ -156,7 +156,7 @@ def test_policies_are_compared_request_by_request_on_the_same_prompts(tmp_path):
     assert paired(_requests({"a": 1.0}), _requests({"b": 1.0})) == {"n": 0}
     for policy, seconds in (("adaptive", faster), ("none", none), ("fixed1", none)):
         (tmp_path / f"nf4-{policy}-c8.json").write_text(json.dumps(_requests(seconds)))
-    rows = paired_levels(tmp_path, "nf4", ["none", "fixed:1", "adaptive"], ["c8.json", "c16.json"])
+    rows = paired_levels(tmp_path, "nf4", ["none", "fixed:1", "adaptive"], ["c8", "c16"])
     assert [(r["against"], r["level"], r["n"]) for r in rows] == [("none", "c8", 8), ("fixed:1", "c8", 8)]
     # and added to an earlier sweep's summary (`--pair DIR`), its table rewritten
     args = {"tiers": ["nf4"], "policies": ["none", "fixed:1", "adaptive"], "concurrency": [8, 16]}
