@@ -207,7 +207,11 @@ class AdaptivePolicy:
                 or self._prior_rate)
         # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
         self._rate = max(rate, 1.0 / float(price[0])) if rate else None
-        self._probe_every = max(MIN_PROBE_EVERY, math.ceil(float(extra[0]) / (PROBE_SHARE * price[0])))
+        # a probe is one token drafted along with the others' runs where they draft, else a drafting pass of its
+        # own that the whole pass waits for: priced as a shared position (the lead's price), probes under load were
+        # spaced as if nearly free (AMX fp16 shape, 8-16 requests where `none` is best: 0.96-0.97x of it)
+        self._probe_extra = float((self._extra_lone if sequences > 1 else extra)[0])
+        self._probe_every = max(MIN_PROBE_EVERY, math.ceil(self._probe_extra / (PROBE_SHARE * price[0])))
         # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass and,
         # where the replicas share the cores, by every request on them (a prefill pass holds the cores)
         waiting = max(sequences, self.estimates.tier.sharing)
@@ -334,7 +338,7 @@ class AdaptivePolicy:
             return run
         tier.target_only_steps += 1
         probe_every = self._probe_every if not catch_up_ms else max(
-            self._probe_every, math.ceil((self._extra_leading[0] + catch_up_ms) / (PROBE_SHARE * self._price0)))
+            self._probe_every, math.ceil((self._probe_extra + catch_up_ms) / (PROBE_SHARE * self._price0)))
         if tier.target_only_steps >= probe_every:
             tier.target_only_steps = 0
             self.draft_stop = NO_STOP

@@ -118,7 +118,21 @@ def test_under_a_steady_load_where_drafting_does_not_pay_adaptive_keeps_up_with_
         none, _ = decode_together(lambda e: fixed(0), AMX, acceptance, seed, requests=4, steady=True)
         adaptive, _ = decode_together(_adaptive, AMX, acceptance, seed, requests=4, steady=True)
         ratios.append(adaptive / none)
-    assert statistics.mean(ratios) >= 0.95, ratios
+    assert statistics.mean(ratios) >= 0.975, ratios  # probes priced as shared positions: 0.964 (8), 0.969 (16)
+
+
+def test_under_load_a_probe_is_priced_as_the_drafting_pass_it_runs_alone():
+    """Sixteen requests decoding 32 tokens together on the AMX Xeon's fp16 shape, where `none` is best and
+    nobody drafts: a probe drafts one token alone, and the pass waits through its drafting pass. Spaced as if its
+    position rode along in the others' drafting passes (the lead's price), probes cost 3-4% (0.96-0.97x `none`),
+    twice their budget."""
+    ratios = []
+    for seed in range(3):
+        acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(16)]
+        none, _ = decode_together(lambda e: fixed(0), AMX, acceptance, seed)
+        adaptive, _ = decode_together(_adaptive, AMX, acceptance, seed)
+        ratios.append(adaptive / none)
+    assert min(ratios) >= 0.98, ratios
 
 
 def test_a_lead_that_nobody_follows_ends():
