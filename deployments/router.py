@@ -70,6 +70,7 @@ class Router:
         self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
         self._active = 0  # generations in flight on this replica (admission control)
+        self._in_flight: Counter[str] = Counter()  # of those, per tier (TierEstimates.in_flight)
         # every step this replica ran, per (tier, policy), and the requests that ended (GET /speckv/stats)
         self.totals: dict[tuple[str, str], RequestStats] = {}
         self.requests_ended: Counter[tuple[str, str]] = Counter()
@@ -98,8 +99,9 @@ class Router:
         self._update_sharing()
 
     def _update_sharing(self) -> None:
-        if self.config.share_cores:
-            for estimates in self._estimates.values():
+        for tier, estimates in self._estimates.items():
+            estimates.in_flight = self._in_flight[tier]
+            if self.config.share_cores:
                 estimates.sharing = max(self._active, 1)
 
     async def _tier_estimates(self, tier: str) -> TierEstimates:
@@ -152,13 +154,14 @@ class Router:
         stats = RequestStats(policy.name, predictor_version=predictor.version() if predictor else None)
         return Generation(request, policy, tier.value, stats)
 
-    def _admit(self) -> None:
+    def _admit(self, tier: str) -> None:
         """Take a generation slot or answer 429: overload is refused at once, not queued without bound."""
         if self.active >= self.config.max_concurrent_generations:
             self.metrics.requests.inc(1, {"tier": "", "outcome": "rejected"})
             raise APIError(429, f"server busy: {self.active} generations in flight; retry after "
                                 f"{self.config.retry_after_s} s", type_="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(self.config.retry_after_s)})
+        self._in_flight[tier] += 1
         self.active += 1
 
     # ------------------------------------------------------------------ running it
@@ -205,9 +208,9 @@ class Router:
 
     async def _respond(self, req, prompt_ids: list[int], max_tokens: int | None, chat: bool):
         gen = await self._prepare(req, prompt_ids, max_tokens)
-        self._admit()
+        self._admit(gen.tier)
         events = self._events(gen)
-        close = self._closer(events)
+        close = self._closer(events, gen.tier)
         try:  # the first step runs before answering, so failures before any token get a proper HTTP status
             await asyncio.sleep(0)  # requests that arrived with it are in flight before it decides its first step
             first = await anext(events, None)
@@ -229,7 +232,7 @@ class Router:
         return ClosingStreamingResponse(self._stream(reply, gen.stats, first, events, options, close), on_close=close,
                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def _closer(self, events: AsyncIterator[StepEvent]) -> Callable[[], Awaitable[None]]:
+    def _closer(self, events: AsyncIterator[StepEvent], tier: str) -> Callable[[], Awaitable[None]]:
         """What ends an admitted generation, once, however it ends (finished, failed, its client gone before
         or during its stream): its slot given back and its steps closed (the workers' sessions released now).
         A slot that a cancelled first step or a stream closed before it began kept was never given back: after
@@ -242,6 +245,7 @@ class Router:
             nonlocal closed
             if not closed:
                 closed = True
+                self._in_flight[tier] -= 1
                 self.active -= 1
                 await events.aclose()
         return close

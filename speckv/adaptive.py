@@ -70,7 +70,8 @@ than `none`'s on an AVX2-only EPYC, 40 µs p50 in all). So a
 decision uses the estimates as of the step before last, in every mode: without `prepare` (replay, a
 colocated replica) `choose` decides now and folds the new evidence in itself, after deciding. A request is
 first priced at its first decision, with the load as it is then (a server makes the policy before counting
-the request in flight).
+the request in flight); before any verification has reported a pass, a pass is priced as carrying every request
+in flight on the tier (TierEstimates.in_flight: a burst's first steps).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class AdaptivePolicy:
         """Step prices, the rate, the stop rule and the probe spacing from the current estimates and load."""
         cost = self.estimates.tier.cost
         load = self.estimates.tier.load
-        sequences, others = load.now()
+        sequences, others = load.now(self.estimates.tier.in_flight)
         deepest = load.others_deepest_run()
         price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes

@@ -434,8 +434,11 @@ class PassLoad:
         """The longest draft run among the others of a pass, as recent passes had it (0: they did not draft)."""
         return round(self.others_deepest.value)
 
-    def now(self) -> tuple[int, float]:
-        """(sequences in a pass, tokens the others in it score), 1 and 0 before any pass was seen."""
+    def now(self, in_flight: int = 1) -> tuple[int, float]:
+        """(sequences in a pass, tokens the others in it score); before any pass was seen, a pass of the
+        `in_flight` requests, one token each."""
+        if not self.sequences.recent:
+            return max(in_flight, 1), float(max(in_flight, 1) - 1)
         sequences = max(1, round(self.sequences.value))
         if sequences == 1:
             return 1, 0.0

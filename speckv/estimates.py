@@ -129,6 +129,10 @@ class TierEstimates:
     # requests in flight on the cores this tier's passes run on, where the replicas share them (one machine: the
     # server sets it); each waits for every pass, including those it is not in. 1: only a pass's own wait for it
     sharing: int = 1
+    # requests in flight on this tier (the server counts them): before any verification has reported its pass,
+    # a pass is priced as carrying them all. Priced as alone, the first steps of a burst drafted where drafting
+    # together would not pay, and did not draft together where it would (PassLoad.now)
+    in_flight: int = 0
 
     predictor_version: str | None = None  # the predictor whose outputs the acceptance calibrations map
     _predictor: object = field(default=None, repr=False)  # the last one seen (a version is a hash: taken once each)
@@ -153,7 +157,7 @@ class TierEstimates:
 
     def load_dict(self) -> dict:
         """What its passes carry now, and the generations in flight its drafting is priced for."""
-        return {**self.load.to_dict(), "sharing": self.sharing}
+        return {**self.load.to_dict(), "sharing": self.sharing, "in_flight": self.in_flight}
 
     def mode(self, greedy: bool) -> ModeEstimates:
         return self.greedy if greedy else self.sampled

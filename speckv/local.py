@@ -162,6 +162,7 @@ class LocalEngine:
             running[0] += delta
             if self.estimates is not None:
                 self.estimates.sharing = max(running[0], 1)
+                self.estimates.in_flight = running[0]
 
         async def one(request: GenerationRequest, delay: float) -> GenerationResult:
             if delay > 0:

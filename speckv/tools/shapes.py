@@ -148,7 +148,7 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
     running = [new_request(a) for a in acceptance]
     clock, gammas, emitted = 0.0, [], 0
     while running:
-        estimates.sharing = len(running)
+        estimates.sharing = estimates.in_flight = len(running)
         for r in running:
             r["context"] = r["progress"].context(r["step"], r["position"], prompt_len + r["position"])
             gamma = min(r["policy"].choose(r["context"]), tokens - r["position"] - 1)

@@ -248,10 +248,12 @@ def test_generations_in_flight_are_the_sharing_adaptive_prices_on_shared_cores(m
     r = Router(config, {"fp16": FakeHandle(object())}, controller=None, draft=FakeHandle(object()))
     r._estimates["fp16"] = estimates = TierEstimates.calibrated(CostModel(50.0, 100.0, 2.0))
     for _ in range(3):
-        r._admit()
+        r._admit("fp16")
     assert estimates.sharing == (3 if share_cores else 1)
+    assert estimates.in_flight == 3  # whether or not they share the cores, a pass may carry them all
+    r._in_flight["fp16"] -= 3
     r.active -= 3
-    assert estimates.sharing == 1
+    assert estimates.sharing == 1 and estimates.in_flight == 0
 
 
 def test_a_client_gone_during_the_first_step_gives_its_slot_back(router):
