@@ -5,8 +5,9 @@
     python -m deployments.load_sweep --url http://127.0.0.1:8000 --tiers nf4,fp16 \
         --policies none,fixed:1,adaptive --concurrency 1,2,4,8,16 --rate-shares 0.25,0.5 --out docs/results/load
 
-For each tier and policy GuideLLM runs fixed numbers of concurrent streams, then Poisson arrivals at shares of
-the capacity (requests/s) the highest concurrency reached, with synthetic prompts of --prompt-tokens tokens
+For each tier GuideLLM runs fixed numbers of concurrent streams, then Poisson arrivals at shares of the capacity
+(requests/s) the highest concurrency reached, every policy at each level before the next level (their order
+reversed from level to level, so drift falls on all of them), with synthetic prompts of --prompt-tokens tokens
 and exactly --output-tokens generated tokens each (`ignore_eos`), greedy, streamed, the policy chosen by the
 request's `speculation` field. Each level is its own GuideLLM run, with the server's `GET /speckv/stats`
 read before and after it, so the summary has what speculation did at that level (mean γ, sequences per
@@ -225,25 +226,37 @@ def warm_up(url: str, tier: str, requests: int = 2) -> None:
 
 
 def sweep(args: argparse.Namespace) -> dict:
-    """Every tier and policy: the concurrency levels, then Poisson rates at shares of the capacity reached."""
+    """Every tier: each concurrency level run for every policy, then Poisson rates at shares of the capacity each
+    policy reached. The policies are interleaved level by level, their order reversed from one level to the next
+    (A B, B A, A B ...), so a drift of the machine falls on all of them rather than on the policy run last (run
+    one policy after another, a noisy neighbour arriving mid-sweep reads as a policy's regression)."""
     out = Path(args.out)
     results: dict = {"args": vars(args), "runs": []}
     for tier in args.tiers:
         warm_up(args.url, tier)
-        for policy in args.policies:
-            rows = [run_level(args, tier, policy, "concurrency", c, report_path(out, tier, policy, f"c{c}"))
-                    for c in args.concurrency]
-            capacity = args.capacity or max(r["requests_per_s"] for r in rows)
-            poisson = []
-            for share in args.rate_shares:
-                rate = round(share * capacity, 4)
+        rows: dict[str, list[dict]] = {policy: [] for policy in args.policies}
+        for i, c in enumerate(args.concurrency):
+            for policy in _in_turn(args.policies, i):
+                rows[policy].append(run_level(args, tier, policy, "concurrency", c,
+                                              report_path(out, tier, policy, f"c{c}")))
+        capacity = {policy: args.capacity or max((r["requests_per_s"] for r in rows[policy]), default=0.0)
+                    for policy in args.policies}
+        poisson: dict[str, list[dict]] = {policy: [] for policy in args.policies}
+        for i, share in enumerate(args.rate_shares, start=len(args.concurrency)):
+            for policy in _in_turn(args.policies, i):
+                rate = round(share * capacity[policy], 4)
                 if rate > 0:
                     row = run_level(args, tier, policy, "rate", rate, report_path(out, tier, policy, f"r{rate}"))
-                    poisson.append({**row, "capacity_share": share})
-            results["runs"].append({"tier": tier, "policy": policy, "concurrency": rows, "poisson": poisson,
-                                    "capacity_requests_per_s": capacity})
+                    poisson[policy].append({**row, "capacity_share": share})
+        results["runs"] += [{"tier": tier, "policy": policy, "concurrency": rows[policy], "poisson": poisson[policy],
+                             "capacity_requests_per_s": capacity[policy]} for policy in args.policies]
     save_paired(results, out)
     return results
+
+
+def _in_turn(policies: list[str], level: int) -> list[str]:
+    """The policies in the order level `level` runs them: as given, then reversed, alternately."""
+    return list(policies) if level % 2 == 0 else list(reversed(policies))
 
 
 def save_paired(results: dict, out: Path) -> None:

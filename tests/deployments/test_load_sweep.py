@@ -130,6 +130,28 @@ def test_poisson_rates_are_shares_of_the_capacity_measured_or_given(monkeypatch,
     assert asked == [("concurrency", 8), ("rate", 0.2), ("concurrency", 8), ("rate", 0.5)]
 
 
+def test_policies_are_interleaved_level_by_level_in_alternating_order(monkeypatch, tmp_path):
+    """Every policy runs a level before the next level starts, in an order reversed from one level to the next,
+    so a drift of the machine is shared between them; each policy's Poisson rate is a share of its own
+    capacity, and each policy's rows stay its own."""
+    asked = []
+
+    def level(args, tier, policy, kind, value, out):
+        asked.append((policy, kind, value))
+        return {"requests_per_s": {"none": 0.2, "adaptive": 0.4}[policy] * value, "rate": value}
+
+    monkeypatch.setattr(load_sweep, "run_level", level)
+    monkeypatch.setattr(load_sweep, "warm_up", lambda url, tier: None)
+    args = argparse.Namespace(url="u", out=str(tmp_path), tiers=["nf4"], policies=["none", "adaptive"],
+                              concurrency=[1, 8], rate_shares=[0.5], capacity=None)
+    results = load_sweep.sweep(args)
+    assert asked == [("none", "concurrency", 1), ("adaptive", "concurrency", 1), ("adaptive", "concurrency", 8),
+                     ("none", "concurrency", 8), ("none", "rate", 0.8), ("adaptive", "rate", 1.6)]
+    by_policy = {run["policy"]: run for run in results["runs"]}
+    assert [r["requests_per_s"] for r in by_policy["adaptive"]["concurrency"]] == [0.4, 3.2]
+    assert by_policy["none"]["poisson"][0]["rate"] == 0.8
+
+
 def _requests(seconds: dict[str, float]) -> dict:
     """A GuideLLM report whose finished requests took `seconds` each, by prompt."""
     import json
