@@ -96,9 +96,10 @@ class Router:
         """Where the model replicas share the machine's cores, every generation in flight waits for the passes
         of the others, whatever its tier: `adaptive` prices its drafting for all of them (TierEstimates.sharing)."""
         self._active = n
-        self._update_sharing()
+        self._update_in_flight()
 
-    def _update_sharing(self) -> None:
+    def _update_in_flight(self) -> None:
+        """Tell each tier's estimates its generations in flight (and, on shared cores, everyone's)."""
         for tier, estimates in self._estimates.items():
             estimates.in_flight = self._in_flight[tier]
             if self.config.share_cores:
@@ -113,7 +114,7 @@ class Router:
                 measured = {**measured, **(await self.draft.calibration.remote())}
             cost = cost_model(Calibration.from_dict(measured["draft"]), Calibration.from_dict(measured["target"]))
             self._estimates.setdefault(tier, TierEstimates.calibrated(cost))
-            self._update_sharing()
+            self._update_in_flight()
         return self._estimates[tier]
 
     def _check_limits(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
