@@ -239,7 +239,9 @@ def test_stats_count_what_each_policy_did_on_this_replica(router):
 @pytest.mark.parametrize("share_cores", [True, False])
 def test_generations_in_flight_are_the_sharing_adaptive_prices_on_shared_cores(models, share_cores):
     """Where the replicas share the machine's cores, every generation in flight (any tier, any policy) waits
-    for the others' passes: the router tells each tier's estimates how many there are (TierEstimates.sharing)."""
+    for the others' passes: the router tells each tier's estimates how many there are (TierEstimates.sharing).
+    And, shared cores or not, how many are in flight on the tier: a pass may carry them all, and before any pass
+    is seen `adaptive` prices one as carrying them (TierEstimates.in_flight)."""
     from speckv.cost_model import CostModel
     from speckv.estimates import TierEstimates
 
