@@ -210,9 +210,14 @@ class AdaptivePolicy:
         self._rate = max(rate, 1.0 / float(price[0])) if rate else None
         # a probe is one token drafted along with the others' runs where they draft, else a drafting pass of its
         # own that the whole pass waits for: priced as a shared position (the lead's price), probes under load were
-        # spaced as if nearly free (AMX fp16 shape, 8-16 requests where `none` is best: 0.96-0.97x of it)
+        # spaced as if nearly free (AMX fp16 shape, 8-16 requests where `none` is best: 0.96-0.97x of it).
+        # Under load the tier probes as often per pass as a lone request per step, so PROBE_SHARE / sequences of
+        # throughput: what a probe teaches (the tier's acceptance and draft cost) serves every request of the tier,
+        # and the passes report the load without one; at the full share, probes were the 2% by which `adaptive`
+        # trailed `none` at fp16, 8 streams, on an AVX2 EPYC (p = 0.028)
         self._probe_extra = float((self._extra_lone if sequences > 1 else extra)[0])
-        self._probe_every = max(MIN_PROBE_EVERY, math.ceil(self._probe_extra / (PROBE_SHARE * price[0])))
+        self._probe_every = max(MIN_PROBE_EVERY,
+                                math.ceil(self._probe_extra * sequences / (PROBE_SHARE * price[0])))
         # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass and,
         # where the replicas share the cores, by every request on them (a prefill pass holds the cores)
         waiting = max(sequences, self.estimates.tier.sharing)
