@@ -69,8 +69,7 @@ class Router:
         self._predictor_checked = 0.0
         self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
-        self._active = 0  # generations in flight on this replica (admission control)
-        self._in_flight: Counter[str] = Counter()  # of those, per tier (TierEstimates.in_flight)
+        self._in_flight: Counter[str] = Counter()  # generations in flight on this replica, per tier
         # every step this replica ran, per (tier, policy), and the requests that ended (GET /speckv/stats)
         self.totals: dict[tuple[str, str], RequestStats] = {}
         self.requests_ended: Counter[tuple[str, str]] = Counter()
@@ -89,21 +88,23 @@ class Router:
 
     @property
     def active(self) -> int:
-        return self._active
+        """Generations in flight on this replica, all tiers (admission control)."""
+        return sum(self._in_flight.values())
 
-    @active.setter
-    def active(self, n: int) -> None:
-        """Where the model replicas share the machine's cores, every generation in flight waits for the passes
-        of the others, whatever its tier: `adaptive` prices its drafting for all of them (TierEstimates.sharing)."""
-        self._active = n
+    def _count(self, tier: str, delta: int) -> None:
+        """A generation of `tier` admitted (+1) or ended (-1), and each tier's estimates told: its own in flight
+        (a pass may carry them all: TierEstimates.in_flight) and, where the model replicas share the machine's
+        cores, everyone's, since every generation in flight waits for the others' passes whatever its tier
+        (`adaptive` prices its drafting for all of them: TierEstimates.sharing)."""
+        self._in_flight[tier] += delta
         self._update_in_flight()
 
     def _update_in_flight(self) -> None:
-        """Tell each tier's estimates its generations in flight (and, on shared cores, everyone's)."""
+        active = self.active
         for tier, estimates in self._estimates.items():
             estimates.in_flight = self._in_flight[tier]
             if self.config.share_cores:
-                estimates.sharing = max(self._active, 1)
+                estimates.sharing = max(active, 1)
 
     async def _tier_estimates(self, tier: str) -> TierEstimates:
         """What `adaptive` knows of a tier's step costs: the calibration its replicas measured when they loaded
@@ -162,8 +163,7 @@ class Router:
             raise APIError(429, f"server busy: {self.active} generations in flight; retry after "
                                 f"{self.config.retry_after_s} s", type_="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(self.config.retry_after_s)})
-        self._in_flight[tier] += 1
-        self.active += 1
+        self._count(tier, +1)
 
     # ------------------------------------------------------------------ running it
 
@@ -246,8 +246,7 @@ class Router:
             nonlocal closed
             if not closed:
                 closed = True
-                self._in_flight[tier] -= 1
-                self.active -= 1
+                self._count(tier, -1)
                 await events.aclose()
         return close
 

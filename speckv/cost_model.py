@@ -438,7 +438,8 @@ class PassLoad:
         """(sequences in a pass, tokens the others in it score); before any pass was seen, a pass of the
         `in_flight` requests, one token each."""
         if not self.sequences.recent:
-            return max(in_flight, 1), float(max(in_flight, 1) - 1)
+            n = max(in_flight, 1)
+            return n, float(n - 1)
         sequences = max(1, round(self.sequences.value))
         if sequences == 1:
             return 1, 0.0

@@ -253,8 +253,8 @@ def test_generations_in_flight_are_the_sharing_adaptive_prices_on_shared_cores(m
         r._admit("fp16")
     assert estimates.sharing == (3 if share_cores else 1)
     assert estimates.in_flight == 3  # whether or not they share the cores, a pass may carry them all
-    r._in_flight["fp16"] -= 3
-    r.active -= 3
+    for _ in range(3):
+        r._count("fp16", -1)
     assert estimates.sharing == 1 and estimates.in_flight == 0
 
 
