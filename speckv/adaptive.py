@@ -216,8 +216,8 @@ class AdaptivePolicy:
         # and the passes report the load without one; at the full share, probes were the 2% by which `adaptive`
         # trailed `none` at fp16, 8 streams, on an AVX2 EPYC (p = 0.028)
         self._probe_extra = float((self._extra_lone if sequences > 1 else extra)[0])
-        self._probe_every = max(MIN_PROBE_EVERY,
-                                math.ceil(self._probe_extra * sequences / (PROBE_SHARE * price[0])))
+        self._sequences = sequences
+        self._probe_every = self._probe_spacing(self._probe_extra)
         # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass and,
         # where the replicas share the cores, by every request on them (a prefill pass holds the cores)
         waiting = max(sequences, self.estimates.tier.sharing)
@@ -343,13 +343,17 @@ class AdaptivePolicy:
             self.draft_stop = self._stop
             return run
         tier.target_only_steps += 1
-        probe_every = self._probe_every if not catch_up_ms else max(
-            self._probe_every, math.ceil((self._probe_extra + catch_up_ms) / (PROBE_SHARE * self._price0)))
+        probe_every = self._probe_every if not catch_up_ms else self._probe_spacing(self._probe_extra + catch_up_ms)
         if tier.target_only_steps >= probe_every:
             tier.target_only_steps = 0
             self.draft_stop = NO_STOP
             return 1
         return 0
+
+    def _probe_spacing(self, probe_ms: float) -> int:
+        """Target-only tier steps between probes that cost `probe_ms` (all who wait for it, told): PROBE_SHARE
+        of throughput alone, PROBE_SHARE / sequences under load (a pass is `sequences` tier steps)."""
+        return max(MIN_PROBE_EVERY, math.ceil(probe_ms * self._sequences / (PROBE_SHARE * self._price0)))
 
     def observe(self, outcome: StepOutcome) -> None:
         """Queue the step's outcome (with the prior its choice used); it is folded in off the critical path."""
