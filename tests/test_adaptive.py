@@ -125,25 +125,29 @@ def test_under_a_steady_load_where_drafting_does_not_pay_adaptive_keeps_up_with_
     assert statistics.mean(ratios) >= 0.995, ratios
 
 
-def test_under_load_probes_go_on_no_more_often_per_pass_than_alone_per_step():
-    """Where drafting never pays (a draft token 150 ms, a verify pass 100 ms), γ = 0 stays not absorbing under
-    load: a request of a tier whose passes carry eight sequences still probes. Its tier probes no more often per
-    pass than a lone request per step (PROBE_SHARE over the sequences of a pass): what a probe teaches serves the
-    whole tier, and the passes report the load without one."""
-    def first_probe(sequences: int) -> int | None:
-        estimates = TierEstimates.calibrated(CostModel(draft_ms_per_token=150.0, verify_ms_base=100.0,
-                                                       verify_ms_per_token=2.0))
-        for _ in range(9):
-            estimates.load.observe(sequences, sequences)
-        policy = AdaptivePolicy(predictor_with_acceptance(0.7), "fp16", estimates)
-        progress = RequestProgress(max_new_tokens=100_000)
-        return next((step for step in range(20_000) if policy.choose(progress.context(step, step, 2 + step))), None)
+def _first_probe(sequences: int, prefill_ms_per_token: float = 0.0, context_len: int | None = None) -> int | None:
+    """The step of a request's first probe where drafting never pays (a draft token 150 ms, a verify pass
+    100 ms), its tier's passes carrying `sequences`; its context `context_len` tokens (None: 2 + step), none of
+    them read by its draft, which reads a token in `prefill_ms_per_token`."""
+    estimates = TierEstimates.calibrated(CostModel(draft_ms_per_token=150.0, verify_ms_base=100.0,
+                                                   verify_ms_per_token=2.0,
+                                                   draft_prefill_ms_per_token=prefill_ms_per_token))
+    for _ in range(9):
+        estimates.load.observe(sequences, sequences)
+    policy = AdaptivePolicy(predictor_with_acceptance(0.7), "fp16", estimates)
+    progress = RequestProgress(max_new_tokens=100_000)
+    return next((step for step in range(20_000)
+                 if policy.choose(progress.context(step, step, context_len or 2 + step))), None)
 
-    alone, loaded = first_probe(1), first_probe(8)
+
+def test_under_load_probes_cost_their_share_over_the_sequences_of_a_pass():
+    """Where drafting never pays, γ = 0 stays not absorbing under load: a request of a tier whose passes carry
+    eight sequences still probes. Its tier's probes cost PROBE_SHARE / 8 of throughput: what a probe teaches
+    serves the whole tier, and the passes report the load without one. All eight wait through a probe's
+    drafting pass, so the tier probes 8x less often per pass than a lone request per step."""
+    alone, loaded = _first_probe(1), _first_probe(8)
     assert alone is not None and loaded is not None, (alone, loaded)
-    # tier steps under load are request-steps, 8 a pass; all 8 wait through a probe's drafting pass, so at
-    # PROBE_SHARE / 8 of throughput the tier probes 8x less often per pass than a lone request per step
-    assert loaded / 8 >= 0.95 * 8 * alone, (alone, loaded)
+    assert loaded / 8 >= 0.95 * 8 * alone, (alone, loaded)  # tier steps under load are request-steps, 8 a pass
 
 
 def test_under_load_a_probe_that_needs_a_catch_up_is_spaced_per_pass_like_one_that_does_not():
@@ -151,16 +155,7 @@ def test_under_load_a_probe_that_needs_a_catch_up_is_spaced_per_pass_like_one_th
     waited for by the whole pass. Its spacing keeps the budget of a probe without one, PROBE_SHARE / sequences
     of throughput under load. Spaced by the lone budget instead, such probes under load took the full share:
     eight times as often per pass."""
-    def first_probe(sequences: int) -> int | None:
-        estimates = TierEstimates.calibrated(CostModel(draft_ms_per_token=150.0, verify_ms_base=100.0,
-                                                       verify_ms_per_token=2.0, draft_prefill_ms_per_token=1.0))
-        for _ in range(9):
-            estimates.load.observe(sequences, sequences)
-        policy = AdaptivePolicy(predictor_with_acceptance(0.7), "fp16", estimates)
-        progress = RequestProgress(max_new_tokens=100_000)
-        return next((step for step in range(20_000) if policy.choose(progress.context(step, step, 300))), None)
-
-    alone, loaded = first_probe(1), first_probe(8)
+    alone, loaded = _first_probe(1, 1.0, 300), _first_probe(8, 1.0, 300)
     assert alone is not None and loaded is not None, (alone, loaded)
     assert alone > 2 * MIN_PROBE_EVERY, alone  # the catch-up sets the spacing, not the floor
     assert loaded / 8 >= 0.95 * 8 * alone, (alone, loaded)  # as without a catch-up (the test above)
