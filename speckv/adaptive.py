@@ -211,10 +211,10 @@ class AdaptivePolicy:
         # a probe is one token drafted along with the others' runs where they draft, else a drafting pass of its
         # own that the whole pass waits for: priced as a shared position (the lead's price), probes under load were
         # spaced as if nearly free (AMX fp16 shape, 8-16 requests where `none` is best: 0.96-0.97x of it).
-        # Under load the tier probes as often per pass as a lone request per step, so PROBE_SHARE / sequences of
-        # throughput: what a probe teaches (the tier's acceptance and draft cost) serves every request of the tier,
-        # and the passes report the load without one; at the full share, probes were the 2% by which `adaptive`
-        # trailed `none` at fp16, 8 streams, on an AVX2 EPYC (p = 0.028)
+        # Under load the tier's probes cost PROBE_SHARE / sequences of throughput (`_probe_spacing`): what a probe
+        # teaches (the tier's acceptance and draft cost) serves every request of the tier, and the passes report
+        # the load without one; at the full share, probes were the 2% by which `adaptive` trailed `none` at fp16,
+        # 8 streams, on an AVX2 EPYC (p = 0.028)
         self._probe_extra = float((self._extra_lone if sequences > 1 else extra)[0])
         self._sequences = sequences
         self._probe_every = self._probe_spacing(self._probe_extra)
