@@ -435,17 +435,15 @@ class PassLoad:
         return round(self.others_deepest.value)
 
     def now(self, in_flight: int = 1) -> tuple[int, float]:
-        """(sequences in a pass, tokens the others in it score): as recent passes carried them, but never fewer
-        than the `in_flight` requests on the tier, which the next passes carry once their prompts are read.
-        From the passes alone, a burst after a quiet spell was priced as the quiet spell's passes of one: int8
-        on an AVX2 EPYC, 16 streams after one lone request, the first wave drafted lone runs and read its 16
-        prompts into the draft, which every pass waited for (TTFT p50 98 s against `none`'s 68 s)."""
-        recent = round(self.sequences.value) if self.sequences.recent else 0
-        sequences = max(recent, in_flight, 1)
+        """(sequences in a pass, tokens the others in it score); before any pass was seen, a pass of the
+        `in_flight` requests, one token each."""
+        if not self.sequences.recent:
+            n = max(in_flight, 1)
+            return n, float(n - 1)
+        sequences = max(1, round(self.sequences.value))
         if sequences == 1:
             return 1, 0.0
-        # the others score what recent passes' sequences scored each (one each where none was seen)
-        per_sequence = self.tokens.value / self.sequences.value if recent else 1.0
+        per_sequence = self.tokens.value / max(self.sequences.value, 1.0)
         return sequences, per_sequence * (sequences - 1)
 
     def to_dict(self) -> dict:

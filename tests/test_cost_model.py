@@ -2,7 +2,7 @@
 
 import pytest
 
-from speckv.cost_model import CostModel, LiveCost, PassLoad, RobustScale
+from speckv.cost_model import CostModel, LiveCost, RobustScale
 
 
 def test_robust_scale_follows_a_step_change_and_ignores_outliers():
@@ -217,18 +217,3 @@ def test_the_draft_is_learned_against_the_drafting_passes_it_ran_not_the_verify_
         live.observe(2, ms, 270.0, 100, ms, 270.0, sequences=16, batch_tokens=21, draft_passes=2, draft_rows=5)
     assert live.draft.value == pytest.approx(1.0, abs=0.02)
     assert float(live.draft_ms(1, 16)) == pytest.approx(68.0 + 15 * 3.1, rel=0.02)
-
-
-def test_a_pass_is_priced_as_recent_passes_carried_it_but_for_no_fewer_than_the_requests_in_flight():
-    """PassLoad.now: recent passes' sequences and the tokens each scored, raised to the requests in flight on
-    the tier where a burst arrived after quieter passes (the next passes carry it once its prompts are read)."""
-    load = PassLoad()
-    assert load.now(in_flight=4) == (4, 3.0)  # nothing seen: the requests in flight, one token each
-    for _ in range(9):
-        load.observe(1, 1)
-    assert load.now(in_flight=1) == (1, 0.0)
-    assert load.now(in_flight=16) == (16, 15.0)  # a burst after passes of one
-    for _ in range(9):
-        load.observe(8, 16)  # eight sequences scoring two tokens each
-    assert load.now(in_flight=8) == (8, 14.0)
-    assert load.now(in_flight=2) == (8, 14.0)  # fewer in flight: the passes rule until they show it
