@@ -217,7 +217,6 @@ class AdaptivePolicy:
         # 8 streams, on an AVX2 EPYC (p = 0.028)
         self._probe_extra = float((self._extra_lone if sequences > 1 else extra)[0])
         self._sequences = sequences
-        self._probe_every = self._probe_spacing(self._probe_extra)
         # the draft's catch-up, per token beyond what a drafting step feeds, waited for by the whole pass and,
         # where the replicas share the cores, by every request on them (a prefill pass holds the cores)
         waiting = max(sequences, self.estimates.tier.sharing)
@@ -343,8 +342,7 @@ class AdaptivePolicy:
             self.draft_stop = self._stop
             return run
         tier.target_only_steps += 1
-        probe_every = self._probe_every if not catch_up_ms else self._probe_spacing(self._probe_extra + catch_up_ms)
-        if tier.target_only_steps >= probe_every:
+        if tier.target_only_steps >= self._probe_spacing(self._probe_extra + catch_up_ms):
             tier.target_only_steps = 0
             self.draft_stop = NO_STOP
             return 1
