@@ -167,6 +167,19 @@ class Router:
 
     # ------------------------------------------------------------------ running it
 
+    @staticmethod
+    async def _settle(gen: Generation) -> None:
+        """Let the requests that arrived with this one be counted in flight before it decides its first step
+        (where the draft reads its whole prompt, priced for every request waiting for that): those already
+        scheduled on this loop at once, those still on their way for as long as its policy asks
+        (AdaptivePolicy.settle_s: a burst reaches the router over tens of milliseconds)."""
+        await asyncio.sleep(0)
+        settle = getattr(gen.policy, "settle_s", None)
+        if settle is not None:
+            wait_s = settle(len(gen.request.prompt_ids), gen.request.max_new_tokens)
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+
     async def _events(self, gen: Generation) -> AsyncIterator[StepEvent]:
         """The request's steps, with its stats and the metrics kept as they come."""
         tier, stats = gen.tier, gen.stats
@@ -213,7 +226,7 @@ class Router:
         events = self._events(gen)
         close = self._closer(events, gen.tier)
         try:  # the first step runs before answering, so failures before any token get a proper HTTP status
-            await asyncio.sleep(0)  # requests that arrived with it are in flight before it decides its first step
+            await self._settle(gen)
             first = await anext(events, None)
         except BaseException as e:  # a client gone during the first step (cancelled) gives its slot back too
             await close()

@@ -82,7 +82,7 @@ import numpy as np
 
 from .cost_model import CAUGHT_UP
 from .estimates import RequestEstimates, TierEstimates
-from .policy import MAX_GAMMA, GammaPolicy, StepContext, StepOutcome
+from .policy import MAX_GAMMA, GammaPolicy, RequestProgress, StepContext, StepOutcome
 from .predictor import TIERS, AcceptancePredictor, features, shipped_predictor
 from .signals import NO_STOP, DraftStop, token_acceptance
 
@@ -90,6 +90,7 @@ OPTIMISM = 2.0  # log-odds added to acceptance before this request has seen any 
 PROBE_SHARE = 0.02  # where drafting never pays, probes cost at most this share of throughput
 MIN_PROBE_EVERY = 8  # target-only steps between probes, at least
 LEAD_PATIENCE = 2  # drafting steps in a row that nobody else in the pass drafted, before a request stops leading
+SETTLE_SHARE = 0.25  # a served first step that would draft waits this share of its draft's prompt reading (`settle_s`)
 
 
 class AdaptivePolicy:
@@ -257,6 +258,28 @@ class AdaptivePolicy:
         if not self._overlapped:
             self._fold_in()
         return gamma
+
+    def settle_s(self, prompt_len: int, max_new_tokens: int) -> float:
+        """Seconds a served request waits, before its first decision, for the requests that arrived with it to be
+        counted in flight: SETTLE_SHARE of what its draft's reading of the prompt costs the requests waiting for it
+        now, where its first step, priced with the load as it is now, would draft; else 0. Side-effect free: the
+        first `choose` prices the step again, with the load as it is then.
+
+        A burst reaches a server over tens of milliseconds (GuideLLM's 16 streams: 86 ms), and deciding at once,
+        its first requests priced the reading for the few already counted and drafted; every request of the
+        burst then waited for their drafts' prompt readings on the shared cores (int8, 16 streams, AVX2 EPYC:
+        first tokens at 97.6 s against `none`'s 68.3 s). Alone, a request that waits loses at most this share
+        of the reading it then pays anyway."""
+        context = RequestProgress(max_new_tokens=max_new_tokens).context(0, 0, prompt_len)
+        if context.draft_behind <= CAUGHT_UP:
+            return 0.0
+        prior_rate = self._prior_rate
+        self._refresh()
+        catch_up = self._catch_up_ms(context.draft_behind)
+        logits, _ = self._rows(np.array([features(context, self.tier)]))[0]
+        drafts = self._best(logits, catch_up, context.remaining) > 0
+        self._prior_rate = prior_rate  # `_best` sets it from this load when nothing is measured yet
+        return SETTLE_SHARE * catch_up / 1e3 if drafts else 0.0
 
     def _catch_up_ms(self, behind: int) -> float:
         """What reading the `behind` tokens its draft lacks costs the pass: the catch-up (a prefill pass the

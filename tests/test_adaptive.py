@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 import pytest
 
-from speckv.adaptive import MIN_PROBE_EVERY, AdaptivePolicy
+from speckv.adaptive import MIN_PROBE_EVERY, SETTLE_SHARE, AdaptivePolicy
 from speckv.cost_model import CostModel
 from speckv.estimates import RequestEstimates, TierEstimates
 from speckv.policy import RequestProgress, StepTiming
@@ -254,6 +254,32 @@ def test_the_drafts_catch_up_is_priced_for_every_request_waiting_on_the_cores():
         return policy.choose(RequestProgress(max_new_tokens=1000).context(0, 0, prompt_len))
 
     assert first_gamma(2) > 0 and first_gamma(300) == 0
+
+
+def test_a_first_step_that_would_have_the_draft_read_the_prompt_first_waits_for_the_burst_it_came_in():
+    """A served request decides its first step once the router has counted the requests in flight, but a burst
+    reaches the router over tens of milliseconds: deciding at once, its first requests priced their drafts'
+    prompt readings for the few counted so far. Where a first step would read a 300-token prompt into the draft
+    (3 s) and draft, `settle_s` asks it to wait SETTLE_SHARE of that reading first; where it would not draft
+    (four in flight) or the draft has nothing to read (a 2-token prompt), not at all. Asking changes nothing:
+    the decision made after the wait is that of a policy never asked, at the load of then."""
+    def policy(sharing: int) -> AdaptivePolicy:
+        estimates = TierEstimates.calibrated(CPU)
+        estimates.sharing = sharing
+        return AdaptivePolicy(predictor_with_acceptance(3.0), "fp16", estimates)
+
+    def first_gamma(p: AdaptivePolicy) -> int:
+        return p.choose(RequestProgress(max_new_tokens=1000).context(0, 0, 300))
+
+    assert policy(1).settle_s(300, 1000) == pytest.approx(SETTLE_SHARE * CPU.catch_up_ms(300) / 1e3)
+    assert policy(4).settle_s(300, 1000) == 0.0 and policy(1).settle_s(2, 1000) == 0.0
+    assert first_gamma(policy(1)) > 0 and first_gamma(policy(4)) == 0
+    for counted_then in (1, 4):
+        asked, never_asked = policy(1), policy(counted_then)
+        asked.settle_s(300, 1000)
+        asked.estimates.tier.sharing = counted_then  # the burst counted, or not, while it waited
+        assert first_gamma(asked) == first_gamma(never_asked)
+        assert asked._rate == pytest.approx(never_asked._rate)  # the rate that prices its next steps too
 
 
 @pytest.mark.parametrize("known_rate", [None, 2 / 150])
