@@ -71,7 +71,9 @@ decision uses the estimates as of the step before last, in every mode: without `
 colocated replica) `choose` decides now and folds the new evidence in itself, after deciding. A request is
 first priced at its first decision, with the load as it is then (a server makes the policy before counting
 the request in flight); before any verification has reported a pass, a pass is priced as carrying every request
-in flight on the tier (TierEstimates.in_flight: a burst's first steps).
+in flight on the tier (TierEstimates.in_flight: a burst's first steps). A burst reaches a server over tens of
+milliseconds, so a served request whose first step would draft waits a little (`settle_s`) for the requests
+that arrived with it to be counted before it decides.
 """
 
 from __future__ import annotations
