@@ -8,7 +8,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -42,6 +42,7 @@ class Generation:
     policy: GammaPolicy
     tier: str
     stats: RequestStats
+    started: float = field(default_factory=time.perf_counter)  # its time to first token counts from here
 
 
 class Router:
@@ -183,7 +184,7 @@ class Router:
     async def _events(self, gen: Generation) -> AsyncIterator[StepEvent]:
         """The request's steps, with its stats and the metrics kept as they come."""
         tier, stats = gen.tier, gen.stats
-        start = time.perf_counter()
+        start = gen.started  # before its first decision: a wait for its burst (`_settle`) is the client's too
         outcome = "error"
         retries = StepRetries(self.config.retry_deadline_s,
                               on_retry=lambda: self.metrics.retries.inc(1, {"tier": tier}))

@@ -364,10 +364,14 @@ def test_a_burst_spread_over_tens_of_ms_is_counted_before_its_first_requests_dec
     monkeypatch.setattr(AdaptivePolicy, "choose", recording)
     body = {**BODY, "prompt": "def add(a, b):\n    return a + b\n" * 12, "max_tokens": 100, "ignore_eos": True}
     prompt_len = len(r.text.encode(body["prompt"], chat=False))
+    waits = []
     for sharing, drafts in ((1, True), (2, False), (3, False)):
         estimates = TierEstimates.calibrated(cpu)
         estimates.sharing = sharing
-        assert (AdaptivePolicy(r._predictor, "fp16", estimates).settle_s(prompt_len, 100) > 0) == drafts
+        waits.append(AdaptivePolicy(r._predictor, "fp16", estimates).settle_s(prompt_len, 100))
+        assert (waits[-1] > 0) == drafts
+    ttfts_ms = []
+    monkeypatch.setattr(r.metrics.ttft_ms, "observe", lambda ms, tags: ttfts_ms.append(ms))
 
     async def arriving(delay_s: float):
         await asyncio.sleep(delay_s)
@@ -377,3 +381,4 @@ def test_a_burst_spread_over_tens_of_ms_is_counted_before_its_first_requests_dec
         return await asyncio.gather(*(arriving(0.02 * i) for i in range(3)))
     asyncio.run(burst())
     assert [gamma for _, gamma in first_steps] == [0, 0, 0], first_steps
+    assert max(ttfts_ms) >= 1e3 * waits[0]  # the first request's time to first token counts its wait
