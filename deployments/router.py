@@ -71,6 +71,7 @@ class Router:
         self._estimates: dict[str, TierEstimates] = {}  # per tier, from its replicas' calibration, then live
         self.metrics = ServeMetrics()
         self._in_flight: Counter[str] = Counter()  # generations in flight on this replica, per tier
+        self._arrival = asyncio.Event()  # set, and replaced, as each generation is admitted
         # every step this replica ran, per (tier, policy), and the requests that ended (GET /speckv/stats)
         self.totals: dict[tuple[str, str], RequestStats] = {}
         self.requests_ended: Counter[tuple[str, str]] = Counter()
@@ -165,21 +166,32 @@ class Router:
                                 f"{self.config.retry_after_s} s", type_="rate_limit_error", code="server_busy",
                            headers={"Retry-After": str(self.config.retry_after_s)})
         self._count(tier, +1)
+        self._arrival.set()  # wakes the requests waiting for their burst (`_settle`)
+        self._arrival = asyncio.Event()
 
     # ------------------------------------------------------------------ running it
 
-    @staticmethod
-    async def _settle(gen: Generation) -> None:
+    async def _settle(self, gen: Generation) -> None:
         """Let the requests that arrived with this one be counted in flight before it decides its first step
         (where the draft reads its whole prompt, priced for every request waiting for that): those already
         scheduled on this loop at once, those still on their way for as long as its policy asks
-        (AdaptivePolicy.settle_s: a burst reaches the router over tens of milliseconds)."""
+        (AdaptivePolicy.settle_s: a burst reaches the router over tens of milliseconds), or until, with those
+        counted since, its first step no longer drafts. Waiting out the whole time there split a burst's prefill:
+        the requests that did not wait filled a pass without it (nf4 at 16 streams on an AVX2 EPYC: five first
+        tokens 5.7 s after the other eleven)."""
         await asyncio.sleep(0)
         settle = getattr(gen.policy, "settle_s", None)
-        if settle is not None:
-            wait_s = settle(len(gen.request.prompt_ids), gen.request.max_new_tokens)
-            if wait_s > 0:
-                await asyncio.sleep(wait_s)
+        if settle is None:
+            return
+        prompt_len, budget = len(gen.request.prompt_ids), gen.request.max_new_tokens
+        deadline = time.monotonic() + settle(prompt_len, budget)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._arrival.wait(), left)
+            except TimeoutError:
+                return
+            if settle(prompt_len, budget) == 0:  # another request counted, and its first step would not draft
+                return
 
     async def _events(self, gen: Generation) -> AsyncIterator[StepEvent]:
         """The request's steps, with its stats and the metrics kept as they come."""
