@@ -412,3 +412,35 @@ def test_time_to_first_token_counts_from_the_requests_admission(router):
         await events.aclose()
     asyncio.run(first_event())
     assert observed and observed[0] >= 1000.0
+
+
+def test_requests_that_need_a_tiers_calibration_before_it_has_come_wait_for_one_fetch(models):
+    """The first `adaptive` requests of a tier fetch its replicas' calibration once, together: each fetching its
+    own, those whose fetch a replica answered after the prefill pass the others had started (a replica answers
+    between passes) missed that pass (nf4, 16 streams, AVX2 EPYC: four first tokens 5.3 s after the twelve)."""
+    import time
+
+    from speckv.calibration import Calibration, CalibrationKey
+
+    from ..conftest import predictor_with_acceptance
+
+    def calibration(role: str, rows: list[dict]) -> dict:
+        return Calibration(CalibrationKey("cpu", "torch", "weights", role, "fp16", "float32", "cpu"), rows).to_dict()
+
+    target, draft = models
+    config = {"draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
+              "draft_dtype": "float32", "default_policy": "adaptive", "policy_refresh_s": 600}
+    target_side = _Target(TargetWorker(SessionLM(load_model(target, dtype="float32"))))
+    fetches = []
+    target_side.calibration = lambda: fetches.append(1) or {"target": calibration("target", [
+        {"kind": "verify", "context_len": 16, "tokens": t, "ms": 100.0 + t} for t in (1, 2, 3)])}
+    draft_side = _Draft(DraftWorker(SessionLM(load_model(draft, dtype="float32"))))
+    draft_side.calibration = lambda: {"draft": calibration("draft", [
+        {"kind": "draft", "context_len": 16, "tokens": 1, "ms": 20.0}])}
+    r = Router(config, {"fp16": FakeHandle(target_side)}, controller=None, draft=FakeHandle(draft_side))
+    r._predictor, r._predictor_checked = predictor_with_acceptance(3.0), time.monotonic()
+
+    async def burst():
+        return await asyncio.gather(*(r.completions(CompletionRequest(**{**BODY, "max_tokens": 2})) for _ in range(3)))
+    answers = asyncio.run(burst())
+    assert len(answers) == 3 and len(fetches) == 1 and "fp16" in r._estimates
