@@ -192,9 +192,8 @@ class Router:
         (where the draft reads its whole prompt, priced for every request waiting for that): those already
         scheduled on this loop at once, those still on their way for as long as its policy asks
         (AdaptivePolicy.settle_s: a burst reaches the router over tens of milliseconds), or until, with those
-        counted since, its first step no longer drafts. Waiting out the whole time there split a burst's prefill:
-        the requests that did not wait filled a pass without it (nf4 at 16 streams on an AVX2 EPYC: five first
-        tokens 5.7 s after the other eleven)."""
+        counted since, its first step no longer drafts: waiting on then would only let the requests that did not
+        wait start their prefill pass without it."""
         await asyncio.sleep(0)
         settle = getattr(gen.policy, "settle_s", None)
         if settle is None:

@@ -337,8 +337,8 @@ def test_a_burst_spread_over_tens_of_ms_is_counted_before_its_first_requests_dec
     the shared cores, no first step would. None drafts: the first waits (AdaptivePolicy.settle_s, 0.18 s here)
     until the second is counted, and decides then, not at the end of its wait. Deciding at once, the first
     requests of a burst drafted, and the whole burst waited for their readings (int8 at 16 streams on an AVX2
-    EPYC: first tokens at 97.6 s against `none`'s 68.3 s); waiting out the whole time, they missed the
-    prefill pass of those that did not wait (nf4: five first tokens 5.7 s after the other eleven)."""
+    EPYC: first tokens at 97.6 s against `none`'s 68.3 s); waiting on once their first step would not draft,
+    they would only let those that did not wait start their prefill pass without them."""
     import time
 
     from speckv.adaptive import AdaptivePolicy
