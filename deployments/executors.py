@@ -5,7 +5,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 
 from ray.serve.handle import DeploymentHandle
 
@@ -75,16 +75,21 @@ class StepRetries:
                 await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
 
 
+def detached_task(coro: Coroutine) -> asyncio.Task:
+    """`coro` as a task outside the current request's context: Serve cancels the handle calls of a cancelled
+    request that are still waiting for a replica (its child requests), so work that must outlive the request
+    that started it (a close; a fetch other requests wait for) runs apart from it."""
+    return contextvars.Context().run(asyncio.get_running_loop().create_task, coro)
+
+
 async def close_detached(*calls: Callable[[], Awaitable]) -> None:
     """Make the close calls so that they reach the replicas even when the request is being cancelled
-    (client gone): shielded from that cancellation, and made outside the request's context, because Serve
-    cancels the handle calls of a cancelled request that are still waiting for a replica (its child
-    requests), which left a session behind now and then."""
+    (client gone): shielded from that cancellation, and made outside the request's context (`detached_task`),
+    which left a session behind now and then when they were not."""
     async def run() -> None:
         await asyncio.gather(*(call() for call in calls), return_exceptions=True)
 
-    task = contextvars.Context().run(asyncio.get_running_loop().create_task, run())
-    await asyncio.shield(task)
+    await asyncio.shield(detached_task(run()))
 
 
 def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, retry: StepRetries) -> SplitExecutor:

@@ -3,7 +3,6 @@ over the model deployments (deployments.executors), streams tokens, and records 
 is in deployments.protocol; the HTTP app around it (errors, body limit, API keys) in deployments.http_app."""
 
 import asyncio
-import contextvars
 import logging
 import os
 import time
@@ -26,7 +25,7 @@ from speckv.sampling import SamplingParams
 from speckv.text import load_model_text
 
 from .config import AppConfig
-from .executors import ExecutorFactory, StepRetries, backend_error, remote_executor
+from .executors import ExecutorFactory, StepRetries, backend_error, detached_task, remote_executor
 from .http_app import SETTINGS, ClosingStreamingResponse, api
 from .metrics import ServeMetrics
 from .protocol import SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, Reply, StreamOptions, sse
@@ -119,9 +118,8 @@ class Router:
         that pass (nf4, 16 streams, AVX2 EPYC: four first tokens 5.3 s after the other twelve)."""
         if tier not in self._estimates:
             fetch = self._fetching.get(tier)
-            if fetch is None:  # outside the request's context: Serve cancels a cancelled request's calls
-                fetch = contextvars.Context().run(asyncio.get_running_loop().create_task, self._fetch_cost(tier))
-                self._fetching[tier] = fetch
+            if fetch is None:  # not cancelled with the request that started it
+                fetch = self._fetching[tier] = detached_task(self._fetch_cost(tier))
                 fetch.add_done_callback(lambda _: self._fetching.pop(tier, None))  # a failed one is tried again
             cost = await asyncio.shield(fetch)
             self._estimates.setdefault(tier, TierEstimates.calibrated(cost))

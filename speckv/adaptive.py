@@ -154,6 +154,10 @@ class AdaptivePolicy:
         logits = np.log(cond / np.maximum(1.0 - cond, 1e-9))
         return list(zip(logits.tolist(), cond.tolist()))
 
+    def _row(self, context: StepContext) -> tuple[list[float], list[float]]:
+        """One context's row (logits, conditional), computed now: a decision `prepare` did not make."""
+        return self._rows(np.array([features(context, self.tier)]))[0]
+
     def _fold_in(self) -> None:
         """Fold the queued outcomes into the estimates; then recompute what depends on them."""
         for outcome, prior in self._queue:
@@ -252,7 +256,7 @@ class AdaptivePolicy:
         if entry is not None:
             logits, self._prior, catch_up, best = entry
         else:
-            logits, self._prior = self._rows(np.array([features(context, self.tier)]))[0]
+            logits, self._prior = self._row(context)
             catch_up, best = self._catch_up_ms(context.draft_behind), None
         if best is None:
             best = self._best(logits, catch_up, context.remaining)
@@ -278,8 +282,7 @@ class AdaptivePolicy:
         prior_rate = self._prior_rate
         self._refresh()
         catch_up = self._catch_up_ms(context.draft_behind)
-        logits, _ = self._rows(np.array([features(context, self.tier)]))[0]
-        drafts = self._best(logits, catch_up, context.remaining) > 0
+        drafts = self._best(self._row(context)[0], catch_up, context.remaining) > 0
         self._prior_rate = prior_rate  # `_best` sets it from this load when nothing is measured yet
         return SETTLE_SHARE * catch_up / 1e3 if drafts else 0.0
 
