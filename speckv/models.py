@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .kernels import install_int8_matmul
+
 EMBEDDED_PREFIX = "embedded:"
 MANIFEST = "speckv-manifest.json"
 
@@ -207,6 +209,8 @@ def load_model(
         verify_embedded(EMBEDDED_MODELS[spec[len(EMBEDDED_PREFIX):]], Path(path))
     kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True}
     if tier is Tier.INT8:
+        if torch.device(device).type == "cpu":
+            install_int8_matmul()  # where bitsandbytes has no CPU kernel of its own (speckv.kernels)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if dtype == "auto":  # LLM.int8 multiplies in float16; bf16 inputs would be cast on every call
             kwargs["dtype"] = torch.float16

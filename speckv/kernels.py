@@ -1,0 +1,77 @@
+"""A CPU kernel bitsandbytes lacks where the CPU has no AVX-512: LLM.int8's int8 × int8 matmul.
+
+LLM.int8 (the int8 tier) quantizes a layer's input to int8 row by row and multiplies it with the int8 weights.
+bitsandbytes gives the CPU a kernel of its own only with AVX-512 (`torch._int_mm`); elsewhere it falls back to
+`A.float() @ B.float().t()`, which writes the whole weight matrix out as float32 at every pass: on an AVX2-only
+EPYC that conversion was about 80% of a one-token pass of the 1.5B target (3.1 s of its cost, 1.2 s without it;
+docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix conversion"). `install_int8_matmul` registers
+the same arithmetic blocked over the output features: each block of weight rows is converted while it is in
+cache and multiplied at once. Every output element is the same float32 dot product of the same int8 values as
+in the fallback (the blocks split the output features, never the sum), so the results are the fallback's: the
+1.5B target's logits were bit-identical with and without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OP = "bitsandbytes::int8_linear_matmul"
+BLOCK_BYTES = 2 * 2**20  # float32 weight rows converted at a time: about an L2 cache (2 MiB measured best here)
+
+_library: torch.library.Library | None = None  # our registration while installed
+
+
+def blocked_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a` [..., K] int8 times `b` [N, K] int8 transposed, as int32 [..., N]: bitsandbytes' CPU fallback
+    (float32 products and sums, truncated to int32), with `b` converted BLOCK_BYTES of rows at a time."""
+    rows = a.reshape(-1, a.shape[-1]).float()
+    out = torch.empty(rows.shape[0], b.shape[0], dtype=torch.float32)
+    step = max(1, BLOCK_BYTES // (4 * b.shape[1]))
+    for i in range(0, b.shape[0], step):
+        torch.mm(rows, b[i:i + step].float().t(), out=out[:, i:i + step])
+    return out.to(torch.int32).reshape(*a.shape[:-1], b.shape[0])
+
+
+def _blocked_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    if out.dtype != torch.int32:
+        raise ValueError(f"out must be int32, got {out.dtype}")
+    out.copy_(blocked_int8_matmul(a, b))
+
+
+def bitsandbytes_has_cpu_int8_kernel() -> bool:
+    """Whether bitsandbytes registered a CPU kernel of its own for the int8 matmul (ours is installed only where
+    it has none)."""
+    if _library is not None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401  (defines the op and registers its kernels)
+    except ImportError:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
+
+
+def install_int8_matmul() -> bool:
+    """Register `blocked_int8_matmul` as bitsandbytes' CPU int8 matmul where it has none of its own (it would use
+    its whole-matrix fallback); True while ours is installed. Idempotent; `uninstall_int8_matmul` undoes it."""
+    global _library
+    if _library is not None:
+        return True
+    if bitsandbytes_has_cpu_int8_kernel():
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    library = torch.library.Library("bitsandbytes", "IMPL")
+    library.impl("int8_linear_matmul", blocked_int8_matmul, "CPU")
+    library.impl("int8_linear_matmul.out", _blocked_out, "CPU")
+    _library = library
+    return True
+
+
+def uninstall_int8_matmul() -> None:
+    """Back to bitsandbytes' own dispatch (its fallback): for measuring the two side by side."""
+    global _library
+    if _library is not None:
+        _library._destroy()
+        _library = None

@@ -1,0 +1,73 @@
+"""The blocked int8 matmul (speckv.kernels): the same results as bitsandbytes' CPU fallback, and installed for
+the int8 tier where bitsandbytes has no CPU kernel of its own."""
+
+import pytest
+import torch
+
+from speckv import kernels
+from tests.conftest import tiny_model
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture
+def fallback():
+    """bitsandbytes' own dispatch while the test runs (its fallback where it has no CPU kernel), ours after."""
+    was = kernels._library is not None
+    kernels.uninstall_int8_matmul()
+    yield
+    kernels.uninstall_int8_matmul()  # whatever the test installed (after monkeypatch has undone its patches)
+    if was:
+        kernels.install_int8_matmul()
+
+
+def _fallback_formula(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes' default CPU kernel computes (backends/default/ops.py, _int8_linear_matmul_impl)."""
+    return torch.matmul(a.float(), b.float().t()).to(torch.int32)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96)])
+def test_the_blocked_matmul_is_the_fallbacks_arithmetic_over_blocks_that_do_not_divide_the_rows(monkeypatch, shape):
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 4 * 96 * 7)  # 7 weight rows a block: 50 rows in 8 blocks, one short
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (50, 96), dtype=torch.int8, generator=generator)
+    got = kernels.blocked_int8_matmul(a, b)
+    assert got.shape == (*shape[:-1], 50) and got.dtype == torch.int32
+    assert torch.equal(got, _fallback_formula(a, b))
+
+
+def test_installed_it_is_what_bitsandbytes_dispatches_to_and_its_int8_layers_give_the_same_output(fallback,
+                                                                                                  monkeypatch):
+    if kernels.bitsandbytes_has_cpu_int8_kernel():
+        pytest.skip("bitsandbytes has a CPU int8 kernel of its own on this CPU (AVX-512): ours is not installed")
+    monkeypatch.setattr(kernels, "BLOCK_BYTES", 4 * 64 * 16)  # several blocks in the 96-row layer
+    layer = bnb.nn.Linear8bitLt(64, 96, bias=True, has_fp16_weights=False, threshold=6.0)
+    torch.manual_seed(0)
+    layer.load_state_dict({"weight": torch.randn(96, 64) * 0.1, "bias": torch.randn(96) * 0.1})
+    layer = layer.to("cpu").eval()  # quantizes the weights to int8; in training bitsandbytes takes another path
+    x = torch.randn(3, 5, 64, dtype=torch.float16)
+    x[..., 3] = 8.0  # an outlier column: the mixed decomposition's fp16 part runs too
+    calls = []
+    monkeypatch.setattr(kernels, "blocked_int8_matmul", _counting(kernels.blocked_int8_matmul, calls))
+    with torch.inference_mode():
+        before = layer(x)
+        assert kernels.install_int8_matmul()
+        after = layer(x)
+    assert calls, "bitsandbytes did not dispatch its int8 matmul to the installed kernel"
+    assert torch.equal(before, after)
+
+
+def _counting(function, calls):
+    def counted(*args):
+        calls.append(1)
+        return function(*args)
+    return counted
+
+
+def test_loading_the_int8_tier_on_the_cpu_installs_it_where_bitsandbytes_has_no_cpu_kernel(fallback, tmp_path):
+    from speckv.models import load_model
+
+    tiny_model(0, torch.float16).save_pretrained(tmp_path / "tiny")
+    load_model(str(tmp_path / "tiny"), "int8", device="cpu")
+    assert (kernels._library is not None) != kernels.bitsandbytes_has_cpu_int8_kernel()
