@@ -38,11 +38,13 @@ import numpy as np
 import torch
 
 from .cost_model import CostModel
+from .kernels import kernels_for
 from .models import DRAFT_TIER, MANIFEST, cache_root
 from .workers import LogitsCall, SessionLM, computing_in, multiplies_in
 
-CALIBRATION_FORMAT = 6  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
-# 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`); 6: and of a plain half-precision one
+CALIBRATION_FORMAT = 7  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
+# 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`); 6: and of a plain half-precision one;
+# 7: the kernels a model's layers run (`CalibrationKey.kernels`)
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
@@ -110,6 +112,7 @@ class CalibrationKey:
     dtype: str  # compute dtype
     device: str
     added_ms_per_call: float = 0.0  # a deliberately slowed model (SessionLM.added_ms_per_call) costs more
+    kernels: str = ""  # kernels SpecKV puts in a library's place for this model's layers (speckv.kernels)
 
     @classmethod
     def of(cls, model: torch.nn.Module, role: str, tier: str, added_ms_per_call: float = 0.0) -> CalibrationKey:
@@ -119,7 +122,7 @@ class CalibrationKey:
         tier = DRAFT_TIER.value if role == "draft" else tier  # the draft is the same model whatever the target's tier
         return cls(hardware_id(parameter.device), f"{torch.__version__} threads={torch.get_num_threads()}",
                    weights_fingerprint(model), role, tier, str(model.dtype), str(parameter.device),
-                   float(added_ms_per_call))
+                   float(added_ms_per_call), kernels_for(model))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]

@@ -75,3 +75,16 @@ def uninstall_int8_matmul() -> None:
     if _library is not None:
         _library._destroy()
         _library = None
+
+
+def kernels_for(model: torch.nn.Module) -> str:
+    """What of ours `model`'s layers run, for keys of what its calls cost ("" for none): "int8-blocked" where it
+    has LLM.int8 layers on the CPU and our int8 matmul is installed."""
+    if _library is None:
+        return ""
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return ""
+    on_cpu = (m.weight.device.type == "cpu" for m in model.modules() if isinstance(m, Linear8bitLt))
+    return "int8-blocked" if any(on_cpu) else ""

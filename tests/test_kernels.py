@@ -71,3 +71,20 @@ def test_loading_the_int8_tier_on_the_cpu_installs_it_where_bitsandbytes_has_no_
     tiny_model(0, torch.float16).save_pretrained(tmp_path / "tiny")
     load_model(str(tmp_path / "tiny"), "int8", device="cpu")
     assert (kernels._library is not None) != kernels.bitsandbytes_has_cpu_int8_kernel()
+
+
+def test_an_int8_models_calibration_key_names_the_kernel_its_calls_ran_with(fallback, tmp_path):
+    """A calibration measured with bitsandbytes' fallback must not price passes run with ours, nor the reverse."""
+    from speckv.calibration import CalibrationKey
+    from speckv.models import load_model
+
+    if kernels.bitsandbytes_has_cpu_int8_kernel():
+        pytest.skip("bitsandbytes has a CPU int8 kernel of its own on this CPU (AVX-512): ours is not installed")
+    tiny_model(0, torch.float16).save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), "int8", device="cpu")
+    ours = CalibrationKey.of(model, "target", "int8")
+    kernels.uninstall_int8_matmul()
+    theirs = CalibrationKey.of(model, "target", "int8")
+    assert ours.kernels == "int8-blocked" and theirs.kernels == ""
+    assert ours.digest() != theirs.digest()
+    assert CalibrationKey.of(tiny_model(0), "target", "fp16").kernels == ""  # no int8 layers: nothing of ours runs
