@@ -1,9 +1,9 @@
-"""A CPU kernel bitsandbytes lacks where the CPU has no AVX-512: LLM.int8's int8 × int8 matmul.
+"""LLM.int8 (the int8 tier) on a CPU: a kernel bitsandbytes lacks without AVX-512, and quiet float32 inputs.
 
 LLM.int8 (the int8 tier) quantizes a layer's input to int8 row by row and multiplies it with the int8 weights.
 bitsandbytes gives the CPU a kernel of its own only with AVX-512 (`torch._int_mm`); elsewhere it falls back to
 `A.float() @ B.float().t()`, which writes the whole weight matrix out as float32 at every pass: on an AVX2-only
-EPYC that conversion was about 80% of a one-token pass of the 1.5B target (3.1 s of its cost, 1.2 s without it;
+EPYC a one-token pass of the 1.5B target took 2.9 s with it and 0.7 s without (`scripts/int8_cpu_matmul.py`;
 docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix conversion"). `install_int8_matmul` registers
 the same arithmetic blocked over the output features: each block of weight rows is converted while it is in
 cache and multiplied at once. Every output element is the same float32 dot product of the same int8 values as
@@ -12,6 +12,8 @@ in the fallback (the blocks split the output features, never the sum), so the re
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -88,3 +90,20 @@ def kernels_for(model: torch.nn.Module) -> str:
         return ""
     on_cpu = (m.weight.device.type == "cpu" for m in model.modules() if isinstance(m, Linear8bitLt))
     return "int8-blocked" if any(on_cpu) else ""
+
+
+INT8_INPUT_CAST = "MatMul8bitLt: inputs will be cast from"
+
+
+class _DropInputCast(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(INT8_INPUT_CAST)
+
+
+def quiet_int8_input_cast() -> None:
+    """Silence bitsandbytes' warning that an LLM.int8 layer's input is cast to float16 for quantizing, logged at
+    every layer of every pass where activations are not float16: the int8 tier on a CPU runs them in float32 on
+    purpose (speckv.models.INT8_CPU_ACTIVATIONS), and casting is how LLM.int8 quantizes them. Idempotent."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInputCast) for f in logger.filters):
+        logger.addFilter(_DropInputCast())

@@ -88,3 +88,21 @@ def test_an_int8_models_calibration_key_names_the_kernel_its_calls_ran_with(fall
     assert ours.kernels == "int8-blocked" and theirs.kernels == ""
     assert ours.digest() != theirs.digest()
     assert CalibrationKey.of(tiny_model(0), "target", "fp16").kernels == ""  # no int8 layers: nothing of ours runs
+
+
+def test_the_int8_tier_on_a_cpu_runs_its_activations_in_float32_without_a_warning_at_every_layer(tmp_path, caplog):
+    """A CPU emulates float16 arithmetic: `auto` gives the int8 tier float32 activations there, and bitsandbytes'
+    warning that it casts them to float16 for quantizing (logged at every layer of every pass) is silenced."""
+    import logging
+
+    from speckv.models import INT8_CPU_ACTIVATIONS, load_model
+
+    tiny_model(0, torch.float16).save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), "int8", device="cpu")
+    assert model.dtype == INT8_CPU_ACTIVATIONS == torch.float32
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"), torch.inference_mode():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert not [r for r in caplog.records if kernels.INT8_INPUT_CAST in r.getMessage()]
+    assert load_model(str(tmp_path / "tiny"), "int8", dtype="float16", device="cpu").dtype == torch.float16
