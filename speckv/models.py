@@ -91,8 +91,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What the int8 tier's activations (every part of the model but its int8 weights) are at `auto` on a CPU. LLM.int8
 # quantizes each layer's input from float16, and on a GPU the rest runs in float16 too; a CPU emulates float16
 # arithmetic, so there it runs in float32: on an AVX2 EPYC (docs/SERVING.md, "int8 passes without bitsandbytes'
-# whole-matrix conversion") as fast for one token, 5-24% faster for 9-32 tokens a pass, 1.65x for a 64-token
-# prompt, for 0.9 GiB more (the embeddings) and twice the KV bytes a token.
+# whole-matrix conversion") the same within 10% up to nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x
+# for a 64-token prompt, for 0.9 GiB more (the embeddings) and twice the KV bytes a token.
 INT8_CPU_ACTIVATIONS = torch.float32
 
 
