@@ -345,8 +345,12 @@ def slow_app(app):
         yield
 
 
-# after a step's chunk reaches the client: when the next step's call to each deployment is surely running
-KILL_AFTER_CHUNK_S = {"draft": 0.03, "target-fp16": 0.25}
+# when the next step's call to each deployment is surely running. The draft's call starts as a step's chunk is
+# sent: kill this long after a chunk arrives. The target's (300 ms added) ends the step: kill this long before
+# the next chunk is due, timed from the last two chunks' interval (a fixed wait after the chunk missed the call
+# once, on a loaded machine whose draft passes ran slower)
+KILL_AFTER_CHUNK_S = {"draft": 0.03}
+KILL_BEFORE_NEXT_CHUNK_S = {"target-fp16": 0.15}
 
 
 @pytest.mark.parametrize("deployment", ["target-fp16", "draft"])
@@ -362,7 +366,7 @@ def test_replica_killed_mid_request_same_output(app, slow_app, deployment):
     before = _cache_stats(deployment, "speckv-slow")
     others_before = {a: set(_replica_actor_names(a, "target-fp16")) for a in ("speckv", "speckv-colocated")}
     victims = [ray.get_actor(n, namespace="serve") for n in _replica_actor_names("speckv-slow", deployment)]
-    pieces, final = [], None
+    pieces, final, arrived = [], None, []
     killed = False
     with httpx.stream("POST", BASE + "/slow/v1/completions", json={**body, "stream": True}, timeout=180) as r:
         for line in r.iter_lines():
@@ -371,9 +375,12 @@ def test_replica_killed_mid_request_same_output(app, slow_app, deployment):
             event = json.loads(line[6:])
             assert "error" not in event, event
             pieces.append(event["choices"][0]["text"])
+            arrived.append(time.monotonic())
             final = event
             if not killed and len(pieces) == 3:
-                time.sleep(KILL_AFTER_CHUNK_S[deployment])
+                step_s = arrived[-1] - arrived[-2]
+                time.sleep(KILL_AFTER_CHUNK_S[deployment] if deployment in KILL_AFTER_CHUNK_S
+                           else max(step_s - KILL_BEFORE_NEXT_CHUNK_S[deployment], 0.0))
                 for victim in victims:
                     ray.kill(victim, no_restart=True)
                 killed = True
