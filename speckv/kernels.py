@@ -3,7 +3,7 @@
 LLM.int8 (the int8 tier) quantizes a layer's input to int8 row by row and multiplies it with the int8 weights.
 bitsandbytes gives the CPU a kernel of its own only with AVX-512 (`torch._int_mm`); elsewhere it falls back to
 `A.float() @ B.float().t()`, which writes the whole weight matrix out as float32 at every pass: on an AVX2-only
-EPYC a one-token pass of the 1.5B target took 2.9 s with it and 0.7 s without (`scripts/int8_cpu_matmul.py`;
+EPYC a one-token pass of the 1.5B target took 2.9 s with it and 0.7 s without (`scripts/int8_cpu.py --compare kernel`;
 docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix conversion"). `install_int8_matmul` registers
 the same arithmetic blocked over the output features: each block of weight rows is converted while it is in
 cache and multiplied at once. Every output element is the same float32 dot product of the same int8 values as

@@ -1,0 +1,113 @@
+"""Time the int8 tier's passes on the CPU two ways, in one process, alternating, and compare what they choose.
+Prints and saves the medians.
+
+    python scripts/int8_cpu.py --compare kernel --out docs/results/milan/int8_cpu_matmul.json            # ~3 min
+    python scripts/int8_cpu.py --compare activations --out docs/results/milan/int8_activation_dtype.json  # ~4 min
+
+`kernel`: bitsandbytes' CPU fallback for LLM.int8's int8 matmul against speckv.kernels' blocked one (activations
+in float16, as before either change), and whether the logits are identical; on a CPU where bitsandbytes has a
+kernel of its own (AVX-512) there is nothing to compare. `activations`: the tier loaded with float16 and with
+float32 activations (the choice behind speckv.models.INT8_CPU_ACTIVATIONS), and the share of positions where
+their greedy choices agree.
+
+A pass feeds `tokens` tokens to each of `sequences` sequences into an empty cache and keeps every logit; the
+median of `--repeats` after one untimed pass of each shape and variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from speckv import kernels
+from speckv.calibration import hardware_id, synthetic_ids
+from speckv.models import DEFAULT_TARGET, load_model
+
+Variant = Callable[[torch.Tensor], torch.Tensor]  # token ids [sequences, tokens] -> logits
+
+
+def kernel_variants(model_spec: str) -> dict[str, Variant]:
+    model = load_model(model_spec, "int8", dtype="float16", device="cpu")
+    kernels.uninstall_int8_matmul()
+    if kernels.bitsandbytes_has_cpu_int8_kernel():
+        sys.exit("bitsandbytes has a CPU int8 kernel of its own on this CPU (AVX-512): nothing to compare")
+
+    def run(blocked: bool) -> Variant:
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            kernels.install_int8_matmul() if blocked else kernels.uninstall_int8_matmul()
+            return model(ids, use_cache=False).logits
+        return forward
+    return {"fallback": run(False), "blocked": run(True)}
+
+
+def activation_variants(model_spec: str) -> dict[str, Variant]:
+    models = {dtype: load_model(model_spec, "int8", dtype=dtype, device="cpu") for dtype in ("float16", "float32")}
+    return {dtype: (lambda ids, model=model: model(ids, use_cache=False).logits) for dtype, model in models.items()}
+
+
+COMPARISONS = {"kernel": kernel_variants, "activations": activation_variants}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), required=True)
+    parser.add_argument("--model", default=DEFAULT_TARGET)
+    parser.add_argument("--shapes", default=None, help="sequences x tokens, comma-separated "
+                        "(default: kernel 1x1,1x9,8x1,1x64; activations 1x1,1x9,8x1,16x1,8x4,1x64)")
+    parser.add_argument("--repeats", type=int, default=None, help="default: kernel 3, activations 5")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    shapes = args.shapes or ("1x1,1x9,8x1,1x64" if args.compare == "kernel" else "1x1,1x9,8x1,16x1,8x4,1x64")
+    repeats = args.repeats or (3 if args.compare == "kernel" else 5)
+
+    variants = COMPARISONS[args.compare](args.model)
+    names = list(variants)
+    vocab = int(load_vocab(args.model))
+    rows = []
+    for shape in shapes.split(","):
+        sequences, tokens = (int(v) for v in shape.split("x"))
+        ids = torch.tensor([synthetic_ids(tokens, vocab, salt=s) for s in range(sequences)])
+        times: dict[str, list[float]] = {name: [] for name in names}
+        logits = {}
+        with torch.inference_mode():
+            for name in names:  # untimed: a shape's first pass
+                logits[name] = variants[name](ids)
+            for r in range(repeats):
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    start = time.perf_counter()
+                    variants[name](ids)
+                    times[name].append((time.perf_counter() - start) * 1e3)
+        a, b = (logits[name] for name in names)
+        row = {"sequences": sequences, "tokens": tokens, **{f"{n}_ms": statistics.median(times[n]) for n in names},
+               "identical_logits": bool(torch.equal(a, b)),
+               "greedy_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+        rows.append(row)
+        print(f"{sequences} x {tokens}: " + ", ".join(f"{n} {row[f'{n}_ms']:.0f} ms" for n in names)
+              + f"; logits identical: {row['identical_logits']}, greedy choices agree at "
+              f"{row['greedy_agreement']:.0%} of positions", flush=True)
+    kernels.install_int8_matmul()
+    result = {"compare": args.compare, "model": args.model, "hardware": hardware_id(torch.device("cpu")),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
+              "block_bytes": kernels.BLOCK_BYTES, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"saved {args.out}")
+
+
+def load_vocab(model_spec: str) -> int:
+    from transformers import AutoConfig
+
+    from speckv.models import resolve_model_dir
+
+    return AutoConfig.from_pretrained(resolve_model_dir(model_spec)).vocab_size
+
+
+if __name__ == "__main__":
+    main()
