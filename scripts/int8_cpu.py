@@ -32,7 +32,8 @@ from speckv.models import DEFAULT_TARGET, load_model
 Variant = Callable[[torch.Tensor], torch.Tensor]  # token ids [sequences, tokens] -> logits
 
 
-def kernel_variants(model_spec: str) -> dict[str, Variant]:
+def kernel_variants(model_spec: str) -> tuple[dict[str, Variant], int]:
+    """The two variants and the model's vocabulary size."""
     model = load_model(model_spec, "int8", dtype="float16", device="cpu")
     kernels.uninstall_int8_matmul()
     if kernels.bitsandbytes_has_cpu_int8_kernel():
@@ -43,12 +44,14 @@ def kernel_variants(model_spec: str) -> dict[str, Variant]:
             kernels.install_int8_matmul() if blocked else kernels.uninstall_int8_matmul()
             return model(ids, use_cache=False).logits
         return forward
-    return {"fallback": run(False), "blocked": run(True)}
+    return {"fallback": run(False), "blocked": run(True)}, int(model.config.vocab_size)
 
 
-def activation_variants(model_spec: str) -> dict[str, Variant]:
+def activation_variants(model_spec: str) -> tuple[dict[str, Variant], int]:
+    """The two variants and the model's vocabulary size."""
     models = {dtype: load_model(model_spec, "int8", dtype=dtype, device="cpu") for dtype in ("float16", "float32")}
-    return {dtype: (lambda ids, model=model: model(ids, use_cache=False).logits) for dtype, model in models.items()}
+    variants = {dtype: (lambda ids, model=model: model(ids, use_cache=False).logits) for dtype, model in models.items()}
+    return variants, int(models["float32"].config.vocab_size)
 
 
 COMPARISONS = {"kernel": kernel_variants, "activations": activation_variants}
@@ -66,9 +69,8 @@ def main() -> None:
     shapes = args.shapes or ("1x1,1x9,8x1,1x64" if args.compare == "kernel" else "1x1,1x9,8x1,16x1,8x4,1x64")
     repeats = args.repeats or (3 if args.compare == "kernel" else 5)
 
-    variants = COMPARISONS[args.compare](args.model)
+    variants, vocab = COMPARISONS[args.compare](args.model)
     names = list(variants)
-    vocab = int(load_vocab(args.model))
     rows = []
     for shape in shapes.split(","):
         sequences, tokens = (int(v) for v in shape.split("x"))
@@ -99,14 +101,6 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"saved {args.out}")
-
-
-def load_vocab(model_spec: str) -> int:
-    from transformers import AutoConfig
-
-    from speckv.models import resolve_model_dir
-
-    return AutoConfig.from_pretrained(resolve_model_dir(model_spec)).vocab_size
 
 
 if __name__ == "__main__":

@@ -40,16 +40,19 @@ def _blocked_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_(blocked_int8_matmul(a, b))
 
 
+def _bitsandbytes_loaded() -> bool:
+    """Whether bitsandbytes imports (importing it defines the op and registers its kernels)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def bitsandbytes_has_cpu_int8_kernel() -> bool:
     """Whether bitsandbytes registered a CPU kernel of its own for the int8 matmul (ours is installed only where
     it has none)."""
-    if _library is not None:
-        return False
-    try:
-        import bitsandbytes  # noqa: F401  (defines the op and registers its kernels)
-    except ImportError:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
+    return _library is None and _bitsandbytes_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
 
 
 def install_int8_matmul() -> bool:
@@ -58,11 +61,7 @@ def install_int8_matmul() -> bool:
     global _library
     if _library is not None:
         return True
-    if bitsandbytes_has_cpu_int8_kernel():
-        return False
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
+    if not _bitsandbytes_loaded() or bitsandbytes_has_cpu_int8_kernel():
         return False
     library = torch.library.Library("bitsandbytes", "IMPL")
     library.impl("int8_linear_matmul", blocked_int8_matmul, "CPU")
