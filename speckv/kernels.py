@@ -1,26 +1,40 @@
-"""LLM.int8 (the int8 tier) on a CPU: a kernel bitsandbytes lacks without AVX-512, and quiet float32 inputs.
+"""bitsandbytes' int8 and nf4 tiers on a CPU without its own kernels for them: blocked kernels in their place.
 
-LLM.int8 (the int8 tier) quantizes a layer's input to int8 row by row and multiplies it with the int8 weights.
-bitsandbytes gives the CPU a kernel of its own only with AVX-512 (`torch._int_mm`); elsewhere it falls back to
-`A.float() @ B.float().t()`, which writes the whole weight matrix out as float32 at every pass: on an AVX2-only
-EPYC a one-token pass of the 1.5B target took 2.9 s with it and 0.7 s without (`scripts/int8_cpu.py --compare kernel`;
-docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix conversion"). `install_int8_matmul` registers
-the same arithmetic blocked over the output features: each block of weight rows is converted while it is in
-cache and multiplied at once. Every output element is the same float32 dot product of the same int8 values as
-in the fallback (the blocks split the output features, never the sum), so the results are the fallback's: the
-1.5B target's logits were bit-identical with and without it.
+Where bitsandbytes has no CPU kernel of its own for a quantized matmul, it converts every weight matrix to a
+float matrix at every pass and multiplies that: LLM.int8 (the int8 tier) runs `A.float() @ B.float().t()`
+where it lacks AVX-512 (`torch._int_mm`), and a 4-bit layer (the nf4 tier) dequantizes its whole weight to the
+compute dtype and calls `linear` where it lacks AVX512-BF16 (its packed kernel). Writing out the whole matrix
+and reading it back is most of a decoding pass: on an AVX2-only EPYC a one-token int8 pass of the 1.5B target
+took 2.9 s with it and 0.7 s without (docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix
+conversion"). The kernels here compute the same products blocked over the output features: each block of
+weight rows (BLOCK_BYTES of float32) is converted while it is in cache and multiplied at once.
+
+- int8 (`blocked_int8_matmul`): every output element is the same float32 dot product of the same int8 values as
+  in the fallback (the blocks split the output features, never the sum): the 1.5B target's logits were
+  bit-identical with and without it.
+- nf4 (`blocked_gemm_4bit`): each block is dequantized by bitsandbytes' own kernel to the same values as the
+  whole matrix; the sums are the same float products, up to the order the BLAS adds them in.
+
+`install(kind)` registers one for the CPU only where bitsandbytes has none of its own; `load_model` does so
+for the int8 and nf4 tiers on a CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-OP = "bitsandbytes::int8_linear_matmul"
 BLOCK_BYTES = 2 * 2**20  # float32 weight rows converted at a time: about an L2 cache (2 MiB measured best here)
 
-_library: torch.library.Library | None = None  # our registration while installed
+
+def _block_rows(in_features: int, multiple: int = 1) -> int:
+    """Weight rows per block: BLOCK_BYTES of float32, a multiple of `multiple`, at least one multiple."""
+    rows = max(1, BLOCK_BYTES // (4 * in_features))
+    return max(multiple, rows - rows % multiple)
 
 
 def blocked_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,20 +42,68 @@ def blocked_int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (float32 products and sums, truncated to int32), with `b` converted BLOCK_BYTES of rows at a time."""
     rows = a.reshape(-1, a.shape[-1]).float()
     out = torch.empty(rows.shape[0], b.shape[0], dtype=torch.float32)
-    step = max(1, BLOCK_BYTES // (4 * b.shape[1]))
+    step = _block_rows(b.shape[1])
     for i in range(0, b.shape[0], step):
         torch.mm(rows, b[i:i + step].float().t(), out=out[:, i:i + step])
     return out.to(torch.int32).reshape(*a.shape[:-1], b.shape[0])
 
 
-def _blocked_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+def _blocked_int8_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     if out.dtype != torch.int32:
         raise ValueError(f"out must be int32, got {out.dtype}")
     out.copy_(blocked_int8_matmul(a, b))
 
 
+def blocked_gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], absmax: torch.Tensor, blocksize: int,
+                      quant_type: str, bias: torch.Tensor | None = None, absmax_8bit: torch.Tensor | None = None,
+                      absmax_code: torch.Tensor | None = None,
+                      absmax_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """`A` [..., K] times the 4-bit weight `B` ([N, K] packed two values a byte, one `absmax` scale per
+    `blocksize` values) transposed, plus `bias`, in A's dtype [..., N]: bitsandbytes' default `gemm_4bit`
+    (dequantize the whole weight, then `linear`), with the weight dequantized a block of rows at a time.
+    Nested scales (`absmax_8bit`, double quantization) are dequantized first, as bitsandbytes does."""
+    if absmax_8bit is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax_8bit, absmax, absmax_code, 256, torch.float32) + absmax_offset
+    n, k = shapeB
+    packed = B.view(torch.uint8).reshape(-1)
+    rows = A.reshape(-1, k)
+    out = torch.empty(rows.shape[0], n, dtype=A.dtype, device=A.device)
+    # a block starts on a scale's first value and a whole byte: its rows hold a multiple of blocksize values
+    step = _block_rows(k, blocksize // math.gcd(k, blocksize))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed[i * k // 2:(j * k + 1) // 2], absmax[i * k // blocksize:-(-j * k // blocksize)], blocksize,
+            quant_type, [j - i, k], A.dtype)
+        torch.mm(rows, weight.t(), out=out[:, i:j])
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out.reshape(*A.shape[:-1], n)
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """One of ours: the bitsandbytes ops it implements, and the op whose CPU kernel means bitsandbytes has
+    its own (ours is then not installed)."""
+
+    impls: dict[str, Callable]
+    theirs: str
+    layer: str  # the bitsandbytes.nn layer class that runs it
+
+
+KERNELS = {
+    "int8-blocked": _Kernel({"int8_linear_matmul": blocked_int8_matmul, "int8_linear_matmul.out": _blocked_int8_out},
+                            "int8_linear_matmul", "Linear8bitLt"),
+    "nf4-blocked": _Kernel({"gemm_4bit": blocked_gemm_4bit}, "gemv_4bit", "Linear4bit"),
+}
+TIER_KERNELS = {"int8": "int8-blocked", "nf4": "nf4-blocked"}
+
+_installed: dict[str, torch.library.Library] = {}  # our registrations while installed, by name
+
+
 def _bitsandbytes_loaded() -> bool:
-    """Whether bitsandbytes imports (importing it defines the op and registers its kernels)."""
+    """Whether bitsandbytes imports (importing it defines the ops and registers its kernels)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -49,46 +111,55 @@ def _bitsandbytes_loaded() -> bool:
     return True
 
 
-def bitsandbytes_has_cpu_int8_kernel() -> bool:
-    """Whether bitsandbytes registered a CPU kernel of its own for the int8 matmul (ours is installed only where
-    it has none)."""
-    return _library is None and _bitsandbytes_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU")
+def bitsandbytes_has_cpu_kernel(name: str) -> bool:
+    """Whether bitsandbytes registered a CPU kernel of its own for what `name` does (ours is installed only
+    where it has none): int8 with AVX-512, 4-bit with AVX512-BF16."""
+    theirs = KERNELS[name].theirs
+    if name in _installed and theirs in KERNELS[name].impls:
+        return False  # the CPU kernel the dispatcher has is ours
+    return _bitsandbytes_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"bitsandbytes::{theirs}", "CPU")
 
 
-def install_int8_matmul() -> bool:
-    """Register `blocked_int8_matmul` as bitsandbytes' CPU int8 matmul where it has none of its own (it would use
-    its whole-matrix fallback); True while ours is installed. Idempotent; `uninstall_int8_matmul` undoes it."""
-    global _library
-    if _library is not None:
+def install(name: str) -> bool:
+    """Register kernel `name` ("int8-blocked", "nf4-blocked") as bitsandbytes' CPU kernel where it has none of
+    its own (it would convert whole matrices); True while ours is installed. Idempotent; `uninstall` undoes it."""
+    if name in _installed:
         return True
-    if not _bitsandbytes_loaded() or bitsandbytes_has_cpu_int8_kernel():
+    if not _bitsandbytes_loaded() or bitsandbytes_has_cpu_kernel(name):
         return False
     library = torch.library.Library("bitsandbytes", "IMPL")
-    library.impl("int8_linear_matmul", blocked_int8_matmul, "CPU")
-    library.impl("int8_linear_matmul.out", _blocked_out, "CPU")
-    _library = library
+    for op, fn in KERNELS[name].impls.items():
+        library.impl(op, fn, "CPU")
+    _installed[name] = library
     return True
 
 
-def uninstall_int8_matmul() -> None:
-    """Back to bitsandbytes' own dispatch (its fallback): for measuring the two side by side."""
-    global _library
-    if _library is not None:
-        _library._destroy()
-        _library = None
+def uninstall(name: str) -> None:
+    """Back to bitsandbytes' own dispatch (its whole-matrix fallback): for measuring the two side by side."""
+    library = _installed.pop(name, None)
+    if library is not None:
+        library._destroy()
+
+
+def installed(name: str) -> bool:
+    return name in _installed
 
 
 def kernels_for(model: torch.nn.Module) -> str:
-    """What of ours `model`'s layers run, for keys of what its calls cost ("" for none): "int8-blocked" where it
-    has LLM.int8 layers on the CPU and our int8 matmul is installed."""
-    if _library is None:
+    """What of ours `model`'s layers run, for keys of what its calls cost ("" for none): the names of the
+    installed kernels whose bitsandbytes layers it has on the CPU (a 4-bit layer that bitsandbytes packed for
+    its own kernel runs that instead)."""
+    if not _installed:
         return ""
-    try:
-        from bitsandbytes.nn import Linear8bitLt
-    except ImportError:
-        return ""
-    on_cpu = (m.weight.device.type == "cpu" for m in model.modules() if isinstance(m, Linear8bitLt))
-    return "int8-blocked" if any(on_cpu) else ""
+    import bitsandbytes.nn
+
+    used = []
+    for name in sorted(_installed):
+        layer = getattr(bitsandbytes.nn, KERNELS[name].layer)
+        if any(isinstance(m, layer) and m.weight.device.type == "cpu"
+               and not getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
+            used.append(name)
+    return ",".join(used)
 
 
 INT8_INPUT_CAST = "MatMul8bitLt: inputs will be cast from"
@@ -102,7 +173,7 @@ class _DropInputCast(logging.Filter):
 def quiet_int8_input_cast() -> None:
     """Silence bitsandbytes' warning that an LLM.int8 layer's input is cast to float16 for quantizing, logged at
     every layer of every pass where activations are not float16: the int8 tier on a CPU runs them in float32 on
-    purpose (speckv.models.INT8_CPU_ACTIVATIONS), and casting is how LLM.int8 quantizes them. Idempotent."""
+    purpose (speckv.models.CPU_QUANTIZED_ACTIVATIONS), and casting is how LLM.int8 quantizes them. Idempotent."""
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropInputCast) for f in logger.filters):
         logger.addFilter(_DropInputCast())

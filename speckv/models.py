@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import install_int8_matmul, quiet_int8_input_cast
+from .kernels import TIER_KERNELS, install, quiet_int8_input_cast
 
 EMBEDDED_PREFIX = "embedded:"
 MANIFEST = "speckv-manifest.json"
@@ -88,12 +88,13 @@ class Tier(str, Enum):
 DRAFT_TIER = Tier.FP16  # the draft is never compressed: one draft (and its calibration) serves every target tier
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What the int8 tier's activations (every part of the model but its int8 weights) are at `auto` on a CPU. LLM.int8
-# quantizes each layer's input from float16, and on a GPU the rest runs in float16 too; a CPU emulates float16
-# arithmetic, so there it runs in float32: on an AVX2 EPYC (docs/SERVING.md, "int8 passes without bitsandbytes'
-# whole-matrix conversion") the same within 10% up to nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x
-# for a 64-token prompt, for 0.9 GiB more (the embeddings) and twice the KV bytes a token.
-INT8_CPU_ACTIVATIONS = torch.float32
+# What a quantized tier's activations (every part of the model but its quantized weights) are at `auto` on a CPU
+# (int8), or where SpecKV's blocked 4-bit kernel runs its matmuls (nf4 where bitsandbytes has no 4-bit CPU
+# kernel of its own, i.e. without AVX512-BF16; speckv.kernels). Half precision is emulated there: int8 on an AVX2 EPYC
+# (docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the same within 10% up to
+# nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in float32; nf4 ("nf4 passes
+# dequantized a block at a time, in float32") FIXME. The cost: the embeddings in float32 and twice the KV bytes.
+CPU_QUANTIZED_ACTIVATIONS = torch.float32
 
 
 def default_device() -> str:
@@ -107,8 +108,8 @@ def draft_dtype_for(target_dtype: str) -> str:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` is half precision: float16 on CUDA, bfloat16 elsewhere (the int8 tier on a CPU excepted:
-    `load_model` runs its activations in INT8_CPU_ACTIVATIONS)."""
+    """`auto` is half precision: float16 on CUDA, bfloat16 elsewhere (the int8 and nf4 tiers on a CPU excepted:
+    `load_model` runs their activations in CPU_QUANTIZED_ACTIVATIONS)."""
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.bfloat16
     if name not in DTYPES:
@@ -215,13 +216,17 @@ def load_model(
     if spec.startswith(EMBEDDED_PREFIX):
         verify_embedded(EMBEDDED_MODELS[spec[len(EMBEDDED_PREFIX):]], Path(path))
     kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True}
+    on_cpu = torch.device(device).type == "cpu"
+    # our kernels where bitsandbytes has no CPU kernel of its own (speckv.kernels); activations in float32 at
+    # auto where half precision would be emulated: int8 on any CPU (LLM.int8 wants float16), nf4 where ours runs
+    # (bitsandbytes' own 4-bit CPU kernel is for bf16 hardware and computes in bf16)
+    blocked = on_cpu and tier is not Tier.FP16 and install(TIER_KERNELS[tier.value])
+    if dtype == "auto" and on_cpu and (tier is Tier.INT8 or blocked):
+        torch_dtype = kwargs["dtype"] = CPU_QUANTIZED_ACTIVATIONS
     if tier is Tier.INT8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        on_cpu = torch.device(device).type == "cpu"
-        if on_cpu:
-            install_int8_matmul()  # where bitsandbytes has no CPU kernel of its own (speckv.kernels)
-        if dtype == "auto":
-            kwargs["dtype"] = INT8_CPU_ACTIVATIONS if on_cpu else torch.float16
+        if dtype == "auto" and not on_cpu:
+            kwargs["dtype"] = torch.float16  # LLM.int8 quantizes its inputs from float16
         if kwargs["dtype"] != torch.float16:
             quiet_int8_input_cast()
     elif tier is Tier.NF4:

@@ -1,14 +1,19 @@
-"""Time the int8 tier's passes on the CPU two ways, in one process, alternating, and compare what they choose.
-Prints and saves the medians.
+"""Time the int8 or nf4 tier's passes on the CPU two ways, in one process, alternating, and compare what they
+choose. Prints and saves the medians.
 
-    python scripts/int8_cpu.py --compare kernel --out docs/results/milan/int8_cpu_matmul.json            # ~3 min
-    python scripts/int8_cpu.py --compare activations --out docs/results/milan/int8_activation_dtype.json  # ~4 min
+    python scripts/quantized_cpu.py --tier int8 --compare kernel --out int8_cpu_matmul.json         # ~3 min
+    python scripts/quantized_cpu.py --tier int8 --compare activations --out int8_activation_dtype.json
+    python scripts/quantized_cpu.py --tier nf4 --compare kernel --out nf4_cpu_matmul.json
+    python scripts/quantized_cpu.py --tier nf4 --compare activations --out nf4_activation_dtype.json
 
-`kernel`: bitsandbytes' CPU fallback for LLM.int8's int8 matmul against speckv.kernels' blocked one (activations
-in float16, as before either change), and whether the logits are identical; on a CPU where bitsandbytes has a
-kernel of its own (AVX-512) there is nothing to compare. `activations`: the tier loaded with float16 and with
-float32 activations (the choice behind speckv.models.INT8_CPU_ACTIVATIONS), and the share of positions where
-their greedy choices agree.
+(the saved runs are in docs/results/milan/).
+
+`kernel`: bitsandbytes' own CPU path (where it has no kernel for the CPU: whole-matrix conversion) against
+speckv.kernels' blocked one, with the half-precision activations the tier had before either (int8 float16,
+nf4 bfloat16) or `--dtype`, and whether the logits are identical; on a CPU where bitsandbytes has a kernel of its own
+(int8: AVX-512, nf4: AVX512-BF16) there is nothing to compare. `activations`: the tier loaded with those
+half-precision activations and with float32 (the choice behind speckv.models.CPU_QUANTIZED_ACTIVATIONS), both
+with our kernel, and the share of positions where their greedy choices agree.
 
 A pass feeds `tokens` tokens to each of `sequences` sequences into an empty cache and keeps every logit; the
 median of `--repeats` after one untimed pass of each shape and variant.
@@ -32,24 +37,28 @@ from speckv.models import DEFAULT_TARGET, load_model
 Variant = Callable[[torch.Tensor], torch.Tensor]  # token ids [sequences, tokens] -> logits
 
 
-def kernel_variants(model_spec: str) -> tuple[dict[str, Variant], int]:
-    """The two variants and the model's vocabulary size."""
-    model = load_model(model_spec, "int8", dtype="float16", device="cpu")
-    kernels.uninstall_int8_matmul()
-    if kernels.bitsandbytes_has_cpu_int8_kernel():
-        sys.exit("bitsandbytes has a CPU int8 kernel of its own on this CPU (AVX-512): nothing to compare")
+HALF = {"int8": "float16", "nf4": "bfloat16"}  # each tier's activations on a CPU before float32
+
+
+def kernel_variants(model_spec: str, tier: str, dtype: str | None = None) -> tuple[dict[str, Variant], int]:
+    """The two variants and the model's vocabulary size; activations in `dtype` (default: HALF)."""
+    name = kernels.TIER_KERNELS[tier]
+    model = load_model(model_spec, tier, dtype=dtype or HALF[tier], device="cpu")
+    kernels.uninstall(name)
+    if kernels.bitsandbytes_has_cpu_kernel(name):
+        sys.exit(f"bitsandbytes has a CPU {tier} kernel of its own on this CPU: nothing to compare")
 
     def run(blocked: bool) -> Variant:
         def forward(ids: torch.Tensor) -> torch.Tensor:
-            kernels.install_int8_matmul() if blocked else kernels.uninstall_int8_matmul()
+            kernels.install(name) if blocked else kernels.uninstall(name)
             return model(ids, use_cache=False).logits
         return forward
-    return {"fallback": run(False), "blocked": run(True)}, int(model.config.vocab_size)
+    return {"bitsandbytes": run(False), "blocked": run(True)}, int(model.config.vocab_size)
 
 
-def activation_variants(model_spec: str) -> tuple[dict[str, Variant], int]:
+def activation_variants(model_spec: str, tier: str, dtype: str | None = None) -> tuple[dict[str, Variant], int]:
     """The two variants and the model's vocabulary size."""
-    models = {dtype: load_model(model_spec, "int8", dtype=dtype, device="cpu") for dtype in ("float16", "float32")}
+    models = {dtype: load_model(model_spec, tier, dtype=dtype, device="cpu") for dtype in (HALF[tier], "float32")}
     variants = {dtype: (lambda ids, model=model: model(ids, use_cache=False).logits) for dtype, model in models.items()}
     return variants, int(models["float32"].config.vocab_size)
 
@@ -59,7 +68,10 @@ COMPARISONS = {"kernel": kernel_variants, "activations": activation_variants}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tier", choices=sorted(HALF), required=True)
     parser.add_argument("--compare", choices=sorted(COMPARISONS), required=True)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="kernel only: the activations (default: the tier's half precision)")
     parser.add_argument("--model", default=DEFAULT_TARGET)
     parser.add_argument("--shapes", default=None, help="sequences x tokens, comma-separated "
                         "(default: kernel 1x1,1x9,8x1,1x64; activations 1x1,1x9,8x1,16x1,8x4,1x64)")
@@ -69,7 +81,9 @@ def main() -> None:
     shapes = args.shapes or ("1x1,1x9,8x1,1x64" if args.compare == "kernel" else "1x1,1x9,8x1,16x1,8x4,1x64")
     repeats = args.repeats or (3 if args.compare == "kernel" else 5)
 
-    variants, vocab = COMPARISONS[args.compare](args.model)
+    if args.dtype and args.compare != "kernel":
+        parser.error("--dtype is for --compare kernel (activations compares the dtypes)")
+    variants, vocab = COMPARISONS[args.compare](args.model, args.tier, args.dtype)
     names = list(variants)
     rows = []
     for shape in shapes.split(","):
@@ -93,8 +107,9 @@ def main() -> None:
         print(f"{sequences} x {tokens}: " + ", ".join(f"{n} {row[f'{n}_ms']:.0f} ms" for n in names)
               + f"; logits identical: {row['identical_logits']}, greedy choices agree at "
               f"{row['greedy_agreement']:.0%} of positions", flush=True)
-    kernels.install_int8_matmul()
-    result = {"compare": args.compare, "model": args.model, "hardware": hardware_id(torch.device("cpu")),
+    kernels.install(kernels.TIER_KERNELS[args.tier])
+    result = {"tier": args.tier, "compare": args.compare, "dtype": args.dtype, "model": args.model,
+              "hardware": hardware_id(torch.device("cpu")),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
               "block_bytes": kernels.BLOCK_BYTES, "rows": rows}
     if args.out:
