@@ -15,7 +15,7 @@ weight rows (BLOCK_BYTES of float32) is converted while it is in cache and multi
 - nf4 (`blocked_gemm_4bit`): each block is dequantized by bitsandbytes' own kernel to the same values as the
   whole matrix; the sums are the same float products, up to the order the BLAS adds them in.
 
-`install(kind)` registers one for the CPU only where bitsandbytes has none of its own; `load_model` does so
+`install(name)` registers one for the CPU only where bitsandbytes has none of its own; `load_model` does so
 for the int8 and nf4 tiers on a CPU.
 """
 
