@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
-from .calibration import calibrate_pair
+from .calibration import PairCalibration, calibrate_pair
 from .engine import (
     GenerationRequest,
     GenerationResult,
@@ -84,19 +84,26 @@ class LocalEngine:
         self.target_worker = TargetWorker(SessionLM(self.target_model))
         self.executor = local_executor(self.draft_worker, self.target_worker, self.batching)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
-        if self.estimates is None and (self.target_worker.lm.half_layers or self.draft_worker.lm.half_layers):
+        if self.target_worker.lm.half_layers or self.draft_worker.lm.half_layers:
             # the calibration of a model with half-precision layers on the CPU also decides how its prompts are
             # read (SessionLM.prefill_dtype): from the first request on, whatever the policy, not from the first
-            # `adaptive` one
-            self.calibrate()
+            # `adaptive` one; and for these workers even where estimates were handed in (an engine copied with
+            # `dataclasses.replace` has new workers: left as loaded, its draft read eight nf4 prompts in bf16
+            # in 31.7 s against 4-7 s in float32, AVX2 EPYC, scripts/concurrent_bench.py)
+            pair = self._calibrate_workers()
+            if self.estimates is None:
+                self.estimates = TierEstimates.calibrated(pair.cost_model)
 
     def calibrate(self, force: bool = False, progress=None) -> TierEstimates:
         """This machine's step costs for the pair (cached under SPECKV_HOME; measured within the budget if not),
         as fresh estimates for `adaptive`."""
-        pair = calibrate_pair(self.draft_worker.lm, self.target_worker.lm, self.tier, self.calibration_budget_s,
-                              force, progress=progress)
-        self.estimates = TierEstimates.calibrated(pair.cost_model)
+        self.estimates = TierEstimates.calibrated(self._calibrate_workers(force, progress).cost_model)
         return self.estimates
+
+    def _calibrate_workers(self, force: bool = False, progress=None) -> PairCalibration:
+        """The pair's calibration (cached, or measured), with what it chose set on both workers."""
+        return calibrate_pair(self.draft_worker.lm, self.target_worker.lm, self.tier, self.calibration_budget_s,
+                              force, progress=progress)
 
     @classmethod
     def load(

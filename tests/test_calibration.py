@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from speckv import calibration
+from speckv.batching import BatchSettings
 from speckv.calibration import CalibrationKey, calibrate, cost_model, load_or_calibrate, weights_fingerprint
 from speckv.workers import SessionLM, drop_float32_copies, multiplies_in
 
@@ -358,10 +360,23 @@ def test_an_engine_with_a_half_precision_target_is_calibrated_when_it_loads(half
     from speckv.local import LocalEngine
 
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    real_probe = calibration.probe_prefill_dtype
+
+    def float32_chosen(lm, context, session):  # a tiny model may read faster as loaded: float32 is the case to see
+        measured = real_probe(lm, context, session)
+        lm.read_prompts_in(torch.float32)
+        return {**measured, "chosen": "float32"}
+
+    monkeypatch.setattr(calibration, "probe_prefill_dtype", float32_chosen)
     engine = LocalEngine(draft_model, half_model, tokenizer, tier="nf4", calibration_budget_s=3.0)
     assert engine.estimates is not None
-    probe = load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].prefill_probe
-    assert engine.target_worker.lm.prefill_dtype == (torch.float32 if probe["chosen"] == "float32" else None)
+    assert load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].prefill_probe["chosen"] == "float32"
+    chosen = torch.float32
+    assert engine.target_worker.lm.prefill_dtype == chosen
+    # a copy with estimates handed in (dataclasses.replace: new workers) reads prompts as the calibration chose too
+    copy = dataclasses.replace(engine, batching=BatchSettings(max_batch_size=4))
+    assert copy.target_worker.lm is not engine.target_worker.lm and copy.estimates is engine.estimates
+    assert copy.target_worker.lm.prefill_dtype == chosen
     assert LocalEngine(draft_model, draft_model, tokenizer, tier="nf4").estimates is None
 
 
