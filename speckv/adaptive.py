@@ -57,7 +57,9 @@ to it, n the drafted tokens this request has seen (an upper-confidence-bound rul
 drafting wherever drafting could pay, and what it sees replaces the optimism as n grows. Optimism decides
 whether to draft, not how long: where the learned acceptance drafts, its γ* stands (runs priced at the
 optimistic acceptance were 14-16 tokens where 5 paid). Where drafting cannot pay even if every token were
-accepted, optimism changes nothing (the probes above are all the drafting there).
+accepted, optimism changes nothing (the probes above are all the drafting there). Nor does it buy a catch-up
+that other requests wait through (a pass of several, or shared cores): exploring there costs the whole reading
+for every one of them, and is the probes' to do.
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight (served: the target is a
@@ -228,6 +230,7 @@ class AdaptivePolicy:
         # where the replicas share the cores, by every request on them (a prefill pass holds the cores)
         waiting = max(sequences, self.estimates.tier.sharing)
         self._catch_up_per_token = waiting * float(cost.catch_up_ms(CAUGHT_UP + 1))
+        self._catch_up_shared = waiting > 1
         self._stop = NO_STOP
         if self.predictor.token_weights and self._rate:
             *w, b = self.predictor.token_weights
@@ -297,7 +300,11 @@ class AdaptivePolicy:
         decides whether to draft, never how long: the run cap beyond γmax only where the learned acceptance
         itself picks γmax. Long optimistic runs opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each
         ~10% of a pass) where the learned estimate picked 5. Pure but for the first call, which sets the prior
-        rate (from the learned acceptance: the rate the request may reach, not an optimistic one)."""
+        rate (from the learned acceptance: the rate the request may reach, not an optimistic one).
+        Optimism does not buy a catch-up that others wait through (module docstring): eight nf4 requests started
+        together (AVX2 EPYC, in-process), the learned acceptance drafted none, the optimistic one five, their
+        drafts read their prompts (5 s the eight waited through) and two to four steps later all five stopped
+        (0.94x `none`)."""
         learned = self.estimates.acceptance  # its events are the drafted tokens seen (none with learning off)
         logits = [learned.logit(z) for z in logits]
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
@@ -307,6 +314,8 @@ class AdaptivePolicy:
         best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
             return self.run_cap if best == len(logits) else best
+        if catch_up_ms and self._catch_up_shared:
+            return 0  # optimism does not buy a catch-up that others wait through (docstring)
         return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra)
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:

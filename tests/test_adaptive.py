@@ -373,3 +373,25 @@ def test_on_shared_cores_drafting_is_priced_for_every_request_waiting_for_them()
     unshared, unshared_gamma = _machine(sharing=False)
     assert shared >= 0.95 * best, (shared, best, shared_gamma)
     assert unshared < 0.9 * best and unshared_gamma > shared_gamma + 4, (unshared, unshared_gamma, shared_gamma)
+
+
+def test_under_load_optimism_does_not_buy_a_catch_up_that_the_others_wait_through():
+    """Eight requests started together at the AVX2 EPYC's nf4 costs (a pass ~1.6 s plus 231 ms a sequence, a
+    draft token 95 ms, the draft reading 15.8 ms a token), the learned acceptance at even odds, 32 tokens to go.
+    Its first step, the draft yet to read a 60-token prompt: the learned acceptance does not repay that reading,
+    which all eight wait through, so the step does not draft (optimistic, it drafted 8; live, five of eight
+    drafted, read their prompts and stopped two to four steps later: 0.94x `none`). Optimism still explores where
+    the draft has read the context, and alone, where the reading is the request's own."""
+    nf4 = CostModel(draft_ms_per_token=95.0, verify_ms_base=1604.0, verify_ms_per_token=105.8,
+                    verify_ms_per_sequence=231.0, draft_ms_per_sequence=73.0, draft_prefill_ms_per_token=15.8)
+
+    def first_gamma(requests: int, draft_read: int) -> int:
+        estimates = TierEstimates.calibrated(nf4)
+        estimates.sharing = estimates.in_flight = requests
+        policy = AdaptivePolicy(predictor_with_acceptance(0.0), "nf4", estimates)
+        progress = RequestProgress(max_new_tokens=32)
+        progress.draft_read = draft_read
+        return policy.choose(progress.context(0, 0, 60))
+
+    assert first_gamma(8, 0) == 0
+    assert first_gamma(8, 58) > 0 and first_gamma(1, 0) > 0
