@@ -73,7 +73,7 @@ class _Session:
 @dataclass(frozen=True)
 class LogitsCall:
     """One session's part of a forward pass: bring its cache to cover `token_ids`, return the logits after
-    each of the last `num_logits` positions."""
+    each of the last `num_logits` positions (0: none, a prefill chunk's pass: `SessionLM.prefill_step`)."""
 
     session_id: str
     token_ids: list[int]
@@ -400,7 +400,9 @@ class SessionLM:
                 done = common_prefix_len(session.token_ids, token_ids)
                 if len(token_ids) - done > PREFILL_LEAVE:
                     upto = min(len(token_ids), done + chunk_tokens)
-                    chunks.append((upto - done, _Row(session, LogitsCall(session_id, token_ids[:upto], 1))))
+                    # no logits: nobody reads a chunk's, and a padded pass scored every row from the shortest
+                    # row's end on (eight drafts' prompts: 254 rows through the 151936-wide output layer)
+                    chunks.append((upto - done, _Row(session, LogitsCall(session_id, token_ids[:upto], 0))))
             chunks.sort(key=lambda c: -c[0])
             rows, fed = [], 0
             for length, row in chunks:
@@ -464,7 +466,7 @@ class SessionLM:
         for row in rows:
             cached = len(row.session.token_ids)
             row.keep = min(common_prefix_len(row.session.token_ids, row.call.token_ids),
-                           len(row.call.token_ids) - row.call.num_logits)
+                           len(row.call.token_ids) - max(row.call.num_logits, 1))
             if row.keep == 0 and cached:
                 row.session.cache = type(row.session.cache)(config=self.model.config)
             elif row.keep < cached:
@@ -485,7 +487,7 @@ class SessionLM:
         feed = torch.tensor([row.call.token_ids[row.keep:]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=feed, past_key_values=row.session.cache, use_cache=True,
                          logits_to_keep=logit_rows(feed.shape[1], row.call.num_logits, self.device))
-        return [out.logits[0, -row.call.num_logits:]]
+        return [out.logits[0, out.logits.shape[1] - row.call.num_logits:]]
 
 
 @dataclass
@@ -601,17 +603,17 @@ def padded_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tenso
         positions[i] = torch.arange(k, k + f)
         mask[i, c - k:c + len(tokens)] = 1
     starts = [len(tokens) - row.call.num_logits for tokens, row in zip(fed, rows)]
-    first = min(starts)
+    first = min((s for s, row in zip(starts, rows) if row.call.num_logits), default=f)  # f: no row wants any
     out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=batch, use_cache=True,
-                logits_to_keep=torch.arange(first, max(len(x) for x in fed), device=device))
+                past_key_values=batch, use_cache=True, logits_to_keep=torch.arange(first, f, device=device))
     for i, (row, k, tokens) in enumerate(zip(rows, kept, fed)):
         cache = DynamicCache(config=model.config)
         for layer, part in enumerate(batch.layers):
             cache.update(part.keys[i:i + 1, :, c - k:c + len(tokens)].clone(),
                          part.values[i:i + 1, :, c - k:c + len(tokens)].clone(), layer)
         row.session.cache = cache
-    return [out.logits[i, s - first:s - first + row.call.num_logits] for i, (row, s) in enumerate(zip(rows, starts))]
+    return [out.logits[i, s - first:s - first + row.call.num_logits] if row.call.num_logits else out.logits[i, :0]
+            for i, (row, s) in enumerate(zip(rows, starts))]
 
 
 def _left_pad(x: torch.Tensor | None, like: torch.Tensor, length: int) -> torch.Tensor:

@@ -67,6 +67,28 @@ def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_prefill_pass_scores_no_row_and_leaves_the_caches_reading_alone_would(target_model, monkeypatch, packed):
+    """Prompts of different lengths read in one prefill pass (both layouts): nobody reads a chunk's logits, so
+    the output layer runs on no row (padded, it scored every row from the shortest prompt's end on: 254 rows
+    of the 151936-wide output layer for eight drafts' prompts); the caches it leaves give what reading alone
+    would."""
+    monkeypatch.setattr(workers, "_packs", lambda fed: packed)
+    prompts = _sequences(40, 36, 33, 30)  # padded to 40: within PREFILL_PADDING, so one pass
+    batched, alone = SessionLM(target_model), SessionLM(target_model)
+    scored = []
+    hook = target_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: scored.append(args[0].shape[-2] * args[0].shape[0]))
+    try:
+        assert batched.prefill_step([(f"p{i}", p) for i, p in enumerate(prompts)]) == len(prompts)
+    finally:
+        hook.remove()
+    assert scored == [0]
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(batched.logits(f"p{i}", p + [3], 2), alone.logits(f"p{i}", p + [3], 2),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_a_half_precision_models_prompts_are_read_in_the_prefill_dtype_and_its_steps_as_loaded(half_model):
     """SessionLM.prefill_dtype: the prefill passes' half-precision layers (4-bit or plain bf16) multiply in
     float32, every other pass's as loaded (bf16), and what they multiply in is restored after each; the same
