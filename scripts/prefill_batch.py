@@ -18,7 +18,7 @@ from speckv.calibration import hardware_id
 from speckv.local import LocalEngine
 from speckv.text import encode_prompt
 from speckv.tools.bench import load_prompts
-from speckv.workers import PREFILL_LEAVE, SessionLM
+from speckv.workers import SessionLM
 
 
 def read_together(lm: SessionLM, prompts: list[list[int]], tag: str) -> tuple[float, int]:
@@ -27,8 +27,7 @@ def read_together(lm: SessionLM, prompts: list[list[int]], tag: str) -> tuple[fl
     for session, ids in items:
         lm.admit(session, ids)
     start, passes = time.perf_counter(), 0
-    while any(lm.missing(session, ids) > PREFILL_LEAVE for session, ids in items):
-        lm.prefill_step(items)
+    while lm.prefill_step(items):  # the sessions it fed: none once every prompt is read
         passes += 1
     ms = (time.perf_counter() - start) * 1e3
     for session, _ in items:

@@ -612,8 +612,7 @@ def padded_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tenso
             cache.update(part.keys[i:i + 1, :, c - k:c + len(tokens)].clone(),
                          part.values[i:i + 1, :, c - k:c + len(tokens)].clone(), layer)
         row.session.cache = cache
-    return [out.logits[i, s - first:s - first + row.call.num_logits] if row.call.num_logits else out.logits[i, :0]
-            for i, (row, s) in enumerate(zip(rows, starts))]
+    return [out.logits[i, s - first:s - first + row.call.num_logits] for i, (row, s) in enumerate(zip(rows, starts))]
 
 
 def _left_pad(x: torch.Tensor | None, like: torch.Tensor, length: int) -> torch.Tensor:

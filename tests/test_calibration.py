@@ -371,12 +371,11 @@ def test_an_engine_with_a_half_precision_target_is_calibrated_when_it_loads(half
     engine = LocalEngine(draft_model, half_model, tokenizer, tier="nf4", calibration_budget_s=3.0)
     assert engine.estimates is not None
     assert load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].prefill_probe["chosen"] == "float32"
-    chosen = torch.float32
-    assert engine.target_worker.lm.prefill_dtype == chosen
+    assert engine.target_worker.lm.prefill_dtype == torch.float32
     # a copy with estimates handed in (dataclasses.replace: new workers) reads prompts as the calibration chose too
     copy = dataclasses.replace(engine, batching=BatchSettings(max_batch_size=4))
     assert copy.target_worker.lm is not engine.target_worker.lm and copy.estimates is engine.estimates
-    assert copy.target_worker.lm.prefill_dtype == chosen
+    assert copy.target_worker.lm.prefill_dtype == torch.float32
     assert LocalEngine(draft_model, draft_model, tokenizer, tier="nf4").estimates is None
 
 
