@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -48,12 +49,37 @@ def apply_ray_env() -> None:
     os.environ.update(RAY_ENV)
 
 
+# Ray's workers take ports 10002-19999 by default; below that sit Ray's fixed ports (6379, 8265, 10001).
+_FIRST_FREE_PORT = 20000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out for bind(0) and outgoing connections (Linux's default where unreadable)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it), so a developer's `make serve` on 8000 or another
-    test's server is never the one a test talks to."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on now, so a developer's `make serve` on 8000 or another test's server is
+    never the one a test talks to.
+
+    It lies between Ray's worker ports and the kernel's ephemeral range: a port the OS picked for bind(0)
+    is free only until the OS picks it again, and `serve run` starts a dozen processes that bind port 0
+    and connect out before its proxy binds, so one of them took it in CI ("Failed to bind to address")."""
+    low, high = _FIRST_FREE_PORT, ephemeral_port_range()[0]
+    if high - low < 100:  # a kernel whose ephemeral range starts low: no safe band, let the OS choose
+        low, high = 0, 1
+    for port in random.Random().sample(range(low, high), min(200, high - low)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free TCP port in [{low}, {high})")
 
 
 @contextlib.contextmanager
