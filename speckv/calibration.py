@@ -10,8 +10,8 @@ informative measurements first, so a run the budget cuts short still gives a cos
 replica calibrates what it holds when it loads, and
 `cost_model` joins a draft's and a target's calibration into the `CostModel` policies price γ with.
 A model whose linear layers multiply in half precision on the CPU (4-bit layers dequantizing to bf16, or plain
-bf16 ones) may read a prompt faster with them in float32 where the CPU has no bf16 hardware
-(`probe_prefill_dtype`): measured first, and what its prefill passes use after.
+bf16 ones) may run faster with them in float32 where the CPU has no bf16 hardware,
+from some number of rows a pass (`probe_float32_from`): measured first, and what its passes use after.
 `load_or_calibrate` caches a calibration under `$SPECKV_HOME/calibration/`, keyed by the hardware, the
 torch version and threads, the model's weights, role, tier, dtype and device: the same setting reuses it,
 anything that changes the costs gets its own.
@@ -40,11 +40,12 @@ import torch
 from .cost_model import CostModel
 from .kernels import kernels_for
 from .models import DRAFT_TIER, MANIFEST, cache_root
-from .workers import LogitsCall, SessionLM, computing_in, multiplies_in
+from .workers import LogitsCall, SessionLM, multiplies_in
 
-CALIBRATION_FORMAT = 7  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
-# 5: the compute dtype of a 4-bit model's prefill passes (`probe_prefill_dtype`); 6: and of a plain half-precision one;
-# 7: the kernels a model's layers run (`CalibrationKey.kernels`)
+CALIBRATION_FORMAT = 8  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
+# 5: the compute dtype of a 4-bit model's prefill passes; 6: and of a plain half-precision one;
+# 7: the kernels a model's layers run (`CalibrationKey.kernels`); 8: from which pass size half-precision layers compute
+# in float32, every pass's, not only prefill's (`probe_float32_from`)
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
@@ -54,7 +55,9 @@ BATCH_PROBE = 4  # sequences in the batched passes measured (what more sequences
 # three repeats of a 1.4-2.3 s pass (nf4, int8 on an AVX2 EPYC) the budget held two measurements and never the
 # batched passes load is priced with
 ENOUGH_TIMED_MS = 1000.0
-PREFILL_PROBE_TOKENS = 16  # tokens of each timed pass `probe_prefill_dtype` makes, one per compute dtype
+# tokens of the timed passes `probe_float32_from` makes, one per compute dtype a size, largest first (bf16's cost
+# grows with the rows where it is emulated; float32's much less): they read 2 × 31 tokens of the first context
+FLOAT32_PROBE_TOKENS = (16, 8, 4, 2, 1)
 MIN_MEASUREMENTS = {"target": 2, "draft": 2}  # verification at γ = 0 and γmax; the draft's single token, its prefill
 # CPU features that change which kernels torch runs (and so the shape of a step's cost)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -137,20 +140,20 @@ class Calibration:
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0  # how long measuring took
     complete: bool = True  # False when the budget left planned measurements out
-    prefill_probe: dict | None = None  # `probe_prefill_dtype`'s times and choice (None: no half-precision layers)
+    float32_probe: dict | None = None  # `probe_float32_from`'s times and choice (None: no half-precision layers)
 
     @property
-    def prefill_dtype(self) -> torch.dtype | None:
-        """What the model's half-precision layers compute in during prefill passes (None: as loaded)."""
-        return torch.float32 if self.prefill_probe and self.prefill_probe["chosen"] == "float32" else None
+    def float32_from(self) -> int | None:
+        """From how many token positions a pass's half-precision layers compute in float32 (None: never)."""
+        return self.float32_probe["float32_from"] if self.float32_probe else None
 
     def configure(self, lm: SessionLM) -> None:
-        """Set on the worker what this calibration chose for it (its prefill passes' compute dtype)."""
-        lm.read_prompts_in(self.prefill_dtype)
+        """Set on the worker what this calibration chose for it (from which pass size it computes in float32)."""
+        lm.compute_in_float32_from(self.float32_from)
 
     def to_dict(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "key": asdict(self.key), "rows": self.rows, "seconds": self.seconds,
-                "complete": self.complete, "prefill_probe": self.prefill_probe}
+                "complete": self.complete, "float32_probe": self.float32_probe}
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
@@ -158,7 +161,7 @@ class Calibration:
             raise ValueError(f"calibration format {d.get('format')!r}, expected {CALIBRATION_FORMAT}")
         try:
             return cls(CalibrationKey(**d["key"]), list(d["rows"]), float(d["seconds"]), bool(d["complete"]),
-                       d.get("prefill_probe"))
+                       d.get("float32_probe"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a calibration: {e}") from None
 
@@ -224,9 +227,9 @@ def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
 
 def time_prefill(lm: SessionLM, tokens: int, session: str) -> float:
     """Ms of reading `tokens` tokens into an empty cache, keeping one logit (the draft's catch-up on a
-    context it has not read), as a replica reads a prompt (`SessionLM.prefill`: its prefill dtype): one call
-    on a fresh session, after the calls before it warmed the model up (a prefill costs as much as many single
-    tokens, and its first call is no dearer than the next)."""
+    context it has not read), as a replica reads a prompt (`SessionLM.prefill`: its chunk passes, in float32
+    where they are long enough): one call on a fresh session, after the calls before it warmed the model up
+    (a prefill costs as much as many single tokens, and its first call is no dearer than the next)."""
     ids = synthetic_ids(tokens, int(lm.model.config.vocab_size), salt=7)
     start = time.perf_counter()
     lm.prefill(session, ids)  # the chunk passes a replica reads a prompt in
@@ -247,30 +250,38 @@ def _timed_ms(lm: SessionLM, call: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def probe_prefill_dtype(lm: SessionLM, context: list[int], session: str) -> dict:
-    """Whether a model with half-precision layers on the CPU (SessionLM.half_layers) reads a prompt faster with
-    them in float32; sets it on `lm` (`read_prompts_in`) and returns the times and the choice. The first
-    PREFILL_PROBE_TOKENS of `context` are read in float32, the next as loaded, one timed pass each into
-    `session` (the calibration's own session: reading its context was needed anyway), after an untimed
-    one-token pass apart (a model's first pass pays one-time costs). Float32 goes first, so its own first use
-    counts against it: it is chosen only where it is faster even so. Making the plain layers' float32 copies
-    is timed apart (`copy_ms`): once per replica, not per prompt."""
-    n = min(PREFILL_PROBE_TOKENS, len(context) // 2)
+def probe_float32_from(lm: SessionLM, context: list[int], session: str) -> dict:
+    """From how many token positions a pass of a model with half-precision layers on the CPU
+    (SessionLM.half_layers) runs faster with them in float32; sets it on `lm` (`compute_in_float32_from`) and
+    returns the times and the choice. Passes of FLOAT32_PROBE_TOKENS, then fewer, tokens of `context` are read
+    into `session` (the calibration's own session: reading its context was needed anyway), each size once in
+    float32 and once as loaded, after an untimed one-token pass apart (a model's first pass pays one-time
+    costs), until float32 loses: the smallest size it won at, and every larger one, is where passes switch (a
+    prompt's or a batch's: the linear layers, most of a pass, see rows either way). Float32 goes first, so its
+    own first use counts against it. Making the plain layers' float32 copies is timed apart (`copy_ms`): once
+    per replica, not per pass."""
     lm.logits_batch([LogitsCall(f"{session}-warm", context[:1], 1)])
     lm.close(f"{session}-warm")
     loaded = str(multiplies_in(lm.half_layers[0])).removeprefix("torch.")
     start = time.perf_counter()
-    copy_bytes = lm.read_prompts_in(torch.float32)
+    copy_bytes = lm.compute_in_float32_from(1)
     copy_ms = (time.perf_counter() - start) * 1e3
-    times = {}
-    for dtype, upto in ((torch.float32, n), (None, 2 * n)):
-        with computing_in(lm.half_layers, dtype):
-            times[dtype] = _timed_ms(lm, lambda upto=upto: lm.logits_batch([LogitsCall(session, context[:upto], 1)]))
-    chosen = torch.float32 if times[torch.float32] < times[None] else None
-    lm.read_prompts_in(chosen)
-    return {"tokens": n, "float32_ms": times[torch.float32], "loaded": loaded, "loaded_ms": times[None],
-            "copy_ms": copy_ms, "float32_copy_mib": round(copy_bytes / 2**20, 1),
-            "chosen": "float32" if chosen is not None else loaded}
+    sizes, read, chosen = [], 0, None
+    for n in FLOAT32_PROBE_TOKENS:
+        if read + 2 * n > len(context):
+            break
+        times = {}
+        for name, upto in (("float32", read + n), ("loaded", read + 2 * n)):
+            lm.float32_from = 1 if name == "float32" else None  # the copies stay made meanwhile
+            times[name] = _timed_ms(lm, lambda upto=upto: lm.logits_batch([LogitsCall(session, context[:upto], 1)]))
+        read += 2 * n
+        sizes.append({"tokens": n, "float32_ms": times["float32"], "loaded_ms": times["loaded"]})
+        if times["float32"] >= times["loaded"]:
+            break
+        chosen = n
+    lm.compute_in_float32_from(chosen)
+    return {"sizes": sizes, "loaded": loaded, "copy_ms": copy_ms, "float32_copy_mib": round(copy_bytes / 2**20, 1),
+            "float32_from": chosen, "tokens_read": read}
 
 
 def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats: int,
@@ -287,8 +298,7 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
         lm.logits_batch([LogitsCall(s, fed, num_logits) for s in sessions])
 
     if lm.missing(session, context):  # a context the session holds already is not read again (a 1.6 s pass at nf4)
-        with computing_in(lm.half_layers, lm.prefill_dtype):  # as a prompt is read
-            lm.logits_batch([LogitsCall(session, context, 1)])
+        lm.logits_batch([LogitsCall(session, context, 1)])
     for other in sessions[1:]:  # the batch's other sessions start from the same cached context
         lm.fork(session, other)
     call(context + synthetic_ids(tokens, vocab), keep)  # untimed: a new shape's first call
@@ -376,9 +386,9 @@ def calibrate(
     session = f"calibration-{uuid.uuid4().hex}"
     cached = 0  # context length the calibration session holds
     probe = None
-    if lm.half_layers:  # before the plan: its context is then read as a prompt would be
-        probe = probe_prefill_dtype(lm, synthetic_ids(context_lens[0], vocab), session)
-        cached = 2 * probe["tokens"]
+    if lm.half_layers:  # before the plan: its passes then run as the live ones will
+        probe = probe_float32_from(lm, synthetic_ids(context_lens[0], vocab), session)
+        cached = probe["tokens_read"]
     for n, (kind, ctx, tokens, sequences) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
             estimate_ms = estimate_measurement_ms(rows, ctx - cached, tokens, sequences, repeats)
@@ -400,7 +410,7 @@ def calibrate(
         if progress:
             progress(n + 1, len(plan))
     _close_probe_sessions(lm, session)
-    return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan), prefill_probe=probe)
+    return Calibration(key, rows, time.perf_counter() - start, complete=len(rows) == len(plan), float32_probe=probe)
 
 
 def _close_probe_sessions(lm: SessionLM, session: str) -> None:
@@ -520,10 +530,13 @@ class PairCalibration:
                      f"draft {cost.draft_ms_per_token:.0f} ms/token; "
                      f"draft catch-up {cost.draft_prefill_ms_per_token:.1f} ms per token it lacks")
         for c in (self.target, self.draft):
-            if c.prefill_probe:
-                p = c.prefill_probe
-                lines.append(f"{c.key.role} prefill of {p['tokens']} tokens: float32 {p['float32_ms']:.0f} ms, "
-                             f"{p['loaded']} {p['loaded_ms']:.0f} ms: prompts are read in {p['chosen']}")
+            if c.float32_probe:
+                p = c.float32_probe
+                times = ", ".join(f"{r['tokens']} tokens {r['float32_ms']:.0f} / {r['loaded_ms']:.0f} ms"
+                                  for r in p["sizes"])
+                where = (f"passes of {p['float32_from']}+ tokens run in float32" if p["float32_from"]
+                         else f"every pass runs in {p['loaded']}")
+                lines.append(f"{c.key.role} passes in float32 / {p['loaded']}: {times}: {where}")
         batched = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) > 1]
         if batched:
             per_token = cost.verify_ms_per_token if cost.batched_ms_per_token is None else cost.batched_ms_per_token

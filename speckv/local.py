@@ -85,8 +85,8 @@ class LocalEngine:
         self.executor = local_executor(self.draft_worker, self.target_worker, self.batching)
         self.eos = eos_token_ids(self.tokenizer, getattr(self.target_model, "generation_config", None))
         if self.target_worker.lm.half_layers or self.draft_worker.lm.half_layers:
-            # the calibration of a model with half-precision layers on the CPU also decides how its prompts are
-            # read (SessionLM.prefill_dtype): from the first request on, whatever the policy, not from the first
+            # the calibration of a model with half-precision layers on the CPU also decides what its passes
+            # compute in (SessionLM.float32_from): from the first request on, whatever the policy, not from the first
             # `adaptive` one; and for these workers even where estimates were handed in (an engine copied with
             # `dataclasses.replace` has new workers: left as loaded, its draft read eight nf4 prompts in bf16
             # in 31.7 s against 4-7 s in float32, AVX2 EPYC, scripts/concurrent_bench.py)

@@ -94,7 +94,8 @@ def half_precision_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     instead (`computing_in`): bitsandbytes' 4-bit layers that dequantize to half precision (on a CPU bitsandbytes
     finds without bf16 hardware; on one with it, it packs the weights for its own kernel), and plain half-precision
     linear layers (the fp16 tier, a bf16 draft) apart from the output embedding (a prompt's pass applies it to
-    one row). On a CPU without bf16 hardware their matmuls are emulated. Empty on a GPU and for float32 models."""
+    one row; `output_half_layer`). On a CPU without bf16 hardware their matmuls are emulated. Empty on a GPU and
+    for float32 models."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -111,6 +112,17 @@ def half_precision_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         elif type(m) is torch.nn.Linear and m.weight.dtype in half:
             layers.append(m)
     return layers
+
+
+def output_half_layer(model: torch.nn.Module, half_layers: list[torch.nn.Module]) -> torch.nn.Module | None:
+    """The output embedding where it is a plain half-precision linear layer on the CPU beside `half_layers`
+    (a bf16 model's, or a 4-bit one's, which bitsandbytes leaves unquantized): a pass that scores many rows
+    may run it in float32 too (SessionLM.float32_from). None elsewhere."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (not half_layers or type(output) is not torch.nn.Linear or output.weight.device.type != "cpu"
+            or output.weight.dtype not in (torch.bfloat16, torch.float16)):
+        return None
+    return output
 
 
 def _is_four_bit(layer: torch.nn.Module) -> bool:
@@ -236,32 +248,48 @@ class SessionLM:
         self._lock = threading.Lock()  # one forward at a time: replicas may serve calls from several threads
         self.hits = self.rebuilds = self.evictions = 0
         self.half_layers = half_precision_layers(model)
-        # what the half-precision layers compute in during prefill passes (None: as loaded); set through
-        # `read_prompts_in`. Where a CPU has no bf16 hardware, a prompt's bf16 matmuls are emulated: on an AVX2
-        # EPYC float32 read 16-64 nf4 tokens 2-3.5x as fast, while one- and nine-token passes went either way;
-        # the calibration measures which is faster for prompts (speckv.calibration.probe_prefill_dtype)
-        self.prefill_dtype: torch.dtype | None = None
+        self.output_layer = output_half_layer(model, self.half_layers)
+        # passes of at least this many token positions run the half-precision layers in float32 (None: none
+        # does), and passes that score at least this many rows their output embedding too; set through
+        # `compute_in_float32_from`. Where a CPU has no bf16 hardware, bf16 matmuls are emulated and their cost
+        # grows with the rows: on an AVX2 EPYC float32 was 1.3x faster from 8 rows and 2-5x from 16-64, while
+        # one- and two-row passes ran twice as fast in bf16; the calibration measures where the two cross
+        # (speckv.calibration.probe_float32_from), and a prompt's pass and a batched one are alike to it
+        self.float32_from: int | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def read_prompts_in(self, dtype: torch.dtype | None) -> int:
-        """Run prefill passes' half-precision layers in `dtype` (float32; None: as loaded). Plain half-precision
+    def compute_in_float32_from(self, positions: int | None) -> int:
+        """Run the half-precision layers of passes with at least `positions` token positions in float32 (and
+        the output embedding of passes scoring at least that many rows); None: every pass as loaded. Plain
         layers keep a float32 copy of their weights for it, only while it is chosen; returns the bytes the
         copies take."""
-        if dtype is None or not self.half_layers:
-            drop_float32_copies(self.half_layers)
-            self.prefill_dtype = None
+        if positions is not None and positions < 1:
+            raise ValueError(f"float32 from {positions} positions: must be at least 1 (None: never)")
+        layers = self.half_layers + ([self.output_layer] if self.output_layer is not None else [])
+        if positions is None or not self.half_layers:
+            drop_float32_copies(layers)
+            self.float32_from = None
             return 0
-        keep_float32_copies(self.half_layers)
-        self.prefill_dtype = dtype
+        keep_float32_copies(layers)
+        self.float32_from = positions
         return self.float32_copy_bytes()
 
     def float32_copy_bytes(self) -> int:
-        """Bytes the float32 copies of the plain half-precision layers take now (read_prompts_in)."""
-        return sum(layer.speckv_float32[0].numel() * 4 for layer in self.half_layers
-                   if hasattr(layer, "speckv_float32"))
+        """Bytes the float32 copies of the plain half-precision layers take now (compute_in_float32_from)."""
+        layers = self.half_layers + ([self.output_layer] if self.output_layer is not None else [])
+        return sum(layer.speckv_float32[0].numel() * 4 for layer in layers if hasattr(layer, "speckv_float32"))
+
+    def _computing_for(self, positions: int, scored: int) -> contextlib.ExitStack:
+        """What a pass of `positions` token positions scoring `scored` rows multiplies in (`float32_from`)."""
+        stack = contextlib.ExitStack()
+        if self.float32_from is not None and positions >= self.float32_from:
+            stack.enter_context(computing_in(self.half_layers, torch.float32))
+        if self.float32_from is not None and self.output_layer is not None and scored >= self.float32_from:
+            stack.enter_context(computing_in([self.output_layer], torch.float32))
+        return stack
 
     def stats(self) -> CacheStats:
         return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions, self.kv_bytes())
@@ -411,8 +439,7 @@ class SessionLM:
                 rows.append(row)
                 fed += length
             if rows:
-                with computing_in(self.half_layers, self.prefill_dtype):
-                    self._forward_rows(rows)
+                self._forward_rows(rows)
             return len(rows)
 
     @torch.inference_mode()
@@ -475,8 +502,9 @@ class SessionLM:
                 self.hits += 1
             else:
                 self.rebuilds += 1
-        out = self._forward_one(rows[0]) if len(rows) == 1 else batched_forward(self.model, rows)
         positions = pass_positions(rows)
+        with self._computing_for(positions, sum(row.call.num_logits for row in rows)):
+            out = self._forward_one(rows[0]) if len(rows) == 1 else batched_forward(self.model, rows)
         if self.added_ms_per_call:
             time.sleep(self.added_ms_per_call / 1e3)
         for row in rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -310,46 +309,44 @@ def test_a_replica_sharing_the_cores_holds_them_while_it_calibrates(target_model
     assert held == [True, False]
 
 
-@pytest.mark.parametrize("slower", ["float32", "bfloat16"])
-def test_a_half_precision_model_reads_prompts_in_the_dtype_its_calibration_measured_faster(half_model, tmp_path,
-                                                                                           monkeypatch, slower):
-    """The prefill probe times a prompt's pass with the half-precision layers (4-bit or plain bf16) in float32
-    and as loaded (bf16), and the worker reads prompts in the faster (here made slower by 0.3 s a pass, each way
-    in turn); a replica that finds the calibration cached reads them the same way, and the calibration's
-    context was read that way. Plain layers keep float32 copies only where float32 was chosen."""
+@pytest.mark.parametrize("crossover, expected", [(None, None), (8, 8), (1, 1)])
+def test_a_half_precision_model_computes_in_float32_from_the_pass_size_its_calibration_measured(
+        half_model, tmp_path, monkeypatch, crossover, expected):
+    """The probe times passes of 16, 8, 4, 2 and 1 tokens with the half-precision layers (4-bit or plain bf16)
+    in float32 and as loaded (bf16), and passes from the smallest size at which float32 won (and won at every
+    larger size) run in float32. Made here: passes cost 0.3 s more in bf16 from `crossover` rows on and in
+    float32 below it (None: float32 always slower). Every calibration pass after the probe ran as chosen; a
+    replica that finds the calibration cached chooses the same; float32 copies exist only where chosen."""
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
-    real = calibration.computing_in
-    read_in = []
-
-    @contextlib.contextmanager
-    def noted(layers, dtype):
-        read_in.append(dtype)
-        with real(layers, dtype):
-            yield
+    seen: list[tuple[int, torch.dtype]] = []
 
     def slow(module, args):
-        if multiplies_in(module) == getattr(torch, slower):
+        rows = args[0].shape[0] * args[0].shape[1] if args[0].dim() == 3 else args[0].shape[0]
+        in_float32 = multiplies_in(module) == torch.float32
+        seen.append((rows, multiplies_in(module)))
+        if in_float32 == (crossover is None or rows < crossover):
             time.sleep(0.3)
 
-    monkeypatch.setattr(calibration, "computing_in", noted)
     lm = SessionLM(half_model)
     plain = type(lm.half_layers[0]) is torch.nn.Linear  # not 4-bit
     tier = "fp16" if plain else "nf4"
     hook = lm.half_layers[0].register_forward_pre_hook(slow)
     try:
-        result, cached = load_or_calibrate(lm, "target", tier, max_gamma=2, context_lens=(48,), repeats=1)
+        result, cached = load_or_calibrate(lm, "target", tier, max_gamma=2, context_lens=(64,), repeats=1)
     finally:
         hook.remove()
-    faster = "bfloat16" if slower == "float32" else "float32"
-    assert not cached and result.prefill_probe["chosen"] == faster
-    assert lm.prefill_dtype == (torch.float32 if faster == "float32" else None)
-    assert read_in[:2] == [torch.float32, None] and read_in[2] == lm.prefill_dtype  # the probe, then the context
-    assert (lm.float32_copy_bytes() > 0) == (plain and faster == "float32")
+    probe = result.float32_probe
+    assert not cached and result.float32_from == lm.float32_from == expected
+    assert [r["tokens"] for r in probe["sizes"]] == {None: [16], 8: [16, 8, 4], 1: [16, 8, 4, 2, 1]}[crossover]
+    after_probe = seen[1 + 2 * len(probe["sizes"]):]  # the warm-up pass, then the probe's
+    assert after_probe and all((dtype == torch.float32) == (expected is not None and rows >= expected)
+                               for rows, dtype in after_probe)
+    assert (lm.float32_copy_bytes() > 0) == (expected is not None)
     again = SessionLM(half_model)
-    drop_float32_copies(again.half_layers)  # the same modules: what the first worker made is not the second's
-    reloaded, cached = load_or_calibrate(again, "target", tier, max_gamma=2, context_lens=(48,), repeats=1)
-    assert cached and reloaded.prefill_probe == result.prefill_probe and again.prefill_dtype == lm.prefill_dtype
-    assert (again.float32_copy_bytes() > 0) == (plain and faster == "float32")
+    drop_float32_copies(again.half_layers + [again.output_layer])  # the same modules: the first worker's copies
+    reloaded, cached = load_or_calibrate(again, "target", tier, max_gamma=2, context_lens=(64,), repeats=1)
+    assert cached and reloaded.float32_probe == probe and again.float32_from == expected
+    assert (again.float32_copy_bytes() > 0) == (expected is not None)
 
 
 def test_an_engine_with_a_half_precision_target_is_calibrated_when_it_loads(half_model, draft_model, tokenizer,
@@ -360,30 +357,30 @@ def test_an_engine_with_a_half_precision_target_is_calibrated_when_it_loads(half
     from speckv.local import LocalEngine
 
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
-    real_probe = calibration.probe_prefill_dtype
+    real_probe = calibration.probe_float32_from
 
-    def float32_chosen(lm, context, session):  # a tiny model may read faster as loaded: float32 is the case to see
+    def float32_chosen(lm, context, session):  # a tiny model may run faster as loaded: float32 is the case to see
         measured = real_probe(lm, context, session)
-        lm.read_prompts_in(torch.float32)
-        return {**measured, "chosen": "float32"}
+        lm.compute_in_float32_from(4)
+        return {**measured, "float32_from": 4}
 
-    monkeypatch.setattr(calibration, "probe_prefill_dtype", float32_chosen)
+    monkeypatch.setattr(calibration, "probe_float32_from", float32_chosen)
     engine = LocalEngine(draft_model, half_model, tokenizer, tier="nf4", calibration_budget_s=3.0)
     assert engine.estimates is not None
-    assert load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].prefill_probe["chosen"] == "float32"
-    assert engine.target_worker.lm.prefill_dtype == torch.float32
+    assert load_or_calibrate(SessionLM(half_model), "target", "nf4")[0].float32_from == 4
+    assert engine.target_worker.lm.float32_from == 4
     # a copy with estimates handed in (dataclasses.replace: new workers) reads prompts as the calibration chose too
     copy = dataclasses.replace(engine, batching=BatchSettings(max_batch_size=4))
     assert copy.target_worker.lm is not engine.target_worker.lm and copy.estimates is engine.estimates
-    assert copy.target_worker.lm.prefill_dtype == torch.float32
+    assert copy.target_worker.lm.float32_from == 4
     assert LocalEngine(draft_model, draft_model, tokenizer, tier="nf4").estimates is None
 
 
 def test_the_drafts_catch_up_is_timed_as_a_prompt_is_read(bf16_model):
-    """time_prefill (what a draft's catch-up costs) reads its tokens the way a replica reads a prompt: in the
-    prefill dtype the probe chose (float32 here), not as loaded."""
+    """time_prefill (what a draft's catch-up costs) reads its tokens the way a replica reads a prompt: a pass
+    as long as the probe's choice in float32 (here from 16 positions), not as loaded."""
     lm = SessionLM(bf16_model)
-    lm.read_prompts_in(torch.float32)
+    lm.compute_in_float32_from(16)
     seen = []
     hook = lm.half_layers[0].register_forward_pre_hook(lambda module, args: seen.append(multiplies_in(module)))
     try:

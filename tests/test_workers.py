@@ -89,29 +89,40 @@ def test_a_prefill_pass_scores_no_row_and_leaves_the_caches_reading_alone_would(
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_a_half_precision_models_prompts_are_read_in_the_prefill_dtype_and_its_steps_as_loaded(half_model):
-    """SessionLM.prefill_dtype: the prefill passes' half-precision layers (4-bit or plain bf16) multiply in
-    float32, every other pass's as loaded (bf16), and what they multiply in is restored after each; the same
-    prompt read either way continues alike. Plain layers' float32 copies live only while float32 is chosen."""
+def test_a_half_precision_models_passes_compute_in_float32_from_the_chosen_size(half_model):
+    """SessionLM.float32_from: a pass of at least that many token positions (a prompt's, or several sessions'
+    single tokens) multiplies its half-precision layers (4-bit or plain bf16) in float32, a smaller one as
+    loaded (bf16), and what they multiply in is restored after each; the output embedding switches by the rows
+    it scores. The same prompt read either way continues alike. Float32 copies live only while chosen."""
     lm = SessionLM(half_model)
     assert lm.half_layers and {multiplies_in(layer) for layer in lm.half_layers} == {torch.bfloat16}
-    seen: list[torch.dtype] = []
-    hook = lm.half_layers[0].register_forward_pre_hook(lambda module, args: seen.append(multiplies_in(module)))
+    assert lm.output_layer is half_model.get_output_embeddings()
+    body: list[torch.dtype] = []
+    head: list[torch.dtype] = []
+    hooks = [lm.half_layers[0].register_forward_pre_hook(lambda module, args: body.append(multiplies_in(module))),
+             lm.output_layer.register_forward_pre_hook(lambda module, args: head.append(multiplies_in(module)))]
     prompt = _sequences(40)[0]
     try:
         lm.prefill("as loaded", prompt)
-        assert lm.read_prompts_in(torch.float32) == lm.float32_copy_bytes()
-        lm.prefill("in float32", prompt)
-        steps = [lm.logits(s, prompt + [5, 6], 3) for s in ("as loaded", "in float32")]
+        assert lm.compute_in_float32_from(4) == lm.float32_copy_bytes() > 0
+        for session in ("in float32", "s0", "s1"):
+            lm.prefill(session, prompt)
+        assert body == [torch.bfloat16] + 3 * [torch.float32] and set(head) == {torch.bfloat16}  # 40 tokens, 1 row
+        del body[:], head[:]
+        steps = [lm.logits(s, prompt + [5, 6], 3) for s in ("as loaded", "in float32")]  # 3 positions each
+        lm.logits_batch([LogitsCall(f"s{i}", prompt + [5, 6], 1) for i in range(2)])  # 2 x 2 positions, 2 scored
+        lm.logits_batch([LogitsCall(f"s{i}", prompt + [5, 6, 7], 2) for i in range(2)])  # 2 x 2 positions, 4 scored
     finally:
-        hook.remove()
-    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
-    assert {multiplies_in(layer) for layer in lm.half_layers} == {torch.bfloat16}
+        for hook in hooks:
+            hook.remove()
+    assert body == 2 * [torch.bfloat16] + 2 * [torch.float32]
+    assert head == 3 * [torch.bfloat16] + [torch.float32]
+    assert {multiplies_in(layer) for layer in [*lm.half_layers, lm.output_layer]} == {torch.bfloat16}
     assert steps[0].argmax(-1).tolist() == steps[1].argmax(-1).tolist()
-    plain = any(layer.weight.dtype == torch.bfloat16 for layer in lm.half_layers)
-    assert (lm.float32_copy_bytes() > 0) == plain
-    lm.read_prompts_in(None)
-    assert lm.float32_copy_bytes() == 0 and lm.prefill_dtype is None
+    lm.compute_in_float32_from(None)
+    assert lm.float32_copy_bytes() == 0 and lm.float32_from is None
+    with pytest.raises(ValueError, match="at least 1"):
+        lm.compute_in_float32_from(0)
 
 
 def test_plain_layers_in_float32_multiply_their_float32_copies(bf16_model):
