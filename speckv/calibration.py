@@ -192,7 +192,26 @@ def cost_model(draft: Calibration, target: Calibration) -> CostModel:
     model = dataclasses.replace(line, draft_ms_per_token=min(statistics.median(single), min(fed)),
                                 verify_curve=curve, curve_context_len=first,
                                 draft_prefill_ms_per_token=prefill[0] if prefill else 0.0)
+    if target.float32_from is not None:
+        model = dataclasses.replace(model, float32_from=target.float32_from,
+                                    float32_ms_per_token=_float32_line(target.float32_probe)[1])
+    if draft.float32_from is not None:
+        model = dataclasses.replace(model, draft_float32_from=draft.float32_from,
+                                    draft_float32_ms=_float32_line(draft.float32_probe))
     return _with_batched(model, batched, first)
+
+
+def _float32_line(probe: dict) -> tuple[float, float]:
+    """(ms fixed, ms per token) of a model's passes in float32: the non-negative least-squares line through the
+    probe's float32 passes (`probe_float32_from`, every size it timed)."""
+    from scipy.optimize import nnls
+
+    tokens = np.asarray([r["tokens"] for r in probe["sizes"]], dtype=float)
+    ms = np.asarray([r["float32_ms"] for r in probe["sizes"]], dtype=float)
+    if len(tokens) < 2:
+        return float(ms[0]), 0.0
+    base, per_token = nnls(np.stack([np.ones_like(tokens), tokens], 1), ms)[0]
+    return float(base), float(per_token)
 
 
 def _with_batched(model: CostModel, rows: list[dict], context_len: int) -> CostModel:
@@ -376,10 +395,13 @@ def calibrate(
     """Time one model's live-loop calls (module docstring) within `budget_s` (default: DEFAULT_BUDGET_S of
     the role): the first MIN_MEASUREMENTS are always made; after them a measurement is made only if its
     estimated time (its repeats, and reading a longer context into the cache first) fits in what is left,
-    and repeats stop at the deadline. `progress(done, planned)` is called after each measurement."""
+    and repeats stop at the deadline. The budget starts after `probe_float32_from` (a model with
+    half-precision layers on the CPU: a few seconds, bounded by FLOAT32_PROBE_TOKENS), which decides what the
+    measured passes compute in: counted in it, the probe left the fp16 target's budget (AVX2 EPYC) room for
+    its first two measurements only, none of them batched. `progress(done, planned)` is called after each
+    measurement."""
     key = CalibrationKey.of(lm.model, role, tier, lm.added_ms_per_call)
     start = time.perf_counter()
-    deadline = start + (DEFAULT_BUDGET_S[role] if budget_s is None else budget_s)
     vocab = int(lm.model.config.vocab_size)
     plan = _plan(role, max_gamma, context_lens)
     rows: list[dict] = []
@@ -389,6 +411,7 @@ def calibrate(
     if lm.half_layers:  # before the plan: its passes then run as the live ones will
         probe = probe_float32_from(lm, synthetic_ids(context_lens[0], vocab), session)
         cached = probe["tokens_read"]
+    deadline = time.perf_counter() + (DEFAULT_BUDGET_S[role] if budget_s is None else budget_s)
     for n, (kind, ctx, tokens, sequences) in enumerate(plan):
         if n >= MIN_MEASUREMENTS[role]:
             estimate_ms = estimate_measurement_ms(rows, ctx - cached, tokens, sequences, repeats)

@@ -13,6 +13,14 @@ single-sequence curve holds; a batched pass costs the single pass at γ = 0, plu
 per extra sequence, plus `batched_ms_per_token` per token scored beyond one per sequence (all measured at
 calibration, speckv.calibration). `PassLoad` follows what the live passes carry.
 
+Passes in float32. Where a model's half-precision layers switch to float32 from some pass size on
+(SessionLM.float32_from: a CPU without bf16 hardware, whose emulated bf16 cost grows with the rows), a pass of
+that many positions or more is priced on the float32 passes' line (`float32_from`, `float32_ms_per_token` for
+the target; `draft_float32_*` for the draft, measured by the calibration's probe), not on the bf16 line that
+grows by a whole emulated row per token: on an AVX2 EPYC the fp16 target's 8 × 3 pass cost 1.46 s, priced on
+the bf16 line at 4.7 s. A batched verify pass that large costs what one sequence scoring as many tokens does
+(the linear layers see rows either way; 8 × 1 measured within 15% of 1 × 8).
+
 Catch-up. The draft reads only what it is asked to draft after: a request that has not drafted yet (its
 prompt) or not for a while (target-only steps) has a draft cache that lacks part of its context, and its
 next drafting step first feeds those tokens (a prefill pass). `catch_up_ms` prices that, from the
@@ -50,6 +58,10 @@ class CostModel:
     batched_ms_per_token: float | None = None  # per token beyond one per sequence in a batched pass (None: the line's)
     draft_ms_per_sequence: float = 0.0  # what one more sequence adds to a drafting pass (per drafted position)
     draft_prefill_ms_per_token: float = 0.0  # per token the draft's cache lacks (catch-up; 0: not priced)
+    float32_from: int | None = None  # target passes of at least this many positions run in float32 (None: none)
+    float32_ms_per_token: float = 0.0  # what a token more adds to such a pass
+    draft_float32_from: int | None = None  # the draft's passes likewise
+    draft_float32_ms: tuple[float, float] = (0.0, 0.0)  # such a drafting pass: ms fixed, ms per position
 
     def __post_init__(self) -> None:
         """Scoring more tokens in a pass never costs less: a dip in a measured curve is noise (a first call's
@@ -68,6 +80,19 @@ class CostModel:
         `sequences` − 1 others scoring `other_tokens` in all."""
         if sequences <= 1:
             return self._single_verify_ms(gamma, context_len)
+        if self.float32_from is not None:  # the pass's positions decide what it computes in
+            positions = np.rint(sequences + np.asarray(gamma) + max(other_tokens - (sequences - 1), 0.0)).astype(int)
+            wide = positions >= self.float32_from
+            if np.any(wide):
+                as_one = self._single_verify_ms(positions - 1, context_len)
+                narrow = self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
+                out = np.where(wide, as_one, narrow)
+                return float(out) if np.ndim(gamma) == 0 else out
+        return self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
+
+    def _bf16_batched_ms(self, gamma: int | np.ndarray, context_len: int, sequences: int,
+                         other_tokens: float) -> float | np.ndarray:
+        """A batched pass as measured in the loaded dtype: one more sequence, one more token, each at its price."""
         per_token = self.verify_ms_per_token if self.batched_ms_per_token is None else self.batched_ms_per_token
         beyond = np.asarray(gamma) + max(other_tokens - (sequences - 1), 0.0)  # tokens beyond one per sequence
         out = (self._single_verify_ms(0, context_len) + self.verify_ms_per_sequence * (sequences - 1)
@@ -81,7 +106,9 @@ class CostModel:
         last = len(self.verify_curve) - 1
         g = np.asarray(gamma)
         on_curve = np.asarray(self.verify_curve)[np.minimum(g, last)]
-        out = (on_curve + self.verify_ms_per_token * np.maximum(g - last, 0)
+        beyond = (self.float32_ms_per_token if self.float32_from is not None and last + 1 >= self.float32_from
+                  else self.verify_ms_per_token)  # the curve's end ran in float32: so do longer passes
+        out = (on_curve + beyond * np.maximum(g - last, 0)
                + self.verify_ms_per_context_token * (context_len - self.curve_context_len))
         return float(out) if np.ndim(gamma) == 0 else out
 
@@ -94,6 +121,11 @@ class CostModel:
         in all (the sum of its runs); what a proposal's `compute_ms` measured (speckv.workers.Proposal)."""
         out = self.draft_ms_per_token * np.asarray(passes) + self.draft_ms_per_sequence * np.maximum(
             np.asarray(rows) - passes, 0)
+        if self.draft_float32_from is not None:  # passes as wide as the switch run in float32
+            n = np.maximum(np.asarray(passes), 1)
+            wide = (np.asarray(passes) > 0) & (np.asarray(rows) / n >= self.draft_float32_from)
+            base, per_position = self.draft_float32_ms
+            out = np.where(wide, np.asarray(passes) * base + per_position * np.asarray(rows), out)
         return float(out) if np.ndim(passes) == 0 else out
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
@@ -139,6 +171,10 @@ class CostModel:
         out.update(verify_ms_per_sequence=self.verify_ms_per_sequence, batched_ms_per_token=self.batched_ms_per_token,
                    draft_ms_per_sequence=self.draft_ms_per_sequence,
                    draft_prefill_ms_per_token=self.draft_prefill_ms_per_token)
+        if self.float32_from is not None:
+            out.update(float32_from=self.float32_from, float32_ms_per_token=self.float32_ms_per_token)
+        if self.draft_float32_from is not None:
+            out.update(draft_float32_from=self.draft_float32_from, draft_float32_ms=list(self.draft_float32_ms))
         return out
 
     @classmethod
@@ -149,7 +185,11 @@ class CostModel:
                        tuple(float(x) for x in d.get("verify_curve", ())), int(d.get("curve_context_len", 0)),
                        float(d.get("verify_ms_per_sequence", 0.0)),
                        None if d.get("batched_ms_per_token") is None else float(d["batched_ms_per_token"]),
-                       float(d.get("draft_ms_per_sequence", 0.0)), float(d.get("draft_prefill_ms_per_token", 0.0)))
+                       float(d.get("draft_ms_per_sequence", 0.0)), float(d.get("draft_prefill_ms_per_token", 0.0)),
+                       None if d.get("float32_from") is None else int(d["float32_from"]),
+                       float(d.get("float32_ms_per_token", 0.0)),
+                       None if d.get("draft_float32_from") is None else int(d["draft_float32_from"]),
+                       tuple(float(x) for x in d.get("draft_float32_ms", (0.0, 0.0))))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a cost model: {d!r} ({e})") from None
 

@@ -79,6 +79,27 @@ def test_the_curve_fills_what_the_budget_left_out():
     assert cost.verify_ms(5, 64) == 180.0 + cost.verify_ms_per_token  # beyond the curve (γ = 4 is its end): its slope
 
 
+def test_the_cost_model_prices_passes_from_the_probes_choice_on_its_float32_passes():
+    """What the probe chose (passes from 8 positions in float32) and the line through its float32 passes go
+    into the cost model, for the target and the draft apart; a calibration without a choice adds nothing."""
+    from speckv.calibration import Calibration
+
+    key = lambda role: CalibrationKey("cpu", "t", "m", role, "fp16", "bfloat16", "cpu")  # noqa: E731
+    probe = lambda f32, choice: {"sizes": [{"tokens": n, "float32_ms": ms, "loaded_ms": 1.0}  # noqa: E731
+                                           for n, ms in zip((16, 8, 4), f32)], "float32_from": choice}
+    rows = [{"kind": "verify", "context_len": 64, "tokens": t, "ms": ms} for t, ms in ((1, 100.0), (9, 500.0))]
+    target = Calibration(key("target"), rows, float32_probe=probe((1300.0, 1220.0, 1180.0), 8))
+    draft = Calibration(key("draft"), [{"kind": "draft", "context_len": 64, "tokens": 1, "ms": 30.0}],
+                        float32_probe=probe((400.0, 360.0, 340.0), 8))
+    cost = cost_model(draft, target)
+    assert cost.float32_from == cost.draft_float32_from == 8
+    assert cost.float32_ms_per_token == pytest.approx(10.0)
+    assert cost.draft_float32_ms == pytest.approx((320.0, 5.0))
+    plain = cost_model(dataclasses.replace(draft, float32_probe=probe((400.0,), None)),
+                       dataclasses.replace(target, float32_probe=None))
+    assert plain.float32_from is None and plain.draft_float32_from is None
+
+
 def test_a_longer_context_is_priced_at_the_cheapest_rate_measured():
     """Reading 448 more tokens is estimated from the draft's prefill rate (1.5 ms a token), or the cheapest pass
     per token (a 9-token verify: 20 ms), never at a 1-token pass's 130 ms a token (a minute: never measured)."""
