@@ -17,9 +17,9 @@ Passes in float32. Where a model's half-precision layers switch to float32 from 
 (SessionLM.float32_from: a CPU without bf16 hardware, whose emulated bf16 cost grows with the rows), a pass of
 that many positions or more is priced on the float32 passes' line (`float32_from`, `float32_ms_per_token` for
 the target; `draft_float32_*` for the draft, measured by the calibration's probe), not on the bf16 line that
-grows by a whole emulated row per token: on an AVX2 EPYC the fp16 target's 8 × 3 pass cost 1.46 s, priced on
-the bf16 line at 4.7 s. A batched verify pass that large costs what one sequence scoring as many tokens does
-(the linear layers see rows either way; 8 × 1 measured within 15% of 1 × 8).
+grows by a whole emulated row per token: on an AVX2 EPYC the fp16 target's 8 × 3 pass cost 1.6 s in the live
+loop, priced on the bf16 line at 4.5 s and so at 1.8 s. A batched verify pass that large costs what one sequence
+scoring as many tokens does (the linear layers see rows either way; 8 × 1 measured within 11% of 1 × 8).
 
 Catch-up. The draft reads only what it is asked to draft after: a request that has not drafted yet (its
 prompt) or not for a while (target-only steps) has a draft cache that lacks part of its context, and its
