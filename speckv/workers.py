@@ -249,6 +249,8 @@ class SessionLM:
         self.hits = self.rebuilds = self.evictions = 0
         self.half_layers = half_precision_layers(model)
         self.output_layer = output_half_layer(model, self.half_layers)
+        # the layers that keep float32 copies while float32 is chosen (4-bit ones need none: keep_float32_copies)
+        self._float32_able = self.half_layers + ([self.output_layer] if self.output_layer is not None else [])
         # passes of at least this many token positions run the half-precision layers in float32 (None: none
         # does), and passes that score at least this many rows their output embedding too; set through
         # `compute_in_float32_from`. Where a CPU has no bf16 hardware, bf16 matmuls are emulated and their cost
@@ -268,19 +270,18 @@ class SessionLM:
         copies take."""
         if positions is not None and positions < 1:
             raise ValueError(f"float32 from {positions} positions: must be at least 1 (None: never)")
-        layers = self.half_layers + ([self.output_layer] if self.output_layer is not None else [])
         if positions is None or not self.half_layers:
-            drop_float32_copies(layers)
+            drop_float32_copies(self._float32_able)
             self.float32_from = None
             return 0
-        keep_float32_copies(layers)
+        keep_float32_copies(self._float32_able)
         self.float32_from = positions
         return self.float32_copy_bytes()
 
     def float32_copy_bytes(self) -> int:
         """Bytes the float32 copies of the plain half-precision layers take now (compute_in_float32_from)."""
-        layers = self.half_layers + ([self.output_layer] if self.output_layer is not None else [])
-        return sum(layer.speckv_float32[0].numel() * 4 for layer in layers if hasattr(layer, "speckv_float32"))
+        return sum(layer.speckv_float32[0].numel() * 4 for layer in self._float32_able
+                   if hasattr(layer, "speckv_float32"))
 
     def _computing_for(self, positions: int, scored: int) -> contextlib.ExitStack:
         """What a pass of `positions` token positions scoring `scored` rows multiplies in (`float32_from`)."""

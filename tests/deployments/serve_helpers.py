@@ -72,7 +72,7 @@ def free_port() -> int:
     low, high = _FIRST_FREE_PORT, ephemeral_port_range()[0]
     if high - low < 100:  # a kernel whose ephemeral range starts low: no safe band, let the OS choose
         low, high = 0, 1
-    for port in random.Random().sample(range(low, high), min(200, high - low)):
+    for port in random.sample(range(low, high), min(200, high - low)):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
