@@ -13,6 +13,8 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -28,8 +30,9 @@ class BatchSettings:
     """How calls are gathered: at most `max_batch_size` per pass; a pass waits `wait_s` for more calls to
     join once one arrived (0: whatever arrived while the last pass ran); where replicas share the cores, a
     pass that got them from another replica's pass waits `handover_s` more, with them, for the calls that
-    pass set off; a Batcher that knows its calls' sessions waits up to `regroup_s` for the sessions of its last
-    pass to come back before it starts the next without them (Batcher)."""
+    pass set off; a Batcher that knows its calls' sessions waits up to `regroup_s` of idle time (time the event
+    loop did not spend in passes) for the sessions of its last pass to come back before it starts the next
+    without them (Batcher)."""
 
     max_batch_size: int = 8
     wait_s: float = 0.0
@@ -53,7 +56,13 @@ class Batcher(Generic[T, R]):
 
     Regrouping. Given `session` (a call's session), the Batcher expects every session of its last pass back
     (a request verifies at every step) and waits up to `regroup_s` for the missing ones before it starts the
-    next pass without them, unless the pass is full already or `forget` says a session ended. Without it,
+    next pass without them, unless the pass is full already or `forget` says a session ended. The wait counts
+    only idle time: time this event loop spent in passes (any Batcher's on it: a draft pass, a prefill chunk)
+    is the cores' and not the wait's, since the pass it would start could not have run then anyway. Counted
+    in wall time, a draft pass longer than `regroup_s` (in-process, the draft's passes block the loop) used
+    the whole wait up; the next verify pass began without the requests that drafted, their calls ready but
+    not yet run, and every step split in two: fp16 at 8 requests on an AVX2 EPYC, passes of 3-5 bf16 rows
+    beside passes of 8 (5.6 sequences a pass; docs/SERVING.md). Without it,
     under load the requests that do not draft at a step reach the target a draft pass before those that do,
     and the pass starts without the drafting ones: two passes each paying a pass's fixed cost where one
     would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
@@ -66,7 +75,8 @@ class Batcher(Generic[T, R]):
         self.settings = settings
         self.cores = cores  # held for each pass where replicas share the machine's cores
         self.session = session
-        self._pending: list[tuple[T, asyncio.Future, float]] = []  # (call, its result, when it arrived)
+        # (call, its result, when it arrived, when on the loop's idle clock: `_idle_time`)
+        self._pending: list[tuple[T, asyncio.Future, float, float]] = []
         self._runner: asyncio.Task | None = None
         self._expected: set[Hashable] = set()  # sessions of the last pass not yet back (regrouping)
         self._arrived: asyncio.Event | None = None  # set when a call arrives or a session is forgotten
@@ -76,7 +86,7 @@ class Batcher(Generic[T, R]):
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((item, future, loop.time()))
+        self._pending.append((item, future, loop.time(), _idle_time(loop)))
         if self.session is not None:
             self._expected.discard(self.session(item))
             self._wake()
@@ -94,14 +104,14 @@ class Batcher(Generic[T, R]):
             self._arrived.set()
 
     async def _regroup(self) -> None:
-        """Wait, up to `regroup_s` after the first call of the next pass arrived, for the last pass's sessions
-        that are not back yet (none where the pass is full already)."""
+        """Wait, up to `regroup_s` of idle time after the first call of the next pass arrived, for the last
+        pass's sessions that are not back yet (none where the pass is full already)."""
         if not self._pending:
             return
-        deadline = self._pending[0][2] + self.settings.regroup_s
+        deadline = self._pending[0][3] + self.settings.regroup_s  # on the loop's idle clock
         loop = asyncio.get_running_loop()
         while self._expected and len(self._pending) < self.settings.max_batch_size:
-            left = deadline - loop.time()
+            left = deadline - _idle_time(loop)
             if left <= 0:
                 break
             self._arrived = asyncio.Event()
@@ -133,7 +143,7 @@ class Batcher(Generic[T, R]):
     def _pass(self) -> None:
         """Take up to max_batch_size pending calls and run them as one pass (on the loop's thread). A result
         with a `waited_ms` field gets how long its call waited here for the pass to begin."""
-        batch = [(item, f, t) for item, f, t in self._pending[:self.settings.max_batch_size] if not f.done()]
+        batch = [(item, f, t) for item, f, t, _ in self._pending[:self.settings.max_batch_size] if not f.done()]
         del self._pending[:self.settings.max_batch_size]
         if not batch:
             return
@@ -141,7 +151,9 @@ class Batcher(Generic[T, R]):
             self._expected = {self.session(item) for item, _, _ in batch}
         self.batches += 1
         self.largest = max(self.largest, len(batch))
-        begun = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        started = time.perf_counter()
         try:
             results = self.fn([item for item, _, _ in batch])
         except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
@@ -149,6 +161,8 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(e)
             return
+        finally:
+            _BUSY_S[loop] = _BUSY_S.get(loop, 0.0) + time.perf_counter() - started
         for (_, future, arrived), result in zip(batch, results):
             if future.done():
                 continue
@@ -158,6 +172,14 @@ class Batcher(Generic[T, R]):
             if hasattr(result, "waited_ms"):
                 result.waited_ms = (begun - arrived) * 1e3
             future.set_result(result)
+
+
+_BUSY_S: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = weakref.WeakKeyDictionary()  # s in passes
+
+
+def _idle_time(loop: asyncio.AbstractEventLoop) -> float:
+    """The loop's clock less the time Batchers' passes held its thread: advances only while the loop is free."""
+    return loop.time() - _BUSY_S.get(loop, 0.0)
 
 
 async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,
