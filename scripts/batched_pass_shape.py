@@ -4,6 +4,10 @@ ragged passes (eight rows verifying runs of different lengths) in both layouts, 
 (speckv.workers.batched_forward), with whether their greedy choices agree.
 
     python scripts/batched_pass_shape.py --tier nf4 --out docs/results/avx2/batched_shape_nf4.json
+    python scripts/batched_pass_shape.py --tier fp16 --float32-from 8 --ragged-only --out ragged_fp16_float32.json
+
+`--float32-from N` runs passes of N positions or more with the half-precision layers in float32, as a calibration
+that chose N sets it (SessionLM.float32_from); `--ragged-only` skips the S x T grid.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from speckv.models import DEFAULT_TARGET, Tier, load_model
 from speckv.workers import SessionLM
 
 SHAPES = [(1, 1), (1, 4), (1, 9), (4, 1), (4, 4), (8, 1), (8, 2), (8, 4)]
-RAGGED = [[12, 1, 1, 1, 1, 1, 1, 1], [2] * 8, [4, 0, 1, 2, 0, 1, 3, 1]]  # drafted runs of eight rows
+RAGGED = [[12, 1, 1, 1, 1, 1, 1, 1], [2] * 8, [4, 0, 1, 2, 0, 1, 3, 1],  # drafted runs of eight rows
+          [4, 3, 2, 0, 0, 0, 0, 0], [6, 5, 4, 3, 2, 1, 1, 1]]  # the last: adaptive at 8 fp16 streams, AVX2 EPYC
 
 
 def ragged_passes(lm: SessionLM, vocab_size: int, repeats: int = 2) -> list[dict]:
@@ -55,14 +60,18 @@ def main() -> None:
     parser.add_argument("--tier", default="nf4")
     parser.add_argument("--model", default=DEFAULT_TARGET)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--float32-from", type=int, default=None)
+    parser.add_argument("--ragged-only", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, Tier.parse(args.tier), "auto", None)
     lm = SessionLM(model)
+    if args.float32_from is not None:
+        lm.compute_in_float32_from(args.float32_from)
     context = synthetic_ids(64, model.config.vocab_size)
     rows = []
-    for sequences, tokens in SHAPES:
+    for sequences, tokens in [] if args.ragged_only else SHAPES:
         ms = time_call(lm, context, tokens, tokens, 2, session=f"s{sequences}x{tokens}", sequences=sequences)
         rows.append({"sequences": sequences, "tokens": tokens, "ms": ms})
         print(f"{sequences} sequences x {tokens} tokens: {ms:.0f} ms", flush=True)
@@ -70,6 +79,7 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({"tier": args.tier, "model": args.model, "hardware": hardware_id(lm.device),
                    "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+                   "float32_from": args.float32_from,
                    "context_len": 64, "rows": rows, "ragged": ragged}, f, indent=1)
 
 

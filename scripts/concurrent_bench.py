@@ -3,9 +3,11 @@ when N requests share draft and verify passes, with every step's record kept.
 
 All N requests start together; their prompts are prefilled together, then they decode in shared passes
 (speckv.batching, with regrouping as a shared-cores replica has it). Reported per policy: aggregate
-tokens/s over the whole run and over decoding only (from the first step of the last request to start
-decoding), mean γ, sequences per verify pass, and each request's output (greedy streams are compared with
-`none`'s: batched numerics in bf16/nf4 may differ slightly).
+tokens/s over the whole run, over decoding only (from the first step of the last request to start
+decoding), and while all N are in flight (from then until the first request ends: what a steady load, a new
+request replacing each that ends, sees; without it a policy whose requests end at different times is charged
+for the stragglers' passes of one or two sequences at the end), mean γ, sequences per verify pass, and each
+request's output (greedy streams are compared with `none`'s: batched numerics in bf16/nf4 may differ slightly).
 
     python scripts/concurrent_bench.py --tier nf4 --policies none,fixed:2,adaptive \\
         --prompts docs/results/avx2/short_prompts.jsonl,docs/results/avx2/short_prompts_2.jsonl \\
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -39,14 +42,29 @@ def run_policy(engine: LocalEngine, prompts: list[list[int]], policy: str, max_t
     tokens = sum(result.new_tokens for result in results)
     decode_start = max(result.time_to_first_token_s for result in results)  # all prefilled by then
     decode_tokens = sum(sum(r.emitted for r in result.records[1:]) for result in results)
+    window_s, window_tokens = all_in_flight(results)
     return {"policy": policy, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "decode_seconds": seconds - decode_start, "decode_tokens_per_s": decode_tokens / (seconds - decode_start),
+            "all_in_flight_seconds": window_s, "all_in_flight_tokens_per_s": window_tokens / window_s if window_s > 0
+            else None,
             "mean_gamma": statistics.mean(r.gamma for r in records),
             "sequences_per_pass": statistics.mean(r.batch_size for r in records),
             "steps": len(records), "token_ids": [result.token_ids for result in results],
             "gammas": [[r.gamma for r in result.records] for result in results],
             "records": [[{k: v for k, v in r.to_dict().items() if k not in ("chosen_prob", "confidence", "entropy")}
                          for r in result.records] for result in results]}
+
+
+def all_in_flight(results: list) -> tuple[float, int]:
+    """(seconds, tokens emitted) from the end of the last request's first step to the end of the first request:
+    the stretch in which all of them decode. A step ends where its request's steps' wall times (draft and verify
+    calls, waits included) add up to, from the common start; the microseconds of policy between calls are left
+    out."""
+    ends = [list(itertools.accumulate((r.draft_ms or 0.0) + (r.verify_ms or 0.0) for r in result.records))
+            for result in results]
+    start, stop = max(e[0] for e in ends), min(e[-1] for e in ends)
+    tokens = sum(r.emitted for result, e in zip(results, ends) for r, t in zip(result.records, e) if start < t <= stop)
+    return max(stop - start, 0.0) / 1e3, tokens
 
 
 def main() -> None:
@@ -69,7 +87,9 @@ def main() -> None:
         engine.estimates = TierEstimates.calibrated(estimates.cost.base)  # each policy starts from the calibration
         run = run_policy(engine, encoded, policy, args.max_tokens)
         runs.append(run)
-        print(f"{policy}: {run['tokens_per_s']:.2f} tokens/s ({run['decode_tokens_per_s']:.2f} decoding), "
+        steady = run["all_in_flight_tokens_per_s"]
+        print(f"{policy}: {run['tokens_per_s']:.2f} tokens/s ({run['decode_tokens_per_s']:.2f} decoding, "
+              f"{steady if steady is None else round(steady, 2)} with all in flight), "
               f"mean γ {run['mean_gamma']:.2f}, {run['sequences_per_pass']:.2f} sequences a pass, "
               f"{run['seconds']:.0f} s", flush=True)
     base = next((r for r in runs if r["policy"] == "none"), None)
