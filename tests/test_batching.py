@@ -15,8 +15,9 @@ from speckv.batching import Batcher, BatchSettings, CoreLease
 PASS_S = 0.15
 
 
-def _passes(name: str | None, out: mp.Queue, n: int) -> None:
-    """A replica's loop: n passes that each occupy PASS_S, with the lease named `name` (None: without one)."""
+def _passes(name: str | None, out: mp.Queue, n: int, start: mp.Barrier) -> None:
+    """A replica's loop: n passes that each occupy PASS_S, with the lease named `name` (None: without one), begun
+    once every process is ready (`start`)."""
 
     def busy(items: list[int]) -> list[int]:
         start = time.monotonic()
@@ -29,14 +30,17 @@ def _passes(name: str | None, out: mp.Queue, n: int) -> None:
         for i in range(n):
             await batcher(i)
 
+    start.wait(60)
     asyncio.run(main())
 
 
 def _overlap_s(name: str | None) -> float:
-    """Two processes run three passes each at once; how long their passes overlapped in all."""
+    """Two processes run three passes each at once; how long their passes overlapped in all. They begin together:
+    spawned processes import at different speeds on a loaded machine, and one that began its passes after the
+    other had ended made the control (no lease) see no overlap (fresh-clone CI, 2026-12-04)."""
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_passes, args=(name, out, 3)) for _ in range(2)]
+    out, start = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_passes, args=(name, out, 3, start)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
