@@ -18,12 +18,8 @@ Passes in float32. Where a model's half-precision layers switch to float32 from 
 that many positions or more is priced on the float32 passes' line (`float32_from`, `float32_ms_per_token` for
 the target; `draft_float32_*` for the draft, measured by the calibration's probe), not on the bf16 line that
 grows by a whole emulated row per token: on an AVX2 EPYC the fp16 target's 8 × 3 pass cost 1.6 s in the live
-loop, priced on the bf16 line at 4.5 s. A batched verify pass that large costs what one sequence scoring
-`float32_from` tokens does (the linear layers see rows either way; 8 × 1 measured within 11% of 1 × 8), plus the
-float32 slope for each position beyond: not the single-sequence curve's own steps there, which are one timing
-each (9 tokens 1748 ms beside 8 interpolated at 1535, where the probe's float32 passes grew 10 ms a token) and
-priced every drafted token of a pass of 8 at 213 ms, so that `adaptive` never drafted there. What one more
-sequence adds to a drafting pass that wide is likewise its float32 price per position.
+loop, priced on the bf16 line at 4.5 s and so at 1.8 s. A batched verify pass that large costs what one sequence
+scoring as many tokens does (the linear layers see rows either way; 8 × 1 measured within 11% of 1 × 8).
 
 Catch-up. The draft reads only what it is asked to draft after: a request that has not drafted yet (its
 prompt) or not for a while (target-only steps) has a draft cache that lacks part of its context, and its
@@ -88,11 +84,9 @@ class CostModel:
             positions = np.rint(sequences + np.asarray(gamma) + max(other_tokens - (sequences - 1), 0.0)).astype(int)
             wide = positions >= self.float32_from
             if np.any(wide):
-                # one sequence scoring float32_from tokens, then the float32 slope (module docstring)
-                level = self._single_verify_ms(self.float32_from - 1, context_len)
-                as_float32 = level + self.float32_ms_per_token * (positions - self.float32_from)
+                as_one = self._single_verify_ms(positions - 1, context_len)
                 narrow = self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
-                out = np.where(wide, as_float32, narrow)
+                out = np.where(wide, as_one, narrow)
                 return float(out) if np.ndim(gamma) == 0 else out
         return self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
 
@@ -133,13 +127,6 @@ class CostModel:
             base, per_position = self.draft_float32_ms
             out = np.where(wide, np.asarray(passes) * base + per_position * np.asarray(rows), out)
         return float(out) if np.ndim(passes) == 0 else out
-
-    def draft_ms_per_added_sequence(self, sequences: int) -> float:
-        """What one more sequence adds to a drafting pass of `sequences`: the per-position price of the float32
-        passes where a pass that wide runs in float32, else the measured per-sequence price."""
-        if self.draft_float32_from is not None and sequences >= self.draft_float32_from:
-            return self.draft_float32_ms[1]
-        return self.draft_ms_per_sequence
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                 other_tokens: float = 0.0) -> float | np.ndarray:
@@ -423,7 +410,7 @@ class LiveCost:
         drafting pass for each (`_positions_ms`)."""
         if sequences <= 1:
             return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
-        marginal = self.base.draft_ms_per_added_sequence(sequences)  # one more sequence in a drafting pass
+        marginal = self.base.draft_ms_per_sequence  # one more sequence in a drafting pass
         return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
             gamma, marginal, led)
 
@@ -433,8 +420,8 @@ class LiveCost:
         not its passes (they wait for the cores while its passes run): its share of the drafting passes (one
         per position, carrying `sequences` as the verify passes do), whole passes beyond `led` (`_positions_ms`),
         and its γ more tokens in the verify pass."""
-        share = self.base.drafting_passes_ms(1, max(sequences, 1)) / max(sequences, 1)  # its share of a drafting
-        #                                                                    pass carrying the pass's sequences
+        share = (self.base.draft_ms_per_token + self.base.draft_ms_per_sequence * max(sequences - 1, 0)) / max(
+            sequences, 1)  # its share of a drafting pass carrying the pass's sequences
         return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
             gamma, share, led)
 
