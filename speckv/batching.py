@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import os
 import tempfile
-import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,14 @@ from .workers import ModelWorker, StepInputs
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+_BUSY_S: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = weakref.WeakKeyDictionary()  # s in passes
+
+
+def _idle_time(loop: asyncio.AbstractEventLoop) -> float:
+    """The loop's clock less the time Batchers' passes held its thread: advances only while the loop is free."""
+    return loop.time() - _BUSY_S.get(loop, 0.0)
 
 
 @dataclass(frozen=True)
@@ -56,18 +63,18 @@ class Batcher(Generic[T, R]):
 
     Regrouping. Given `session` (a call's session), the Batcher expects every session of its last pass back
     (a request verifies at every step) and waits up to `regroup_s` for the missing ones before it starts the
-    next pass without them, unless the pass is full already or `forget` says a session ended. The wait counts
-    only idle time: time this event loop spent in passes (any Batcher's on it: a draft pass, a prefill chunk)
-    is the cores' and not the wait's, since the pass it would start could not have run then anyway. Counted
-    in wall time, a draft pass longer than `regroup_s` (in-process, the draft's passes block the loop) used
-    the whole wait up; the next verify pass began without the requests that drafted, their calls ready but
-    not yet run, and every step split in two: fp16 at 8 requests on an AVX2 EPYC, passes of 3-5 bf16 rows
-    beside passes of 8 (5.6 sequences a pass; docs/SERVING.md). Without it,
+    next pass without them, unless the pass is full already or `forget` says a session ended. Without it,
     under load the requests that do not draft at a step reach the target a draft pass before those that do,
     and the pass starts without the drafting ones: two passes each paying a pass's fixed cost where one
     would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
     ran 8.00; docs/SERVING.md). A split costs at least one pass's fixed cost, so waiting up to that long
-    costs at most what it may save."""
+    costs at most what it may save.
+    The wait counts only idle time (`_idle_time`): time this event loop spent in passes (any Batcher's on it: a
+    draft pass, a prefill chunk) is the cores' and not the wait's, since the pass it would start could not have
+    run then anyway. Counted in wall time, a draft pass longer than `regroup_s` (in-process, the draft's passes
+    block the loop) used the whole wait up; the next verify pass began without the requests that drafted,
+    their calls ready but not yet run, and every step split in two (fp16 at 8 requests on an AVX2 EPYC: passes
+    of 3-5 bf16 rows beside passes of 8, 5.6 sequences a pass; docs/SERVING.md)."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings(),
                  cores: CoreLease | None = None, session: Callable[[T], Hashable] | None = None) -> None:
@@ -153,7 +160,6 @@ class Batcher(Generic[T, R]):
         self.largest = max(self.largest, len(batch))
         loop = asyncio.get_running_loop()
         begun = loop.time()
-        started = time.perf_counter()
         try:
             results = self.fn([item for item, _, _ in batch])
         except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
@@ -162,7 +168,7 @@ class Batcher(Generic[T, R]):
                     future.set_exception(e)
             return
         finally:
-            _BUSY_S[loop] = _BUSY_S.get(loop, 0.0) + time.perf_counter() - started
+            _BUSY_S[loop] = _BUSY_S.get(loop, 0.0) + loop.time() - begun
         for (_, future, arrived), result in zip(batch, results):
             if future.done():
                 continue
@@ -172,14 +178,6 @@ class Batcher(Generic[T, R]):
             if hasattr(result, "waited_ms"):
                 result.waited_ms = (begun - arrived) * 1e3
             future.set_result(result)
-
-
-_BUSY_S: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = weakref.WeakKeyDictionary()  # s in passes
-
-
-def _idle_time(loop: asyncio.AbstractEventLoop) -> float:
-    """The loop's clock less the time Batchers' passes held its thread: advances only while the loop is free."""
-    return loop.time() - _BUSY_S.get(loop, 0.0)
 
 
 async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,
