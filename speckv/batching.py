@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import struct
 import tempfile
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -37,9 +39,9 @@ class BatchSettings:
     """How calls are gathered: at most `max_batch_size` per pass; a pass waits `wait_s` for more calls to
     join once one arrived (0: whatever arrived while the last pass ran); where replicas share the cores, a
     pass that got them from another replica's pass waits `handover_s` more, with them, for the calls that
-    pass set off; a Batcher that knows its calls' sessions waits up to `regroup_s` of idle time (time the event
-    loop did not spend in passes) for the sessions of its last pass to come back before it starts the next
-    without them (Batcher)."""
+    pass set off; a Batcher that knows its calls' sessions waits up to `regroup_s` of idle time (time the cores
+    were free of passes) for the sessions of its last pass to come back before it starts the next without them
+    (Batcher)."""
 
     max_batch_size: int = 8
     wait_s: float = 0.0
@@ -69,12 +71,13 @@ class Batcher(Generic[T, R]):
     would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
     ran 8.00; docs/SERVING.md). A split costs at least one pass's fixed cost, so waiting up to that long
     costs at most what it may save.
-    The wait counts only idle time (`_idle_time`): time this event loop spent in passes (any Batcher's on it: a
-    draft pass, a prefill chunk) is the cores' and not the wait's, since the pass it would start could not have
-    run then anyway. Counted in wall time, a draft pass longer than `regroup_s` (in-process, the draft's passes
-    block the loop) used the whole wait up; the next verify pass began without the requests that drafted,
-    their calls ready but not yet run, and every step split in two (fp16 at 8 requests on an AVX2 EPYC: passes
-    of 3-5 bf16 rows beside passes of 8, 5.6 sequences a pass; docs/SERVING.md)."""
+    The wait counts only idle time (`_idle_now`): time spent in passes is the cores' and not the wait's, since
+    the pass it would start could not have run then anyway. In-process that is the time this event loop spent
+    in passes (any Batcher's on it: a draft pass, a prefill chunk); where replicas share the cores, the time
+    any of them held the lease (`CoreLease.busy_s`). Counted in wall time, a draft pass longer than
+    `regroup_s` used the whole wait up; the next verify pass began without the requests that drafted, and
+    every step split in two (fp16 at 8 requests on an AVX2 EPYC: in-process, passes of 3-5 bf16 rows beside
+    passes of 8, 5.6 sequences a pass; served, 5.3 at fixed γ = 2; docs/SERVING.md)."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings(),
                  cores: CoreLease | None = None, session: Callable[[T], Hashable] | None = None) -> None:
@@ -82,7 +85,7 @@ class Batcher(Generic[T, R]):
         self.settings = settings
         self.cores = cores  # held for each pass where replicas share the machine's cores
         self.session = session
-        # (call, its result, when it arrived, when on the loop's idle clock: `_idle_time`)
+        # (call, its result, when it arrived, when on the idle clock: `_idle_now`)
         self._pending: list[tuple[T, asyncio.Future, float, float]] = []
         self._runner: asyncio.Task | None = None
         self._expected: set[Hashable] = set()  # sessions of the last pass not yet back (regrouping)
@@ -93,7 +96,7 @@ class Batcher(Generic[T, R]):
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((item, future, loop.time(), _idle_time(loop)))
+        self._pending.append((item, future, loop.time(), self._idle_now(loop)))
         if self.session is not None:
             self._expected.discard(self.session(item))
             self._wake()
@@ -106,6 +109,13 @@ class Batcher(Generic[T, R]):
         self._expected.discard(session)
         self._wake()
 
+    def _idle_now(self, loop: asyncio.AbstractEventLoop) -> float:
+        """A clock that advances only while the cores are free of passes: with a lease, every replica's on this
+        machine; without, this loop's."""
+        if self.cores is not None:
+            return time.monotonic() - self.cores.busy_s()
+        return _idle_time(loop)
+
     def _wake(self) -> None:
         if self._arrived is not None:
             self._arrived.set()
@@ -115,10 +125,10 @@ class Batcher(Generic[T, R]):
         pass's sessions that are not back yet (none where the pass is full already)."""
         if not self._pending:
             return
-        deadline = self._pending[0][3] + self.settings.regroup_s  # on the loop's idle clock
+        deadline = self._pending[0][3] + self.settings.regroup_s  # on the idle clock
         loop = asyncio.get_running_loop()
         while self._expected and len(self._pending) < self.settings.max_batch_size:
-            left = deadline - _idle_time(loop)
+            left = deadline - self._idle_now(loop)
             if left <= 0:
                 break
             self._arrived = asyncio.Event()
@@ -200,12 +210,20 @@ class CoreLease:
     a model alone, so taking turns is also what keeps the cost model true. The lease is an exclusive
     `flock` on a file named by `name` in the machine's temp directory, so it spans processes (Ray workers)
     but not machines; within a process an asyncio lock orders the passes. Waiting for it happens in a
-    thread, off the event loop."""
+    thread, off the event loop.
+
+    The file also keeps the cores' busy clock (`busy_s`: how long any holder has held the lease), written by
+    each holder under the lease, so a replica can tell time the cores were free from time another replica's
+    pass had them (Batcher, regrouping)."""
+
+    # seconds held in all by past holds; when the hold in progress began (0: none) and by which process
+    _CLOCK = struct.Struct("ddq")
 
     def __init__(self, name: str = "speckv-cores") -> None:
         self.path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
         self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o666)
         self._local = asyncio.Lock()
+        self._since = 0.0  # when this holder took the lease (time.monotonic); 0: it does not hold it
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[bool]:
@@ -222,6 +240,7 @@ class CoreLease:
                 except asyncio.CancelledError:  # the thread still takes the lock: hand it back when it does
                     acquire.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release())
                     raise
+            self._taken()
             try:
                 yield handed_over
             finally:
@@ -232,11 +251,52 @@ class CoreLease:
         """The lease, taken blocking, outside an event loop: for what a replica runs while it loads (calibrating,
         warming up), so that neither times nor slows the passes other replicas serve meanwhile."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._taken()
         try:
             yield
         finally:
             self._release()
 
+    def busy_s(self) -> float:
+        """Seconds the cores have been held by any replica on this machine (on `time.monotonic`'s scale, which
+        all processes share), a hold in progress included: `time.monotonic() - busy_s()` advances only while
+        they are free. A hold in progress whose holder died without releasing (its lock went with it) is not
+        counted."""
+        total, since, pid = self._read()
+        if since and _alive(pid):
+            total += max(0.0, time.monotonic() - since)
+        return total
+
+    def _taken(self) -> None:
+        self._since = time.monotonic()
+        self._write(self._read()[0], self._since, os.getpid())
+
     def _release(self) -> None:
+        if self._since:
+            self._write(self._read()[0] + time.monotonic() - self._since, 0.0, 0)
+            self._since = 0.0
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _read(self) -> tuple[float, float, int]:
+        """The clock as last written; read twice until two reads agree, as a holder may be writing it."""
+        last = None
+        for _ in range(4):
+            raw = os.pread(self._fd, self._CLOCK.size, 0)
+            if raw == last:
+                break
+            last = raw
+        return self._CLOCK.unpack(last) if len(last) == self._CLOCK.size else (0.0, 0.0, 0)
+
+    def _write(self, total: float, since: float, pid: int) -> None:
+        os.pwrite(self._fd, self._CLOCK.pack(total, since, pid), 0)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import multiprocessing as mp
 import os
+import subprocess
 import time
 import uuid
 
@@ -200,3 +201,45 @@ def test_the_regroup_wait_counts_only_time_the_loop_was_free_of_passes():
         return passes[1:]
 
     assert asyncio.run(run()) == [["a", "b", "c"], ["a", "b"]]
+
+
+def test_served_the_regroup_wait_leaves_out_time_another_replica_held_the_cores():
+    """Served, the draft's passes run in another replica, which holds the core lease for them: that time was
+    the cores' too, so the target's verify pass still waits for the session that drafted, even past a draft
+    pass longer than `regroup_s` and a router hop longer than `handover_s`. Counted on the target's own loop
+    (idle the while), the wait ran out during the draft pass and the verify pass began with the sessions that
+    did not draft (fp16, fixed γ = 2, 8 streams, AVX2 EPYC: 5.3 sequences a pass)."""
+    async def run() -> list[list[str]]:
+        cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
+        draft_replica = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))  # its own open file
+        passes: list[list[str]] = []
+        verify = Batcher(lambda items: passes.append(items) or items, BatchSettings(4, 0.0, 0.01, 0.1), cores,
+                         session=lambda item: item)
+        await asyncio.gather(*(verify(s) for s in "abc"))  # the first pass: three sessions
+
+        async def drafting(session: str) -> str:
+            async with draft_replica.hold():
+                await asyncio.sleep(0.4)  # c's draft pass, longer than regroup_s
+            await asyncio.sleep(0.05)  # the router hop, longer than handover_s
+            return await verify(session)
+
+        await asyncio.gather(verify("a"), verify("b"), drafting("c"))
+        return passes[1:]
+
+    assert asyncio.run(run()) == [["a", "b", "c"]]
+
+
+def test_the_cores_busy_clock_counts_holds_in_progress_and_not_those_of_dead_holders():
+    cores = CoreLease(f"speckv-test-{uuid.uuid4().hex}")
+    other = CoreLease(cores.path.rsplit("/", 1)[1].removesuffix(".lock"))
+    assert cores.busy_s() == 0.0
+    with other.held():
+        time.sleep(0.1)
+        assert 0.09 < cores.busy_s() < 0.5  # held by another open file, now
+    held = cores.busy_s()
+    time.sleep(0.1)
+    assert cores.busy_s() == held  # free: the clock stands
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cores._write(held, time.monotonic() - 10.0, dead.pid)  # a holder killed mid-pass left its start behind
+    assert cores.busy_s() == held
