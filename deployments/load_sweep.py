@@ -128,9 +128,10 @@ def summarize(report: dict, level: str, values: list[float]) -> list[dict]:
     return rows
 
 
-def report_path(out: Path, tier: str, policy: str, level: str) -> Path:
-    """Where a sweep keeps GuideLLM's report of one level (`c8`: 8 streams; `r0.05`: Poisson at 0.05/s)."""
-    return out / f"{tier}-{policy.replace(':', '')}-{level}.json"
+def report_path(out: Path, tier: str, policy: str, level: str, round_: int = 1) -> Path:
+    """Where a sweep keeps GuideLLM's report of one level (`c8`: 8 streams; `r0.05`: Poisson at 0.05/s) in one
+    round (`--rounds`; the first round's name has no round in it)."""
+    return out / f"{tier}-{policy.replace(':', '')}-{level}{f'-round{round_}' if round_ > 1 else ''}.json"
 
 
 def request_seconds(report: dict) -> dict[str, float]:
@@ -150,31 +151,46 @@ def paired(report: dict, against: dict) -> dict:
     offline benchmarks compare policies (speckv.tools.stats.paired_speedup): n, the geometric-mean speedup
     (`against`'s seconds over `report`'s: above 1, `report` was faster), its 95% bootstrap CI and the sign-flip
     p. A level's requests share their passes, so they are not independent: read p as a screen, beside the
-    aggregate tokens/s; and the two runs ran one after the other, so drift of the machine falls on one only."""
+    aggregate tokens/s; and the two runs ran one after the other, so drift of the machine falls on one only
+    (`paired_rounds` pools rounds run in both orders)."""
+    return paired_rounds([(report, against)])
+
+
+def paired_rounds(rounds: list[tuple[dict, dict]]) -> dict:
+    """`paired` over several rounds of the same level (`--rounds`), each a (report, against) pair of runs: each
+    round's requests paired by prompt within it, all rounds' pairs pooled. Rounds run in opposite orders (A B,
+    then B A) put the machine's drift on both sides: run in one order only, the same two policies (both at
+    γ = 0, fp16, 8 streams) measured 0.94x, p = 0.0004, and reversed 1.06x, p = 0.0006 (docs/SERVING.md)."""
     from speckv.tools.stats import paired_speedup
 
-    a, b = request_seconds(report), request_seconds(against)
-    prompts = sorted(p for p in a.keys() & b.keys() if a[p] > 0 and b[p] > 0)
-    if not prompts:
+    mine, theirs = [], []
+    for report, against in rounds:
+        a, b = request_seconds(report), request_seconds(against)
+        prompts = sorted(p for p in a.keys() & b.keys() if a[p] > 0 and b[p] > 0)
+        mine += [1 / a[p] for p in prompts]
+        theirs += [1 / b[p] for p in prompts]
+    if not mine:
         return {"n": 0}
-    c = paired_speedup("report", [1 / a[p] for p in prompts], "against", [1 / b[p] for p in prompts])
+    c = paired_speedup("report", mine, "against", theirs)
     return {"n": c.n, "speedup": c.speedup, "ci95": list(c.ci95), "p": c.p_value}
 
 
-def paired_levels(out: Path, tier: str, policies: list[str], levels: list[str], of: str = "adaptive") -> list[dict]:
-    """`paired` for `of` against every other policy at every level (`report_path`'s `level`), from the GuideLLM
-    reports `sweep` saved under `out`."""
-    def report(policy: str, level: str) -> dict | None:
-        path = report_path(out, tier, policy, level)
+def paired_levels(out: Path, tier: str, policies: list[str], levels: list[str], of: str = "adaptive",
+                  rounds: int = 1) -> list[dict]:
+    """`paired_rounds` for `of` against every other policy at every level (`report_path`'s `level`) over its
+    `rounds`, from the GuideLLM reports `sweep` saved under `out`."""
+    def report(policy: str, level: str, round_: int) -> dict | None:
+        path = report_path(out, tier, policy, level, round_)
         return json.loads(path.read_text()) if path.exists() else None
 
     rows = []
     for level in levels:
-        mine = report(of, level)
         for policy in (p for p in policies if p != of):
-            theirs = report(policy, level)
-            if mine is not None and theirs is not None:
-                rows.append({"tier": tier, "level": level, "policy": of, "against": policy, **paired(mine, theirs)})
+            both = [(report(of, level, r), report(policy, level, r)) for r in range(1, rounds + 1)]
+            both = [(mine, theirs) for mine, theirs in both if mine is not None and theirs is not None]
+            if both:
+                rows.append({"tier": tier, "level": level, "policy": of, "against": policy,
+                             **({"rounds": len(both)} if rounds > 1 else {}), **paired_rounds(both)})
     return rows
 
 
@@ -226,19 +242,22 @@ def warm_up(url: str, tier: str, requests: int = 2) -> None:
 
 
 def sweep(args: argparse.Namespace) -> dict:
-    """Every tier: each concurrency level run for every policy, then Poisson rates at shares of the capacity each
-    policy reached. The policies are interleaved level by level, their order reversed from one level to the next
-    (A B, B A, A B ...), so a drift of the machine falls on all of them rather than on the policy run last (run
-    one policy after another, a noisy neighbour arriving mid-sweep reads as a policy's regression)."""
+    """Every tier: each concurrency level run for every policy (`args.rounds` times), then Poisson rates at
+    shares of the capacity each policy reached. The policies are interleaved level by level, their order
+    reversed from one level to the next (A B, B A, A B ...) and from one round to the next, so a drift of the
+    machine falls on all of them rather than on the policy run last (run one policy after another, a noisy
+    neighbour arriving mid-sweep reads as a policy's regression). With one level, only rounds interleave it."""
     out = Path(args.out)
     results: dict = {"args": vars(args), "runs": []}
     for tier in args.tiers:
         warm_up(args.url, tier)
         rows: dict[str, list[dict]] = {policy: [] for policy in args.policies}
-        for i, c in enumerate(args.concurrency):
-            for policy in _in_turn(args.policies, i):
-                rows[policy].append(run_level(args, tier, policy, "concurrency", c,
-                                              report_path(out, tier, policy, f"c{c}")))
+        for r in range(args.rounds):
+            for i, c in enumerate(args.concurrency):
+                for policy in _in_turn(args.policies, i + r):
+                    row = run_level(args, tier, policy, "concurrency", c,
+                                    report_path(out, tier, policy, f"c{c}", r + 1))
+                    rows[policy].append({**row, "round": r + 1} if args.rounds > 1 else row)
         capacity = {policy: args.capacity or max((r["requests_per_s"] for r in rows[policy]), default=0.0)
                     for policy in args.policies}
         poisson: dict[str, list[dict]] = {policy: [] for policy in args.policies}
@@ -266,7 +285,8 @@ def save_paired(results: dict, out: Path) -> None:
     args = results["args"]
     results["paired"] = [] if "adaptive" not in args["policies"] else [
         row for tier in args["tiers"]
-        for row in paired_levels(out, tier, args["policies"], [f"c{c}" for c in args["concurrency"]])]
+        for row in paired_levels(out, tier, args["policies"], [f"c{c}" for c in args["concurrency"]],
+                                 rounds=args.get("rounds", 1))]  # sweeps saved before --rounds ran one
     (out / "load_sweep.json").write_text(json.dumps(results, indent=2))
 
 
@@ -282,7 +302,8 @@ def table(results: dict) -> str:
     lines = ["| tier | policy | load | aggregate output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) "
              "| requests done / cut / failed | mean γ | sequences per pass |", "|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
-        levels = [(f"{r['concurrency']} streams", r) for r in run["concurrency"]]
+        levels = [(f"{r['concurrency']} streams" + (f", round {r['round']}" if "round" in r else ""), r)
+                  for r in run["concurrency"]]
         levels += [(f"Poisson {r['rate']:.3g}/s ({r['capacity_share']:.0%} of capacity)"
                     + ("" if r.get("arrivals_valid", True) else f": not valid, a burst of {r['requests_total']}"),
                     r) for r in run["poisson"]]
@@ -293,7 +314,8 @@ def table(results: dict) -> str:
                          f"{r['requests_incomplete']} / {r['requests_errored']} | {_maybe(r, 'mean_gamma')} | "
                          f"{_maybe(r, 'mean_batch')} |")
     if results.get("paired"):
-        lines += ["", "| tier | level | policy | against | requests paired by prompt | speedup [95% CI] | p |",
+        lines += ["", "| tier | level | policy | against | requests paired by prompt (rounds pooled) | "
+                  "speedup [95% CI] | p |",
                   "|---|---|---|---|---|---|---|"]
         for r in results["paired"]:
             low, high = r.get("ci95", (0, 0))
@@ -319,11 +341,11 @@ def plot(results: dict, out: Path) -> None:
     fig, axes = plt.subplots(3, len(tiers), figsize=(5 * len(tiers), 10), squeeze=False)
     for col, tier in enumerate(tiers):
         for run in (r for r in results["runs"] if r["tier"] == tier):
-            c = [row["concurrency"] for row in run["concurrency"]]
-            axes[0][col].plot(c, [row["output_tokens_per_s"] for row in run["concurrency"]], "o-", label=run["policy"])
-            axes[1][col].plot(c, [row["ttft_ms_p50"] / 1e3 for row in run["concurrency"]], "o-", label=run["policy"])
-            axes[2][col].plot(c, [row.get("mean_gamma", float("nan")) for row in run["concurrency"]], "o-",
-                              label=run["policy"])
+            levels = sorted(run["concurrency"], key=lambda row: row["concurrency"])  # rounds of a level side by side
+            c = [row["concurrency"] for row in levels]
+            axes[0][col].plot(c, [row["output_tokens_per_s"] for row in levels], "o-", label=run["policy"])
+            axes[1][col].plot(c, [row["ttft_ms_p50"] / 1e3 for row in levels], "o-", label=run["policy"])
+            axes[2][col].plot(c, [row.get("mean_gamma", float("nan")) for row in levels], "o-", label=run["policy"])
         axes[0][col].set(title=f"{tier}: aggregate output tokens/s", xlabel="concurrent streams", xscale="log")
         axes[1][col].set(title=f"{tier}: TTFT p50 (s)", xlabel="concurrent streams", xscale="log")
         axes[2][col].set(title=f"{tier}: mean γ (server's count)", xlabel="concurrent streams", xscale="log")
@@ -346,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", type=lambda s: s.split(","), default=["none", "fixed:1", "adaptive"])
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 4, 8, 16],
                    help="streams per level (\"\": none, with --capacity for Poisson levels alone)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="runs of every concurrency level, the policies' order reversed each round; the paired "
+                        "comparisons pool the rounds (2: A B then B A at a level, so drift falls on both)")
     p.add_argument("--rate-shares", type=floats, default=[0.5], help="Poisson rates as shares of the capacity")
     p.add_argument("--capacity", type=float, default=None,
                    help="requests/s the rate shares are of (default: the most the concurrency levels reached); "
@@ -360,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only add the request-by-request comparisons to the summary of a sweep saved in DIR "
                         "(its GuideLLM reports beside it), and rewrite its table")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        print(f"--rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+        return 2
     if args.pair:
         out = Path(args.pair)
         if not (out / "load_sweep.json").exists():

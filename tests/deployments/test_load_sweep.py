@@ -123,7 +123,7 @@ def test_poisson_rates_are_shares_of_the_capacity_measured_or_given(monkeypatch,
     monkeypatch.setattr(load_sweep, "run_level", level)
     monkeypatch.setattr(load_sweep, "warm_up", lambda url, tier: None)
     args = argparse.Namespace(url="u", out=str(tmp_path), tiers=["fp16"], policies=["none"], concurrency=[8],
-                              rate_shares=[0.5], capacity=None)
+                              rate_shares=[0.5], capacity=None, rounds=1)
     load_sweep.sweep(args)
     args.capacity = 1.0
     load_sweep.sweep(args)
@@ -143,13 +143,24 @@ def test_policies_are_interleaved_level_by_level_in_alternating_order(monkeypatc
     monkeypatch.setattr(load_sweep, "run_level", level)
     monkeypatch.setattr(load_sweep, "warm_up", lambda url, tier: None)
     args = argparse.Namespace(url="u", out=str(tmp_path), tiers=["nf4"], policies=["none", "adaptive"],
-                              concurrency=[1, 8], rate_shares=[0.5], capacity=None)
+                              concurrency=[1, 8], rate_shares=[0.5], capacity=None, rounds=1)
     results = load_sweep.sweep(args)
     assert asked == [("none", "concurrency", 1), ("adaptive", "concurrency", 1), ("adaptive", "concurrency", 8),
                      ("none", "concurrency", 8), ("none", "rate", 0.8), ("adaptive", "rate", 1.6)]
     by_policy = {run["policy"]: run for run in results["runs"]}
     assert [r["requests_per_s"] for r in by_policy["adaptive"]["concurrency"]] == [0.4, 3.2]
     assert by_policy["none"]["poisson"][0]["rate"] == 0.8
+    # with rounds, every level runs again in the other order, and its report is kept apart from the first's
+    asked.clear()
+    paths = []
+    monkeypatch.setattr(load_sweep, "run_level", lambda *a: paths.append(a[-1]) or level(*a))
+    args.rounds, args.rate_shares = 2, []
+    results = load_sweep.sweep(args)
+    assert asked == [("none", "concurrency", 1), ("adaptive", "concurrency", 1), ("adaptive", "concurrency", 8),
+                     ("none", "concurrency", 8), ("adaptive", "concurrency", 1), ("none", "concurrency", 1),
+                     ("none", "concurrency", 8), ("adaptive", "concurrency", 8)]
+    assert len(set(paths)) == 8 and paths[4].name == "nf4-adaptive-c1-round2.json"
+    assert [r["round"] for r in results["runs"][0]["concurrency"]] == [1, 1, 2, 2]
 
 
 def _requests(seconds: dict[str, float]) -> dict:
@@ -187,3 +198,25 @@ def test_policies_are_compared_request_by_request_on_the_same_prompts(tmp_path):
     assert json.loads((tmp_path / "load_sweep.json").read_text())["paired"] == rows
     assert "| nf4 | c8 | adaptive | none | 8 | 1.25x" in (tmp_path / "load_sweep.md").read_text()
     assert load_sweep.main(["--pair", str(tmp_path / "missing")]) == 2
+    assert load_sweep.main(["--rounds", "0", "--pair", str(tmp_path)]) == 2
+
+
+def test_rounds_of_a_level_are_paired_within_each_round_and_pooled(tmp_path):
+    """Two rounds of a level, run in opposite orders: each round's requests are paired by prompt within that
+    round (a prompt names the same request only within a run's settings), and the pairs of both are pooled, so
+    a machine that slowed between the rounds weighs on both policies. Pairing across rounds would not."""
+    import json
+
+    from deployments.load_sweep import paired_levels
+
+    none = {f"p{i}": 10.0 + i for i in range(6)}
+    rounds = {1: (none, {p: s / 1.1 for p, s in none.items()}),  # round 1: adaptive 1.1x none
+              2: ({p: s * 1.5 for p, s in none.items()}, {p: s * 1.5 / 1.1 for p, s in none.items()})}  # slower
+    for r, (n, a) in rounds.items():
+        suffix = "" if r == 1 else f"-round{r}"
+        (tmp_path / f"nf4-none-c8{suffix}.json").write_text(json.dumps(_requests(n)))
+        (tmp_path / f"nf4-adaptive-c8{suffix}.json").write_text(json.dumps(_requests(a)))
+    (row,) = paired_levels(tmp_path, "nf4", ["none", "adaptive"], ["c8"], rounds=2)
+    assert row["n"] == 12 and row["rounds"] == 2 and abs(row["speedup"] - 1.1) < 1e-9 and row["p"] < 0.01
+    (first,) = paired_levels(tmp_path, "nf4", ["none", "adaptive"], ["c8"])
+    assert first["n"] == 6 and "rounds" not in first
