@@ -146,21 +146,16 @@ def request_seconds(report: dict) -> dict[str, float]:
     return out
 
 
-def paired(report: dict, against: dict) -> dict:
-    """`report`'s requests against the same prompts' in `against` (another policy at the same level), as the
-    offline benchmarks compare policies (speckv.tools.stats.paired_speedup): n, the geometric-mean speedup
-    (`against`'s seconds over `report`'s: above 1, `report` was faster), its 95% bootstrap CI and the sign-flip
-    p. A level's requests share their passes, so they are not independent: read p as a screen, beside the
-    aggregate tokens/s; and the two runs ran one after the other, so drift of the machine falls on one only
-    (`paired_rounds` pools rounds run in both orders)."""
-    return paired_rounds([(report, against)])
-
-
-def paired_rounds(rounds: list[tuple[dict, dict]]) -> dict:
-    """`paired` over several rounds of the same level (`--rounds`), each a (report, against) pair of runs: each
-    round's requests paired by prompt within it, all rounds' pairs pooled. Rounds run in opposite orders (A B,
-    then B A) put the machine's drift on both sides: run in one order only, the same two policies (both at
-    γ = 0, fp16, 8 streams) measured 0.94x, p = 0.0004, and reversed 1.06x, p = 0.0006 (docs/SERVING.md)."""
+def paired(rounds: list[tuple[dict, dict]]) -> dict:
+    """A policy's requests against the same prompts' under another policy at the same level, as the offline
+    benchmarks compare policies (speckv.tools.stats.paired_speedup), over one or more rounds of that level
+    (`--rounds`), each a (report, against) pair of GuideLLM reports: each round's requests paired by prompt
+    within it, all rounds' pairs pooled. Returns n, the geometric-mean speedup (`against`'s seconds over
+    `report`'s: above 1, `report` was faster), its 95% bootstrap CI and the sign-flip p. A level's requests share
+    their passes, so they are not independent: read p as a screen, beside the aggregate tokens/s. Two runs one
+    after the other put the machine's drift on one side only; rounds in opposite orders (A B, then B A) put it
+    on both: in one order, the same two policies (both at γ = 0, fp16, 8 streams) measured 0.94x, p = 0.0004,
+    and reversed 1.06x, p = 0.0006 (docs/SERVING.md)."""
     from speckv.tools.stats import paired_speedup
 
     mine, theirs = [], []
@@ -177,7 +172,7 @@ def paired_rounds(rounds: list[tuple[dict, dict]]) -> dict:
 
 def paired_levels(out: Path, tier: str, policies: list[str], levels: list[str], of: str = "adaptive",
                   rounds: int = 1) -> list[dict]:
-    """`paired_rounds` for `of` against every other policy at every level (`report_path`'s `level`) over its
+    """`paired` for `of` against every other policy at every level (`report_path`'s `level`) over its
     `rounds`, from the GuideLLM reports `sweep` saved under `out`."""
     def report(policy: str, level: str, round_: int) -> dict | None:
         path = report_path(out, tier, policy, level, round_)
@@ -190,7 +185,7 @@ def paired_levels(out: Path, tier: str, policies: list[str], levels: list[str], 
             both = [(mine, theirs) for mine, theirs in both if mine is not None and theirs is not None]
             if both:
                 rows.append({"tier": tier, "level": level, "policy": of, "against": policy,
-                             **({"rounds": len(both)} if rounds > 1 else {}), **paired_rounds(both)})
+                             **({"rounds": len(both)} if rounds > 1 else {}), **paired(both)})
     return rows
 
 

@@ -182,11 +182,11 @@ def test_policies_are_compared_request_by_request_on_the_same_prompts(tmp_path):
 
     none = {f"p{i}": 10.0 + i for i in range(8)}
     faster = {**{p: s / 1.25 for p, s in none.items()}, "cut-in-none": 1.0}
-    result = paired(_requests(faster), _requests(none))
+    result = paired([(_requests(faster), _requests(none))])
     assert result["n"] == 8 and abs(result["speedup"] - 1.25) < 1e-9 and result["p"] < 0.01
     mixed = {p: s * (1.1 if i % 2 else 1 / 1.1) for i, (p, s) in enumerate(none.items())}
-    assert paired(_requests(mixed), _requests(none))["p"] > 0.5
-    assert paired(_requests({"a": 1.0}), _requests({"b": 1.0})) == {"n": 0}
+    assert paired([(_requests(mixed), _requests(none))])["p"] > 0.5
+    assert paired([(_requests({"a": 1.0}), _requests({"b": 1.0}))]) == {"n": 0}
     for policy, seconds in (("adaptive", faster), ("none", none), ("fixed1", none)):
         (tmp_path / f"nf4-{policy}-c8.json").write_text(json.dumps(_requests(seconds)))
     rows = paired_levels(tmp_path, "nf4", ["none", "fixed:1", "adaptive"], ["c8", "c16"])
