@@ -85,7 +85,7 @@ class Batcher(Generic[T, R]):
         self.settings = settings
         self.cores = cores  # held for each pass where replicas share the machine's cores
         self.session = session
-        # (call, its result, when it arrived, when on the idle clock: `_idle_now`)
+        # (call, its result, when it arrived, when on the idle clock: `_idle_now`, read only where it regroups)
         self._pending: list[tuple[T, asyncio.Future, float, float]] = []
         self._runner: asyncio.Task | None = None
         self._expected: set[Hashable] = set()  # sessions of the last pass not yet back (regrouping)
@@ -96,7 +96,7 @@ class Batcher(Generic[T, R]):
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((item, future, loop.time(), self._idle_now(loop)))
+        self._pending.append((item, future, loop.time(), self._idle_now(loop) if self._regroups else 0.0))
         if self.session is not None:
             self._expected.discard(self.session(item))
             self._wake()
@@ -108,6 +108,10 @@ class Batcher(Generic[T, R]):
         """The session has ended: the next pass does not wait for it."""
         self._expected.discard(session)
         self._wake()
+
+    @property
+    def _regroups(self) -> bool:
+        return self.session is not None and self.settings.regroup_s > 0
 
     def _idle_now(self, loop: asyncio.AbstractEventLoop) -> float:
         """A clock that advances only while the cores are free of passes: with a lease, every replica's on this
@@ -139,7 +143,7 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while self._pending:
             await asyncio.sleep(self.settings.wait_s)  # 0: let the calls already scheduled join
-            if self.session is not None and self.settings.regroup_s:
+            if self._regroups:
                 await self._regroup()  # before the cores are taken: the draft pass it waits for needs them
             if self.cores is None:
                 self._pass()
