@@ -155,7 +155,7 @@ def paired(rounds: list[tuple[dict, dict]]) -> dict:
     their passes, so they are not independent: read p as a screen, beside the aggregate tokens/s. Two runs one
     after the other put the machine's drift on one side only; rounds in opposite orders (A B, then B A) put it
     on both: in one order, the same two policies (both at γ = 0, fp16, 8 streams) measured 0.94x, p = 0.0004,
-    and reversed 1.06x, p = 0.0006 (docs/SERVING.md)."""
+    and reversed 1.06x, p = 0.0006 (docs/serving_log.md)."""
     from speckv.tools.stats import paired_speedup
 
     mine, theirs = [], []

@@ -69,7 +69,7 @@ class Batcher(Generic[T, R]):
     under load the requests that do not draft at a step reach the target a draft pass before those that do,
     and the pass starts without the drafting ones: two passes each paying a pass's fixed cost where one
     would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
-    ran 8.00; docs/SERVING.md). A split costs at least one pass's fixed cost, so waiting up to that long
+    ran 8.00; docs/serving_log.md). A split costs at least one pass's fixed cost, so waiting up to that long
     costs at most what it may save.
     The wait counts only idle time (`_idle_now`): time spent in passes is the cores' and not the wait's, since
     the pass it would start could not have run then anyway. In-process that is the time this event loop spent
@@ -77,7 +77,7 @@ class Batcher(Generic[T, R]):
     any of them held the lease (`CoreLease.busy_s`). Counted in wall time, a draft pass longer than
     `regroup_s` used the whole wait up; the next verify pass began without the requests that drafted, and
     every step split in two (fp16 at 8 requests on an AVX2 EPYC: in-process, passes of 3-5 bf16 rows beside
-    passes of 8, 5.6 sequences a pass; served, 5.3 at fixed γ = 2; docs/SERVING.md)."""
+    passes of 8, 5.6 sequences a pass; served, 5.3 at fixed γ = 2; docs/serving_log.md)."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings(),
                  cores: CoreLease | None = None, session: Callable[[T], Hashable] | None = None) -> None:
@@ -210,7 +210,7 @@ class CoreLease:
 
     Each replica's torch runs as many threads as the cores it was given; two replicas' passes at once (a
     draft pass and a target pass of different requests, disaggregated on one machine) run twice the threads
-    on the same cores and slow each other (docs/SERVING.md, "Measured under load"). Every calibration times
+    on the same cores and slow each other (docs/serving_log.md, "Measured under load"). Every calibration times
     a model alone, so taking turns is also what keeps the cost model true. The lease is an exclusive
     `flock` on a file named by `name` in the machine's temp directory, so it spans processes (Ray workers)
     but not machines; within a process an asyncio lock orders the passes. Waiting for it happens in a

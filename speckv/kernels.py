@@ -5,7 +5,7 @@ float matrix at every pass and multiplies that: LLM.int8 (the int8 tier) runs `A
 where it lacks AVX-512 (`torch._int_mm`), and a 4-bit layer (the nf4 tier) dequantizes its whole weight to the
 compute dtype and calls `linear` where it lacks AVX512-BF16 (its packed kernel). Writing out the whole matrix
 and reading it back is most of a decoding pass: on an AVX2-only EPYC a one-token int8 pass of the 1.5B target
-took 2.9 s with it and 0.7 s without (docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix
+took 2.9 s with it and 0.7 s without (docs/serving_log.md, "int8 passes without bitsandbytes' whole-matrix
 conversion"). The kernels here compute the same products blocked over the output features: each block of
 weight rows (BLOCK_BYTES of float32) is converted while it is in cache and multiplied at once.
 

@@ -91,7 +91,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # What a quantized tier's activations (every part of the model but its quantized weights) are at `auto` on a CPU
 # (int8), or where SpecKV's blocked 4-bit kernel runs its matmuls (nf4 where bitsandbytes has no 4-bit CPU
 # kernel of its own, i.e. without AVX512-BF16; speckv.kernels). Half precision is emulated there: int8 on an AVX2 EPYC
-# (docs/SERVING.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the same within 10% up to
+# (docs/serving_log.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the same within 10% up to
 # nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in float32; nf4 ("nf4 passes
 # dequantized a block at a time, in float32") 1.17x for one token, 2.35x for 8 x 4, 2.8x for a 64-token prompt.
 # The cost: the embeddings in float32 and twice the KV bytes a token.
