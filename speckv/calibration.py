@@ -42,15 +42,18 @@ from .kernels import kernels_for
 from .models import DRAFT_TIER, MANIFEST, cache_root
 from .workers import LogitsCall, SessionLM, multiplies_in
 
-CALIBRATION_FORMAT = 8  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
+CALIBRATION_FORMAT = 9  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
 # 5: the compute dtype of a 4-bit model's prefill passes; 6: and of a plain half-precision one;
 # 7: the kernels a model's layers run (`CalibrationKey.kernels`); 8: from which pass size half-precision layers compute
-# in float32, every pass's, not only prefill's (`probe_float32_from`)
+# in float32, every pass's, not only prefill's (`probe_float32_from`); 9: a batched pass scoring BATCH_PROBE_TOKENS a
+# sequence measured right after the one-token one (before, the budget reached no such pass on an AVX2 EPYC at any tier)
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8
 DEFAULT_CONTEXT_LENS = (64, 512)
 BATCH_PROBE = 4  # sequences in the batched passes measured (what more sequences in a pass cost)
+BATCH_PROBE_TOKENS = 3  # tokens a sequence the first batched pass that scores several measures: γ = 2, where
+#                         decisions under load fall (what drafting costs a shared pass); γmax + 1 follows if it fits
 # a measurement's repeats stop once this much was timed: a pass this long varies little between repeats, and at
 # three repeats of a 1.4-2.3 s pass (nf4, int8 on an AVX2 EPYC) the budget held two measurements and never the
 # batched passes load is priced with
@@ -228,10 +231,10 @@ def _with_batched(model: CostModel, rows: list[dict], context_len: int) -> CostM
         out = dataclasses.replace(out, verify_ms_per_sequence=max(
             (one[0] - float(model.verify_ms(0, context_len))) / (one[1] - 1), 0.0))
         wide = [r for r in rows if r["kind"] == "verify" and r["tokens"] > 1 and r["context_len"] == context_len]
-        if wide:
-            r = wide[0]
-            out = dataclasses.replace(out, batched_ms_per_token=max(
-                (r["ms"] - one[0]) / (r["sequences"] * (r["tokens"] - 1)), 0.0))
+        if wide:  # the least-squares slope through the one-token pass and every wider one (exact with one)
+            beyond = np.asarray([r["sequences"] * (r["tokens"] - 1) for r in wide], dtype=float)
+            extra = np.asarray([r["ms"] - one[0] for r in wide])
+            out = dataclasses.replace(out, batched_ms_per_token=max(float(beyond @ extra / (beyond @ beyond)), 0.0))
     draft = ms("draft", 1)
     if draft:
         out = dataclasses.replace(out, draft_ms_per_sequence=max(
@@ -334,19 +337,23 @@ def time_call(lm: SessionLM, context: list[int], tokens: int, keep: int, repeats
 def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
     """(kind, context_len, tokens, sequences) in the order they are measured: what a cost model needs most
     first (verification at γ = 0 and γmax on the first context; the draft's single token and its prefill),
-    then the small-γ points of the curve or the draft's catch-up, then batched passes (BATCH_PROBE
-    sequences), then the rest of the curve, then the other contexts."""
+    then the target's batched passes (BATCH_PROBE sequences, scoring one token and BATCH_PROBE_TOKENS) or the
+    draft's catch-up, then the rest of the curve, then the other contexts."""
     first, *others = context_lens
     if role == "draft":  # a prefill row reads `first` tokens into an empty cache (what a catch-up costs)
         return [("draft", first, 1, 1), ("prefill", 0, first, 1), ("draft", first, 2, 1),
                 ("draft", first, 1, BATCH_PROBE), *(("draft", ctx, 1, 1) for ctx in others)]
     # the curve's ends, what one more sequence costs (what load costs: without it a batched pass is priced as
-    # free sequences on the single line), the curve's small-γ points (where CPU decisions fall), what more
-    # tokens cost in a batched pass, then the rest of the curve
+    # free sequences on the single line), what more tokens cost in a batched pass (what drafting costs under
+    # load: without it, priced on the single line, which on an AVX2 EPYC charged an int8 pass of 8 sequences
+    # 84-370 ms a drafted token where its passes of 8 × 1 and 8 × 4 cost the same), the curve's small-γ points
+    # (where CPU decisions fall), the rest of the curve, the batched pass at γmax
     ends = [("verify", first, g + 1, 1) for g in dict.fromkeys([0, max_gamma])]
     small = [("verify", first, g + 1, 1) for g in (1, 2) if g < max_gamma]
-    plan = [*ends, ("verify", first, 1, BATCH_PROBE), *small, ("verify", first, max_gamma + 1, BATCH_PROBE)]
-    plan += [("verify", first, g + 1, 1) for g in range(3, max_gamma)]
+    wide = [("verify", first, t, BATCH_PROBE) for t in dict.fromkeys([min(BATCH_PROBE_TOKENS, max_gamma + 1),
+                                                                        max_gamma + 1]) if t > 1]
+    plan = [*ends, ("verify", first, 1, BATCH_PROBE), *wide[:1], *small]
+    plan += [("verify", first, g + 1, 1) for g in range(3, max_gamma)] + wide[1:]
     for ctx in others:
         plan += [("verify", ctx, 1, 1), ("verify", ctx, max_gamma + 1, 1)]
     return plan

@@ -27,7 +27,8 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
         hook.remove()
     draft = calibrate(SessionLM(draft_model), "draft", "fp16", max_gamma=3, context_lens=(16, 32), repeats=2)
     verify = sorted((r["context_len"], r["tokens"], r["sequences"]) for r in target.rows)
-    assert verify == [(16, 1, 1), (16, 1, 4), (16, 2, 1), (16, 3, 1), (16, 4, 1), (16, 4, 4), (32, 1, 1), (32, 4, 1)]
+    assert verify == [(16, 1, 1), (16, 1, 4), (16, 2, 1), (16, 3, 1), (16, 3, 4), (16, 4, 1), (16, 4, 4), (32, 1, 1),
+                      (32, 4, 1)]
     assert {r["kind"] for r in target.rows} == {"verify"}
     drafts = sorted((r["kind"], r["context_len"], r["tokens"], r["sequences"]) for r in draft.rows)
     # single token (alone and four in a pass), a catch-up of two tokens keeping one logit, and a prefill of
@@ -51,11 +52,13 @@ def test_calibration_times_the_live_calls_and_fits_them(draft_model, target_mode
     expected = isotonic_regression([measured[t] for t in (1, 2, 3, 4)]).x
     assert cost.verify_curve == pytest.approx(tuple(expected)) and cost.curve_context_len == 16
     assert cost.verify_ms(2, 16) == pytest.approx(expected[2])
-    # a batched pass is priced through the measured batched points: four sequences scoring 1 or 4 tokens each
+    # a batched pass is priced through the measured batched points: four sequences scoring 1, 3 or 4 tokens
+    # each, every token beyond one a sequence at the least-squares slope through them
     batched = {r["tokens"]: r["ms"] for r in target.rows if r["sequences"] == 4}
     assert cost.verify_ms(0, 16, sequences=4, other_tokens=3) == pytest.approx(batched[1])
+    slope = (8 * (batched[3] - batched[1]) + 12 * (batched[4] - batched[1])) / (8**2 + 12**2)
     # (scoring more never priced cheaper: a tiny model's noise can time the wider pass below the narrow one)
-    assert cost.verify_ms(3, 16, sequences=4, other_tokens=12) == pytest.approx(max(batched[4], batched[1]))
+    assert cost.verify_ms(3, 16, sequences=4, other_tokens=12) == pytest.approx(batched[1] + 12 * max(slope, 0.0))
     drafted = next(r["ms"] for r in draft.rows if r["sequences"] == 4)
     assert cost.draft_ms(2, sequences=4) == pytest.approx(2 * drafted)
     assert target.key.role == "target" and target.key.tier == "fp16" and target.key.dtype == "torch.float32"
@@ -130,6 +133,34 @@ def test_long_passes_are_timed_once_so_the_budget_reaches_the_batched_ones(targe
     target = calibrate(SessionLM(target_model, added_ms_per_call=300.0), "target", "nf4", max_gamma=8,
                        context_lens=(16, 64), budget_s=4.5)
     assert [(r["tokens"], r["sequences"]) for r in target.rows][:3] == [(1, 1), (9, 1), (1, 4)]
+
+
+def test_what_drafting_costs_a_batched_pass_is_measured_before_the_rest_of_the_curve(target_model):
+    """Right after the curve's ends and the one-token batched pass, a batched pass scoring three tokens a
+    sequence, and its price per token beyond one a sequence is what load-aware γ charges a drafted token in a
+    shared pass. On an AVX2 EPYC the 22 s budget never reached the old batched row (γmax + 1 tokens, after the
+    small-γ points) at any tier, so drafting under load was priced on the single-sequence line: 84-370 ms a
+    token for an int8 pass of 8 sequences whose passes of 8 × 1 and 8 × 4 cost the same, and `adaptive` never
+    drafted where `fixed:1` was faster (docs/serving_log.md)."""
+    from speckv.calibration import Calibration
+
+    # every call 300 ms more: five measurements fit where the whole plan (14) does not
+    target = calibrate(SessionLM(target_model, added_ms_per_call=300.0), "target", "nf4", max_gamma=8,
+                       context_lens=(16, 64), budget_s=6.0, repeats=1)
+    assert not target.complete
+    assert [(r["tokens"], r["sequences"]) for r in target.rows][:4] == [(1, 1), (9, 1), (1, 4), (3, 4)]
+    # priced from the batched rows, not from the single line: a flat batched pass (as int8 on that EPYC) makes
+    # a drafted token in a shared pass nearly free, however dear it is alone
+    key = lambda role: CalibrationKey("cpu", "t", "m", role, "int8", "float32", "cpu")  # noqa: E731
+    rows = [{"kind": "verify", "context_len": 64, "tokens": t, "ms": ms, "sequences": n}
+            for t, n, ms in ((1, 1, 434.0), (9, 1, 1151.0), (1, 4, 893.0), (3, 4, 901.0))]
+    draft = Calibration(key("draft"), [{"kind": "draft", "context_len": 64, "tokens": 1, "ms": 77.0}])
+    cost = cost_model(draft, Calibration(key("target"), rows))
+    assert cost.batched_ms_per_token == pytest.approx(1.0)
+    assert cost.verify_ms(1, 64, sequences=8, other_tokens=7) - cost.verify_ms(0, 64, sequences=8, other_tokens=7) \
+        == pytest.approx(1.0)
+    alone = cost_model(draft, Calibration(key("target"), rows[:3]))  # without the row: the single line's 90 ms
+    assert alone.batched_ms_per_token is None and alone.verify_ms_per_token == pytest.approx((1151 - 434) / 8, rel=0.01)
 
 
 def test_the_budget_bounds_calibration_and_it_still_fits(draft_model, target_model):
