@@ -345,13 +345,12 @@ def _plan(role: str, max_gamma: int, context_lens: tuple[int, ...]) -> list[tupl
                 ("draft", first, 1, BATCH_PROBE), *(("draft", ctx, 1, 1) for ctx in others)]
     # the curve's ends, what one more sequence costs (what load costs: without it a batched pass is priced as
     # free sequences on the single line), what more tokens cost in a batched pass (what drafting costs under
-    # load: without it, priced on the single line, which on an AVX2 EPYC charged an int8 pass of 8 sequences
-    # 84-370 ms a drafted token where its passes of 8 × 1 and 8 × 4 cost the same), the curve's small-γ points
-    # (where CPU decisions fall), the rest of the curve, the batched pass at γmax
+    # load: without it, priced on the single line; docs/serving_log.md, twenty-fourth session), the curve's
+    # small-γ points (where CPU decisions fall), the rest of the curve, the batched pass at γmax
     ends = [("verify", first, g + 1, 1) for g in dict.fromkeys([0, max_gamma])]
     small = [("verify", first, g + 1, 1) for g in (1, 2) if g < max_gamma]
-    wide = [("verify", first, t, BATCH_PROBE) for t in dict.fromkeys([min(BATCH_PROBE_TOKENS, max_gamma + 1),
-                                                                        max_gamma + 1]) if t > 1]
+    wide_tokens = dict.fromkeys(t for t in (min(BATCH_PROBE_TOKENS, max_gamma + 1), max_gamma + 1) if t > 1)
+    wide = [("verify", first, t, BATCH_PROBE) for t in wide_tokens]
     plan = [*ends, ("verify", first, 1, BATCH_PROBE), *wide[:1], *small]
     plan += [("verify", first, g + 1, 1) for g in range(3, max_gamma)] + wide[1:]
     for ctx in others:
