@@ -41,6 +41,16 @@ As load rises, each drafted token costs more of what the pass could deliver and 
 the load drops. No batch-size table: both inputs are
 measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
+One run for the pass. Under load the requests of a pass decide from the same estimates: their tier's running
+mean of the predictor's rows (ModeEstimates.pass_row, fed by every decision), its acceptance calibration and its
+rate, not each its own; and optimism (below) does not apply, exploring being the probes'. So they choose one run
+and draft together (SmartSpec's batch-level γ, reached from per-request decisions), where each deciding from its
+own estimates drafted 0 beside 1 or 16 in one pass: a request drafting where the others do not holds them
+through its drafting passes and splits the verify pass (served int8 at 8 streams on an AVX2 EPYC: runs of 0, 1-3
+and 16 side by side, 54 of 398 steps in split passes, 0.93x `fixed:1`; simulated, GPU-like shape, 8 requests in a
+burst: 0.952 → 0.988 of the best fixed γ, scripts/decode_together.py). Alone, a
+request follows its own estimates (the text at hand). A request's own catch-up still decides whether it joins.
+
 The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
 tokens of every target-only step since it last drafted (speckv.policy.RequestProgress follows how much it
 lacks). Reading them is a prefill pass (CostModel.catch_up_ms, calibrated; waited for by the requests of its
@@ -57,9 +67,9 @@ to it, n the drafted tokens this request has seen (an upper-confidence-bound rul
 drafting wherever drafting could pay, and what it sees replaces the optimism as n grows. Optimism decides
 whether to draft, not how long: where the learned acceptance drafts, its γ* stands (runs priced at the
 optimistic acceptance were 14-16 tokens where 5 paid). Where drafting cannot pay even if every token were
-accepted, optimism changes nothing (the probes above are all the drafting there). Nor does it buy a catch-up
-that other requests wait through (a pass of several, or shared cores): exploring there costs the whole reading
-for every one of them, and is the probes' to do.
+accepted, optimism changes nothing (the probes above are all the drafting there). Nor does it apply in a pass
+of several, or buy a catch-up that other requests wait through on shared cores: exploring there costs every one
+of them, and is the probes' to do.
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight (served: the target is a
@@ -125,7 +135,9 @@ class AdaptivePolicy:
         # (step, prev accepted) -> (row's logits, conditional, catch-up ms, the run `_best` picks or None)
         self._table: dict[tuple[int, int], tuple[list[float], list[float], float, int | None]] = {}
         self._prior: list[float] = []  # `conditional` of the row the last choice used (observe learns from it)
-        self._queue: list[tuple[StepOutcome, list[float]]] = []  # (outcome, its prior) not yet folded in
+        self._logits: list[float] = []  # the row's logits, likewise (its tier's running mean learns from it)
+        # (outcome, its prior, its logits) not yet folded in
+        self._queue: list[tuple[StepOutcome, list[float], list[float]]] = []
         self._overlapped = False  # `prepare` is called (the engine overlaps it with verification)
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
         self._priced = False  # `_refresh` runs first at its first decision, with the load as it is then
@@ -162,7 +174,10 @@ class AdaptivePolicy:
 
     def _fold_in(self) -> None:
         """Fold the queued outcomes into the estimates; then recompute what depends on them."""
-        for outcome, prior in self._queue:
+        rows = self.estimates.tier.mode(self.estimates.greedy)
+        for outcome, prior, logits in self._queue:
+            if logits:
+                rows.observe_row(logits)
             if outcome.gamma and prior:  # each drafted token's acceptance event, until a rejection
                 seen = min(outcome.accepted + 1, outcome.gamma, len(prior))
                 tokens, weights = outcome.tokens, self.predictor.token_weights
@@ -213,7 +228,9 @@ class AdaptivePolicy:
         else:
             self._extra_lone = self._extra_unshared = self._extra_together = None
         self._price0 = float(price[0])
-        rate = (self.estimates.rate.value or self.estimates.tier.mode(self.estimates.greedy).rate.value
+        tier_rate = self.estimates.tier.mode(self.estimates.greedy).rate.value
+        # in a pass, the pass's rate (the tier's): every request of it prices a millisecond the same
+        rate = ((tier_rate if sequences > 1 else None) or self.estimates.rate.value or tier_rate
                 or self._prior_rate)
         # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
         self._rate = max(rate, 1.0 / float(price[0])) if rate else None
@@ -261,6 +278,7 @@ class AdaptivePolicy:
         else:
             logits, self._prior = self._row(context)
             catch_up, best = self._catch_up_ms(context.draft_behind), None
+        self._logits = logits
         if best is None:
             best = self._best(logits, catch_up, context.remaining)
         gamma = self._commit(best, catch_up)
@@ -301,12 +319,19 @@ class AdaptivePolicy:
         itself picks γmax. Long optimistic runs opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each
         ~10% of a pass) where the learned estimate picked 5. Pure but for the first call, which sets the prior
         rate (from the learned acceptance: the rate the request may reach, not an optimistic one).
-        Optimism does not buy a catch-up that others wait through (module docstring): eight nf4 requests started
+        In a pass it decides from its tier's row, calibration and rate, and without optimism ("One run for the
+        pass", module docstring). Optimism does not buy a catch-up that others wait through: eight nf4 requests started
         together (AVX2 EPYC, in-process), the learned acceptance drafted none, the optimistic one five, their
         drafts read their prompts (5 s the eight waited through) and two to four steps later all five stopped
         (0.94x `none`)."""
         learned = self.estimates.acceptance  # its events are the drafted tokens seen (none with learning off)
-        logits = [learned.logit(z) for z in logits]
+        in_a_pass = self._extra_together is not None
+        if in_a_pass:  # one run for the pass: its requests decide from the tier's row and calibration (docstring)
+            mode = self.estimates.tier.mode(self.estimates.greedy)
+            row = mode.pass_row if mode.pass_row is not None and len(mode.pass_row) == len(logits) else logits
+            logits = [mode.acceptance.logit(z) for z in row]
+        else:
+            logits = [learned.logit(z) for z in logits]
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, 0.0, self._extra_leading, self._price0)
             self._refresh()
@@ -314,8 +339,8 @@ class AdaptivePolicy:
         best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
             return self.run_cap if best == len(logits) else best
-        if catch_up_ms and self._catch_up_shared:
-            return 0  # optimism does not buy a catch-up that others wait through (docstring)
+        if in_a_pass or (catch_up_ms and self._catch_up_shared):
+            return 0  # optimism does not buy drafting that others wait through (docstring)
         return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra)
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
@@ -392,7 +417,7 @@ class AdaptivePolicy:
 
     def observe(self, outcome: StepOutcome) -> None:
         """Queue the step's outcome (with the prior its choice used); it is folded in off the critical path."""
-        self._queue.append((outcome, self._prior))
+        self._queue.append((outcome, self._prior, self._logits))
 
     def report(self) -> dict:
         """This request's current estimates (the response's `speculation.estimates`)."""

@@ -32,6 +32,7 @@ Z_LIMIT = 8.0  # predicted log-odds beyond this are taken as this (a probability
 # starts from its tier's estimate and follows its text (nf4 at t = 0.7 drafts ~200 tokens in 8 requests of 32)
 TIER_PRIOR, TIER_MEMORY = (10.0, 5.0), 500.0
 REQUEST_PRIOR, REQUEST_MEMORY = (30.0, 3.0), 50.0
+PASS_ROW_WEIGHT = 0.05  # a request's row in its tier's running mean (`ModeEstimates.pass_row`): ~20 rows, 2-3 passes
 
 
 @dataclass
@@ -114,6 +115,17 @@ class ModeEstimates:
     acceptance: LogitCalibration = field(default_factory=lambda: LogitCalibration(TIER_PRIOR, TIER_MEMORY))
     token_acceptance: LogitCalibration = field(default_factory=lambda: LogitCalibration(TIER_PRIOR, TIER_MEMORY))
     rate: RunningRate = field(default_factory=lambda: RunningRate(decay=0.98))
+    # the acceptance predictor's log-odds by position ([γmax]) for the tier's requests' recent steps, a running mean
+    # of the rows their decisions used: under load the requests of a pass decide from it (speckv.adaptive, "One
+    # run for the pass"), so they agree; None until a row is seen
+    pass_row: list[float] | None = None
+
+    def observe_row(self, logits: list[float]) -> None:
+        """A decision's row (the predictor's log-odds, uncalibrated) into the running mean."""
+        if self.pass_row is None or len(self.pass_row) != len(logits):
+            self.pass_row = list(logits)
+        else:
+            self.pass_row = [m + PASS_ROW_WEIGHT * (z - m) for m, z in zip(self.pass_row, logits)]
 
 
 @dataclass
