@@ -98,9 +98,9 @@ def test_where_drafting_together_does_not_pay_no_request_leads_the_pass_into_dra
 
 def test_where_drafting_together_pays_requests_draft_together():
     """The same eight requests on the GPU-like shape, where drafting together pays (fixed γ 1-2 1.16-1.27x
-    `none`): they draft together, at least 1.1x `none` over three seeds. (Not yet as fast as the best fixed γ:
-    0.95x over 20 seeds, docs/SERVING.md.) One burst is chaotic: which requests draft first sets who follows,
-    and a seed's ratio moves by ±8% with any change to a first step's price, so the bar is on the mean."""
+    `none`): they draft together, at least 1.1x `none` over three seeds (0.988x the best fixed γ over 20 seeds,
+    docs/SERVING.md). One burst is chaotic (a seed's ratio moved by ±8% with any change to a first step's price
+    while each request decided from its own estimates), so the bar is on the mean."""
     ratios = []
     for seed in range(3):
         acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(8)]
