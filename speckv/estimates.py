@@ -127,6 +127,11 @@ class ModeEstimates:
         else:
             self.pass_row = [m + PASS_ROW_WEIGHT * (z - m) for m, z in zip(self.pass_row, logits)]
 
+    def pass_acceptance(self) -> list[float]:
+        """What a pass decides from: each drafted position's acceptance given the ones before it ([γmax]; [] before
+        any row), the running row under the tier's calibration."""
+        return [_sigmoid(self.acceptance.logit(z)) for z in self.pass_row or []]
+
 
 @dataclass
 class TierEstimates:
@@ -178,7 +183,7 @@ class TierEstimates:
         """Current estimates, for /metrics and the response's `speculation` object."""
         return {"cost": self.cost.to_dict(), "load": self.load_dict(),
                 **{name: {**_calibrations(m.acceptance, m.token_acceptance),
-                          "tokens_per_s": (m.rate.value or 0.0) * 1e3}
+                          "tokens_per_s": (m.rate.value or 0.0) * 1e3, "pass_acceptance": m.pass_acceptance()}
                    for name, m in (("greedy", self.greedy), ("sampled", self.sampled))}}
 
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from speckv.estimates import TIER_MEMORY, TIER_PRIOR, LogitCalibration
+from speckv.cost_model import CostModel
+from speckv.estimates import TIER_MEMORY, TIER_PRIOR, LogitCalibration, TierEstimates
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -72,3 +73,18 @@ def test_another_predictor_starts_the_calibrations_again():
     assert (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept) == learned
     tier.calibrate_for(predictor_with_acceptance(-12.0))
     assert (tier.sampled.acceptance.slope, tier.sampled.acceptance.intercept) == (1.0, 0.0)
+
+
+def test_a_tiers_pass_row_follows_its_requests_recent_rows_and_is_shown():
+    """The row a pass decides from (speckv.adaptive, "One run for the pass") is a running mean of the rows its
+    requests' decisions used: it moves to what they see now, and /metrics shows it under the tier's calibration."""
+    estimates = TierEstimates.calibrated(CostModel(10.0, 20.0, 1.0))
+    assert estimates.to_dict()["greedy"]["pass_acceptance"] == []
+    mode = estimates.mode(True)
+    mode.observe_row([2.0, 2.0])
+    assert mode.pass_row == [2.0, 2.0]
+    for _ in range(100):
+        mode.observe_row([-1.0, 0.0])
+    assert mode.pass_row == pytest.approx([-1.0, 0.0], abs=0.05)
+    shown = estimates.to_dict()["greedy"]["pass_acceptance"]
+    assert shown == pytest.approx([1 / (1 + math.exp(1.0)), 0.5], abs=0.02)
