@@ -47,8 +47,9 @@ rate, not each its own; and optimism (below) does not apply, exploring being the
 and draft together (SmartSpec's batch-level γ, reached from per-request decisions), where each deciding from its
 own estimates drafted 0 beside 1 or 16 in one pass: a request drafting where the others do not holds them
 through its drafting passes and splits the verify pass (served int8 at 8 streams on an AVX2 EPYC: runs of 0, 1-3
-and 16 side by side, 54 of 398 steps in split passes, 0.93x `fixed:1`; simulated, GPU-like shape, 8 requests in a
-burst: 0.952 → 0.988 of the best fixed γ, scripts/decode_together.py). Alone, a
+and 16 side by side, 0.93x `fixed:1`; simulated, GPU-like shape, 8 requests in a burst: 0.952 → 0.988 of the best
+fixed γ, scripts/decode_together.py; served since, level or not shown either way within this machine's drift,
+docs/serving_log.md, twenty-fifth session). Alone, a
 request follows its own estimates (the text at hand). A request's own catch-up still decides whether it joins.
 
 The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
