@@ -154,10 +154,11 @@ class AdaptivePolicy:
         self._fold_in()
         if contexts:
             rows = self._rows(np.array([features(c, self.tier) for c in contexts]))
+            pass_logits = self._pass_logits()  # the same for every context
             self._table = {}
             for c, (logits, cond) in zip(contexts, rows):
                 catch_up = self._catch_up_ms(c.draft_behind)
-                best = self._best(logits, catch_up, c.remaining) if self._rate is not None else None
+                best = self._best(logits, catch_up, c.remaining, pass_logits) if self._rate is not None else None
                 self._table[(c.step, c.prev_accepted)] = (logits, cond, catch_up, best)
 
     def _rows(self, x: np.ndarray) -> list[tuple[list[float], list[float]]]:
@@ -175,10 +176,9 @@ class AdaptivePolicy:
 
     def _fold_in(self) -> None:
         """Fold the queued outcomes into the estimates; then recompute what depends on them."""
-        rows = self.estimates.tier.mode(self.estimates.greedy)
         for outcome, prior, logits in self._queue:
             if logits:
-                rows.observe_row(logits)
+                self.estimates.shared.observe_row(logits)
             if outcome.gamma and prior:  # each drafted token's acceptance event, until a rejection
                 seen = min(outcome.accepted + 1, outcome.gamma, len(prior))
                 tokens, weights = outcome.tokens, self.predictor.token_weights
@@ -229,10 +229,9 @@ class AdaptivePolicy:
         else:
             self._extra_lone = self._extra_unshared = self._extra_together = None
         self._price0 = float(price[0])
-        tier_rate = self.estimates.tier.mode(self.estimates.greedy).rate.value
+        own, tier_rate = self.estimates.rate.value, self.estimates.shared.rate.value
         # in a pass, the pass's rate (the tier's): every request of it prices a millisecond the same
-        rate = ((tier_rate if sequences > 1 else None) or self.estimates.rate.value or tier_rate
-                or self._prior_rate)
+        rate = ((tier_rate or own) if sequences > 1 else (own or tier_rate)) or self._prior_rate
         # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
         self._rate = max(rate, 1.0 / float(price[0])) if rate else None
         # a probe is one token drafted along with the others' runs where they draft, else a drafting pass of its
@@ -313,7 +312,16 @@ class AdaptivePolicy:
         draft runs apart), waited for by every request in the pass."""
         return self._catch_up_per_token * (behind - CAUGHT_UP) if behind > CAUGHT_UP else 0.0
 
-    def _best(self, logits: list[float], catch_up_ms: float = 0.0, remaining: int | None = None) -> int:
+    def _pass_logits(self) -> list[float]:
+        """In a pass of several, what its requests decide from: the tier's row under the tier's calibration ("One
+        run for the pass"); [] alone or before any row."""
+        mode = self.estimates.shared
+        if self._extra_together is None or mode.pass_row is None:
+            return []
+        return [mode.acceptance.logit(z) for z in mode.pass_row]
+
+    def _best(self, logits: list[float], catch_up_ms: float = 0.0, remaining: int | None = None,
+              pass_logits: list[float] | None = None) -> int:
         """The run to draft (0 = none): γ* of the learned acceptance (`_gain_argmax`), and where that is 0, γ*
         of the optimistic one (module docstring: it tries drafting wherever drafting could pay). Optimism
         decides whether to draft, never how long: the run cap beyond γmax only where the learned acceptance
@@ -324,13 +332,13 @@ class AdaptivePolicy:
         pass", module docstring). Optimism does not buy a catch-up that others wait through: eight nf4 requests started
         together (AVX2 EPYC, in-process), the learned acceptance drafted none, the optimistic one five, their
         drafts read their prompts (5 s the eight waited through) and two to four steps later all five stopped
-        (0.94x `none`)."""
+        (0.94x `none`). `pass_logits`: `_pass_logits()` where the caller has it (None: computed here)."""
         learned = self.estimates.acceptance  # its events are the drafted tokens seen (none with learning off)
         in_a_pass = self._extra_together is not None
         if in_a_pass:  # one run for the pass: its requests decide from the tier's row and calibration (docstring)
-            mode = self.estimates.tier.mode(self.estimates.greedy)
-            row = mode.pass_row if mode.pass_row is not None and len(mode.pass_row) == len(logits) else logits
-            logits = [mode.acceptance.logit(z) for z in row]
+            shared = self._pass_logits() if pass_logits is None else pass_logits
+            logits = (shared if len(shared) == len(logits)
+                      else [self.estimates.shared.acceptance.logit(z) for z in logits])
         else:
             logits = [learned.logit(z) for z in logits]
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior

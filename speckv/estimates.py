@@ -196,9 +196,10 @@ class RequestEstimates:
     acceptance: LogitCalibration = field(init=False)
     token_acceptance: LogitCalibration = field(init=False)
     rate: RunningRate = field(init=False)
+    shared: ModeEstimates = field(init=False, repr=False)  # its tier's, in its sampling mode
 
     def __post_init__(self) -> None:
-        shared = self.tier.mode(self.greedy)
+        self.shared = shared = self.tier.mode(self.greedy)
         self.acceptance = shared.acceptance.fork(REQUEST_PRIOR, REQUEST_MEMORY)
         self.token_acceptance = shared.token_acceptance.fork(REQUEST_PRIOR, REQUEST_MEMORY)
         self.rate = RunningRate(decay=0.85, tokens=shared.rate.tokens * 0.1, ms=shared.rate.ms * 0.1)
@@ -209,7 +210,7 @@ class RequestEstimates:
         the token model did (`token_predicted`; None where there is none), and whether it was accepted."""
         if not self.tier.learn_acceptance:
             return
-        shared = self.tier.mode(self.greedy)
+        shared = self.shared
         self.acceptance.observe(predicted, outcomes)
         shared.acceptance.observe(predicted, outcomes)
         if token_predicted:
@@ -225,7 +226,7 @@ class RequestEstimates:
         self.tier.load.observe(t.batch_size, t.batch_tokens or gamma + 1, t.others_deepest)
         ms = t.draft_ms + t.verify_ms - t.draft_waited_ms - t.verify_waited_ms  # its passes, not waits for others'
         self.rate.observe(t.emitted, ms)
-        self.tier.mode(self.greedy).rate.observe(t.emitted, ms)
+        self.shared.rate.observe(t.emitted, ms)
 
     def to_dict(self) -> dict:
         return {**_calibrations(self.acceptance, self.token_acceptance), "tokens_per_s": (self.rate.value or 0.0) * 1e3,
