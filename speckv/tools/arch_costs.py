@@ -8,12 +8,20 @@ loads), the live loop's step times at each γ against it, and the time `adaptive
 GPU steps. Acceptance is meaningless with random weights (the draft and target disagree), so no speed-up is
 measured here; the calibrated cost model is replayed over real traces elsewhere (speckv.tools.shapes).
 
+`--loads 1,2,4,8,16` adds requests decoding together in the engine's batched passes (speckv.batching) at each
+load: aggregate tokens/s per policy and each verify pass's time by sequences and γ beside what the calibrated
+cost model predicts for it (whether the calibration's batched terms hold on this device). `none`'s tokens/s
+there is real whatever the weights; a drafting policy's is not (nothing is accepted).
+
 Usage: python -m speckv.tools.arch_costs DRAFT_CONFIG TARGET_CONFIG TOKENIZER_DIR OUT_JSON [--device cuda]
+       [--loads 1,2,4,8,16] [--exactness]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -63,6 +71,46 @@ def live_steps(engine, prompt_ids: list[int], policy: str, tokens: int) -> dict:
                          for g, v in sorted(by_gamma.items())}}
 
 
+def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: list[str], tokens: int) -> list[dict]:
+    """At each load, that many requests (contexts a few tokens apart, no end-of-sequence stop) decoding together
+    through batched passes, per policy: aggregate tokens/s, mean γ and sequences a pass, and the verify passes'
+    compute time by (sequences, γ) beside the calibrated cost model's prediction for a pass of that shape."""
+    from ..batching import BatchSettings
+    from ..estimates import TierEstimates
+
+    calibrated = engine.estimates.cost.base
+    single_s = float(calibrated.verify_ms(0)) / 1e3
+    batched = dataclasses.replace(engine, batching=BatchSettings(max(loads), 0.0, 0.0, single_s))
+    rows = []
+    for load in loads:
+        def requests() -> list:  # fresh ones each run: a request's id names its sessions, closed at its end
+            return [dataclasses.replace(batched.request(prompt_ids[: len(prompt_ids) - 3 * i], tokens),
+                                        eos_token_ids=()) for i in range(load)]
+
+        asyncio.run(batched.generate_many(requests(), "none"))  # warm-up: this pass shape's kernels
+        for policy in policies:
+            batched.estimates = TierEstimates.calibrated(calibrated)  # each run starts from the calibration
+            start = time.perf_counter()
+            results = asyncio.run(batched.generate_many(requests(), policy))
+            seconds = time.perf_counter() - start
+            records = [r for result in results for r in result.records[1:]]  # the first step reads the prompt
+            passes: dict[tuple[int, int], list[float]] = {}
+            for r in records:
+                passes.setdefault((r.batch_size, r.gamma), []).append(r.verify_compute_ms)
+            row = {"load": load, "policy": policy, "seconds": seconds,
+                   "tokens_per_s": sum(r.new_tokens for r in results) / seconds,
+                   "mean_gamma": statistics.mean(r.gamma for r in records),
+                   "sequences_per_pass": statistics.mean(r.batch_size for r in records),
+                   "verify_passes": [{"sequences": s, "gamma": g, "steps": len(v),
+                                      "compute_ms": statistics.median(v),
+                                      "predicted_ms": float(calibrated.verify_ms(g, len(prompt_ids), s,
+                                                                                (s - 1) * (g + 1)))}
+                                     for (s, g), v in sorted(passes.items())]}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "verify_passes"}), flush=True)
+    return rows
+
+
 def main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
@@ -78,6 +126,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tier", default="fp16", choices=["fp16", "int8", "nf4"])
     parser.add_argument("--budget-s", type=float, default=30.0)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--loads", default="", help="requests decoding together, e.g. 1,2,4,8,16 (none: skipped)")
+    parser.add_argument("--load-policies", default="none,fixed:1,fixed:3,adaptive")
     parser.add_argument("--exactness", action="store_true",
                         help="instead: in float32, greedy outputs of none, fixed:3 and adaptive must be identical")
     args = parser.parse_args(argv)
@@ -105,30 +155,55 @@ def main(argv: list[str]) -> int:
         doc["live"].append(live_steps(engine, prompt, policy, args.tokens))
         print(json.dumps(doc["live"][-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    args.out.write_text(json.dumps(doc, indent=1))  # kept if the loads below do not finish
+    if args.loads:
+        doc["loads"] = batched_loads(engine, prompt, [int(x) for x in args.loads.split(",")],
+                                     args.load_policies.split(","), args.tokens)
+        args.out.write_text(json.dumps(doc, indent=1))
     return 0
 
 
 def exactness(args: argparse.Namespace) -> int:
     """Greedy outputs in float32 on the device: speculation must not change a token (random weights serve as
-    well as trained ones for this)."""
+    well as trained ones for this), one request alone and requests of different lengths joining and leaving
+    batched passes; with the draft's own weights (nothing accepted) and with the target's (all accepted)."""
     from transformers import AutoTokenizer
 
+    from ..batching import BatchSettings
     from ..cost_model import CostModel
     from ..estimates import TierEstimates
     from ..local import LocalEngine
 
-    engine = LocalEngine(random_model(args.draft_config, torch.float32, args.device),
-                         random_model(args.target_config, torch.float32, args.device),
-                         AutoTokenizer.from_pretrained(args.tokenizer), "fp16",
-                         estimates=TierEstimates.calibrated(CostModel(1.0, 10.0, 0.1)))  # adaptive drafts
-    prompt = engine.tokenizer.encode("def fibonacci(n):\n")
-    outputs = {p: engine.generate(prompt, p, args.tokens).token_ids for p in ("none", "fixed:3", "adaptive")}
-    same = all(o == outputs["none"] for o in outputs.values())
-    doc = {"device": args.device, "tokens": args.tokens, "identical": same, "outputs": outputs}
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    target = random_model(args.target_config, torch.float32, args.device)
+    prompt = tokenizer.encode("def fibonacci(n):\n")
+    texts = ["def fibonacci(n):\n", "Translate to French: the cat sleeps.", "SELECT name FROM users WHERE",
+             "Once upon a time, in a village by the sea, there lived"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    doc: dict = {"device": args.device, "tokens": args.tokens, "drafts": {}}
+    for draft_name, draft_config in (("own", args.draft_config), ("target's", args.target_config)):
+        engine = LocalEngine(random_model(draft_config, torch.float32, args.device), target, tokenizer, "fp16",
+                             estimates=TierEstimates.calibrated(CostModel(1.0, 10.0, 0.1)))  # adaptive drafts
+        outputs = {p: engine.generate(prompt, p, args.tokens).token_ids for p in ("none", "fixed:3", "adaptive")}
+        alone = [engine.generate(p, "none", args.tokens - 4 * i).token_ids for i, p in enumerate(prompts)]
+        batched = dataclasses.replace(engine, batching=BatchSettings(len(prompts), 0.0, 0.0, 0.05))
+        together = {}
+        for policy in ("fixed:3", "adaptive"):  # the later requests join while the first ones decode
+            requests = [batched.request(p, args.tokens - 4 * i) for i, p in enumerate(prompts)]
+            results = asyncio.run(batched.generate_many(requests, policy, [0.0, 0.0, 0.02, 0.05]))
+            together[policy] = [r.token_ids for r in results]
+        doc["drafts"][draft_name] = {
+            "alone_identical": all(o == outputs["none"] for o in outputs.values()),
+            "batched_identical": all(t == alone for t in together.values()),
+            "outputs": outputs, "alone": alone, "batched": together}
+        print(f"float32 greedy, draft with the {draft_name} weights: none / fixed:3 / adaptive identical over "
+              f"{args.tokens} tokens: {doc['drafts'][draft_name]['alone_identical']}; {len(prompts)} requests "
+              f"joining batched passes identical to each alone: {doc['drafts'][draft_name]['batched_identical']}",
+              flush=True)
+    same = all(d["alone_identical"] and d["batched_identical"] for d in doc["drafts"].values())
+    doc["identical"] = same
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc))
-    print(f"float32 greedy, none / fixed:3 / adaptive identical over {args.tokens} tokens: {same}", flush=True)
     return 0 if same else 1
 
 

@@ -15,14 +15,22 @@ def test_measures_a_pair_from_its_configs_and_checks_exactness(tmp_path, monkeyp
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path / "home"))  # calibrations of this test's own
     out = tmp_path / "costs.json"
     common = [f"{draft}/config.json", f"{target}/config.json", target]
-    assert main([*common, str(out), "--device", "cpu", "--dtype", "float32", "--budget-s", "2", "--tokens", "12"]) == 0
+    assert main([*common, str(out), "--device", "cpu", "--dtype", "float32", "--budget-s", "2", "--tokens", "12",
+                 "--loads", "1,3", "--load-policies", "none,fixed:2"]) == 0
     doc = json.loads(out.read_text())
     assert doc["cost_model"]["verify_ms_base"] > 0 and doc["cost_model"]["draft_ms_per_token"] > 0
     live = {r["policy"]: r for r in doc["live"]}
     assert set(live) == {"none", "fixed:1", "fixed:4", "fixed:8", "adaptive"}
     assert set(live["none"]["by_gamma"]) == {"0"} and "4" in live["fixed:4"]["by_gamma"]
+    loads = {(r["load"], r["policy"]): r for r in doc["loads"]}
+    assert set(loads) == {(1, "none"), (3, "none"), (1, "fixed:2"), (3, "fixed:2")}
+    assert loads[(3, "none")]["sequences_per_pass"] > 2  # the three requests shared their passes
+    assert {(p["sequences"], p["gamma"]) for p in loads[(3, "fixed:2")]["verify_passes"]} >= {(3, 2)}
+    assert all(p["predicted_ms"] > 0 for r in doc["loads"] for p in r["verify_passes"])
     assert main([*common, str(tmp_path / "exact.json"), "--device", "cpu", "--tokens", "16", "--exactness"]) == 0
-    assert json.loads((tmp_path / "exact.json").read_text())["identical"]
+    exact = json.loads((tmp_path / "exact.json").read_text())
+    assert exact["identical"] and set(exact["drafts"]) == {"own", "target's"}
+    assert all(len(d["batched"]["fixed:3"]) == 4 for d in exact["drafts"].values())
 
 
 def test_cuda_loses_cudnn_attention_and_nothing_else_changes(monkeypatch):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check where the pair's weights cannot travel (a lent device machine: no network, 64 MiB upload), in
+# under 8 minutes: the architecture of the embedded pair with random weights (speckv.tools.arch_costs) at fp16,
+# with requests decoding together in batched passes at loads 1-16 (issue 14: what a batched pass costs on a
+# GPU, and whether the calibration's batched terms predict it); float32 exactness, alone and batched; then
+# int8 and nf4 through bitsandbytes' CUDA kernels, each bounded, with Python's stacks dumped if one stalls.
+#
+# Needs in .gpu/ (ignored by git; named in the device tool's `carry`): draft/ and target/ (config.json and
+# generation_config.json of each model), tok/ (the tokenizer files; tokenizer.json may be gzipped to fit the
+# upload), and optionally site/ (an unpacked bitsandbytes, where the machine has none) and wheels/ (the pinned
+# transformers, where the machine has another; used only if it imports there). docs/RESULTS.md ("On a GPU")
+# says how they are made.
+# Run from the repository root: `bash scripts/gpu_arch_check.sh` (OUT: where results go; DEVICE: cuda).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/gpu}
+DEVICE=${DEVICE:-cuda}
+G=${GPU_FILES:-.gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a stage stopped by SIGABRT prints where it was
+exec > >(tee "$OUT/log.txt") 2>&1
+[ -f "$G/tok/tokenizer.json.gz" ] && gunzip -kf "$G/tok/tokenizer.json.gz"
+[ -d "$G/site" ] && export PYTHONPATH="$PWD/$G/site${PYTHONPATH:+:$PYTHONPATH}"
+if ls "$G"/wheels/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/gpu_wheels "$G"/wheels/*.whl && PYTHONPATH="/tmp/gpu_wheels:${PYTHONPATH:-}" python3 -c \
+    "import transformers.models.qwen2.modeling_qwen2"; then
+  export PYTHONPATH="/tmp/gpu_wheels:${PYTHONPATH:-}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || true
+arch=(python3 -m speckv.tools.arch_costs "$G/draft/config.json" "$G/target/config.json" "$G/tok")
+stage() { local limit=$1; shift; echo "=== $* ($(date +%T), at most ${limit} s)"; timeout -s ABRT "$limit" "$@"
+          echo "=== exit $? ($(date +%T))"; }
+stage "${FP16_S:-200}" "${arch[@]}" "$OUT/arch_fp16.json" --device "$DEVICE" --dtype float16 \
+  --loads 1,2,4,8,16 --tokens 64
+stage "${EXACT_S:-80}" "${arch[@]}" "$OUT/exactness.json" --device "$DEVICE" --tokens 48 --exactness
+for tier in nf4 int8; do
+  stage "${QUANT_S:-100}" "${arch[@]}" "$OUT/arch_$tier.json" --device "$DEVICE" --tier "$tier" --loads 1,8 \
+    --tokens 32 --load-policies none,fixed:2
+done
+sleep 1  # tee writes the last lines
