@@ -13,6 +13,13 @@ Each cell is then summarised over its seeds: adaptive's mean tokens/s over that 
 so the per-seed ratios alone understate adaptive where the fixed γs are close.
 
     python scripts/decode_together.py --out docs/results/decode_together.json
+    python scripts/decode_together.py --shapes h200-fp16,h200-nf4 \
+        --measured h200-fp16=docs/results/gpu/h200_batched/arch_fp16.json \
+        --measured h200-nf4=docs/results/gpu/h200_batched/arch_nf4.json \
+        --out docs/results/gpu/h200_batched/decode_together_h200.json
+
+`--measured NAME=PATH` adds a shape read from a calibrated cost model (`cost_model` of speckv.tools.arch_costs'
+output, or a CostModel's dict); `--shapes` picks which shapes run (default: the built-in ones).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import argparse
 import json
 import random
 import statistics
+from pathlib import Path
 
 from speckv.adaptive import AdaptivePolicy
+from speckv.cost_model import CostModel
 from speckv.predictor import shipped_predictor
 from speckv.tools.replay import fixed
 from speckv.tools.shapes import AMX_FP16_BATCHED, GPU_BATCHED, decode_together, token_acceptance_predictor
@@ -35,13 +44,27 @@ def main() -> None:
     parser.add_argument("--loads", default="1,4,8,16")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--measured", action="append", default=[], metavar="NAME=PATH",
+                        help="a shape from a measured cost model (JSON with `cost_model`, or the model's dict)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names to run")
     args = parser.parse_args()
+    shapes = dict(SHAPES)
+    for item in args.measured:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            parser.error(f"--measured wants NAME=PATH, got {item!r}")
+        doc = json.loads(Path(path).read_text())
+        shapes[name] = CostModel.from_dict(doc.get("cost_model", doc))
+    unknown = set(args.shapes.split(",")) - set(shapes)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; known: {sorted(shapes)}")
+    shapes = {name: shapes[name] for name in args.shapes.split(",")}
     predictor = token_acceptance_predictor(shipped_predictor(), 0.7)
     policies = {"none": lambda e: fixed(0), **{f"fixed:{g}": (lambda e, g=g: fixed(g)) for g in range(1, 5)},
                 "adaptive": lambda e: AdaptivePolicy(predictor, "fp16", e)}
     rows = []
     workloads = {"burst": {}, "steady": {"requests": 4, "steady": True}}
-    for (shape_name, shape), (workload, kwargs) in ((s, w) for s in SHAPES.items() for w in workloads.items()):
+    for (shape_name, shape), (workload, kwargs) in ((s, w) for s in shapes.items() for w in workloads.items()):
         for load in (int(x) for x in args.loads.split(",")):
             for seed in range(args.seeds):
                 acceptance = [random.Random(10 * seed + i).uniform(0.5, 0.9) for i in range(load)]
