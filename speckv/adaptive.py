@@ -25,8 +25,9 @@ so it is priced for each of them too: the decision maximises the goodput of the 
 over its time), not the request's own. Its drafted positions are priced as shared with the others' only up
 to the longest run the others of the pass draft (PassLoad.others_deepest_run, from the verifications) and only
 where the whole pass drafting together would pay at all, and one beyond it where the whole pass drafting that
-much together would (a lead: then the others follow, and runs grow together a position a step; a lead that
-nobody follows for LEAD_PATIENCE steps ends; `_shared_prices`): beyond, the pass waits for its drafting passes
+much together would, each at its share of the pass drafting together (the others decide alike and join, and
+runs grow together a position a step; a run that nobody joins for LEAD_PATIENCE steps ends; `_shared_prices`):
+beyond, the pass waits for its drafting passes
 alone (the verify pass regroups, speckv.batching), each a whole pass for every request waiting
 (LiveCost._positions_ms; nf4 at 8 streams on an AVX2 EPYC, lone runs of 7-16 tokens held every request's step;
 fp16 at 8 requests on an AMX Xeon, lone one-token runs where drafting together did not pay). The within-run
@@ -217,7 +218,6 @@ class AdaptivePolicy:
         # its passes there are no others to lead, and the lead is granted without pricing the lone runs
         extra = extra_ms(deepest + 1)
         self._extra_leading = extra.tolist()
-        self._deepest = deepest
         if sequences > 1:
             self._extra_lone = extra_ms(deepest).tolist()
             self._extra_unshared = extra_ms(0).tolist() if deepest else self._extra_lone
@@ -226,6 +226,9 @@ class AdaptivePolicy:
                         + np.asarray(cost.verify_ms(sequences * self._gammas, 0, sequences, sequences - 1)))
             self._extra_together = ((together[1:] - together[0]) * max(self.estimates.tier.sharing, sequences)
                                     / sequences).tolist()  # per request: every one drafts γ, all wait
+            # runs grow together a position a step: up to one beyond the others' longest run at the pass's price,
+            # further as drafted alone
+            self._extra_growing = self._extra_together[:deepest + 1] + self._extra_lone[deepest + 1:]
         else:
             self._extra_lone = self._extra_unshared = self._extra_together = None
         self._price0 = float(price[0])
@@ -353,32 +356,31 @@ class AdaptivePolicy:
         return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra)
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
-        """[γmax] what drafting γ costs, by how many positions are priced as drafted along with the others of
-        the pass: decided by the run that every request of the pass drafting together would pick (this request's
-        acceptance standing for theirs, `_extra_together`).
-        - Beyond the others' longest run: one more position (the lead) where drafting together goes further.
-          Granted everywhere, a request whose pass did not draft priced its first position as shared, drafted
-          it, and held the whole pass through a drafting pass of its own where drafting together did not pay
-          (fp16 on an AMX Xeon, 8 requests: γ = 1 on 90 of 141 steps, 0.79x `none`); never granted, nobody
-          starts where drafting together would pay (tests/test_adaptive.py).
-          The lead is a bet that the others follow: after LEAD_PATIENCE drafting steps in passes where no other
-          sequence drafted, nothing is priced as shared until another sequence of its pass drafts (its own
-          verifications say so; the tier's running "others' longest run" counts its own lone runs, as the others
-          saw them). The others may not follow for reasons its check cannot see (their drafts must first read
-          what they lack; their policy is not `adaptive`): the AMX Xeon's fp16 shape, 8 requests in a steady
-          load, one request at a time drafting alone for 8-14 steps while the others waited for its drafting
-          passes (0.93x `none`).
-        - Up to it: where drafting together pays at all. Where it does not, nothing is priced as shared: the
-          others' drafting is then a probe or a lead that stops, and each request joining it because riding
-          along costs little at the margin made a state, everyone drafting, slower than none."""
-        if self._extra_together is None:  # alone in its passes: nothing to share, nobody to lead
+        """[γmax] what drafting γ costs, in a pass of several: the run that every request of the pass drafting
+        together would pick (this request's acceptance standing for theirs, `_extra_together`) decides.
+        - Where drafting together pays, each request pays its share of the pass drafting together for the
+          positions up to one beyond the others' longest run (`_extra_growing`): the requests of a pass decide
+          from the same estimates ("One run for the pass"), so they start in the same step and their runs grow
+          together a position a step; positions further out are priced as drafted alone. Priced as a lead
+          instead (its own wait for the whole drafting pass plus what it adds to the others', as if they had not
+          joined), drafting together never started where a drafting pass's fixed cost is large: the H200's int8
+          shape (docs/results/gpu/h200_batched), 8 requests in a steady load, `adaptive` drafted nothing at
+          0.93x `fixed:1` (tests/test_adaptive.py).
+        - The together run is a bet that the others join: after LEAD_PATIENCE drafting steps in passes where no
+          other sequence drafted, nothing is priced as shared until another sequence of its pass drafts (its own
+          verifications say so). The others may not join for reasons its check cannot see (their drafts must
+          first read what they lack; their policy is not `adaptive`): the AMX Xeon's fp16 shape, 8 requests in
+          a steady load, one request at a time drafting alone for 8-14 steps while the others waited for its
+          drafting passes (0.93x `none`).
+        - Where drafting together does not pay, nothing is priced as shared: the others' drafting is then a
+          probe or a run that stops, and each request joining it because riding along costs little at the
+          margin made a state, everyone drafting, slower than none."""
+        if self._extra_together is None:  # alone in its passes: nothing to share
             return self._extra_leading
         if self._unfollowed >= LEAD_PATIENCE:
             return self._extra_unshared
         together = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, self._extra_together)
-        if together > self._deepest:
-            return self._extra_leading
-        return self._extra_lone if together else self._extra_unshared
+        return self._extra_growing if together else self._extra_unshared
 
     def _gain_argmax(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None,
                      extra: list[float]) -> int:

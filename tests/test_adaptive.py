@@ -223,7 +223,8 @@ def test_under_load_the_within_run_stop_prices_the_positions_drafted_along_with_
     of two ended after its first token (GPU-like, 8 streams in a steady load: 0.95x the best fixed γ)."""
     for others_deepest in (1, 2):
         policy = AdaptivePolicy(predictor_with_token_acceptance(0.7), "fp16", TierEstimates.calibrated(FLAT))
-        assert _run(policy, [8] * 30, others_deepest)[-10:] == [2] * 10
+        # two, or one more where the others draft two: runs grow together a position a step
+        assert set(_run(policy, [8] * 30, others_deepest)[-10:]) <= {2, others_deepest + 1}
         assert 0 < policy.draft_stop.min_run_acceptance < 0.7, policy.draft_stop
 
 
@@ -407,7 +408,8 @@ def test_on_shared_cores_drafting_is_priced_for_every_request_waiting_for_them()
 
 def test_under_load_optimism_does_not_buy_drafting_that_the_others_wait_through():
     """Eight requests started together at the AVX2 EPYC's nf4 costs (a pass ~1.6 s plus 231 ms a sequence, a
-    draft token 95 ms, the draft reading 15.8 ms a token), the learned acceptance at even odds, 32 tokens to go.
+    draft token 95 ms, the draft reading 15.8 ms a token), the learned acceptance 27% a token (log-odds -1; at even
+    odds the eight drafting one token together pays, 0.5 tokens against 0.45), 32 tokens to go.
     Its first step, the draft yet to read a 60-token prompt: the learned acceptance does not repay that reading,
     which all eight wait through, so the step does not draft (optimistic, it drafted 8; live, five of eight
     drafted, read their prompts and stopped two to four steps later: 0.94x `none`). Nor where its draft has read
@@ -419,10 +421,31 @@ def test_under_load_optimism_does_not_buy_drafting_that_the_others_wait_through(
     def first_gamma(requests: int, draft_read: int) -> int:
         estimates = TierEstimates.calibrated(nf4)
         estimates.sharing = estimates.in_flight = requests
-        policy = AdaptivePolicy(predictor_with_acceptance(0.0), "nf4", estimates)
+        policy = AdaptivePolicy(predictor_with_acceptance(-1.0), "nf4", estimates)
         progress = RequestProgress(max_new_tokens=32)
         progress.draft_read = draft_read
         return policy.choose(progress.context(0, 0, 60))
 
     assert first_gamma(8, 0) == 0 and first_gamma(8, 58) == 0
     assert first_gamma(1, 0) > 0
+
+
+def test_a_pass_starts_drafting_together_where_its_drafting_pass_is_dear_but_drafting_together_pays():
+    """The H200's calibrated int8 costs (docs/results/gpu/h200_batched/arch_int8.json: a drafting pass 44 ms plus
+    10 ms a sequence, a verify pass 176 ms plus 14 ms a sequence), eight requests whose drafts have read their
+    contexts, nobody in the pass drafting yet, 70% a token. All eight drafting one token together costs each
+    126 ms of waiting for 0.7 tokens where a pass brings each one in 275 ms: it pays (`fixed:1` is 1.07x `none`
+    there, scripts/decode_together.py, 8 streams in a steady load). Priced as a lead (its own wait for the whole
+    drafting pass as if the others did not join, 199 ms), nobody started: 0.93x `fixed:1`."""
+    int8 = CostModel(draft_ms_per_token=44.46, verify_ms_base=176.3, verify_ms_per_token=2.38,
+                     verify_ms_per_sequence=14.21, batched_ms_per_token=1.08, draft_ms_per_sequence=10.41,
+                     draft_prefill_ms_per_token=0.74)
+    gammas = []
+    for acceptance in (0.7, 0.4):  # at 40% a token drafting together does not pay (0.4 tokens for 126 ms)
+        estimates = TierEstimates.calibrated(int8)
+        estimates.sharing = estimates.in_flight = 8
+        policy = AdaptivePolicy(predictor_with_token_acceptance(acceptance), "int8", estimates)
+        progress = RequestProgress(max_new_tokens=128)
+        progress.draft_read = 60
+        gammas.append(policy.choose(progress.context(0, 0, 60)))
+    assert gammas[0] >= 1 and gammas[1] == 0, gammas
