@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check where the pair's weights cannot travel (a lent device machine: no network, 64 MiB upload), in
-# under 8 minutes: the architecture of the embedded pair with random weights (speckv.tools.arch_costs) at fp16,
+# under 9 minutes: the architecture of the embedded pair with random weights (speckv.tools.arch_costs) at fp16,
 # with requests decoding together in batched passes at loads 1-16 (issue 14: what a batched pass costs on a
 # GPU, and whether the calibration's batched terms predict it); float32 exactness, alone and batched; then
 # int8 and nf4 through bitsandbytes' CUDA kernels, each bounded, with Python's stacks dumped if one stalls.
@@ -8,8 +8,7 @@
 # Needs in .gpu/ (ignored by git; named in the device tool's `carry`): draft/ and target/ (config.json and
 # generation_config.json of each model), tok/ (the tokenizer files; tokenizer.json may be gzipped to fit the
 # upload), and optionally site/ (an unpacked bitsandbytes, where the machine has none) and wheels/ (the pinned
-# transformers, where the machine has another; used only if it imports there). docs/RESULTS.md ("On a GPU")
-# says how they are made.
+# transformers, where the machine has another; used only if it imports there). scripts/gpu_files.sh makes them.
 # Run from the repository root: `bash scripts/gpu_arch_check.sh` (OUT: where results go; DEVICE: cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +32,13 @@ python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)
 arch=(python3 -m speckv.tools.arch_costs "$G/draft/config.json" "$G/target/config.json" "$G/tok")
 stage() { local limit=$1; shift; echo "=== $* ($(date +%T), at most ${limit} s)"; timeout -s ABRT "$limit" "$@"
           echo "=== exit $? ($(date +%T))"; }
-stage "${FP16_S:-200}" "${arch[@]}" "$OUT/arch_fp16.json" --device "$DEVICE" --dtype float16 \
-  --loads 1,2,4,8,16 --tokens 64
+# 2026-12-04 on an H200: fp16 with 64 tokens and four policies a load reached 8 of 1-16 in 170 s; int8's load 8
+# did not finish inside 95 s (a pass there is ~0.3 s): hence 32 tokens, three policies, and 130 s a quantized tier
+stage "${FP16_S:-180}" "${arch[@]}" "$OUT/arch_fp16.json" --device "$DEVICE" --dtype float16 \
+  --loads 1,4,8,16 --tokens 32 --load-policies none,fixed:1,adaptive
 [ -n "${SKIP_EXACT:-}" ] || stage "${EXACT_S:-80}" "${arch[@]}" "$OUT/exactness.json" --device "$DEVICE" --tokens 48 --exactness
 for tier in nf4 int8; do
-  stage "${QUANT_S:-100}" "${arch[@]}" "$OUT/arch_$tier.json" --device "$DEVICE" --tier "$tier" --loads 1,8 \
+  stage "${QUANT_S:-130}" "${arch[@]}" "$OUT/arch_$tier.json" --device "$DEVICE" --tier "$tier" --loads 1,8 \
     --tokens 32 --load-policies none,fixed:2
 done
 sleep 1  # tee writes the last lines
