@@ -213,9 +213,10 @@ class AdaptivePolicy:
                 extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]
             return extra
 
-        # a position beyond the others' runs is shared only if they follow: they would where the whole pass
-        # drafting it together beats the runs it has now (LiveCost._positions_ms, `_shared_prices`); alone in
-        # its passes there are no others to lead, and the lead is granted without pricing the lone runs
+        # the lead's price: one position beyond the others' runs priced as shared by the pass, this request paying
+        # its own wait for the whole drafting pass. Alone it is every decision's price; in a pass the decisions
+        # are priced by `_extra_growing` (`_shared_prices`) and the lead's price is left to the within-run stop
+        # and the prior rate
         extra = extra_ms(deepest + 1)
         self._extra_leading = extra.tolist()
         if sequences > 1:
