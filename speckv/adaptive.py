@@ -231,7 +231,7 @@ class AdaptivePolicy:
             # further as drafted alone
             self._extra_growing = self._extra_together[:deepest + 1] + self._extra_lone[deepest + 1:]
         else:
-            self._extra_lone = self._extra_unshared = self._extra_together = None
+            self._extra_lone = self._extra_unshared = self._extra_together = self._extra_growing = None
         self._price0 = float(price[0])
         own, tier_rate = self.estimates.rate.value, self.estimates.shared.rate.value
         # in a pass, the pass's rate (the tier's): every request of it prices a millisecond the same
@@ -358,7 +358,7 @@ class AdaptivePolicy:
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
         """[γmax] what drafting γ costs, in a pass of several: the run that every request of the pass drafting
-        together would pick (this request's acceptance standing for theirs, `_extra_together`) decides.
+        together would pick (the tier's acceptance standing for every request's, `_extra_together`) decides.
         - Where drafting together pays, each request pays its share of the pass drafting together for the
           positions up to one beyond the others' longest run (`_extra_growing`): the requests of a pass decide
           from the same estimates ("One run for the pass"), so they start in the same step and their runs grow
