@@ -68,10 +68,12 @@ repetition) or harder. Where the learned acceptance picks γ* = 0, a decision ad
 to it, n the drafted tokens this request has seen (an upper-confidence-bound rule): early in a request it tries
 drafting wherever drafting could pay, and what it sees replaces the optimism as n grows. Optimism decides
 whether to draft, not how long: where the learned acceptance drafts, its γ* stands (runs priced at the
-optimistic acceptance were 14-16 tokens where 5 paid). Where drafting cannot pay even if every token were
-accepted, optimism changes nothing (the probes above are all the drafting there). Nor does it apply in a pass
-of several, or buy a catch-up that other requests wait through on shared cores: exploring there costs every one
-of them, and is the probes' to do.
+optimistic acceptance were 14-16 tokens where 5 paid); where it does not, the run is the one it would draft
+given that the step drafts (`_best_run`; optimism's own runs of 4-7 tokens, where a draft token cost 70% of a
+target pass, cost a 32-token request 6% against `fixed:1`: the H200's nf4 shape, scripts/decode_together.py).
+Where drafting cannot pay even if every token were accepted, optimism changes nothing (the probes above are all
+the drafting there). Nor does it apply in a pass of several, or buy a catch-up that other requests wait through
+on shared cores: exploring there costs every one of them, and is the probes' to do.
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight (served: the target is a
@@ -326,12 +328,13 @@ class AdaptivePolicy:
 
     def _best(self, logits: list[float], catch_up_ms: float = 0.0, remaining: int | None = None,
               pass_logits: list[float] | None = None) -> int:
-        """The run to draft (0 = none): γ* of the learned acceptance (`_gain_argmax`), and where that is 0, γ*
-        of the optimistic one (module docstring: it tries drafting wherever drafting could pay). Optimism
-        decides whether to draft, never how long: the run cap beyond γmax only where the learned acceptance
-        itself picks γmax. Long optimistic runs opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each
-        ~10% of a pass) where the learned estimate picked 5. Pure but for the first call, which sets the prior
-        rate (from the learned acceptance: the rate the request may reach, not an optimistic one).
+        """The run to draft (0 = none): γ* of the learned acceptance (`_gain_argmax`), and where that is 0 and
+        the optimistic acceptance drafts (module docstring: it tries drafting wherever drafting could pay), the
+        learned acceptance's best run given a step drafts (`_best_run`). Optimism decides whether to draft, never
+        how long; the run cap beyond γmax only where the learned acceptance itself picks γmax. Long optimistic runs
+        opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each ~10% of a pass) where the learned
+        estimate picked 5. Pure but for the first call, which sets the prior rate (from the learned acceptance:
+        the rate the request may reach, not an optimistic one).
         In a pass it decides from its tier's row, calibration and rate, and without optimism ("One run for the
         pass", module docstring). Optimism does not buy a catch-up that others wait through: eight nf4 requests started
         together (AVX2 EPYC, in-process), the learned acceptance drafted none, the optimistic one five, their
@@ -354,7 +357,9 @@ class AdaptivePolicy:
             return self.run_cap if best == len(logits) else best
         if in_a_pass or (catch_up_ms and self._catch_up_shared):
             return 0  # optimism does not buy drafting that others wait through (docstring)
-        return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra)
+        if not self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra):
+            return 0
+        return _best_run(logits, self._rate, extra)  # how long: the learned acceptance's run, given it drafts
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
         """[γmax] what drafting γ costs, in a pass of several: the run that every request of the pass drafting
@@ -444,6 +449,18 @@ def _best_one_step_rate(logits: list[float], bias: float, extra: list[float], pr
         p *= 1.0 / (1.0 + math.exp(-(z + bias)))
         total += p
         best = max(best, total / (price0 + e))
+    return best
+
+
+def _best_run(logits: list[float], rate: float, extra: list[float]) -> int:
+    """argmax over γ ≥ 1 of Σ_{k≤γ} P(first k accepted) − rate·extra_ms(γ): the run to draft, given that a step
+    drafts (even where no run pays at this acceptance)."""
+    best, best_gain, p, total = 1, -math.inf, 1.0, 0.0
+    for k, (z, e) in enumerate(zip(logits, extra)):
+        p *= 1.0 / (1.0 + math.exp(-z))
+        total += p
+        if total - rate * e > best_gain:
+            best, best_gain = k + 1, total - rate * e
     return best
 
 

@@ -307,3 +307,20 @@ def test_optimism_decides_whether_to_draft_never_how_long():
     assert policy._gain_argmax(logits, OPTIMISM, 0.0, None, policy._extra_leading) == predictor.gamma_max  # optimism's
     assert gamma == 4 < policy.run_cap
     assert policy._prior_rate == pytest.approx(_best_one_step_rate(logits, 0.0, policy._extra_leading, policy._price0))
+
+
+def test_optimism_drafts_the_run_the_learned_acceptance_would_given_it_drafts():
+    """Where the learned acceptance (0.6 a token) drafts nothing and the optimistic one would draft four (a draft
+    token costs 70% of a target pass: the H200's nf4 shape, flat verify), optimism opens a one-token run, the best
+    run at the learned acceptance given that the step drafts. Its four-token runs cost every short request there
+    6% against `fixed:1` (scripts/decode_together.py, one request a burst)."""
+    from speckv.adaptive import OPTIMISM
+    from speckv.policy import RequestProgress
+
+    predictor = predictor_with_token_acceptance(0.6)
+    policy = AdaptivePolicy(predictor, "nf4", TierEstimates.calibrated(CostModel(25.0, 37.6, 1.3)))
+    gamma = policy.choose(RequestProgress().context(0, 0, 100))
+    logits = [float(np.log(0.6 / 0.4))] * predictor.gamma_max
+    assert policy._gain_argmax(logits, 0.0, 0.0, None, policy._extra_leading) == 0  # learned: no run pays
+    assert policy._gain_argmax(logits, OPTIMISM, 0.0, None, policy._extra_leading) >= 4  # optimism's own run
+    assert gamma == 1
