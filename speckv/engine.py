@@ -26,6 +26,9 @@ from .workers import Proposal, StepInputs, Verification
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 128
+# the work overlapped with a verification waits this long, or until the verification is back, so that the
+# other requests on this event loop whose results came with this one send their next calls first (SplitExecutor)
+OVERLAP_DEFER_S = 0.005
 
 
 @dataclass
@@ -76,6 +79,11 @@ class SplitExecutor:
         else:  # a task, so the verify call goes out before the overlapped work
             verifying = asyncio.ensure_future(self._verify(inputs, proposal.token_ids))
             await asyncio.sleep(0)
+            # and the other requests' calls too: their results came with this one (a batched pass), and a pass
+            # waits for the calls of the last one (speckv.batching regroups). Run at once, each request's
+            # overlapped work held the loop before the next request could send its call: 8 streams served at
+            # fp16 on an AVX512-BF16 EPYC, 21 ms more wait a step than `none`'s, whose steps overlap nothing
+            await asyncio.wait({verifying}, timeout=OVERLAP_DEFER_S)
             try:
                 while_verifying(proposal)
             except BaseException:

@@ -432,3 +432,44 @@ def test_the_policy_prepares_while_a_remote_step_is_verified(engine):
         assert policy.seen[s] in policy.prepared[s - 1][2]
     for (at, _, _), (_, end) in zip(policy.prepared, verifying):
         assert at < end  # while its verification (sent before) was still running
+
+
+def test_the_work_overlapped_with_a_verification_waits_for_the_other_requests_calls():
+    """Requests on one event loop whose verifications come back together (one batched pass) each send their
+    next call before any runs the work it overlaps with its verification: run at once, each request's work held
+    the loop before the next could send its call, and the pass, which waits for all of them, began that much
+    later (8 streams served at fp16 on an AVX512-BF16 EPYC: 21 ms more a step than `none`)."""
+    import time
+
+    from speckv.engine import SplitExecutor
+    from speckv.sampling import SamplingParams
+    from speckv.signals import DraftSignals
+    from speckv.workers import Proposal, StepInputs, Verification
+
+    log: list[str] = []
+
+    async def verify(inputs, drafted):
+        log.append(f"call {inputs.session_id}")
+        await asyncio.sleep(0.05)
+        return Verification([1], None)
+
+    async def propose(inputs):
+        return Proposal([], None, DraftSignals(), 0.0)
+
+    async def close(session_id):
+        pass
+
+    executor = SplitExecutor(propose, verify, close)
+
+    def overlapped(session: str):
+        def work(proposal) -> None:
+            log.append(f"work {session}")
+            time.sleep(0.005)  # holds the loop, as a policy's preparation does
+        return work
+
+    async def run() -> None:
+        await asyncio.gather(*(executor.run_step(StepInputs(s, [1, 2], 0, SamplingParams(), 0, 0), overlapped(s))
+                               for s in "abc"))
+
+    asyncio.run(run())
+    assert log[:3] == ["call a", "call b", "call c"] and sorted(log[3:]) == ["work a", "work b", "work c"]
