@@ -48,8 +48,9 @@ class StepExecutor(Protocol):
     """Runs the model side of one step (draft γ tokens, then verify them) for a session."""
 
     async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
-        """`while_verifying(proposal)`, when given, is called once the verification has been sent and before
-        its result is awaited, so the caller's work overlaps a verification that runs elsewhere (a replica);
+        """`while_verifying(proposal)`, when given, is called once the verification has been sent (and the calls
+        of the other requests on the loop whose results came with it) and before its result is awaited, so the
+        caller's work overlaps a verification that runs elsewhere (a replica);
         where the verify pass runs on this thread (in-process) it has run by then, and the work follows it.
         An executor that cannot split the step may not call it."""
         ...
