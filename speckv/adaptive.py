@@ -442,26 +442,27 @@ class AdaptivePolicy:
         return self.estimates.to_dict()
 
 
-def _best_one_step_rate(logits: list[float], bias: float, extra: list[float], price0: float) -> float:
-    """max over γ of (1 + Σ_{k≤γ} P(first k accepted)) / step_ms(γ): tokens per ms of the best single step."""
-    best, p, total = 1.0 / price0, 1.0, 1.0
-    for z, e in zip(logits, extra):
+def _expected_accepted(logits: list[float], bias: float = 0.0) -> list[float]:
+    """[γmax] Σ_{k≤γ} P(first k accepted) for γ = 1..γmax, acceptance shifted by `bias` log-odds (the per-step
+    decision inlines the same sum in `_gain_argmax`, its hot loop)."""
+    p, total, totals = 1.0, 0.0, []
+    for z in logits:
         p *= 1.0 / (1.0 + math.exp(-(z + bias)))
         total += p
-        best = max(best, total / (price0 + e))
-    return best
+        totals.append(total)
+    return totals
+
+
+def _best_one_step_rate(logits: list[float], bias: float, extra: list[float], price0: float) -> float:
+    """max over γ of (1 + Σ_{k≤γ} P(first k accepted)) / step_ms(γ): tokens per ms of the best single step."""
+    return max([1.0 / price0] + [(1.0 + t) / (price0 + e) for t, e in zip(_expected_accepted(logits, bias), extra)])
 
 
 def _best_run(logits: list[float], rate: float, extra: list[float]) -> int:
     """argmax over γ ≥ 1 of Σ_{k≤γ} P(first k accepted) − rate·extra_ms(γ): the run to draft, given that a step
     drafts (even where no run pays at this acceptance)."""
-    best, best_gain, p, total = 1, -math.inf, 1.0, 0.0
-    for k, (z, e) in enumerate(zip(logits, extra)):
-        p *= 1.0 / (1.0 + math.exp(-z))
-        total += p
-        if total - rate * e > best_gain:
-            best, best_gain = k + 1, total - rate * e
-    return best
+    gains = [t - rate * e for t, e in zip(_expected_accepted(logits), extra)]
+    return 1 + gains.index(max(gains))
 
 
 def make_adaptive_policy(tier: str, estimates: TierEstimates, predictor: AcceptancePredictor | None = None,

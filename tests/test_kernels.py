@@ -149,7 +149,7 @@ def test_the_blocked_4bit_matmul_is_the_default_paths_arithmetic_over_blocks_tha
     if kernels.bitsandbytes_has_cpu_kernel(NF4):
         # there its dequantize_4bit (which the blocks call) is its own CPU library's, and it reads a weight whose
         # rows are not a whole number of scales (96 values) as if every row began a scale: 0.08 from the
-        # weight where the default path is 0.02 (AVX512-BF16 EPYC, bitsandbytes 0.50.2; the same for rows of 128)
+        # weight where the default path is 0.02 (AVX512-BF16 EPYC, bitsandbytes 0.50.2; identical to it for rows of 128)
         pytest.skip("bitsandbytes has a CPU 4-bit kernel of its own on this CPU (AVX512-BF16): ours is not installed")
     monkeypatch.setattr(kernels, "BLOCK_BYTES", 4 * 96 * 7)
     packed, state = _four_bit_weight(50, 96, nested=nested)
