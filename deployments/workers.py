@@ -26,6 +26,7 @@ from speckv.workers import (
     StepInputs,
     TargetWorker,
     Verification,
+    draft_session,
     raise_failed,
     verify_session,
 )
@@ -96,7 +97,7 @@ def _node_id() -> str:
 
 
 def _gatherers(serve_pass, serve_prefill, pass_fn, prefill_fn, settings: BatchSettings, cores: CoreLease | None,
-               session=None):
+               session=None, regroup_from: int = 1):
     """How a replica gathers calls into passes: Serve's `@serve.batch` handlers where it has its cores; where
     it shares them (`cores`), speckv's Batcher, which waits for the cores before it takes the calls, so the
     calls that arrive while another replica's pass runs join the next pass (a `@serve.batch` handler is
@@ -104,7 +105,7 @@ def _gatherers(serve_pass, serve_prefill, pass_fn, prefill_fn, settings: BatchSe
     regroups its passes by `session` where given (the target's verify calls)."""
     if cores is None:
         return serve_pass, serve_prefill
-    return Batcher(pass_fn, settings, cores, session), Batcher(prefill_fn, settings, cores)
+    return Batcher(pass_fn, settings, cores, session, regroup_from), Batcher(prefill_fn, settings, cores)
 
 
 def _apply(handler, settings: BatchSettings) -> None:
@@ -125,7 +126,8 @@ class DraftDeployment:
         _apply(self._propose_batch, self.batching)
         _apply(self._prefill_step, self.batching)
         self._propose, self._prefill = _gatherers(self._propose_batch, self._prefill_step, self.worker.propose_batch,
-                                                  self.worker.prefill_step, self.batching, self.cores)
+                                                  self.worker.prefill_step, self.batching, self.cores, draft_session,
+                                                  regroup_from=2)
 
     def calibration(self) -> dict:
         """{"draft": this replica's calibration (speckv.calibration.Calibration as a dict)}."""
@@ -145,8 +147,11 @@ class DraftDeployment:
         return self.worker.prefill_step(batch)
 
     def close(self, session_id: str) -> None:
-        """The request has ended: close its session (a call still in flight for it is refused)."""
+        """The request has ended: close its session (a call still in flight for it is refused); its next drafting
+        pass does not wait for it."""
         self.worker.lm.close(session_id)
+        if isinstance(self._propose, Batcher):
+            self._propose.forget(session_id)
 
     def stats(self) -> dict:
         return {"replica": _replica_id(), "node": _node_id(), **self.worker.lm.stats().__dict__}

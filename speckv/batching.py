@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import struct
 import tempfile
@@ -25,6 +26,8 @@ from .workers import ModelWorker, StepInputs
 T = TypeVar("T")
 R = TypeVar("R")
 
+
+PASS_LOG_ENV = "SPECKV_PASS_LOG"  # a file to which every Batcher pass appends a JSON line (diagnosis: when, what)
 
 _BUSY_S: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = weakref.WeakKeyDictionary()  # s in passes
 
@@ -70,7 +73,12 @@ class Batcher(Generic[T, R]):
     and the pass starts without the drafting ones: two passes each paying a pass's fixed cost where one
     would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
     ran 8.00; docs/serving_log.md). A split costs at least one pass's fixed cost, so waiting up to that long
-    costs at most what it may save.
+    costs at most what it may save. The draft regroups its proposal calls the same way: served, a verify
+    pass's requests reach the draft one router hop and their share of the router's loop apart (~20 ms for 8),
+    and its pass began with the first one alone, then ran the other seven (int8 at 8 streams, `fixed:1`, AVX512-BF16
+    EPYC: passes of 1 and 7 every step, a lone pass's ~125 ms lost per step; docs/serving_log.md). There a pass
+    of fewer than `regroup_from` calls (2) sets no sessions to wait for: a lone call under load is a probe, whose
+    session does not draft at its next step, and every request of the pass would wait through the regroup for it.
     The wait counts only idle time (`_idle_now`): time spent in passes is the cores' and not the wait's, since
     the pass it would start could not have run then anyway. In-process that is the time this event loop spent
     in passes (any Batcher's on it: a draft pass, a prefill chunk); where replicas share the cores, the time
@@ -80,11 +88,13 @@ class Batcher(Generic[T, R]):
     passes of 8, 5.6 sequences a pass; served, 5.3 at fixed γ = 2; docs/serving_log.md)."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]], settings: BatchSettings = BatchSettings(),
-                 cores: CoreLease | None = None, session: Callable[[T], Hashable] | None = None) -> None:
+                 cores: CoreLease | None = None, session: Callable[[T], Hashable] | None = None,
+                 regroup_from: int = 1) -> None:
         self.fn = fn
         self.settings = settings
         self.cores = cores  # held for each pass where replicas share the machine's cores
         self.session = session
+        self.regroup_from = regroup_from  # a pass of fewer calls sets no sessions to wait for (a lone probe)
         # (call, its result, when it arrived, when on the idle clock: `_idle_now`, read only where it regroups)
         self._pending: list[tuple[T, asyncio.Future, float, float]] = []
         self._runner: asyncio.Task | None = None
@@ -169,7 +179,7 @@ class Batcher(Generic[T, R]):
         if not batch:
             return
         if self.session is not None:  # expected back for the next pass (those still pending are there already)
-            self._expected = {self.session(item) for item, _, _ in batch}
+            self._expected = {self.session(item) for item, _, _ in batch} if len(batch) >= self.regroup_from else set()
         self.batches += 1
         self.largest = max(self.largest, len(batch))
         loop = asyncio.get_running_loop()
@@ -183,6 +193,8 @@ class Batcher(Generic[T, R]):
             return
         finally:
             _BUSY_S[loop] = _BUSY_S.get(loop, 0.0) + loop.time() - begun
+            _log_pass(self.fn, [item for item, _, _ in batch], (begun - batch[0][2]) * 1e3,
+                      (loop.time() - begun) * 1e3)
         for (_, future, arrived), result in zip(batch, results):
             if future.done():
                 continue
@@ -192,6 +204,20 @@ class Batcher(Generic[T, R]):
             if hasattr(result, "waited_ms"):
                 result.waited_ms = (begun - arrived) * 1e3
             future.set_result(result)
+
+
+def _log_pass(fn: Callable, items: list, waited_ms: float, ms: float) -> None:
+    """Where SPECKV_PASS_LOG names a file, append this pass to it: its end on the wall clock (comparable across
+    the replicas' processes), what ran, how many calls, the drafted tokens of verify calls ((inputs, draft ids)
+    pairs), how long its first call waited for it and how long it ran. Off (one dict lookup) otherwise."""
+    path = os.environ.get(PASS_LOG_ENV)
+    if not path:
+        return
+    drafted = sum(len(item[1]) for item in items if isinstance(item, tuple) and len(item) == 2)
+    line = {"end": time.time(), "pid": os.getpid(), "fn": getattr(fn, "__qualname__", repr(fn)), "calls": len(items),
+            "drafted": drafted, "waited_ms": round(waited_ms, 2), "ms": round(ms, 2)}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,

@@ -781,6 +781,11 @@ class _DraftRun:
         return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size, passes=passes, rows=rows)
 
 
+def draft_session(inputs: StepInputs) -> str:
+    """The session of a `DraftWorker.propose_batch` call (a Batcher regroups a pass's sessions by it)."""
+    return inputs.session_id
+
+
 def verify_session(call: tuple[StepInputs, list[int]]) -> str:
     """The session of a `TargetWorker.verify_batch` call (a Batcher regroups a pass's sessions by it)."""
     return call[0].session_id

@@ -243,3 +243,44 @@ def test_the_cores_busy_clock_counts_holds_in_progress_and_not_those_of_dead_hol
     dead.wait()
     cores._write(held, time.monotonic() - 10.0, dead.pid)  # a holder killed mid-pass left its start behind
     assert cores.busy_s() == held
+
+
+def test_with_a_pass_log_named_every_pass_appends_what_ran_and_for_how_long(tmp_path, monkeypatch):
+    """SPECKV_PASS_LOG: each pass a JSON line (scripts/pass_timeline.py reads them); the drafted tokens of verify
+    calls ((inputs, draft ids) pairs) are counted."""
+    import json
+
+    from speckv.batching import PASS_LOG_ENV
+
+    log = tmp_path / "passes.jsonl"
+    monkeypatch.setenv(PASS_LOG_ENV, str(log))
+
+    def verify_batch(items: list) -> list:
+        time.sleep(0.05)
+        return items
+
+    async def main() -> None:
+        batcher = Batcher(verify_batch)
+        await asyncio.gather(batcher(("a", [1, 2])), batcher(("b", [3])))
+        await batcher(("a", []))
+
+    asyncio.run(main())
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(p["calls"], p["drafted"]) for p in lines] == [(2, 3), (1, 0)]
+    assert all(p["fn"].endswith("verify_batch") and 45 <= p["ms"] < 1000 for p in lines)
+
+
+def test_a_lone_pass_below_regroup_from_sets_no_session_to_wait_for():
+    """The draft's Batcher (regroup_from=2): a lone call under load is a probe whose session does not draft at its
+    next step, so the next pass does not wait for it; a pass of two or more is waited for as the target's is."""
+    async def run(regroup_from: int, first: str) -> float:
+        batcher = Batcher(lambda items: items, BatchSettings(4, 0.0, 0.0, 0.3), session=lambda item: item,
+                          regroup_from=regroup_from)
+        await asyncio.gather(*(batcher(s) for s in first))
+        start = time.monotonic()
+        await batcher("z")  # another session's call; the first pass's sessions never come back
+        return time.monotonic() - start
+
+    assert asyncio.run(run(2, "a")) < 0.1
+    assert asyncio.run(run(1, "a")) >= 0.25  # the control: a lone pass's session waited for
+    assert asyncio.run(run(2, "ab")) >= 0.25
