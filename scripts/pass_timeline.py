@@ -3,6 +3,10 @@
     SPECKV_PASS_LOG=/tmp/passes.jsonl serve run docs/results/milan/serve_int8.yaml &
     ... load ...
     python scripts/pass_timeline.py /tmp/passes.jsonl [--since EPOCH --until EPOCH] [--out summary.json]
+    python scripts/pass_timeline.py /tmp/passes.jsonl --levels docs/results/.../load_dir [--out passes.json]
+
+With --levels, every GuideLLM report a load sweep (deployments.load_sweep) left in the folder is a window
+(its benchmark's start and end), summarised apart and printed as a table.
 
 For the window: the share of wall time some replica ran a pass (the cores are taken in turns where replicas
 share them, speckv.batching.CoreLease, so passes do not overlap there), and per kind of pass (verify, draft,
@@ -13,9 +17,11 @@ their share of the window. Idle time is what no pass used: waits for calls, hops
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 
 def summarise(passes: list[dict], since: float | None = None, until: float | None = None) -> dict:
@@ -45,17 +51,43 @@ def summarise(passes: list[dict], since: float | None = None, until: float | Non
     }
 
 
+def level_windows(folder: str) -> dict[str, tuple[float, float]]:
+    """{level's report name: (start, end) epoch seconds} of the GuideLLM reports a load sweep saved in `folder`."""
+    windows = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        if path.name.endswith(".scenario.json") or path.name in ("load_sweep.json", "server_stats.json"):
+            continue
+        benchmark = json.loads(path.read_text())["benchmarks"][0]
+        windows[path.stem] = (benchmark["start_time"], benchmark["end_time"])
+    return windows
+
+
+def table(summaries: dict[str, dict]) -> str:
+    """A markdown table: per level, the busy share and per kind of pass its count, mean calls and share."""
+    lines = ["| level | busy | passes: calls a pass, ms a pass, share of the window |", "|---|---|---|"]
+    for level, s in summaries.items():
+        kinds = "; ".join(f"{fn.split('.')[-1]} {k['passes']}: {k['calls_mean']:.1f}, {k['ms_mean']:.0f} ms, "
+                          f"{k['share']:.0%}" for fn, k in s["kinds"].items())
+        lines.append(f"| {level} | {s['busy_share']:.0%} | {kinds} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log")
     parser.add_argument("--since", type=float, default=None, help="epoch seconds")
     parser.add_argument("--until", type=float, default=None, help="epoch seconds")
+    parser.add_argument("--levels", default=None, help="a load sweep's folder: summarise each level apart")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    with open(args.log) as f:
+    with (gzip.open if args.log.endswith(".gz") else open)(args.log, "rt") as f:
         passes = [json.loads(line) for line in f if line.strip()]
-    summary = summarise(passes, args.since, args.until)
-    print(json.dumps(summary, indent=1))
+    if args.levels:
+        summary = {level: summarise(passes, *window) for level, window in level_windows(args.levels).items()}
+        print(table(summary))
+    else:
+        summary = summarise(passes, args.since, args.until)
+        print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
