@@ -43,8 +43,8 @@ class BatchSettings:
     join once one arrived (0: whatever arrived while the last pass ran); where replicas share the cores, a
     pass that got them from another replica's pass waits `handover_s` more, with them, for the calls that
     pass set off; a Batcher that knows its calls' sessions waits up to `regroup_s` of idle time (time the cores
-    were free of passes) for the sessions of its last pass to come back before it starts the next without them
-    (Batcher)."""
+    were free of passes) for the sessions of its last pass to come back before it starts the next without them,
+    and once they are all back waits neither `wait_s` nor `handover_s` (Batcher)."""
 
     max_batch_size: int = 8
     wait_s: float = 0.0
@@ -99,6 +99,7 @@ class Batcher(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future, float, float]] = []
         self._runner: asyncio.Task | None = None
         self._expected: set[Hashable] = set()  # sessions of the last pass not yet back (regrouping)
+        self._awaited = False  # the last pass set sessions to wait for (regrouping)
         self._arrived: asyncio.Event | None = None  # set when a call arrives or a session is forgotten
         self.batches = 0  # passes run, for tests and reports
         self.largest = 0
@@ -130,6 +131,12 @@ class Batcher(Generic[T, R]):
             return time.monotonic() - self.cores.busy_s()
         return _idle_time(loop)
 
+    def _whole(self) -> bool:
+        """Regrouping, every session the last pass set to wait for is back (or ended): no call is expected that
+        waiting (`wait_s`, `handover_s`) would let join. With one stream those waits were 10 ms of every 270-ms
+        step (fp16, AVX512-BF16 EPYC; docs/serving_log.md); a new request joins at the next pass."""
+        return self._regroups and self._awaited and not self._expected
+
     def _wake(self) -> None:
         if self._arrived is not None:
             self._arrived.set()
@@ -152,7 +159,8 @@ class Batcher(Generic[T, R]):
 
     async def _run(self) -> None:
         while self._pending:
-            await asyncio.sleep(self.settings.wait_s)  # 0: let the calls already scheduled join
+            if not self._whole():
+                await asyncio.sleep(self.settings.wait_s)  # 0: let the calls already scheduled join
             if self._regroups:
                 await self._regroup()  # before the cores are taken: the draft pass it waits for needs them
             if self.cores is None:
@@ -167,7 +175,7 @@ class Batcher(Generic[T, R]):
             # verified in alternate passes, each paying a whole pass's fixed cost (nf4 on an AVX2 EPYC:
             # 4.5 sequences a pass at fixed γ = 3 with 8 streams, 8 without drafting)
             async with self.cores.hold() as handed_over:
-                if handed_over and self.settings.handover_s:
+                if handed_over and self.settings.handover_s and not self._whole():
                     await asyncio.sleep(self.settings.handover_s)
                 self._pass()
 
@@ -180,6 +188,7 @@ class Batcher(Generic[T, R]):
             return
         if self.session is not None:  # expected back for the next pass (those still pending are there already)
             self._expected = {self.session(item) for item, _, _ in batch} if len(batch) >= self.regroup_from else set()
+            self._awaited = bool(self._expected)
         self.batches += 1
         self.largest = max(self.largest, len(batch))
         loop = asyncio.get_running_loop()

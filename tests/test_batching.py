@@ -284,3 +284,24 @@ def test_a_lone_pass_below_regroup_from_sets_no_session_to_wait_for():
     assert asyncio.run(run(2, "a")) < 0.1
     assert asyncio.run(run(1, "a")) >= 0.25  # the control: a lone pass's session waited for
     assert asyncio.run(run(2, "ab")) >= 0.25
+
+
+def test_with_every_session_of_the_last_pass_back_a_pass_waits_for_no_more_calls():
+    """Regrouping, once every session the last pass set to wait for is back, no call is expected that `wait_s`
+    would let join: the pass begins at once (one stream: 10 ms of every 270-ms step). The first pass, and a pass
+    whose sessions are not all back, still wait `wait_s`."""
+    async def run() -> tuple[float, float, float]:
+        batcher = Batcher(lambda items: items, BatchSettings(4, 0.2, 0.0, 1.0), session=lambda item: item[0])
+        start = time.monotonic()
+        await asyncio.gather(batcher("a0"), batcher("b0"))  # the first pass
+        first = time.monotonic() - start
+        start = time.monotonic()
+        await asyncio.gather(batcher("a1"), batcher("b1"))  # the whole pass back
+        whole = time.monotonic() - start
+        start = time.monotonic()
+        await asyncio.gather(batcher("a2"), batcher("c2"))  # b not back: regroups for it, then waits as before
+        partial = time.monotonic() - start
+        return first, whole, partial
+
+    first, whole, partial = asyncio.run(run())
+    assert first >= 0.19 and whole < 0.1 and partial >= 0.19
