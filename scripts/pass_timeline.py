@@ -55,10 +55,11 @@ def level_windows(folder: str) -> dict[str, tuple[float, float]]:
     """{level's report name: (start, end) epoch seconds} of the GuideLLM reports a load sweep saved in `folder`."""
     windows = {}
     for path in sorted(Path(folder).glob("*.json")):
-        if path.name.endswith(".scenario.json") or path.name in ("load_sweep.json", "server_stats.json"):
+        if path.name.endswith(".scenario.json"):
             continue
-        benchmark = json.loads(path.read_text())["benchmarks"][0]
-        windows[path.stem] = (benchmark["start_time"], benchmark["end_time"])
+        report = json.loads(path.read_text())
+        if isinstance(report, dict) and report.get("benchmarks"):  # the folder's other files are not reports
+            windows[path.stem] = (report["benchmarks"][0]["start_time"], report["benchmarks"][0]["end_time"])
     return windows
 
 
