@@ -8,6 +8,7 @@ rebuilds it from the token ids, so affinity only saves time and never decides co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,16 @@ class WorkerSpec:
         # more pass's fixed cost (speckv.batching.Batcher, regrouping)
         return BatchSettings(self.max_batch_size, wait_s, max(wait_s, HANDOVER_MIN_S), pass_ms / 1e3)
 
+    def draft_batching(self, calibration: dict) -> BatchSettings:
+        """The draft's gathering: as `batching`, but its regroup waits at most for the calls of a whole pass to
+        come through the router a handover (a hop) apart, not a pass's fixed cost. A session that does not come
+        back drafts nothing this step and waits at the target, whose pass waits for the drafting ones: bounded
+        by a pass's fixed cost both waited it out (in-process, a regrouping draft made every step of requests
+        that stopped drafting wait for its whole bound)."""
+        settings = self.batching(calibration)
+        return dataclasses.replace(settings, regroup_s=min(settings.regroup_s,
+                                                           settings.max_batch_size * settings.handover_s))
+
     def build_lm(self) -> SessionLM:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
@@ -122,7 +133,7 @@ class DraftDeployment:
         self.worker = DraftWorker(spec.build_lm())
         self.cores = CoreLease() if spec.share_cores else None
         self._calibration = spec.calibrate(self.worker.lm, "draft")
-        self.batching = spec.batching(self._calibration)
+        self.batching = spec.draft_batching(self._calibration)
         _apply(self._propose_batch, self.batching)
         _apply(self._prefill_step, self.batching)
         self._propose, self._prefill = _gatherers(self._propose_batch, self._prefill_step, self.worker.propose_batch,

@@ -73,12 +73,13 @@ class Batcher(Generic[T, R]):
     and the pass starts without the drafting ones: two passes each paying a pass's fixed cost where one
     would carry them all (nf4 on an AVX2 EPYC, `adaptive` at 8 streams: 6.70 sequences a pass where `none`
     ran 8.00; docs/serving_log.md). A split costs at least one pass's fixed cost, so waiting up to that long
-    costs at most what it may save. The draft regroups its proposal calls the same way: served, a verify
-    pass's requests reach the draft one router hop and their share of the router's loop apart (~20 ms for 8),
-    and its pass began with the first one alone, then ran the other seven (int8 at 8 streams, `fixed:1`, AVX512-BF16
-    EPYC: passes of 1 and 7 every step, a lone pass's ~125 ms lost per step; docs/serving_log.md). There a pass
-    of fewer than `regroup_from` calls (2) sets no sessions to wait for: a lone call under load is a probe, whose
-    session does not draft at its next step, and every request of the pass would wait through the regroup for it.
+    costs at most what it may save. A served draft replica regroups its proposal calls too: a verify pass's
+    requests reach it one router hop and their share of the router's loop apart (~20 ms for 8), and its pass
+    began with the first one alone, then ran the other seven (int8 at 8 streams, `fixed:1`, AVX512-BF16 EPYC:
+    passes of 1 and 7 every step, a lone pass's ~125 ms lost per step; docs/serving_log.md). Its bound is that
+    spread, not a pass (deployments.workers.WorkerSpec.draft_batching), and a pass of fewer than `regroup_from`
+    calls (2) sets no sessions to wait for: a lone call under load is a probe, whose session does not draft at
+    its next step. In-process the calls of a pass arrive together and the draft does not regroup.
     The wait counts only idle time (`_idle_now`): time spent in passes is the cores' and not the wait's, since
     the pass it would start could not have run then anyway. In-process that is the time this event loop spent
     in passes (any Batcher's on it: a draft pass, a prefill chunk); where replicas share the cores, the time

@@ -23,16 +23,7 @@ from .policy import GammaPolicy, make_policy, policy_kind, validate_policy_spec
 from .predictor import AcceptancePredictor
 from .sampling import SamplingParams
 from .text import eos_token_ids
-from .workers import (
-    DraftWorker,
-    Proposal,
-    SessionLM,
-    StepInputs,
-    TargetWorker,
-    Verification,
-    draft_session,
-    verify_session,
-)
+from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker, Verification, verify_session
 
 
 def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None,
@@ -51,7 +42,7 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
         async def verify(inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
             return target.verify(inputs, draft_token_ids)
     else:
-        proposals, draft_prefills = (Batcher(draft.propose_batch, batching, cores, draft_session, regroup_from=2),
+        proposals, draft_prefills = (Batcher(draft.propose_batch, batching, cores),
                                      Batcher(draft.prefill_step, batching, cores))
         verifications, target_prefills = (Batcher(target.verify_batch, batching, cores, session=verify_session),
                                           Batcher(target.prefill_step, batching, cores))
@@ -68,7 +59,6 @@ def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSett
         draft.lm.close(session_id)
         target.lm.close(session_id)
         if batching is not None:
-            proposals.forget(session_id)
             verifications.forget(session_id)
 
     return SplitExecutor(propose, verify, close)

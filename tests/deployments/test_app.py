@@ -51,6 +51,18 @@ def test_a_replica_on_shared_cores_regroups_its_verify_passes_for_up_to_one_pass
     assert WorkerSpec("m").batching(calibration).regroup_s == 0
 
 
+def test_a_draft_on_shared_cores_regroups_for_the_spread_of_a_pass_through_the_router_only():
+    """The draft waits for the sessions of its last drafting pass only as long as a whole pass's calls take to come
+    through the router a handover apart: a session that did not come back waits at the target, which waits for
+    the drafting ones, so a pass's fixed cost as the bound made both wait it out."""
+    calibration = {"rows": [{"tokens": 1, "sequences": 1, "ms": 1600.0}]}
+    draft = WorkerSpec("m", share_cores=True).draft_batching(calibration)
+    assert draft.regroup_s == pytest.approx(8 * 0.08) and draft.handover_s == pytest.approx(0.08)
+    cheap = {"rows": [{"tokens": 1, "sequences": 1, "ms": 20.0}]}  # a GPU-like pass: the pass is the bound
+    assert WorkerSpec("m", share_cores=True).draft_batching(cheap).regroup_s == pytest.approx(0.02)
+    assert WorkerSpec("m").draft_batching(calibration).regroup_s == 0
+
+
 def test_closing_a_session_stops_the_target_waiting_for_it():
     replica = TargetDeployment.func_or_class.__new__(TargetDeployment.func_or_class)
     replica.worker, replica.draft = SimpleNamespace(lm=SimpleNamespace(close=lambda sid: None)), None
