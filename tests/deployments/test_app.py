@@ -6,9 +6,9 @@ import pytest
 
 from deployments.app import build_app, model_replica_options
 from deployments.config import AppConfig
-from deployments.workers import TargetDeployment, WorkerSpec
+from deployments.workers import DraftDeployment, TargetDeployment, WorkerSpec
 from speckv.batching import Batcher, BatchSettings
-from speckv.workers import verify_session
+from speckv.workers import draft_session, verify_session
 
 
 def test_a_cpu_replica_asks_for_the_cores_its_threads_use():
@@ -70,3 +70,15 @@ def test_closing_a_session_stops_the_target_waiting_for_it():
     replica._verify._expected = {"ended", "running"}
     replica.close("ended")
     assert replica._verify._expected == {"running"}
+
+
+def test_closing_a_session_stops_the_draft_waiting_for_it():
+    """A served draft on shared cores regroups its drafting passes by session: a request that ended is forgotten,
+    so the next drafting pass does not wait for it."""
+    replica = DraftDeployment.func_or_class.__new__(DraftDeployment.func_or_class)
+    replica.worker = SimpleNamespace(lm=SimpleNamespace(close=lambda sid: None))
+    replica._propose = Batcher(lambda calls: calls, BatchSettings(regroup_s=1.0), session=draft_session)
+    replica._propose._expected = {"ended", "running"}
+    replica.close("ended")
+    assert replica._propose._expected == {"running"}
+
