@@ -27,7 +27,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-PASS_LOG_ENV = "SPECKV_PASS_LOG"  # a file to which every Batcher pass appends a JSON line (diagnosis: when, what)
+PASS_LOG_ENV = "SPECKV_PASS_LOG"  # a file to which every Batcher made under it appends a JSON line a pass (diagnosis)
 
 _BUSY_S: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, float] = weakref.WeakKeyDictionary()  # s in passes
 
@@ -96,6 +96,7 @@ class Batcher(Generic[T, R]):
         self.cores = cores  # held for each pass where replicas share the machine's cores
         self.session = session
         self.regroup_from = regroup_from  # a pass of fewer calls sets no sessions to wait for (a lone probe)
+        self._pass_log = os.environ.get(PASS_LOG_ENV)  # read once: off, a pass does nothing more for it
         # (call, its result, when it arrived, when on the idle clock: `_idle_now`, read only where it regroups)
         self._pending: list[tuple[T, asyncio.Future, float, float]] = []
         self._runner: asyncio.Task | None = None
@@ -203,8 +204,9 @@ class Batcher(Generic[T, R]):
             return
         finally:
             _BUSY_S[loop] = _BUSY_S.get(loop, 0.0) + loop.time() - begun
-            _log_pass(self.fn, [item for item, _, _ in batch], (begun - batch[0][2]) * 1e3,
-                      (loop.time() - begun) * 1e3)
+            if self._pass_log:
+                _log_pass(self._pass_log, self.fn, [item for item, _, _ in batch], (begun - batch[0][2]) * 1e3,
+                          (loop.time() - begun) * 1e3)
         for (_, future, arrived), result in zip(batch, results):
             if future.done():
                 continue
@@ -216,13 +218,10 @@ class Batcher(Generic[T, R]):
             future.set_result(result)
 
 
-def _log_pass(fn: Callable, items: list, waited_ms: float, ms: float) -> None:
-    """Where SPECKV_PASS_LOG names a file, append this pass to it: its end on the wall clock (comparable across
-    the replicas' processes), what ran, how many calls, the drafted tokens of verify calls ((inputs, draft ids)
-    pairs), how long its first call waited for it and how long it ran. Off (one dict lookup) otherwise."""
-    path = os.environ.get(PASS_LOG_ENV)
-    if not path:
-        return
+def _log_pass(path: str, fn: Callable, items: list, waited_ms: float, ms: float) -> None:
+    """Append this pass to the log at `path` (SPECKV_PASS_LOG when the Batcher was made): its end on the wall
+    clock (comparable across the replicas' processes), what ran, how many calls, the drafted tokens of verify
+    calls ((inputs, draft ids) pairs), how long its first call waited for it and how long it ran."""
     drafted = sum(len(item[1]) for item in items if isinstance(item, tuple) and len(item) == 2)
     line = {"end": time.time(), "pid": os.getpid(), "fn": getattr(fn, "__qualname__", repr(fn)), "calls": len(items),
             "drafted": drafted, "waited_ms": round(waited_ms, 2), "ms": round(ms, 2)}
