@@ -145,7 +145,7 @@ class DraftDeployment:
         return {"draft": self._calibration}
 
     async def propose(self, inputs: StepInputs) -> Proposal:
-        await admit_and_prefill(self.worker, inputs, self._prefill)  # a new request's prompt, in chunks
+        await admit_and_prefill(self.worker, inputs, self._prefill)  # a long prompt's chunks before the last
         return raise_failed(await self._propose(inputs))  # a closed session fails alone
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
@@ -194,7 +194,7 @@ class TargetDeployment:
         return self._calibration
 
     async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
-        await admit_and_prefill(self.worker, inputs, self._prefill)  # a new request's prompt, in chunks
+        await admit_and_prefill(self.worker, inputs, self._prefill)  # a long prompt's chunks before the last
         return raise_failed(await self._verify((inputs, draft_token_ids)))  # a closed session fails alone
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)

@@ -1,6 +1,7 @@
-"""Reading several prompts at once, as a replica's chunked prefill does (SessionLM.prefill_step), for the draft
-and the target of a tier: the passes it takes and their time, median of `--repeats`. Run it on two commits to
-compare a change to the prefill path (the machine drifts: alternate them).
+"""Reading several prompts at once, as a replica does (chunk passes of SessionLM.prefill_step for what is longer
+than a chunk, the rest in one shared pass), for the draft and the target of a tier: the passes it takes and
+their time, median of `--repeats`. Run it on two commits to compare a change to the prefill path (the machine
+drifts: alternate them).
 
     python scripts/prefill_batch.py --tier nf4 --prompts docs/results/milan/prompts8.jsonl \\
         --out docs/results/milan/prefill_no_logits_after.json
@@ -18,7 +19,7 @@ from speckv.calibration import hardware_id
 from speckv.local import LocalEngine
 from speckv.text import encode_prompt
 from speckv.tools.bench import load_prompts
-from speckv.workers import SessionLM
+from speckv.workers import LogitsCall, SessionLM
 
 
 def read_together(lm: SessionLM, prompts: list[list[int]], tag: str) -> tuple[float, int]:
@@ -26,9 +27,10 @@ def read_together(lm: SessionLM, prompts: list[list[int]], tag: str) -> tuple[fl
     items = [(f"{tag}-{k}", ids[:-1]) for k, ids in enumerate(prompts)]
     for session, ids in items:
         lm.admit(session, ids)
-    start, passes = time.perf_counter(), 0
-    while lm.prefill_step(items):  # the sessions it fed: none once every prompt is read
+    start, passes = time.perf_counter(), 1
+    while lm.prefill_step(items):  # the sessions it fed: none once every prompt lacks at most a chunk
         passes += 1
+    lm.logits_batch([LogitsCall(session, ids, 1) for session, ids in items])  # the rest, as a first shared pass
     ms = (time.perf_counter() - start) * 1e3
     for session, _ in items:
         lm.close(session)

@@ -55,8 +55,8 @@ request follows its own estimates (the text at hand). A request's own catch-up s
 
 The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
 tokens of every target-only step since it last drafted (speckv.policy.RequestProgress follows how much it
-lacks). Reading them is a prefill pass (CostModel.catch_up_ms, calibrated; waited for by the requests of its
-pass or, where the replicas share the cores, by every request on them), paid once, after which every
+lacks). Reading them rides in its first drafting pass (CostModel.catch_up_ms, calibrated; waited for by the
+requests of its pass or, where the replicas share the cores, by every request on them), paid once, after which every
 drafting step left in the request benefits: a step is charged its share, the catch-up over the steps the
 request's remaining tokens make. So a long prompt with a short answer is not drafted for where the draft's
 prefill would cost more than drafting saves, and a probe's spacing counts its catch-up too. The share decides
@@ -314,8 +314,8 @@ class AdaptivePolicy:
         return SETTLE_SHARE * catch_up / 1e3 if drafts else 0.0
 
     def _catch_up_ms(self, behind: int) -> float:
-        """What reading the `behind` tokens its draft lacks costs the pass: the catch-up (a prefill pass the
-        draft runs apart), waited for by every request in the pass."""
+        """What reading the `behind` tokens its draft lacks costs the pass: the catch-up (fed in the drafting
+        pass, or in chunk passes before it where longer than a chunk), waited for by every request in the pass."""
         return self._catch_up_per_token * (behind - CAUGHT_UP) if behind > CAUGHT_UP else 0.0
 
     def _pass_logits(self) -> list[float]:

@@ -232,9 +232,10 @@ def _log_pass(path: str, fn: Callable, items: list, waited_ms: float, ms: float)
 async def admit_and_prefill(worker: ModelWorker, inputs: StepInputs,
                             prefill_step: Callable[[StepInputs], Awaitable[int]]) -> None:
     """Before a request's call joins a batched pass: admit it (KVCapacityError where its cache would not
-    fit) and, where its cache lacks much of its context (a new request's prompt), prefill it through
-    `prefill_step` (a batched `ModelWorker.prefill_step`): one chunk pass per call, shared with other new
-    requests, so the running requests' passes run between the chunks."""
+    fit) and, where its cache lacks more of its context than a chunk (a long prompt), prefill it through
+    `prefill_step` (a batched `ModelWorker.prefill_step`) until it lacks at most a chunk, which the call's own
+    pass then feeds beside the others' rows (a short prompt makes no pass of its own); one chunk pass per call,
+    shared with other new requests, so the running requests' passes run between the chunks."""
     worker.admit(inputs)
     while worker.needs_prefill(inputs):
         await prefill_step(inputs)

@@ -23,8 +23,9 @@ scoring as many tokens does (the linear layers see rows either way; 8 × 1 measu
 
 Catch-up. The draft reads only what it is asked to draft after: a request that has not drafted yet (its
 prompt) or not for a while (target-only steps) has a draft cache that lacks part of its context, and its
-next drafting step first feeds those tokens (a prefill pass). `catch_up_ms` prices that, from the
-calibrated prefill time per token; the one or two tokens every drafting step feeds after a verification
+next drafting step first feeds those tokens (in its first drafting pass, up to a chunk; chunk passes before it
+for more: speckv.workers.DEFAULT_PREFILL_CHUNK). `catch_up_ms` prices that, from the calibrated time per token
+of reading a context; the one or two tokens every drafting step feeds after a verification
 are in `draft_ms_per_token` already.
 """
 
@@ -345,7 +346,7 @@ class LiveCost:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
         inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
         many tokens the draft read first. A draft call that caught up on more than CAUGHT_UP tokens teaches
-        nothing of the draft (its time is mostly that prefill, which runs apart from the drafting passes).
+        nothing of the draft (its time is mostly that read, which no drafting pass of the calibration carried).
         Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
         waiting under load stayed in the price of every drafting step after the load was gone (180 ms on an
         AVX512-BF16 EPYC, so γ = 0 alone where fixed γ = 2 ran 1.5x faster), since target-only steps do not

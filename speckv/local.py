@@ -29,8 +29,9 @@ from .workers import DraftWorker, Proposal, SessionLM, StepInputs, TargetWorker,
 def local_executor(draft: DraftWorker, target: TargetWorker, batching: BatchSettings | None = None,
                    cores: CoreLease | None = None) -> SplitExecutor:
     """A step executor over in-process workers. With `batching`, the calls of requests running concurrently
-    (on one event loop) share forward passes (speckv.batching); new requests' prompts are prefilled together,
-    in chunks, between those passes; with `cores` too, every pass holds that lease."""
+    (on one event loop) share forward passes (speckv.batching); a new request's prompt rides in its first pass
+    (a prompt longer than a chunk is first prefilled in chunk passes, together with other new requests', between
+    those passes); with `cores` too, every pass holds that lease."""
     if batching is None:
         # Both passes run on the loop's thread, as the Batcher's do (speckv.batching.Batcher says why), so the
         # policy's `prepare` runs after the verification, not beside it (SplitExecutor.run_step): verified in

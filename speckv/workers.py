@@ -27,9 +27,13 @@ from .signals import NO_STOP, DraftSignals, DraftStop
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
 DEFAULT_ACTIVE_S = 5.0  # a session used this recently belongs to a running request (SessionLM's byte bound)
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per forward pass in a chunked prefill (SessionLM.prefill)
-PREFILL_LEAVE = 16  # tokens a cache may lack and still go into the shared pass (more: prefilled first)
-PREFILL_PADDING = 0.25  # a prefill pass's padded tokens, at most this share of its real ones
+# prompt tokens per forward pass in a chunked prefill (SessionLM.prefill), and what a cache may lack and still be
+# fed in the shared pass itself (a verify or drafting pass, packed beside the others' rows: `packed_forward`),
+# as vLLM's chunked prefill mixes a prompt's chunk into the decode passes. A pass of its own cost a 64-token
+# prompt ~570 ms where riding in a verify pass of eight added ~490 ms (fp16, AVX512-BF16 EPYC), and the running
+# requests waited through both either way; read alone, each prompt paid a pass's fixed cost
+DEFAULT_PREFILL_CHUNK = 256
+PREFILL_PADDING = 0.25  # a padded pass's padded (or needlessly scored) tokens, at most this share of its real ones
 CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
 
 
@@ -404,10 +408,11 @@ class SessionLM:
 
     def prefill(self, session_id: str, token_ids: list[int], chunk_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
         """Admit a session (KVCapacityError where it does not fit) and prefill it as `prefill_step` would,
-        until its cache lacks at most PREFILL_LEAVE of `token_ids`; returns the passes made."""
+        until its cache lacks at most `chunk_tokens` of `token_ids` (the next call feeds those in its own pass);
+        returns the passes made."""
         self.admit(session_id, token_ids)
         passes = 0
-        while self.missing(session_id, token_ids) > PREFILL_LEAVE:
+        while self.missing(session_id, token_ids) > chunk_tokens:
             self._refuse_closed(session_id)
             self.prefill_step([(session_id, token_ids)], chunk_tokens)
             passes += 1
@@ -415,8 +420,8 @@ class SessionLM:
 
     @torch.inference_mode()
     def prefill_step(self, items: list[tuple[str, list[int]]], chunk_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
-        """One pass of chunked prefill: the sessions whose caches lack more than PREFILL_LEAVE of their tokens
-        (new requests' prompts, rebuilt caches) are fed up to `chunk_tokens` each, in one pass with those whose
+        """One pass of chunked prefill: the sessions whose caches lack more than `chunk_tokens` of their tokens
+        (long prompts, rebuilt caches) are fed `chunk_tokens` each, in one pass with those whose
         chunks are about as long as the longest (so padding costs at most PREFILL_PADDING of the pass; the rest
         wait for the next). One pass per call: the running requests' passes run between a long prompt's
         chunks. Returns the sessions fed."""
@@ -427,7 +432,7 @@ class SessionLM:
                     continue  # its request has ended; its next call fails alone (logits_batch)
                 session = self._open(session_id)
                 done = common_prefix_len(session.token_ids, token_ids)
-                if len(token_ids) - done > PREFILL_LEAVE:
+                if len(token_ids) - done > chunk_tokens:
                     upto = min(len(token_ids), done + chunk_tokens)
                     # no logits: nobody reads a chunk's, and a padded pass scored every row from the shortest
                     # row's end on (eight drafts' prompts: 254 rows through the 151936-wide output layer)
@@ -535,20 +540,26 @@ def _fed_lengths(rows: list[_Row]) -> list[int]:
 def pass_positions(rows: list[_Row]) -> int:
     """Token positions a pass over `rows` runs: the fed tokens, plus the padding where it pads (`batched_forward`)."""
     fed = _fed_lengths(rows)
-    return sum(fed) if len(rows) == 1 or _packs(fed) else len(fed) * max(fed)
+    return sum(fed) if len(rows) == 1 or _packs(rows) else len(fed) * max(fed)
 
 
-def _packs(fed: list[int]) -> bool:
-    """Whether a pass with these fed lengths runs packed: where padding them to the longest would add more than
-    PREFILL_PADDING of their tokens (a verify pass whose requests drafted runs of different lengths)."""
-    return len(fed) * max(fed) > (1 + PREFILL_PADDING) * sum(fed)
+def _packs(rows: list[_Row]) -> bool:
+    """Whether a pass over `rows` runs packed: where padded, the positions it would pad or the rows it would score
+    beyond those wanted come to more than PREFILL_PADDING of the real tokens fed (padded, every row is scored from
+    the earliest wanted position on, through the whole vocabulary: a verify pass whose requests drafted runs of
+    different lengths pads; a few prompts keeping one logit beside verify rows keeping all theirs score)."""
+    fed = _fed_lengths(rows)
+    wanted = [row.call.num_logits for row in rows]
+    scored_from = min((f - n for f, n in zip(fed, wanted) if n), default=max(fed))  # padded_forward's `first`
+    waste = max(len(fed) * max(fed) - sum(fed), len(fed) * (max(fed) - scored_from) - sum(wanted))
+    return waste > PREFILL_PADDING * sum(fed)
 
 
 def batched_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
     """One forward pass over several sessions with different cached and fed lengths (a ragged batch): packed
     into one sequence where padding would waste more than PREFILL_PADDING of the pass (`packed_forward`),
     else padded (`padded_forward`: the model's batched layout, no cross-row attention to mask)."""
-    return packed_forward(model, rows) if _packs(_fed_lengths(rows)) else padded_forward(model, rows)
+    return packed_forward(model, rows) if _packs(rows) else padded_forward(model, rows)
 
 
 def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
@@ -703,10 +714,11 @@ class ModelWorker:
         self.lm.admit(inputs.session_id, inputs.context_ids[:-1])
 
     def needs_prefill(self, inputs: StepInputs) -> bool:
-        """Whether the cache lacks too much of the context for the shared pass (SessionLM.prefill_step); not
-        for a closed session (its call then fails alone in the pass)."""
+        """Whether the cache lacks more of the context than a chunk (DEFAULT_PREFILL_CHUNK), which chunk passes
+        read first (SessionLM.prefill_step; up to a chunk, the call's own pass feeds it); not for a closed session
+        (its call then fails alone in the pass)."""
         return (not self.lm.is_closed(inputs.session_id)
-                and self.lm.missing(inputs.session_id, inputs.context_ids[:-1]) > PREFILL_LEAVE)
+                and self.lm.missing(inputs.session_id, inputs.context_ids[:-1]) > DEFAULT_PREFILL_CHUNK)
 
     def prefill(self, inputs: StepInputs) -> None:
         """`admit`, then the chunk passes `needs_prefill` asks for, alone: a single request's calls make the

@@ -41,7 +41,7 @@ def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model, monk
     """Rows with a warm cache cut back, a new session, different fed lengths and logits kept; then a second
     pass on the caches the batched one left behind. In both layouts of a pass: packed into one sequence and
     padded to the longest row."""
-    monkeypatch.setattr(workers, "_packs", lambda fed: packed)
+    monkeypatch.setattr(workers, "_packs", lambda rows: packed)
     alone, batched = SessionLM(target_model), SessionLM(target_model)
     seqs = _sequences(5, 17, 40, 3)
     for lm in (alone, batched):
@@ -60,27 +60,71 @@ def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model, monk
 def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
     chunked, whole = SessionLM(target_model), SessionLM(target_model)
     (prompt,) = _sequences(300)
-    assert chunked.prefill("a", prompt, chunk_tokens=64) == 5  # 64+64+64+64+44: the whole prompt, in chunks
-    assert chunked.prefill("a", prompt + [1] * 16, chunk_tokens=64) == 0  # a few tokens more go in the shared pass
-    assert chunked.prefill("a", prompt + [1] * 17, chunk_tokens=64) == 1
+    assert chunked.prefill("a", prompt, chunk_tokens=64) == 4  # 64+64+64+64; the last 44 ride in the next pass
+    assert chunked.missing("a", prompt) == 44
+    assert chunked.prefill("a", prompt + [1] * 20, chunk_tokens=64) == 0  # a chunk's worth goes in the shared pass
+    assert chunked.prefill("a", prompt + [1] * 21, chunk_tokens=64) == 1
     torch.testing.assert_close(chunked.logits("a", prompt + [3], 2), whole.logits("a", prompt + [3], 2),
                                atol=1e-5, rtol=1e-5)
 
 
+def test_a_short_prompt_rides_in_the_verify_pass_of_the_running_requests(target_model):
+    """A new request's prompt of at most a chunk is fed in the shared verify pass itself, packed beside the
+    running requests' rows, not in a prefill pass of its own (which paid a pass's fixed cost for each prompt read
+    alone): one forward call for the whole pass, the output layer scoring only the rows wanted, and every request
+    gets what it gets alone."""
+    from speckv.workers import StepInputs, TargetWorker
+
+    running = _sequences(20, 27, seed=11)
+    (prompt,) = _sequences(50, seed=12)
+    batched, alone = TargetWorker(SessionLM(target_model)), TargetWorker(SessionLM(target_model))
+    for worker in (batched, alone):
+        for i, context in enumerate(running):
+            worker.lm.logits(f"r{i}", context, 1)
+    steps = [StepInputs(f"r{i}", context + [5], 1, SamplingParams(), 0, 3) for i, context in enumerate(running)]
+    new = StepInputs("new", prompt, 2, SamplingParams(), 0, 0)
+    assert not batched.needs_prefill(new)
+    passes, scored = [], []
+    hooks = [target_model.register_forward_hook(lambda *_: passes.append(1)),
+             target_model.get_output_embeddings().register_forward_hook(
+                 lambda module, args, out: scored.append(args[0].shape[-2] * args[0].shape[0]))]
+    try:
+        got = batched.verify_batch([(s, [9]) for s in steps] + [(new, [3, 4])])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(passes) == 1 and scored == [2 + 2 + 3] and got[0].batch_tokens == 2 + 2 + 52
+    expected = [alone.verify(s, [9]) for s in steps] + [alone.verify(new, [3, 4])]
+    assert [g.target_token_ids for g in got] == [e.target_token_ids for e in expected]
+
+
+def test_a_pass_packs_where_padding_would_run_or_score_what_nobody_wants():
+    """Padded, a pass runs every row as long as the longest and scores every row from the earliest wanted
+    position on; where either wastes more than PREFILL_PADDING of the real tokens, it runs packed."""
+    def rows(*spec: tuple[int, int]) -> list:
+        return [workers._Row(None, LogitsCall(str(i), [1] * fed, n)) for i, (fed, n) in enumerate(spec)]
+
+    assert not workers._packs(rows(*[(3, 3)] * 8))  # a verify pass of equal runs
+    assert workers._packs(rows(*[(2, 2)] * 7, (4, 4)))  # one longer run: padding
+    assert not workers._packs(rows((40, 1), (38, 1), (36, 1)))  # prompts of about one length: 12 rows scored too many
+    assert workers._packs(rows((40, 1), (40, 1), (40, 1), (36, 36)))  # as long, but one scores all: 121 too many
+    assert workers.pass_positions(rows((40, 1), (40, 1), (40, 1), (36, 36))) == 156
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_prefill_pass_scores_no_row_and_leaves_the_caches_reading_alone_would(target_model, monkeypatch, packed):
-    """Prompts of different lengths read in one prefill pass (both layouts): nobody reads a chunk's logits, so
-    the output layer runs on no row (padded, it scored every row from the shortest prompt's end on: 254 rows
-    of the 151936-wide output layer for eight drafts' prompts); the caches it leaves give what reading alone
-    would."""
-    monkeypatch.setattr(workers, "_packs", lambda fed: packed)
-    prompts = _sequences(40, 36, 33, 30)  # padded to 40: within PREFILL_PADDING, so one pass
+    """Prompts of different lengths, a chunk of each read in one prefill pass (both layouts): nobody reads a
+    chunk's logits, so the output layer runs on no row (padded, it scored every row from the shortest prompt's
+    end on: 254 rows of the 151936-wide output layer for eight drafts' prompts); the caches it leaves give what
+    reading alone would."""
+    monkeypatch.setattr(workers, "_packs", lambda rows: packed)
+    prompts = _sequences(40, 36, 33, 30)  # each lacks more than a chunk of 16: one chunk each, in one pass
     batched, alone = SessionLM(target_model), SessionLM(target_model)
     scored = []
     hook = target_model.get_output_embeddings().register_forward_hook(
         lambda module, args, out: scored.append(args[0].shape[-2] * args[0].shape[0]))
     try:
-        assert batched.prefill_step([(f"p{i}", p) for i, p in enumerate(prompts)]) == len(prompts)
+        assert batched.prefill_step([(f"p{i}", p) for i, p in enumerate(prompts)], chunk_tokens=16) == len(prompts)
     finally:
         hook.remove()
     assert scored == [0]
@@ -103,10 +147,10 @@ def test_a_half_precision_models_passes_compute_in_float32_from_the_chosen_size(
              lm.output_layer.register_forward_pre_hook(lambda module, args: head.append(multiplies_in(module)))]
     prompt = _sequences(40)[0]
     try:
-        lm.prefill("as loaded", prompt)
+        lm.logits("as loaded", prompt, 1)
         assert lm.compute_in_float32_from(4) == lm.float32_copy_bytes() > 0
         for session in ("in float32", "s0", "s1"):
-            lm.prefill(session, prompt)
+            lm.logits(session, prompt, 1)
         assert body == [torch.bfloat16] + 3 * [torch.float32] and set(head) == {torch.bfloat16}  # 40 tokens, 1 row
         del body[:], head[:]
         steps = [lm.logits(s, prompt + [5, 6], 3) for s in ("as loaded", "in float32")]  # 3 positions each
@@ -250,7 +294,7 @@ def test_a_closed_session_fails_alone_in_a_shared_pass(draft_model, target_model
     assert isinstance(failed, SessionClosedError) and len(proposal.token_ids) == 3
     with pytest.raises(SessionClosedError):
         target.verify(steps[0], [1])
-    long = StepInputs("a", _sequences(60)[0], 3, SamplingParams(), 0, 1)  # would need a prefill: it must not spin
+    long = StepInputs("a", _sequences(300)[0], 3, SamplingParams(), 0, 1)  # would need a prefill: it must not spin
     assert not target.needs_prefill(long)
     with pytest.raises(SessionClosedError):
         target.lm.prefill("a", long.context_ids)
