@@ -342,11 +342,16 @@ class LiveCost:
     def observe(self, gamma: int, draft_ms: float, verify_ms: float, context_len: int,
                 draft_compute_ms: float | None = None, verify_compute_ms: float | None = None,
                 sequences: int = 1, batch_tokens: int = 0, draft_behind: int = 0, draft_waited_ms: float = 0.0,
-                verify_waited_ms: float = 0.0, draft_passes: int = 0, draft_rows: int = 0) -> None:
+                verify_waited_ms: float = 0.0, draft_passes: int = 0, draft_rows: int = 0,
+                verify_read: int = 0) -> None:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
         inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
-        many tokens the draft read first. A draft call that caught up on more than CAUGHT_UP tokens teaches
-        nothing of the draft (its time is mostly that read, which no drafting pass of the calibration carried).
+        many tokens the draft read first. A draft call where a sequence caught up on more than CAUGHT_UP tokens
+        teaches nothing of the draft (its time is mostly that read, which no drafting pass of the calibration
+        carried), nor a verify pass that read context beyond the tokens it scored (`verify_read`: a new request's
+        prompt riding in it, speckv.workers.DEFAULT_PREFILL_CHUNK) anything of verification. Counted, the
+        prompts riding in the passes of 8 and 16 fp16 streams (AVX512-BF16 EPYC) taught a draft 3.4x its cost
+        and a verify pass whose drafted tokens cost nothing, and one stream after them drafted nothing.
         Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
         waiting under load stayed in the price of every drafting step after the load was gone (180 ms on an
         AVX512-BF16 EPYC, so γ = 0 alone where fixed γ = 2 ran 1.5x faster), since target-only steps do not
@@ -364,6 +369,8 @@ class LiveCost:
             predicted = (self.base.drafting_passes_ms(draft_passes, draft_rows) if draft_passes
                          else self.base.draft_ms(gamma, sequences))
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, predicted, draft_waited_ms)
+        if verify_read > 0:
+            return
         fixed, tokens = self._verify_parts(gamma, context_len, sequences, others)
         if self.learn_shape:
             self.verify_tokens.observe(verify_ms if verify_compute_ms is None else verify_compute_ms, fixed, tokens)

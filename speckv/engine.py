@@ -236,9 +236,9 @@ async def speculate(
 
             timing = StepTiming(call.draft_wall_ms, call.verify_wall_ms, len(context), len(new), proposal.compute_ms,
                                 verification.compute_ms, verification.batch_size, verification.batch_tokens,
-                                step_context.draft_behind if gamma else 0, proposal.waited_ms,
-                                verification.waited_ms, verification.others_deepest, proposal.passes,
-                                proposal.rows) if step else None
+                                max(step_context.draft_behind, proposal.most_read) if gamma else 0,
+                                proposal.waited_ms, verification.waited_ms, verification.others_deepest,
+                                proposal.passes, proposal.rows, verification.read_tokens) if step else None
             outcome = progress.advance(proposal.signals, accepted, timing)
             policy.observe(outcome)
             record = StepRecord(

@@ -222,8 +222,9 @@ class RequestEstimates:
         tokens over its wall time the rate."""
         self.tier.cost.observe(gamma, t.draft_ms, t.verify_ms, t.context_len, t.draft_compute_ms, t.verify_compute_ms,
                                t.batch_size, t.batch_tokens, t.draft_behind, t.draft_waited_ms, t.verify_waited_ms,
-                               t.draft_passes, t.draft_rows)
-        self.tier.load.observe(t.batch_size, t.batch_tokens or gamma + 1, t.others_deepest)
+                               t.draft_passes, t.draft_rows, t.verify_read)
+        self.tier.load.observe(t.batch_size, t.batch_tokens - t.verify_read if t.batch_tokens else gamma + 1,
+                               t.others_deepest)
         ms = t.draft_ms + t.verify_ms - t.draft_waited_ms - t.verify_waited_ms  # its passes, not waits for others'
         self.rate.observe(t.emitted, ms)
         self.shared.rate.observe(t.emitted, ms)

@@ -45,12 +45,15 @@ class StepTiming:
     verify_compute_ms: float | None = None
     batch_size: int = 1  # requests in the verify pass
     batch_tokens: int = 0  # token positions the verify pass ran, padding included (0: not reported)
-    draft_behind: int = 0  # tokens the draft read before drafting (StepContext.draft_behind)
+    # the most tokens a sequence of its drafting passes read before drafting: its own catch-up
+    # (StepContext.draft_behind), or another's riding in the same pass (Proposal.most_read)
+    draft_behind: int = 0
     draft_waited_ms: float = 0.0  # of the wall times, waiting in the replica for a pass to begin (the load's,
     verify_waited_ms: float = 0.0  # not a hop's: a hop is paid again on every call, waiting only under load)
     others_deepest: int = 0  # the longest draft run among the other sequences of the verify pass
     draft_passes: int = 0  # the drafting passes the draft call ran (its batch's longest run; 0: not reported)
     draft_rows: int = 0  # the sequence-positions they carried (the sum of its batch's runs)
+    verify_read: int = 0  # of `batch_tokens`, context read beyond what is scored (Verification.read_tokens)
 
 
 @dataclass(frozen=True)

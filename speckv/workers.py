@@ -674,6 +674,8 @@ class Proposal:
     waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
     passes: int = 0  # drafting passes the batch ran (its longest run), which `compute_ms` timed
     rows: int = 0  # sequence-positions those passes carried (the sum of the batch's runs)
+    most_read: int = 0  # the most context tokens one sequence of the batch read in its first pass before drafting
+    # (a catch-up: 1-2 after a verification; a whole prompt or stretch of target-only steps riding in it)
 
 
 @dataclass
@@ -687,6 +689,7 @@ class Verification:
     batch_tokens: int = 0  # token positions the pass ran, over all its sequences (padding included where it padded)
     waited_ms: float = 0.0  # in the replica before its pass began, for the cores or the batch (speckv.batching)
     others_deepest: int = 0  # the longest draft run among the other sequences in the pass
+    read_tokens: int = 0  # of `batch_tokens`, context its sequences read beyond what they score (prompts riding in it)
 
 
 @dataclass(frozen=True)
@@ -749,6 +752,7 @@ class DraftWorker(ModelWorker):
         runs = [_DraftRun(inputs) for inputs in batch]
         active = [run for run in runs if run.inputs.gamma > 0]
         calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids, 1) for run in active]
+        most_read = max((self.lm.missing(c.session_id, c.token_ids) for c in calls), default=0)
         while active:
             for run, logits in zip(active, self.lm.logits_batch(calls)):
                 if isinstance(logits, Exception):
@@ -759,7 +763,8 @@ class DraftWorker(ModelWorker):
             calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids + run.tokens, 1) for run in active]
         ms = (time.perf_counter() - start) * 1e3
         drafted = [len(run.tokens) for run in runs]
-        return [run.failed or run.proposal(ms, len(batch), max(drafted, default=0), sum(drafted)) for run in runs]
+        return [run.failed or run.proposal(ms, len(batch), max(drafted, default=0), sum(drafted), most_read)
+                for run in runs]
 
 
 class _DraftRun:
@@ -788,9 +793,10 @@ class _DraftRun:
         self.done = len(self.tokens) == self.inputs.gamma or self.stopper.stop_after(
             self.signals.confidence[-1], self.signals.entropy[-1])
 
-    def proposal(self, ms: float, batch_size: int, passes: int, rows: int) -> Proposal:
+    def proposal(self, ms: float, batch_size: int, passes: int, rows: int, most_read: int) -> Proposal:
         draft_probs = torch.stack(self.probs_rows) if self.probs_rows else None
-        return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size, passes=passes, rows=rows)
+        return Proposal(self.tokens, draft_probs, self.signals, ms, batch_size, passes=passes, rows=rows,
+                        most_read=most_read)
 
 
 def draft_session(inputs: StepInputs) -> str:
@@ -818,6 +824,7 @@ class TargetWorker(ModelWorker):
         start = time.perf_counter()
         calls = [LogitsCall(inputs.session_id, inputs.context_ids + drafted, len(drafted) + 1)
                  for inputs, drafted in batch]
+        read = sum(max(self.lm.missing(c.session_id, c.token_ids) - c.num_logits, 0) for c in calls)
         all_logits, scored = self.lm.logits_pass(calls)  # scored: positions run, padding included where it padded
         results = [logits if isinstance(logits, Exception)
                    else Verification(logits.argmax(-1).tolist(), None) if inputs.params.greedy
@@ -828,5 +835,6 @@ class TargetWorker(ModelWorker):
         for i, result in enumerate(results):
             if isinstance(result, Verification):
                 result.compute_ms, result.batch_size, result.batch_tokens = ms, len(batch), scored
+                result.read_tokens = read
                 result.others_deepest = max(runs[:i] + runs[i + 1:], default=0)
         return results

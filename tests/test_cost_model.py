@@ -105,6 +105,27 @@ def test_the_drafts_catch_up_is_priced_beyond_what_a_drafting_step_feeds_and_not
     assert live.catch_up_ms(66) == pytest.approx(2 * 64 * 14.0)
 
 
+def test_a_prompt_riding_in_the_verify_pass_teaches_neither_the_verify_cost_nor_the_load():
+    """A new request's prompt read in the running requests' verify pass (speckv.workers.DEFAULT_PREFILL_CHUNK)
+    makes that pass several times as long: the steps sharing it report the context it read (`verify_read`), and
+    neither the verify curve nor the tokens a pass carries learn from it; the passes without one still teach."""
+    from speckv.estimates import RequestEstimates, TierEstimates
+    from speckv.policy import StepTiming
+
+    base = CostModel(draft_ms_per_token=80.0, verify_ms_base=250.0, verify_ms_per_token=5.0,
+                     verify_ms_per_sequence=20.0)
+    tier = TierEstimates.calibrated(base)
+    request = RequestEstimates(tier, greedy=True)
+    plain = float(base.verify_ms(0, 100, 8, 7))
+    for _ in range(9):  # eight sequences, one token each, and a 64-token prompt read beside them
+        request.observe_step(0, StepTiming(0.0, plain * 3, 100, 1, 0.0, plain * 3, 8, 8 + 64, verify_read=64))
+    assert tier.cost.verify.count == 0 and tier.cost.verify.value == 1.0
+    assert tier.load.tokens.value == 8.0
+    for _ in range(9):  # the same passes without the prompt, 10% slower than calibrated: learned
+        request.observe_step(0, StepTiming(0.0, plain * 1.1, 100, 1, 0.0, plain * 1.1, 8, 8))
+    assert tier.cost.verify.value == pytest.approx(1.1)
+
+
 def test_waiting_in_a_replica_for_a_pass_is_not_learned_as_a_hop():
     """Under load a call waits in its replica for the cores or the batch: that is the load's time, and it goes
     with the load. Learned as a hop it would stay in every drafting step's price (target-only steps never

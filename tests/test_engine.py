@@ -473,3 +473,39 @@ def test_the_work_overlapped_with_a_verification_waits_for_the_other_requests_ca
 
     asyncio.run(run())
     assert log[:3] == ["call a", "call b", "call c"] and sorted(log[3:]) == ["work a", "work b", "work c"]
+
+
+def test_a_steps_timing_carries_what_its_passes_read_for_other_requests(tokenizer):
+    """The policy learns a step's costs from its timing: a drafting pass where another request's prompt rode
+    (Proposal.most_read) counts as a catch-up, and a verify pass that read a prompt says how much
+    (Verification.read_tokens), so neither is learned as drafting or verification (LiveCost.observe)."""
+    from speckv.engine import SplitExecutor, run_to_completion
+    from speckv.signals import NO_STOP, DraftSignals
+    from speckv.workers import Proposal, Verification
+
+    async def propose(inputs):
+        return Proposal([5], None, DraftSignals([0.0], [0.9], [1.0]), 10.0, 2, passes=1, rows=2, most_read=40)
+
+    async def verify(inputs, drafted):
+        return Verification([5, 6], None, 30.0, 2, 2 + 1 + 40, read_tokens=40)
+
+    async def close(session_id):
+        pass
+
+    class Recording:
+        name, draft_stop = "recording", NO_STOP
+
+        def __init__(self) -> None:
+            self.timings = []
+
+        def choose(self, context):
+            return 1
+
+        def observe(self, outcome) -> None:
+            self.timings.append(outcome.timing)
+
+    policy = Recording()
+    request = GenerationRequest(prompt_ids=PROMPT, max_new_tokens=6)
+    asyncio.run(run_to_completion(request, SplitExecutor(propose, verify, close), policy, tokenizer))
+    later = [t for t in policy.timings if t is not None]
+    assert later and {(t.draft_behind, t.verify_read) for t in later} == {(40, 40)}

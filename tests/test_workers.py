@@ -94,8 +94,25 @@ def test_a_short_prompt_rides_in_the_verify_pass_of_the_running_requests(target_
         for hook in hooks:
             hook.remove()
     assert len(passes) == 1 and scored == [2 + 2 + 3] and got[0].batch_tokens == 2 + 2 + 52
+    assert {g.read_tokens for g in got} == {49}  # the prompt but its last token, which the pass scores
     expected = [alone.verify(s, [9]) for s in steps] + [alone.verify(new, [3, 4])]
     assert [g.target_token_ids for g in got] == [e.target_token_ids for e in expected]
+
+
+def test_a_drafting_pass_reports_the_most_a_sequence_read_before_drafting(draft_model):
+    """A new request's prompt rides in the first drafting pass of the running ones: every proposal of the batch
+    says how much one sequence read there, so the cost model does not learn that read as drafting
+    (speckv.cost_model.LiveCost.observe); after a verification a drafting step reads one or two tokens."""
+    from speckv.workers import DraftWorker, StepInputs
+
+    draft = DraftWorker(SessionLM(draft_model))
+    running, prompt = _sequences(20, 30, seed=13)
+    draft.lm.logits("r", running, 1)
+    steps = [StepInputs("r", running + [4], 2, SamplingParams(), 0, 3),
+             StepInputs("new", prompt, 2, SamplingParams(), 0, 0)]
+    assert {p.most_read for p in draft.propose_batch(steps)} == {30}
+    (alone,) = draft.propose_batch([StepInputs("r", running + [4, 5], 1, SamplingParams(), 0, 4)])
+    assert alone.most_read <= 2
 
 
 def test_a_pass_packs_where_padding_would_run_or_score_what_nobody_wants():
