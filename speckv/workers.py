@@ -33,7 +33,7 @@ DEFAULT_ACTIVE_S = 5.0  # a session used this recently belongs to a running requ
 # prompt ~570 ms where riding in a verify pass of eight added ~490 ms (fp16, AVX512-BF16 EPYC), and the running
 # requests waited through both either way; read alone, each prompt paid a pass's fixed cost
 DEFAULT_PREFILL_CHUNK = 256
-PREFILL_PADDING = 0.25  # a padded pass's padded (or needlessly scored) tokens, at most this share of its real ones
+PADDING_WASTE = 0.25  # a pass runs padded while it pads (or needlessly scores) at most this share of its real tokens
 CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
 
 
@@ -421,29 +421,20 @@ class SessionLM:
     @torch.inference_mode()
     def prefill_step(self, items: list[tuple[str, list[int]]], chunk_tokens: int = DEFAULT_PREFILL_CHUNK) -> int:
         """One pass of chunked prefill: the sessions whose caches lack more than `chunk_tokens` of their tokens
-        (long prompts, rebuilt caches) are fed `chunk_tokens` each, in one pass with those whose
-        chunks are about as long as the longest (so padding costs at most PREFILL_PADDING of the pass; the rest
-        wait for the next). One pass per call: the running requests' passes run between a long prompt's
-        chunks. Returns the sessions fed."""
+        (long prompts, rebuilt caches) are fed a chunk each, all in one pass (the chunks are as long: nothing is
+        padded). One pass per call: the running requests' passes run between a long prompt's chunks, and its
+        last chunk rides in its own call's pass. Returns the sessions fed."""
         with self._lock:
-            chunks = []
+            rows = []
             for session_id, token_ids in dict(items).items():
                 if session_id in self._closed:
                     continue  # its request has ended; its next call fails alone (logits_batch)
                 session = self._open(session_id)
                 done = common_prefix_len(session.token_ids, token_ids)
                 if len(token_ids) - done > chunk_tokens:
-                    upto = min(len(token_ids), done + chunk_tokens)
                     # no logits: nobody reads a chunk's, and a padded pass scored every row from the shortest
                     # row's end on (eight drafts' prompts: 254 rows through the 151936-wide output layer)
-                    chunks.append((upto - done, _Row(session, LogitsCall(session_id, token_ids[:upto], 0))))
-            chunks.sort(key=lambda c: -c[0])
-            rows, fed = [], 0
-            for length, row in chunks:
-                if rows and (len(rows) + 1) * chunks[0][0] > (1 + PREFILL_PADDING) * (fed + length):
-                    break
-                rows.append(row)
-                fed += length
+                    rows.append(_Row(session, LogitsCall(session_id, token_ids[:done + chunk_tokens], 0)))
             if rows:
                 self._forward_rows(rows)
             return len(rows)
@@ -545,19 +536,19 @@ def pass_positions(rows: list[_Row]) -> int:
 
 def _packs(rows: list[_Row]) -> bool:
     """Whether a pass over `rows` runs packed: where padded, the positions it would pad or the rows it would score
-    beyond those wanted come to more than PREFILL_PADDING of the real tokens fed (padded, every row is scored from
+    beyond those wanted come to more than PADDING_WASTE of the real tokens fed (padded, every row is scored from
     the earliest wanted position on, through the whole vocabulary: a verify pass whose requests drafted runs of
     different lengths pads; a few prompts keeping one logit beside verify rows keeping all theirs score)."""
     fed = _fed_lengths(rows)
     wanted = [row.call.num_logits for row in rows]
     scored_from = min((f - n for f, n in zip(fed, wanted) if n), default=max(fed))  # padded_forward's `first`
     waste = max(len(fed) * max(fed) - sum(fed), len(fed) * (max(fed) - scored_from) - sum(wanted))
-    return waste > PREFILL_PADDING * sum(fed)
+    return waste > PADDING_WASTE * sum(fed)
 
 
 def batched_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
     """One forward pass over several sessions with different cached and fed lengths (a ragged batch): packed
-    into one sequence where padding would waste more than PREFILL_PADDING of the pass (`packed_forward`),
+    into one sequence where padding would waste more than PADDING_WASTE of the pass (`packed_forward`),
     else padded (`padded_forward`: the model's batched layout, no cross-row attention to mask)."""
     return packed_forward(model, rows) if _packs(rows) else padded_forward(model, rows)
 
@@ -568,7 +559,10 @@ def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tenso
     4-D mask; position ids restart per row). The linear layers, most of a pass, run on the real tokens only:
     padded, a row drafting 12 among rows drafting 1-2 made every row 13 wide (nf4, 8 requests, AVX2 EPYC:
     passes cost 119 ms a position, padding included). Attention runs over all rows' keys, masked: cheap beside
-    the linear layers at the fed lengths packing is used for. Returns each row's last `num_logits` logits."""
+    the linear layers while the fed tokens are few; a riding prompt's (up to DEFAULT_PREFILL_CHUNK) queries see
+    every row's keys, so its attention grows with the whole batch's context (a 256-token prompt beside seven
+    1000-token contexts: about a third of the 1.5B target's multiplications in that pass). Returns each row's
+    last `num_logits` logits."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -729,8 +723,8 @@ class ModelWorker:
         self.lm.prefill(inputs.session_id, inputs.context_ids[:-1])
 
     def prefill_step(self, batch: list[StepInputs]) -> list[int]:
-        """One chunk pass of prefill for the requests of `batch` that need it, together where their chunks are
-        of about the same length; returns the sessions fed (for each)."""
+        """One chunk pass of prefill for the requests of `batch` that need it, together; returns the sessions fed
+        (for each)."""
         fed = self.lm.prefill_step([(inputs.session_id, inputs.context_ids[:-1]) for inputs in batch])
         return [fed] * len(batch)
 

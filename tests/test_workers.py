@@ -117,7 +117,7 @@ def test_a_drafting_pass_reports_the_most_a_sequence_read_before_drafting(draft_
 
 def test_a_pass_packs_where_padding_would_run_or_score_what_nobody_wants():
     """Padded, a pass runs every row as long as the longest and scores every row from the earliest wanted
-    position on; where either wastes more than PREFILL_PADDING of the real tokens, it runs packed."""
+    position on; where either wastes more than PADDING_WASTE of the real tokens, it runs packed."""
     def rows(*spec: tuple[int, int]) -> list:
         return [workers._Row(None, LogitsCall(str(i), [1] * fed, n)) for i, (fed, n) in enumerate(spec)]
 
