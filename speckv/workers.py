@@ -451,9 +451,10 @@ class SessionLM:
         return self.logits_pass(calls)[0]
 
     @torch.inference_mode()
-    def logits_pass(self, calls: list[LogitsCall]) -> tuple[list[torch.Tensor | SessionClosedError], int]:
+    def logits_pass(self, calls: list[LogitsCall]) -> tuple[list[torch.Tensor | SessionClosedError], int, list[int]]:
         """`logits_batch`, with the token positions its forward passes ran (padding included where they padded:
-        `pass_positions`), which a verification reports."""
+        `pass_positions`), which a verification reports, and the tokens each call fed (0 for one that failed):
+        beyond the ones it scores, context its cache lacked (a prompt riding in the pass)."""
         for call in calls:
             assert 1 <= call.num_logits <= len(call.token_ids), (call.num_logits, len(call.token_ids))
         out: list = [None] * len(calls)
@@ -470,9 +471,10 @@ class SessionLM:
                 results, positions = [out[0] for out, _ in passes], sum(n for _, n in passes)
             else:
                 results, positions = self._forward_rows(rows) if rows else ([], 0)
-        for i, result in zip(where, results):
-            out[i] = result
-        return out, positions
+        fed = [0] * len(calls)
+        for i, result, row in zip(where, results, rows):
+            out[i], fed[i] = result, len(row.call.token_ids) - row.keep
+        return out, positions, fed
 
     def _refuse_closed(self, session_id: str) -> None:
         if session_id in self._closed:
@@ -746,9 +748,11 @@ class DraftWorker(ModelWorker):
         runs = [_DraftRun(inputs) for inputs in batch]
         active = [run for run in runs if run.inputs.gamma > 0]
         calls = [LogitsCall(run.inputs.session_id, run.inputs.context_ids, 1) for run in active]
-        most_read = max((self.lm.missing(c.session_id, c.token_ids) for c in calls), default=0)
+        most_read = 0  # the first pass's largest feed: later passes feed one token a sequence
         while active:
-            for run, logits in zip(active, self.lm.logits_batch(calls)):
+            all_logits, _, fed = self.lm.logits_pass(calls)
+            most_read = max(most_read, *fed)
+            for run, logits in zip(active, all_logits):
                 if isinstance(logits, Exception):
                     run.failed, run.done = logits, True
                 else:
@@ -818,8 +822,9 @@ class TargetWorker(ModelWorker):
         start = time.perf_counter()
         calls = [LogitsCall(inputs.session_id, inputs.context_ids + drafted, len(drafted) + 1)
                  for inputs, drafted in batch]
-        read = sum(max(self.lm.missing(c.session_id, c.token_ids) - c.num_logits, 0) for c in calls)
-        all_logits, scored = self.lm.logits_pass(calls)  # scored: positions run, padding included where it padded
+        # scored: positions run, padding included where it padded; read: context fed beyond the scored tokens
+        all_logits, scored, fed = self.lm.logits_pass(calls)
+        read = sum(max(n - call.num_logits, 0) for n, call in zip(fed, calls))
         results = [logits if isinstance(logits, Exception)
                    else Verification(logits.argmax(-1).tolist(), None) if inputs.params.greedy
                    else Verification(None, logits_to_probs(logits, inputs.params).cpu())
