@@ -2,11 +2,12 @@
 what a verify pass of equal against different context lengths costs (speckv.workers.DEFAULT_PREFILL_CHUNK).
 
     python scripts/prompt_riding.py --tier fp16 --out docs/results/epyc17_bf16/prompt_riding.json
+    python scripts/prompt_riding.py --tier fp16 --context 1000 --prompt 256 --out .../prompt_riding_long.json
 
-In-process, the target of the tier, synthetic token ids: eight sessions at 80-101 cached tokens verifying two
-tokens each (a verify pass), a 65-token prompt read alone, and both in one (packed) pass, alternated `--repeats`
-times; then eight sessions at one context length against eight at 86-114, one token each, alternated. Prints
-and saves the medians (ms).
+In-process, the target of the tier, synthetic token ids: eight sessions at `--context` + 0-21 cached tokens
+verifying two tokens each (a verify pass), a `--prompt`-token prompt read alone, and both in one (packed) pass,
+alternated `--repeats` times; then eight sessions at one context length against eight of different lengths
+around it, one token each, alternated. Prints and saves the medians (ms).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", default="fp16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--context", type=int, default=80, help="the running sessions' shortest context")
+    parser.add_argument("--prompt", type=int, default=65, help="the new prompt's tokens")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     lm = SessionLM(load_model(DEFAULT_TARGET, args.tier))
@@ -49,16 +52,16 @@ def main() -> None:
             calls.append(LogitsCall(session, contexts[session] + rand(fed - 1), fed))
         return calls
 
-    running = {f"r{i}": rand(80 + 3 * i) for i in range(8)}
+    running = {f"r{i}": rand(args.context + 3 * i) for i in range(8)}
     for session, ids in running.items():
         lm.logits(session, ids, 1)
     ms: dict[str, list[float]] = {"verify_8": [], "prompt_alone": [], "verify_8_with_prompt": []}
     for r in range(args.repeats):
         ms["verify_8"].append(timed(step(running, 2)))
-        ms["prompt_alone"].append(timed([LogitsCall(f"alone{r}", rand(65), 1)]))
-        ms["verify_8_with_prompt"].append(timed(step(running, 2) + [LogitsCall(f"riding{r}", rand(65), 1)]))
-    equal = {f"e{i}": rand(100) for i in range(8)}
-    ragged = {f"g{i}": rand(86 + 4 * i) for i in range(8)}
+        ms["prompt_alone"].append(timed([LogitsCall(f"alone{r}", rand(args.prompt), 1)]))
+        ms["verify_8_with_prompt"].append(timed(step(running, 2) + [LogitsCall(f"riding{r}", rand(args.prompt), 1)]))
+    equal = {f"e{i}": rand(args.context + 20) for i in range(8)}
+    ragged = {f"g{i}": rand(args.context + 6 + 4 * i) for i in range(8)}
     for contexts in (equal, ragged):
         for session, ids in contexts.items():
             lm.logits(session, ids, 1)
@@ -66,7 +69,8 @@ def main() -> None:
     for _ in range(args.repeats):
         ms["equal_contexts_8"].append(timed(step(equal, 1)))
         ms["ragged_contexts_8"].append(timed(step(ragged, 1)))
-    out = {"tier": args.tier, "hardware": hardware_id(lm.device), "threads": torch.get_num_threads(),
+    out = {"tier": args.tier, "context": args.context, "prompt": args.prompt, "hardware": hardware_id(lm.device),
+           "threads": torch.get_num_threads(),
            "median_ms": {k: statistics.median(v) for k, v in ms.items()}, "ms": ms}
     for name, value in out["median_ms"].items():
         print(f"{name}: {value:.0f} ms", flush=True)
