@@ -16,11 +16,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import TypeVar
 
 import torch
 
+from .attention import ATTENTION, PackedRows, use_in
 from .sampling import SamplingParams, logits_to_probs, sample, step_generator
 from .signals import NO_STOP, DraftSignals, DraftStop
 
@@ -241,6 +241,7 @@ class SessionLM:
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self.model = model
+        use_in(model)  # CPU attention without copied keys; packed rows attending to their own (speckv.attention)
         self.max_kv_bytes = max_kv_bytes
         self.active_s = active_s
         self.bytes_per_token = kv_bytes_per_token(model)
@@ -557,42 +558,36 @@ def batched_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tens
 
 def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
     """One forward pass over several sessions as one sequence: their kept caches side by side, then their fed
-    tokens side by side, each query attending to its own row's cache and its own earlier fed tokens only (a
-    4-D mask; position ids restart per row). The linear layers, most of a pass, run on the real tokens only:
+    tokens side by side, each query attending to its own row's cache and its own earlier fed tokens only
+    (`speckv.attention.packed_attention`, one attention call per row; a 4-D mask where the model's attention is
+    not SpecKV's); position ids restart per row. The linear layers, most of a pass, run on the real tokens only:
     padded, a row drafting 12 among rows drafting 1-2 made every row 13 wide (nf4, 8 requests, AVX2 EPYC:
-    passes cost 119 ms a position, padding included). Attention runs over all rows' keys, masked: cheap beside
-    the linear layers while the fed tokens are few; a riding prompt's (up to DEFAULT_PREFILL_CHUNK) queries see
-    every row's keys, so its attention grows with the whole batch's context (a 256-token prompt beside seven
-    1000-token contexts: about a third of the 1.5B target's multiplications in that pass). Returns each row's
-    last `num_logits` logits."""
+    passes cost 119 ms a position, padding included). Each row's attention is its own, so a riding prompt's
+    queries (up to DEFAULT_PREFILL_CHUNK) see only its own keys however long the others' contexts are. Returns
+    each row's last `num_logits` logits."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    dtype = model.get_input_embeddings().weight.dtype
     kept = [row.keep for row in rows]
     fed = [row.call.token_ids[row.keep:] for row in rows]
-    cache_at = list(accumulate(kept, initial=0))  # where each row's cache starts among the keys
-    fed_at = list(accumulate((len(x) for x in fed), initial=0))  # where its fed tokens start
-    total_kept, total_fed = sum(kept), sum(len(x) for x in fed)
+    layout = PackedRows(tuple(kept), tuple(len(x) for x in fed))
+    cache_at, fed_at = layout.cache_at, layout.fed_at
+    total_kept = sum(kept)
     batch = DynamicCache(config=model.config)
     if total_kept:
         for layer, parts in enumerate(zip(*(row.session.cache.layers for row in rows))):
             live = [p for k, p in zip(kept, parts) if k]
             batch.update(torch.cat([p.keys for p in live], dim=-2), torch.cat([p.values for p in live], dim=-2), layer)
-    visible = torch.zeros(total_fed, total_kept + total_fed, dtype=torch.bool)
-    positions = torch.zeros(1, total_fed, dtype=torch.long)
-    for i, (k, tokens) in enumerate(zip(kept, fed)):
-        q = slice(fed_at[i], fed_at[i] + len(tokens))
-        visible[q, cache_at[i]:cache_at[i] + k] = True
-        visible[q, total_kept + fed_at[i]:total_kept + fed_at[i] + len(tokens)] = torch.ones(
-            len(tokens), len(tokens), dtype=torch.bool).tril()
-        positions[0, q] = torch.arange(k, k + len(tokens))
-    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)[None, None]
+    positions = torch.cat([torch.arange(k, k + len(tokens)) for k, tokens in zip(kept, fed)])[None]
+    if model.config._attn_implementation == ATTENTION:
+        where = {"packed_rows": layout, "attention_mask": None}  # each row attends to its own keys (speckv.attention)
+    else:
+        where = {"attention_mask": layout.mask(model.get_input_embeddings().weight.dtype, device)}
     keep_rows = torch.cat([torch.arange(fed_at[i] + len(tokens) - row.call.num_logits, fed_at[i] + len(tokens))
                            for i, (row, tokens) in enumerate(zip(rows, fed))])
     input_ids = torch.tensor([[t for tokens in fed for t in tokens]], dtype=torch.long)
-    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=batch, use_cache=True, logits_to_keep=keep_rows.to(device))
+    out = model(input_ids=input_ids.to(device), position_ids=positions.to(device), past_key_values=batch,
+                use_cache=True, logits_to_keep=keep_rows.to(device), **where)
     for i, (row, k, tokens) in enumerate(zip(rows, kept, fed)):
         cache = DynamicCache(config=model.config)
         own = list(range(cache_at[i], cache_at[i] + k)) + list(

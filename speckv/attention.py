@@ -1,0 +1,135 @@
+"""Attention for the passes SessionLM runs, registered with transformers as `ATTENTION` (`use_in(model)`).
+
+It is torch's scaled_dot_product_attention, as transformers' "sdpa", with two changes:
+
+- **Grouped-query heads folded onto the query axis.** Where G query heads share a key/value head (the 1.5B
+  target: 12 on 2), transformers calls CPU sdpa with `enable_gqa` (no mask) or copies the keys G times
+  (`repeat_kv`, a mask and several queries); both are slow on CPU. Attending a group's G heads as G × L
+  queries of one head reads the keys as they are (AVX512-BF16 EPYC, one layer's attention, bf16: one query
+  over 1000 keys 1.69 → 0.12 ms; eight rows' queries over 1020 keys each 14.2 → 1.1 ms; nine queries over 1000
+  keys 1.29 → 0.53; `scripts/attention_paths.py`). On other devices sdpa's own kernels take GQA and plain
+  calls go to transformers' sdpa unchanged.
+- **Packed rows attend to their own keys only.** A pass over several sessions laid out as one sequence
+  (`speckv.workers.packed_forward`) passes `packed_rows`: each row's queries attend to its own cached keys and
+  its own earlier fed tokens, one sdpa call per row, so a 256-token prompt riding beside seven 1000-token
+  contexts pays its own attention, not the whole batch's (a 4-D mask over every row's keys made that pass cost
+  5.6 s against 2.6 s for the verify pass and the prompt apart; `scripts/prompt_riding.py`).
+
+Calls this cannot take as they are (soft-capped logits, attention sinks, position biases, sliding windows in a
+packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRows.mask` builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION = "speckv_sdpa"
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where the rows of a packed pass sit. Keys: every row's cached tokens side by side (row i's `cached[i]`
+    from `cache_at[i]`), then every row's fed tokens side by side; queries: the fed tokens (row i's `fed[i]`
+    from `fed_at[i]`), so row i's fed keys sit at `sum(cached) + fed_at[i]`."""
+
+    cached: tuple[int, ...]
+    fed: tuple[int, ...]
+
+    @property
+    def cache_at(self) -> list[int]:
+        return list(accumulate(self.cached, initial=0))
+
+    @property
+    def fed_at(self) -> list[int]:
+        return list(accumulate(self.fed, initial=0))
+
+    def visible(self) -> torch.Tensor:
+        """[sum(fed), sum(cached) + sum(fed)] bool: which keys each query attends to."""
+        total_cached, cache_at, fed_at = sum(self.cached), self.cache_at, self.fed_at
+        seen = torch.zeros(sum(self.fed), total_cached + sum(self.fed), dtype=torch.bool)
+        for i, (k, f) in enumerate(zip(self.cached, self.fed)):
+            q = slice(fed_at[i], fed_at[i] + f)
+            seen[q, cache_at[i]:cache_at[i] + k] = True
+            seen[q, total_cached + fed_at[i]:total_cached + fed_at[i] + f] = torch.ones(f, f, dtype=torch.bool).tril()
+        return seen
+
+    def mask(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The additive 4-D mask [1, 1, queries, keys] for attention implementations that take no `packed_rows`."""
+        seen = self.visible()
+        return torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)[None, None].to(device)
+
+
+def grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                 scaling: float | None, causal: bool = True) -> torch.Tensor:
+    """Attention with the query heads of a key/value group folded onto the query axis.
+
+    query [B, H, L, D]; key, value [B, Hkv, S, D] (H a multiple of Hkv); mask [B or 1, 1, L, S] (bool, True =
+    attend, or additive) or None: every query sees every key where L is 1 or not `causal`, else causal,
+    aligned to the last key. Returns [B, H, L, D]."""
+    b, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    if mask is None and length > 1 and causal:
+        s = key.shape[2]
+        mask = (torch.arange(length, device=query.device)[:, None] + (s - length)
+                >= torch.arange(s, device=query.device)[None])[None, None]
+    folded = query.reshape(b, key.shape[1], groups * length, dim)  # head h = kv * G + g -> query g * L + l
+    if mask is not None and groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, heads, length, value.shape[-1])
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: PackedRows,
+                     scaling: float | None) -> torch.Tensor:
+    """Each packed row's queries over its own cached keys and its own fed tokens (causal among those).
+    query [1, H, sum(fed), D]; key, value [1, Hkv, sum(cached) + sum(fed), D]. Returns [1, H, sum(fed), D]."""
+    total_cached, cache_at, fed_at = sum(rows.cached), rows.cache_at, rows.fed_at
+    out = []
+    for i, (k, f) in enumerate(zip(rows.cached, rows.fed)):
+        own = slice(total_cached + fed_at[i], total_cached + fed_at[i] + f)
+        keys, values = key[:, :, own], value[:, :, own]
+        if k:
+            keys = torch.cat([key[:, :, cache_at[i]:cache_at[i] + k], keys], dim=2)
+            values = torch.cat([value[:, :, cache_at[i]:cache_at[i] + k], values], dim=2)
+        out.append(grouped_sdpa(query[:, :, fed_at[i]:fed_at[i] + f], keys, values, None, scaling))
+    return torch.cat(out, dim=2)
+
+
+def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     packed_rows: PackedRows | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: (attention output [B, L, H, D], no weights)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = (dropout == 0.0 and not kwargs.get("softcap") and kwargs.get("position_bias") is None
+             and kwargs.get("s_aux") is None and kwargs.get("cache") is None and query.shape[1] % key.shape[1] == 0
+             and (attention_mask is None or attention_mask.shape[1] == 1))
+    if packed_rows is not None:
+        if plain and kwargs.get("sliding_window") is None:
+            return packed_attention(query, key, value, packed_rows, scaling).transpose(1, 2).contiguous(), None
+        attention_mask = packed_rows.mask(query.dtype, query.device)
+    elif plain and query.device.type == "cpu":
+        out = grouped_sdpa(query, key, value, attention_mask, scaling, causal=getattr(module, "is_causal", True))
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def use_in(model: torch.nn.Module) -> bool:
+    """Run `model`'s attention through `speckv_attention` where it runs transformers' sdpa or eager attention
+    (flash and flex kernels are left as they are; a packed pass then builds its mask). Returns whether it does."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", ATTENTION):
+        return False
+    AttentionInterface.register(ATTENTION, speckv_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    if config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
+    return True

@@ -1,0 +1,120 @@
+"""speckv.attention: grouped-query heads folded onto the query axis, and packed rows attending to their own keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speckv.attention import ATTENTION, PackedRows, grouped_sdpa, packed_attention, speckv_attention, use_in
+from speckv.workers import LogitsCall, SessionLM
+from tests.conftest import tiny_model
+
+HEADS, KV_HEADS, DIM = 6, 2, 8
+
+
+def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Plain attention with the keys repeated per query head: query [B, H, L, D], visible [B or 1, L, S] bool."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return scores.softmax(-1) @ value
+
+
+def qkv(batch: int, length: int, keys: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, HEADS, length, DIM, generator=g), torch.randn(batch, KV_HEADS, keys, DIM, generator=g),
+            torch.randn(batch, KV_HEADS, keys, DIM, generator=g))
+
+
+def causal(length: int, keys: int) -> torch.Tensor:
+    """[1, L, S]: query l sees keys up to its own position, the queries being the last L of the S keys."""
+    return (torch.arange(length)[:, None] + keys - length >= torch.arange(keys)[None])[None]
+
+
+@pytest.mark.parametrize("batch,length,keys", [(1, 1, 9), (3, 1, 12), (1, 4, 10), (2, 5, 5)])
+def test_grouped_attention_without_a_mask_is_causal_attention_aligned_to_the_last_key(batch, length, keys):
+    q, k, v = qkv(batch, length, keys)
+    torch.testing.assert_close(grouped_sdpa(q, k, v, None, None), reference(q, k, v, causal(length, keys)))
+
+
+def test_grouped_attention_takes_a_per_row_mask():
+    """A padded batch's mask (row 0 padded on the left, row 1 not) applies per row, in every query head."""
+    q, k, v = qkv(2, 3, 8)
+    visible = causal(3, 8).repeat(2, 1, 1)
+    visible[0, :, :2] = False
+    torch.testing.assert_close(grouped_sdpa(q, k, v, visible[:, None], None), reference(q, k, v, visible))
+
+
+def test_cpu_attention_reads_the_key_heads_as_they_are(monkeypatch):
+    """On CPU every sdpa call gets the model's key/value heads, not copies per query head (transformers'
+    repeat_kv) nor `enable_gqa` (both slow on CPU: the module docstring)."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def record(query, key, value, **kwargs):
+        seen.append((key.shape[1], kwargs.get("enable_gqa", False)))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    module = torch.nn.Module()
+    for length, mask in ((1, None), (4, None), (4, causal(4, 10)[:, None])):
+        q, k, v = qkv(2, length, 10)
+        out, _ = speckv_attention(module, q, k, v, mask)
+        assert out.shape == (2, length, HEADS, DIM)
+    assert seen == [(KV_HEADS, False)] * 3
+
+
+def packed(rows: PackedRows, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    keys = sum(rows.cached) + sum(rows.fed)
+    return (torch.randn(1, HEADS, sum(rows.fed), DIM, generator=g), torch.randn(1, KV_HEADS, keys, DIM, generator=g),
+            torch.randn(1, KV_HEADS, keys, DIM, generator=g))
+
+
+def test_each_packed_row_attends_to_its_own_cache_and_fed_tokens_only():
+    rows = PackedRows(cached=(5, 0, 3), fed=(2, 4, 1))
+    q, k, v = packed(rows)
+    torch.testing.assert_close(packed_attention(q, k, v, rows, None), reference(q, k, v, rows.visible()[None]))
+    # another row's keys changing leaves row 0's output as it was
+    k2 = k.clone()
+    k2[:, :, 5:8] += 1.0  # row 2's cache
+    k2[:, :, 8 + 2:8 + 6] += 1.0  # row 1's fed tokens
+    first = packed_attention(q, k, v, rows, None)[:, :, :2]
+    torch.testing.assert_close(packed_attention(q, k2, v, rows, None)[:, :, :2], first)
+
+
+def test_a_packed_call_it_cannot_take_as_it_is_runs_with_the_layouts_mask():
+    """A call with a position bias goes to transformers' sdpa with `PackedRows.mask`: the same attention."""
+    rows = PackedRows(cached=(4, 2), fed=(3, 1))
+    q, k, v = packed(rows, seed=1)
+    module = torch.nn.Module()
+    module.num_key_value_groups = HEADS // KV_HEADS  # what transformers' sdpa reads to repeat the keys
+    mine, _ = speckv_attention(module, q, k, v, None, packed_rows=rows)
+    biased, _ = speckv_attention(module, q, k, v, None, packed_rows=rows,
+                                 position_bias=torch.zeros(1, HEADS, sum(rows.fed), k.shape[2]))
+    torch.testing.assert_close(biased, mine)
+
+
+def test_session_lm_runs_its_model_through_speckv_attention_and_logits_stay_those_of_sdpa():
+    """SessionLM switches an sdpa model to SpecKV's attention; a cached and a batched pass give sdpa's logits."""
+    plain, mine = tiny_model(3), tiny_model(3)
+    lm = SessionLM(mine)
+    assert mine.config._attn_implementation == ATTENTION and plain.config._attn_implementation == "sdpa"
+    ids = [[(7 * i + j) % 30 + 3 for j in range(n)] for i, n in enumerate((14, 9, 21))]
+    for i, x in enumerate(ids):
+        lm.logits(f"s{i}", x[:-3], 1)
+    got = lm.logits_batch([LogitsCall(f"s{i}", x, 3) for i, x in enumerate(ids)] + [LogitsCall("new", ids[1], 2)])
+    for x, logits in zip(ids + [ids[1]], got):
+        with torch.no_grad():
+            want = plain(input_ids=torch.tensor([x])).logits[0, -logits.shape[0]:]
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_flash_kernels_are_left_as_they_are():
+    model = tiny_model(0)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not use_in(model) and model.config._attn_implementation == "flash_attention_2"
