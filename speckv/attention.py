@@ -5,15 +5,14 @@ It is torch's scaled_dot_product_attention, as transformers' "sdpa", with two ch
 - **Grouped-query heads folded onto the query axis.** Where G query heads share a key/value head (the 1.5B
   target: 12 on 2), transformers calls CPU sdpa with `enable_gqa` (no mask) or copies the keys G times
   (`repeat_kv`, a mask and several queries); both are slow on CPU. Attending a group's G heads as G × L
-  queries of one head reads the keys as they are (AVX512-BF16 EPYC, one layer's attention, bf16: one query
-  over 1000 keys 1.69 → 0.12 ms; eight rows' queries over 1020 keys each 14.2 → 1.1 ms; nine queries over 1000
-  keys 1.29 → 0.53; `scripts/attention_paths.py`). On other devices sdpa's own kernels take GQA and plain
-  calls go to transformers' sdpa unchanged.
+  queries of one head reads the keys as they are (AVX512-BF16 EPYC, one layer's attention, bf16, 1000 keys:
+  one query 1.32 → 0.12 ms, nine 1.20 → 0.57, eight rows' one query 10.7 → 0.85; `scripts/attention_paths.py`).
+  On other devices sdpa's own kernels take GQA and plain calls go to transformers' sdpa unchanged.
 - **Packed rows attend to their own keys only.** A pass over several sessions laid out as one sequence
   (`speckv.workers.packed_forward`) passes `packed_rows`: each row's queries attend to its own cached keys and
   its own earlier fed tokens, one sdpa call per row, so a 256-token prompt riding beside seven 1000-token
   contexts pays its own attention, not the whole batch's (a 4-D mask over every row's keys made that pass cost
-  5.6 s against 2.6 s for the verify pass and the prompt apart; `scripts/prompt_riding.py`).
+  5.6 s against 2.6 s for the verify pass and the prompt apart, fp16; now 2.4 s; `scripts/prompt_riding.py`).
 
 Calls this cannot take as they are (soft-capped logits, attention sinks, position biases, sliding windows in a
 packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRows.mask` builds.
