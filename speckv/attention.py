@@ -20,7 +20,10 @@ packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRo
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -38,11 +41,11 @@ class PackedRows:
     cached: tuple[int, ...]
     fed: tuple[int, ...]
 
-    @property
-    def cache_at(self) -> list[int]:
+    @cached_property
+    def cache_at(self) -> list[int]:  # read by every layer of the pass
         return list(accumulate(self.cached, initial=0))
 
-    @property
+    @cached_property
     def fed_at(self) -> list[int]:
         return list(accumulate(self.fed, initial=0))
 
@@ -102,8 +105,6 @@ def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      packed_rows: PackedRows | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: (attention output [B, L, H, D], no weights)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plain = (dropout == 0.0 and not kwargs.get("softcap") and kwargs.get("position_bias") is None
              and kwargs.get("s_aux") is None and kwargs.get("cache") is None and query.shape[1] % key.shape[1] == 0
              and (attention_mask is None or attention_mask.shape[1] == 1))
@@ -114,8 +115,17 @@ def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     elif plain and query.device.type == "cpu":
         out = grouped_sdpa(query, key, value, attention_mask, scaling, causal=getattr(module, "is_causal", True))
         return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return _transformers_sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                **kwargs)
+
+
+@functools.cache
+def _transformers_sdpa() -> Callable:
+    """transformers' own sdpa attention, imported once (not per layer call; lazily: the router imports this
+    module through speckv.workers and never loads transformers)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
 
 
 def use_in(model: torch.nn.Module) -> bool:
