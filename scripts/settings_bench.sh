@@ -6,12 +6,12 @@
 #   temperature 0.7, live (`speckv bench`, replay is exact only for greedy): fp16 in bfloat16;
 #   and greedy live at fp16 in bfloat16, to check replay against the live loop and time live decisions.
 # Resumable (collect skips prompts it has); results under $OUT (default results/settings), summaries and plots
-# under docs/results/settings/. Run from the repository root: `bash scripts/settings_bench.sh`.
+# under $DOCS (default docs/results/settings/). Run from the repository root: `bash scripts/settings_bench.sh`.
 # Never run it beside other CPU work: the step costs it measures would be the neighbour's too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/settings}
-DOCS=docs/results/settings
+DOCS=${DOCS:-docs/results/settings}
 PROMPTS=${PROMPTS:-docs/results/heldout_issue13.jsonl}
 TOKENS=${TOKENS:-48}          # greedy traces
 Q_TOKENS=${Q_TOKENS:-32}      # int8 / nf4 traces (their passes are slower here)
