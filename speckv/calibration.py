@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cost_model import CostModel
+from .cost_model import CostModel, measured_curve
 from .kernels import kernels_for
 from .models import DRAFT_TIER, MANIFEST, cache_root
 from .workers import LogitsCall, SessionLM, multiplies_in
@@ -185,11 +185,7 @@ def cost_model(draft: Calibration, target: Calibration) -> CostModel:
     line = CostModel.fit([r["tokens"] - 1 for r in verify], [0.0] * len(verify), [r["ms"] for r in verify],
                          [r["context_len"] for r in verify])
     first = verify[0]["context_len"]
-    points = sorted((r["tokens"], r["ms"]) for r in verify if r["context_len"] == first)
-    curve: tuple[float, ...] = ()
-    if len(points) > 1:
-        tokens = np.arange(1, points[-1][0] + 1)
-        curve = tuple(float(v) for v in np.interp(tokens, [t for t, _ in points], [ms for _, ms in points]))
+    curve = measured_curve([(r["tokens"] - 1, r["ms"]) for r in verify if r["context_len"] == first])
     # feeding more tokens never costs less, so a catch-up of two tokens bounds one token's cost from above: a
     # noisy single-token measurement (224 ms beside a 132 ms catch-up, seen in CI under load) is capped by it
     fed = [r["ms"] for r in draft.rows if r["kind"] == "draft" and r.get("sequences", 1) == 1]

@@ -42,6 +42,18 @@ CAUGHT_UP = 2  # tokens a drafting step feeds the draft after a verification (th
 #                after a fully accepted run, its last drafted one): priced in draft_ms_per_token
 
 
+def measured_curve(points: list[tuple[int, float]]) -> tuple[float, ...]:
+    """The verify curve over γ = 0..the largest γ measured, through measured (γ, ms) points: γ between two points
+    interpolated linearly, γ below the first at its ms. Empty with fewer than two points (the line says as much).
+    The curve, not the line, is what a pass costs where a kernel switches with the rows (fp32 on an AVX512-BF16
+    EPYC: one token 365 ms, two 763, five 790; the line fitted through them charged one token 640)."""
+    points = sorted(points)
+    if len(points) < 2:
+        return ()
+    gammas = np.arange(points[-1][0] + 1)
+    return tuple(float(v) for v in np.interp(gammas, [g for g, _ in points], [ms for _, ms in points]))
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Milliseconds per step: draft = draft_ms_per_token·γ; verify = verify_ms_base + verify_ms_per_token·γ +

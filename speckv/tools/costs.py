@@ -13,7 +13,7 @@ import statistics
 import uuid
 
 from ..calibration import synthetic_ids, time_call, time_prefill
-from ..cost_model import CostModel
+from ..cost_model import CostModel, measured_curve
 from ..local import LocalEngine
 from ..models import DRAFT_TIER, draft_dtype_for, load_model
 from ..workers import SessionLM
@@ -95,9 +95,27 @@ def measure_loaded_costs(
                                                     session=session)})
         draft_lm.close(session)
         target_lm.close(session)
-    prefill_ms = time_prefill(draft_lm, context_lens[0], f"cost-{uuid.uuid4().hex}")
+    prefill = {"tokens": context_lens[0], "ms": time_prefill(draft_lm, context_lens[0], f"cost-{uuid.uuid4().hex}")}
+    return {"rows": rows, "draft_prefill_ms": prefill, "cost_model": rows_cost_model(rows, prefill).to_dict()}
+
+
+def rows_cost_model(rows: list[dict], prefill: dict | None) -> CostModel:
+    """The cost model of measured rows ({context_len, gamma, draft_ms, verify_ms}): the line fitted over every
+    row, the verify curve as measured at the first context (`measured_curve`: replay prices γ as the live
+    calibration does, by the points where they were measured), and the draft's prefill per token."""
     model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
                           [r["context_len"] for r in rows])
-    model = dataclasses.replace(model, draft_prefill_ms_per_token=prefill_ms / context_lens[0])
-    return {"rows": rows, "draft_prefill_ms": {"tokens": context_lens[0], "ms": prefill_ms},
-            "cost_model": model.to_dict()}
+    first = rows[0]["context_len"]
+    return dataclasses.replace(
+        model, verify_curve=measured_curve([(r["gamma"], r["verify_ms"]) for r in rows if r["context_len"] == first]),
+        curve_context_len=first, draft_prefill_ms_per_token=prefill["ms"] / prefill["tokens"] if prefill else 0.0)
+
+
+def cost_file_model(doc: dict) -> CostModel:
+    """The cost model of a cost file (`measure_loaded_costs`'s document); files written before the verify curve
+    was kept get it from their rows."""
+    model = CostModel.from_dict(doc["cost_model"])
+    if model.verify_curve or not doc.get("rows"):
+        return model
+    return dataclasses.replace(model, verify_curve=rows_cost_model(doc["rows"], None).verify_curve,
+                               curve_context_len=doc["rows"][0]["context_len"])

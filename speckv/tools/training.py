@@ -39,6 +39,7 @@ from ..policy import (
 from ..predictor import FEATURES, AcceptancePredictor, features
 from ..records import StepRecord, read_jsonl
 from ..signals import NO_STOP, TOKEN_ACCEPTANCE_FEATURES, DraftSignals, token_acceptance_features
+from .costs import cost_file_model
 from .replay import Trace, fixed, oracle, replay, resize, stop_oracle, traces_from_records
 from .stats import paired_speedup
 
@@ -218,7 +219,7 @@ def load_collection(records_paths: list[Path]) -> tuple[list[StepRecord], dict[s
         for cost_file in sorted(files[0].parent.glob("cost_*.json")):  # the cost models beside the records
             tier = cost_file.stem.removeprefix("cost_")
             try:
-                costs[tier] = CostModel.from_dict(json.loads(cost_file.read_text())["cost_model"])
+                costs[tier] = cost_file_model(json.loads(cost_file.read_text()))
             except (OSError, ValueError, KeyError) as e:
                 raise ValueError(f"cannot read cost model {cost_file}: {e}") from None
     if not records:
@@ -474,6 +475,14 @@ def _paper_policies(rows: list[dict], pred: np.ndarray, test_set: set[int]) -> t
     return policy, len(complete)
 
 
+def _curve_text(cost: dict) -> str:
+    """The verify curve a replay priced γ by, where the cost file kept one: "; measured at context C: γ 0..N ms"."""
+    curve = cost.get("verify_curve")
+    if not curve:
+        return ""
+    return f" (the line); priced by the curve measured at context {cost['curve_context_len']}: " + ", ".join(
+        f"γ {g} {ms:.0f}" for g, ms in enumerate(curve))
+
 def evaluation_markdown(doc: dict) -> str:
     """Markdown tables of a `speckv evaluate` document: per tier, every policy, and the paired comparisons."""
     from .stats import paired_speedup
@@ -486,7 +495,8 @@ def evaluation_markdown(doc: dict) -> str:
         lines += [f"#### {tier}: {t['prompts']} held-out prompts ({', '.join(cats)})", "",
                   f"Cost model (ms): draft {t['cost_model']['draft_ms_per_token']:.1f}/token; verify "
                   f"{t['cost_model']['verify_ms_base']:.0f} + {t['cost_model']['verify_ms_per_token']:.1f}·γ "
-                  f"+ {t['cost_model']['verify_ms_per_context_token']:.3f}·context. Best fixed γ in hindsight: "
+                  f"+ {t['cost_model']['verify_ms_per_context_token']:.3f}·context{_curve_text(t['cost_model'])}. "
+                  f"Best fixed γ in hindsight: "
                   f"{t['best_fixed']}. Decision overhead: p50 {t['decision_us']['p50']:.1f} µs, "
                   f"p99 {t['decision_us']['p99']:.1f} µs ({t['decision_us']['n']} decisions). Fixed γ, adaptive "
                   f"and the oracles: runs of up to {doc.get('span', '?')} tokens; hf-assisted: up to "
