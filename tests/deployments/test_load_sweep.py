@@ -3,6 +3,8 @@
 import argparse
 from pathlib import Path
 
+import pytest
+
 import deployments.guidellm_poisson as guidellm_poisson
 import deployments.load_sweep as load_sweep
 from deployments.load_sweep import arrivals_valid, scenario, speculation, speculation_during, summarize, table
@@ -218,5 +220,8 @@ def test_rounds_of_a_level_are_paired_within_each_round_and_pooled(tmp_path):
         (tmp_path / f"nf4-adaptive-c8{suffix}.json").write_text(json.dumps(_requests(a)))
     (row,) = paired_levels(tmp_path, "nf4", ["none", "adaptive"], ["c8"], rounds=2)
     assert row["n"] == 12 and row["rounds"] == 2 and abs(row["speedup"] - 1.1) < 1e-9 and row["p"] < 0.01
+    # each round on its own, and a p over the rounds (two rounds: never below 0.5, however many requests agree)
+    assert row["by_round"] == pytest.approx([1.1, 1.1]) and row["p_rounds"] == 0.5
+    assert "| 1.10x, 1.10x (0.5) |" in load_sweep.table({"runs": [], "paired": [row]})
     (first,) = paired_levels(tmp_path, "nf4", ["none", "adaptive"], ["c8"])
     assert first["n"] == 6 and "rounds" not in first
