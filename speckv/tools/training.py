@@ -476,12 +476,14 @@ def _paper_policies(rows: list[dict], pred: np.ndarray, test_set: set[int]) -> t
 
 
 def _curve_text(cost: dict) -> str:
-    """The verify curve a replay priced γ by, where the cost file kept one: "; measured at context C: γ 0..N ms"."""
+    """The verify curve a replay priced γ by, where the cost model holds one (" (the line); priced by the curve
+    measured at context C: γ 0 ms, γ 1 ms, ..."), else nothing."""
     curve = cost.get("verify_curve")
     if not curve:
         return ""
     return f" (the line); priced by the curve measured at context {cost['curve_context_len']}: " + ", ".join(
         f"γ {g} {ms:.0f}" for g, ms in enumerate(curve))
+
 
 def evaluation_markdown(doc: dict) -> str:
     """Markdown tables of a `speckv evaluate` document: per tier, every policy, and the paired comparisons."""
