@@ -18,6 +18,23 @@ from speckv.tools.replay import traces_from_records
 from speckv.tools.training import evaluate, load_collection
 
 
+def replayed(setting: str, traces: dict, costs: dict, optimism: float) -> list[dict]:
+    """Each tier's `none` and `adaptive` tokens/s over the traces with OPTIMISM set to `optimism` (restored after)."""
+    shipped, adaptive.OPTIMISM = adaptive.OPTIMISM, optimism
+    try:
+        tiers = evaluate(shipped_predictor(), traces, costs)["tiers"]
+    finally:
+        adaptive.OPTIMISM = shipped
+    rows = []
+    for tier, t in tiers.items():
+        geo = {n: p["tokens_per_s_geomean"] for n, p in t["policies"].items()}
+        rows.append({"setting": setting, "tier": tier, "optimism": optimism, "none": geo["none"],
+                     "adaptive": geo["adaptive"], "adaptive_over_none": geo["adaptive"] / geo["none"],
+                     "adaptive_tokens_per_step": t["policies"]["adaptive"]["tokens_per_step"],
+                     "oracle_over_none": geo["oracle"] / geo["none"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--collections", type=Path, required=True, help="folder holding collect_<setting>/")
@@ -25,26 +42,19 @@ def main() -> None:
     ap.add_argument("--optimism", default="2,1,0", help="comma-separated OPTIMISM values")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    shipped, rows = adaptive.OPTIMISM, []
+    rows = []
     for setting in args.settings.split(","):
         records, costs = load_collection([args.collections / f"collect_{setting}"])
         traces = traces_from_records(records)
         for value in (float(x) for x in args.optimism.split(",")):
-            adaptive.OPTIMISM = value
-            for tier, t in evaluate(shipped_predictor(), traces, costs)["tiers"].items():
-                geo = {n: p["tokens_per_s_geomean"] for n, p in t["policies"].items()}
-                row = {"setting": setting, "tier": tier, "optimism": value, "none": geo["none"],
-                       "adaptive": geo["adaptive"], "adaptive_over_none": geo["adaptive"] / geo["none"],
-                       "adaptive_tokens_per_step": t["policies"]["adaptive"]["tokens_per_step"],
-                       "oracle_over_none": geo["oracle"] / geo["none"]}
+            for row in replayed(setting, traces, costs, value):
                 rows.append(row)
                 print(f"{setting:10s} optimism {value:3.1f}: adaptive {row['adaptive']:.2f} tokens/s, "
                       f"{row['adaptive_over_none']:.3f}x none ({row['none']:.2f}), "
                       f"{row['adaptive_tokens_per_step']:.2f} tokens a step; "
                       f"oracle {row['oracle_over_none']:.2f}x none")
-    adaptive.OPTIMISM = shipped
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"shipped_optimism": shipped, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"shipped_optimism": adaptive.OPTIMISM, "rows": rows}, indent=1))
     print(f"saved {args.out}")
 
 

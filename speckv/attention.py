@@ -20,10 +20,9 @@ packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRo
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from itertools import accumulate
 
 import torch
@@ -119,7 +118,7 @@ def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                 **kwargs)
 
 
-@functools.cache
+@cache
 def _transformers_sdpa() -> Callable:
     """transformers' own sdpa attention, imported once (not per layer call; lazily: the router imports this
     module through speckv.workers and never loads transformers)."""

@@ -101,14 +101,12 @@ def measure_loaded_costs(
 
 def rows_cost_model(rows: list[dict], prefill: dict | None) -> CostModel:
     """The cost model of measured rows ({context_len, gamma, draft_ms, verify_ms}): the line fitted over every
-    row, the verify curve as measured at the first context (`measured_curve`: replay prices γ as the live
+    row, the verify curve as measured at the first context (`_rows_curve`: replay prices γ as the live
     calibration does, by the points where they were measured), and the draft's prefill per token."""
     model = CostModel.fit([r["gamma"] for r in rows], [r["draft_ms"] for r in rows], [r["verify_ms"] for r in rows],
                           [r["context_len"] for r in rows])
-    first = rows[0]["context_len"]
-    return dataclasses.replace(
-        model, verify_curve=measured_curve([(r["gamma"], r["verify_ms"]) for r in rows if r["context_len"] == first]),
-        curve_context_len=first, draft_prefill_ms_per_token=prefill["ms"] / prefill["tokens"] if prefill else 0.0)
+    return dataclasses.replace(model, **_rows_curve(rows),
+                               draft_prefill_ms_per_token=prefill["ms"] / prefill["tokens"] if prefill else 0.0)
 
 
 def cost_file_model(doc: dict) -> CostModel:
@@ -117,5 +115,11 @@ def cost_file_model(doc: dict) -> CostModel:
     model = CostModel.from_dict(doc["cost_model"])
     if model.verify_curve or not doc.get("rows"):
         return model
-    return dataclasses.replace(model, verify_curve=rows_cost_model(doc["rows"], None).verify_curve,
-                               curve_context_len=doc["rows"][0]["context_len"])
+    return dataclasses.replace(model, **_rows_curve(doc["rows"]))
+
+
+def _rows_curve(rows: list[dict]) -> dict:
+    """The CostModel fields of the verify curve measured at the rows' first context (`measured_curve`)."""
+    first = rows[0]["context_len"]
+    return {"verify_curve": measured_curve([(r["gamma"], r["verify_ms"]) for r in rows if r["context_len"] == first]),
+            "curve_context_len": first}
