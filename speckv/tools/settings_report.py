@@ -2,12 +2,17 @@
 1..8, `heuristic` and `hf-assisted`, replayed (greedy) or live (sampled), as one markdown table and the cost
 curves plotted per setting.
 
-Usage: python -m speckv.tools.settings_report RESULTS_DIR DOCS_DIR
+Usage: python -m speckv.tools.settings_report RESULTS_DIR [RESULTS_DIR ...] DOCS_DIR
+
+Several results folders (the same settings collected on different held-out prompts, each priced by the step
+costs measured with it) are judged as one: each setting's per-prompt figures pooled, the best fixed γ and the
+paired statistics taken over every prompt. Live runs (bench_*.json) are read from the first folder only.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,17 +44,28 @@ def row(setting: str, policies: dict[str, dict], oracle: str | None) -> dict:
             "adaptive_vs": vs, "oracle_over_better": oracle_ahead, "meets_bar": meets}
 
 
-def collect_rows(results: Path) -> tuple[list[dict], dict[str, dict]]:
-    rows, costs = [], {}
-    for path in sorted(results.glob("evaluate_*.json")):
-        setting = path.stem.removeprefix("evaluate_")
-        doc = json.loads(path.read_text())
-        for tier, t in doc["tiers"].items():
-            rows.append({**row(f"{setting} greedy (replayed)", t["policies"], "oracle"),
-                         "cost_model": t["cost_model"]})
-        for cost in (results / f"collect_{setting}").glob("cost_*.json"):
-            costs[setting] = json.loads(cost.read_text())
-    for path in sorted(results.glob("bench_*.json")):
+def collect_rows(results: Path | list[Path]) -> tuple[list[dict], dict[str, dict]]:
+    """The bar's rows: a replayed row per setting (pooled over the folders), a live row per bench of the first
+    folder; and each setting's cost file (the first folder's) for the plots."""
+    folders = [results] if isinstance(results, Path) else list(results)
+    pooled: dict[tuple[str, str], dict] = {}  # (setting, tier) -> its policies, prompts of every folder
+    costs: dict[str, dict] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("evaluate_*.json")):
+            setting = path.stem.removeprefix("evaluate_")
+            for tier, t in json.loads(path.read_text())["tiers"].items():
+                entry = pooled.setdefault((setting, tier), {"policies": {}, "cost_model": t["cost_model"]})
+                for name, policy in t["policies"].items():
+                    entry["policies"].setdefault(name, {"per_prompt": []})["per_prompt"] += policy["per_prompt"]
+            for cost in (folder / f"collect_{setting}").glob("cost_*.json"):
+                costs.setdefault(setting, json.loads(cost.read_text()))
+    rows = []
+    for (setting, _), entry in pooled.items():
+        for policy in entry["policies"].values():
+            policy["tokens_per_s_geomean"] = statistics.geometric_mean(_tps(policy))
+        rows.append({**row(f"{setting} greedy (replayed)", entry["policies"], "oracle"),
+                     "cost_model": entry["cost_model"]})
+    for path in sorted(folders[0].glob("bench_*.json")):
         doc = json.loads(path.read_text())
         cfg = doc["config"]
         label = f"{cfg['tier']} ({cfg['dtype']}) temperature {cfg['sampling']['temperature']} (live)"
@@ -79,7 +95,14 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     from .plots import cost_curves
 
-    results, docs = Path(argv[0]), Path(argv[1])
+    if len(argv) < 2:
+        print("usage: python -m speckv.tools.settings_report RESULTS_DIR [RESULTS_DIR ...] DOCS_DIR", file=sys.stderr)
+        return 2
+    *results, docs = (Path(a) for a in argv)
+    missing = [str(r) for r in results if not any(r.glob("evaluate_*.json")) and not any(r.glob("bench_*.json"))]
+    if missing:
+        print(f"no evaluate_*.json or bench_*.json in {', '.join(missing)}", file=sys.stderr)
+        return 2
     rows, costs = collect_rows(results)
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "settings.json").write_text(json.dumps(rows, indent=1))
