@@ -76,8 +76,9 @@ covers what it loses if the learned one does, so it explores where a wrong guess
 dear. Replayed on the AVX512-BF16 EPYC (model 17), 24 held-out prompts in two sets (scripts/heldout_second.sh):
 int8 and float32, where a pass of two tokens costs 1.6-2.1x one, 0.961 → 0.994x and 0.951 → 0.977x `none`;
 bf16, a draft token ~45% of a target-only step, 1.078 → 1.071x the best fixed γ. What it gives up: a long
-prompt's short answer where only a long run pays for the draft's catch-up and the learned acceptance doubts it
-(verification 2.5x dearer after a step change, one rag prompt of 735 tokens: 0.957 → 0.934 of fixed:6).
+prompt's short answer, where the draft's reading of the prompt leaves only nearly certain long runs paying
+and the old optimism found them (verification 2.5x dearer after a step change, a rag prompt of 735 tokens
+answered in 19: 0.957 → 0.934 of fixed:6 over that trace set).
 Where drafting cannot pay even if every token were accepted, optimism changes nothing (the probes above are all
 the drafting there). Nor does it apply in a pass of several, or buy a catch-up that other requests wait through
 on shared cores: exploring there costs every one of them, and is the probes' to do.
