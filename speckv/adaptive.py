@@ -71,14 +71,6 @@ whether to draft, not how long: where the learned acceptance drafts, its γ* sta
 optimistic acceptance were 14-16 tokens where 5 paid); where it does not, the run is the one it would draft
 given that the step drafts (`_best_run`; optimism's own runs of 4-7 tokens, where a draft token cost 70% of a
 target pass, cost a 32-token request 6% against `fixed:1`: the H200's nf4 shape, scripts/decode_together.py).
-And it is a bet taken at fair odds only: the run drafts where what it gains if the optimistic acceptance holds
-covers what it loses if the learned one does, so it explores where a wrong guess is cheap and not where it is
-dear. Replayed on the AVX512-BF16 EPYC (model 17), 24 held-out prompts in two sets (scripts/heldout_second.sh):
-int8 and float32, where a pass of two tokens costs 1.6-2.1x one, 0.961 → 0.994x and 0.951 → 0.977x `none`;
-bf16, a draft token ~45% of a target-only step, 1.078 → 1.071x the best fixed γ. What it gives up: a long
-prompt's short answer, where the draft's reading of the prompt leaves only nearly certain long runs paying
-and the old optimism found them (verification 2.5x dearer after a step change, a rag prompt of 735 tokens
-answered in 19: 0.957 → 0.934 of fixed:6 over that trace set).
 Where drafting cannot pay even if every token were accepted, optimism changes nothing (the probes above are all
 the drafting there). Nor does it apply in a pass of several, or buy a catch-up that other requests wait through
 on shared cores: exploring there costs every one of them, and is the probes' to do.
@@ -338,17 +330,16 @@ class AdaptivePolicy:
               pass_logits: list[float] | None = None) -> int:
         """The run to draft (0 = none): γ* of the learned acceptance (`_gain_argmax`), and where that is 0 and
         the optimistic acceptance drafts (module docstring: it tries drafting wherever drafting could pay), the
-        learned acceptance's best run given a step drafts (`_best_run`), if that run is a fair bet (its charged
-        gains under the learned and the optimistic acceptance sum to at least 0). Optimism decides whether to
-        draft, never how long; the run cap beyond γmax only where the learned acceptance itself picks γmax. Long
-        optimistic runs opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each ~10% of a pass) where
-        the learned estimate picked 5. Pure but for the first call, which sets the prior rate (from the learned
-        acceptance: the rate the request may reach, not an optimistic one).
+        learned acceptance's best run given a step drafts (`_best_run`). Optimism decides whether to draft, never
+        how long; the run cap beyond γmax only where the learned acceptance itself picks γmax. Long optimistic runs
+        opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each ~10% of a pass) where the learned
+        estimate picked 5. Pure but for the first call, which sets the prior rate (from the learned acceptance:
+        the rate the request may reach, not an optimistic one).
         In a pass it decides from its tier's row, calibration and rate, and without optimism ("One run for the
-        pass", module docstring). Optimism does not buy a catch-up that others wait through: eight nf4 requests
-        started together (AVX2 EPYC, in-process), the learned acceptance drafted none, the optimistic one five,
-        their drafts read their prompts (5 s the eight waited through) and two to four steps later all five
-        stopped (0.94x `none`). `pass_logits`: `_pass_logits()` where the caller has it (None: computed here)."""
+        pass", module docstring). Optimism does not buy a catch-up that others wait through: eight nf4 requests started
+        together (AVX2 EPYC, in-process), the learned acceptance drafted none, the optimistic one five, their
+        drafts read their prompts (5 s the eight waited through) and two to four steps later all five stopped
+        (0.94x `none`). `pass_logits`: `_pass_logits()` where the caller has it (None: computed here)."""
         learned = self.estimates.acceptance  # its events are the drafted tokens seen (none with learning off)
         in_a_pass = self._extra_together is not None
         if in_a_pass:  # one run for the pass: its requests decide from the tier's row and calibration (docstring)
@@ -366,14 +357,9 @@ class AdaptivePolicy:
             return self.run_cap if best == len(logits) else best
         if in_a_pass or (catch_up_ms and self._catch_up_shared):
             return 0  # optimism does not buy drafting that others wait through (docstring)
-        bias = OPTIMISM / math.sqrt(1.0 + learned.events)
-        if not self._gain_argmax(logits, bias, catch_up_ms, remaining, extra):
+        if not self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra):
             return 0
-        run = _best_run(logits, self._rate, extra)  # how long: the learned acceptance's run, given it drafts
-        weight, fixed = _catch_up_charge(self._rate, catch_up_ms, remaining)
-        bet = sum(weight * _expected_accepted(logits, b)[run - 1] - self._rate * extra[run - 1] - fixed
-                  for b in (0.0, bias))
-        return run if bet >= 0.0 else 0  # a fair bet: what it gains if optimism is right covers what it loses if not
+        return _best_run(logits, self._rate, extra)  # how long: the learned acceptance's run, given it drafts
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
         """[γmax] what drafting γ costs, in a pass of several: the run that every request of the pass drafting
@@ -412,7 +398,10 @@ class AdaptivePolicy:
         carries the same share, drafted now or later, so it does not move the marginal token's worth (charged
         by γ, it cut the first run of every request at nf4, t = 0.7 on the model-1 EPYC, to 1-3 tokens)."""
         rate, exp = self._rate, math.exp
-        weight, fixed = _catch_up_charge(rate, catch_up_ms, remaining)
+        # charged gain(γ) = total − R·(extra + share of the catch-up) = weight·total − R·extra − fixed, where the
+        # share is catch_up_ms·(1 + total)/remaining (the step's tokens' part of it), or all of it
+        share = rate * catch_up_ms / remaining if remaining else 0.0
+        weight, fixed = 1.0 - share, share if remaining else rate * catch_up_ms
         p, total, best, best_gain, pays = 1.0, 0.0, 0, 0.0, False
         for k, z in enumerate(logits):
             p *= 1.0 / (1.0 + exp(-(z + bias)))
@@ -451,14 +440,6 @@ class AdaptivePolicy:
         """This request's current estimates (the response's `speculation.estimates`)."""
         self._fold_in()
         return self.estimates.to_dict()
-
-
-def _catch_up_charge(rate: float, catch_up_ms: float, remaining: int | None) -> tuple[float, float]:
-    """(weight, fixed) such that a step's charged gain is weight·total − rate·extra_ms − fixed: the gain less its
-    share of the draft's catch-up, catch_up_ms·(1 + total)/remaining (the step's tokens' part of it), or all of it
-    where `remaining` is not known (`_gain_argmax`)."""
-    share = rate * catch_up_ms / remaining if remaining else 0.0
-    return 1.0 - share, share if remaining else rate * catch_up_ms
 
 
 def _expected_accepted(logits: list[float], bias: float = 0.0) -> list[float]:
