@@ -40,6 +40,8 @@ import numpy as np
 
 CAUGHT_UP = 2  # tokens a drafting step feeds the draft after a verification (the recovered or bonus token and,
 #                after a fully accepted run, its last drafted one): priced in draft_ms_per_token
+CATCH_UP_TAUGHT = 64  # a lone draft call that first read at most this many tokens (the calibration's own prefill
+#                       measurement) teaches the draft's factor, its read priced as calibrated (LiveCost.observe)
 
 
 def measured_curve(points: list[tuple[int, float]]) -> tuple[float, ...]:
@@ -359,9 +361,10 @@ class LiveCost:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
         inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
         many tokens the draft read first. A draft call where a sequence caught up on more than CAUGHT_UP tokens
-        teaches nothing of the draft (its time is mostly that read, which no drafting pass of the calibration
-        carried), nor a verify pass that read context beyond the tokens it scored (`verify_read`: a new request's
-        prompt riding in it, speckv.workers.DEFAULT_PREFILL_CHUNK) anything of verification. Counted, the
+        teaches the draft only alone and within what the calibration's prefill measured (`_teaches_draft`; its
+        time is mostly that read, priced as calibrated). A verify pass that read context beyond the tokens it
+        scored (`verify_read`: a new request's prompt riding in it, speckv.workers.DEFAULT_PREFILL_CHUNK) teaches
+        nothing of verification. Counted, the
         prompts riding in the passes of 8 and 16 fp16 streams (AVX512-BF16 EPYC) taught a draft 3.4x its cost
         and a verify pass whose drafted tokens cost nothing, and one stream after them drafted nothing.
         Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
@@ -377,9 +380,9 @@ class LiveCost:
         if not self.learning:
             return
         others = max(batch_tokens - (gamma + 1), 0)
-        if gamma > 0 and draft_behind <= CAUGHT_UP:
+        if gamma > 0 and self._teaches_draft(draft_behind, sequences):
             predicted = (self.base.drafting_passes_ms(draft_passes, draft_rows) if draft_passes
-                         else self.base.draft_ms(gamma, sequences))
+                         else self.base.draft_ms(gamma, sequences)) + self.base.catch_up_ms(draft_behind)
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, predicted, draft_waited_ms)
         if verify_read > 0:
             return
@@ -388,6 +391,17 @@ class LiveCost:
             self.verify_tokens.observe(verify_ms if verify_compute_ms is None else verify_compute_ms, fixed, tokens)
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
                       fixed + self.verify_tokens.value * tokens, verify_waited_ms)
+
+    def _teaches_draft(self, behind: int, sequences: int) -> bool:
+        """Whether a drafting call that first read `behind` tokens teaches the draft's factor: caught up, or alone
+        in its passes with a read no longer than the calibration measured (priced as calibrated). The probes that
+        end a stretch of target-only steps read what the stretch emitted, so where only caught-up calls taught,
+        nothing but consecutive drafting steps could correct a draft priced too dear: a calibration measured beside
+        a neighbour (a draft token 379 ms where 71 is true, AVX512-BF16 EPYC) left `adaptive` at γ = 0 on every
+        later request while fixed:2 ran 1.37x `none`. In a pass of several, the others' reads are in its time."""
+        if behind <= CAUGHT_UP:
+            return True
+        return sequences <= 1 and behind <= CATCH_UP_TAUGHT and self.base.draft_prefill_ms_per_token > 0
 
     def _verify_parts(self, gamma: int | np.ndarray, context_len: int, sequences: int,
                       other_tokens: float) -> tuple[float | np.ndarray, float | np.ndarray]:

@@ -260,3 +260,25 @@ def test_the_draft_is_learned_against_the_drafting_passes_it_ran_not_the_verify_
         live.observe(2, ms, 270.0, 100, ms, 270.0, sequences=16, batch_tokens=21, draft_passes=2, draft_rows=5)
     assert live.draft.value == pytest.approx(1.0, abs=0.02)
     assert float(live.draft_ms(1, 16)) == pytest.approx(68.0 + 15 * 3.1, rel=0.02)
+
+
+def test_a_probe_after_target_only_steps_teaches_the_drafts_cost():
+    """A probe ends a stretch of target-only steps, so its draft first reads what the stretch emitted. Alone and
+    within the calibration's prefill measurement, that call teaches the draft's factor with its read priced as
+    calibrated: a calibration measured beside a neighbour (every draft call 4x its true time) is corrected by the
+    probes, where before only consecutive drafting steps, which such prices never choose, could correct it. A
+    longer read, or one in a pass of several (the others' reads are in its time), teaches nothing."""
+    from speckv.cost_model import CATCH_UP_TAUGHT
+
+    dear = CostModel(draft_ms_per_token=320.0, verify_ms_base=250.0, verify_ms_per_token=5.0,
+                     draft_prefill_ms_per_token=12.0)  # measured beside a neighbour: 4x the draft's true times
+    true = 80.0 + dear.catch_up_ms(20) / 4  # a one-token probe after 18 target-only steps, draft 4x faster
+    alone = LiveCost(dear)
+    alone.observe(1, true, 255.0, 0, true, 255.0, draft_behind=20)
+    assert alone.draft.value == pytest.approx(0.25)
+    assert alone.catch_up_ms(66) == pytest.approx(64 * 3.0)
+    shared = LiveCost(dear)
+    shared.observe(1, true, 255.0, 0, true, 255.0, sequences=4, batch_tokens=5, draft_behind=20)
+    far = LiveCost(dear)
+    far.observe(1, true, 255.0, 0, true, 255.0, draft_behind=CATCH_UP_TAUGHT + 1)
+    assert shared.draft.count == far.draft.count == 0 and shared.draft.value == far.draft.value == 1.0
