@@ -71,9 +71,13 @@ whether to draft, not how long: where the learned acceptance drafts, its γ* sta
 optimistic acceptance were 14-16 tokens where 5 paid); where it does not, the run is the one it would draft
 given that the step drafts (`_best_run`; optimism's own runs of 4-7 tokens, where a draft token cost 70% of a
 target pass, cost a 32-token request 6% against `fixed:1`: the H200's nf4 shape, scripts/decode_together.py).
-Where drafting cannot pay even if every token were accepted, optimism changes nothing (the probes above are all
-the drafting there). Nor does it apply in a pass of several, or buy a catch-up that other requests wait through
-on shared cores: exploring there costs every one of them, and is the probes' to do.
+Its price where drafting rarely pays (float32 and int8 on an AVX512-BF16 EPYC: 2-4% against `none` replayed) is
+kept on purpose: exploring only where the optimistic run was a fair bet recovered it in replay but, live, left a
+request priced out of drafting by a stale calibration with nothing to correct it (0.75x `fixed:2`, bf16, the
+thirty-second session; docs/RESULTS.md). Where drafting cannot pay even if every token were accepted, optimism
+changes nothing (the probes above are all the drafting there). Nor does it apply in a pass of several, or buy a
+catch-up that other requests wait through on shared cores: exploring there costs every one of them, and is the
+probes' to do.
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight (served: the target is a
