@@ -364,9 +364,9 @@ class LiveCost:
         teaches the draft only alone and within what the calibration's prefill measured (`_teaches_draft`; its
         time is mostly that read, priced as calibrated). A verify pass that read context beyond the tokens it
         scored (`verify_read`: a new request's prompt riding in it, speckv.workers.DEFAULT_PREFILL_CHUNK) teaches
-        nothing of verification. Counted, the
-        prompts riding in the passes of 8 and 16 fp16 streams (AVX512-BF16 EPYC) taught a draft 3.4x its cost
-        and a verify pass whose drafted tokens cost nothing, and one stream after them drafted nothing.
+        nothing of verification. Counted, the prompts riding in the passes of 8 and 16 fp16 streams (AVX512-BF16
+        EPYC) taught a draft 3.4x its cost and a verify pass whose drafted tokens cost nothing, and one stream
+        after them drafted nothing.
         Time a call waited in its replica for a pass to begin is the load's, not the hop's: learned into the hop,
         waiting under load stayed in the price of every drafting step after the load was gone (180 ms on an
         AVX512-BF16 EPYC, so γ = 0 alone where fixed γ = 2 ran 1.5x faster), since target-only steps do not
@@ -396,9 +396,10 @@ class LiveCost:
         """Whether a drafting call that first read `behind` tokens teaches the draft's factor: caught up, or alone
         in its passes with a read no longer than the calibration measured (priced as calibrated). The probes that
         end a stretch of target-only steps read what the stretch emitted, so where only caught-up calls taught,
-        nothing but consecutive drafting steps could correct a draft priced too dear: a calibration measured beside
-        a neighbour (a draft token 379 ms where 71 is true, AVX512-BF16 EPYC) left `adaptive` at γ = 0 on every
-        later request while fixed:2 ran 1.37x `none`. In a pass of several, the others' reads are in its time."""
+        nothing but consecutive drafting steps could correct a draft priced too dear: with a calibration measured
+        beside a neighbour (a draft token 379 ms where 71 is true, AVX512-BF16 EPYC, bf16) `adaptive` ran 0.95x
+        `fixed:2` (1.00x with this), and a variant that explored less stayed at γ = 0 after its first request
+        (0.75x). In a pass of several, the others' reads are in its time."""
         if behind <= CAUGHT_UP:
             return True
         return sequences <= 1 and behind <= CATCH_UP_TAUGHT and self.base.draft_prefill_ms_per_token > 0
