@@ -18,7 +18,7 @@ for s in "fp16-fp32 fp16 float32 48" "int8 int8 auto 32" "fp16-bf16 fp16 bfloat1
   set -- $s
   speckv collect --prompts docs/results/heldout_second.jsonl --tiers "$2" --dtype "$3" --max-new-tokens "$4" \
     --out "$OUT/collect_$1"
-  for set in first second; do
+  for set in first second; do  # the first set too: both replayed by the code under test, not the first's of its day
     records=$([ "$set" = first ] && echo "$FIRST/collect_$1" || echo "$OUT/collect_$1")
     speckv evaluate --records "$records" --split all --out "$OUT/eval_$set/evaluate_$1.json"
   done

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .stats import paired_speedup
@@ -44,21 +45,29 @@ def row(setting: str, policies: dict[str, dict], oracle: str | None) -> dict:
             "adaptive_vs": vs, "oracle_over_better": oracle_ahead, "meets_bar": meets}
 
 
+def _evaluations(folder: Path) -> Iterator[tuple[str, str, dict]]:
+    """(setting, tier, its replay) for every evaluate_<setting>.json in a results folder."""
+    for path in sorted(folder.glob("evaluate_*.json")):
+        setting = path.stem.removeprefix("evaluate_")
+        for tier, t in json.loads(path.read_text())["tiers"].items():
+            yield setting, tier, t
+
+
 def collect_rows(results: Path | list[Path]) -> tuple[list[dict], dict[str, dict]]:
     """The bar's rows: a replayed row per setting (pooled over the folders), a live row per bench of the first
-    folder; and each setting's cost file (the first folder's) for the plots."""
+    folder; and each setting's cost file (the first folder's that has one) for the plots."""
     folders = [results] if isinstance(results, Path) else list(results)
     pooled: dict[tuple[str, str], dict] = {}  # (setting, tier) -> its policies, prompts of every folder
-    costs: dict[str, dict] = {}
     for folder in folders:
-        for path in sorted(folder.glob("evaluate_*.json")):
-            setting = path.stem.removeprefix("evaluate_")
-            for tier, t in json.loads(path.read_text())["tiers"].items():
-                entry = pooled.setdefault((setting, tier), {"policies": {}, "cost_model": t["cost_model"]})
-                for name, policy in t["policies"].items():
-                    entry["policies"].setdefault(name, {"per_prompt": []})["per_prompt"] += policy["per_prompt"]
-            for cost in (folder / f"collect_{setting}").glob("cost_*.json"):
-                costs.setdefault(setting, json.loads(cost.read_text()))
+        for setting, tier, t in _evaluations(folder):
+            entry = pooled.setdefault((setting, tier), {"policies": {}, "cost_model": t["cost_model"]})
+            for name, policy in t["policies"].items():
+                entry["policies"].setdefault(name, {"per_prompt": []})["per_prompt"] += policy["per_prompt"]
+    costs: dict[str, dict] = {}
+    for setting in dict.fromkeys(s for s, _ in pooled):
+        found = [c for folder in folders for c in sorted((folder / f"collect_{setting}").glob("cost_*.json"))]
+        if found:
+            costs[setting] = json.loads(found[0].read_text())
     rows = []
     for (setting, _), entry in pooled.items():
         for policy in entry["policies"].values():
