@@ -70,11 +70,14 @@ drafting wherever drafting could pay, and what it sees replaces the optimism as 
 whether to draft, not how long: where the learned acceptance drafts, its γ* stands (runs priced at the
 optimistic acceptance were 14-16 tokens where 5 paid); where it does not, the run is the one it would draft
 given that the step drafts (`_best_run`; optimism's own runs of 4-7 tokens, where a draft token cost 70% of a
-target pass, cost a 32-token request 6% against `fixed:1`: the H200's nf4 shape, scripts/decode_together.py).
-Its price where drafting rarely pays (float32 and int8 on an AVX512-BF16 EPYC: 2-4% against `none` replayed) is
-kept on purpose: exploring only where the optimistic run was a fair bet recovered it in replay but, live, left a
-request priced out of drafting by a stale calibration with nothing to correct it (0.75x `fixed:2`, bf16, the
-thirty-second session; docs/RESULTS.md). Where drafting cannot pay even if every token were accepted, optimism
+target pass, cost a 32-token request 6% against `fixed:1`: the H200's nf4 shape, scripts/decode_together.py),
+but at least the shortest run that pays if the optimism is right: the exploration tests whether drafting pays,
+and a run that could not pay even with every token accepted only spends (float32 on an AVX512-BF16 EPYC, where
+scoring two tokens cost twice one: one-token runs, then 0.95x `none` over 24 held-out prompts replayed, 0.96x
+now; int8 there 0.96x, 0.99x now). The rest of its price where drafting rarely pays is kept on purpose:
+exploring only where the optimistic run was a fair bet recovered it in replay but, live, left a request priced
+out of drafting by a stale calibration with nothing to correct it (0.75x `fixed:2`, bf16, the thirty-second
+session; docs/RESULTS.md). Where drafting cannot pay even if every token were accepted, optimism
 changes nothing (the probes above are all the drafting there). Nor does it apply in a pass of several, or buy a
 catch-up that other requests wait through on shared cores: exploring there costs every one of them, and is the
 probes' to do.
@@ -334,8 +337,9 @@ class AdaptivePolicy:
               pass_logits: list[float] | None = None) -> int:
         """The run to draft (0 = none): γ* of the learned acceptance (`_gain_argmax`), and where that is 0 and
         the optimistic acceptance drafts (module docstring: it tries drafting wherever drafting could pay), the
-        learned acceptance's best run given a step drafts (`_best_run`). Optimism decides whether to draft, never
-        how long; the run cap beyond γmax only where the learned acceptance itself picks γmax. Long optimistic runs
+        learned acceptance's best run given a step drafts (`_best_run`), at least the shortest run that pays under
+        the optimistic acceptance. Optimism decides whether to draft, not how long, beyond that floor; the run cap
+        beyond γmax only where the learned acceptance itself picks γmax. Long optimistic runs
         opened every request on the AVX2 EPYC at nf4 (14-16 tokens, each ~10% of a pass) where the learned
         estimate picked 5. Pure but for the first call, which sets the prior rate (from the learned acceptance:
         the rate the request may reach, not an optimistic one).
@@ -361,9 +365,10 @@ class AdaptivePolicy:
             return self.run_cap if best == len(logits) else best
         if in_a_pass or (catch_up_ms and self._catch_up_shared):
             return 0  # optimism does not buy drafting that others wait through (docstring)
-        if not self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining, extra):
-            return 0
-        return _best_run(logits, self._rate, extra)  # how long: the learned acceptance's run, given it drafts
+        shortest = self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining,
+                                     extra, shortest=True)
+        # how long: the learned acceptance's run given it drafts, at least the shortest that pays if optimism is right
+        return max(shortest, _best_run(logits, self._rate, extra)) if shortest else 0
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
         """[γmax] what drafting γ costs, in a pass of several: the run that every request of the pass drafting
@@ -393,14 +398,15 @@ class AdaptivePolicy:
         return self._extra_growing if together else self._extra_unshared
 
     def _gain_argmax(self, logits: list[float], bias: float, catch_up_ms: float, remaining: int | None,
-                     extra: list[float]) -> int:
+                     extra: list[float], shortest: bool = False) -> int:
         """Whether to draft, and how long. γ* = argmax Σ_{k≤γ} P(first k accepted) − R·extra_ms(γ), in plain
         Python over γmax numbers, acceptance shifted by `bias` log-odds, drafted only where some γ pays its share
-        of the draft's catch-up too. The catch-up is paid once and serves the drafting steps left in the request
-        (`remaining` tokens over 1 + Σ P per step), so a step is charged its tokens' share; all of it where
-        `remaining` is not known. The share decides whether, never how long: every token the request emits
-        carries the same share, drafted now or later, so it does not move the marginal token's worth (charged
-        by γ, it cut the first run of every request at nf4, t = 0.7 on the model-1 EPYC, to 1-3 tokens)."""
+        of the draft's catch-up too (`shortest`: the shortest γ that pays it, 0 where none does). The catch-up is
+        paid once and serves the drafting steps left in the request (`remaining` tokens over 1 + Σ P per step), so
+        a step is charged its tokens' share; all of it where `remaining` is not known. The share decides whether,
+        never how long: every token the request emits carries the same share, drafted now or later, so it does not
+        move the marginal token's worth (charged by γ, it cut the first run of every request at nf4, t = 0.7 on the
+        model-1 EPYC, to 1-3 tokens)."""
         rate, exp = self._rate, math.exp
         # charged gain(γ) = total − R·(extra + share of the catch-up) = weight·total − R·extra − fixed, where the
         # share is catch_up_ms·(1 + total)/remaining (the step's tokens' part of it), or all of it
@@ -413,7 +419,10 @@ class AdaptivePolicy:
             gain = total - rate * extra[k]
             if gain > best_gain:
                 best, best_gain = k + 1, gain
-            pays = pays or weight * total - rate * extra[k] - fixed > 0
+            if not pays and weight * total - rate * extra[k] - fixed > 0:
+                if shortest:
+                    return k + 1
+                pays = True
         return best if pays else 0
 
     def _commit(self, run: int, catch_up_ms: float) -> int:
