@@ -1,0 +1,51 @@
+"""One policy against another over the prompts of several `speckv bench` results files, paired within each file
+(both policies ran the prompt in the same run): the geometric mean of the per-prompt ratios, a 95% bootstrap CI
+and a sign-flip p (speckv.tools.stats.paired_speedup). For live runs too small to judge alone (6 prompts each).
+
+Usage: python scripts/pool_bench.py A.json B.json ... [--policy adaptive] [--against none] [--out pooled.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from speckv.tools.stats import paired_speedup
+
+
+def paired(files: list[Path], policy: str, against: str) -> tuple[list[float], list[float], list[str]]:
+    """Per-prompt tokens/s of `policy` and `against`, paired within each file; labels `file:question_id`."""
+    a, b, labels = [], [], []
+    for f in files:
+        runs = json.loads(f.read_text())["policies"]
+        if policy not in runs or against not in runs:
+            raise SystemExit(f"{f}: needs policies {policy!r} and {against!r}, has {', '.join(runs)}")
+        base = {p["question_id"]: p["tokens_per_s"] for p in runs[against]["per_prompt"]}
+        for p in runs[policy]["per_prompt"]:
+            if p["question_id"] in base:
+                a.append(p["tokens_per_s"])
+                b.append(base[p["question_id"]])
+                labels.append(f"{f.stem}:{p['question_id']}")
+    return a, b, labels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--policy", default="adaptive")
+    ap.add_argument("--against", default="none")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    a, b, labels = paired(args.files, args.policy, args.against)
+    result = paired_speedup(args.policy, a, args.against, b).to_dict()
+    result["prompts"] = {label: x / y for label, x, y in zip(labels, a, b)}
+    print(f"{args.policy} / {args.against} over {len(a)} prompts in {len(args.files)} files: "
+          f"{result['speedup']:.3f}x [{result['ci95'][0]:.2f}, {result['ci95'][1]:.2f}], p = {result['p_value']:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"files": [str(f) for f in args.files], **result}, indent=1))
+        print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()
