@@ -91,7 +91,7 @@ class WorkerSpec:
                                                budget_s=budget_share(role, self.calibration_budget_s))
             if cached:  # measuring warmed the model up; a cached calibration did not
                 warm_up(lm, role)
-        return result.to_dict()
+        return {**result.to_dict(), "spot_check": result.spot_check}  # the spot check: what this load found
 
 
 def _replica_id() -> str:

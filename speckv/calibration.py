@@ -14,7 +14,8 @@ bf16 ones) may run faster with them in float32 where the CPU has no bf16 hardwar
 from some number of rows a pass (`probe_float32_from`): measured first, and what its passes use after.
 `load_or_calibrate` caches a calibration under `$SPECKV_HOME/calibration/`, keyed by the hardware, the
 torch version and threads, the model's weights, role, tier, dtype and device: the same setting reuses it,
-anything that changes the costs gets its own.
+anything that changes the costs gets its own. What the key cannot see, the load the machine was under when it
+was measured, a spot check at each load does (`spot_check`): a cache far dearer than now is measured anew.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,6 +66,9 @@ ENOUGH_TIMED_MS = 1000.0
 # grows with the rows where it is emulated; float32's much less): they read 2 × 31 tokens of the first context
 FLOAT32_PROBE_TOKENS = (16, 8, 4, 2, 1)
 MIN_MEASUREMENTS = {"target": 2, "draft": 2}  # verification at γ = 0 and γmax; the draft's single token, its prefill
+LOCK_NAME = ".measuring.lock"  # in the calibration directory: one replica measures or spot-checks at a time
+SPOT_TOLERANCE = 2.0  # a cached calibration its spot check at load finds this much dearer than now is measured anew
+SPOT_SLACK_MS = 5.0  # ... by this many ms more too (a tiny model's sub-ms passes jitter by more than 2x)
 # CPU features that change which kernels torch runs (and so the shape of a step's cost)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
              "amx_int8", "avx_vnni", "asimd", "sve", "bf16")
@@ -146,6 +151,7 @@ class Calibration:
     seconds: float = 0.0  # how long measuring took
     complete: bool = True  # False when the budget left planned measurements out
     float32_probe: dict | None = None  # `probe_float32_from`'s times and choice (None: no half-precision layers)
+    spot_check: dict | None = field(default=None, compare=False)  # `spot_check` at this load (not cached)
 
     @property
     def float32_from(self) -> int | None:
@@ -446,8 +452,22 @@ def _close_probe_sessions(lm: SessionLM, session: str) -> None:
         lm.close(s)
 
 
+def calibration_dir() -> Path:
+    """Where calibrations are cached, and measured under LOCK_NAME: `$SPECKV_HOME/calibration`, or where that
+    cannot be written, the system's temp directory's `speckv-calibration` (cluster/ mounts SPECKV_HOME, the models'
+    volume, read-only: a replica there could not take the lock, and failed to load)."""
+    for directory in (cache_root() / "calibration", Path(tempfile.gettempdir()) / "speckv-calibration"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / LOCK_NAME).touch()
+            return directory
+        except OSError:
+            continue
+    raise OSError(f"no writable directory for calibrations: {cache_root() / 'calibration'} nor the temp directory")
+
+
 def calibration_path(key: CalibrationKey) -> Path:
-    return cache_root() / "calibration" / f"{key.digest()}.json"
+    return calibration_dir() / f"{key.digest()}.json"
 
 
 @contextlib.contextmanager
@@ -482,30 +502,50 @@ def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
                       **kwargs) -> tuple[Calibration, bool]:
     """The cached calibration for this setting, or a new one (then cached); returns (it, whether cached), and
     sets on `lm` what it chose (`Calibration.configure`). A cache file that cannot be read, or was written for
-    another key, is measured anew and replaced.
+    another key, is measured anew and replaced; so is one its spot check finds stale (`spot_check`).
 
-    Measuring holds a machine-wide lock under the cache root: replicas that load together (a target and
-    the draft on one node) measure one after another, each alone, instead of timing each other's load; a
-    replica that waited finds what another measured for the same key and reuses it."""
+    Measuring and spot checks hold a machine-wide lock under the cache root: replicas that load together (a
+    target and the draft on one node) measure one after another, each alone, instead of timing each other's
+    load; a replica that waited finds what another measured for the same key and reuses it."""
     key = CalibrationKey.of(lm.model, role, tier, lm.added_ms_per_call)
     path = calibration_path(key)
-    cached = None if force else _read_cached(path, key)
-    if cached is not None:
-        cached.configure(lm)
-        return cached, True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".measuring.lock", "w") as lock:
+    with open(path.parent / LOCK_NAME, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         cached = None if force else _read_cached(path, key)
         if cached is not None:
             cached.configure(lm)
-            return cached, True
+            with _unbounded(lm):
+                cached.spot_check = spot_check(lm, cached)
+            if not cached.spot_check or not cached.spot_check["stale"]:
+                return cached, True
         with _unbounded(lm):
             result = calibrate(lm, role, tier, **kwargs)
+        result.spot_check = cached.spot_check if cached is not None else None  # why it was measured anew
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     return result, False
+
+
+def spot_check(lm: SessionLM, cached: Calibration) -> dict | None:
+    """Time a cached calibration's first measurement once more (the target's one-token verification, the
+    draft's one drafted token, at the first context; `time_call`, a second or less on a CPU), and call the cache
+    stale where it is more than SPOT_TOLERANCE times dearer than now (and SPOT_SLACK_MS): measured while something
+    else held the machine, a neighbour or replicas loading beside it, it stays cached until its key changes, and
+    priced drafting out (a bf16 calibration 4x dear on the AVX512-BF16 EPYC: `adaptive` 0.95x `fixed:2` live,
+    docs/RESULTS.md). A cache cheaper than now is kept: the machine is busy now, the load is the online
+    estimates' to follow, and measured now the cache would keep the load. None where it has no such row."""
+    kind = "verify" if cached.key.role == "target" else "draft"
+    row = next((r for r in cached.rows if r["kind"] == kind and r["tokens"] == 1 and r.get("sequences", 1) == 1),
+               None)
+    if row is None:
+        return None
+    session, start = f"spot-check-{uuid.uuid4().hex}", time.perf_counter()
+    now = time_call(lm, synthetic_ids(row["context_len"], int(lm.model.config.vocab_size)), 1, 1, 3,
+                    session=session)
+    _close_probe_sessions(lm, session)
+    return {"kind": kind, "context_len": row["context_len"], "cached_ms": row["ms"], "now_ms": now,
+            "stale": row["ms"] > SPOT_TOLERANCE * now + SPOT_SLACK_MS, "seconds": time.perf_counter() - start}
 
 
 def _read_cached(path: Path, key: CalibrationKey) -> Calibration | None:
@@ -534,7 +574,7 @@ class PairCalibration:
 
     def to_dict(self) -> dict:
         return {"cost_model": self.cost_model.to_dict(), "cached": self.cached, "seconds": self.seconds,
-                **{c.key.role: {**c.to_dict(), "path": str(calibration_path(c.key))}
+                **{c.key.role: {**c.to_dict(), "path": str(calibration_path(c.key)), "spot_check": c.spot_check}
                    for c in (self.target, self.draft)}}
 
     def describe(self) -> str:
@@ -545,6 +585,10 @@ class PairCalibration:
             cut = "" if c.complete else " (the budget ran out before every planned measurement)"
             lines.append(f"{c.key.role}: {'cached' if self.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
                          f"{calibration_path(c.key)}")
+            if c.spot_check:
+                spot, verdict = c.spot_check, "stale, measured anew" if c.spot_check["stale"] else "kept"
+                lines.append(f"  spot check at load ({spot['seconds']:.1f} s): {spot['kind']} of one token "
+                             f"{spot['now_ms']:.0f} ms now, {spot['cached_ms']:.0f} cached: {verdict}")
         rows = [r for r in self.target.rows + self.draft.rows if r.get("sequences", 1) == 1 and r["kind"] != "prefill"]
         for ctx in sorted({r["context_len"] for r in rows}):
             verify = "  ".join(f"{r['tokens']}: {r['ms']:.0f}" for r in sorted(rows, key=lambda r: r["tokens"])

@@ -214,6 +214,63 @@ def test_cached_per_setting_and_measured_again_when_it_changes(draft_model, targ
     assert not cached
 
 
+def test_a_cached_calibration_dearer_than_its_spot_check_at_load_is_measured_anew(draft_model, target_model,
+                                                                                   tmp_path, monkeypatch):
+    """A calibration measured while something else held the machine stays cached until its key changes (a bf16
+    one 4x dear priced drafting out, live). At load its first measurement is timed again: a cache over twice as
+    dear as now is measured anew and replaced; one cheaper than now is kept (the machine is busy now: the load
+    is the online estimates' to follow, and measured now, the cache would keep it). `speckv calibrate` says so."""
+    from speckv.calibration import PairCalibration
+
+    monkeypatch.setenv("SPECKV_HOME", str(tmp_path))
+    kw = {"max_gamma": 2, "context_lens": (16,), "repeats": 1}
+    loaded = {}
+    for role, model in (("target", target_model), ("draft", draft_model)):
+        lm = SessionLM(model)
+        first, _ = load_or_calibrate(lm, role, "fp16", **kw)
+        path = calibration.calibration_path(first.key)
+        written = json.loads(path.read_text())
+
+        def cache_scaled(factor: float, extra_ms: float) -> float:
+            """The cache file with every row's ms scaled; returns the spot-checked row's."""
+            doc = json.loads(json.dumps(written))
+            for row in doc["rows"]:
+                row["ms"] = row["ms"] * factor + extra_ms
+            path.write_text(json.dumps(doc))
+            return doc["rows"][0]["ms"]  # the first measurement: one token, verified or drafted
+
+        busy_now = cache_scaled(0.01, 0.0)
+        kept, cached = load_or_calibrate(lm, role, "fp16", **kw)
+        assert cached and kept.rows[0]["ms"] == busy_now
+        assert kept.spot_check["cached_ms"] == busy_now and not kept.spot_check["stale"]
+        assert kept.spot_check["now_ms"] > busy_now
+
+        stale = cache_scaled(4.0, 50.0)
+        again, cached = load_or_calibrate(lm, role, "fp16", **kw)
+        assert not cached and again.spot_check["stale"] and again.spot_check["cached_ms"] == stale
+        assert json.loads(path.read_text())["rows"][0]["ms"] < stale  # replaced by what was measured now
+        loaded[role] = again
+    text = PairCalibration(loaded["draft"], loaded["target"], False).describe()
+    assert text.count("spot check at load") == 2 and "stale, measured anew" in text
+
+
+def test_a_read_only_speckv_home_caches_calibrations_in_the_temp_directory(target_model, tmp_path, monkeypatch):
+    """cluster/ mounts SPECKV_HOME (the models' volume) read-only: a replica there still measures, caches and
+    takes its turn under the lock, in the system's temp directory, instead of failing to load."""
+    import tempfile
+
+    blocked = tmp_path / "home"
+    blocked.write_text("a file where the directory would be")  # nothing can be made under it, even by root
+    monkeypatch.setenv("SPECKV_HOME", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lm, kw = SessionLM(target_model), {"max_gamma": 1, "context_lens": (8,), "repeats": 1}
+    first, cached = load_or_calibrate(lm, "target", "fp16", **kw)
+    path = calibration.calibration_path(first.key)
+    assert not cached and path.is_file() and path.parent == tmp_path / "tmp" / "speckv-calibration"
+    assert load_or_calibrate(lm, "target", "fp16", **kw)[1]  # and found there at the next load
+
+
 def test_a_replica_with_a_cached_calibration_warms_its_model_up(draft_model, target_model, tmp_path, monkeypatch):
     """Every live call shape runs once before the first request (its first passes are the slow ones), only
     where calibration did not already run them, and no warm-up session stays behind."""

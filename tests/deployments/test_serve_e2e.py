@@ -38,7 +38,9 @@ KEY = secrets.token_hex(8)
 def drafting_home(home: Path) -> Path:
     """A SPECKV_HOME for the server and the CLI: the prepared models linked in, this machine's calibrations
     copied, and the default pair's fp16 calibration replaced by one where drafting pays (a flat verify curve,
-    5 ms a draft token), for every torch thread count the replicas or the CLI may run with."""
+    5 ms a draft token), for every torch thread count the replicas or the CLI may run with. Planted cheaper
+    than any CPU runs the 1.5B and 0.5B (159+ ms a verification, 68+ a draft token), so the spot check at load
+    (speckv.calibration.spot_check) keeps them."""
     from speckv.calibration import Calibration, CalibrationKey, calibration_path
     from speckv.models import DEFAULT_DRAFT, DEFAULT_TARGET, cache_root, draft_dtype_for, load_model
 
