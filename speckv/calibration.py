@@ -529,12 +529,13 @@ def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
 
 def spot_check(lm: SessionLM, cached: Calibration) -> dict | None:
     """Time a cached calibration's first measurement once more (the target's one-token verification, the
-    draft's one drafted token, at the first context; `time_call`, a second or less on a CPU), and call the cache
-    stale where it is more than SPOT_TOLERANCE times dearer than now (and SPOT_SLACK_MS): measured while something
-    else held the machine, a neighbour or replicas loading beside it, it stays cached until its key changes, and
-    priced drafting out (a bf16 calibration 4x dear on the AVX512-BF16 EPYC: `adaptive` 0.95x `fixed:2` live,
-    docs/RESULTS.md). A cache cheaper than now is kept: the machine is busy now, the load is the online
-    estimates' to follow, and measured now the cache would keep the load. None where it has no such row."""
+    draft's one drafted token, at the first context; `time_call`: 1.5 s and 0.6 s at bf16 on an AVX512-BF16
+    EPYC, a few passes where a pass takes seconds), and call the cache stale where it is more than
+    SPOT_TOLERANCE times dearer than now (and SPOT_SLACK_MS): measured while something else held the machine, a
+    neighbour or replicas loading beside it, it stays cached until its key changes, and priced drafting out (a
+    bf16 calibration 4x dear on the AVX512-BF16 EPYC: `adaptive` 0.95x `fixed:2` live, docs/RESULTS.md). A cache
+    cheaper than now is kept: the machine is busy now, the load is the online estimates' to follow, and measured
+    now the cache would keep the load. None where it has no such row."""
     kind = "verify" if cached.key.role == "target" else "draft"
     row = next((r for r in cached.rows if r["kind"] == kind and r["tokens"] == 1 and r.get("sequences", 1) == 1),
                None)
