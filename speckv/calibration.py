@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -455,15 +456,22 @@ def _close_probe_sessions(lm: SessionLM, session: str) -> None:
 def calibration_dir() -> Path:
     """Where calibrations are cached, and measured under LOCK_NAME: `$SPECKV_HOME/calibration`, or where that
     cannot be written, the system's temp directory's `speckv-calibration` (cluster/ mounts SPECKV_HOME, the models'
-    volume, read-only: a replica there could not take the lock, and failed to load)."""
-    for directory in (cache_root() / "calibration", Path(tempfile.gettempdir()) / "speckv-calibration"):
+    volume, read-only: a replica there could not take the lock, and failed to load). Checked once per pair of
+    roots in a process (every path printed or loaded asks)."""
+    return _writable_dir(cache_root() / "calibration", Path(tempfile.gettempdir()) / "speckv-calibration")
+
+
+@functools.cache
+def _writable_dir(*candidates: Path) -> Path:
+    """The first of `candidates` that can be made and holds a writable LOCK_NAME."""
+    for directory in candidates:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / LOCK_NAME).touch()
             return directory
         except OSError:
             continue
-    raise OSError(f"no writable directory for calibrations: {cache_root() / 'calibration'} nor the temp directory")
+    raise OSError(f"no writable directory for calibrations: {', '.join(map(str, candidates))}")
 
 
 def calibration_path(key: CalibrationKey) -> Path:
@@ -509,6 +517,7 @@ def load_or_calibrate(lm: SessionLM, role: str, tier: str, force: bool = False,
     load; a replica that waited finds what another measured for the same key and reuses it."""
     key = CalibrationKey.of(lm.model, role, tier, lm.added_ms_per_call)
     path = calibration_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)  # again: removed since `calibration_dir` made it, it comes back
     with open(path.parent / LOCK_NAME, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         cached = None if force else _read_cached(path, key)
