@@ -17,12 +17,24 @@ weight rows (BLOCK_BYTES of float32) is converted while it is in cache and multi
 
 `install(name)` registers one for the CPU only where bitsandbytes has none of its own; `load_model` does so
 for the int8 and nf4 tiers on a CPU.
+
+A third concerns plain `nn.Linear` layers, whatever the tier: a pass of a few rows (a decoded token, a
+verification of γ+1, a catch-up) multiplies `input @ weight^T`, and where the BLAS runs that shape as one
+matrix-vector product per row (MKL in float32 on the AMD EPYC here), two rows cost twice one and one row
+streams the weights at half the speed the same product reaches as `weight @ input^T`. The 1.5B target in
+float32 on that CPU: 390 / 720 / 1050 ms for passes of 1 / 2 / 3 tokens, 230 / 280 / 450 ms computed the other
+way (one row padded with a zero row). Whether that holds depends on the CPU, the BLAS and the dtype (bfloat16
+here is faster as it is), so `install_small_rows(model)` times both products on the model's own weights at
+load (`probe_small_rows`) and swaps its linear layers to `SmallRowsLinear` only for the row counts where
+the other product is faster.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -148,12 +160,12 @@ def installed(name: str) -> bool:
 def kernels_for(model: torch.nn.Module) -> str:
     """What of ours `model`'s layers run, for keys of what its calls cost ("" for none): the names of the
     installed kernels whose bitsandbytes layers it has on the CPU (a 4-bit layer that bitsandbytes packed for
-    its own kernel runs that instead)."""
+    its own kernel runs that instead), and SMALL_ROWS where its linear layers are `SmallRowsLinear`."""
+    used = [SMALL_ROWS] if small_rows_of(model) else []
     if not _installed:
-        return ""
+        return ",".join(used)
     import bitsandbytes.nn
 
-    used = []
     for name in sorted(_installed):
         layer = getattr(bitsandbytes.nn, KERNELS[name].layer)
         if any(isinstance(m, layer) and m.weight.device.type == "cpu"
@@ -177,3 +189,103 @@ def quiet_int8_input_cast() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropInputCast) for f in logger.filters):
         logger.addFilter(_DropInputCast())
+
+
+# ------------------------------------------------------------------------------------ few-row linear passes
+
+SMALL_ROWS = "small-rows"  # its name in a calibration key (kernels_for)
+SMALL_ROWS_MAX = 9  # row counts probed: a decode, a verification of up to γmax+1, a catch-up
+PROBE_BYTES = 128 * 2**20  # weights a probe multiplies per timing: several times a CPU's last-level cache, so
+# they stream from memory as in a pass (a probe over weights that fit the cache times the cache instead)
+PROBE_ROUNDS = 5
+PROBE_MARGIN = 0.9  # the transposed product is taken where it costs at most this share of `linear`: a choice
+# that noise could flip is worth nothing either way (here, float32: 0.3-0.85 at 1-7 and 9 rows for the 1.5B,
+# 0.25-0.85 at 1-7 for the 0.5B; bfloat16: 1.2-1.55 at two rows)
+
+
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear(x, weight, bias)` ([..., K] by [N, K] -> [..., N]) computed as `weight @ x^T`, a lone row
+    padded with a zero row (a BLAS may run one column as a slower matrix-vector product). The same products
+    and sums as `linear`, added in the order this product's kernel adds them."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        out = torch.mm(weight, torch.cat([rows, torch.zeros_like(rows)]).t())[:, :1]
+    else:
+        out = torch.mm(weight, rows.t())
+    out = out.t().contiguous()
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class SmallRowsLinear(torch.nn.Linear):
+    """An `nn.Linear` that multiplies passes of `transposed_rows` rows with `transposed_linear` (the faster
+    product there, as `probe_small_rows` measured), every other pass as `nn.Linear` does."""
+
+    transposed_rows: frozenset[int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] and x.numel() // x.shape[-1] in self.transposed_rows:
+            return transposed_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """`model`'s float linear layers on the CPU that are exactly `nn.Linear` (a bitsandbytes layer subclasses
+    it and multiplies its own way), in module order."""
+    return [m for m in model.modules() if type(m) in (torch.nn.Linear, SmallRowsLinear)
+            and m.weight.device.type == "cpu" and m.weight.dtype.is_floating_point]
+
+
+def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX, rounds: int = PROBE_ROUNDS,
+                     clock: Callable[[], float] = time.perf_counter) -> frozenset[int]:
+    """The row counts up to `most` at which `transposed_linear` over `weights` (each [N, K]) costs at most
+    PROBE_MARGIN of `linear`: medians of `rounds` timings of each, taken alternately so that a neighbour's
+    load falls on both. Two rows first: where the BLAS has no matrix-vector path for few rows, the transposed
+    product does not win there, and nothing else is timed (a bfloat16 model here: a tenth of a second)."""
+    chosen = set()
+    for m in [2, 1, *range(3, most + 1)]:
+        inputs = [torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights]
+        times: dict[str, list[float]] = {"linear": [], "transposed": []}
+        for _ in range(rounds):
+            for form, product in (("linear", torch.nn.functional.linear), ("transposed", transposed_linear)):
+                start = clock()
+                for x, w in zip(inputs, weights):
+                    product(x, w)
+                times[form].append(clock() - start)
+        if statistics.median(times["transposed"]) <= PROBE_MARGIN * statistics.median(times["linear"]):
+            chosen.add(m)
+        elif m == 2:
+            break
+    return frozenset(chosen)
+
+
+def install_small_rows(model: torch.nn.Module) -> frozenset[int]:
+    """Probe the first PROBE_BYTES of `model`'s plain linear weights on the CPU (`probe_small_rows`) and make
+    its plain linear layers `SmallRowsLinear` for the row counts where the transposed product is faster;
+    where it is faster at none, or the model has less than PROBE_BYTES of them, leave them as they are.
+    Returns those row counts."""
+    layers = _plain_linears(model)
+    weights, size = [], 0
+    for layer in layers:
+        if size >= PROBE_BYTES:
+            break
+        weights.append(layer.weight.detach())
+        size += layer.weight.numel() * layer.weight.element_size()
+    chosen = frozenset()
+    if size >= PROBE_BYTES:  # a smaller model's weights stay in cache: its passes are cheap whichever way
+        with torch.inference_mode():
+            chosen = probe_small_rows(weights)
+    for layer in layers:
+        if chosen:
+            layer.__class__ = SmallRowsLinear
+            layer.transposed_rows = chosen
+        elif type(layer) is SmallRowsLinear:
+            layer.__class__ = torch.nn.Linear
+            del layer.transposed_rows
+    return chosen
+
+
+def small_rows_of(model: torch.nn.Module) -> frozenset[int]:
+    """The row counts `model`'s linear layers multiply transposed (none where `install_small_rows` chose none)."""
+    return next((m.transposed_rows for m in model.modules() if type(m) is SmallRowsLinear), frozenset())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import TIER_KERNELS, install, quiet_int8_input_cast
+from .kernels import TIER_KERNELS, install, install_small_rows, quiet_int8_input_cast
 
 EMBEDDED_PREFIX = "embedded:"
 MANIFEST = "speckv-manifest.json"
@@ -206,6 +206,8 @@ def load_model(
 
     `dtype` is the compute dtype (for int8/nf4, of the non-quantized parts and the matmul inputs).
     Embedded defaults are sha256-verified before loading. Weights are safetensors only (no pickle).
+    On a CPU its linear layers multiply passes of a few rows whichever way its BLAS runs faster
+    (`speckv.kernels.install_small_rows`, about a second of timing).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -244,6 +246,8 @@ def load_model(
         model = model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if on_cpu:  # passes of a few rows multiplied the other way round where this CPU's BLAS runs that faster
+        install_small_rows(model)
     return model
 
 

@@ -200,3 +200,123 @@ def test_loading_the_nf4_tier_on_a_cpu_without_bitsandbytes_own_kernel_installs_
     ours = CalibrationKey.of(model, "target", "nf4")
     kernels.uninstall(NF4)
     assert ours.kernels == NF4 and CalibrationKey.of(model, "target", "nf4").kernels == ""
+
+
+# ------------------------------------------------------------------------------------ few-row linear passes
+
+@pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (1, 3, 48), (7, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_transposed_product_is_linear_computed_the_other_way(shape, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias)
+    x = torch.randn(*shape)
+    got = kernels.transposed_linear(x, layer.weight, layer.bias)
+    assert got.shape == (*shape[:-1], 80) and got.is_contiguous()
+    torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+
+
+class _FakeProducts:
+    """`linear` and `transposed_linear` that cost `cost[form](rows)` on a clock of their own (no real timing)."""
+
+    def __init__(self, monkeypatch, linear_ms, transposed_ms):
+        self.now, self.timed = 0.0, []
+        self.costs = {"linear": linear_ms, "transposed": transposed_ms}
+        monkeypatch.setattr(torch.nn.functional, "linear", self._product("linear"))
+        monkeypatch.setattr(kernels, "transposed_linear", self._product("transposed"))
+
+    def _product(self, form):
+        def product(x, w, bias=None):
+            self.now += self.costs[form](x.shape[0]) / 1000
+            self.timed.append((form, x.shape[0]))
+        return product
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_the_probe_takes_the_transposed_product_at_the_row_counts_where_it_is_faster(monkeypatch):
+    # a BLAS that runs up to 4 rows as one matrix-vector product per row; the other way round costs one pass
+    fake = _FakeProducts(monkeypatch, lambda m: 10.0 * m if m <= 4 else 12.0,
+                         lambda m: 9.5 if m == 1 else 10.0 + m)
+    weights = [torch.zeros(8, 4), torch.zeros(8, 4)]
+    assert kernels.probe_small_rows(weights, most=6, clock=fake.clock) == {2, 3, 4}
+    # one row 5% faster transposed: within PROBE_MARGIN, not taken (a choice noise could flip is worth nothing)
+    assert {m for _, m in fake.timed} == set(range(1, 7))
+
+
+def test_the_probe_stops_where_two_rows_are_no_faster_transposed(monkeypatch):
+    fake = _FakeProducts(monkeypatch, lambda m: 10.0 + m, lambda m: 10.0 + 2 * m)
+    assert kernels.probe_small_rows([torch.zeros(8, 4)], most=9, clock=fake.clock) == frozenset()
+    assert {m for _, m in fake.timed} == {2}  # nothing past two rows timed (a tenth of a second, not two)
+
+
+def test_installed_its_layers_give_the_same_output_and_its_calibration_key_names_it(monkeypatch):
+    from speckv.calibration import CalibrationKey
+
+    model = tiny_model(0)
+    ids = torch.tensor([[5, 9, 12, 7, 3]])
+    with torch.inference_mode():
+        before = [model(ids[:, :m]).logits for m in (1, 2, 5)]
+    assert CalibrationKey.of(model, "target", "fp16").kernels == ""
+    monkeypatch.setattr(kernels, "PROBE_BYTES", 1)  # a tiny model is probed as a large one would be
+    monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: frozenset({1, 2}))
+    assert kernels.install_small_rows(model) == {1, 2}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is kernels.SmallRowsLinear for m in linears)
+    calls = []
+    monkeypatch.setattr(kernels, "transposed_linear",
+                        lambda x, w, b=None: calls.append(x.shape) or torch.nn.functional.linear(x, w, b))
+    with torch.inference_mode():
+        after = [model(ids[:, :m]).logits for m in (1, 2, 5)]
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b)
+    assert calls and {s[-2] for s in calls} == {1, 2}  # one and two rows transposed, five as nn.Linear does
+    assert CalibrationKey.of(model, "target", "fp16").kernels == kernels.SMALL_ROWS
+    monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: frozenset())
+    assert kernels.install_small_rows(model) == frozenset()  # probed again and faster nowhere: back to nn.Linear
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert CalibrationKey.of(model, "target", "fp16").kernels == ""
+
+
+def test_a_model_whose_weights_fit_under_a_probe_is_not_probed(monkeypatch):
+    monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: pytest.fail("probed a cache-sized model"))
+    model = tiny_model(0)
+    assert kernels.install_small_rows(model) == frozenset()
+    assert not any(type(m) is kernels.SmallRowsLinear for m in model.modules())
+
+
+def test_greedy_speculation_through_transposed_layers_is_the_target_only_output(monkeypatch, tokenizer):
+    """fp32 exactness where both models' passes of 1-9 rows run transposed (the float32 pair on the AMD EPYC
+    here) and longer ones (the prompt) as nn.Linear does."""
+    from speckv.local import LocalEngine
+    from tests.conftest import perturbed_copy
+
+    target = tiny_model(0)
+    draft = perturbed_copy(target, 0.3, 1)
+    monkeypatch.setattr(kernels, "PROBE_BYTES", 1)
+    monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: frozenset(range(1, 10)))
+    for model in (target, draft):
+        kernels.install_small_rows(model)
+    engine = LocalEngine(draft, target, tokenizer)
+    prompt = [5, 17, 33, 2, 40, 41, 8]
+    reference = engine.generate(prompt, "none", 40)
+    for policy in ("fixed:3", "fixed:8"):
+        result = engine.generate(prompt, policy, 40)
+        assert result.token_ids == reference.token_ids and result.stats.tokens_per_step > 1.0
+
+
+@pytest.mark.parametrize("tier", ["fp16", "int8"])
+def test_loading_a_model_on_a_cpu_probes_its_plain_linear_layers(monkeypatch, tmp_path, tier):
+    """Every tier: the int8 tier's output layer is a plain float32 linear layer on a CPU (its activations'
+    dtype), and its int8 layers are bitsandbytes' own (never swapped)."""
+    from speckv.models import load_model
+
+    probed = []
+    monkeypatch.setattr(kernels, "PROBE_BYTES", 1)
+    monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: probed.append(weights) or frozenset({1}))
+    tiny_model(0).save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), tier, dtype="float32", device="cpu")
+    assert probed and kernels.small_rows_of(model) == {1}
+    assert type(model.lm_head) is kernels.SmallRowsLinear
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert (tier == "int8") == bool(quantized) and not any(type(m) is kernels.SmallRowsLinear for m in quantized)
