@@ -24,9 +24,9 @@ matrix-vector product per row (MKL in float32 on the AMD EPYC here), two rows co
 streams the weights at half the speed the same product reaches as `weight @ input^T`. The 1.5B target in
 float32 on that CPU: 390 / 720 / 1050 ms for passes of 1 / 2 / 3 tokens, 230 / 280 / 450 ms computed the other
 way (one row padded with a zero row). Whether that holds depends on the CPU, the BLAS and the dtype (bfloat16
-here is faster as it is), so `install_small_rows(model)` times both products on the model's own weights at
-load (`probe_small_rows`) and swaps its linear layers to `SmallRowsLinear` only for the row counts where
-the other product is faster.
+here is faster as it is; so is the 1.5B's key projection, in float32), so `install_small_rows(model)`
+times both products on the model's own weights at load, one weight shape at a time (`probe_small_rows`), and
+swaps its linear layers to `SmallRowsLinear` only for the shapes and row counts where the other is faster.
 """
 
 from __future__ import annotations
@@ -195,9 +195,12 @@ def quiet_int8_input_cast() -> None:
 
 SMALL_ROWS = "small-rows"  # its name in a calibration key (kernels_for)
 SMALL_ROWS_MAX = 9  # row counts probed: a decode, a verification of up to γmax+1, a catch-up
-PROBE_BYTES = 128 * 2**20  # weights a probe multiplies per timing: several times a CPU's last-level cache, so
-# they stream from memory as in a pass (a probe over weights that fit the cache times the cache instead)
+PROBE_BYTES = 64 * 2**20  # weights of a shape a probe multiplies per timing: twice the last-level cache of
+# the EPYC here, so they stream from memory as in a pass (weights that fit the cache time the cache instead)
 PROBE_ROUNDS = 5
+PROBE_GATE = 0.8  # a shape is probed past two rows only where they cost at most this share transposed: a BLAS
+# that runs few rows as matrix-vector products shows it there (float32 here: 0.3-0.6), and a tie there (the
+# bfloat16 1.5B's down-projection here) would swap layers, and key calibrations, by the noise of each load
 
 
 def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,54 +240,77 @@ def _plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
 def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX, rounds: int = PROBE_ROUNDS,
                      clock: Callable[[], float] = time.perf_counter) -> frozenset[int]:
     """The row counts up to `most` at which `transposed_linear` over `weights` (each [N, K]) costs less than
-    `linear`: medians of `rounds` timings of each, taken alternately so that a neighbour's load falls on both.
+    `linear`: the median over `rounds` of the ratio of the two, timed back to back in each round so that a
+    neighbour's load falls on both.
     Two rows first: where the BLAS has no matrix-vector path for few rows the transposed product does not win
-    there, and nothing else is timed (a bfloat16 model here: 1.2-1.5x dearer, a tenth of a second). No margin:
-    where the two tie, either choice costs what noise does; a margin of 0.9 dropped the float32 1.5B's one-row
-    win here (0.65-0.8x in the probe, 0.67x a whole pass) in one load of about ten."""
+    there by PROBE_GATE, and nothing else is timed (a bfloat16 model here, a tenth of a second). Past that no
+    margin: where the two tie, either choice costs what noise does (a margin of 0.9 dropped the float32 1.5B's
+    one-row win, 0.67x a whole pass, in one load of about ten)."""
     chosen = set()
     for m in [2, 1, *range(3, most + 1)]:
         inputs = [torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights]
-        times: dict[str, list[float]] = {"linear": [], "transposed": []}
+        ratios = []  # transposed / linear, per round
         for _ in range(rounds):
-            for form, product in (("linear", torch.nn.functional.linear), ("transposed", transposed_linear)):
+            took = []
+            for product in (torch.nn.functional.linear, transposed_linear):
                 start = clock()
                 for x, w in zip(inputs, weights):
                     product(x, w)
-                times[form].append(clock() - start)
-        if statistics.median(times["transposed"]) < statistics.median(times["linear"]):
-            chosen.add(m)
-        elif m == 2:
+                took.append(clock() - start)
+            ratios.append(took[1] / took[0])
+        if m == 2 and statistics.median(ratios) > PROBE_GATE:
             break
+        if statistics.median(ratios) < 1.0:
+            chosen.add(m)
     return frozenset(chosen)
 
 
-def install_small_rows(model: torch.nn.Module) -> frozenset[int]:
-    """Probe the first PROBE_BYTES of `model`'s plain linear weights on the CPU (`probe_small_rows`) and make
-    its plain linear layers `SmallRowsLinear` for the row counts where the transposed product is faster;
-    where it is faster at none, or the model has less than PROBE_BYTES of them, leave them as they are.
-    Returns those row counts."""
-    layers = _plain_linears(model)
+def _probe_weights(layers: list[torch.nn.Linear]) -> list[torch.Tensor]:
+    """Weights of one shape to probe with: the layers' own, up to PROBE_BYTES; a single matrix larger than that
+    (an output embedding) cut to its first rows, same width; none where all of them hold less than PROBE_BYTES
+    (they stay in cache: such passes are cheap whichever way)."""
     weights, size = [], 0
     for layer in layers:
+        weight = layer.weight.detach()
+        row_bytes = weight.shape[1] * weight.element_size()
+        weights.append(weight[:max(1, -(-(PROBE_BYTES - size) // row_bytes))])
+        size += weights[-1].shape[0] * row_bytes
         if size >= PROBE_BYTES:
-            break
-        weights.append(layer.weight.detach())
-        size += layer.weight.numel() * layer.weight.element_size()
-    chosen = frozenset()
-    if size >= PROBE_BYTES:  # a smaller model's weights stay in cache: its passes are cheap whichever way
+            return weights
+    return []
+
+
+def install_small_rows(model: torch.nn.Module) -> dict[tuple[int, int], frozenset[int]]:
+    """Probe `model`'s plain linear layers on the CPU, one weight shape at a time (`probe_small_rows` over
+    `_probe_weights`), and make the layers of each shape `SmallRowsLinear` for the row counts where the
+    transposed product is faster for that shape; leave the rest as they are. Returns those row counts by
+    shape ([N, K]), shapes with none left out.
+
+    By shape because the BLAS's path depends on it: one row of the float32 1.5B here costs 0.5x transposed
+    through its MLP's up-projections, 1.1x through its down-projection and 2x through its key and value
+    projections; probed together the choice for one row rode on their mix (0.6-0.8x), and one load in ten
+    took the slower."""
+    by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
+    for layer in _plain_linears(model):
+        by_shape.setdefault(tuple(layer.weight.shape), []).append(layer)
+    chosen = {}
+    for shape, layers in by_shape.items():
+        weights = _probe_weights(layers)
         with torch.inference_mode():
-            chosen = probe_small_rows(weights)
-    for layer in layers:
-        if chosen:
-            layer.__class__ = SmallRowsLinear
-            layer.transposed_rows = chosen
-        elif type(layer) is SmallRowsLinear:
-            layer.__class__ = torch.nn.Linear
-            del layer.transposed_rows
+            rows = probe_small_rows(weights) if weights else frozenset()
+        for layer in layers:
+            if rows:
+                layer.__class__ = SmallRowsLinear
+                layer.transposed_rows = rows
+            elif type(layer) is SmallRowsLinear:
+                layer.__class__ = torch.nn.Linear
+                del layer.transposed_rows
+        if rows:
+            chosen[shape] = rows
     return chosen
 
 
-def small_rows_of(model: torch.nn.Module) -> frozenset[int]:
-    """The row counts `model`'s linear layers multiply transposed (none where `install_small_rows` chose none)."""
-    return next((m.transposed_rows for m in model.modules() if type(m) is SmallRowsLinear), frozenset())
+def small_rows_of(model: torch.nn.Module) -> dict[tuple[int, int], frozenset[int]]:
+    """The row counts `model`'s linear layers multiply transposed, by weight shape (empty where
+    `install_small_rows` chose none)."""
+    return {tuple(m.weight.shape): m.transposed_rows for m in model.modules() if type(m) is SmallRowsLinear}

@@ -243,8 +243,10 @@ def test_the_probe_takes_the_transposed_product_at_the_row_counts_where_it_is_fa
     assert {m for _, m in fake.timed} == set(range(1, 7))
 
 
-def test_the_probe_stops_where_two_rows_are_no_faster_transposed(monkeypatch):
-    fake = _FakeProducts(monkeypatch, lambda m: 10.0 + m, lambda m: 10.0 + 2 * m)
+@pytest.mark.parametrize("two_rows_transposed_ms", [14.0, 11.0])  # dearer; a tie within PROBE_GATE
+def test_the_probe_stops_where_two_rows_are_not_clearly_faster_transposed(monkeypatch, two_rows_transposed_ms):
+    fake = _FakeProducts(monkeypatch, lambda m: 12.0 if m == 2 else 10.0 + m,
+                         lambda m: two_rows_transposed_ms if m == 2 else 1.0)
     assert kernels.probe_small_rows([torch.zeros(8, 4)], most=9, clock=fake.clock) == frozenset()
     assert {m for _, m in fake.timed} == {2}  # nothing past two rows timed (a tenth of a second, not two)
 
@@ -259,9 +261,10 @@ def test_installed_its_layers_give_the_same_output_and_its_calibration_key_names
     assert CalibrationKey.of(model, "target", "fp16").kernels == ""
     monkeypatch.setattr(kernels, "PROBE_BYTES", 1)  # a tiny model is probed as a large one would be
     monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: frozenset({1, 2}))
-    assert kernels.install_small_rows(model) == {1, 2}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(type(m) is kernels.SmallRowsLinear for m in linears)
+    shapes = {tuple(m.weight.shape) for m in linears}
+    assert kernels.install_small_rows(model) == {shape: {1, 2} for shape in shapes}
+    assert all(type(m) is kernels.SmallRowsLinear for m in linears)
     calls = []
     monkeypatch.setattr(kernels, "transposed_linear",
                         lambda x, w, b=None: calls.append(x.shape) or torch.nn.functional.linear(x, w, b))
@@ -272,7 +275,7 @@ def test_installed_its_layers_give_the_same_output_and_its_calibration_key_names
     assert calls and {s[-2] for s in calls} == {1, 2}  # one and two rows transposed, five as nn.Linear does
     assert CalibrationKey.of(model, "target", "fp16").kernels == kernels.SMALL_ROWS
     monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: frozenset())
-    assert kernels.install_small_rows(model) == frozenset()  # probed again and faster nowhere: back to nn.Linear
+    assert kernels.install_small_rows(model) == {}  # probed again and faster nowhere: back to nn.Linear
     assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert CalibrationKey.of(model, "target", "fp16").kernels == ""
 
@@ -280,7 +283,7 @@ def test_installed_its_layers_give_the_same_output_and_its_calibration_key_names
 def test_a_model_whose_weights_fit_under_a_probe_is_not_probed(monkeypatch):
     monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: pytest.fail("probed a cache-sized model"))
     model = tiny_model(0)
-    assert kernels.install_small_rows(model) == frozenset()
+    assert kernels.install_small_rows(model) == {}
     assert not any(type(m) is kernels.SmallRowsLinear for m in model.modules())
 
 
@@ -315,7 +318,28 @@ def test_loading_a_model_on_a_cpu_probes_its_plain_linear_layers(monkeypatch, tm
     monkeypatch.setattr(kernels, "probe_small_rows", lambda weights: probed.append(weights) or frozenset({1}))
     tiny_model(0).save_pretrained(tmp_path / "tiny")
     model = load_model(str(tmp_path / "tiny"), tier, dtype="float32", device="cpu")
-    assert probed and kernels.small_rows_of(model) == {1}
+    assert probed and kernels.small_rows_of(model)[tuple(model.lm_head.weight.shape)] == {1}
     assert type(model.lm_head) is kernels.SmallRowsLinear
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert (tier == "int8") == bool(quantized) and not any(type(m) is kernels.SmallRowsLinear for m in quantized)
+
+
+def test_each_weight_shape_is_probed_apart_and_keeps_its_own_choice(monkeypatch):
+    """The BLAS's path depends on the shape: one row of the float32 1.5B here is 0.5x transposed through its
+    MLP's up-projections and 2x through its key projection."""
+    model = tiny_model(0)
+    up_shape = tuple(model.model.layers[0].mlp.up_proj.weight.shape)
+    monkeypatch.setattr(kernels, "PROBE_BYTES", 4 * up_shape[0] * up_shape[1])  # a whole up-projection
+    monkeypatch.setattr(kernels, "probe_small_rows",
+                        lambda weights: frozenset({1}) if tuple(weights[0].shape) == up_shape else frozenset())
+    assert kernels.install_small_rows(model) == {up_shape: {1}}
+    mlp, attention = model.model.layers[1].mlp, model.model.layers[1].self_attn
+    assert type(mlp.up_proj) is kernels.SmallRowsLinear and type(attention.k_proj) is torch.nn.Linear
+
+
+def test_a_probe_of_an_output_embedding_larger_than_a_probe_times_its_first_rows(monkeypatch):
+    layer = torch.nn.Linear(16, 1000, bias=False)
+    monkeypatch.setattr(kernels, "PROBE_BYTES", 16 * 4 * 100)  # 100 rows of float32
+    (weights,) = [kernels._probe_weights([layer])]
+    assert [w.shape for w in weights] == [(100, 16)]
+    assert kernels._probe_weights([torch.nn.Linear(16, 50)]) == []  # all of it fits under a probe: not probed
