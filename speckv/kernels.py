@@ -222,7 +222,7 @@ class SmallRowsLinear(torch.nn.Linear):
     """An `nn.Linear` that multiplies passes of `transposed_rows` rows with `transposed_linear` (the faster
     product there, as `probe_small_rows` measured), every other pass as `nn.Linear` does."""
 
-    transposed_rows: frozenset[int]
+    transposed_rows: frozenset[int] = frozenset()  # set per layer by install_small_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] and x.numel() // x.shape[-1] in self.transposed_rows:
