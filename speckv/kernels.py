@@ -22,11 +22,12 @@ A third concerns plain `nn.Linear` layers, whatever the tier: a pass of a few ro
 verification of γ+1, a catch-up) multiplies `input @ weight^T`, and where the BLAS runs that shape as one
 matrix-vector product per row (MKL in float32 on the AMD EPYC here), two rows cost twice one and one row
 streams the weights at half the speed the same product reaches as `weight @ input^T`. The 1.5B target in
-float32 on that CPU: 390 / 720 / 1050 ms for passes of 1 / 2 / 3 tokens, 230 / 280 / 450 ms computed the other
-way (one row padded with a zero row). Whether that holds depends on the CPU, the BLAS and the dtype (bfloat16
-here is faster as it is; so is the 1.5B's key projection, in float32), so `install_small_rows(model)`
-times both products on the model's own weights at load, one weight shape at a time (`probe_small_rows`), and
-swaps its linear layers to `SmallRowsLinear` only for the shapes and row counts where the other is faster.
+float32 on that CPU, as calibrated: 403 / 753 / 1080 ms for passes of 1 / 2 / 3 tokens, 230 / 266 / 451 ms
+computed the other way (one row padded with a zero row). Whether that holds depends on the CPU, the BLAS, the
+dtype and the shape (bfloat16 here is faster as it is; one row through the 1.5B's down-projection ties), so
+`install_small_rows(model)` times both products on the model's own weights at load, one weight shape at a
+time (`probe_small_rows`), and swaps its linear layers to `SmallRowsLinear` only for the shapes and row counts
+where the other is faster (docs/RESULTS.md, "Few-row passes multiplied the faster way").
 """
 
 from __future__ import annotations
@@ -287,9 +288,9 @@ def install_small_rows(model: torch.nn.Module) -> dict[tuple[int, int], frozense
     shape ([N, K]), shapes with none left out.
 
     By shape because the BLAS's path depends on it: one row of the float32 1.5B here costs 0.5x transposed
-    through its MLP's up-projections, 1.1x through its down-projection and 2x through its key and value
-    projections; probed together the choice for one row rode on their mix (0.6-0.8x), and one load in ten
-    took the slower."""
+    through its MLP's up-projections and 1.1x through its down-projection; probed over the first 128 MiB of
+    all shapes together, the choice for one row rode on their mix (0.6-0.8x), and one load in ten took the
+    slower."""
     by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
     for layer in _plain_linears(model):
         by_shape.setdefault(tuple(layer.weight.shape), []).append(layer)
