@@ -39,7 +39,7 @@ def pass_ms(model: torch.nn.Module, cache: DynamicCache, tokens: int) -> float:
 def measure(spec: str, dtype: str, max_tokens: int, reps: int, context: int) -> dict:
     model = load_model(spec, "fp16", dtype, "cpu")
     chosen = kernels.small_rows_of(model)
-    layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, kernels.SmallRowsLinear)]
+    layers = kernels.plain_linears(model)
     for layer in layers:
         layer.__class__ = kernels.SmallRowsLinear  # each form below sets the rows it transposes
     every = frozenset(range(1, max_tokens + 1))

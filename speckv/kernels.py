@@ -226,12 +226,12 @@ class SmallRowsLinear(torch.nn.Linear):
     transposed_rows: frozenset[int] = frozenset()  # set per layer by install_small_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] and x.numel() // x.shape[-1] in self.transposed_rows:
+        if x.numel() // self.in_features in self.transposed_rows:
             return transposed_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
-def _plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+def plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """`model`'s float linear layers on the CPU that are exactly `nn.Linear` (a bitsandbytes layer subclasses
     it and multiplies its own way), in module order."""
     return [m for m in model.modules() if type(m) in (torch.nn.Linear, SmallRowsLinear)
@@ -259,9 +259,10 @@ def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX, ro
                     product(x, w)
                 took.append(clock() - start)
             ratios.append(took[1] / took[0])
-        if m == 2 and statistics.median(ratios) > PROBE_GATE:
+        ratio = statistics.median(ratios)
+        if m == 2 and ratio > PROBE_GATE:
             break
-        if statistics.median(ratios) < 1.0:
+        if ratio < 1.0:
             chosen.add(m)
     return frozenset(chosen)
 
@@ -292,7 +293,7 @@ def install_small_rows(model: torch.nn.Module) -> dict[tuple[int, int], frozense
     all shapes together, the choice for one row rode on their mix (0.6-0.8x), and one load in ten took the
     slower."""
     by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
-    for layer in _plain_linears(model):
+    for layer in plain_linears(model):
         by_shape.setdefault(tuple(layer.weight.shape), []).append(layer)
     chosen = {}
     for shape, layers in by_shape.items():
@@ -305,7 +306,7 @@ def install_small_rows(model: torch.nn.Module) -> dict[tuple[int, int], frozense
                 layer.transposed_rows = rows
             elif type(layer) is SmallRowsLinear:
                 layer.__class__ = torch.nn.Linear
-                del layer.transposed_rows
+                layer.__dict__.pop("transposed_rows", None)
         if rows:
             chosen[shape] = rows
     return chosen
