@@ -5,7 +5,8 @@ probe's choice is worth per pass, and whether it chose the faster.
 Each pass scores `tokens` new tokens after a cached context (a decode, a verification, a catch-up), then the
 cache is cropped back. Prints a table and saves JSON.
 
-Usage: python scripts/small_rows_passes.py [--dtype float32] [--max-tokens 12] [--reps 5] [--out F.json]
+Usage: python scripts/small_rows_passes.py [--dtype float32] [--max-tokens 12 | --tokens 1,8,16,32] [--reps 5]
+       [--out F.json]
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def pass_ms(model: torch.nn.Module, cache: DynamicCache, tokens: int) -> float:
     return elapsed
 
 
-def measure(spec: str, dtype: str, max_tokens: int, reps: int, context: int) -> dict:
+def measure(spec: str, dtype: str, counts: list[int], reps: int, context: int) -> dict:
     model = load_model(spec, "fp16", dtype, "cpu")
     chosen = kernels.small_rows_of(model)
     layers = kernels.plain_linears(model)
     for layer in layers:
         layer.__class__ = kernels.SmallRowsLinear  # each form below sets the rows it transposes
-    every = frozenset(range(1, max_tokens + 1))
+    every = frozenset(counts)
     print(f"{spec} {dtype}: transposed rows by weight shape "
           + (", ".join(f"{list(shape)}: {sorted(rows)}" for shape, rows in chosen.items()) or "none"), flush=True)
     torch.manual_seed(0)
@@ -50,7 +51,7 @@ def measure(spec: str, dtype: str, max_tokens: int, reps: int, context: int) -> 
     with torch.inference_mode():
         cache = DynamicCache()
         model(torch.randint(100, 5000, (1, context)), past_key_values=cache, use_cache=True)
-        for tokens in range(1, max_tokens + 1):
+        for tokens in counts:
             times: dict[str, list[float]] = {"chosen": [], "linear": [], "transposed": []}
             rows_of = {"linear": frozenset(), "transposed": every}
             for _ in range(reps):
@@ -73,13 +74,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--tokens", help="comma-separated token counts to time instead of 1..--max-tokens")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    counts = [int(t) for t in args.tokens.split(",")] if args.tokens else list(range(1, args.max_tokens + 1))
     result = {"hardware": hardware_id(torch.device("cpu")), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "python": platform.python_version(),
-              "models": [measure(spec, args.dtype, args.max_tokens, args.reps, args.context)
+              "models": [measure(spec, args.dtype, counts, args.reps, args.context)
                          for spec in PAIR.values()]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
