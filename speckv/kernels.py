@@ -26,7 +26,8 @@ float32 on that CPU, as calibrated: 403 / 753 / 1080 ms for passes of 1 / 2 / 3 
 computed the other way (one row padded with a zero row). Whether that holds depends on the CPU, the BLAS, the
 dtype and the shape (bfloat16 here is faster as it is; one row through the 1.5B's down-projection ties), so
 `install_small_rows(model)` times both products on the model's own weights at load, one weight shape at a
-time (`probe_small_rows`), and swaps its linear layers to `SmallRowsLinear` only for the shapes and row counts
+time (`probe_small_rows`: each count of 1-9 rows, then one count for each range up to 256 rows, a batched pass's
+or a prompt chunk's), and swaps its linear layers to `SmallRowsLinear` only for the shapes and row counts
 where the other is faster (docs/RESULTS.md, "Few-row passes multiplied the faster way").
 """
 
@@ -195,7 +196,9 @@ def quiet_int8_input_cast() -> None:
 # ------------------------------------------------------------------------------------ few-row linear passes
 
 SMALL_ROWS = "small-rows"  # its name in a calibration key (kernels_for)
-SMALL_ROWS_MAX = 9  # row counts probed: a decode, a verification of up to γmax+1, a catch-up
+SMALL_ROWS_MAX = 9  # row counts probed one by one: a decode, a verification of up to γmax+1, a catch-up
+ROW_BUCKETS = (16, 32, 64, 128, 256)  # then one count for each range up to it (batched passes, prompts read in
+# chunks of up to 256): whole passes of the float32 pair here run 0.68-0.96x as fast transposed from 10 to 128 rows
 PROBE_BYTES = 64 * 2**20  # weights of a shape a probe multiplies per timing: twice the last-level cache of
 # the EPYC here, so they stream from memory as in a pass (weights that fit the cache time the cache instead)
 PROBE_ROUNDS = 5
@@ -238,33 +241,50 @@ def plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
             and m.weight.device.type == "cpu" and m.weight.dtype.is_floating_point]
 
 
-def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX, rounds: int = PROBE_ROUNDS,
+def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX,
+                     buckets: tuple[int, ...] = ROW_BUCKETS, rounds: int = PROBE_ROUNDS,
                      clock: Callable[[], float] = time.perf_counter) -> frozenset[int]:
-    """The row counts up to `most` at which `transposed_linear` over `weights` (each [N, K]) costs less than
-    `linear`: the median over `rounds` of the ratio of the two, timed back to back in each round so that a
+    """The row counts at which `transposed_linear` over `weights` (each [N, K]) costs less than `linear`: each
+    count up to `most`, then each of `buckets` for the counts from the one before it (ten rows to the first);
+    by the median over `rounds` of the ratio of the two, timed back to back in each round so that a
     neighbour's load falls on both.
     Two rows first: where the BLAS has no matrix-vector path for few rows the transposed product does not win
     there by PROBE_GATE, and nothing else is timed (a bfloat16 model here, a tenth of a second). Past that no
     margin: where the two tie, either choice costs what noise does (a margin of 0.9 dropped the float32 1.5B's
-    one-row win, 0.67x a whole pass, in one load of about ten)."""
-    chosen = set()
-    for m in [2, 1, *range(3, most + 1)]:
-        inputs = [torch.randn(m, w.shape[1], dtype=w.dtype) for w in weights]
-        ratios = []  # transposed / linear, per round
-        for _ in range(rounds):
-            took = []
-            for product in (torch.nn.functional.linear, transposed_linear):
-                start = clock()
-                for x, w in zip(inputs, weights):
-                    product(x, w)
-                took.append(clock() - start)
-            ratios.append(took[1] / took[0])
-        ratio = statistics.median(ratios)
+    one-row win, 0.67x a whole pass, in one load of about ten). A bucket's count multiplies the weights' first
+    rows only, as many as `most` rows of all of them take (`_bucket_weights`): compute, not the weights'
+    streaming, bounds a product of that many rows, and timing all of them would take seconds a load."""
+    chosen: set[int] = set()
+    for m in [2, 1, *range(3, most + 1), *buckets]:
+        ratio = _median_ratio(_bucket_weights(weights, m, most), m, rounds, clock)
         if m == 2 and ratio > PROBE_GATE:
             break
         if ratio < 1.0:
-            chosen.add(m)
+            chosen.update([m] if m <= most else range(max([most, *(b for b in buckets if b < m)]) + 1, m + 1))
     return frozenset(chosen)
+
+
+def _median_ratio(weights: list[torch.Tensor], rows: int, rounds: int, clock: Callable[[], float]) -> float:
+    """Median over `rounds` of transposed / linear time for `rows` rows through `weights`."""
+    inputs = [torch.randn(rows, w.shape[1], dtype=w.dtype) for w in weights]
+    ratios = []
+    for _ in range(rounds):
+        took = []
+        for product in (torch.nn.functional.linear, transposed_linear):
+            start = clock()
+            for x, w in zip(inputs, weights):
+                product(x, w)
+            took.append(clock() - start)
+        ratios.append(took[1] / took[0])
+    return statistics.median(ratios)
+
+
+def _bucket_weights(weights: list[torch.Tensor], rows: int, most: int) -> list[torch.Tensor]:
+    """`weights` for timing `rows` rows: all of them up to `most` rows, past that each cut to its first
+    `most / rows` of its rows (at least one), so a timing multiplies what `most` rows through all of them do."""
+    if rows <= most:
+        return weights
+    return [w[:max(1, w.shape[0] * most // rows)] for w in weights]
 
 
 def _probe_weights(layers: list[torch.nn.Linear]) -> list[torch.Tensor]:

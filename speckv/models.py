@@ -207,7 +207,7 @@ def load_model(
     `dtype` is the compute dtype (for int8/nf4, of the non-quantized parts and the matmul inputs).
     Embedded defaults are sha256-verified before loading. Weights are safetensors only (no pickle).
     On a CPU its linear layers multiply passes of a few rows whichever way its BLAS runs faster
-    (`speckv.kernels.install_small_rows`: 0.2 s of timing for the bfloat16 pair on the EPYC here, 3 s in float32).
+    (`speckv.kernels.install_small_rows`: 0.2 s of timing for the bfloat16 pair on the EPYC here, 8 s in float32).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

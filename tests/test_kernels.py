@@ -219,7 +219,7 @@ class _FakeProducts:
     """`linear` and `transposed_linear` that cost `cost[form](rows)` on a clock of their own (no real timing)."""
 
     def __init__(self, monkeypatch, linear_ms, transposed_ms):
-        self.now, self.timed = 0.0, []
+        self.now, self.timed, self.weight_rows = 0.0, [], {}
         self.costs = {"linear": linear_ms, "transposed": transposed_ms}
         monkeypatch.setattr(torch.nn.functional, "linear", self._product("linear"))
         monkeypatch.setattr(kernels, "transposed_linear", self._product("transposed"))
@@ -228,6 +228,7 @@ class _FakeProducts:
         def product(x, w, bias=None):
             self.now += self.costs[form](x.shape[0]) / 1000
             self.timed.append((form, x.shape[0]))
+            self.weight_rows.setdefault(x.shape[0], set()).add(w.shape[0])
         return product
 
     def clock(self) -> float:
@@ -239,8 +240,20 @@ def test_the_probe_takes_the_transposed_product_at_the_row_counts_where_it_is_fa
     fake = _FakeProducts(monkeypatch, lambda m: 10.0 * m if m <= 4 else 12.0,
                          lambda m: 9.5 if m == 1 else 10.0 + m)
     weights = [torch.zeros(8, 4), torch.zeros(8, 4)]
-    assert kernels.probe_small_rows(weights, most=6, clock=fake.clock) == {1, 2, 3, 4}  # 5, 6: dearer transposed
+    assert kernels.probe_small_rows(weights, most=6, buckets=(), clock=fake.clock) == {1, 2, 3, 4}  # 5, 6: dearer
     assert {m for _, m in fake.timed} == set(range(1, 7))
+
+
+def test_past_the_counts_probed_one_by_one_each_bucket_decides_the_counts_up_to_it(monkeypatch):
+    # transposed faster at 16 and 64 rows, dearer at 32 and 128
+    fake = _FakeProducts(monkeypatch, lambda m: 10.0 * m, lambda m: 12.0 * m if m in (32, 128) else 5.0 * m)
+    weights = [torch.zeros(64, 4), torch.zeros(32, 4)]
+    chosen = kernels.probe_small_rows(weights, most=8, buckets=(16, 32, 64, 128), clock=fake.clock)
+    assert chosen == {*range(1, 9), *range(9, 17), *range(33, 65)}
+    assert {m for _, m in fake.timed} == {*range(1, 9), 16, 32, 64, 128}
+    # a bucket multiplies the weights' first rows, as many as `most` rows through all of them take
+    assert fake.weight_rows[8] == {64, 32} and fake.weight_rows[16] == {32, 16}
+    assert fake.weight_rows[128] == {4, 2}
 
 
 @pytest.mark.parametrize("two_rows_transposed_ms", [14.0, 11.0])  # dearer; a tie within PROBE_GATE
