@@ -4,8 +4,8 @@
 # priced by the step costs measured with its own collection: for re-judging a setting after a change to what its
 # passes cost (a kernel), without re-collecting the others.
 #   bash scripts/replay_setting.sh fp16-fp32 fp16 float32 48 docs/results/epyc17_bf16/small_rows/replay_fp32
-#   bash scripts/replay_setting.sh int8 int8 auto 32 docs/results/epyc17_bf16/int8_outliers/replay_int8
-# ~15 min for float32 on the EPYC here. Never run it beside other CPU work: `speckv collect` measures the costs.
+#   bash scripts/replay_setting.sh int8 int8 auto 32 docs/results/epyc17_bf16/small_rows/replay_int8
+# ~15 min for float32, 13 for int8 on the EPYC here. Never run it beside other CPU work: `speckv collect` measures the costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1 TIER=$2 DTYPE=$3 TOKENS=$4 DOCS=$5

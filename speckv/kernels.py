@@ -198,7 +198,7 @@ def quiet_int8_input_cast() -> None:
 SMALL_ROWS = "small-rows"  # its name in a calibration key (kernels_for)
 SMALL_ROWS_MAX = 9  # row counts probed one by one: a decode, a verification of up to γmax+1, a catch-up
 ROW_BUCKETS = (16, 32, 64, 128, 256)  # then one count for each range up to it (batched passes, prompts read in
-# chunks of up to 256): whole passes of the float32 pair here run 0.68-0.96x as fast transposed from 10 to 128 rows
+# chunks of up to 256): whole float32 passes of the 1.5B here take 0.65-0.96x the time transposed from 10 to 256 rows
 PROBE_BYTES = 64 * 2**20  # weights of a shape a probe multiplies per timing: twice the last-level cache of
 # the EPYC here, so they stream from memory as in a pass (weights that fit the cache time the cache instead)
 PROBE_ROUNDS = 5
@@ -245,9 +245,9 @@ def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX,
                      buckets: tuple[int, ...] = ROW_BUCKETS, rounds: int = PROBE_ROUNDS,
                      clock: Callable[[], float] = time.perf_counter) -> frozenset[int]:
     """The row counts at which `transposed_linear` over `weights` (each [N, K]) costs less than `linear`: each
-    count up to `most`, then each of `buckets` for the counts from the one before it (ten rows to the first);
-    by the median over `rounds` of the ratio of the two, timed back to back in each round so that a
-    neighbour's load falls on both.
+    count up to `most`, then each of `buckets` for the counts it ends (`_counts_decided_by`); by the median
+    over `rounds` of the ratio of the two, timed back to back in each round so that a neighbour's load falls
+    on both.
     Two rows first: where the BLAS has no matrix-vector path for few rows the transposed product does not win
     there by PROBE_GATE, and nothing else is timed (a bfloat16 model here, a tenth of a second). Past that no
     margin: where the two tie, either choice costs what noise does (a margin of 0.9 dropped the float32 1.5B's
@@ -260,8 +260,16 @@ def probe_small_rows(weights: list[torch.Tensor], most: int = SMALL_ROWS_MAX,
         if m == 2 and ratio > PROBE_GATE:
             break
         if ratio < 1.0:
-            chosen.update([m] if m <= most else range(max([most, *(b for b in buckets if b < m)]) + 1, m + 1))
+            chosen.update(_counts_decided_by(m, most, buckets))
     return frozenset(chosen)
+
+
+def _counts_decided_by(rows: int, most: int, buckets: tuple[int, ...]) -> range:
+    """The row counts a timing of `rows` rows decides: itself up to `most`; a bucket's, the counts past the
+    bucket (or `most`) below it, through itself."""
+    if rows <= most:
+        return range(rows, rows + 1)
+    return range(max([most, *(b for b in buckets if b < rows)]) + 1, rows + 1)
 
 
 def _median_ratio(weights: list[torch.Tensor], rows: int, rounds: int, clock: Callable[[], float]) -> float:
