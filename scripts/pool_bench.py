@@ -18,10 +18,12 @@ from pathlib import Path
 from speckv.tools.stats import paired_speedup
 
 
-def _runs(f: Path, policy: str) -> dict:
+def _runs(f: Path, *policies: str) -> dict:
+    """The file's runs by policy, which must hold `policies`."""
     runs = json.loads(f.read_text())["policies"]
-    if policy not in runs:
-        raise SystemExit(f"{f}: needs policy {policy!r}, has {', '.join(runs)}")
+    missing = [p for p in policies if p not in runs]
+    if missing:
+        raise SystemExit(f"{f}: needs policies {', '.join(map(repr, missing))}, has {', '.join(runs)}")
     return runs
 
 
@@ -31,8 +33,8 @@ def paired(files: list[Path], policy: str, against: str,
     matching file of `against_files`); labels `file:question_id`."""
     a, b, labels = [], [], []
     for i, f in enumerate(files):
-        runs = _runs(f, policy)
-        base_runs = _runs(against_files[i], against) if against_files else _runs(f, against)
+        runs = _runs(f, policy) if against_files else _runs(f, policy, against)  # each file read once
+        base_runs = _runs(against_files[i], against) if against_files else runs
         base = {p["question_id"]: p["tokens_per_s"] for p in base_runs[against]["per_prompt"]}
         for p in runs[policy]["per_prompt"]:
             if p["question_id"] in base:

@@ -71,9 +71,12 @@ def measure(spec: str, dtype: str, counts: list[int], reps: int, context: int, s
     torch.manual_seed(0)
     rows = []
     with torch.inference_mode():
-        cache = DynamicCache()
-        model(torch.randint(100, 5000, (1, context)), past_key_values=cache, use_cache=True)
-        lm, context_ids = SessionLM(model, max_sessions=4 * sequences), synthetic_ids(context, model.config.vocab_size)
+        if sequences == 1:  # a raw model call over a cache that holds the context
+            cache = DynamicCache()
+            model(torch.randint(100, 5000, (1, context)), past_key_values=cache, use_cache=True)
+        else:  # the live loop's batched call, each session holding the context
+            lm = SessionLM(model, max_sessions=4 * sequences)
+            context_ids = synthetic_ids(context, model.config.vocab_size)
         for tokens in counts:
             times: dict[str, list[float]] = {"chosen": [], "linear": [], "transposed": []}
             rows_of = {"linear": frozenset(), "transposed": every}
