@@ -13,6 +13,8 @@ It is torch's scaled_dot_product_attention, as transformers' "sdpa", with two ch
   its own earlier fed tokens, one sdpa call per row, so a 256-token prompt riding beside seven 1000-token
   contexts pays its own attention, not the whole batch's (a 4-D mask over every row's keys made that pass cost
   5.6 s against 2.6 s for the verify pass and the prompt apart, fp16; now 2.4 s; `scripts/prompt_riding.py`).
+  Where the rows keep their own caches through the pass (`PackedRows.caches`, `speckv.sessions_cache`), each
+  row's keys are read from its own cache, so no pass copies the sessions' caches into one.
 
 Calls this cannot take as they are (soft-capped logits, attention sinks, position biases, sliding windows in a
 packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRows.mask` builds.
@@ -21,7 +23,7 @@ packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 from itertools import accumulate
 
@@ -33,12 +35,41 @@ ATTENTION = "speckv_sdpa"
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Where the rows of a packed pass sit. Keys: every row's cached tokens side by side (row i's `cached[i]`
-    from `cache_at[i]`), then every row's fed tokens side by side; queries: the fed tokens (row i's `fed[i]`
-    from `fed_at[i]`), so row i's fed keys sit at `sum(cached) + fed_at[i]`."""
+    """Where the rows of a packed pass sit. Queries: the fed tokens side by side (row i's `fed[i]` from
+    `fed_at[i]`). Keys: where `caches` is None, every row's cached tokens side by side (row i's `cached[i]` from
+    `cache_at[i]`), then every row's fed tokens side by side, so row i's fed keys sit at `sum(cached) + fed_at[i]`;
+    where `caches` holds each row's own transformers cache, row i's keys are that cache's layer (its `cached[i]`
+    tokens, then its fed ones, which the pass's cache appended: `speckv.sessions_cache.SessionsCache`)."""
 
     cached: tuple[int, ...]
     fed: tuple[int, ...]
+    caches: tuple | None = field(default=None, compare=False)
+
+    def row_keys(self, i: int, key: torch.Tensor, value: torch.Tensor,
+                 layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i's keys and values ([1, KV heads, cached[i] + fed[i], D]) at `layer`, from its own cache or from
+        the pass's concatenated `key`/`value`."""
+        if self.caches is not None:
+            own = self.caches[i].layers[layer]
+            return own.keys, own.values
+        k, f, total_cached = self.cached[i], self.fed[i], sum(self.cached)
+        own = slice(total_cached + self.fed_at[i], total_cached + self.fed_at[i] + f)
+        if not k:
+            return key[:, :, own], value[:, :, own]
+        cached = slice(self.cache_at[i], self.cache_at[i] + k)
+        return (torch.cat([key[:, :, cached], key[:, :, own]], dim=2),
+                torch.cat([value[:, :, cached], value[:, :, own]], dim=2))
+
+    def concatenated(self, key: torch.Tensor, value: torch.Tensor,
+                     layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values laid out as `mask` expects them (every row's cached ones, then every row's fed
+        ones), for attention that cannot read the rows' own caches."""
+        if self.caches is None:
+            return key, value
+        rows = [self.row_keys(i, key, value, layer) for i in range(len(self.fed))]
+        parts = [(k[:, :, :n], v[:, :, :n]) for (k, v), n in zip(rows, self.cached)]
+        parts += [(k[:, :, n:], v[:, :, n:]) for (k, v), n in zip(rows, self.cached)]
+        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
     @cached_property
     def cache_at(self) -> list[int]:  # read by every layer of the pass
@@ -85,17 +116,14 @@ def grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: PackedRows,
-                     scaling: float | None) -> torch.Tensor:
+                     scaling: float | None, layer: int | None = None) -> torch.Tensor:
     """Each packed row's queries over its own cached keys and its own fed tokens (causal among those).
-    query [1, H, sum(fed), D]; key, value [1, Hkv, sum(cached) + sum(fed), D]. Returns [1, H, sum(fed), D]."""
-    total_cached, cache_at, fed_at = sum(rows.cached), rows.cache_at, rows.fed_at
+    query [1, H, sum(fed), D]; key, value [1, Hkv, sum(cached) + sum(fed), D], or only the fed ones where the
+    rows keep their own caches (`rows.caches`, read at `layer`). Returns [1, H, sum(fed), D]."""
+    fed_at = rows.fed_at
     out = []
-    for i, (k, f) in enumerate(zip(rows.cached, rows.fed)):
-        own = slice(total_cached + fed_at[i], total_cached + fed_at[i] + f)
-        keys, values = key[:, :, own], value[:, :, own]
-        if k:
-            keys = torch.cat([key[:, :, cache_at[i]:cache_at[i] + k], keys], dim=2)
-            values = torch.cat([value[:, :, cache_at[i]:cache_at[i] + k], values], dim=2)
+    for i, f in enumerate(rows.fed):
+        keys, values = rows.row_keys(i, key, value, layer)
         out.append(grouped_sdpa(query[:, :, fed_at[i]:fed_at[i] + f], keys, values, None, scaling))
     return torch.cat(out, dim=2)
 
@@ -108,8 +136,11 @@ def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
              and kwargs.get("s_aux") is None and kwargs.get("cache") is None and query.shape[1] % key.shape[1] == 0
              and (attention_mask is None or attention_mask.shape[1] == 1))
     if packed_rows is not None:
+        layer = getattr(module, "layer_idx", None)
         if plain and kwargs.get("sliding_window") is None:
-            return packed_attention(query, key, value, packed_rows, scaling).transpose(1, 2).contiguous(), None
+            out = packed_attention(query, key, value, packed_rows, scaling, layer)
+            return out.transpose(1, 2).contiguous(), None
+        key, value = packed_rows.concatenated(key, value, layer)
         attention_mask = packed_rows.mask(query.dtype, query.device)
     elif plain and query.device.type == "cpu":
         out = grouped_sdpa(query, key, value, attention_mask, scaling, causal=getattr(module, "is_causal", True))

@@ -45,14 +45,15 @@ from .kernels import kernels_for
 from .models import DRAFT_TIER, MANIFEST, cache_root
 from .workers import LogitsCall, SessionLM, multiplies_in
 
-CALIBRATION_FORMAT = 11  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
+CALIBRATION_FORMAT = 12  # 2: one model (role) per calibration; 3: batched passes measured too; 4: the draft's prefill;
 # 5: the compute dtype of a 4-bit model's prefill passes; 6: and of a plain half-precision one;
 # 7: the kernels a model's layers run (`CalibrationKey.kernels`); 8: from which pass size half-precision layers compute
 # in float32, every pass's, not only prefill's (`probe_float32_from`); 9: a batched pass scoring BATCH_PROBE_TOKENS a
 # sequence measured right after the one-token one (before, the budget reached no such pass on an AVX2 EPYC at any tier);
 # 10: attention through speckv.attention (on CPU a pass's attention reads the grouped keys as they are: its cost
 # with the context changed); 11: passes of 10-256 rows multiplied transposed where a probe at load found that faster
-# (speckv.kernels.ROW_BUCKETS: prompts and batched passes in float32 cost less than a calibration of format 10 says)
+# (speckv.kernels.ROW_BUCKETS: prompts and batched passes in float32 cost less than a calibration of format 10 says);
+# 12: batched passes packed with each row's keys left in its own cache (speckv.sessions_cache: no cache copied per pass)
 ROLES = ("target", "draft")
 DEFAULT_BUDGET_S = {"target": 22.0, "draft": 8.0}  # 30 s for a pair on this CPU; a GPU takes seconds
 DEFAULT_MAX_GAMMA = 8

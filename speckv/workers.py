@@ -33,7 +33,8 @@ DEFAULT_ACTIVE_S = 5.0  # a session used this recently belongs to a running requ
 # prompt ~570 ms where riding in a verify pass of eight added ~490 ms (fp16, AVX512-BF16 EPYC), and the running
 # requests waited through both either way; read alone, each prompt paid a pass's fixed cost
 DEFAULT_PREFILL_CHUNK = 256
-PADDING_WASTE = 0.25  # a pass runs padded while it pads (or needlessly scores) at most this share of its real tokens
+PADDING_WASTE = 0.25  # a pass whose rows cannot keep their own caches (`_packs`) runs padded while it pads (or
+# needlessly scores) at most this share of its real tokens
 CLOSED_SESSIONS_REMEMBERED = 4096  # ids `SessionLM.close` refuses to reopen (oldest forgotten first)
 
 
@@ -502,9 +503,15 @@ class SessionLM:
                 self.hits += 1
             else:
                 self.rebuilds += 1
-        positions = pass_positions(rows)
-        with self._computing_for(positions, sum(row.call.num_logits for row in rows)):
-            out = self._forward_one(rows[0]) if len(rows) == 1 else batched_forward(self.model, rows)
+        positions = pass_positions(self.model, rows)
+        try:
+            with self._computing_for(positions, sum(row.call.num_logits for row in rows)):
+                out = self._forward_one(rows[0]) if len(rows) == 1 else batched_forward(self.model, rows)
+        except BaseException:  # a pass cut short has appended to some layers of its rows' caches and not to others
+            for row in rows:
+                row.session.cache = type(row.session.cache)(config=self.model.config)
+                row.session.token_ids = []  # rebuilt from the next call's tokens
+            raise
         if self.added_ms_per_call:
             time.sleep(self.added_ms_per_call / 1e3)
         for row in rows:
@@ -531,17 +538,24 @@ def _fed_lengths(rows: list[_Row]) -> list[int]:
     return [len(row.call.token_ids) - row.keep for row in rows]
 
 
-def pass_positions(rows: list[_Row]) -> int:
+def pass_positions(model: torch.nn.Module, rows: list[_Row]) -> int:
     """Token positions a pass over `rows` runs: the fed tokens, plus the padding where it pads (`batched_forward`)."""
     fed = _fed_lengths(rows)
-    return sum(fed) if len(rows) == 1 or _packs(rows) else len(fed) * max(fed)
+    return sum(fed) if len(rows) == 1 or _packs(model, rows) else len(fed) * max(fed)
 
 
-def _packs(rows: list[_Row]) -> bool:
-    """Whether a pass over `rows` runs packed: where padded, the positions it would pad or the rows it would score
-    beyond those wanted come to more than PADDING_WASTE of the real tokens fed (padded, every row is scored from
-    the earliest wanted position on, through the whole vocabulary: a verify pass whose requests drafted runs of
-    different lengths pads; a few prompts keeping one logit beside verify rows keeping all theirs score)."""
+def _packs(model: torch.nn.Module, rows: list[_Row]) -> bool:
+    """Whether a pass over `rows` runs packed: always where its rows keep their own caches through it
+    (`reads_own_caches`: no copying, and no padding to run or score); elsewhere where padding wastes too much
+    (`_pads_too_much`), for packing costs copying every row's cache into one and back."""
+    return reads_own_caches(model) or _pads_too_much(rows)
+
+
+def _pads_too_much(rows: list[_Row]) -> bool:
+    """Where padded, the positions a pass over `rows` would pad or the rows it would score beyond those wanted
+    come to more than PADDING_WASTE of the real tokens fed (padded, every row is scored from the earliest wanted
+    position on, through the whole vocabulary: a verify pass whose requests drafted runs of different lengths
+    pads; a few prompts keeping one logit beside verify rows keeping all theirs score)."""
     fed = _fed_lengths(rows)
     wanted = [row.call.num_logits for row in rows]
     scored_from = min((f - n for f, n in zip(fed, wanted) if n), default=max(fed))  # padded_forward's `first`
@@ -551,56 +565,90 @@ def _packs(rows: list[_Row]) -> bool:
 
 def batched_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
     """One forward pass over several sessions with different cached and fed lengths (a ragged batch): packed
-    into one sequence where padding would waste more than PADDING_WASTE of the pass (`packed_forward`),
-    else padded (`padded_forward`: the model's batched layout, no cross-row attention to mask)."""
-    return packed_forward(model, rows) if _packs(rows) else padded_forward(model, rows)
+    into one sequence (`packed_forward`) where `_packs`, else padded (`padded_forward`: the model's batched
+    layout, no cross-row attention to mask)."""
+    return packed_forward(model, rows) if _packs(model, rows) else padded_forward(model, rows)
 
 
 def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
-    """One forward pass over several sessions as one sequence: their kept caches side by side, then their fed
-    tokens side by side, each query attending to its own row's cache and its own earlier fed tokens only
-    (`speckv.attention.packed_attention`, one attention call per row; a 4-D mask where the model's attention is
-    not SpecKV's); position ids restart per row. The linear layers, most of a pass, run on the real tokens only:
-    padded, a row drafting 12 among rows drafting 1-2 made every row 13 wide (nf4, 8 requests, AVX2 EPYC:
-    passes cost 119 ms a position, padding included). Each row's attention is its own, so a riding prompt's
-    queries (up to DEFAULT_PREFILL_CHUNK) see only its own keys however long the others' contexts are. Returns
-    each row's last `num_logits` logits."""
-    from transformers import DynamicCache
+    """One forward pass over several sessions as one sequence: their fed tokens side by side, each query
+    attending to its own row's cache and its own earlier fed tokens only (`speckv.attention.packed_attention`,
+    one attention call per row); position ids restart per row. The linear layers, most of a pass, run on the
+    real tokens only: padded, a row drafting 12 among rows drafting 1-2 made every row 13 wide (nf4, 8 requests,
+    AVX2 EPYC: passes cost 119 ms a position, padding included). Each row's attention is its own, so a riding
+    prompt's queries (up to DEFAULT_PREFILL_CHUNK) see only its own keys however long the others' contexts are.
 
+    Where the model's attention is SpecKV's and no layer slides a window (`reads_own_caches`), each row's keys
+    stay in its own cache, which the pass appends to (`speckv.sessions_cache.SessionsCache`); elsewhere the kept
+    caches are copied side by side into one cache before the fed tokens (with a 4-D mask where the attention is
+    not SpecKV's), and each session's columns copied back after.
+    Returns each row's last `num_logits` logits."""
     device = next(model.parameters()).device
     kept = [row.keep for row in rows]
     fed = [row.call.token_ids[row.keep:] for row in rows]
-    layout = PackedRows(tuple(kept), tuple(len(x) for x in fed))
-    cache_at, fed_at = layout.cache_at, layout.fed_at
-    total_kept = sum(kept)
-    batch = DynamicCache(config=model.config)
-    if total_kept:
-        for layer, parts in enumerate(zip(*(row.session.cache.layers for row in rows))):
-            live = [p for k, p in zip(kept, parts) if k]
-            batch.update(torch.cat([p.keys for p in live], dim=-2), torch.cat([p.values for p in live], dim=-2), layer)
-    positions = torch.cat([torch.arange(k, k + len(tokens)) for k, tokens in zip(kept, fed)])[None]
-    if model.config._attn_implementation == ATTENTION:
-        where = {"packed_rows": layout, "attention_mask": None}  # each row attends to its own keys (speckv.attention)
+    if reads_own_caches(model):
+        from .sessions_cache import SessionsCache
+
+        layout = PackedRows(tuple(kept), tuple(len(x) for x in fed), caches=tuple(row.session.cache for row in rows))
+        batch, where = SessionsCache(model.config, layout), {"packed_rows": layout, "attention_mask": None}
     else:
-        where = {"attention_mask": layout.mask(model.get_input_embeddings().weight.dtype, device)}
+        layout = PackedRows(tuple(kept), tuple(len(x) for x in fed))
+        batch = _side_by_side(model, rows, kept)
+        if model.config._attn_implementation == ATTENTION:  # rows read from the side-by-side keys (a sliding window)
+            where = {"packed_rows": layout, "attention_mask": None}
+        else:
+            where = {"attention_mask": layout.mask(model.get_input_embeddings().weight.dtype, device)}
+    fed_at = layout.fed_at
+    positions = torch.cat([torch.arange(k, k + len(tokens)) for k, tokens in zip(kept, fed)])[None]
     keep_rows = torch.cat([torch.arange(fed_at[i] + len(tokens) - row.call.num_logits, fed_at[i] + len(tokens))
                            for i, (row, tokens) in enumerate(zip(rows, fed))])
     input_ids = torch.tensor([[t for tokens in fed for t in tokens]], dtype=torch.long)
     out = model(input_ids=input_ids.to(device), position_ids=positions.to(device), past_key_values=batch,
                 use_cache=True, logits_to_keep=keep_rows.to(device), **where)
-    for i, (row, k, tokens) in enumerate(zip(rows, kept, fed)):
-        cache = DynamicCache(config=model.config)
-        own = list(range(cache_at[i], cache_at[i] + k)) + list(
-            range(total_kept + fed_at[i], total_kept + fed_at[i] + len(tokens)))
-        index = torch.tensor(own, device=device)
-        for layer, part in enumerate(batch.layers):
-            cache.update(part.keys.index_select(-2, index), part.values.index_select(-2, index), layer)
-        row.session.cache = cache
+    if layout.caches is None:
+        _take_back(model, rows, layout, batch)
     logits, start = [], 0
     for row in rows:
         logits.append(out.logits[0, start:start + row.call.num_logits])
         start += row.call.num_logits
     return logits
+
+
+def reads_own_caches(model: torch.nn.Module) -> bool:
+    """Whether a packed pass of `model` can leave each row's keys in its own cache: its attention is SpecKV's
+    (which reads them there) and no layer slides a window (a sliding layer's cache keeps only its window)."""
+    config = model.config
+    return (config._attn_implementation == ATTENTION
+            and "sliding_attention" not in (getattr(config, "layer_types", None) or ()))
+
+
+def _side_by_side(model: torch.nn.Module, rows: list[_Row], kept: list[int]):
+    """One cache holding the rows' kept caches side by side (a packed pass of attention that takes no rows)."""
+    from transformers import DynamicCache
+
+    batch = DynamicCache(config=model.config)
+    if sum(kept):
+        for layer, parts in enumerate(zip(*(row.session.cache.layers for row in rows))):
+            live = [p for k, p in zip(kept, parts) if k]
+            batch.update(torch.cat([p.keys for p in live], dim=-2), torch.cat([p.values for p in live], dim=-2), layer)
+    return batch
+
+
+def _take_back(model: torch.nn.Module, rows: list[_Row], layout: PackedRows, batch) -> None:
+    """After a pass over `_side_by_side` caches, each session takes its own columns back: its kept cache, then
+    its fed tokens."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    total_kept = sum(layout.cached)
+    for i, (row, k, f) in enumerate(zip(rows, layout.cached, layout.fed)):
+        cache = DynamicCache(config=model.config)
+        own = list(range(layout.cache_at[i], layout.cache_at[i] + k)) + list(
+            range(total_kept + layout.fed_at[i], total_kept + layout.fed_at[i] + f))
+        index = torch.tensor(own, device=device)
+        for layer, part in enumerate(batch.layers):
+            cache.update(part.keys.index_select(-2, index), part.values.index_select(-2, index), layer)
+        row.session.cache = cache
 
 
 def padded_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tensor]:

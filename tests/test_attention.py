@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,6 +98,37 @@ def test_a_packed_call_it_cannot_take_as_it_is_runs_with_the_layouts_mask():
     biased, _ = speckv_attention(module, q, k, v, None, packed_rows=rows,
                                  position_bias=torch.zeros(1, HEADS, sum(rows.fed), k.shape[2]))
     torch.testing.assert_close(biased, mine)
+
+
+def own_caches(rows: PackedRows, key: torch.Tensor, value: torch.Tensor, layer: int = 1) -> PackedRows:
+    """`rows` with each row's keys at `layer` in a cache of its own (as SessionsCache leaves them), taken from the
+    concatenated layout; the other layers hold what no row may read."""
+    caches = []
+    for i in range(len(rows.fed)):
+        k, v = rows.row_keys(i, key, value, None)
+        layers = [SimpleNamespace(keys=torch.full_like(k, float("nan")), values=v) for _ in range(3)]
+        layers[layer] = SimpleNamespace(keys=k, values=v)
+        caches.append(SimpleNamespace(layers=layers))
+    return PackedRows(rows.cached, rows.fed, caches=tuple(caches))
+
+
+def test_packed_rows_read_their_keys_from_their_own_caches_where_they_keep_them():
+    """Handed only the fed keys, each row reads the whole of its keys from its own cache, at the calling layer:
+    the same attention as over the concatenated layout, through SpecKV's path and through transformers' sdpa
+    (a call it cannot take as it is: the keys laid out again for `PackedRows.mask`)."""
+    rows = PackedRows(cached=(5, 0, 3), fed=(2, 4, 1))
+    q, k, v = packed(rows, seed=2)
+    mine = own_caches(rows, k, v)
+    fed_k, fed_v = k[:, :, sum(rows.cached):], v[:, :, sum(rows.cached):]
+    want = reference(q, k, v, rows.visible()[None])
+    torch.testing.assert_close(packed_attention(q, fed_k, fed_v, mine, None, layer=1), want)
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups = 1, HEADS // KV_HEADS
+    out, _ = speckv_attention(module, q, fed_k, fed_v, None, packed_rows=mine)
+    torch.testing.assert_close(out, want.transpose(1, 2))
+    biased, _ = speckv_attention(module, q, fed_k, fed_v, None, packed_rows=mine,
+                                 position_bias=torch.zeros(1, HEADS, sum(rows.fed), k.shape[2]))
+    torch.testing.assert_close(biased, out)
 
 
 def test_session_lm_runs_its_model_through_speckv_attention_and_logits_stay_those_of_sdpa():

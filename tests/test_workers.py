@@ -4,8 +4,10 @@ one forward pass give what each gives alone; concurrent requests through the bat
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,12 +38,21 @@ def _sequences(*lengths: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, EOS_ID, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model, monkeypatch, packed):
+LAYOUTS = ["own caches", "side by side", "padded"]
+
+
+def use_layout(monkeypatch, layout: str) -> None:
+    """Make every batched pass run in `layout`: packed, each row's keys in its own cache (SpecKV's attention);
+    packed, the caches copied side by side with a 4-D mask (attention that takes no rows); padded."""
+    monkeypatch.setattr(workers, "_packs", lambda model, rows: layout != "padded")
+    monkeypatch.setattr(workers, "reads_own_caches", lambda model: layout == "own caches")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model, monkeypatch, layout):
     """Rows with a warm cache cut back, a new session, different fed lengths and logits kept; then a second
-    pass on the caches the batched one left behind. In both layouts of a pass: packed into one sequence and
-    padded to the longest row."""
-    monkeypatch.setattr(workers, "_packs", lambda rows: packed)
+    pass on the caches the batched one left behind. In every layout of a pass."""
+    use_layout(monkeypatch, layout)
     alone, batched = SessionLM(target_model), SessionLM(target_model)
     seqs = _sequences(5, 17, 40, 3)
     for lm in (alone, batched):
@@ -55,6 +66,31 @@ def test_a_batched_pass_gives_each_session_what_it_gets_alone(target_model, monk
             assert g.shape == e.shape
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     assert batched.stats().sessions == 4
+
+
+def test_a_pass_that_fails_part_way_leaves_caches_that_are_rebuilt_not_used_half_written(target_model):
+    """A batched pass appends to its rows' own caches layer by layer; one that raises in a middle layer has
+    written some layers and not others. Its sessions are then rebuilt from the next call's tokens, which gives
+    what a session that never failed gives."""
+    failing, alone = SessionLM(target_model), SessionLM(target_model)
+    seqs = _sequences(9, 14, seed=5)
+    for lm in (failing, alone):
+        for i, s in enumerate(seqs):
+            lm.logits(f"s{i}", s, 1)
+    calls = [LogitsCall(f"s{i}", s + [4, 5], 2) for i, s in enumerate(seqs)]
+
+    def fail(*_):
+        raise RuntimeError("a layer failed")
+
+    hook = target_model.model.layers[1].register_forward_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="a layer failed"):
+            failing.logits_batch(calls)
+    finally:
+        hook.remove()
+    assert failing.missing("s0", seqs[0]) == len(seqs[0])
+    for got, want in zip(failing.logits_batch(calls), alone.logits_batch(calls)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_prefill_feeds_a_long_prompt_a_chunk_at_a_time(target_model):
@@ -115,26 +151,36 @@ def test_a_drafting_pass_reports_the_most_a_sequence_read_before_drafting(draft_
     assert alone.most_read <= 2
 
 
-def test_a_pass_packs_where_padding_would_run_or_score_what_nobody_wants():
-    """Padded, a pass runs every row as long as the longest and scores every row from the earliest wanted
-    position on; where either wastes more than PADDING_WASTE of the real tokens, it runs packed."""
+def test_a_pass_packs_where_its_rows_keep_their_caches_or_padding_would_run_or_score_what_nobody_wants(
+        target_model):
+    """With SpecKV's attention, a pass always runs packed, each row's keys in its own cache. Elsewhere packing
+    copies the caches, and a padded pass runs every row as long as the longest and scores every row from the
+    earliest wanted position on; where either wastes more than PADDING_WASTE of the real tokens, it runs packed."""
     def rows(*spec: tuple[int, int]) -> list:
         return [workers._Row(None, LogitsCall(str(i), [1] * fed, n)) for i, (fed, n) in enumerate(spec)]
 
-    assert not workers._packs(rows(*[(3, 3)] * 8))  # a verify pass of equal runs
-    assert workers._packs(rows(*[(2, 2)] * 7, (4, 4)))  # one longer run: padding
-    assert not workers._packs(rows((40, 1), (38, 1), (36, 1)))  # prompts of about one length: 12 rows scored too many
-    assert workers._packs(rows((40, 1), (40, 1), (40, 1), (36, 36)))  # as long, but one scores all: 121 too many
-    assert workers.pass_positions(rows((40, 1), (40, 1), (40, 1), (36, 36))) == 156
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2", layer_types=None))
+    assert workers.reads_own_caches(target_model) and not workers.reads_own_caches(flash)
+    sliding = copy.deepcopy(target_model.config)
+    sliding.layer_types = ["sliding_attention"] * len(sliding.layer_types)
+    assert not workers.reads_own_caches(SimpleNamespace(config=sliding))
+    assert not workers._packs(flash, rows(*[(3, 3)] * 8))  # a verify pass of equal runs
+    assert workers._packs(target_model, rows(*[(3, 3)] * 8))
+    assert workers._packs(flash, rows(*[(2, 2)] * 7, (4, 4)))  # one longer run: padding
+    assert not workers._packs(flash, rows((40, 1), (38, 1), (36, 1)))  # prompts of about one length: 12 too many
+    assert workers._packs(flash, rows((40, 1), (40, 1), (40, 1), (36, 36)))  # one scores all: 121 too many
+    assert workers.pass_positions(flash, rows((40, 1), (40, 1), (40, 1), (36, 36))) == 156
+    assert workers.pass_positions(flash, rows(*[(3, 3)] * 7, (2, 2))) == 24
+    assert workers.pass_positions(target_model, rows(*[(3, 3)] * 7, (2, 2))) == 23
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_a_prefill_pass_scores_no_row_and_leaves_the_caches_reading_alone_would(target_model, monkeypatch, packed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_prefill_pass_scores_no_row_and_leaves_the_caches_reading_alone_would(target_model, monkeypatch, layout):
     """Prompts of different lengths, a chunk of each read in one prefill pass (both layouts): nobody reads a
     chunk's logits, so the output layer runs on no row (padded, it scored every row from the shortest prompt's
     end on: 254 rows of the 151936-wide output layer for eight drafts' prompts); the caches it leaves give what
     reading alone would."""
-    monkeypatch.setattr(workers, "_packs", lambda rows: packed)
+    use_layout(monkeypatch, layout)
     prompts = _sequences(40, 36, 33, 30)  # each lacks more than a chunk of 16: one chunk each, in one pass
     batched, alone = SessionLM(target_model), SessionLM(target_model)
     scored = []
