@@ -3,11 +3,11 @@
 A packed pass feeds several sessions' tokens as one sequence. Its attention needs each row's keys: its session's
 cached ones and its own fed ones. Copying every session's cache into one batched cache for the pass and each
 row's columns back out after it (and transformers' own cache growing the batched one by concatenation) copied all
-the rows' keys and values four times a pass: on the AVX512-BF16 EPYC, eight 1.5B sessions of ~512 tokens at bf16,
-62-77 ms of a 324-571 ms pass outside the model call alone (`scripts/batched_pass_shape.py`). Here each layer's
-new keys and values are split by row and appended to that row's own cache, as a pass of one row appends them, and
-attention reads every row's keys from there (`speckv.attention.PackedRows.caches`). Imported lazily: it needs
-transformers, which the router never loads.
+the rows' keys and values four times a pass. Here each layer's new keys and values are split by row and appended
+to that row's own cache, as a pass of one row appends them, and attention reads every row's keys from there
+(`speckv.attention.PackedRows.caches`): on the AVX512-BF16 EPYC, eight 1.5B sessions after ~512 tokens of context
+pass in 0.82-0.91x the time at bf16 (`scripts/batched_pass_shape.py --context 512`, docs/SERVING.md). Imported
+lazily: it needs transformers, which the router never loads.
 """
 
 from __future__ import annotations
