@@ -16,13 +16,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from .attention import ATTENTION, PackedRows, use_in
 from .sampling import SamplingParams, logits_to_probs, sample, step_generator
 from .signals import NO_STOP, DraftSignals, DraftStop
+
+if TYPE_CHECKING:  # transformers is imported lazily: the router imports this module and never loads it
+    from transformers import DynamicCache
 
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_IDLE_TIMEOUT_S = 600.0
@@ -622,7 +625,7 @@ def reads_own_caches(model: torch.nn.Module) -> bool:
             and "sliding_attention" not in (getattr(config, "layer_types", None) or ()))
 
 
-def _side_by_side(model: torch.nn.Module, rows: list[_Row], kept: list[int]):
+def _side_by_side(model: torch.nn.Module, rows: list[_Row], kept: list[int]) -> DynamicCache:
     """One cache holding the rows' kept caches side by side (a packed pass of attention that takes no rows)."""
     from transformers import DynamicCache
 
@@ -634,7 +637,7 @@ def _side_by_side(model: torch.nn.Module, rows: list[_Row], kept: list[int]):
     return batch
 
 
-def _take_back(model: torch.nn.Module, rows: list[_Row], layout: PackedRows, batch) -> None:
+def _take_back(model: torch.nn.Module, rows: list[_Row], layout: PackedRows, batch: DynamicCache) -> None:
     """After a pass over `_side_by_side` caches, each session takes its own columns back: its kept cache, then
     its fed tokens."""
     from transformers import DynamicCache
