@@ -589,18 +589,19 @@ def packed_forward(model: torch.nn.Module, rows: list[_Row]) -> list[torch.Tenso
     device = next(model.parameters()).device
     kept = [row.keep for row in rows]
     fed = [row.call.token_ids[row.keep:] for row in rows]
-    if reads_own_caches(model):
+    own = reads_own_caches(model)
+    layout = PackedRows(tuple(kept), tuple(len(x) for x in fed),
+                        caches=tuple(row.session.cache for row in rows) if own else None)
+    if own:
         from .sessions_cache import SessionsCache
 
-        layout = PackedRows(tuple(kept), tuple(len(x) for x in fed), caches=tuple(row.session.cache for row in rows))
-        batch, where = SessionsCache(model.config, layout), {"packed_rows": layout, "attention_mask": None}
+        batch = SessionsCache(model.config, layout)
     else:
-        layout = PackedRows(tuple(kept), tuple(len(x) for x in fed))
         batch = _side_by_side(model, rows, kept)
-        if model.config._attn_implementation == ATTENTION:  # rows read from the side-by-side keys (a sliding window)
-            where = {"packed_rows": layout, "attention_mask": None}
-        else:
-            where = {"attention_mask": layout.mask(model.get_input_embeddings().weight.dtype, device)}
+    if model.config._attn_implementation == ATTENTION:  # each row attends to its own keys (speckv.attention)
+        where = {"packed_rows": layout, "attention_mask": None}
+    else:
+        where = {"attention_mask": layout.mask(model.get_input_embeddings().weight.dtype, device)}
     fed_at = layout.fed_at
     positions = torch.cat([torch.arange(k, k + len(tokens)) for k, tokens in zip(kept, fed)])[None]
     keep_rows = torch.cat([torch.arange(fed_at[i] + len(tokens) - row.call.num_logits, fed_at[i] + len(tokens))
