@@ -5,6 +5,8 @@ choose. Prints and saves the medians.
     python scripts/quantized_cpu.py --tier int8 --compare activations --out int8_activation_dtype.json
     python scripts/quantized_cpu.py --tier nf4 --compare kernel --out nf4_cpu_matmul.json
     python scripts/quantized_cpu.py --tier nf4 --compare activations --out nf4_activation_dtype.json
+    python scripts/quantized_cpu.py --tier int8 --compare activations --dtype bfloat16 --context 512 \
+        --out int8_activations_bf16_512.json
 
 (the saved runs are in docs/results/milan/).
 
@@ -12,11 +14,13 @@ choose. Prints and saves the medians.
 speckv.kernels' blocked one, with the half-precision activations the tier had before either (int8 float16,
 nf4 bfloat16) or `--dtype`, and whether the logits are identical; on a CPU where bitsandbytes has a kernel of its own
 (int8: AVX-512, nf4: AVX512-BF16) there is nothing to compare. `activations`: the tier loaded with those
-half-precision activations and with float32 (the choice behind speckv.models.CPU_QUANTIZED_ACTIVATIONS), both
-with our kernel, and the share of positions where their greedy choices agree.
+half-precision activations (or `--dtype`) and with float32 (speckv.models.quantized_activations_on_cpu), both with
+whatever kernels load_model installs, and the share of positions where their greedy choices agree.
 
-A pass feeds `tokens` tokens to each of `sequences` sequences into an empty cache and keeps every logit; the
-median of `--repeats` after one untimed pass of each shape and variant.
+A pass feeds `tokens` tokens to each of `sequences` sequences and keeps every logit: into an empty cache, or with
+`--context N` (activations only) after each sequence's own N-token context, through SessionLM as the live loop
+calls the model (a batched pass over per-request caches, each cut back to its context first); the median of
+`--repeats` after one untimed pass of each shape and variant.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from speckv import kernels
 from speckv.calibration import hardware_id, synthetic_ids
 from speckv.models import DEFAULT_TARGET, load_model
+from speckv.workers import LogitsCall, SessionLM
 
 Variant = Callable[[torch.Tensor], torch.Tensor]  # token ids [sequences, tokens] -> logits
 
@@ -56,11 +61,36 @@ def kernel_variants(model_spec: str, tier: str, dtype: str | None = None) -> tup
     return {"bitsandbytes": run(False), "blocked": run(True)}, int(model.config.vocab_size)
 
 
-def activation_variants(model_spec: str, tier: str, dtype: str | None = None) -> tuple[dict[str, Variant], int]:
-    """The two variants and the model's vocabulary size."""
-    models = {dtype: load_model(model_spec, tier, dtype=dtype, device="cpu") for dtype in (HALF[tier], "float32")}
-    variants = {dtype: (lambda ids, model=model: model(ids, use_cache=False).logits) for dtype, model in models.items()}
+def activation_variants(model_spec: str, tier: str, dtype: str | None = None,
+                        context: int = 0) -> tuple[dict[str, Variant], int]:
+    """The two variants (activations in `dtype`, default HALF, and in float32) and the model's vocabulary size;
+    with a `context`, each sequence's pass runs after a context of that many tokens of its own (`_after_context`)."""
+    half = dtype or HALF[tier]
+    if half == "float32":
+        raise SystemExit("--dtype for --compare activations is the half precision compared with float32")
+    models = {name: load_model(model_spec, tier, dtype=name, device="cpu") for name in (half, "float32")}
+    if context:
+        variants = {name: _after_context(model, context) for name, model in models.items()}
+    else:
+        variants = {name: (lambda ids, model=model: model(ids, use_cache=False).logits)
+                    for name, model in models.items()}
     return variants, int(models["float32"].config.vocab_size)
+
+
+def _after_context(model: torch.nn.Module, context: int) -> Variant:
+    """Sequence s's tokens fed after its own `context`-token prefix, all sequences in one batched pass of the
+    live loop's (SessionLM.logits_batch: each cache cut back to its prefix first, as after a rejection)."""
+    lm, vocab = SessionLM(model), int(model.config.vocab_size)
+    prefixes: dict[int, list[int]] = {}
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        for s in range(ids.shape[0]):
+            if s not in prefixes:
+                prefixes[s] = synthetic_ids(context + s, vocab, salt=100 + s)
+                lm.prefill(f"s{s}", prefixes[s])
+        calls = [LogitsCall(f"s{s}", prefixes[s] + row.tolist(), ids.shape[1]) for s, row in enumerate(ids)]
+        return torch.stack(lm.logits_batch(calls))
+    return forward
 
 
 COMPARISONS = {"kernel": kernel_variants, "activations": activation_variants}
@@ -71,7 +101,10 @@ def main() -> None:
     parser.add_argument("--tier", choices=sorted(HALF), required=True)
     parser.add_argument("--compare", choices=sorted(COMPARISONS), required=True)
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                        help="kernel only: the activations (default: the tier's half precision)")
+                        help="kernel: the activations; activations: the half precision compared with float32 "
+                        "(default: the tier's half precision before float32)")
+    parser.add_argument("--context", type=int, default=0,
+                        help="activations only: each sequence's context tokens before its pass (default: none)")
     parser.add_argument("--model", default=DEFAULT_TARGET)
     parser.add_argument("--shapes", default=None, help="sequences x tokens, comma-separated "
                         "(default: kernel 1x1,1x9,8x1,1x64; activations 1x1,1x9,8x1,16x1,8x4,1x64)")
@@ -81,9 +114,12 @@ def main() -> None:
     shapes = args.shapes or ("1x1,1x9,8x1,1x64" if args.compare == "kernel" else "1x1,1x9,8x1,16x1,8x4,1x64")
     repeats = args.repeats or (3 if args.compare == "kernel" else 5)
 
-    if args.dtype and args.compare != "kernel":
-        parser.error("--dtype is for --compare kernel (activations compares the dtypes)")
-    variants, vocab = COMPARISONS[args.compare](args.model, args.tier, args.dtype)
+    if args.context and args.compare != "activations":
+        parser.error("--context is for --compare activations")
+    if args.compare == "activations":
+        variants, vocab = activation_variants(args.model, args.tier, args.dtype, args.context)
+    else:
+        variants, vocab = kernel_variants(args.model, args.tier, args.dtype)
     names = list(variants)
     rows = []
     for shape in shapes.split(","):
@@ -108,7 +144,8 @@ def main() -> None:
               + f"; logits identical: {row['identical_logits']}, greedy choices agree at "
               f"{row['greedy_agreement']:.0%} of positions", flush=True)
     kernels.install(kernels.TIER_KERNELS[args.tier])
-    result = {"tier": args.tier, "compare": args.compare, "dtype": args.dtype, "model": args.model,
+    result = {"tier": args.tier, "compare": args.compare, "dtype": args.dtype, "context": args.context,
+              "model": args.model,
               "hardware": hardware_id(torch.device("cpu")),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": repeats,
               "block_bytes": kernels.BLOCK_BYTES, "rows": rows}

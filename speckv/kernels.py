@@ -186,8 +186,9 @@ class _DropInputCast(logging.Filter):
 
 def quiet_int8_input_cast() -> None:
     """Silence bitsandbytes' warning that an LLM.int8 layer's input is cast to float16 for quantizing, logged at
-    every layer of every pass where activations are not float16: the int8 tier on a CPU runs them in float32 on
-    purpose (speckv.models.CPU_QUANTIZED_ACTIVATIONS), and casting is how LLM.int8 quantizes them. Idempotent."""
+    every layer of every pass where activations are not float16: the int8 tier on a CPU runs them in float32 or
+    bfloat16 on purpose (speckv.models.quantized_activations_on_cpu), and casting is how LLM.int8 quantizes them.
+    Idempotent."""
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropInputCast) for f in logger.filters):
         logger.addFilter(_DropInputCast())

@@ -89,13 +89,32 @@ DRAFT_TIER = Tier.FP16  # the draft is never compressed: one draft (and its cali
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a quantized tier's activations (every part of the model but its quantized weights) are at `auto` on a CPU
-# (int8), or where SpecKV's blocked 4-bit kernel runs its matmuls (nf4 where bitsandbytes has no 4-bit CPU
-# kernel of its own, i.e. without AVX512-BF16; speckv.kernels). Half precision is emulated there: int8 on an AVX2 EPYC
-# (docs/serving_log.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the same within 10% up to
-# nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in float32; nf4 ("nf4 passes
-# dequantized a block at a time, in float32") 1.17x for one token, 2.35x for 8 x 4, 2.8x for a 64-token prompt.
-# The cost: the embeddings in float32 and twice the KV bytes a token.
+# where half precision would be emulated: int8 on a CPU without bf16 hardware (LLM.int8 quantizes from float16,
+# emulated on every CPU here), and nf4 where SpecKV's blocked 4-bit kernel runs its matmuls (where bitsandbytes has
+# no 4-bit CPU kernel of its own, i.e. without AVX512-BF16; speckv.kernels). Half precision is emulated there:
+# int8 on an AVX2 EPYC (docs/serving_log.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the
+# same within 10% up to nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in
+# float32; nf4 ("nf4 passes dequantized a block at a time, in float32") 1.17x for one token, 2.35x for 8 x 4, 2.8x
+# for a 64-token prompt. The cost: the embeddings in float32 and twice the KV bytes a token.
 CPU_QUANTIZED_ACTIVATIONS = torch.float32
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), as torch's own dispatch sees it:
+    there a bf16 matmul runs natively, elsewhere it is emulated and costs in proportion to its rows."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def quantized_activations_on_cpu(tier: Tier, blocked: bool) -> torch.dtype:
+    """A quantized tier's activations at `auto` on a CPU: CPU_QUANTIZED_ACTIVATIONS where half precision would be
+    emulated (int8 without bf16 hardware; nf4 where our blocked kernel runs, `blocked`), else bfloat16. The int8
+    tier on a CPU with bf16 hardware runs in bfloat16: on the AVX512-BF16 EPYC, after 512-token contexts, its passes
+    took 0.95x float32's time for one token, 0.88-0.90x for eight sequences, 0.84x for a 64-token chunk, with half
+    the KV bytes a token (docs/serving_log.md, "The int8 tier in bfloat16 where the CPU has bf16 hardware")."""
+    if blocked or (tier is Tier.INT8 and not cpu_multiplies_bf16()):
+        return CPU_QUANTIZED_ACTIVATIONS
+    return torch.bfloat16
 
 
 def default_device() -> str:
@@ -110,7 +129,7 @@ def draft_dtype_for(target_dtype: str) -> str:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """`auto` is half precision: float16 on CUDA, bfloat16 elsewhere (the int8 and nf4 tiers on a CPU excepted:
-    `load_model` runs their activations in CPU_QUANTIZED_ACTIVATIONS)."""
+    `load_model` runs their activations in `quantized_activations_on_cpu`)."""
     if name == "auto":
         return torch.float16 if device.startswith("cuda") else torch.bfloat16
     if name not in DTYPES:
@@ -221,11 +240,10 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype, "use_safetensors": True}
     on_cpu = torch.device(device).type == "cpu"
     # our kernels where bitsandbytes has no CPU kernel of its own (speckv.kernels); activations in float32 at
-    # auto where half precision would be emulated: int8 on any CPU (LLM.int8 wants float16), nf4 where ours runs
-    # (bitsandbytes' own 4-bit CPU kernel is for bf16 hardware and computes in bf16)
+    # auto where half precision would be emulated (quantized_activations_on_cpu)
     blocked = on_cpu and tier is not Tier.FP16 and install(TIER_KERNELS[tier.value])
-    if dtype == "auto" and on_cpu and (tier is Tier.INT8 or blocked):
-        torch_dtype = kwargs["dtype"] = CPU_QUANTIZED_ACTIVATIONS
+    if dtype == "auto" and on_cpu and tier is not Tier.FP16:
+        torch_dtype = kwargs["dtype"] = quantized_activations_on_cpu(tier, blocked)
     if tier is Tier.INT8:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if dtype == "auto" and not on_cpu:

@@ -96,22 +96,39 @@ def test_an_int8_models_calibration_key_names_the_kernel_its_calls_ran_with(fall
     assert CalibrationKey.of(tiny_model(0), "target", "fp16").kernels == ""  # no int8 layers: nothing of ours runs
 
 
-def test_the_int8_tier_on_a_cpu_runs_its_activations_in_float32_without_a_warning_at_every_layer(tmp_path, caplog):
-    """A CPU emulates float16 arithmetic: `auto` gives the int8 tier float32 activations there, and bitsandbytes'
-    warning that it casts them to float16 for quantizing (logged at every layer of every pass) is silenced."""
+@pytest.mark.parametrize("bf16_hardware", [False, True])
+def test_the_int8_tier_on_a_cpu_runs_its_activations_in_what_the_cpu_multiplies_without_a_warning_at_every_layer(
+        tmp_path, caplog, monkeypatch, bf16_hardware):
+    """A CPU emulates float16 arithmetic: `auto` gives the int8 tier float32 activations where the CPU has no bf16
+    hardware and bfloat16 where it has (faster at every shape on the AVX512-BF16 EPYC, half the KV bytes), and
+    bitsandbytes' warning that it casts them to float16 for quantizing (logged at every layer of every pass) is
+    silenced."""
     import logging
 
+    from speckv import models
     from speckv.models import CPU_QUANTIZED_ACTIVATIONS, load_model
 
+    monkeypatch.setattr(models, "cpu_multiplies_bf16", lambda: bf16_hardware)
     tiny_model(0, torch.float16).save_pretrained(tmp_path / "tiny")
     model = load_model(str(tmp_path / "tiny"), "int8", device="cpu")
-    assert model.dtype == CPU_QUANTIZED_ACTIVATIONS == torch.float32
+    expected = torch.bfloat16 if bf16_hardware else CPU_QUANTIZED_ACTIVATIONS
+    assert model.dtype == expected and CPU_QUANTIZED_ACTIVATIONS == torch.float32
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     with caplog.at_level(logging.WARNING, logger="bitsandbytes"), torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3]])).logits
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert logits.dtype == expected and torch.isfinite(logits).all()
     assert not [r for r in caplog.records if kernels.INT8_INPUT_CAST in r.getMessage()]
     assert load_model(str(tmp_path / "tiny"), "int8", dtype="float16", device="cpu").dtype == torch.float16
+
+
+def test_bf16_hardware_is_what_torch_dispatches_on():
+    """The int8 tier's activations follow torch's own view of the CPU (AVX512-BF16 or AMX), read where the
+    calibration key reads its flags too."""
+    from speckv.calibration import hardware_id
+    from speckv.models import cpu_multiplies_bf16
+
+    flags = hardware_id(torch.device("cpu")).split("[")[-1].rstrip("]").split()
+    assert cpu_multiplies_bf16() == any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 # ------------------------------------------------------------------------------------------------- 4-bit (nf4)
@@ -322,8 +339,8 @@ def test_greedy_speculation_through_transposed_layers_is_the_target_only_output(
 
 @pytest.mark.parametrize("tier", ["fp16", "int8"])
 def test_loading_a_model_on_a_cpu_probes_its_plain_linear_layers(monkeypatch, tmp_path, tier):
-    """Every tier: the int8 tier's output layer is a plain float32 linear layer on a CPU (its activations'
-    dtype), and its int8 layers are bitsandbytes' own (never swapped)."""
+    """Every tier: the int8 tier's output layer is a plain linear layer on a CPU (in its activations' dtype,
+    float32 here), and its int8 layers are bitsandbytes' own (never swapped)."""
     from speckv.models import load_model
 
     probed = []
