@@ -12,6 +12,9 @@ request's output (greedy streams are compared with `none`'s: batched numerics in
     python scripts/concurrent_bench.py --tier nf4 --policies none,fixed:2,adaptive \\
         --prompts docs/results/avx2/short_prompts.jsonl,docs/results/avx2/short_prompts_2.jsonl \\
         --max-tokens 32 --out docs/results/avx2/concurrent_nf4.json
+
+`--dtype`/`--draft-dtype` load the pair as `speckv.local.LocalEngine.load` does (the int8 tier's activations in
+float32 against bfloat16, the draft in bf16 both times: `--dtype float32 --draft-dtype auto` then `--dtype auto`).
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ def main() -> None:
     parser.add_argument("--policies", default="none,fixed:2,adaptive")
     parser.add_argument("--prompts", required=True, help="Spec-Bench JSONL file(s), comma-separated")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", help="the target's compute dtype (LocalEngine.load)")
+    parser.add_argument("--draft-dtype", default=None, help="the draft's (default: LocalEngine.load's rule)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     prompts = [p for path in args.prompts.split(",") for p in load_prompts(Path(path))]
-    engine = LocalEngine.load(tier=args.tier)
+    engine = LocalEngine.load(tier=args.tier, dtype=args.dtype, draft_dtype=args.draft_dtype)
     estimates = engine.calibrate()
     single_ms = float(estimates.cost.base.verify_ms(0))
     engine = dataclasses.replace(engine, batching=BatchSettings(max(len(prompts), 1), 0.0, 0.0, single_ms / 1e3))
@@ -97,7 +102,9 @@ def main() -> None:
         for run in runs:
             run["streams_differing_from_none"] = sum(a != b for a, b in zip(run["token_ids"], base["token_ids"]))
     with open(args.out, "w") as f:
-        json.dump({"tier": args.tier, "hardware": hardware_id(engine.target_worker.lm.device),
+        json.dump({"tier": args.tier, "dtype": args.dtype, "draft_dtype": args.draft_dtype,
+                   "target_dtype": str(engine.target_worker.lm.model.dtype),
+                   "hardware": hardware_id(engine.target_worker.lm.device),
                    "requests": len(encoded), "max_tokens": args.max_tokens, "runs": runs}, f, indent=1)
     print(f"saved {args.out}")
 
