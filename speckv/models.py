@@ -90,7 +90,7 @@ DRAFT_TIER = Tier.FP16  # the draft is never compressed: one draft (and its cali
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a quantized tier's activations (every part of the model but its quantized weights) are at `auto` on a CPU
 # where half precision would be emulated: int8 on a CPU without bf16 hardware (LLM.int8 quantizes from float16,
-# emulated on every CPU here), and nf4 where SpecKV's blocked 4-bit kernel runs its matmuls (where bitsandbytes has
+# which such a CPU emulates too), and nf4 where SpecKV's blocked 4-bit kernel runs its matmuls (where bitsandbytes has
 # no 4-bit CPU kernel of its own, i.e. without AVX512-BF16; speckv.kernels). Half precision is emulated there:
 # int8 on an AVX2 EPYC (docs/serving_log.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the
 # same within 10% up to nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in
