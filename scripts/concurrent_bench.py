@@ -103,7 +103,7 @@ def main() -> None:
             run["streams_differing_from_none"] = sum(a != b for a, b in zip(run["token_ids"], base["token_ids"]))
     with open(args.out, "w") as f:
         json.dump({"tier": args.tier, "dtype": args.dtype, "draft_dtype": args.draft_dtype,
-                   "target_dtype": str(engine.target_worker.lm.model.dtype),
+                   "target_dtype": str(engine.target_model.dtype),
                    "hardware": hardware_id(engine.target_worker.lm.device),
                    "requests": len(encoded), "max_tokens": args.max_tokens, "runs": runs}, f, indent=1)
     print(f"saved {args.out}")

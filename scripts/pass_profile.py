@@ -17,14 +17,15 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from speckv.calibration import hardware_id, synthetic_ids
+from speckv.calibration import hardware_id, own_contexts
 from speckv.models import DEFAULT_TARGET, load_model
 from speckv.workers import LogitsCall, SessionLM
 
 
-def profile_passes(lm: SessionLM, sequences: int, tokens: int, contexts: list[list[int]], passes: int) -> dict:
-    """Self CPU ms per pass of every op, over `passes` profiled passes after two unprofiled ones."""
-    calls = [LogitsCall(f"s{i}", contexts[i] + [5] * tokens, tokens) for i in range(sequences)]
+def profile_passes(lm: SessionLM, tokens: int, sessions: list[tuple[str, list[int]]], passes: int) -> dict:
+    """Self CPU ms per pass of every op, over `passes` profiled passes of `sessions` (`own_contexts`) after two
+    unprofiled ones."""
+    calls = [LogitsCall(session, context + [5] * tokens, tokens) for session, context in sessions]
     for _ in range(2):
         lm.logits_batch(calls)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -33,7 +34,7 @@ def profile_passes(lm: SessionLM, sequences: int, tokens: int, contexts: list[li
     ops = {e.key: {"self_ms": e.self_cpu_time_total / 1e3 / passes, "calls": e.count / passes}
            for e in prof.key_averages()}
     total = sum(op["self_ms"] for op in ops.values())
-    return {"sequences": sequences, "tokens": tokens, "pass_ms": total,
+    return {"sequences": len(sessions), "tokens": tokens, "pass_ms": total,
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["self_ms"]))}
 
 
@@ -54,11 +55,8 @@ def main() -> None:
     model = load_model(args.model, args.tier, args.dtype, None)
     lm = SessionLM(model)
     counts = [int(n) for n in args.sequences.split(",")]
-    vocab = int(model.config.vocab_size)
-    contexts = [synthetic_ids(args.context + i, vocab, salt=i) for i in range(max(counts))]
-    for i, context in enumerate(contexts):
-        lm.prefill(f"s{i}", context)
-    shapes = [profile_passes(lm, n, args.tokens, contexts, args.passes) for n in counts]
+    sessions = own_contexts(lm, max(counts), args.context)
+    shapes = [profile_passes(lm, args.tokens, sessions[:n], args.passes) for n in counts]
     for shape in shapes:
         print(f"{shape['sequences']} x {shape['tokens']}: {shape['pass_ms']:.0f} ms of op self time a pass")
         for name, op in list(shape["ops"].items())[:args.top]:

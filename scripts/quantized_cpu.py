@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from speckv import kernels
-from speckv.calibration import hardware_id, synthetic_ids
+from speckv.calibration import hardware_id, own_contexts, synthetic_ids
 from speckv.models import DEFAULT_TARGET, load_model
 from speckv.workers import LogitsCall, SessionLM
 
@@ -61,45 +61,41 @@ def kernel_variants(model_spec: str, tier: str, dtype: str | None = None) -> tup
     return {"bitsandbytes": run(False), "blocked": run(True)}, int(model.config.vocab_size)
 
 
-def activation_variants(model_spec: str, tier: str, dtype: str | None = None,
-                        context: int = 0) -> tuple[dict[str, Variant], int]:
+def activation_variants(model_spec: str, tier: str, dtype: str | None = None, context: int = 0,
+                        sequences: int = 0) -> tuple[dict[str, Variant], int]:
     """The two variants (activations in `dtype`, default HALF, and in float32) and the model's vocabulary size;
-    with a `context`, each sequence's pass runs after a context of that many tokens of its own (`_after_context`)."""
-    half = dtype or HALF[tier]
-    if half == "float32":
-        raise SystemExit("--dtype for --compare activations is the half precision compared with float32")
-    models = {name: load_model(model_spec, tier, dtype=name, device="cpu") for name in (half, "float32")}
+    with a `context`, each of up to `sequences` sequences' passes runs after a context of its own
+    (`_after_context`)."""
+    names = (dtype or HALF[tier], "float32")
+    models = {name: load_model(model_spec, tier, dtype=name, device="cpu") for name in names}
     if context:
-        variants = {name: _after_context(model, context) for name, model in models.items()}
+        variants = {name: _after_context(model, context, sequences) for name, model in models.items()}
     else:
         variants = {name: (lambda ids, model=model: model(ids, use_cache=False).logits)
                     for name, model in models.items()}
     return variants, int(models["float32"].config.vocab_size)
 
 
-def _after_context(model: torch.nn.Module, context: int) -> Variant:
-    """Sequence s's tokens fed after its own `context`-token prefix, all sequences in one batched pass of the
-    live loop's (SessionLM.logits_batch: each cache cut back to its prefix first, as after a rejection)."""
-    lm, vocab = SessionLM(model), int(model.config.vocab_size)
-    prefixes: dict[int, list[int]] = {}
+def _after_context(model: torch.nn.Module, context: int, sequences: int) -> Variant:
+    """Sequence s's tokens fed after its own context (`own_contexts`), all sequences in one batched pass of the
+    live loop's (SessionLM.logits_batch: each cache cut back to its context first, as after a rejection)."""
+    lm = SessionLM(model)
+    sessions = own_contexts(lm, sequences, context, salt=100)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
-        for s in range(ids.shape[0]):
-            if s not in prefixes:
-                prefixes[s] = synthetic_ids(context + s, vocab, salt=100 + s)
-                lm.prefill(f"s{s}", prefixes[s])
-        calls = [LogitsCall(f"s{s}", prefixes[s] + row.tolist(), ids.shape[1]) for s, row in enumerate(ids)]
+        calls = [LogitsCall(session, prefix + row.tolist(), ids.shape[1])
+                 for (session, prefix), row in zip(sessions, ids)]
         return torch.stack(lm.logits_batch(calls))
     return forward
 
 
-COMPARISONS = {"kernel": kernel_variants, "activations": activation_variants}
+COMPARISONS = ("activations", "kernel")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", choices=sorted(HALF), required=True)
-    parser.add_argument("--compare", choices=sorted(COMPARISONS), required=True)
+    parser.add_argument("--compare", choices=COMPARISONS, required=True)
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="kernel: the activations; activations: the half precision compared with float32 "
                         "(default: the tier's half precision before float32)")
@@ -116,8 +112,11 @@ def main() -> None:
 
     if args.context and args.compare != "activations":
         parser.error("--context is for --compare activations")
+    if args.compare == "activations" and args.dtype == "float32":
+        parser.error("--dtype for --compare activations is the half precision compared with float32")
     if args.compare == "activations":
-        variants, vocab = activation_variants(args.model, args.tier, args.dtype, args.context)
+        most = max(int(shape.split("x")[0]) for shape in shapes.split(","))
+        variants, vocab = activation_variants(args.model, args.tier, args.dtype, args.context, most)
     else:
         variants, vocab = kernel_variants(args.model, args.tier, args.dtype)
     names = list(variants)

@@ -77,10 +77,8 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp1
              "amx_int8", "avx_vnni", "asimd", "sve", "bf16")
 
 
-def hardware_id(device: torch.device) -> str:
-    """The processor a model runs on: the GPU's name, or the CPU's model and its kernel-relevant flags."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and every flag /proc/cpuinfo lists ("" and none where it cannot be read)."""
     model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -91,6 +89,19 @@ def hardware_id(device: torch.device) -> str:
                 flags.update(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists for this CPU (empty where it cannot be read)."""
+    return _cpuinfo()[1]
+
+
+def hardware_id(device: torch.device) -> str:
+    """The processor a model runs on: the GPU's name, or the CPU's model and its kernel-relevant flags."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    model, flags = _cpuinfo()
     model = model or platform.processor() or platform.machine()
     return f"cpu:{model} [{' '.join(f for f in CPU_FLAGS if f in flags)}]"
 
@@ -252,6 +263,17 @@ def _with_batched(model: CostModel, rows: list[dict], context_len: int) -> CostM
 def synthetic_ids(count: int, vocab: int, salt: int = 0) -> list[int]:
     """`count` token ids inside the vocabulary, spread over it, different for each `salt`."""
     return [(salt * 101 + i * 37 + 11) % (vocab - 1) for i in range(count)]
+
+
+def own_contexts(lm: SessionLM, count: int, context_len: int, salt: int = 0) -> list[tuple[str, list[int]]]:
+    """`count` sessions ("s0", "s1", ...) holding contexts of their own, `context_len` + i tokens of salt `salt` + i,
+    read in as a replica reads a prompt: (session id, context) for each, for passes of the live loop's shape
+    after them (a script's `LogitsCall(session, context + fed, kept)`)."""
+    vocab = int(lm.model.config.vocab_size)
+    sessions = [(f"s{i}", synthetic_ids(context_len + i, vocab, salt=salt + i)) for i in range(count)]
+    for session, context in sessions:
+        lm.prefill(session, context)
+    return sessions
 
 
 def time_prefill(lm: SessionLM, tokens: int, session: str) -> float:

@@ -88,14 +88,12 @@ class Tier(str, Enum):
 DRAFT_TIER = Tier.FP16  # the draft is never compressed: one draft (and its calibration) serves every target tier
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What a quantized tier's activations (every part of the model but its quantized weights) are at `auto` on a CPU
-# where half precision would be emulated: int8 on a CPU without bf16 hardware (LLM.int8 quantizes from float16,
-# which such a CPU emulates too), and nf4 where SpecKV's blocked 4-bit kernel runs its matmuls (where bitsandbytes has
-# no 4-bit CPU kernel of its own, i.e. without AVX512-BF16; speckv.kernels). Half precision is emulated there:
-# int8 on an AVX2 EPYC (docs/serving_log.md, "int8 passes without bitsandbytes' whole-matrix conversion") ran the
-# same within 10% up to nine tokens a pass, 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in
-# float32; nf4 ("nf4 passes dequantized a block at a time, in float32") 1.17x for one token, 2.35x for 8 x 4, 2.8x
-# for a 64-token prompt. The cost: the embeddings in float32 and twice the KV bytes a token.
+# A quantized tier's activations (every part of the model but its quantized weights) on a CPU where half precision
+# would be emulated (the rule: quantized_activations_on_cpu). Measured: int8 on an AVX2 EPYC (docs/serving_log.md,
+# "int8 passes without bitsandbytes' whole-matrix conversion") ran the same within 10% up to nine tokens a pass,
+# 16-29% faster from 16 rows, 1.46-1.65x for a 64-token prompt in float32 than in float16; nf4 ("nf4 passes
+# dequantized a block at a time, in float32") 1.17x for one token, 2.35x for 8 x 4, 2.8x for a 64-token prompt.
+# The cost: the embeddings in float32 and twice the KV bytes a token.
 CPU_QUANTIZED_ACTIVATIONS = torch.float32
 
 
