@@ -106,7 +106,8 @@ def cpu_multiplies_bf16() -> bool:
 
 def quantized_activations_on_cpu(tier: Tier, blocked: bool) -> torch.dtype:
     """A quantized tier's activations at `auto` on a CPU: CPU_QUANTIZED_ACTIVATIONS where half precision would be
-    emulated (int8 without bf16 hardware; nf4 where our blocked kernel runs, `blocked`), else bfloat16. The int8
+    emulated (int8 without bf16 hardware; either tier where our blocked kernel runs, `blocked`: no AVX-512 for
+    int8, no AVX512-BF16 for nf4; speckv.kernels), else bfloat16. The int8
     tier on a CPU with bf16 hardware runs in bfloat16: on the AVX512-BF16 EPYC, after 512-token contexts, its passes
     took 0.95-0.96x float32's time for one sequence, 0.87-0.90x for 8-16, 0.84x for a 64-token chunk, with half
     the KV bytes a token (docs/serving_log.md, "The int8 tier in bfloat16 where the CPU has bf16 hardware")."""

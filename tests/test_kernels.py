@@ -109,8 +109,8 @@ def test_the_int8_tier_on_a_cpu_runs_its_activations_in_what_the_cpu_multiplies_
     from speckv.models import CPU_QUANTIZED_ACTIVATIONS, load_model
 
     monkeypatch.setattr(models, "cpu_multiplies_bf16", lambda: bf16_hardware)
-    # bitsandbytes' own int8 CPU kernel, whatever this CPU has: where ours installs instead (no kernel of
-    # bitsandbytes' for this CPU, as on the AVX2-only family-23 EPYC), activations stay float32 at any hardware
+    # bf16 hardware comes with AVX-512, where bitsandbytes has an int8 CPU kernel of its own, so the CPU simulated
+    # here keeps it whatever this one has (where ours installs, as on an AVX2-only EPYC, activations are float32)
     monkeypatch.setattr(models, "install", lambda name: False)
     tiny_model(0, torch.float16).save_pretrained(tmp_path / "tiny")
     model = load_model(str(tmp_path / "tiny"), "int8", device="cpu")
