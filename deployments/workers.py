@@ -78,9 +78,14 @@ class WorkerSpec:
                                                            settings.max_batch_size * settings.handover_s))
 
     def build_lm(self) -> SessionLM:
+        """Load the model; where replicas share the cores, holding them, as calibrating does (`calibrate`): a
+        load quantizes weights and times kernels (speckv.kernels), and beside it another replica's calibration
+        measured 5-8x what its passes cost (the draft beside the int8 target's load on the AMX Xeon: a draft
+        token 405 ms where 80 is true, so `adaptive` never drafted where fixed:2 ran 1.31x `none`)."""
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        model = load_model(self.model, self.tier, self.dtype, self.device)
+        with CoreLease().held() if self.share_cores else contextlib.nullcontext():
+            model = load_model(self.model, self.tier, self.dtype, self.device)
         return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call, self.max_kv_bytes)
 
     def calibrate(self, lm: SessionLM, role: str) -> dict:
