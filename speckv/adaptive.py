@@ -153,6 +153,7 @@ class AdaptivePolicy:
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
         self._priced = False  # `_refresh` runs first at its first decision, with the load as it is then
         self._unfollowed = 0  # its drafting steps in a row in passes where no other sequence drafted (`_shared_prices`)
+        self._follow_up = False  # its last step was a probe that taught nothing: the next one probes again (`_commit`)
         self.draft_stop = NO_STOP
 
     # ----------------------------------------------------------------- off the critical path
@@ -294,7 +295,7 @@ class AdaptivePolicy:
         self._logits = logits
         if best is None:
             best = self._best(logits, catch_up, context.remaining)
-        gamma = self._commit(best, catch_up)
+        gamma = self._commit(best, catch_up, context)
         if not self._overlapped:
             self._fold_in()
         return gamma
@@ -425,17 +426,33 @@ class AdaptivePolicy:
                 pays = True
         return best if pays else 0
 
-    def _commit(self, run: int, catch_up_ms: float) -> int:
+    def _commit(self, run: int, catch_up_ms: float, context: StepContext) -> int:
         """The run `_best` picked; where it is 0, a one-token probe once target-only steps reach the probe
-        spacing (γ = 0 is never absorbing). Counts the tier's target-only steps and sets the run's stop rule."""
+        spacing (γ = 0 is never absorbing). Counts the tier's target-only steps and sets the run's stop rule.
+
+        A probe that teaches nothing of the draft's price (a request's first step, whose timing also holds the
+        prompt's reading; a draft that must first read more than its call can teach from, LiveCost.teaches_draft:
+        the prompt it never read, a long stretch, or in a pass of several) is followed by a second one-token
+        probe at the next step, caught up, which does teach: the draft's price is what decides
+        γ = 0, and a price measured beside a neighbour (the draft calibrated beside the int8 target's load on
+        the AMX Xeon: 5x its passes) could otherwise never be corrected where no request's draft read its prompt
+        (`adaptive` drafted 1 token in 342 steps served, 0.74x fixed:2). The spacing prices both."""
         tier = self.estimates.tier
         if run:
             tier.target_only_steps = 0
+            self._follow_up = False
             self.draft_stop = self._stop
             return run
+        if self._follow_up:
+            self._follow_up = False
+            self.draft_stop = NO_STOP
+            return 1
         tier.target_only_steps += 1
-        if tier.target_only_steps >= self._probe_spacing(self._probe_extra + catch_up_ms):
+        cost = tier.cost
+        untaught = cost.learning and not (context.step and cost.teaches_draft(context.draft_behind, self._sequences))
+        if tier.target_only_steps >= self._probe_spacing(self._probe_extra * (1 + untaught) + catch_up_ms):
             tier.target_only_steps = 0
+            self._follow_up = untaught
             self.draft_stop = NO_STOP
             return 1
         return 0

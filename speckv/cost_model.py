@@ -361,7 +361,7 @@ class LiveCost:
         """One live step (not the first of a request, which also reads the prompt): wall times, the time
         inside the models where known, the verify pass's batch (sequences, tokens scored in all) and how
         many tokens the draft read first. A draft call where a sequence caught up on more than CAUGHT_UP tokens
-        teaches the draft only alone and within what the calibration's prefill measured (`_teaches_draft`; its
+        teaches the draft only alone and within what the calibration's prefill measured (`teaches_draft`; its
         time is mostly that read, priced as calibrated). A verify pass that read context beyond the tokens it
         scored (`verify_read`: a new request's prompt riding in it, speckv.workers.DEFAULT_PREFILL_CHUNK) teaches
         nothing of verification. Counted, the prompts riding in the passes of 8 and 16 fp16 streams (AVX512-BF16
@@ -380,7 +380,7 @@ class LiveCost:
         if not self.learning:
             return
         others = max(batch_tokens - (gamma + 1), 0)
-        if gamma > 0 and self._teaches_draft(draft_behind, sequences):
+        if gamma > 0 and self.teaches_draft(draft_behind, sequences):
             predicted = (self.base.drafting_passes_ms(draft_passes, draft_rows) if draft_passes
                          else self.base.draft_ms(gamma, sequences)) + self.base.catch_up_ms(draft_behind)
             self._observe(self.draft, self.draft_hop, draft_ms, draft_compute_ms, predicted, draft_waited_ms)
@@ -392,7 +392,7 @@ class LiveCost:
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
                       fixed + self.verify_tokens.value * tokens, verify_waited_ms)
 
-    def _teaches_draft(self, behind: int, sequences: int) -> bool:
+    def teaches_draft(self, behind: int, sequences: int) -> bool:
         """Whether a drafting call that first read `behind` tokens teaches the draft's factor: caught up, or alone
         in its passes with a read no longer than the calibration measured (priced as calibrated). The probes that
         end a stretch of target-only steps read what the stretch emitted, so where only caught-up calls taught,

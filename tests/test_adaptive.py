@@ -449,3 +449,45 @@ def test_a_pass_starts_drafting_together_where_its_drafting_pass_is_dear_but_dra
         progress.draft_read = 60
         gammas.append(policy.choose(progress.context(0, 0, 60)))
     assert gammas[0] >= 1 and gammas[1] == 0, gammas
+
+
+def _served_requests(policies, true: CostModel, prompt_len: int = 64, tokens: int = 32) -> list[list[int]]:
+    """Requests one after another, each its own policy (as a router makes them), every call taking what `true`
+    says, its draft first reading what it lacks (the prompt, at a request's first drafting step); a draft run is
+    accepted whole with probability 0.8, else its first token is rejected. Returns each request's γ per step."""
+    rng, runs = random.Random(0), []
+    for policy in policies:
+        progress, position, gammas = RequestProgress(max_new_tokens=tokens), 0, []
+        while position < tokens:
+            context = progress.context(len(gammas), position, prompt_len + position)
+            gamma = min(policy.choose(context), tokens - position - 1)
+            behind = context.draft_behind if gamma else 0
+            draft = float(true.draft_ms(gamma)) + (true.catch_up_ms(behind) if gamma else 0.0)
+            verify = float(true.verify_ms(gamma, prompt_len + position))
+            accepted = gamma if rng.random() < 0.8 else 0
+            signals = DraftSignals([0.9] * gamma, [0.9] * gamma, [0.3] * gamma)
+            timing = StepTiming(draft, verify, prompt_len + position, accepted + 1, draft, verify, 1, gamma + 1,
+                                draft_behind=behind)
+            policy.observe(progress.advance(signals, accepted, timing if gammas else None))
+            gammas.append(gamma)
+            position += accepted + 1
+        runs.append(gammas)
+    return runs
+
+
+def test_a_draft_calibrated_dear_is_corrected_by_probes_where_no_request_has_its_draft_read_the_prompt():
+    """A draft calibrated beside another replica's load (5x its true passes: the AMX Xeon, int8) makes γ = 0
+    best; a probe then reads the request's prompt first (its draft never read it), more than a call can teach
+    the draft's price from, so without a caught-up probe after it nothing could correct the price, and `adaptive`
+    stayed at γ = 0 (served: 1 token drafted in 342 steps, 0.74x fixed:2). With it, the probes correct the price
+    and requests draft, within the probes' share of the steps."""
+    true = CostModel(draft_ms_per_token=80.0, verify_ms_base=233.0, verify_ms_per_token=11.4,
+                     draft_prefill_ms_per_token=2.0)
+    dear = dataclasses.replace(true, draft_ms_per_token=405.0, draft_prefill_ms_per_token=16.0)
+    tier = TierEstimates.calibrated(dear)
+    predictor = predictor_with_acceptance(1.4)  # P(accepted) 0.8 a token
+    runs = _served_requests([AdaptivePolicy(predictor, "int8", tier) for _ in range(24)], true)
+    assert runs[0][0] == 0  # priced as calibrated: drafting does not pay
+    assert tier.cost.draft.value == pytest.approx(80.0 / 405.0, rel=0.05)  # the price corrected
+    last = [g for run in runs[-6:] for g in run]
+    assert statistics.mean(last) >= 1.0  # and the requests after it draft
