@@ -14,8 +14,9 @@ iteration toward the best achievable one); maximising each step's own tokens/ms 
 easy stretches. Within the run the draft stops after a token once P(every token so far is accepted) falls
 below R · (the marginal ms of one more token): past it, a token costs more time than it is expected to
 give. When γ* = γmax the run may go on to 2·γmax, ended by that rule. γ = 0 is never absorbing: after a
-stretch of target-only steps a one-token probe drafts again, spaced so probes cost at most 2% of
-throughput where drafting never pays, and what it shows updates the estimates.
+stretch of target-only steps a one-token probe drafts again (and once more at the next step where the first
+could not teach the draft's price: `_commit`), spaced so probes cost at most 2% of throughput where drafting
+never pays, and what it shows updates the estimates.
 
 Under load. A verify pass may carry other requests (batched serving). The step costs are then those of a
 pass like the ones the tier runs now (PassLoad: sequences per pass and tokens scored, as the verifications
