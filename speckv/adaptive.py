@@ -436,8 +436,8 @@ class AdaptivePolicy:
         the prompt it never read, a long stretch, or in a pass of several) is followed by a second one-token
         probe at the next step, caught up, which does teach: the draft's price is what decides
         γ = 0, and a price measured beside a neighbour (the draft calibrated beside the int8 target's load on
-        the AMX Xeon: 5x its passes) could otherwise never be corrected where no request's draft read its prompt
-        (`adaptive` drafted 1 token in 342 steps served, 0.74x fixed:2). The spacing prices both."""
+        the AMX Xeon: 5-8x its passes) could otherwise never be corrected where no request's draft read its prompt
+        (`adaptive` drafted 1 token in 342 steps served, 0.73x fixed:2). The spacing prices both."""
         tier = self.estimates.tier
         if run:
             tier.target_only_steps = 0

@@ -476,10 +476,10 @@ def _served_requests(policies, true: CostModel, prompt_len: int = 64, tokens: in
 
 
 def test_a_draft_calibrated_dear_is_corrected_by_probes_where_no_request_has_its_draft_read_the_prompt():
-    """A draft calibrated beside another replica's load (5x its true passes: the AMX Xeon, int8) makes γ = 0
+    """A draft calibrated beside another replica's load (5-8x its true passes: the AMX Xeon, int8) makes γ = 0
     best; a probe then reads the request's prompt first (its draft never read it), more than a call can teach
     the draft's price from, so without a caught-up probe after it nothing could correct the price, and `adaptive`
-    stayed at γ = 0 (served: 1 token drafted in 342 steps, 0.74x fixed:2). With it, the probes correct the price
+    stayed at γ = 0 (served: 1 token drafted in 342 steps, 0.73x fixed:2). With it, the probes correct the price
     and requests draft, within the probes' share of the steps."""
     true = CostModel(draft_ms_per_token=80.0, verify_ms_base=233.0, verify_ms_per_token=11.4,
                      draft_prefill_ms_per_token=2.0)
