@@ -84,14 +84,18 @@ class WorkerSpec:
         token 405 ms where 80 is true, so `adaptive` never drafted where fixed:2 ran 1.31x `none`)."""
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        with CoreLease().held() if self.share_cores else contextlib.nullcontext():
+        with self._cores_held():
             model = load_model(self.model, self.tier, self.dtype, self.device)
         return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call, self.max_kv_bytes)
+
+    def _cores_held(self) -> contextlib.AbstractContextManager:
+        """What a replica runs while it starts (loading, calibrating, warming up) holds the cores it shares."""
+        return CoreLease().held() if self.share_cores else contextlib.nullcontext()
 
     def calibrate(self, lm: SessionLM, role: str) -> dict:
         """This replica's step costs, measured at load (or cached for this machine and setting): the router
         prices γ with them (speckv.calibration)."""
-        with CoreLease().held() if self.share_cores else contextlib.nullcontext():
+        with self._cores_held():
             result, cached = load_or_calibrate(lm, role, self.tier,
                                                budget_s=budget_share(role, self.calibration_budget_s))
             if cached:  # measuring warmed the model up; a cached calibration did not
