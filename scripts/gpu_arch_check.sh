@@ -10,6 +10,10 @@
 # upload), and optionally site/ (an unpacked bitsandbytes, where the machine has none) and wheels/ (the pinned
 # transformers, where the machine has another; used only if it imports there). scripts/gpu_files.sh makes them.
 # Run from the repository root: `bash scripts/gpu_arch_check.sh` (OUT: where results go; DEVICE: cuda).
+#
+# The device tool uploads the tracked tree, and docs/results alone is over its 64 MiB: before the call take it out
+# of the index and ignore it (`git rm -r -q --cached docs/results && echo /docs/results/ >> .git/info/exclude`),
+# after it put it back (`git reset -q`, and drop that line from .git/info/exclude). Nothing here reads it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -27,6 +31,7 @@ if ls "$G"/wheels/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index
   export PYTHONPATH="/tmp/gpu_wheels:${PYTHONPATH:-}"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+lscpu | grep -m1 'Model name' || true  # the host CPU: an eager-mode step of these models is bound by its launches
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || true
 arch=(python3 -m speckv.tools.arch_costs "$G/draft/config.json" "$G/target/config.json" "$G/tok")
