@@ -213,15 +213,15 @@ class AdaptivePolicy:
         load = self.estimates.tier.load
         sequences, others = load.now(self.estimates.tier.in_flight)
         deepest = load.others_deepest_run()
-        price = np.asarray(cost.step_ms(self._gammas, 0, sequences, others), dtype=np.float64)  # [γmax+1]
+        prices = cost.drafting_prices(self._gammas, 0, sequences, others)  # its verify pass priced once
+        price = np.asarray(prices.step, dtype=np.float64)  # [γmax+1]
         outside = self.estimates.tier.sharing - sequences  # requests on the same cores, not in its passes
 
         def extra_ms(led: int) -> np.ndarray:
             """[γmax] what drafting γ costs, all told, with `led` positions drafted along with the others."""
-            shared = np.asarray(cost.shared_ms(self._gammas, 0, sequences, others, led), dtype=np.float64)
-            extra = price[1:] - price[0] + (sequences - 1) * shared[1:]
+            extra = price[1:] - price[0] + (sequences - 1) * np.asarray(prices.shared(led), dtype=np.float64)[1:]
             if outside > 0:
-                extra = extra + outside * np.asarray(cost.alone_ms(self._gammas, 0, sequences, others, led))[1:]
+                extra = extra + outside * np.asarray(prices.alone(led))[1:]
             return extra
 
         # the lead's price: one position beyond the others' runs priced as shared by the pass, this request paying

@@ -35,6 +35,7 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -436,29 +437,23 @@ class LiveCost:
         """CostModel.catch_up_ms, scaled as the live draft calls are."""
         return self.draft.value * self.base.catch_up_ms(behind)
 
+    def drafting_prices(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
+                        other_tokens: float = 0.0) -> DraftingPrices:
+        """What one sequence drafting γ tokens costs in a pass like this, its verify pass priced once: a decision
+        prices its step and several leads from it (AdaptivePolicy._refresh, per request and step; each price
+        computed apart, that was 120-150 µs of numpy at 8 sequences, a share of a GPU's host-bound step)."""
+        return DraftingPrices(self, gamma, context_len, sequences, other_tokens,
+                              self.verify_ms(gamma, context_len, sequences, other_tokens))
+
     def shared_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                   other_tokens: float = 0.0, led: int | None = None) -> float | np.ndarray:
-        """What one sequence drafting γ tokens adds to the passes it shares (the verify pass scores its γ
-        more tokens; each drafting pass carries one sequence more): what every other request in them waits
-        more. 0 alone. Positions beyond `led` (None: no limit) are the sequence's alone: the verify pass
-        waits for the sequences still drafting (speckv.batching, regrouping), so the others wait a whole
-        drafting pass for each (`_positions_ms`)."""
-        if sequences <= 1:
-            return np.zeros_like(np.asarray(gamma, dtype=float)) if np.ndim(gamma) else 0.0
-        marginal = self.base.draft_ms_per_sequence  # one more sequence in a drafting pass
-        return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
-            gamma, marginal, led)
+        """DraftingPrices.shared of such a pass."""
+        return self.drafting_prices(gamma, context_len, sequences, other_tokens).shared(led)
 
     def alone_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                  other_tokens: float = 0.0, led: int | None = None) -> float | np.ndarray:
-        """What one sequence drafting γ tokens adds to the time of the cores, for requests that share them but
-        not its passes (they wait for the cores while its passes run): its share of the drafting passes (one
-        per position, carrying `sequences` as the verify passes do), whole passes beyond `led` (`_positions_ms`),
-        and its γ more tokens in the verify pass."""
-        share = (self.base.draft_ms_per_token + self.base.draft_ms_per_sequence * max(sequences - 1, 0)) / max(
-            sequences, 1)  # its share of a drafting pass carrying the pass's sequences
-        return self._drafted_tokens_ms(gamma, context_len, sequences, other_tokens) + self._positions_ms(
-            gamma, share, led)
+        """DraftingPrices.alone of such a pass."""
+        return self.drafting_prices(gamma, context_len, sequences, other_tokens).alone(led)
 
     def _positions_ms(self, gamma: int | np.ndarray, shared_ms: float, led: int | None) -> float | np.ndarray:
         """The drafting passes of γ positions as the requests waiting for the step see them: `shared_ms` each
@@ -473,12 +468,6 @@ class LiveCost:
         out = self.draft.value * (shared_ms * along + self.base.draft_ms_per_token * (g - along))
         return float(out) if np.ndim(gamma) == 0 else out
 
-    def _drafted_tokens_ms(self, gamma: int | np.ndarray, context_len: int, sequences: int,
-                           other_tokens: float) -> float | np.ndarray:
-        """What scoring one sequence's γ drafted tokens adds to its verify pass."""
-        return self.verify_ms(gamma, context_len, sequences, other_tokens) - self.verify_ms(
-            0, context_len, sequences, other_tokens)
-
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""
         return {"draft_ms_per_token": self.draft.value * self.base.draft_ms_per_token,
@@ -487,6 +476,49 @@ class LiveCost:
                 "verify_scale": self.verify.value, "verify_token_factor": self.verify_tokens.value,
                 "draft_hop_ms": self.draft_hop.value,
                 "verify_hop_ms": self.verify_hop.value, "steps_observed": self.verify.count}
+
+
+@dataclass(frozen=True)
+class DraftingPrices:
+    """What one sequence drafting γ tokens (each γ of `gamma`) costs in a pass of `sequences` beside others
+    scoring `other_tokens`, at LiveCost's current prices; `verify` its verify pass (LiveCost.verify_ms)."""
+
+    cost: LiveCost
+    gamma: int | np.ndarray
+    context_len: int
+    sequences: int
+    other_tokens: float
+    verify: float | np.ndarray
+
+    @property
+    def step(self) -> float | np.ndarray:
+        """Its own step: its drafting passes and its verify pass (LiveCost.step_ms)."""
+        return self.cost.draft_ms(self.gamma, self.sequences) + self.verify
+
+    @cached_property
+    def drafted(self) -> float | np.ndarray:
+        """What scoring its γ drafted tokens adds to its verify pass."""
+        return self.verify - self.cost.verify_ms(0, self.context_len, self.sequences, self.other_tokens)
+
+    def shared(self, led: int | None = None) -> float | np.ndarray:
+        """What its drafting adds to the passes it shares (the verify pass scores its γ more tokens; each
+        drafting pass carries one sequence more): what every other request in them waits more. 0 alone.
+        Positions beyond `led` (None: no limit) are the sequence's alone: the verify pass waits for the
+        sequences still drafting (speckv.batching, regrouping), so the others wait a whole drafting pass for
+        each (LiveCost._positions_ms)."""
+        if self.sequences <= 1:
+            return np.zeros_like(np.asarray(self.gamma, dtype=float)) if np.ndim(self.gamma) else 0.0
+        marginal = self.cost.base.draft_ms_per_sequence  # one more sequence in a drafting pass
+        return self.drafted + self.cost._positions_ms(self.gamma, marginal, led)
+
+    def alone(self, led: int | None = None) -> float | np.ndarray:
+        """What its drafting adds to the time of the cores, for requests that share them but not its passes
+        (they wait for the cores while its passes run): its share of the drafting passes (one per position,
+        carrying `sequences` as the verify passes do), whole passes beyond `led`, and its γ more tokens in the
+        verify pass."""
+        base, n = self.cost.base, self.sequences
+        share = (base.draft_ms_per_token + base.draft_ms_per_sequence * max(n - 1, 0)) / max(n, 1)
+        return self.drafted + self.cost._positions_ms(self.gamma, share, led)
 
 
 @dataclass
