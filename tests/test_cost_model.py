@@ -1,5 +1,6 @@
 """What a step costs, followed online: the robust factor and the per-call hop."""
 
+import numpy as np
 import pytest
 
 from speckv.cost_model import CostModel, LiveCost, RobustScale
@@ -51,6 +52,25 @@ def test_batched_passes_are_priced_and_learned_as_batched():
     assert live.verify.value == pytest.approx(1.0) and live.draft.value == pytest.approx(1.0)
     assert live.shared_ms(3) == 0.0
     assert live.shared_ms(3, 0, 8, 21) == pytest.approx(3 * 0.4 + 3 * 0.3)
+
+
+def test_what_a_sequence_drafting_adds_for_the_others_is_its_drafted_tokens_and_its_part_of_the_drafting_passes():
+    """In a pass of eight: for the requests in its passes (`shared`), its γ tokens scored in the verify pass and one
+    sequence more in each drafting pass it leads along with the others, a whole drafting pass beyond `led`; for
+    requests on the same cores outside its passes (`alone`), the same tokens and its share of each drafting pass.
+    One DraftingPrices prices every lead from one verify price, as LiveCost.shared_ms/alone_ms do."""
+    base = CostModel(draft_ms_per_token=2.0, verify_ms_base=20.0, verify_ms_per_token=0.5,
+                     verify_ms_per_sequence=1.0, batched_ms_per_token=0.4, draft_ms_per_sequence=0.3)
+    live = LiveCost(base)
+    drafted, share = 3 * 0.4, (2.0 + 7 * 0.3) / 8
+    assert live.alone_ms(3, 0, 8, 21) == pytest.approx(drafted + 3 * share)
+    assert live.alone_ms(3, 0, 8, 21, led=1) == pytest.approx(drafted + share + 2 * 2.0)
+    assert live.shared_ms(3, 0, 8, 21, led=1) == pytest.approx(drafted + 0.3 + 2 * 2.0)
+    prices = live.drafting_prices(np.arange(4), 0, 8, 21)
+    assert prices.step == pytest.approx(live.step_ms(np.arange(4), 0, 8, 21))
+    for led in (0, 1, None):
+        assert prices.shared(led) == pytest.approx(live.shared_ms(np.arange(4), 0, 8, 21, led))
+        assert prices.alone(led) == pytest.approx(live.alone_ms(np.arange(4), 0, 8, 21, led))
 
 
 def test_passes_that_switch_to_float32_are_priced_on_the_float32_passes_not_the_bf16_line():
