@@ -20,11 +20,14 @@ so the per-seed ratios alone understate adaptive where the fixed γs are close.
 
 `--measured NAME=PATH` adds a shape read from a calibrated cost model (`cost_model` of speckv.tools.arch_costs'
 output, or a CostModel's dict); `--shapes` picks which shapes run (default: the built-in ones).
+`--free-catch-up` makes the draft's reading of what it lacks free in every shape (draft_prefill_ms_per_token 0):
+to see how much of a cell the catch-ups decide.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--measured", action="append", default=[], metavar="NAME=PATH",
                         help="a shape from a measured cost model (JSON with `cost_model`, or the model's dict)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names to run")
+    parser.add_argument("--free-catch-up", action="store_true", help="the draft's catch-up costs nothing")
     args = parser.parse_args()
     shapes = dict(SHAPES)
     for item in args.measured:
@@ -59,6 +63,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown shapes {sorted(unknown)}; known: {sorted(shapes)}")
     shapes = {name: shapes[name] for name in args.shapes.split(",")}
+    if args.free_catch_up:
+        shapes = {name: dataclasses.replace(shape, draft_prefill_ms_per_token=0.0) for name, shape in shapes.items()}
     predictor = token_acceptance_predictor(shipped_predictor(), 0.7)
     policies = {"none": lambda e: fixed(0), **{f"fixed:{g}": (lambda e, g=g: fixed(g)) for g in range(1, 5)},
                 "adaptive": lambda e: AdaptivePolicy(predictor, "fp16", e)}
@@ -87,7 +93,8 @@ def main() -> None:
               f"adaptive γ {c['mean_gamma']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"seeds": args.seeds, "cells": cells, "rows": rows}, f, indent=1)
+            json.dump({"seeds": args.seeds, "free_catch_up": args.free_catch_up, "cells": cells, "rows": rows}, f,
+                      indent=1)
 
 
 def summary(rows: list[dict]) -> list[dict]:

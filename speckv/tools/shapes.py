@@ -137,15 +137,23 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
     drafting, as the replicas do. Every call takes what `cost` says, and every request waits for the whole step.
     Returns (tokens per second, mean γ) of all the streams until the last is done (a burst, as
     scripts/concurrent_bench.py runs it), or, `steady`, until the first is done: a steady load, as a load tool
-    keeping `len(acceptance)` streams in flight measures it, without the stragglers at the end."""
-    rng = random.Random(seed)
+    keeping `len(acceptance)` streams in flight measures it, without the stragglers at the end.
+
+    Common random numbers: whether the draft's token at a position of a request is accepted is drawn once per
+    (seed, stream, request, position), as a trace fixes it, so every policy meets the same text and runs with
+    one seed differ by their decisions alone. Drawn from one stream in the order the tokens were drafted, a
+    policy's first different run changed every draw after it: two policies drafting alike almost every step
+    (`fixed:1` and `adaptive`, the H100's int8 costs, 8 requests) differed by up to 10% in a seed."""
     estimates = TierEstimates.calibrated(cost)
 
-    def new_request(a: float) -> dict:
+    def new_request(stream: int, left: int) -> dict:
+        number = requests - 1 - left  # the stream's how-manieth request
+        draws = random.Random(f"{seed}-{stream}-{number}")
         return {"policy": make_policy(estimates), "progress": RequestProgress(max_new_tokens=tokens), "position": 0,
-                "step": 0, "acceptance": a, "left": requests - 1}
+                "step": 0, "acceptance": acceptance[stream], "left": left, "stream": stream,
+                "accepts": [draws.random() < acceptance[stream] for _ in range(tokens)]}
 
-    running = [new_request(a) for a in acceptance]
+    running = [new_request(i, requests - 1) for i in range(len(acceptance))]
     clock, gammas, emitted = 0.0, [], 0
     while running:
         estimates.sharing = estimates.in_flight = len(running)
@@ -163,8 +171,8 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
         verify = float(cost.verify_ms(0, prompt_len, len(running), tokens_scored - 1))
         clock += draft + verify
         for i, r in enumerate(list(running)):
-            accepted = 0
-            while accepted < r["gamma"] and rng.random() < r["acceptance"]:
+            accepted = 0  # the draft's tokens at the positions after this one, until one is rejected
+            while accepted < r["gamma"] and r["accepts"][r["position"] + accepted]:
                 accepted += 1
             others = max(runs[:i] + runs[i + 1:], default=0)
             drafted = bool(r["gamma"])
@@ -179,7 +187,7 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
             emitted += accepted + 1
             if r["position"] >= tokens:
                 if r["left"]:
-                    running[i] = {**new_request(r["acceptance"]), "left": r["left"] - 1}
+                    running[i] = new_request(r["stream"], r["left"] - 1)
                 elif steady:
                     return emitted / clock * 1e3, statistics.mean(gammas)
                 else:
