@@ -147,11 +147,10 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
     estimates = TierEstimates.calibrated(cost)
 
     def new_request(stream: int, left: int) -> dict:
-        number = requests - 1 - left  # the stream's how-manieth request
-        draws = random.Random(f"{seed}-{stream}-{number}")
+        draws = random.Random(f"{seed}-{stream}-{requests - 1 - left}")  # its stream's first request: 0
         return {"policy": make_policy(estimates), "progress": RequestProgress(max_new_tokens=tokens), "position": 0,
-                "step": 0, "acceptance": acceptance[stream], "left": left, "stream": stream,
-                "accepts": [draws.random() < acceptance[stream] for _ in range(tokens)]}
+                "step": 0, "left": left, "stream": stream,
+                "accepts": [draws.random() < acceptance[stream] for _ in range(tokens)]}  # the draft's token at each
 
     running = [new_request(i, requests - 1) for i in range(len(acceptance))]
     clock, gammas, emitted = 0.0, [], 0
