@@ -9,7 +9,8 @@ Requests decode together through the in-process engine's batched passes (speckv.
 `adaptive` alternating, `--repeats` times per load; prints and saves the wall time of each run, adaptive's
 over none's (median over repeats), and the time inside AdaptivePolicy's `prepare` (which holds `_fold_in`
 and `_refresh`) and `choose` per request-step. Random weights accept nothing, so adaptive's probes (a few
-percent of steps) are in its time too. Run it at two commits to compare them:
+percent of steps) are in its time too; `--no-probes` takes them out (an ablation: γ = 0 made absorbing). Run it
+at two commits to compare them:
 
     python scripts/policy_host_time.py --out results/policy_host_time.json     # ~1 min
 
@@ -66,13 +67,30 @@ def instrument(seconds: dict[str, float]) -> None:
         setattr(adaptive.AdaptivePolicy, name, timed)
 
 
+def without_probes() -> None:
+    """AdaptivePolicy never probes: where it decides γ = 0 it drafts nothing (the ablation `--no-probes`)."""
+    commit = adaptive.AdaptivePolicy._commit
+
+    def no_probe(self, run: int, catch_up_ms: float, context) -> int:
+        if run:
+            return commit(self, run, catch_up_ms, context)
+        self._follow_up = False
+        self.draft_stop = adaptive.NO_STOP
+        return 0
+
+    adaptive.AdaptivePolicy._commit = no_probe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loads", default="1,8,16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-probes", action="store_true", help="adaptive never probes (γ = 0 absorbing)")
     args = parser.parse_args()
+    if args.no_probes:
+        without_probes()
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(DEFAULT_TARGET)
     draft, target = tiny_pair(len(tokenizer))
@@ -114,7 +132,8 @@ def main() -> None:
               "per request-step: " + ", ".join(f"{k} {v:.3f} ms" for k, v in per_step.items()), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"torch": torch.__version__, "no_probes": args.no_probes, "rows": rows},
+                                       indent=1))
 
 
 if __name__ == "__main__":
