@@ -234,7 +234,7 @@ class AdaptivePolicy:
             self._extra_lone = extra_ms(deepest).tolist()
             self._extra_unshared = extra_ms(0).tolist() if deepest else self._extra_lone
             # every sequence drafting γ: γ drafting passes of all, and a verify pass scoring γ more tokens for each
-            together = (np.asarray(cost.draft_ms(self._gammas, sequences))
+            together = (np.asarray(prices.draft)  # the same drafting passes; the verify pass scores everyone's γ
                         + np.asarray(cost.verify_ms(sequences * self._gammas, 0, sequences, sequences - 1)))
             self._extra_together = ((together[1:] - together[0]) * max(self.estimates.tier.sharing, sequences)
                                     / sequences).tolist()  # per request: every one drafts γ, all wait

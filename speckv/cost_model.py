@@ -490,10 +490,15 @@ class DraftingPrices:
     other_tokens: float
     verify: float | np.ndarray
 
+    @cached_property
+    def draft(self) -> float | np.ndarray:
+        """Its drafting passes, one per position, each carrying the pass's sequences (LiveCost.draft_ms)."""
+        return self.cost.draft_ms(self.gamma, self.sequences)
+
     @property
     def step(self) -> float | np.ndarray:
         """Its own step: its drafting passes and its verify pass (LiveCost.step_ms)."""
-        return self.cost.draft_ms(self.gamma, self.sequences) + self.verify
+        return self.draft + self.verify
 
     @cached_property
     def drafted(self) -> float | np.ndarray:
