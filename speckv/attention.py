@@ -1,6 +1,6 @@
 """Attention for the passes SessionLM runs, registered with transformers as `ATTENTION` (`use_in(model)`).
 
-It is torch's scaled_dot_product_attention, as transformers' "sdpa", with two changes:
+It is torch's scaled_dot_product_attention, as transformers' "sdpa", with three changes:
 
 - **Grouped-query heads folded onto the query axis.** Where G query heads share a key/value head (the 1.5B
   target: 12 on 2), transformers calls CPU sdpa with `enable_gqa` (no mask) or copies the keys G times
@@ -15,6 +15,13 @@ It is torch's scaled_dot_product_attention, as transformers' "sdpa", with two ch
   5.6 s against 2.6 s for the verify pass and the prompt apart, fp16; now 2.4 s; `scripts/prompt_riding.py`).
   Where the rows keep their own caches through the pass (`PackedRows.caches`, `speckv.sessions_cache`), each
   row's keys are read from its own cache, so no pass copies the sessions' caches into one.
+- **On other devices, packed rows attend in one call.** On an H100 a pass of eight sequences scoring two tokens
+  each cost 80 ms against 32 for eight scoring one, where the calibration priced the extra tokens at 10 ms
+  (docs/RESULTS.md, "Third lease"); the likely cause, read from the code and not profiled there, is a call per
+  row per layer, each several-query row building its own causal mask, on a host bound by its kernel launches.
+  There every row's queries and keys are padded into one batch and attend in one sdpa call under a mask built
+  once per pass (`padded_attention`, `PaddedRows`). On CPU the per-row calls stay: padding would copy every
+  row's keys at every layer (`PER_ROW_DEVICES`).
 
 Calls this cannot take as they are (soft-capped logits, attention sinks, position biases, sliding windows in a
 packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRows.mask` builds.
@@ -29,8 +36,36 @@ from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 ATTENTION = "speckv_sdpa"
+PER_ROW_DEVICES = frozenset({"cpu"})  # device types whose packed passes attend row by row (elsewhere in one call)
+
+
+@dataclass(frozen=True)
+class PaddedRows:
+    """A packed pass laid out as a batch for one attention call: row i's queries in slots [i, :fed[i]] of a
+    [rows, `fed`] grid, its keys at [i, :cached[i] + fed[i]] of a [rows, `keys`] grid (`padded_attention`)."""
+
+    queries: torch.Tensor  # [rows · fed] long: the packed query in each slot (a padding slot repeats its row's last)
+    outputs: torch.Tensor  # [sum(fed)] long: the grid slot of each packed query, in packed order
+    mask: torch.Tensor  # [rows, 1, fed, keys] bool, True = attend (a padding slot sees its row's first key only)
+    fed: int  # the longest row's fed tokens
+    keys: int  # the longest row's keys, cached and fed
+
+    @classmethod
+    def of(cls, cached: tuple[int, ...], fed: tuple[int, ...], device: torch.device) -> PaddedRows:
+        if min(fed) < 1:
+            raise ValueError(f"every packed row feeds a token at least, got {fed}")
+        f, s = max(fed), max(c + n for c, n in zip(cached, fed))
+        c, n = torch.tensor(cached)[:, None, None], torch.tensor(fed)[:, None, None]  # [R, 1, 1]
+        slot, key = torch.arange(f)[None, :, None], torch.arange(s)[None, None, :]
+        real = slot < n  # [R, F, 1]
+        mask = (real & (key <= c + slot)) | (~real & (key == 0))  # no query slot sees nothing (sdpa: NaN)
+        start = torch.tensor(list(accumulate(fed, initial=0))[:-1])[:, None]  # [R, 1]
+        queries = (start + torch.minimum(slot[..., 0], n[..., 0] - 1)).flatten()
+        outputs = torch.cat([i * f + torch.arange(m) for i, m in enumerate(fed)])
+        return cls(queries.to(device), outputs.to(device), mask[:, None].to(device), f, s)
 
 
 @dataclass(frozen=True)
@@ -44,6 +79,13 @@ class PackedRows:
     cached: tuple[int, ...]
     fed: tuple[int, ...]
     caches: tuple | None = field(default=None, compare=False)
+    _padded: dict = field(default_factory=dict, compare=False, repr=False)  # PaddedRows by device, once a pass
+
+    def padded(self, device: torch.device) -> PaddedRows:
+        """This pass as one batch on `device` (PaddedRows), built at its first layer and read by every other."""
+        if device not in self._padded:
+            self._padded[device] = PaddedRows.of(self.cached, self.fed, device)
+        return self._padded[device]
 
     def row_keys(self, i: int, key: torch.Tensor, value: torch.Tensor,
                  layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +170,22 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return torch.cat(out, dim=2)
 
 
+def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: PackedRows,
+                     scaling: float | None, layer: int | None = None) -> torch.Tensor:
+    """packed_attention in one sdpa call: every row's queries and keys padded to the longest row's and a mask
+    keeping each row to its own (`PackedRows.padded`). Same shapes as packed_attention. A layer's launches no
+    longer grow with the rows but for copying their keys (in pad_sequence's C++ loop); the padding's attention is
+    computed and thrown away, which a GPU does in less time than the calls it saves."""
+    grid = rows.padded(query.device)
+    n = len(rows.fed)
+    own = [rows.row_keys(i, key, value, layer) for i in range(n)]
+    keys = pad_sequence([k[0].transpose(0, 1) for k, _ in own], batch_first=True).transpose(1, 2)  # [R, Hkv, S, D]
+    values = pad_sequence([v[0].transpose(0, 1) for _, v in own], batch_first=True).transpose(1, 2)
+    q = query[0].index_select(1, grid.queries).unflatten(1, (n, grid.fed)).transpose(0, 1)  # [R, H, F, D]
+    out = grouped_sdpa(q, keys, values, grid.mask, scaling)  # [R, H, F, Dv]
+    return out.transpose(0, 1).flatten(1, 2).index_select(1, grid.outputs)[None]
+
+
 def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      packed_rows: PackedRows | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -138,7 +196,8 @@ def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if packed_rows is not None:
         layer = getattr(module, "layer_idx", None)
         if plain and kwargs.get("sliding_window") is None:
-            out = packed_attention(query, key, value, packed_rows, scaling, layer)
+            attend = packed_attention if query.device.type in PER_ROW_DEVICES else padded_attention
+            out = attend(query, key, value, packed_rows, scaling, layer)
             return out.transpose(1, 2).contiguous(), None
         key, value = packed_rows.concatenated(key, value, layer)
         attention_mask = packed_rows.mask(query.dtype, query.device)

@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speckv.attention import ATTENTION, PackedRows, grouped_sdpa, packed_attention, speckv_attention, use_in
+from speckv import attention
+from speckv.attention import (
+    ATTENTION,
+    PackedRows,
+    grouped_sdpa,
+    packed_attention,
+    padded_attention,
+    speckv_attention,
+    use_in,
+)
 from speckv.workers import LogitsCall, SessionLM
 from tests.conftest import tiny_model
 
@@ -129,6 +138,43 @@ def test_packed_rows_read_their_keys_from_their_own_caches_where_they_keep_them(
     biased, _ = speckv_attention(module, q, fed_k, fed_v, None, packed_rows=mine,
                                  position_bias=torch.zeros(1, HEADS, sum(rows.fed), k.shape[2]))
     torch.testing.assert_close(biased, out)
+
+
+@pytest.mark.parametrize("cached,fed", [((5, 0, 3), (2, 4, 1)), ((0, 9), (1, 1)), ((12, 1, 0, 4), (1, 9, 3, 1))])
+def test_packed_rows_in_one_call_attend_as_row_by_row(cached, fed):
+    """All rows in one padded call (padded_attention) is each row's queries over its own keys, as the per-row
+    calls: from the concatenated layout and from the rows' own caches; padding slots change no row's output."""
+    rows = PackedRows(cached, fed)
+    q, k, v = packed(rows, seed=3)
+    want = reference(q, k, v, rows.visible()[None])
+    torch.testing.assert_close(padded_attention(q, k, v, rows, None), want)
+    mine = own_caches(rows, k, v)
+    fed_k, fed_v = k[:, :, sum(rows.cached):], v[:, :, sum(rows.cached):]
+    torch.testing.assert_close(padded_attention(q, fed_k, fed_v, mine, None, layer=1), want)
+    grid = rows.padded(q.device)
+    assert grid.mask.shape == (len(fed), 1, max(fed), max(c + f for c, f in zip(cached, fed)))
+    assert rows.padded(q.device) is grid  # built once a pass, read by every layer
+
+
+def test_packed_passes_attend_in_one_call_on_devices_not_per_row(monkeypatch):
+    """On CPU a packed pass makes one sdpa call per row; on devices not in PER_ROW_DEVICES, one for the pass."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def count(query, key, value, **kwargs):
+        calls.append(query.shape[0])
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", count)
+    rows = PackedRows(cached=(4, 0, 6), fed=(2, 3, 1))
+    q, k, v = packed(rows, seed=4)
+    per_row, _ = speckv_attention(torch.nn.Module(), q, k, v, None, packed_rows=rows)
+    assert calls == [1, 1, 1]
+    calls.clear()
+    monkeypatch.setattr(attention, "PER_ROW_DEVICES", frozenset())
+    one_call, _ = speckv_attention(torch.nn.Module(), q, k, v, None, packed_rows=rows)
+    assert calls == [3]
+    torch.testing.assert_close(one_call, per_row)
 
 
 def test_session_lm_runs_its_model_through_speckv_attention_and_logits_stay_those_of_sdpa():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from speckv import workers
+from speckv import attention, workers
 from speckv.batching import BatchSettings
 from speckv.cost_model import CostModel
 from speckv.estimates import TierEstimates
@@ -38,14 +38,17 @@ def _sequences(*lengths: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, EOS_ID, (n,), generator=g).tolist() for n in lengths]
 
 
-LAYOUTS = ["own caches", "side by side", "padded"]
+LAYOUTS = ["own caches", "own caches, one call", "side by side", "padded"]
 
 
 def use_layout(monkeypatch, layout: str) -> None:
-    """Make every batched pass run in `layout`: packed, each row's keys in its own cache (SpecKV's attention);
+    """Make every batched pass run in `layout`: packed, each row's keys in its own cache (SpecKV's attention), its
+    rows attending one call each (CPU) or all in one call (other devices: speckv.attention.padded_attention);
     packed, the caches copied side by side with a 4-D mask (attention that takes no rows); padded."""
     monkeypatch.setattr(workers, "_packs", lambda model, rows: layout != "padded")
-    monkeypatch.setattr(workers, "reads_own_caches", lambda model: layout == "own caches")
+    monkeypatch.setattr(workers, "reads_own_caches", lambda model: layout.startswith("own caches"))
+    if layout.endswith("one call"):
+        monkeypatch.setattr(attention, "PER_ROW_DEVICES", frozenset())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -256,10 +259,14 @@ def _engine(draft_model, target_model, tokenizer, batching: BatchSettings | None
     return engine
 
 
-@pytest.mark.parametrize("policy", ["fixed:3", "adaptive", "none"])
-def test_fp32_greedy_requests_in_batches_equal_each_alone(draft_model, target_model, tokenizer, policy):
+@pytest.mark.parametrize("policy,layout", [("fixed:3", "own caches"), ("adaptive", "own caches"),
+                                           ("none", "own caches"), ("fixed:3", "own caches, one call")])
+def test_fp32_greedy_requests_in_batches_equal_each_alone(draft_model, target_model, tokenizer, policy, layout,
+                                                          monkeypatch):
     """Requests of different prompt lengths and budgets join and leave mid-run (staggered starts), sharing
-    draft and verify passes; each request's tokens are those it gets alone."""
+    draft and verify passes; each request's tokens are those it gets alone. With the rows of a pass attending
+    one call each (CPU) and all in one call (other devices)."""
+    use_layout(monkeypatch, layout)
     alone = _engine(draft_model, target_model, tokenizer, None)
     batched = _engine(draft_model, target_model, tokenizer, BatchSettings(max_batch_size=4))
     prompts = [PROMPT] + _sequences(3, 30, 12, 50, 7, seed=1)

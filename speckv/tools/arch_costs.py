@@ -14,7 +14,7 @@ cost model predicts for it (whether the calibration's batched terms hold on this
 there is real whatever the weights; a drafting policy's is not (nothing is accepted).
 
 Usage: python -m speckv.tools.arch_costs DRAFT_CONFIG TARGET_CONFIG TOKENIZER_DIR OUT_JSON [--device cuda]
-       [--loads 1,2,4,8,16] [--exactness]
+       [--loads 1,2,4,8,16] [--attention both] [--exactness]
 """
 
 from __future__ import annotations
@@ -74,12 +74,20 @@ def live_steps(engine, prompt_ids: list[int], policy: str, tokens: int) -> dict:
                          for g, v in sorted(by_gamma.items())}}
 
 
-def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: list[str], tokens: int) -> list[dict]:
+def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: list[str], tokens: int,
+                  both_attentions: bool = False) -> list[dict]:
     """At each load, that many requests (contexts a few tokens apart, no end-of-sequence stop) decoding together
     through batched passes, per policy: aggregate tokens/s, mean γ and sequences a pass, and the verify passes'
-    compute time by (sequences, γ) beside the calibrated cost model's prediction for a pass of that shape."""
+    compute time by (sequences, γ) beside the calibrated cost model's prediction for a pass of that shape.
+    `both_attentions`: each policy run twice, packed passes attending as this device does and a call per row
+    (speckv.attention.PER_ROW_DEVICES: the CPU's path), back to back."""
+    from .. import attention
     from ..batching import BatchSettings
     from ..estimates import TierEstimates
+
+    device = engine.target_worker.lm.device.type
+    as_set = attention.PER_ROW_DEVICES
+    paths = [as_set, as_set | {device}] if both_attentions and device not in as_set else [as_set]
 
     calibrated = engine.estimates.cost.base
     single_s = float(calibrated.verify_ms(0)) / 1e3
@@ -91,16 +99,21 @@ def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: lis
                                         eos_token_ids=()) for i in range(load)]
 
         asyncio.run(batched.generate_many(requests(), "none"))  # warm-up: this pass shape's kernels
-        for policy in policies:
+        for policy, per_row in ((p, d) for p in policies for d in paths):
+            attention.PER_ROW_DEVICES = per_row
             batched.estimates = TierEstimates.calibrated(calibrated)  # each run starts from the calibration
             start = time.perf_counter()
-            results = asyncio.run(batched.generate_many(requests(), policy))
+            try:
+                results = asyncio.run(batched.generate_many(requests(), policy))
+            finally:
+                attention.PER_ROW_DEVICES = as_set
             seconds = time.perf_counter() - start
             records = [r for result in results for r in result.records[1:]]  # the first step reads the prompt
             passes: dict[tuple[int, int], list[float]] = {}
             for r in records:
                 passes.setdefault((r.batch_size, r.gamma), []).append(r.verify_compute_ms)
             row = {"load": load, "policy": policy, "seconds": seconds,
+                   "attention": "per row" if device in per_row else "one call",
                    "tokens_per_s": sum(r.new_tokens for r in results) / seconds,
                    "mean_gamma": statistics.mean(r.gamma for r in records),
                    "sequences_per_pass": statistics.mean(r.batch_size for r in records),
@@ -131,6 +144,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--loads", default="", help="requests decoding together, e.g. 1,2,4,8,16 (none: skipped)")
     parser.add_argument("--load-policies", default="none,fixed:1,fixed:3,adaptive")
+    parser.add_argument("--attention", choices=["device", "both"], default="device",
+                        help="both: each load and policy also with packed passes attending a call per row (the "
+                             "CPU's path), where this device attends in one call")
     parser.add_argument("--exactness", action="store_true",
                         help="instead: in float32, greedy outputs of none, fixed:3 and adaptive must be identical")
     args = parser.parse_args(argv)
@@ -161,7 +177,7 @@ def main(argv: list[str]) -> int:
     args.out.write_text(json.dumps(doc, indent=1))  # kept if the loads below do not finish
     if args.loads:
         doc["loads"] = batched_loads(engine, prompt, [int(x) for x in args.loads.split(",")],
-                                     args.load_policies.split(","), args.tokens)
+                                     args.load_policies.split(","), args.tokens, args.attention == "both")
         args.out.write_text(json.dumps(doc, indent=1))
     return 0
 

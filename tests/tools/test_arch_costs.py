@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from speckv import attention
 from speckv.models import DEFAULT_TARGET, prepare_device, resolve_model_dir
 from speckv.tools.arch_costs import main
 
@@ -15,15 +16,23 @@ def test_measures_a_pair_from_its_configs_and_checks_exactness(tmp_path, monkeyp
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path / "home"))  # calibrations of this test's own
     out = tmp_path / "costs.json"
     common = [f"{draft}/config.json", f"{target}/config.json", target]
+    monkeypatch.setattr(attention, "PER_ROW_DEVICES", frozenset())  # the CPU attending as a GPU does
+    ran = set()
+    for name in ("packed_attention", "padded_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **k: ran.add(_name) or _real(*a, **k))
     assert main([*common, str(out), "--device", "cpu", "--dtype", "float32", "--budget-s", "2", "--tokens", "12",
-                 "--loads", "1,3", "--load-policies", "none,fixed:2"]) == 0
+                 "--loads", "1,3", "--load-policies", "none,fixed:2", "--attention", "both"]) == 0
+    assert attention.PER_ROW_DEVICES == frozenset()  # put back after the runs a call per row
+    assert ran == {"packed_attention", "padded_attention"}
     doc = json.loads(out.read_text())
     assert doc["cost_model"]["verify_ms_base"] > 0 and doc["cost_model"]["draft_ms_per_token"] > 0
     live = {r["policy"]: r for r in doc["live"]}
     assert set(live) == {"none", "fixed:1", "fixed:4", "fixed:8", "adaptive"}
     assert set(live["none"]["by_gamma"]) == {"0"} and "4" in live["fixed:4"]["by_gamma"]
-    loads = {(r["load"], r["policy"]): r for r in doc["loads"]}
-    assert set(loads) == {(1, "none"), (3, "none"), (1, "fixed:2"), (3, "fixed:2")}
+    assert {(r["load"], r["policy"], r["attention"]) for r in doc["loads"]} == {
+        (n, p, a) for n in (1, 3) for p in ("none", "fixed:2") for a in ("one call", "per row")}
+    loads = {(r["load"], r["policy"]): r for r in doc["loads"] if r["attention"] == "one call"}
     assert loads[(3, "none")]["sequences_per_pass"] > 2  # the three requests shared their passes
     assert {(p["sequences"], p["gamma"]) for p in loads[(3, "fixed:2")]["verify_passes"]} >= {(3, 2)}
     assert all(p["predicted_ms"] > 0 for r in doc["loads"] for p in r["verify_passes"])
