@@ -49,12 +49,13 @@ class PaddedRows:
 
     queries: torch.Tensor  # [rows · fed] long: the packed query in each slot (a padding slot repeats its row's last)
     outputs: torch.Tensor  # [sum(fed)] long: the grid slot of each packed query, in packed order
-    mask: torch.Tensor  # [rows, 1, fed, keys] bool, True = attend (a padding slot sees its row's first key only)
+    mask: torch.Tensor  # [rows, 1, G·fed, keys] bool, True = attend (a padding slot sees its row's first key only),
+    # repeated over the G heads of a group (grouped_sdpa)
     fed: int  # the longest row's fed tokens
     keys: int  # the longest row's keys, cached and fed
 
     @classmethod
-    def of(cls, cached: tuple[int, ...], fed: tuple[int, ...], device: torch.device) -> PaddedRows:
+    def of(cls, cached: tuple[int, ...], fed: tuple[int, ...], groups: int, device: torch.device) -> PaddedRows:
         if min(fed) < 1:
             raise ValueError(f"every packed row feeds a token at least, got {fed}")
         f, s = max(fed), max(c + n for c, n in zip(cached, fed))
@@ -65,7 +66,8 @@ class PaddedRows:
         start = torch.tensor(list(accumulate(fed, initial=0))[:-1])[:, None]  # [R, 1]
         queries = (start + torch.minimum(slot[..., 0], n[..., 0] - 1)).flatten()
         outputs = torch.cat([i * f + torch.arange(m) for i, m in enumerate(fed)])
-        return cls(queries.to(device), outputs.to(device), mask[:, None].to(device), f, s)
+        folded = mask.repeat(1, groups, 1)[:, None]  # as grouped_sdpa folds a group's heads onto the queries
+        return cls(queries.to(device), outputs.to(device), folded.to(device), f, s)
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,24 @@ class PackedRows:
     cached: tuple[int, ...]
     fed: tuple[int, ...]
     caches: tuple | None = field(default=None, compare=False)
-    _padded: dict = field(default_factory=dict, compare=False, repr=False)  # PaddedRows by device, once a pass
+    _built: dict = field(default_factory=dict, compare=False, repr=False)  # masks and layouts, once a pass
 
-    def padded(self, device: torch.device) -> PaddedRows:
-        """This pass as one batch on `device` (PaddedRows), built at its first layer and read by every other."""
-        if device not in self._padded:
-            self._padded[device] = PaddedRows.of(self.cached, self.fed, device)
-        return self._padded[device]
+    def padded(self, groups: int, device: torch.device) -> PaddedRows:
+        """This pass as one batch on `device`, its mask repeated over `groups` heads (PaddedRows), built at its
+        first layer and read by every other."""
+        if ("padded", groups, device) not in self._built:
+            self._built["padded", groups, device] = PaddedRows.of(self.cached, self.fed, groups, device)
+        return self._built["padded", groups, device]
+
+    def row_mask(self, fed: int, keys: int, groups: int, device: torch.device) -> torch.Tensor | None:
+        """The causal mask of a row feeding `fed` tokens among `keys` (causal_mask; None for one token, which sees
+        every key), built once a pass for each shape and read by every layer: built per row and layer, its
+        small kernels were most of what a row of several queries added to a launch-bound GPU's pass."""
+        if fed == 1:
+            return None
+        if ("row", fed, keys, groups, device) not in self._built:
+            self._built["row", fed, keys, groups, device] = causal_mask(fed, keys, groups, device)
+        return self._built["row", fed, keys, groups, device]
 
     def row_keys(self, i: int, key: torch.Tensor, value: torch.Tensor,
                  layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,21 +150,27 @@ class PackedRows:
         return torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)[None, None].to(device)
 
 
+def causal_mask(length: int, keys: int, groups: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, G·L, S] bool: L queries, the last L of S keys, each seeing the keys up to its own, repeated over
+    the G heads of a group as grouped_sdpa folds them (query g·L + l is query l)."""
+    query = torch.arange(groups * length, device=device) % length
+    return (query[:, None] + (keys - length) >= torch.arange(keys, device=device)[None])[None, None]
+
+
 def grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                  scaling: float | None, causal: bool = True) -> torch.Tensor:
     """Attention with the query heads of a key/value group folded onto the query axis.
 
-    query [B, H, L, D]; key, value [B, Hkv, S, D] (H a multiple of Hkv); mask [B or 1, 1, L, S] (bool, True =
-    attend, or additive) or None: every query sees every key where L is 1 or not `causal`, else causal,
-    aligned to the last key. Returns [B, H, L, D]."""
+    query [B, H, L, D]; key, value [B, Hkv, S, D] (H a multiple of Hkv, G = H / Hkv); mask [B or 1, 1, L, S]
+    or already repeated over a group's heads [B or 1, 1, G·L, S] (bool, True = attend, or additive) or None:
+    every query sees every key where L is 1 or not `causal`, else causal, aligned to the last key.
+    Returns [B, H, L, D]."""
     b, heads, length, dim = query.shape
     groups = heads // key.shape[1]
     if mask is None and length > 1 and causal:
-        s = key.shape[2]
-        mask = (torch.arange(length, device=query.device)[:, None] + (s - length)
-                >= torch.arange(s, device=query.device)[None])[None, None]
+        mask = causal_mask(length, key.shape[2], groups, query.device)
     folded = query.reshape(b, key.shape[1], groups * length, dim)  # head h = kv * G + g -> query g * L + l
-    if mask is not None and groups > 1:
+    if mask is not None and groups > 1 and mask.shape[-2] != groups * length:
         mask = mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, length, value.shape[-1])
@@ -166,7 +185,8 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = []
     for i, f in enumerate(rows.fed):
         keys, values = rows.row_keys(i, key, value, layer)
-        out.append(grouped_sdpa(query[:, :, fed_at[i]:fed_at[i] + f], keys, values, None, scaling))
+        mask = rows.row_mask(f, keys.shape[2], query.shape[1] // keys.shape[1], query.device)
+        out.append(grouped_sdpa(query[:, :, fed_at[i]:fed_at[i] + f], keys, values, mask, scaling))
     return torch.cat(out, dim=2)
 
 
@@ -176,9 +196,9 @@ def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     keeping each row to its own (`PackedRows.padded`). Same shapes as packed_attention. A layer's launches no
     longer grow with the rows but for copying their keys (in pad_sequence's C++ loop); the padding's attention is
     computed and thrown away, which a GPU does in less time than the calls it saves."""
-    grid = rows.padded(query.device)
     n = len(rows.fed)
     own = [rows.row_keys(i, key, value, layer) for i in range(n)]
+    grid = rows.padded(query.shape[1] // own[0][0].shape[1], query.device)
     keys = pad_sequence([k[0].transpose(0, 1) for k, _ in own], batch_first=True).transpose(1, 2)  # [R, Hkv, S, D]
     values = pad_sequence([v[0].transpose(0, 1) for _, v in own], batch_first=True).transpose(1, 2)
     q = query[0].index_select(1, grid.queries).unflatten(1, (n, grid.fed)).transpose(0, 1)  # [R, H, F, D]

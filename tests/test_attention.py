@@ -97,6 +97,21 @@ def test_each_packed_row_attends_to_its_own_cache_and_fed_tokens_only():
     torch.testing.assert_close(packed_attention(q, k2, v, rows, None)[:, :, :2], first)
 
 
+def test_a_pass_builds_each_row_shapes_causal_mask_once_for_all_its_layers(monkeypatch):
+    """A row of several queries needs a causal mask; every layer of the pass reads the one built at the first
+    (built per row and layer, its small kernels were what such rows added to a launch-bound GPU's pass)."""
+    built = []
+    real = attention.causal_mask
+    monkeypatch.setattr(attention, "causal_mask", lambda *a: built.append(a[:3]) or real(*a))
+    rows = PackedRows(cached=(5, 0, 3, 5), fed=(2, 4, 1, 2))
+    q, k, v = packed(rows, seed=5)
+    first = packed_attention(q, k, v, rows, None)
+    for _ in range(3):  # the pass's other layers
+        torch.testing.assert_close(packed_attention(q, k, v, rows, None), first)
+    assert sorted(built) == [(2, 7, HEADS // KV_HEADS), (4, 4, HEADS // KV_HEADS)]
+    torch.testing.assert_close(first, reference(q, k, v, rows.visible()[None]))
+
+
 def test_a_packed_call_it_cannot_take_as_it_is_runs_with_the_layouts_mask():
     """A call with a position bias goes to transformers' sdpa with `PackedRows.mask`: the same attention."""
     rows = PackedRows(cached=(4, 2), fed=(3, 1))
@@ -151,9 +166,10 @@ def test_packed_rows_in_one_call_attend_as_row_by_row(cached, fed):
     mine = own_caches(rows, k, v)
     fed_k, fed_v = k[:, :, sum(rows.cached):], v[:, :, sum(rows.cached):]
     torch.testing.assert_close(padded_attention(q, fed_k, fed_v, mine, None, layer=1), want)
-    grid = rows.padded(q.device)
-    assert grid.mask.shape == (len(fed), 1, max(fed), max(c + f for c, f in zip(cached, fed)))
-    assert rows.padded(q.device) is grid  # built once a pass, read by every layer
+    groups = HEADS // KV_HEADS
+    grid = rows.padded(groups, q.device)
+    assert grid.mask.shape == (len(fed), 1, groups * max(fed), max(c + f for c, f in zip(cached, fed)))
+    assert rows.padded(groups, q.device) is grid  # built once a pass, read by every layer
 
 
 def test_packed_passes_attend_in_one_call_on_devices_not_per_row(monkeypatch):
