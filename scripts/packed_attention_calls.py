@@ -1,15 +1,18 @@
-"""A packed pass's attention a call per row (speckv.attention.packed_attention, the CPU's path) against one call for
-the whole pass (padded_attention, every other device's), in whole passes of 8 rows scoring 1, 2 and 9 tokens each
+"""A packed pass's attention a call per row (speckv.attention.packed_attention, the default) against one call for
+the whole pass (padded_attention), in whole passes of 8 rows scoring 1, 2 and 9 tokens each
 after contexts of about --context tokens, the two paired call by call.
 
-    python scripts/packed_attention_calls.py --model narrow --out docs/results/amx_1206/packed_attention_narrow.json
-    python scripts/packed_attention_calls.py --model target --out docs/results/amx_1206/packed_attention_target.json
+    python scripts/packed_attention_calls.py --model narrow --out docs/results/amx_1206/packed_attention/narrow.json
+    python scripts/packed_attention_calls.py --model target --repeats 7 \
+        --out docs/results/amx_1206/packed_attention/target_bf16.json
 
 --model target: the embedded target at fp16 (on a CPU its passes are bound by their matmuls: what padding every
-  row's keys costs there, why the CPU keeps a call per row).
+  row's keys costs there).
 --model narrow: the target's depth and attention heads at 8 dimensions a head, random weights: a pass is bound by
-  its calls, as an eager GPU step is by its host's kernel launches. A stand-in for what one call saves there, not
-  a measurement of a GPU (speckv.tools.arch_costs --attention both is, on a lent one).
+  its calls, as an eager GPU step is by its host's kernel launches. A stand-in for what calls cost there, not a
+  measurement of a GPU (speckv.tools.arch_costs --attention both is, on a lent one). Run at two commits (a git
+  worktree of the older), it measures a change to the per-row path too: docs/results/amx_1206/packed_attention/
+  holds a1b4248 (masks built per row and layer) against 8afd730 (once a pass), two runs each.
 Prints and saves the medians (ms) and the paired ratios (one call / per row).
 """
 
@@ -58,8 +61,8 @@ def time_passes(lm: SessionLM, repeats: int, context: int) -> dict[str, dict]:
         calls = [LogitsCall(f"r{i}", ids + rand(fed), fed) for i, ids in enumerate(contexts)]  # re-fed each time
         times: dict[str, list[float]] = {"per_row": [], "one_call": []}
         for _ in range(repeats):
-            for path, devices in (("per_row", frozenset({lm.device.type})), ("one_call", frozenset())):
-                attention.PER_ROW_DEVICES = devices
+            for path, devices in (("per_row", frozenset()), ("one_call", frozenset({lm.device.type}))):
+                attention.ONE_CALL_DEVICES = devices
                 start = time.perf_counter()
                 lm.logits_batch(calls)
                 times[path].append((time.perf_counter() - start) * 1e3)

@@ -15,13 +15,16 @@ It is torch's scaled_dot_product_attention, as transformers' "sdpa", with three 
   5.6 s against 2.6 s for the verify pass and the prompt apart, fp16; now 2.4 s; `scripts/prompt_riding.py`).
   Where the rows keep their own caches through the pass (`PackedRows.caches`, `speckv.sessions_cache`), each
   row's keys are read from its own cache, so no pass copies the sessions' caches into one.
-- **On other devices, packed rows attend in one call.** On an H100 a pass of eight sequences scoring two tokens
-  each cost 80 ms against 32 for eight scoring one, where the calibration priced the extra tokens at 10 ms
-  (docs/RESULTS.md, "Third lease"); the likely cause, read from the code and not profiled there, is a call per
-  row per layer, each several-query row building its own causal mask, on a host bound by its kernel launches.
-  There every row's queries and keys are padded into one batch and attend in one sdpa call under a mask built
-  once per pass (`padded_attention`, `PaddedRows`). On CPU the per-row calls stay: padding would copy every
-  row's keys at every layer (`PER_ROW_DEVICES`).
+- **Masks built once a pass.** A row of several queries needs a causal mask; every layer reads the one its first
+  layer built (`PackedRows.row_mask`), already repeated over a group's heads. Built per row and layer, its small
+  kernels were more than half of what a second token a row added to a pass of eight rows where a pass is bound by
+  its calls (a stand-in for a launch-bound GPU host, AMX Xeon: 9.3-9.4 → 3.8-4.5 ms;
+  `scripts/packed_attention_calls.py`), and the likely cause, read from the code and not profiled there, of an
+  H100's pass of eight rows scoring two tokens each costing 80 ms against 32 for one each (docs/RESULTS.md, "Third
+  lease"). The rows may also attend in one call, padded into one batch under one mask (`padded_attention`,
+  `PaddedRows`), on the device types named in `ONE_CALL_DEVICES`: none, for on the CPU it is slower (it copies
+  every row's keys at every layer: 1.03-1.19x the per-row calls, same stand-in) and on a GPU it has not been
+  measured (`speckv.tools.arch_costs --attention both` measures the two back to back on one).
 
 Calls this cannot take as they are (soft-capped logits, attention sinks, position biases, sliding windows in a
 packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRows.mask` builds.
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 ATTENTION = "speckv_sdpa"
-PER_ROW_DEVICES = frozenset({"cpu"})  # device types whose packed passes attend row by row (elsewhere in one call)
+ONE_CALL_DEVICES: frozenset[str] = frozenset()  # device types whose packed passes attend in one call, not per row
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,7 @@ def padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """packed_attention in one sdpa call: every row's queries and keys padded to the longest row's and a mask
     keeping each row to its own (`PackedRows.padded`). Same shapes as packed_attention. A layer's launches no
     longer grow with the rows but for copying their keys (in pad_sequence's C++ loop); the padding's attention is
-    computed and thrown away, which a GPU does in less time than the calls it saves."""
+    computed and thrown away. Slower than the per-row calls on CPU; for devices where it is measured faster."""
     n = len(rows.fed)
     own = [rows.row_keys(i, key, value, layer) for i in range(n)]
     grid = rows.padded(query.shape[1] // own[0][0].shape[1], query.device)
@@ -216,7 +219,7 @@ def speckv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if packed_rows is not None:
         layer = getattr(module, "layer_idx", None)
         if plain and kwargs.get("sliding_window") is None:
-            attend = packed_attention if query.device.type in PER_ROW_DEVICES else padded_attention
+            attend = padded_attention if query.device.type in ONE_CALL_DEVICES else packed_attention
             out = attend(query, key, value, packed_rows, scaling, layer)
             return out.transpose(1, 2).contiguous(), None
         key, value = packed_rows.concatenated(key, value, layer)

@@ -172,8 +172,8 @@ def test_packed_rows_in_one_call_attend_as_row_by_row(cached, fed):
     assert rows.padded(groups, q.device) is grid  # built once a pass, read by every layer
 
 
-def test_packed_passes_attend_in_one_call_on_devices_not_per_row(monkeypatch):
-    """On CPU a packed pass makes one sdpa call per row; on devices not in PER_ROW_DEVICES, one for the pass."""
+def test_packed_passes_attend_in_one_call_on_the_devices_named_for_it(monkeypatch):
+    """A packed pass makes one sdpa call per row; on the devices in ONE_CALL_DEVICES, one for the pass."""
     calls = []
     real = F.scaled_dot_product_attention
 
@@ -187,7 +187,7 @@ def test_packed_passes_attend_in_one_call_on_devices_not_per_row(monkeypatch):
     per_row, _ = speckv_attention(torch.nn.Module(), q, k, v, None, packed_rows=rows)
     assert calls == [1, 1, 1]
     calls.clear()
-    monkeypatch.setattr(attention, "PER_ROW_DEVICES", frozenset())
+    monkeypatch.setattr(attention, "ONE_CALL_DEVICES", frozenset({"cpu"}))
     one_call, _ = speckv_attention(torch.nn.Module(), q, k, v, None, packed_rows=rows)
     assert calls == [3]
     torch.testing.assert_close(one_call, per_row)

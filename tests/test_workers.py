@@ -43,12 +43,12 @@ LAYOUTS = ["own caches", "own caches, one call", "side by side", "padded"]
 
 def use_layout(monkeypatch, layout: str) -> None:
     """Make every batched pass run in `layout`: packed, each row's keys in its own cache (SpecKV's attention), its
-    rows attending one call each (CPU) or all in one call (other devices: speckv.attention.padded_attention);
+    rows attending one call each or all in one call (speckv.attention.padded_attention);
     packed, the caches copied side by side with a 4-D mask (attention that takes no rows); padded."""
     monkeypatch.setattr(workers, "_packs", lambda model, rows: layout != "padded")
     monkeypatch.setattr(workers, "reads_own_caches", lambda model: layout.startswith("own caches"))
     if layout.endswith("one call"):
-        monkeypatch.setattr(attention, "PER_ROW_DEVICES", frozenset())
+        monkeypatch.setattr(attention, "ONE_CALL_DEVICES", frozenset({"cpu"}))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -265,7 +265,7 @@ def test_fp32_greedy_requests_in_batches_equal_each_alone(draft_model, target_mo
                                                           monkeypatch):
     """Requests of different prompt lengths and budgets join and leave mid-run (staggered starts), sharing
     draft and verify passes; each request's tokens are those it gets alone. With the rows of a pass attending
-    one call each (CPU) and all in one call (other devices)."""
+    one call each and all in one call."""
     use_layout(monkeypatch, layout)
     alone = _engine(draft_model, target_model, tokenizer, None)
     batched = _engine(draft_model, target_model, tokenizer, BatchSettings(max_batch_size=4))

@@ -79,15 +79,15 @@ def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: lis
     """At each load, that many requests (contexts a few tokens apart, no end-of-sequence stop) decoding together
     through batched passes, per policy: aggregate tokens/s, mean γ and sequences a pass, and the verify passes'
     compute time by (sequences, γ) beside the calibrated cost model's prediction for a pass of that shape.
-    `both_attentions`: each policy run twice, packed passes attending as this device does and a call per row
-    (speckv.attention.PER_ROW_DEVICES: the CPU's path), back to back."""
+    `both_attentions`: each policy run twice back to back, packed passes attending a call per row (the default)
+    and in one call (speckv.attention.ONE_CALL_DEVICES: padded_attention)."""
     from .. import attention
     from ..batching import BatchSettings
     from ..estimates import TierEstimates
 
     device = engine.target_worker.lm.device.type
-    as_set = attention.PER_ROW_DEVICES
-    paths = [as_set, as_set | {device}] if both_attentions and device not in as_set else [as_set]
+    as_set = attention.ONE_CALL_DEVICES
+    paths = [as_set, as_set ^ {device}] if both_attentions else [as_set]
 
     calibrated = engine.estimates.cost.base
     single_s = float(calibrated.verify_ms(0)) / 1e3
@@ -99,21 +99,21 @@ def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: lis
                                         eos_token_ids=()) for i in range(load)]
 
         asyncio.run(batched.generate_many(requests(), "none"))  # warm-up: this pass shape's kernels
-        for policy, per_row in ((p, d) for p in policies for d in paths):
-            attention.PER_ROW_DEVICES = per_row
+        for policy, one_call in ((p, d) for p in policies for d in paths):
+            attention.ONE_CALL_DEVICES = one_call
             batched.estimates = TierEstimates.calibrated(calibrated)  # each run starts from the calibration
             start = time.perf_counter()
             try:
                 results = asyncio.run(batched.generate_many(requests(), policy))
             finally:
-                attention.PER_ROW_DEVICES = as_set
+                attention.ONE_CALL_DEVICES = as_set
             seconds = time.perf_counter() - start
             records = [r for result in results for r in result.records[1:]]  # the first step reads the prompt
             passes: dict[tuple[int, int], list[float]] = {}
             for r in records:
                 passes.setdefault((r.batch_size, r.gamma), []).append(r.verify_compute_ms)
             row = {"load": load, "policy": policy, "seconds": seconds,
-                   "attention": "per row" if device in per_row else "one call",
+                   "attention": "one call" if device in one_call else "per row",
                    "tokens_per_s": sum(r.new_tokens for r in results) / seconds,
                    "mean_gamma": statistics.mean(r.gamma for r in records),
                    "sequences_per_pass": statistics.mean(r.batch_size for r in records),
@@ -145,8 +145,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--loads", default="", help="requests decoding together, e.g. 1,2,4,8,16 (none: skipped)")
     parser.add_argument("--load-policies", default="none,fixed:1,fixed:3,adaptive")
     parser.add_argument("--attention", choices=["device", "both"], default="device",
-                        help="both: each load and policy also with packed passes attending a call per row (the "
-                             "CPU's path), where this device attends in one call")
+                        help="both: each load and policy with packed passes attending a call per row and in one "
+                             "call (speckv.attention.padded_attention), back to back")
     parser.add_argument("--exactness", action="store_true",
                         help="instead: in float32, greedy outputs of none, fixed:3 and adaptive must be identical")
     args = parser.parse_args(argv)

@@ -16,14 +16,13 @@ def test_measures_a_pair_from_its_configs_and_checks_exactness(tmp_path, monkeyp
     monkeypatch.setenv("SPECKV_HOME", str(tmp_path / "home"))  # calibrations of this test's own
     out = tmp_path / "costs.json"
     common = [f"{draft}/config.json", f"{target}/config.json", target]
-    monkeypatch.setattr(attention, "PER_ROW_DEVICES", frozenset())  # the CPU attending as a GPU does
     ran = set()
     for name in ("packed_attention", "padded_attention"):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **k: ran.add(_name) or _real(*a, **k))
     assert main([*common, str(out), "--device", "cpu", "--dtype", "float32", "--budget-s", "2", "--tokens", "12",
                  "--loads", "1,3", "--load-policies", "none,fixed:2", "--attention", "both"]) == 0
-    assert attention.PER_ROW_DEVICES == frozenset()  # put back after the runs a call per row
+    assert attention.ONE_CALL_DEVICES == frozenset()  # put back after the runs in one call
     assert ran == {"packed_attention", "padded_attention"}
     doc = json.loads(out.read_text())
     assert doc["cost_model"]["verify_ms_base"] > 0 and doc["cost_model"]["draft_ms_per_token"] > 0
