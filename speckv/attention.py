@@ -96,7 +96,8 @@ class PackedRows:
     def row_mask(self, fed: int, keys: int, groups: int, device: torch.device) -> torch.Tensor | None:
         """The causal mask of a row feeding `fed` tokens among `keys` (causal_mask; None for one token, which sees
         every key), built once a pass for each shape and read by every layer: built per row and layer, its
-        small kernels were most of what a row of several queries added to a launch-bound GPU's pass."""
+        small kernels were more than half of what a second token a row added where a pass is bound by its calls
+        (the module docstring)."""
         if fed == 1:
             return None
         if ("row", fed, keys, groups, device) not in self._built:
