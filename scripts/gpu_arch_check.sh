@@ -40,10 +40,12 @@ arch=(python3 -m speckv.tools.arch_costs "$G/draft/config.json" "$G/target/confi
 stage() { local limit=$1; shift; echo "=== $* ($(date +%T), at most ${limit} s)"; timeout -s ABRT "$limit" "$@"
           echo "=== exit $? ($(date +%T))"; }
 # 2026-12-04 on an H200: fp16 with 64 tokens and four policies a load reached 8 of 1-16 in 170 s; int8's load 8
-# did not finish inside 95 s (a pass there is ~0.3 s): hence 32 tokens, three policies, and 120-130 s a quantized tier (48-61 s on the H100)
+# did not finish inside 95 s (a pass there is ~0.3 s): hence 32 tokens, three policies, and 120-130 s a quantized
+# tier (48-61 s on the H100)
 stage "${FP16_S:-180}" "${arch[@]}" "$OUT/arch_fp16.json" --device "$DEVICE" --dtype float16 \
   --loads 1,4,8,16 --tokens 32 --load-policies none,fixed:1,adaptive
-# packed passes attending in one call (this device's path) against a call per row (the CPU's), back to back
+# packed passes attending a call per row (the default) and in one call (speckv.attention.padded_attention), back
+# to back: which a GPU should use
 stage "${ATTN_S:-90}" "${arch[@]}" "$OUT/arch_fp16_attention.json" --device "$DEVICE" --dtype float16 \
   --loads 8 --tokens 32 --load-policies none,fixed:1,fixed:3 --attention both
 [ -n "${SKIP_EXACT:-}" ] || stage "${EXACT_S:-80}" "${arch[@]}" "$OUT/exactness.json" --device "$DEVICE" --tokens 48 --exactness

@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--loads", default="", help="requests decoding together, e.g. 1,2,4,8,16 (none: skipped)")
     parser.add_argument("--load-policies", default="none,fixed:1,fixed:3,adaptive")
-    parser.add_argument("--attention", choices=["device", "both"], default="device",
+    parser.add_argument("--attention", choices=["default", "both"], default="default",
                         help="both: each load and policy with packed passes attending a call per row and in one "
                              "call (speckv.attention.padded_attention), back to back")
     parser.add_argument("--exactness", action="store_true",

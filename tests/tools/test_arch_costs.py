@@ -31,7 +31,7 @@ def test_measures_a_pair_from_its_configs_and_checks_exactness(tmp_path, monkeyp
     assert set(live["none"]["by_gamma"]) == {"0"} and "4" in live["fixed:4"]["by_gamma"]
     assert {(r["load"], r["policy"], r["attention"]) for r in doc["loads"]} == {
         (n, p, a) for n in (1, 3) for p in ("none", "fixed:2") for a in ("one call", "per row")}
-    loads = {(r["load"], r["policy"]): r for r in doc["loads"] if r["attention"] == "one call"}
+    loads = {(r["load"], r["policy"]): r for r in doc["loads"] if r["attention"] == "per row"}
     assert loads[(3, "none")]["sequences_per_pass"] > 2  # the three requests shared their passes
     assert {(p["sequences"], p["gamma"]) for p in loads[(3, "fixed:2")]["verify_passes"]} >= {(3, 2)}
     assert all(p["predicted_ms"] > 0 for r in doc["loads"] for p in r["verify_passes"])
