@@ -66,6 +66,7 @@ def time_passes(lm: SessionLM, repeats: int, context: int) -> dict[str, dict]:
                 start = time.perf_counter()
                 lm.logits_batch(calls)
                 times[path].append((time.perf_counter() - start) * 1e3)
+        attention.ONE_CALL_DEVICES = frozenset()  # the default again
         name = f"{ROWS}x{fed}"
         out[name] = {"median_ms": {p: statistics.median(t) for p, t in times.items()},
                      "paired_ratio": statistics.median(o / p for o, p in zip(times["one_call"], times["per_row"])),

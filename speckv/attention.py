@@ -54,14 +54,13 @@ class PaddedRows:
     outputs: torch.Tensor  # [sum(fed)] long: the grid slot of each packed query, in packed order
     mask: torch.Tensor  # [rows, 1, G·fed, keys] bool, True = attend (a padding slot sees its row's first key only),
     # repeated over the G heads of a group (grouped_sdpa)
-    fed: int  # the longest row's fed tokens
-    keys: int  # the longest row's keys, cached and fed
+    fed: int  # the grid's width: the longest row's fed tokens
 
     @classmethod
     def of(cls, cached: tuple[int, ...], fed: tuple[int, ...], groups: int, device: torch.device) -> PaddedRows:
         if min(fed) < 1:
             raise ValueError(f"every packed row feeds a token at least, got {fed}")
-        f, s = max(fed), max(c + n for c, n in zip(cached, fed))
+        f, s = max(fed), max(c + n for c, n in zip(cached, fed))  # the grid: slots a row, keys a row
         c, n = torch.tensor(cached)[:, None, None], torch.tensor(fed)[:, None, None]  # [R, 1, 1]
         slot, key = torch.arange(f)[None, :, None], torch.arange(s)[None, None, :]
         real = slot < n  # [R, F, 1]
@@ -70,7 +69,7 @@ class PaddedRows:
         queries = (start + torch.minimum(slot[..., 0], n[..., 0] - 1)).flatten()
         outputs = torch.cat([i * f + torch.arange(m) for i, m in enumerate(fed)])
         folded = mask.repeat(1, groups, 1)[:, None]  # as grouped_sdpa folds a group's heads onto the queries
-        return cls(queries.to(device), outputs.to(device), folded.to(device), f, s)
+        return cls(queries.to(device), outputs.to(device), folded.to(device), f)
 
 
 @dataclass(frozen=True)
@@ -86,12 +85,15 @@ class PackedRows:
     caches: tuple | None = field(default=None, compare=False)
     _built: dict = field(default_factory=dict, compare=False, repr=False)  # masks and layouts, once a pass
 
+    def _once(self, key: tuple, build: Callable[[], object]):
+        """What `build` makes for `key`, built at the pass's first layer and read by every other."""
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]
+
     def padded(self, groups: int, device: torch.device) -> PaddedRows:
-        """This pass as one batch on `device`, its mask repeated over `groups` heads (PaddedRows), built at its
-        first layer and read by every other."""
-        if ("padded", groups, device) not in self._built:
-            self._built["padded", groups, device] = PaddedRows.of(self.cached, self.fed, groups, device)
-        return self._built["padded", groups, device]
+        """This pass as one batch on `device`, its mask repeated over `groups` heads (PaddedRows), once a pass."""
+        return self._once(("padded", groups, device), lambda: PaddedRows.of(self.cached, self.fed, groups, device))
 
     def row_mask(self, fed: int, keys: int, groups: int, device: torch.device) -> torch.Tensor | None:
         """The causal mask of a row feeding `fed` tokens among `keys` (causal_mask; None for one token, which sees
@@ -100,9 +102,7 @@ class PackedRows:
         (the module docstring)."""
         if fed == 1:
             return None
-        if ("row", fed, keys, groups, device) not in self._built:
-            self._built["row", fed, keys, groups, device] = causal_mask(fed, keys, groups, device)
-        return self._built["row", fed, keys, groups, device]
+        return self._once(("row", fed, keys, groups, device), lambda: causal_mask(fed, keys, groups, device))
 
     def row_keys(self, i: int, key: torch.Tensor, value: torch.Tensor,
                  layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
