@@ -18,7 +18,7 @@ It is torch's scaled_dot_product_attention, as transformers' "sdpa", with three 
 - **Masks built once a pass.** A row of several queries needs a causal mask; every layer reads the one its first
   layer built (`PackedRows.row_mask`), already repeated over a group's heads. Built per row and layer, its small
   kernels were more than half of what a second token a row added to a pass of eight rows where a pass is bound by
-  its calls (a stand-in for a launch-bound GPU host, AMX Xeon: 9.3-9.4 → 3.8-4.5 ms;
+  its calls (a stand-in for a launch-bound GPU host, AMX Xeon with avx512_bf16 and amx_bf16: 9.3-9.4 → 3.8-4.5 ms;
   `scripts/packed_attention_calls.py`), and the likely cause, read from the code and not profiled there, of an
   H100's pass of eight rows scoring two tokens each costing 80 ms against 32 for one each (docs/RESULTS.md, "Third
   lease"). The rows may also attend in one call, padded into one batch under one mask (`padded_attention`,
