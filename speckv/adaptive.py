@@ -247,8 +247,14 @@ class AdaptivePolicy:
         own, tier_rate = self.estimates.rate.value, self.estimates.shared.rate.value
         # in a pass, the pass's rate (the tier's): every request of it prices a millisecond the same
         rate = ((tier_rate or own) if sequences > 1 else (own or tier_rate)) or self._prior_rate
-        # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap
-        self._rate = max(rate, 1.0 / float(price[0])) if rate else None
+        # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap. Under
+        # load that is a pass of every request on the cores scoring one token each, not a pass like the current one:
+        # that one carries the others' drafted tokens, so the more they drafted, the slower target-only decoding
+        # looked, the cheaper a millisecond and the longer the runs (served fp16 at 8 streams on the AMX Xeon: runs
+        # grew to 11-16, the passes split, and the floor fell to 0.0028 tokens/ms where target-only gives 0.0041)
+        everyone = max(sequences, self.estimates.tier.sharing)
+        target_only_ms = float(price[0]) if everyone == 1 else float(cost.verify_ms(0, 0, everyone, everyone - 1))
+        self._rate = max(rate, 1.0 / target_only_ms) if rate else None
         # a probe is one token drafted along with the others' runs where they draft, else a drafting pass of its
         # own that the whole pass waits for: priced as a shared position (the lead's price), probes under load were
         # spaced as if nearly free (AMX fp16 shape, 8-16 requests where `none` is best: 0.96-0.97x of it).

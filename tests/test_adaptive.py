@@ -491,3 +491,32 @@ def test_a_draft_calibrated_dear_is_corrected_by_probes_where_no_request_has_its
     assert tier.cost.draft.value == pytest.approx(80.0 / 405.0, rel=0.05)  # the price corrected
     last = [g for run in runs[-6:] for g in run]
     assert statistics.mean(last) >= 1.0  # and the requests after it draft
+
+
+def test_under_load_a_slow_realised_rate_does_not_lengthen_the_runs():
+    """The AMX Xeon's fp16 calibration (this session's `speckv calibrate --tier fp16`), eight requests on the
+    cores, acceptance 0.9 a token: served, runs grew to 11-16 as the passes split and slowed, because the
+    price of a millisecond fell with them: the floor on the rate was a target-only step in a pass like the
+    current one, which carries the others' drafted tokens (0.0028 tokens/ms at 40 tokens a pass, against 0.0041
+    for eight sequences scoring one token each). The floor is now target-only decoding of every request on the
+    cores, so a pass full of the others' drafted tokens and a slow realised rate choose the run a healthy rate
+    would, and runs shorten as the passes split."""
+    amx = CostModel(draft_ms_per_token=99.0, verify_ms_base=238.0, verify_ms_per_token=1.5, verify_ms_per_sequence=0.6,
+                    batched_ms_per_token=4.0, draft_ms_per_sequence=4.5, draft_prefill_ms_per_token=2.5)
+
+    def run(sequences: int, tokens: int, deepest: int, realised_ms_per_token: float) -> int:
+        estimates = TierEstimates.calibrated(amx)
+        estimates.sharing = estimates.in_flight = 8
+        for _ in range(9):
+            estimates.load.observe(sequences, tokens, deepest)
+        for _ in range(50):
+            estimates.mode(True).rate.observe(1, realised_ms_per_token)
+        policy = AdaptivePolicy(predictor_with_token_acceptance(0.9), "fp16", estimates)
+        progress = RequestProgress(max_new_tokens=32)
+        progress.draft_read = 80
+        return policy.choose(progress.context(5, 10, 80))
+
+    healthy = run(8, 40, 7, 250.0)
+    assert 1 <= healthy <= 4
+    assert run(8, 40, 7, 700.0) == healthy  # a slow realised rate (the split passes'): the same run
+    assert run(5, 50, 13, 700.0) <= run(8, 24, 4, 700.0) <= 4  # the passes split: runs do not grow
