@@ -13,10 +13,10 @@ This is the long-run-rate (renewal-reward) criterion, with R the rate the reques
 iteration toward the best achievable one); maximising each step's own tokens/ms instead under-drafts in
 easy stretches. Within the run the draft stops after a token once P(every token so far is accepted) falls
 below R · (the marginal ms of one more token): past it, a token costs more time than it is expected to
-give. When γ* = γmax the run may go on to 2·γmax, ended by that rule. γ = 0 is never absorbing: after a
-stretch of target-only steps a one-token probe drafts again (and once more at the next step where the first
-could not teach the draft's price: `_commit`), spaced so probes cost at most 2% of throughput where drafting
-never pays, and what it shows updates the estimates.
+give. When γ* = γmax the run may go on to 2·γmax, ended by that rule, where the request is alone in its
+passes. γ = 0 is never absorbing: after a stretch of target-only steps a one-token probe drafts again (and
+once more at the next step where the first could not teach the draft's price: `_commit`), spaced so probes
+cost at most 2% of throughput where drafting never pays, and what it shows updates the estimates.
 
 Under load. A verify pass may carry other requests (batched serving). The step costs are then those of a
 pass like the ones the tier runs now (PassLoad: sequences per pass and tokens scored, as the verifications
@@ -370,7 +370,10 @@ class AdaptivePolicy:
         extra = self._shared_prices(logits, catch_up_ms, remaining)
         best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
-            return self.run_cap if best == len(logits) else best
+            # past γmax only alone: in a pass the others wait for every drafting pass of its run, and the prices
+            # of drafting together stop at γmax (served fp16 at 8 streams on the AMX Xeon, runs of 9-16 in passes
+            # of five to eight: every request waited through drafting passes that carried one or two)
+            return self.run_cap if best == len(logits) and not in_a_pass else best
         if in_a_pass or (catch_up_ms and self._catch_up_shared):
             return 0  # optimism does not buy drafting that others wait through (docstring)
         shortest = self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining,

@@ -520,3 +520,23 @@ def test_under_load_a_slow_realised_rate_does_not_lengthen_the_runs():
     assert 1 <= healthy <= 4
     assert run(8, 40, 7, 700.0) == healthy  # a slow realised rate (the split passes'): the same run
     assert run(5, 50, 13, 700.0) <= run(8, 24, 4, 700.0) <= 4  # the passes split: runs do not grow
+
+
+def test_a_run_goes_past_gamma_max_only_alone():
+    """Where the learned acceptance picks γmax, a request alone drafts on to the run cap, its stop rule pricing
+    each position; in a pass of several it stops at γmax: the others wait for every drafting pass of its run and
+    the prices of drafting together stop there (served fp16 at 8 streams on the AMX Xeon, runs of 9-16 in passes
+    of five to eight, each drafting pass past the others' runs carrying one or two sequences)."""
+    def gamma(sequences: int) -> int:
+        estimates = TierEstimates.calibrated(FLAT)
+        for _ in range(9):
+            estimates.load.observe(sequences, sequences * 9, 8 if sequences > 1 else 0)
+        policy = AdaptivePolicy(predictor_with_token_acceptance(0.97), "fp16", estimates)
+        progress = RequestProgress(max_new_tokens=256)
+        progress.draft_read = 80
+        return policy.choose(progress.context(5, 10, 80))
+
+    cap = AdaptivePolicy(predictor_with_token_acceptance(0.97), "fp16", TierEstimates.calibrated(FLAT)).run_cap
+    gmax = predictor_with_token_acceptance(0.97).gamma_max
+    assert cap > gmax and gamma(1) == cap
+    assert gamma(8) == gmax
