@@ -43,16 +43,16 @@ As load rises, each drafted token costs more of what the pass could deliver and 
 the load drops. No batch-size table: both inputs are
 measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
-One run for the pass. Under load the requests of a pass decide from the same estimates: their tier's running
-mean of the predictor's rows (ModeEstimates.pass_row, fed by every decision), its acceptance calibration and its
-rate, not each its own; and optimism (below) does not apply, exploring being the probes'. So they choose one run
-and draft together (SmartSpec's batch-level γ, reached from per-request decisions), where each deciding from its
-own estimates drafted 0 beside 1 or 16 in one pass: a request drafting where the others do not holds them
-through its drafting passes and splits the verify pass (served int8 at 8 streams on an AVX2 EPYC: runs of 0, 1-3
-and 16 side by side, 0.93x `fixed:1`; simulated, GPU-like shape, 8 requests in a burst: 0.952 → 0.988 of the best
-fixed γ, scripts/decode_together.py; served since, level or not shown either way within this machine's drift,
-docs/serving_log.md, twenty-fifth session). Alone, a
-request follows its own estimates (the text at hand). A request's own catch-up still decides whether it joins.
+One run for the pass. Under load the requests of a pass decide from the same estimates: their tier's running mean
+of the predictor's rows (ModeEstimates.pass_row, fed by every decision), its acceptance calibration and its rate,
+not each its own; and optimism (below) does not apply, exploring being the probes' and the tier's first look's. So
+they choose one run and draft together (SmartSpec's batch-level γ, reached from per-request decisions), where each
+deciding from its own estimates drafted 0 beside 1 or 16 in one pass: a request drafting where the others do not
+holds them through its drafting passes and splits the verify pass (served int8 at 8 streams on an AVX2 EPYC: runs
+of 0, 1-3 and 16 side by side, 0.93x `fixed:1`; simulated, GPU-like shape, 8 requests in a burst: 0.952 → 0.988 of
+the best fixed γ, scripts/decode_together.py; served since, level or not shown either way within this machine's
+drift, docs/serving_log.md, twenty-fifth session). Alone, a request follows its own estimates (the text at hand). A
+request's own catch-up still decides whether it joins.
 
 The draft's catch-up. Drafting needs the draft to have read the context: a new request's prompt, and the
 tokens of every target-only step since it last drafted (speckv.policy.RequestProgress follows how much it
@@ -81,7 +81,10 @@ out of drafting by a stale calibration with nothing to correct it (0.75x `fixed:
 session; docs/RESULTS.md). Where drafting cannot pay even if every token were accepted, optimism
 changes nothing (the probes above are all the drafting there). Nor does it apply in a pass of several, or buy a
 catch-up that other requests wait through on shared cores: exploring there costs every one of them, and is the
-probes' to do.
+probes' to do, but for a tier's first look: while the tier has seen fewer than FIRST_LOOK drafted tokens, its
+pass drafts a short run together at an optimism that shrinks with the tier's evidence, where the catch-up that
+buys is cheap (`_first_look`). The tier's acceptance is learned only from drafted tokens; without the look,
+whether a burst ever drafted hung on its first steps' prices.
 
 Off the critical path. A decision is made between a verification's result and the next draft call, so it
 is latency. The engine calls `prepare` while a step's verification is in flight (served: the target is a
@@ -113,6 +116,8 @@ from .predictor import TIERS, AcceptancePredictor, features, shipped_predictor
 from .signals import NO_STOP, DraftStop, token_acceptance
 
 OPTIMISM = 2.0  # log-odds added to acceptance before this request has seen any drafted token (÷ √(1 + seen))
+FIRST_LOOK = 16  # drafted tokens a tier sees before a pass of several stops looking together (`_first_look`)
+LOOK_SHARE = 0.05  # a first look buys a catch-up only where it costs at most this share of a request's tokens left
 PROBE_SHARE = 0.02  # where drafting never pays, probes cost at most this share of throughput
 MIN_PROBE_EVERY = 8  # target-only steps between probes, at least
 LEAD_PATIENCE = 2  # drafting steps in a row that nobody else in the pass drafted, before a request stops leading
@@ -374,12 +379,37 @@ class AdaptivePolicy:
             # of drafting together stop at γmax (served fp16 at 8 streams on the AMX Xeon, runs of 9-16 in passes
             # of five to eight: every request waited through drafting passes that carried one or two)
             return self.run_cap if best == len(logits) and not in_a_pass else best
-        if in_a_pass or (catch_up_ms and self._catch_up_shared):
+        if in_a_pass:
+            return self._first_look(logits, catch_up_ms, remaining)
+        if catch_up_ms and self._catch_up_shared:
             return 0  # optimism does not buy drafting that others wait through (docstring)
         shortest = self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + learned.events), catch_up_ms, remaining,
                                      extra, shortest=True)
         # how long: the learned acceptance's run given it drafts, at least the shortest that pays if optimism is right
         return max(shortest, _best_run(logits, self._rate, extra)) if shortest else 0
+
+    def _first_look(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> int:
+        """In a pass of several, where the learned acceptance does not draft: a one-token-or-so run that the pass
+        drafts together while its tier has seen fewer than FIRST_LOOK drafted tokens (in this sampling mode), at
+        the optimistic acceptance OPTIMISM / √(1 + the tier's drafted tokens seen), the shortest run that pays at
+        it; else 0. The requests of a pass decide from the same row, calibration and bias, so they look together
+        and one pass teaches the tier eight events, where each request's own optimism split the pass.
+        Not where the drafts' catch-up the look buys costs its request more than LOOK_SHARE of its remaining
+        tokens (all who wait for it, told), nor once a lead went unfollowed, nor with acceptance learning off.
+
+        Why: the tier's acceptance is learned only from drafted tokens, and under load the predictor alone
+        decides whether any are drafted. Eight requests started together on the AMX Xeon at fp16 (in-process,
+        96 tokens, short prompts) drafted from their first steps and ran at `fixed:2`'s speed in four runs of
+        eight, and never drafted, at `none`'s, in the other four (the same code: the first steps' prices
+        straddle the line); a first look makes the start the evidence's. Where the catch-up is as dear as what
+        drafting could save (32-token answers to 64-token prompts, the AMX Xeon's shape: 11% of a request), a look
+        costs more than the probes may spend and is left to them."""
+        seen = self.estimates.shared.acceptance.events
+        if (seen >= FIRST_LOOK or self._unfollowed >= LEAD_PATIENCE or not self.estimates.tier.learn_acceptance
+                or (catch_up_ms and (not remaining or self._rate * catch_up_ms > LOOK_SHARE * remaining))):
+            return 0
+        return self._gain_argmax(logits, OPTIMISM / math.sqrt(1.0 + seen), catch_up_ms, remaining,
+                                 self._extra_together, shortest=True)
 
     def _shared_prices(self, logits: list[float], catch_up_ms: float, remaining: int | None) -> list[float]:
         """[γmax] what drafting γ costs, in a pass of several: the run that every request of the pass drafting

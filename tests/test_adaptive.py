@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 import pytest
 
-from speckv.adaptive import MIN_PROBE_EVERY, SETTLE_SHARE, AdaptivePolicy
+from speckv.adaptive import FIRST_LOOK, MIN_PROBE_EVERY, SETTLE_SHARE, AdaptivePolicy
 from speckv.cost_model import CostModel
 from speckv.estimates import RequestEstimates, TierEstimates
 from speckv.policy import RequestProgress, StepTiming
@@ -412,21 +412,25 @@ def test_under_load_optimism_does_not_buy_drafting_that_the_others_wait_through(
     odds the eight drafting one token together pays, 0.5 tokens against 0.45), 32 tokens to go.
     Its first step, the draft yet to read a 60-token prompt: the learned acceptance does not repay that reading,
     which all eight wait through, so the step does not draft (optimistic, it drafted 8; live, five of eight
-    drafted, read their prompts and stopped two to four steps later: 0.94x `none`). Nor where its draft has read
-    the context: in a pass, exploring is the probes' (one run for the pass; optimistic requests drafting where
-    the others did not split the pass). Alone, where the reading is the request's own, optimism explores."""
+    drafted, read their prompts and stopped two to four steps later: 0.94x `none`); nor a first look (its reading
+    is 6.6% of the request's tokens, more than LOOK_SHARE). Where its draft has read the context, a tier that has
+    seen drafted tokens leaves exploring to the probes (one run for the pass; optimistic requests drafting where
+    the others did not split the pass), and a fresh tier's pass looks once, together (`_first_look`). Alone,
+    where the reading is the request's own, optimism explores."""
     nf4 = CostModel(draft_ms_per_token=95.0, verify_ms_base=1604.0, verify_ms_per_token=105.8,
                     verify_ms_per_sequence=231.0, draft_ms_per_sequence=73.0, draft_prefill_ms_per_token=15.8)
 
-    def first_gamma(requests: int, draft_read: int) -> int:
+    def first_gamma(requests: int, draft_read: int, tier_seen: int = 0) -> int:
         estimates = TierEstimates.calibrated(nf4)
         estimates.sharing = estimates.in_flight = requests
         policy = AdaptivePolicy(predictor_with_acceptance(-1.0), "nf4", estimates)
+        policy.estimates.shared.acceptance.events = tier_seen
         progress = RequestProgress(max_new_tokens=32)
         progress.draft_read = draft_read
         return policy.choose(progress.context(0, 0, 60))
 
-    assert first_gamma(8, 0) == 0 and first_gamma(8, 58) == 0
+    assert first_gamma(8, 0) == 0 and first_gamma(8, 58, tier_seen=FIRST_LOOK) == 0
+    assert first_gamma(8, 58) == 1  # a fresh tier's first look
     assert first_gamma(1, 0) > 0
 
 
@@ -445,6 +449,7 @@ def test_a_pass_starts_drafting_together_where_its_drafting_pass_is_dear_but_dra
         estimates = TierEstimates.calibrated(int8)
         estimates.sharing = estimates.in_flight = 8
         policy = AdaptivePolicy(predictor_with_token_acceptance(acceptance), "int8", estimates)
+        policy.estimates.shared.acceptance.events = FIRST_LOOK  # past its first look: the learned acceptance decides
         progress = RequestProgress(max_new_tokens=128)
         progress.draft_read = 60
         gammas.append(policy.choose(progress.context(0, 0, 60)))
@@ -540,3 +545,33 @@ def test_a_run_goes_past_gamma_max_only_alone():
     gmax = predictor_with_token_acceptance(0.97).gamma_max
     assert cap > gmax and gamma(1) == cap
     assert gamma(8) == gmax
+
+
+# the AMX Xeon's fp16 calibration (forty-second session): drafting one token together at eight sequences pays only
+# above ~0.72 a token, and the draft reads 2.5 ms a token
+AMX_NOW = CostModel(draft_ms_per_token=99.0, verify_ms_base=238.0, verify_ms_per_token=1.5, verify_ms_per_sequence=0.6,
+                    batched_ms_per_token=4.0, draft_ms_per_sequence=4.5, draft_prefill_ms_per_token=2.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_fresh_tiers_pass_looks_once_and_the_evidence_decides(seed, monkeypatch):
+    """Eight requests started together, 40-token prompts, 96 tokens each, the predictor at 0.62 a token (under the
+    ~0.72 that drafting together needs). Where the draft's tokens are accepted 85-95% of the time, the pass
+    looks together at its first steps, the tier learns and the requests draft on; with the look off they never
+    draft (in-process on the AMX Xeon the same burst drafted or not as its first steps' prices fell: four runs
+    in eight). Where they are accepted 20-30% of the time, the look teaches that too and the pass stops, having
+    spent what a look may: its drafts' reading (at most LOOK_SHARE of a request's tokens) and a pass or two of
+    drafting (4.4-4.5% of `none` here)."""
+    def burst(low: float, high: float) -> tuple[float, float, float]:
+        acceptance = [random.Random(10 * seed + i).uniform(low, high) for i in range(8)]
+        none, _ = decode_together(lambda e: fixed(0), AMX_NOW, acceptance, seed, prompt_len=40, tokens=96)
+        rate, mean_gamma = decode_together(lambda e: AdaptivePolicy(predictor_with_token_acceptance(0.62), "fp16", e),
+                                           AMX_NOW, acceptance, seed, prompt_len=40, tokens=96)
+        return rate / none, mean_gamma, none
+
+    _, looked, _ = burst(0.85, 0.95)
+    hard, hard_gamma, _ = burst(0.2, 0.3)
+    assert looked > 0.5, looked
+    assert hard >= 0.94 and hard_gamma < 0.1, (hard, hard_gamma)
+    monkeypatch.setattr("speckv.adaptive.FIRST_LOOK", 0)
+    assert burst(0.85, 0.95)[1] == 0  # without the look nothing is drafted
