@@ -255,8 +255,9 @@ class AdaptivePolicy:
         # never below what target-only decoding reaches: a run of bad steps must not make drafting look cheap. Under
         # load that is a pass of every request on the cores scoring one token each, not a pass like the current one:
         # that one carries the others' drafted tokens, so the more they drafted, the slower target-only decoding
-        # looked, the cheaper a millisecond and the longer the runs (served fp16 at 8 streams on the AMX Xeon: runs
-        # grew to 11-16, the passes split, and the floor fell to 0.0028 tokens/ms where target-only gives 0.0041)
+        # looked, the cheaper a millisecond and the longer the runs (served fp16 at 8 streams on the AMX Xeon, runs
+        # grew to 11-16 as the passes split; priced for such a pass, the floor was 0.0028 tokens/ms where eight
+        # sequences scoring one token each give 0.0041: tests/test_adaptive.py)
         everyone = max(sequences, self.estimates.tier.sharing)
         target_only_ms = float(price[0]) if everyone == 1 else float(cost.verify_ms(0, 0, everyone, everyone - 1))
         self._rate = max(rate, 1.0 / target_only_ms) if rate else None
@@ -376,8 +377,8 @@ class AdaptivePolicy:
         best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
             # past γmax only alone: in a pass the others wait for every drafting pass of its run, and the prices
-            # of drafting together stop at γmax (served fp16 at 8 streams on the AMX Xeon, runs of 9-16 in passes
-            # of five to eight: every request waited through drafting passes that carried one or two)
+            # of drafting together stop at γmax (served fp16 at 8 streams on the AMX Xeon: runs of 9-16 in passes
+            # of five to eight)
             return self.run_cap if best == len(logits) and not in_a_pass else best
         if in_a_pass:
             return self._first_look(logits, catch_up_ms, remaining)
@@ -399,11 +400,11 @@ class AdaptivePolicy:
 
         Why: the tier's acceptance is learned only from drafted tokens, and under load the predictor alone
         decides whether any are drafted. Eight requests started together on the AMX Xeon at fp16 (in-process,
-        96 tokens, short prompts) drafted from their first steps and ran at `fixed:2`'s speed in four runs of
-        eight, and never drafted, at `none`'s, in the other four (the same code: the first steps' prices
-        straddle the line); a first look makes the start the evidence's. Where the catch-up is as dear as what
-        drafting could save (32-token answers to 64-token prompts, the AMX Xeon's shape: 11% of a request), a look
-        costs more than the probes may spend and is left to them."""
+        96 tokens, short prompts, fresh processes) drafted at `fixed:2`'s speed in 2 runs of 6 and never drafted,
+        at `none`'s, in the other 4: their first steps' prices straddle the line. With the look they drafted in 6
+        of 6 (scripts/first_look_ab.py). Where the catch-up is as dear as what drafting could save (32-token
+        answers to 64-token prompts on the AMX Xeon's shape: 11% of a request; a look cost 5-12% there, simulated),
+        the look is left to the probes."""
         seen = self.estimates.shared.acceptance.events
         if (seen >= FIRST_LOOK or self._unfollowed >= LEAD_PATIENCE or not self.estimates.tier.learn_acceptance
                 or (catch_up_ms and (not remaining or self._rate * catch_up_ms > LOOK_SHARE * remaining))):

@@ -558,10 +558,10 @@ def test_a_fresh_tiers_pass_looks_once_and_the_evidence_decides(seed, monkeypatc
     """Eight requests started together, 40-token prompts, 96 tokens each, the predictor at 0.62 a token (under the
     ~0.72 that drafting together needs). Where the draft's tokens are accepted 85-95% of the time, the pass
     looks together at its first steps, the tier learns and the requests draft on; with the look off they never
-    draft (in-process on the AMX Xeon the same burst drafted or not as its first steps' prices fell: four runs
-    in eight). Where they are accepted 20-30% of the time, the look teaches that too and the pass stops, having
-    spent what a look may: its drafts' reading (at most LOOK_SHARE of a request's tokens) and a pass or two of
-    drafting (4.4-4.5% of `none` here)."""
+    draft (in-process on the AMX Xeon the same burst drafted or not as its first steps' prices fell: 2 fresh runs
+    of 6; with the look 6 of 6, scripts/first_look_ab.py). Where they are accepted 20-30% of the time, the look
+    teaches that too and the pass stops, having spent what a look may: its drafts' reading (at most LOOK_SHARE of
+    a request's tokens) and a pass or two of drafting (4.4-4.5% of `none` here)."""
     def burst(low: float, high: float) -> tuple[float, float, float]:
         acceptance = [random.Random(10 * seed + i).uniform(low, high) for i in range(8)]
         none, _ = decode_together(lambda e: fixed(0), AMX_NOW, acceptance, seed, prompt_len=40, tokens=96)
