@@ -62,11 +62,10 @@ def time_passes(lm: SessionLM, repeats: int, context: int) -> dict[str, dict]:
         times: dict[str, list[float]] = {"per_row": [], "one_call": []}
         for _ in range(repeats):
             for path, devices in (("per_row", frozenset()), ("one_call", frozenset({lm.device.type}))):
-                attention.ONE_CALL_DEVICES = devices
-                start = time.perf_counter()
-                lm.logits_batch(calls)
-                times[path].append((time.perf_counter() - start) * 1e3)
-        attention.ONE_CALL_DEVICES = frozenset()  # the default again
+                with attention.one_call_on(devices):
+                    start = time.perf_counter()
+                    lm.logits_batch(calls)
+                    times[path].append((time.perf_counter() - start) * 1e3)
         name = f"{ROWS}x{fed}"
         out[name] = {"median_ms": {p: statistics.median(t) for p, t in times.items()},
                      "paired_ratio": statistics.median(o / p for o, p in zip(times["one_call"], times["per_row"])),

@@ -32,7 +32,8 @@ packed pass) go to transformers' sdpa, a packed pass with the 4-D mask `PackedRo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from itertools import accumulate
@@ -43,6 +44,18 @@ from torch.nn.utils.rnn import pad_sequence
 
 ATTENTION = "speckv_sdpa"
 ONE_CALL_DEVICES: frozenset[str] = frozenset()  # device types whose packed passes attend in one call, not per row
+
+
+@contextmanager
+def one_call_on(devices: frozenset[str]) -> Iterator[None]:
+    """Packed passes attend in one call on `devices` (ONE_CALL_DEVICES) inside the block, as before it after:
+    what the tools that time both paths switch."""
+    global ONE_CALL_DEVICES
+    before, ONE_CALL_DEVICES = ONE_CALL_DEVICES, devices
+    try:
+        yield
+    finally:
+        ONE_CALL_DEVICES = before
 
 
 @dataclass(frozen=True)

@@ -498,6 +498,24 @@ def test_a_draft_calibrated_dear_is_corrected_by_probes_where_no_request_has_its
     assert statistics.mean(last) >= 1.0  # and the requests after it draft
 
 
+# the AMX Xeon's fp16 calibration (forty-second session; avx512_bf16, amx_bf16): drafting one token together at
+# eight sequences pays only above ~0.72 a token, and the draft reads 2.5 ms a token
+AMX_NOW = CostModel(draft_ms_per_token=99.0, verify_ms_base=238.0, verify_ms_per_token=1.5, verify_ms_per_sequence=0.6,
+                    batched_ms_per_token=4.0, draft_ms_per_sequence=4.5, draft_prefill_ms_per_token=2.5)
+
+
+def _decision_after_passes(estimates: TierEstimates, acceptance: float, sequences: int, tokens: int, deepest: int,
+                           max_new_tokens: int) -> int:
+    """The γ a request whose draft has read its context chooses at its fifth step, after nine verify passes of
+    `sequences` scoring `tokens`, the others' longest run `deepest`."""
+    for _ in range(9):
+        estimates.load.observe(sequences, tokens, deepest)
+    policy = AdaptivePolicy(predictor_with_token_acceptance(acceptance), "fp16", estimates)
+    progress = RequestProgress(max_new_tokens=max_new_tokens)
+    progress.draft_read = 80
+    return policy.choose(progress.context(5, 10, 80))
+
+
 def test_under_load_a_slow_realised_rate_does_not_lengthen_the_runs():
     """The AMX Xeon's fp16 calibration (this session's `speckv calibrate --tier fp16`), eight requests on the
     cores, acceptance 0.9 a token: served, runs grew to 11-16 as the passes split and slowed, because the
@@ -506,20 +524,12 @@ def test_under_load_a_slow_realised_rate_does_not_lengthen_the_runs():
     for eight sequences scoring one token each). The floor is now target-only decoding of every request on the
     cores, so a pass full of the others' drafted tokens and a slow realised rate choose the run a healthy rate
     would, and runs shorten as the passes split."""
-    amx = CostModel(draft_ms_per_token=99.0, verify_ms_base=238.0, verify_ms_per_token=1.5, verify_ms_per_sequence=0.6,
-                    batched_ms_per_token=4.0, draft_ms_per_sequence=4.5, draft_prefill_ms_per_token=2.5)
-
     def run(sequences: int, tokens: int, deepest: int, realised_ms_per_token: float) -> int:
-        estimates = TierEstimates.calibrated(amx)
+        estimates = TierEstimates.calibrated(AMX_NOW)
         estimates.sharing = estimates.in_flight = 8
-        for _ in range(9):
-            estimates.load.observe(sequences, tokens, deepest)
         for _ in range(50):
             estimates.mode(True).rate.observe(1, realised_ms_per_token)
-        policy = AdaptivePolicy(predictor_with_token_acceptance(0.9), "fp16", estimates)
-        progress = RequestProgress(max_new_tokens=32)
-        progress.draft_read = 80
-        return policy.choose(progress.context(5, 10, 80))
+        return _decision_after_passes(estimates, 0.9, sequences, tokens, deepest, max_new_tokens=32)
 
     healthy = run(8, 40, 7, 250.0)
     assert 1 <= healthy <= 4
@@ -530,27 +540,16 @@ def test_under_load_a_slow_realised_rate_does_not_lengthen_the_runs():
 def test_a_run_goes_past_gamma_max_only_alone():
     """Where the learned acceptance picks γmax, a request alone drafts on to the run cap, its stop rule pricing
     each position; in a pass of several it stops at γmax: the others wait for every drafting pass of its run and
-    the prices of drafting together stop there (served fp16 at 8 streams on the AMX Xeon, runs of 9-16 in passes
-    of five to eight, each drafting pass past the others' runs carrying one or two sequences)."""
+    the prices of drafting together stop there (served fp16 at 8 streams on the AMX Xeon: runs of 9-16 in passes
+    of five to eight)."""
     def gamma(sequences: int) -> int:
-        estimates = TierEstimates.calibrated(FLAT)
-        for _ in range(9):
-            estimates.load.observe(sequences, sequences * 9, 8 if sequences > 1 else 0)
-        policy = AdaptivePolicy(predictor_with_token_acceptance(0.97), "fp16", estimates)
-        progress = RequestProgress(max_new_tokens=256)
-        progress.draft_read = 80
-        return policy.choose(progress.context(5, 10, 80))
+        return _decision_after_passes(TierEstimates.calibrated(FLAT), 0.97, sequences, sequences * 9,
+                                      8 if sequences > 1 else 0, max_new_tokens=256)
 
     cap = AdaptivePolicy(predictor_with_token_acceptance(0.97), "fp16", TierEstimates.calibrated(FLAT)).run_cap
     gmax = predictor_with_token_acceptance(0.97).gamma_max
     assert cap > gmax and gamma(1) == cap
     assert gamma(8) == gmax
-
-
-# the AMX Xeon's fp16 calibration (forty-second session): drafting one token together at eight sequences pays only
-# above ~0.72 a token, and the draft reads 2.5 ms a token
-AMX_NOW = CostModel(draft_ms_per_token=99.0, verify_ms_base=238.0, verify_ms_per_token=1.5, verify_ms_per_sequence=0.6,
-                    batched_ms_per_token=4.0, draft_ms_per_sequence=4.5, draft_prefill_ms_per_token=2.5)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -100,13 +100,10 @@ def batched_loads(engine, prompt_ids: list[int], loads: list[int], policies: lis
 
         asyncio.run(batched.generate_many(requests(), "none"))  # warm-up: this pass shape's kernels
         for policy, one_call in ((p, d) for p in policies for d in paths):
-            attention.ONE_CALL_DEVICES = one_call
             batched.estimates = TierEstimates.calibrated(calibrated)  # each run starts from the calibration
             start = time.perf_counter()
-            try:
+            with attention.one_call_on(one_call):
                 results = asyncio.run(batched.generate_many(requests(), policy))
-            finally:
-                attention.ONE_CALL_DEVICES = as_set
             seconds = time.perf_counter() - start
             records = [r for result in results for r in result.records[1:]]  # the first step reads the prompt
             passes: dict[tuple[int, int], list[float]] = {}
