@@ -51,6 +51,11 @@ class ServeMetrics:
                                        "recent passes): part sequences, tokens", tag_keys=("tier", "part"))
         self.rate = metrics.Gauge("speckv_estimated_tokens_per_s", "decode rate that prices a millisecond",
                                   tag_keys=("tier", "mode"))
+        self.drafting_under_load = metrics.Gauge(
+            "speckv_drafting_under_load", "per load level (sequences: its most sequences on the cores), tokens per "
+            "wall ms over target-only passes' as priced, waits included, in stretches that drafted and that did "
+            "not (part drafting, target_only), and whether drafting is held (part held: 1)",
+            tag_keys=("tier", "sequences", "part"))
 
     def step(self, record: StepRecord) -> None:
         tags = {"tier": record.tier}
@@ -76,6 +81,12 @@ class ServeMetrics:
             self.cost_ms.set(cost[f"{part}_hop_ms"], {"tier": tier, "part": f"{part}_hop"})
         self.pass_load.set(doc["load"]["sequences_per_pass"], {"tier": tier, "part": "sequences"})
         self.pass_load.set(doc["load"]["tokens_per_pass"], {"tier": tier, "part": "tokens"})
+        for sequences, level in doc["load"]["drafting_under_load"].items():
+            tags = {"tier": tier, "sequences": sequences}
+            for part in ("drafting", "target_only"):
+                if level[f"{part}_efficiency"] is not None:
+                    self.drafting_under_load.set(level[f"{part}_efficiency"], {**tags, "part": part})
+            self.drafting_under_load.set(float(level["drafting_held"]), {**tags, "part": "held"})
         for mode in ("greedy", "sampled"):
             for model, prefix in (("step", "acceptance"), ("token", "token_acceptance")):
                 tags = {"tier": tier, "mode": mode, "model": model}

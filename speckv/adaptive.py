@@ -40,7 +40,13 @@ flight that are not in its passes wait for them too, for its share of each draft
 the verify pass (LiveCost.alone_ms): under load on one machine the
 passes fragment, and priced by its own pass alone, a request's drafting looked free (γ rose with load).
 As load rises, each drafted token costs more of what the pass could deliver and γ falls; it comes back as
-the load drops. No batch-size table: both inputs are
+the load drops.
+Measured as it really ran. All of the above prices a call by its compute; what drafting under load costs where the
+requests fall out of step (passes mixing drafting and target-only requests, runs ending apart, each waiting for
+passes it is not in) shows only in the requests' whole step times. The tier keeps, per load level, the tokens over
+those times in stretches that drafted and that did not (estimates.LoadedRates); where drafting delivered less,
+waits included, it is held (probes only) for a while and then tried again (served fp16 at 8 streams on the AMX
+Xeon: rounds priced ~1.6 s took ~2.8 s, 0.85-0.87x `none` in half the rounds). No batch-size table: both inputs are
 measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).
 
 One run for the pass. Under load the requests of a pass decide from the same estimates: their tier's running mean
@@ -158,6 +164,7 @@ class AdaptivePolicy:
         self._overlapped = False  # `prepare` is called (the engine overlaps it with verification)
         self._prior_rate: float | None = None  # before anything is measured (set by the first choice)
         self._priced = False  # `_refresh` runs first at its first decision, with the load as it is then
+        self._held = False  # drafting is held at this load: measured, it lost to target-only decoding (`_best`)
         self._unfollowed = 0  # its drafting steps in a row in passes where no other sequence drafted (`_shared_prices`)
         self._follow_up = False  # its last step was a probe that taught nothing: the next one probes again (`_commit`)
         self.draft_stop = NO_STOP
@@ -261,6 +268,8 @@ class AdaptivePolicy:
         everyone = max(sequences, self.estimates.tier.sharing)
         target_only_ms = float(price[0]) if everyone == 1 else float(cost.verify_ms(0, 0, everyone, everyone - 1))
         self._rate = max(rate, 1.0 / target_only_ms) if rate else None
+        # drafting at this load delivered less than target-only decoding, every wait in (estimates.LoadedRates)
+        self._held = self.estimates.tier.loaded.holds(everyone)
         # a probe is one token drafted along with the others' runs where they draft, else a drafting pass of its
         # own that the whole pass waits for: priced as a shared position (the lead's price), probes under load were
         # spaced as if nearly free (AMX fp16 shape, 8-16 requests where `none` is best: 0.96-0.97x of it).
@@ -373,6 +382,8 @@ class AdaptivePolicy:
         if self._rate is None:  # nothing measured yet: the best one-step rate under the prior
             self._prior_rate = _best_one_step_rate(logits, 0.0, self._extra_leading, self._price0)
             self._refresh()
+        if self._held:  # measured with its waits, drafting at this load lost to target-only decoding: probes only
+            return 0
         extra = self._shared_prices(logits, catch_up_ms, remaining)
         best = self._gain_argmax(logits, 0.0, catch_up_ms, remaining, extra)
         if best:
@@ -479,6 +490,7 @@ class AdaptivePolicy:
         the AMX Xeon: 5-8x its passes) could otherwise never be corrected where no request's draft read its prompt
         (`adaptive` drafted 1 token in 342 steps served, 0.73x fixed:2). The spacing prices both."""
         tier = self.estimates.tier
+        tier.loaded.decided(bool(run))
         if run:
             tier.target_only_steps = 0
             self._follow_up = False

@@ -203,6 +203,7 @@ async def speculate(
     eos = set(request.eos_token_ids)
     generated: list[int] = []
     progress = RequestProgress(max_new_tokens=request.max_new_tokens)
+    last_end = time.perf_counter()
     try:
         for step in range(request.max_new_tokens):  # every step emits at least one token
             context = request.prompt_ids + generated
@@ -216,6 +217,8 @@ async def speculate(
             call = await executor.run_step(StepInputs(sid, context, gamma, params, seed, step, stop),
                                            _preparer(policy, progress, step, len(generated), len(context)))
             proposal, verification = call.proposal, call.verification
+            end = time.perf_counter()
+            wall_ms, last_end = (end - last_end) * 1e3, end
 
             result = accept_step(proposal, verification, params, seed, step)
             accepted = int(result.num_accepted[0])
@@ -238,7 +241,7 @@ async def speculate(
                                 verification.compute_ms, verification.batch_size, verification.batch_tokens,
                                 max(step_context.draft_behind, proposal.most_read) if gamma else 0,
                                 proposal.waited_ms, verification.waited_ms, verification.others_deepest,
-                                proposal.passes, proposal.rows, verification.read_tokens) if step else None
+                                proposal.passes, proposal.rows, verification.read_tokens, wall_ms) if step else None
             outcome = progress.advance(proposal.signals, accepted, timing)
             policy.observe(outcome)
             record = StepRecord(

@@ -33,6 +33,9 @@ Z_LIMIT = 8.0  # predicted log-odds beyond this are taken as this (a probability
 TIER_PRIOR, TIER_MEMORY = (10.0, 5.0), 500.0
 REQUEST_PRIOR, REQUEST_MEMORY = (30.0, 3.0), 50.0
 PASS_ROW_WEIGHT = 0.05  # a request's row in its tier's running mean (`ModeEstimates.pass_row`): ~20 rows, 2-3 passes
+# `LoadedRates`: steps over which its wall-rate evidence fades; rounds of a load level's steps (a round: one step of
+# each sequence on the cores) a verdict forms on, and rounds a verdict holds drafting before it is tried again
+LOADED_MEMORY, VERDICT_ROUNDS, HOLD_ROUNDS = 200.0, 2, 250
 
 
 @dataclass
@@ -134,6 +137,110 @@ class ModeEstimates:
 
 
 @dataclass
+class _Regime:
+    """Decayed sums over one load level's steps in one regime: tokens × the target-only step's price, and wall ms."""
+
+    priced: float = 0.0
+    wall: float = 0.0
+    steps: float = 0.0
+
+    def efficiency(self) -> float:
+        """Tokens per wall ms over what target-only passes would give at the steps' loads, as priced."""
+        return self.priced / self.wall
+
+
+@dataclass
+class _Level:
+    drafting: _Regime = field(default_factory=_Regime)
+    target_only: _Regime = field(default_factory=_Regime)
+    tick: int = 0  # the tier's step count when its sums were last decayed
+    held: bool = False  # the verdict: drafting under this load loses to target-only decoding
+    held_since: int = 0  # the tier's step count when it was taken
+
+
+@dataclass
+class LoadedRates:
+    """Whether drafting pays under load, measured with every wait in: per load level (the sequences on the cores,
+    by powers of two), the tier's tokens over its requests' whole step times (StepTiming.wall_ms) in stretches where
+    it drafted and where it did not, each step's tokens weighed by the calibrated price of a target-only pass at its
+    load (so levels' steps compare). A stretch is drafting where a run (not a probe) was chosen within the last round
+    of decisions (one per sequence on the cores) and target-only where none was for two rounds.
+
+    Why: the step costs are learned from each call's own compute and the rate from a request's own passes, waits
+    left out (on purpose: waiting for another request's pass must not make a millisecond look cheap), so the waits
+    that drafting under load imposes where the requests fall out of step (passes that mix drafting and target-only
+    requests, runs ending at different positions, a drafting pass of few while the rest wait) reach no price.
+    Served fp16 at 8 streams on the AMX Xeon (avx512_bf16, amx_bf16): priced ~1.6 s a round, such rounds took
+    ~2.8 s and `adaptive` ran at 0.85-0.87x `none` in half its rounds (docs/serving_log.md). Requests' whole step
+    times tile their time, so these rates are what the load delivers, however it waited.
+
+    Until the level has seen VERDICT_ROUNDS rounds of target-only steps, target-only decoding is taken to reach its
+    price exactly (efficiency 1: no hop, no wait), a bar drafting must clear; where hops make it unreachable,
+    drafting stops until target-only steps are measured and the verdict is taken again. A verdict forms on
+    VERDICT_ROUNDS rounds of drafting steps (evidence fading over LOADED_MEMORY steps, so a stretch that turns
+    ragged is seen within a few rounds) and holds drafting for HOLD_ROUNDS rounds, after which drafting is tried
+    again (the load or the text may have changed): a try costs about VERDICT_ROUNDS rounds in the losing regime,
+    under 1% of the held stretch. O(levels) in memory."""
+
+    since_run: int = 1 << 30  # the tier's decisions since one chose a run (not a probe)
+    tick: int = 0
+    levels: dict[int, _Level] = field(default_factory=dict)
+
+    def decided(self, run: bool) -> None:
+        """A decision of the tier: a run (True) or target-only / a probe (False)."""
+        self.since_run = 0 if run else self.since_run + 1
+
+    def observe(self, everyone: int, emitted: int, wall_ms: float, target_only_ms: float) -> None:
+        """A step under load: `everyone` sequences on the cores, `emitted` tokens in `wall_ms`, a target-only pass
+        of them priced `target_only_ms` (calibrated, not live-scaled: only the load level is normalised away)."""
+        if everyone <= 1 or not (wall_ms > 0 and math.isfinite(wall_ms)):
+            return
+        regime_of = self.since_run < everyone, self.since_run >= 2 * everyone
+        self.tick += 1
+        level = self._level(everyone)
+        regime = level.drafting if regime_of[0] else level.target_only if regime_of[1] else None
+        if regime is not None:
+            regime.priced += emitted * target_only_ms
+            regime.wall += wall_ms
+            regime.steps += 1
+
+    def holds(self, everyone: int) -> bool:
+        """Whether drafting is held at this load: it delivered less, waits included, than target-only decoding."""
+        if everyone <= 1:
+            return False
+        level = self._level(everyone)
+        keep = 1.0 - 1.0 / LOADED_MEMORY
+        form = (1.0 - keep ** (VERDICT_ROUNDS * everyone)) / (1.0 - keep) - 1e-9  # VERDICT_ROUNDS rounds, faded
+        drafting, target_only = level.drafting, level.target_only
+        if level.held:
+            if self.tick - level.held_since < HOLD_ROUNDS * everyone:
+                return True
+            level.held = False  # tried again
+        if drafting.steps >= form:  # enough seen since it was last tried
+            bar = target_only.efficiency() if target_only.steps >= form else 1.0
+            if drafting.efficiency() < bar:
+                level.held, level.held_since = True, self.tick
+        return level.held
+
+    def _level(self, everyone: int) -> _Level:
+        """Its load level, its sums decayed to now."""
+        level = self.levels.setdefault((everyone - 1).bit_length(), _Level(tick=self.tick))
+        keep = (1.0 - 1.0 / LOADED_MEMORY) ** (self.tick - level.tick)  # each step fades the evidence
+        level.tick = self.tick
+        for r in (level.drafting, level.target_only):
+            r.priced, r.wall, r.steps = keep * r.priced, keep * r.wall, keep * r.steps
+        return level
+
+    def to_dict(self) -> dict:
+        """Per load level (its most sequences): each regime's efficiency and steps, and whether drafting is held."""
+        return {str(1 << k): {"drafting_efficiency": lv.drafting.efficiency() if lv.drafting.wall else None,
+                              "drafting_steps": lv.drafting.steps,
+                              "target_only_efficiency": lv.target_only.efficiency() if lv.target_only.wall else None,
+                              "target_only_steps": lv.target_only.steps, "drafting_held": lv.held}
+                for k, lv in sorted(self.levels.items())}
+
+
+@dataclass
 class TierEstimates:
     """A tier's shared estimates: its live cost, and acceptance and rate per sampling mode."""
 
@@ -150,6 +257,7 @@ class TierEstimates:
     # a pass is priced as carrying them all. Priced as alone, the first steps of a burst drafted where drafting
     # together would not pay, and did not draft together where it would (PassLoad.now)
     in_flight: int = 0
+    loaded: LoadedRates = field(default_factory=LoadedRates)  # whether drafting pays under load, waits included
 
     predictor_version: str | None = None  # the predictor whose outputs the acceptance calibrations map
     _predictor: object = field(default=None, repr=False)  # the last one seen (a version is a hash: taken once each)
@@ -174,7 +282,8 @@ class TierEstimates:
 
     def load_dict(self) -> dict:
         """What its passes carry now, and the generations in flight its drafting is priced for."""
-        return {**self.load.to_dict(), "sharing": self.sharing, "in_flight": self.in_flight}
+        return {**self.load.to_dict(), "sharing": self.sharing, "in_flight": self.in_flight,
+                "drafting_under_load": self.loaded.to_dict()}
 
     def mode(self, greedy: bool) -> ModeEstimates:
         return self.greedy if greedy else self.sampled
@@ -228,6 +337,10 @@ class RequestEstimates:
         ms = t.draft_ms + t.verify_ms - t.draft_waited_ms - t.verify_waited_ms  # its passes, not waits for others'
         self.rate.observe(t.emitted, ms)
         self.shared.rate.observe(t.emitted, ms)
+        everyone = max(t.batch_size, self.tier.sharing)
+        if everyone > 1:  # the load's delivery, every wait in (LoadedRates)
+            self.tier.loaded.observe(everyone, t.emitted, t.draft_ms + t.verify_ms if t.wall_ms is None else t.wall_ms,
+                                     float(self.tier.cost.base.verify_ms(0, 0, everyone, everyone - 1)))
 
     def to_dict(self) -> dict:
         return {**_calibrations(self.acceptance, self.token_acceptance), "tokens_per_s": (self.rate.value or 0.0) * 1e3,

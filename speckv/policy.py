@@ -54,6 +54,9 @@ class StepTiming:
     draft_passes: int = 0  # the drafting passes the draft call ran (its batch's longest run; 0: not reported)
     draft_rows: int = 0  # the sequence-positions they carried (the sum of its batch's runs)
     verify_read: int = 0  # of `batch_tokens`, context read beyond what is scored (Verification.read_tokens)
+    # the request's whole step, from the end of its previous one: its decision, calls, hops and every wait, however
+    # it waited (None: draft_ms + verify_ms). A request's steps tile its time, so its tokens over these are its rate
+    wall_ms: float | None = None
 
 
 @dataclass(frozen=True)

@@ -509,3 +509,46 @@ def test_a_steps_timing_carries_what_its_passes_read_for_other_requests(tokenize
     asyncio.run(run_to_completion(request, SplitExecutor(propose, verify, close), policy, tokenizer))
     later = [t for t in policy.timings if t is not None]
     assert later and {(t.draft_behind, t.verify_read) for t in later} == {(40, 40)}
+
+
+def test_a_steps_whole_time_counts_what_it_waited_outside_its_calls(tokenizer):
+    """StepTiming.wall_ms runs from the end of the request's previous step to the end of this one, so a request's
+    steps tile its time: a wait outside its calls (here its decision, 30 ms; served, anything that held it) is in
+    it, where draft_ms + verify_ms miss it. `adaptive` judges drafting under load on it (estimates.LoadedRates)."""
+    import time
+
+    from speckv.engine import SplitExecutor, run_to_completion
+    from speckv.signals import NO_STOP, DraftSignals
+    from speckv.workers import Proposal, Verification
+
+    async def propose(inputs):
+        return Proposal([5], None, DraftSignals([0.0], [0.9], [1.0]), 1.0, 2)
+
+    async def verify(inputs, drafted):
+        return Verification([5, 6], None, 1.0, 2)
+
+    async def close(session_id):
+        pass
+
+    class Slow:
+        name, draft_stop = "slow", NO_STOP
+
+        def __init__(self) -> None:
+            self.timings = []
+
+        def choose(self, context):
+            time.sleep(0.03)
+            return 1
+
+        def observe(self, outcome) -> None:
+            self.timings.append(outcome.timing)
+
+    policy = Slow()
+    request = GenerationRequest(prompt_ids=PROMPT, max_new_tokens=8)
+    start = time.perf_counter()
+    asyncio.run(run_to_completion(request, SplitExecutor(propose, verify, close), policy, tokenizer))
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    later = [t for t in policy.timings if t is not None]
+    assert len(later) >= 2
+    assert all(t.wall_ms >= 30.0 > t.draft_ms + t.verify_ms for t in later)
+    assert sum(t.wall_ms for t in later) <= elapsed_ms

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from speckv.cost_model import CostModel
-from speckv.estimates import TIER_MEMORY, TIER_PRIOR, LogitCalibration, TierEstimates
+from speckv.estimates import HOLD_ROUNDS, TIER_MEMORY, TIER_PRIOR, LoadedRates, LogitCalibration, TierEstimates
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -88,3 +88,52 @@ def test_a_tiers_pass_row_follows_its_requests_recent_rows_and_is_shown():
     assert mode.pass_row == pytest.approx([-1.0, 0.0], abs=0.05)
     shown = estimates.to_dict()["greedy"]["pass_acceptance"]
     assert shown == pytest.approx([1 / (1 + math.exp(1.0)), 0.5], abs=0.02)
+
+
+def _loaded_steps(loaded: LoadedRates, everyone: int, rounds: int, run: bool, ms_per_token: float) -> None:
+    """`rounds` rounds of `everyone` steps, each a decision (a run or not) and a one-token step taking
+    `ms_per_token` of wall time, a target-only pass of them priced 100 ms."""
+    for _ in range(rounds * everyone):
+        loaded.decided(run)
+        loaded.observe(everyone, 1, ms_per_token, 100.0)
+
+
+def test_drafting_under_load_is_held_where_it_delivered_less_with_its_waits():
+    """Eight sequences on the cores. Target-only rounds delivered a token per 110 ms of a request's whole step
+    (hops and waits in); where drafting rounds delivered one per 130 ms, drafting is held, and tried again after
+    HOLD_ROUNDS rounds; where they delivered one per 90 ms, it is not. Alone nothing is held. Before any
+    target-only round is measured, drafting must beat target-only decoding as priced (100 ms)."""
+    def held_after(drafting_ms: float) -> bool:
+        loaded = LoadedRates()
+        _loaded_steps(loaded, 8, 3, False, 110.0)
+        _loaded_steps(loaded, 8, 2, True, drafting_ms)
+        return loaded.holds(8)
+
+    assert held_after(130.0) and not held_after(90.0)
+    assert not held_after(105.0)  # slower than priced, faster than target-only decoding measured
+    unmeasured = LoadedRates()
+    _loaded_steps(unmeasured, 8, 1, True, 105.0)
+    assert not unmeasured.holds(8)  # one round: too little to judge
+    _loaded_steps(unmeasured, 8, 1, True, 105.0)
+    assert unmeasured.holds(8)  # two, against the price: held until target-only decoding is measured
+    _loaded_steps(unmeasured, 8, HOLD_ROUNDS, False, 110.0)
+    assert not unmeasured.holds(8)  # tried again
+    _loaded_steps(unmeasured, 8, 2, True, 105.0)
+    assert not unmeasured.holds(8)  # and 105 ms beats the 110 measured
+    alone = LoadedRates()
+    _loaded_steps(alone, 1, 5, True, 1000.0)
+    assert not alone.holds(1) and not alone.levels
+    assert "drafting_under_load" in TierEstimates.calibrated(CostModel(80.0, 200.0, 10.0)).load_dict()
+
+
+def test_the_drafting_verdict_is_per_load_level_and_follows_a_turn():
+    """Evidence at two sequences says nothing of eight; and a stretch of drafting that turns slow (runs ragged)
+    is held within a few rounds though it was fast before."""
+    loaded = LoadedRates()
+    _loaded_steps(loaded, 8, 3, False, 110.0)
+    _loaded_steps(loaded, 2, 20, True, 500.0)
+    assert loaded.holds(2) and not loaded.holds(8)
+    _loaded_steps(loaded, 8, 10, True, 90.0)
+    assert not loaded.holds(8)
+    _loaded_steps(loaded, 8, 4, True, 250.0)
+    assert loaded.holds(8)

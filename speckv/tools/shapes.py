@@ -128,7 +128,7 @@ def token_acceptance_predictor(artifact: AcceptancePredictor, acceptance: float)
 
 def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: CostModel, acceptance: list[float],
                     seed: int, prompt_len: int = 64, tokens: int = 32, requests: int = 1,
-                    steady: bool = False) -> tuple[float, float]:
+                    steady: bool = False, unseen_ms: float = 0.0) -> tuple[float, float]:
     """Streams decoding together under a shape, one per entry of `acceptance` (its requests' per-token
     acceptance): each sends `requests` requests one after another, of `tokens` tokens each (their prompts read by
     the target, not by the draft), so the load holds as requests end and new ones begin. One verify pass per step
@@ -138,6 +138,9 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
     Returns (tokens per second, mean γ) of all the streams until the last is done (a burst, as
     scripts/concurrent_bench.py runs it), or, `steady`, until the first is done: a steady load, as a load tool
     keeping `len(acceptance)` streams in flight measures it, without the stragglers at the end.
+    `unseen_ms`: wall time every drafting pass costs beyond what `cost` says and the calls report, which every
+    request waits for (the waits of requests out of step on shared cores, which no call's time shows; served fp16
+    at 8 streams on the AMX Xeon, rounds priced ~1.6 s took ~2.8 s): only the steps' whole times show it.
 
     Common random numbers: whether the draft's token at a position of a request is accepted is drawn once per
     (seed, stream, request, position), as a trace fixes it, so every policy meets the same text and runs with
@@ -168,7 +171,8 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
         drafting = sum(float(cost.draft_ms(1, sum(g >= k for g in runs))) for k in range(1, max(runs) + 1))
         draft = catch_up + drafting  # the catch-ups, then the drafting passes: what a drafting request waits
         verify = float(cost.verify_ms(0, prompt_len, len(running), tokens_scored - 1))
-        clock += draft + verify
+        wall = draft + verify + unseen_ms * max(runs)  # every request waits for the whole step
+        clock += wall
         for i, r in enumerate(list(running)):
             accepted = 0  # the draft's tokens at the positions after this one, until one is rejected
             while accepted < r["gamma"] and r["accepts"][r["position"] + accepted]:
@@ -178,7 +182,8 @@ def decode_together(make_policy: Callable[[TierEstimates], GammaPolicy], cost: C
             timing = StepTiming(draft if drafted else 0.0, verify, r["context"].context_len, accepted + 1,
                                 drafting if drafted else 0.0, verify, len(running), tokens_scored,
                                 r["context"].draft_behind, catch_up if drafted else 0.0, others_deepest=others,
-                                draft_passes=max(runs) if drafted else 0, draft_rows=sum(runs) if drafted else 0)
+                                draft_passes=max(runs) if drafted else 0, draft_rows=sum(runs) if drafted else 0,
+                                wall_ms=wall)
             signals = DraftSignals([0.8] * r["gamma"], [0.8] * r["gamma"], [0.5] * r["gamma"])
             r["policy"].observe(r["progress"].advance(signals, accepted, timing if r["step"] else None))
             r["position"] += accepted + 1
