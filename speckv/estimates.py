@@ -36,6 +36,7 @@ PASS_ROW_WEIGHT = 0.05  # a request's row in its tier's running mean (`ModeEstim
 # `LoadedRates`: steps over which its wall-rate evidence fades; rounds of a load level's steps (a round: one step of
 # each sequence on the cores) a verdict forms on, and rounds a verdict holds drafting before it is tried again
 LOADED_MEMORY, VERDICT_ROUNDS, HOLD_ROUNDS = 200.0, 2, 250
+VERDICT_MARGIN = 0.05  # drafting is held where it delivered less than (1 - this) of target-only decoding
 
 
 @dataclass
@@ -174,9 +175,12 @@ class LoadedRates:
     ~2.8 s and `adaptive` ran at 0.85-0.87x `none` in half its rounds (docs/serving_log.md). Requests' whole step
     times tile their time, so these rates are what the load delivers, however it waited.
 
+    Drafting is held where it delivered less than 1 - VERDICT_MARGIN of what target-only decoding did: within that,
+    the priced decisions stand (a request's first drafting rounds are its estimates' learning, and judged on them
+    alone drafting that paid 7% was held: simulated, AMX shape, 4 streams).
     Until the level has seen VERDICT_ROUNDS rounds of target-only steps, target-only decoding is taken to reach its
     price exactly (efficiency 1: no hop, no wait), a bar drafting must clear; where hops make it unreachable,
-    drafting stops until target-only steps are measured and the verdict is taken again. A verdict forms on
+    drafting stops until target-only steps are measured, and resumes if it beat them. A verdict forms on
     VERDICT_ROUNDS rounds of drafting steps (evidence fading over LOADED_MEMORY steps, so a stretch that turns
     ragged is seen within a few rounds) and holds drafting for HOLD_ROUNDS rounds, after which drafting is tried
     again (the load or the text may have changed): a try costs about VERDICT_ROUNDS rounds in the losing regime,
@@ -212,14 +216,15 @@ class LoadedRates:
         keep = 1.0 - 1.0 / LOADED_MEMORY
         form = (1.0 - keep ** (VERDICT_ROUNDS * everyone)) / (1.0 - keep) - 1e-9  # VERDICT_ROUNDS rounds, faded
         drafting, target_only = level.drafting, level.target_only
+        bar = (1.0 - VERDICT_MARGIN) * (target_only.efficiency() if target_only.steps >= form else 1.0)
         if level.held:
-            if self.tick - level.held_since < HOLD_ROUNDS * everyone:
-                return True
-            level.held = False  # tried again
-        if drafting.steps >= form:  # enough seen since it was last tried
-            bar = target_only.efficiency() if target_only.steps >= form else 1.0
-            if drafting.efficiency() < bar:
-                level.held, level.held_since = True, self.tick
+            if self.tick - level.held_since >= HOLD_ROUNDS * everyone:
+                level.held = False  # tried again
+            else:  # its drafting evidence stands; the bar may have moved (target-only decoding measured since)
+                level.held = drafting.efficiency() < bar
+                return level.held
+        if drafting.steps >= form and drafting.efficiency() < bar:  # enough seen since it was last tried
+            level.held, level.held_since = True, self.tick
         return level.held
 
     def _level(self, everyone: int) -> _Level:
