@@ -122,6 +122,14 @@ def test_drafting_under_load_is_held_where_it_delivered_less_with_its_waits():
     assert unmeasured.holds(8)  # (the round after a run is neither regime's)
     _loaded_steps(unmeasured, 8, 2, False, 120.0)
     assert not unmeasured.holds(8)  # measured: 110 ms beats its 120
+    flapping = LoadedRates()
+    _loaded_steps(flapping, 8, 3, False, 110.0)
+    _loaded_steps(flapping, 8, 2, True, 118.0)
+    assert flapping.holds(8)
+    _loaded_steps(flapping, 8, 6, False, 114.0)
+    assert flapping.holds(8)  # within the margin of target-only decoding now, but not as good: held still
+    _loaded_steps(flapping, 8, 10, False, 125.0)
+    assert not flapping.holds(8)  # target-only decoding measured slower than drafting was: lifted
     losing = LoadedRates()
     _loaded_steps(losing, 8, 3, False, 110.0)
     _loaded_steps(losing, 8, 2, True, 130.0)
