@@ -475,19 +475,19 @@ def test_the_work_overlapped_with_a_verification_waits_for_the_other_requests_ca
     assert log[:3] == ["call a", "call b", "call c"] and sorted(log[3:]) == ["work a", "work b", "work c"]
 
 
-def test_a_steps_timing_carries_what_its_passes_read_for_other_requests(tokenizer):
-    """The policy learns a step's costs from its timing: a drafting pass where another request's prompt rode
-    (Proposal.most_read) counts as a catch-up, and a verify pass that read a prompt says how much
-    (Verification.read_tokens), so neither is learned as drafting or verification (LiveCost.observe)."""
+def _timings_of_one_draft_step(tokenizer, proposal, verification, decide_s: float = 0.0) -> list:
+    """Run a request whose every step drafts one token, the calls returning `proposal` and `verification` and
+    each decision taking `decide_s`; the StepTimings its policy was told (from its second step)."""
+    import time
+
     from speckv.engine import SplitExecutor, run_to_completion
-    from speckv.signals import NO_STOP, DraftSignals
-    from speckv.workers import Proposal, Verification
+    from speckv.signals import NO_STOP
 
     async def propose(inputs):
-        return Proposal([5], None, DraftSignals([0.0], [0.9], [1.0]), 10.0, 2, passes=1, rows=2, most_read=40)
+        return proposal
 
     async def verify(inputs, drafted):
-        return Verification([5, 6], None, 30.0, 2, 2 + 1 + 40, read_tokens=40)
+        return verification
 
     async def close(session_id):
         pass
@@ -499,15 +499,28 @@ def test_a_steps_timing_carries_what_its_passes_read_for_other_requests(tokenize
             self.timings = []
 
         def choose(self, context):
+            time.sleep(decide_s)
             return 1
 
         def observe(self, outcome) -> None:
             self.timings.append(outcome.timing)
 
     policy = Recording()
-    request = GenerationRequest(prompt_ids=PROMPT, max_new_tokens=6)
+    request = GenerationRequest(prompt_ids=PROMPT, max_new_tokens=8)
     asyncio.run(run_to_completion(request, SplitExecutor(propose, verify, close), policy, tokenizer))
-    later = [t for t in policy.timings if t is not None]
+    return [t for t in policy.timings if t is not None]
+
+
+def test_a_steps_timing_carries_what_its_passes_read_for_other_requests(tokenizer):
+    """The policy learns a step's costs from its timing: a drafting pass where another request's prompt rode
+    (Proposal.most_read) counts as a catch-up, and a verify pass that read a prompt says how much
+    (Verification.read_tokens), so neither is learned as drafting or verification (LiveCost.observe)."""
+    from speckv.signals import DraftSignals
+    from speckv.workers import Proposal, Verification
+
+    later = _timings_of_one_draft_step(
+        tokenizer, Proposal([5], None, DraftSignals([0.0], [0.9], [1.0]), 10.0, 2, passes=1, rows=2, most_read=40),
+        Verification([5, 6], None, 30.0, 2, 2 + 1 + 40, read_tokens=40))
     assert later and {(t.draft_behind, t.verify_read) for t in later} == {(40, 40)}
 
 
@@ -517,38 +530,13 @@ def test_a_steps_whole_time_counts_what_it_waited_outside_its_calls(tokenizer):
     it, where draft_ms + verify_ms miss it. `adaptive` judges drafting under load on it (estimates.LoadedRates)."""
     import time
 
-    from speckv.engine import SplitExecutor, run_to_completion
-    from speckv.signals import NO_STOP, DraftSignals
+    from speckv.signals import DraftSignals
     from speckv.workers import Proposal, Verification
 
-    async def propose(inputs):
-        return Proposal([5], None, DraftSignals([0.0], [0.9], [1.0]), 1.0, 2)
-
-    async def verify(inputs, drafted):
-        return Verification([5, 6], None, 1.0, 2)
-
-    async def close(session_id):
-        pass
-
-    class Slow:
-        name, draft_stop = "slow", NO_STOP
-
-        def __init__(self) -> None:
-            self.timings = []
-
-        def choose(self, context):
-            time.sleep(0.03)
-            return 1
-
-        def observe(self, outcome) -> None:
-            self.timings.append(outcome.timing)
-
-    policy = Slow()
-    request = GenerationRequest(prompt_ids=PROMPT, max_new_tokens=8)
     start = time.perf_counter()
-    asyncio.run(run_to_completion(request, SplitExecutor(propose, verify, close), policy, tokenizer))
+    later = _timings_of_one_draft_step(tokenizer, Proposal([5], None, DraftSignals([0.0], [0.9], [1.0]), 1.0, 2),
+                                       Verification([5, 6], None, 1.0, 2), decide_s=0.03)
     elapsed_ms = (time.perf_counter() - start) * 1e3
-    later = [t for t in policy.timings if t is not None]
     assert len(later) >= 2
     assert all(t.wall_ms >= 30.0 > t.draft_ms + t.verify_ms for t in later)
     assert sum(t.wall_ms for t in later) <= elapsed_ms
