@@ -37,6 +37,7 @@ PASS_ROW_WEIGHT = 0.05  # a request's row in its tier's running mean (`ModeEstim
 # each sequence on the cores) a verdict forms on, and rounds a verdict holds drafting before it is tried again
 LOADED_MEMORY, VERDICT_ROUNDS, HOLD_ROUNDS = 200.0, 2, 250
 VERDICT_MARGIN = 0.05  # drafting is held where it delivered less than (1 - this) of target-only decoding
+_LOADED_KEEP = 1.0 - 1.0 / LOADED_MEMORY  # what a step leaves of the evidence before it
 
 
 @dataclass
@@ -145,9 +146,10 @@ class _Regime:
     wall: float = 0.0
     steps: float = 0.0
 
-    def efficiency(self) -> float:
-        """Tokens per wall ms over what target-only passes would give at the steps' loads, as priced."""
-        return self.priced / self.wall
+    def efficiency(self) -> float | None:
+        """Tokens per wall ms over what target-only passes would give at the steps' loads, as priced; None where
+        nothing is left of its evidence."""
+        return self.priced / self.wall if self.wall > 0 else None
 
 
 @dataclass
@@ -218,24 +220,24 @@ class LoadedRates:
         if everyone <= 1:
             return False
         level = self._level(everyone)
-        keep = 1.0 - 1.0 / LOADED_MEMORY
-        form = (1.0 - keep ** (VERDICT_ROUNDS * everyone)) / (1.0 - keep) - 1e-9  # VERDICT_ROUNDS rounds, faded
-        drafting, target_only = level.drafting, level.target_only
+        # VERDICT_ROUNDS rounds of steps, as faded
+        form = (1.0 - _LOADED_KEEP ** (VERDICT_ROUNDS * everyone)) / (1.0 - _LOADED_KEEP) - 1e-9
+        drafted, target_only = level.drafting.efficiency(), level.target_only
         target_only_level = target_only.efficiency() if target_only.steps >= form else 1.0
         if level.held:
-            if self.tick - level.held_since >= HOLD_ROUNDS * everyone:
-                level.held = False  # tried again
+            if self.tick - level.held_since >= HOLD_ROUNDS * everyone or drafted is None:
+                level.held = False  # tried again (or its evidence has faded to nothing: a level long unvisited)
             else:  # its drafting evidence stands; lifted where target-only decoding, measured since, did no better
-                level.held = drafting.efficiency() < target_only_level
+                level.held = drafted < target_only_level
                 return level.held
-        if drafting.steps >= form and drafting.efficiency() < (1.0 - VERDICT_MARGIN) * target_only_level:
+        if level.drafting.steps >= form and drafted < (1.0 - VERDICT_MARGIN) * target_only_level:
             level.held, level.held_since = True, self.tick
         return level.held
 
     def _level(self, everyone: int) -> _Level:
         """Its load level, its sums decayed to now."""
         level = self.levels.setdefault((everyone - 1).bit_length(), _Level(tick=self.tick))
-        keep = (1.0 - 1.0 / LOADED_MEMORY) ** (self.tick - level.tick)  # each step fades the evidence
+        keep = _LOADED_KEEP ** (self.tick - level.tick)  # each step fades the evidence
         level.tick = self.tick
         for r in (level.drafting, level.target_only):
             r.priced, r.wall, r.steps = keep * r.priced, keep * r.wall, keep * r.steps
@@ -243,9 +245,8 @@ class LoadedRates:
 
     def to_dict(self) -> dict:
         """Per load level (its most sequences): each regime's efficiency and steps, and whether drafting is held."""
-        return {str(1 << k): {"drafting_efficiency": lv.drafting.efficiency() if lv.drafting.wall else None,
-                              "drafting_steps": lv.drafting.steps,
-                              "target_only_efficiency": lv.target_only.efficiency() if lv.target_only.wall else None,
+        return {str(1 << k): {"drafting_efficiency": lv.drafting.efficiency(), "drafting_steps": lv.drafting.steps,
+                              "target_only_efficiency": lv.target_only.efficiency(),
                               "target_only_steps": lv.target_only.steps, "drafting_held": lv.held}
                 for k, lv in sorted(self.levels.items())}
 

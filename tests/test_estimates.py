@@ -155,3 +155,15 @@ def test_the_drafting_verdict_is_per_load_level_and_follows_a_turn():
     assert not loaded.holds(8)
     _loaded_steps(loaded, 8, 4, True, 250.0)
     assert loaded.holds(8)
+
+
+def test_a_hold_whose_evidence_has_faded_to_nothing_is_lifted_not_a_crash():
+    """A level held and then left unvisited while the tier steps elsewhere: its sums decay until they underflow
+    to zero (1024 sequences on the cores: a hold lasts 256000 steps, the evidence is gone after ~150000), and the
+    verdict is lifted rather than dividing by nothing."""
+    loaded = LoadedRates()
+    _loaded_steps(loaded, 1024, 2, True, 200.0)
+    assert loaded.holds(1024)
+    _loaded_steps(loaded, 2, 80_000, False, 100.0)
+    assert not loaded.holds(1024)
+    assert loaded.to_dict()["1024"]["drafting_efficiency"] is None
