@@ -7,6 +7,8 @@ choose. Prints and saves the medians.
     python scripts/quantized_cpu.py --tier nf4 --compare activations --out nf4_activation_dtype.json
     python scripts/quantized_cpu.py --tier int8 --compare activations --dtype bfloat16 --context 512 \
         --out int8_activations_bf16_512.json
+    python scripts/quantized_cpu.py --tier nf4 --compare many-rows --shapes 1x1,8x1,8x3,1x64,8x64 \
+        --out nf4_many_rows.json
 
 (the saved runs are in docs/results/milan/).
 
@@ -15,7 +17,9 @@ speckv.kernels' blocked one, with the half-precision activations the tier had be
 nf4 bfloat16) or `--dtype`, and whether the logits are identical; on a CPU where bitsandbytes has a kernel of its own
 (int8: AVX-512, nf4: AVX512-BF16) there is nothing to compare. `activations`: the tier loaded with those
 half-precision activations (or `--dtype`) and with float32 (speckv.models.quantized_activations_on_cpu), both with
-whatever kernels load_model installs, and the share of positions where their greedy choices agree.
+whatever kernels load_model installs, and the share of positions where their greedy choices agree. `many-rows` (nf4
+where bitsandbytes packs the weights for its own CPU kernel, AVX512-BF16): every pass through that kernel against
+passes of many rows dequantized into bfloat16 (speckv.kernels.install_many_rows, as load_model chose).
 
 A pass feeds `tokens` tokens to each of `sequences` sequences and keeps every logit: into an empty cache, or with
 `--context N` (activations only) after each sequence's own N-token context, through SessionLM as the live loop
@@ -61,6 +65,27 @@ def kernel_variants(model_spec: str, tier: str, dtype: str | None = None) -> tup
     return {"bitsandbytes": run(False), "blocked": run(True)}, int(model.config.vocab_size)
 
 
+def many_rows_variants(model_spec: str, tier: str) -> tuple[dict[str, Variant], int]:
+    """nf4 where bitsandbytes packs the 4-bit weights for its own CPU kernel: every pass through that kernel
+    against passes of many rows dequantized from the counts `install_many_rows` chose at load."""
+    if tier != "nf4":
+        sys.exit("--compare many-rows is for the nf4 tier")
+    model = load_model(model_spec, tier, device="cpu")
+    chosen = kernels.many_rows_of(model)
+    if not chosen:
+        sys.exit("no 4-bit layer multiplies many rows dequantized here (no packed CPU kernel, or not faster)")
+    print(f"dequantized from (rows, by weight shape): {chosen}", flush=True)
+    layers = [m for m in model.modules() if type(m) is kernels.many_rows_class()]
+
+    def run(dense: bool) -> Variant:
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            for layer in layers:
+                layer.dense_from = chosen[layer.unpacked.shape] if dense else sys.maxsize
+            return model(ids, use_cache=False).logits
+        return forward
+    return {"packed": run(False), "many-rows": run(True)}, int(model.config.vocab_size)
+
+
 def activation_variants(model_spec: str, tier: str, dtype: str | None = None, context: int = 0,
                         sequences: int = 0) -> tuple[dict[str, Variant], int]:
     """The two variants (activations in `dtype`, default HALF, and in float32) and the model's vocabulary size;
@@ -89,7 +114,7 @@ def _after_context(model: torch.nn.Module, context: int, sequences: int) -> Vari
     return forward
 
 
-COMPARISONS = ("activations", "kernel")
+COMPARISONS = ("activations", "kernel", "many-rows")
 
 
 def main() -> None:
@@ -117,6 +142,8 @@ def main() -> None:
     if args.compare == "activations":
         most = max(int(shape.split("x")[0]) for shape in shapes.split(","))
         variants, vocab = activation_variants(args.model, args.tier, args.dtype, args.context, most)
+    elif args.compare == "many-rows":
+        variants, vocab = many_rows_variants(args.model, args.tier)
     else:
         variants, vocab = kernel_variants(args.model, args.tier, args.dtype)
     names = list(variants)

@@ -29,13 +29,23 @@ dtype and the shape (bfloat16 here is faster as it is; one row through the 1.5B'
 time (`probe_small_rows`: each count of 1-9 rows, then one count for each range up to 256 rows, a batched pass's
 or a prompt chunk's), and swaps its linear layers to `SmallRowsLinear` only for the shapes and row counts
 where the other is faster (docs/RESULTS.md, "Few-row passes multiplied the faster way").
+
+A fourth concerns the nf4 tier where bitsandbytes has its own CPU kernel (AVX512-BF16): that kernel packs each
+4-bit weight for itself and runs every pass through it, and its cost grows with the rows about as much as a
+one-row pass costs (8960 x 1536 on the AMX Xeon here: 0.5 ms one row, 11 ms 64, 88 ms 512), where the same weight
+dequantized into bfloat16 and multiplied on the CPU's matrix units costs 4-5 ms for up to 64 rows and 12 ms for
+512. `install_many_rows(model)` keeps each 4-bit weight's unpacked form too (half a byte a parameter more) and
+makes its layers `ManyRowsLinear4bit`, which multiply passes of at least `dense_from` rows (a prompt, a batched
+verification) dequantized, only for the weight shapes where a probe at load finds that clearly faster.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,8 +172,11 @@ def installed(name: str) -> bool:
 def kernels_for(model: torch.nn.Module) -> str:
     """What of ours `model`'s layers run, for keys of what its calls cost ("" for none): the names of the
     installed kernels whose bitsandbytes layers it has on the CPU (a 4-bit layer that bitsandbytes packed for
-    its own kernel runs that instead), and SMALL_ROWS where its linear layers are `SmallRowsLinear`."""
+    its own kernel runs that instead), SMALL_ROWS where its linear layers are `SmallRowsLinear` and MANY_ROWS where
+    its 4-bit ones are `ManyRowsLinear4bit`."""
     used = [SMALL_ROWS] if small_rows_of(model) else []
+    if many_rows_of(model):
+        used.append(MANY_ROWS)
     if not _installed:
         return ",".join(used)
     import bitsandbytes.nn
@@ -345,3 +358,141 @@ def small_rows_of(model: torch.nn.Module) -> dict[tuple[int, int], frozenset[int
     """The row counts `model`'s linear layers multiply transposed, by weight shape (empty where
     `install_small_rows` chose none)."""
     return {tuple(m.weight.shape): m.transposed_rows for m in model.modules() if type(m) is SmallRowsLinear}
+
+
+# ------------------------------------------------------------------------------ 4-bit passes of many rows
+
+MANY_ROWS = "nf4-many-rows"  # its name in a calibration key (kernels_for)
+MANY_ROWS_PROBED = (16, 24, 32, 48, 64, 128)  # row counts timed both ways; past the last the dequantized product
+# only gains (the packed kernel's cost grows with the rows, the dequantizing does not)
+MANY_ROWS_GATE = 0.8  # a shape keeps the unpacked weights (half a byte a parameter) only where, at the last count
+# probed, the dequantized product costs at most this share of the packed kernel's
+
+
+@dataclass(frozen=True)
+class Unpacked4bit:
+    """A 4-bit weight as bitsandbytes quantized it, before its CPU kernel packs it: `qweight` [(N*K+1)//2]
+    uint8, two values a byte, one float32 `absmax` scale per `blocksize` values (nested scales dequantized)."""
+
+    qweight: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    quant_type: str
+    shape: tuple[int, int]  # [N, K]
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [N, K] in `dtype`, by bitsandbytes' own dequantizing kernel."""
+        return torch.ops.bitsandbytes.dequantize_4bit.default(self.qweight, self.absmax, self.blocksize,
+                                                              self.quant_type, list(self.shape), dtype)
+
+
+def unpacked_4bit(layer: torch.nn.Module) -> Unpacked4bit | None:
+    """`layer`'s 4-bit weight before bitsandbytes packs it for its CPU kernel (at its first pass); None once it is
+    packed (nothing left to keep)."""
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        return None
+    absmax = state.absmax
+    if state.nested:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32) + state.offset
+    return Unpacked4bit(layer.weight.data.view(torch.uint8).reshape(-1), absmax.float(), state.blocksize,
+                        state.quant_type, tuple(state.shape))
+
+
+@functools.cache
+def many_rows_class() -> type:
+    """`ManyRowsLinear4bit`, a subclass of bitsandbytes' Linear4bit (made at first use: bitsandbytes is imported
+    only where a 4-bit model is loaded)."""
+    import bitsandbytes.nn
+
+    class ManyRowsLinear4bit(bitsandbytes.nn.Linear4bit):
+        """A 4-bit layer that multiplies passes of at least `dense_from` rows by its weight dequantized into the
+        compute dtype (`unpacked`), every other pass as Linear4bit does (bitsandbytes' packed CPU kernel)."""
+
+        dense_from: int = sys.maxsize  # set per layer by install_many_rows
+        unpacked: Unpacked4bit
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.numel() // x.shape[-1] < self.dense_from:
+                return super().forward(x)
+            dtype = self.compute_dtype or x.dtype
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return torch.nn.functional.linear(x.to(dtype), self.unpacked.dequantized(dtype), bias).to(x.dtype)
+
+    return ManyRowsLinear4bit
+
+
+def _packed_for_cpu(layer: torch.nn.Module) -> bool:
+    """Whether bitsandbytes runs `layer` (a Linear4bit on the CPU) through its own packed CPU kernel."""
+    return layer.weight.device.type == "cpu" and bool(getattr(layer, "support_avx512bf16_for_cpu", False))
+
+
+def probe_many_rows(layer: torch.nn.Module, unpacked: Unpacked4bit, counts: tuple[int, ...] = MANY_ROWS_PROBED,
+                    rounds: int = PROBE_ROUNDS, clock: Callable[[], float] = time.perf_counter) -> int | None:
+    """The row count from which passes through `layer` (a ManyRowsLinear4bit) are dequantized: the first of
+    `counts` from which on the dequantized product is faster at every count (median over `rounds` of the ratio
+    of the two, timed back to back), where at the last it costs at most MANY_ROWS_GATE of the packed kernel's;
+    else None (the shape keeps the packed kernel and drops its unpacked weights)."""
+    ratios = []
+    for rows in counts:
+        x = torch.randn(rows, layer.in_features, dtype=layer.compute_dtype or torch.bfloat16)
+        for dense_from in (sys.maxsize, rows):  # untimed: the first pass packs the weight
+            layer.dense_from = dense_from
+            layer(x)
+        took = []
+        for _ in range(rounds):
+            times = []
+            for dense_from in (sys.maxsize, rows):
+                layer.dense_from = dense_from
+                start = clock()
+                layer(x)
+                times.append(clock() - start)
+            took.append(times[1] / times[0])
+        ratios.append(statistics.median(took))
+    if ratios[-1] > MANY_ROWS_GATE:
+        return None
+    first = len(counts)
+    while first and ratios[first - 1] < 1.0:
+        first -= 1
+    return counts[first]
+
+
+def install_many_rows(model: torch.nn.Module) -> dict[tuple[int, int], int]:
+    """Where bitsandbytes runs `model`'s 4-bit layers through its packed CPU kernel, probe one layer of each weight
+    shape (`probe_many_rows`) and make the layers of each shape where passes of many rows are clearly faster
+    dequantized `ManyRowsLinear4bit` from the row count found; leave the rest as they are. Call it before the
+    model's first pass (that packs the weights). Returns the count by shape ([N, K]), shapes with none left out."""
+    import bitsandbytes.nn
+
+    by_shape: dict[tuple[int, int], list[tuple[torch.nn.Module, Unpacked4bit]]] = {}
+    for layer in model.modules():
+        if isinstance(layer, bitsandbytes.nn.Linear4bit) and _packed_for_cpu(layer):
+            unpacked = unpacked_4bit(layer)
+            if unpacked is not None:
+                by_shape.setdefault(unpacked.shape, []).append((layer, unpacked))
+    chosen = {}
+    for shape, layers in by_shape.items():
+        for layer, unpacked in layers:
+            layer.__class__ = many_rows_class()
+            layer.unpacked = unpacked
+        with torch.inference_mode():
+            dense_from = probe_many_rows(*layers[0])
+        for layer, _ in layers:
+            if dense_from is None:
+                layer.__class__ = bitsandbytes.nn.Linear4bit
+                del layer.unpacked
+                layer.__dict__.pop("dense_from", None)
+            else:
+                layer.dense_from = dense_from
+        if dense_from is not None:
+            chosen[shape] = dense_from
+    return chosen
+
+
+def many_rows_of(model: torch.nn.Module) -> dict[tuple[int, int], int]:
+    """The row count from which `model`'s 4-bit layers multiply dequantized, by weight shape (empty where
+    `install_many_rows` chose none)."""
+    if "bitsandbytes" not in sys.modules:
+        return {}
+    return {m.unpacked.shape: m.dense_from for m in model.modules() if type(m) is many_rows_class()}

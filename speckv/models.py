@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import TIER_KERNELS, install, install_small_rows, quiet_int8_input_cast
+from .kernels import TIER_KERNELS, install, install_many_rows, install_small_rows, quiet_int8_input_cast
 
 EMBEDDED_PREFIX = "embedded:"
 MANIFEST = "speckv-manifest.json"
@@ -225,7 +225,9 @@ def load_model(
     `dtype` is the compute dtype (for int8/nf4, of the non-quantized parts and the matmul inputs).
     Embedded defaults are sha256-verified before loading. Weights are safetensors only (no pickle).
     On a CPU its linear layers multiply passes of a few rows whichever way its BLAS runs faster
-    (`speckv.kernels.install_small_rows`: 0.2 s of timing for the bfloat16 pair on the EPYC here, 8 s in float32).
+    (`speckv.kernels.install_small_rows`: 0.2 s of timing for the bfloat16 pair on the EPYC here, 8 s in float32),
+    and at nf4 where bitsandbytes packs its 4-bit weights for its own CPU kernel, passes of many rows are
+    dequantized where a probe finds that faster (`speckv.kernels.install_many_rows`).
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -265,6 +267,8 @@ def load_model(
     model.requires_grad_(False)
     if on_cpu:  # passes of a few rows multiplied the other way round where this CPU's BLAS runs that faster
         install_small_rows(model)
+    if on_cpu and tier is Tier.NF4:  # passes of many rows dequantized where bitsandbytes' packed kernel is slower
+        install_many_rows(model)
     return model
 
 

@@ -375,3 +375,119 @@ def test_a_probe_of_an_output_embedding_larger_than_a_probe_times_its_first_rows
     (weights,) = [kernels._probe_weights([layer])]
     assert [w.shape for w in weights] == [(100, 16)]
     assert kernels._probe_weights([torch.nn.Linear(16, 50)]) == []  # all of it fits under a probe: not probed
+
+
+# ------------------------------------------------------------------------------------ 4-bit passes of many rows
+
+def _packed_kernel() -> bool:
+    """Whether bitsandbytes runs 4-bit layers on this CPU through its own packed kernel (AVX512-BF16)."""
+    return bnb.nn.Linear4bit(64, 32).support_avx512bf16_for_cpu
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+
+def _four_bit_layer(nested: bool = False, out_features: int = 96):
+    layer = bnb.nn.Linear4bit(128, out_features, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=nested)
+    torch.manual_seed(0)
+    layer.load_state_dict({"weight": torch.randn(out_features, 128) * 0.1, "bias": torch.randn(out_features) * 0.1})
+    return layer.to("cpu").eval()  # quantizes the weights to 4 bits (not packed: that is at its first pass)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_4bit_layer_multiplies_many_rows_dequantized_and_few_through_bitsandbytes_packed_kernel(monkeypatch,
+                                                                                                  nested):
+    if not _packed_kernel():
+        pytest.skip("bitsandbytes has no packed 4-bit CPU kernel on this CPU (no AVX512-BF16): nothing to route")
+    import bitsandbytes.functional as F
+
+    plain, routed = _four_bit_layer(nested), _Wrapped(_four_bit_layer(nested))
+    weight = F.dequantize_4bit(plain.weight.data, plain.weight.quant_state).to(torch.bfloat16)  # before packing
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer, unpacked: 8)
+    assert kernels.install_many_rows(routed) == {(96, 128): 8}
+    layer = routed.layer
+    assert type(layer) is kernels.many_rows_class() and layer.dense_from == 8
+    dequantized = []
+    original = kernels.Unpacked4bit.dequantized
+    monkeypatch.setattr(kernels.Unpacked4bit, "dequantized",
+                        lambda self, dtype: dequantized.append(dtype) or original(self, dtype))
+    with torch.inference_mode():
+        for shape in [(1, 128), (2, 3, 128), (7, 128)]:  # under 8 rows: bitsandbytes' own kernel, bit for bit
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            assert torch.equal(layer(x), plain(x))
+        assert not dequantized
+        for shape in [(8, 128), (3, 5, 128)]:  # 8 rows and more: the weight dequantized, then linear
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            got = layer(x)
+            assert torch.equal(got, torch.nn.functional.linear(x, weight, plain.bias.to(torch.bfloat16)))
+            torch.testing.assert_close(got, plain(x), rtol=0.05, atol=0.05)  # and close to the packed kernel's
+    assert dequantized == [torch.bfloat16] * 2
+
+
+class _FakeRouted(torch.nn.Module):
+    """Times as a ManyRowsLinear4bit would: `packed_ms(rows)` through the packed kernel, `dense_ms(rows)` dequantized."""
+
+    in_features, compute_dtype = 8, torch.bfloat16
+
+    def __init__(self, packed_ms, dense_ms):
+        super().__init__()
+        self.now, self.packed_ms, self.dense_ms, self.dense_from = 0.0, packed_ms, dense_ms, None
+
+    def clock(self) -> float:
+        return self.now
+
+    def forward(self, x):
+        rows = x.shape[0]
+        self.now += (self.dense_ms if rows >= self.dense_from else self.packed_ms)(rows) / 1e3
+        return x
+
+
+def test_the_probe_dequantizes_from_the_first_count_past_which_dequantizing_is_always_faster():
+    # dequantized passes cost 5 ms whatever the rows; the packed kernel 0.2 ms a row, but an outlier at 48
+    fake = _FakeRouted(lambda m: 0.2 * m if m != 48 else 4.0, lambda m: 5.0)
+    assert kernels.probe_many_rows(fake, None, counts=(16, 24, 32, 48, 64, 128), clock=fake.clock) == 64
+    fake = _FakeRouted(lambda m: 0.2 * m, lambda m: 5.0)
+    assert kernels.probe_many_rows(fake, None, counts=(16, 24, 32, 48, 64, 128), clock=fake.clock) == 32
+
+
+def test_the_probe_keeps_the_packed_kernel_where_dequantizing_is_not_clearly_faster():
+    fake = _FakeRouted(lambda m: 0.2 * m, lambda m: 0.9 * 0.2 * m)  # faster everywhere, but by 10% only
+    assert kernels.probe_many_rows(fake, None, counts=(16, 32, 64), clock=fake.clock) is None
+
+
+def test_only_shapes_the_probe_chose_keep_their_unpacked_weights_and_the_calibration_key_names_it(monkeypatch):
+    """Any CPU: the layers are taken as bitsandbytes' packed kernel would run them (the probe is faked). The
+    calibration key's kernels are `kernels_for`'s."""
+    model = _Wrapped(_four_bit_layer())
+    model.other = _four_bit_layer(out_features=64)
+    for layer in (model.layer, model.other):
+        monkeypatch.setattr(layer, "support_avx512bf16_for_cpu", True)
+    assert kernels.kernels_for(model) == ""
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer, unpacked: 16 if unpacked.shape == (96, 128) else None)
+    assert kernels.install_many_rows(model) == {(96, 128): 16}
+    assert type(model.layer) is kernels.many_rows_class() and type(model.other) is bnb.nn.Linear4bit
+    assert not hasattr(model.other, "unpacked")  # its half a byte a parameter dropped
+    assert kernels.many_rows_of(model) == {(96, 128): 16}
+    assert kernels.kernels_for(model) == kernels.MANY_ROWS
+
+
+def test_loading_the_nf4_tier_on_a_cpu_dequantizes_many_rows_where_bitsandbytes_packs_for_its_own_kernel(
+        monkeypatch, tmp_path):
+    from speckv.models import load_model
+
+    probed = []
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer, unpacked: probed.append(unpacked.shape) or 16)
+    tiny_model(0, torch.bfloat16).save_pretrained(tmp_path / "tiny")
+    model = load_model(str(tmp_path / "tiny"), "nf4", device="cpu")
+    if not _packed_kernel():
+        assert not probed and kernels.many_rows_of(model) == {}
+        return
+    four_bit = {tuple(m.weight.quant_state.shape) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert sorted(probed) == sorted(four_bit) and kernels.many_rows_of(model) == {s: 16 for s in four_bit}
+    with torch.inference_mode():  # a prompt of 20 tokens dequantized, then one token through the packed kernel
+        out = model(torch.arange(1, 21)[None], use_cache=True)
+        assert torch.isfinite(model(torch.tensor([[3]]), past_key_values=out.past_key_values).logits).all()
