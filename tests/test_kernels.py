@@ -429,7 +429,8 @@ def test_a_4bit_layer_multiplies_many_rows_dequantized_and_few_through_bitsandby
 
 
 class _FakeRouted(torch.nn.Module):
-    """Times as a ManyRowsLinear4bit would: `packed_ms(rows)` through the packed kernel, `dense_ms(rows)` dequantized."""
+    """Times as a ManyRowsLinear4bit would: `packed_ms(rows)` through the packed kernel, `dense_ms(rows)`
+    dequantized."""
 
     in_features, compute_dtype = 8, torch.bfloat16
 
