@@ -31,8 +31,8 @@ or a prompt chunk's), and swaps its linear layers to `SmallRowsLinear` only for 
 where the other is faster (docs/RESULTS.md, "Few-row passes multiplied the faster way").
 
 A fourth concerns the nf4 tier where bitsandbytes has its own CPU kernel (AVX512-BF16): that kernel packs each
-4-bit weight for itself and runs every pass through it, and its cost grows with the rows about as much as a
-one-row pass costs (8960 x 1536 on the AMX Xeon here: 0.5 ms one row, 11 ms 64, 88 ms 512), where the same weight
+4-bit weight for itself and runs every pass through it, each row beyond the first costing about a third of what
+a one-row pass does (8960 x 1536 on the AMX Xeon here: 0.5 ms one row, 11 ms 64, 88 ms 512), where the same weight
 dequantized into bfloat16 and multiplied on the CPU's matrix units costs 4-5 ms for up to 64 rows and 12 ms for
 512. `install_many_rows(model)` keeps each 4-bit weight's unpacked form too (half a byte a parameter more) and
 makes its layers `ManyRowsLinear4bit`, which multiply passes of at least `dense_from` rows (a prompt, a batched
@@ -428,8 +428,8 @@ def _packed_for_cpu(layer: torch.nn.Module) -> bool:
     return layer.weight.device.type == "cpu" and bool(getattr(layer, "support_avx512bf16_for_cpu", False))
 
 
-def probe_many_rows(layer: torch.nn.Module, unpacked: Unpacked4bit, counts: tuple[int, ...] = MANY_ROWS_PROBED,
-                    rounds: int = PROBE_ROUNDS, clock: Callable[[], float] = time.perf_counter) -> int | None:
+def probe_many_rows(layer: torch.nn.Module, counts: tuple[int, ...] = MANY_ROWS_PROBED, rounds: int = PROBE_ROUNDS,
+                    clock: Callable[[], float] = time.perf_counter) -> int | None:
     """The row count from which passes through `layer` (a ManyRowsLinear4bit) are dequantized: the first of
     `counts` from which on the dequantized product is faster at every count (median over `rounds` of the ratio
     of the two, timed back to back), where at the last it costs at most MANY_ROWS_GATE of the packed kernel's;
@@ -437,7 +437,7 @@ def probe_many_rows(layer: torch.nn.Module, unpacked: Unpacked4bit, counts: tupl
     ratios = []
     for rows in counts:
         x = torch.randn(rows, layer.in_features, dtype=layer.compute_dtype or torch.bfloat16)
-        for dense_from in (sys.maxsize, rows):  # untimed: the first pass packs the weight
+        for dense_from in (sys.maxsize, rows):  # untimed: each count's first passes (the very first packs the weight)
             layer.dense_from = dense_from
             layer(x)
         took = []
@@ -477,7 +477,7 @@ def install_many_rows(model: torch.nn.Module) -> dict[tuple[int, int], int]:
             layer.__class__ = many_rows_class()
             layer.unpacked = unpacked
         with torch.inference_mode():
-            dense_from = probe_many_rows(*layers[0])
+            dense_from = probe_many_rows(layers[0][0])
         for layer, _ in layers:
             if dense_from is None:
                 layer.__class__ = bitsandbytes.nn.Linear4bit

@@ -407,7 +407,7 @@ def test_a_4bit_layer_multiplies_many_rows_dequantized_and_few_through_bitsandby
 
     plain, routed = _four_bit_layer(nested), _Wrapped(_four_bit_layer(nested))
     weight = F.dequantize_4bit(plain.weight.data, plain.weight.quant_state).to(torch.bfloat16)  # before packing
-    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer, unpacked: 8)
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer: 8)
     assert kernels.install_many_rows(routed) == {(96, 128): 8}
     layer = routed.layer
     assert type(layer) is kernels.many_rows_class() and layer.dense_from == 8
@@ -450,14 +450,14 @@ class _FakeRouted(torch.nn.Module):
 def test_the_probe_dequantizes_from_the_first_count_past_which_dequantizing_is_always_faster():
     # dequantized passes cost 5 ms whatever the rows; the packed kernel 0.2 ms a row, but an outlier at 48
     fake = _FakeRouted(lambda m: 0.2 * m if m != 48 else 4.0, lambda m: 5.0)
-    assert kernels.probe_many_rows(fake, None, counts=(16, 24, 32, 48, 64, 128), clock=fake.clock) == 64
+    assert kernels.probe_many_rows(fake, counts=(16, 24, 32, 48, 64, 128), clock=fake.clock) == 64
     fake = _FakeRouted(lambda m: 0.2 * m, lambda m: 5.0)
-    assert kernels.probe_many_rows(fake, None, counts=(16, 24, 32, 48, 64, 128), clock=fake.clock) == 32
+    assert kernels.probe_many_rows(fake, counts=(16, 24, 32, 48, 64, 128), clock=fake.clock) == 32
 
 
 def test_the_probe_keeps_the_packed_kernel_where_dequantizing_is_not_clearly_faster():
     fake = _FakeRouted(lambda m: 0.2 * m, lambda m: 0.9 * 0.2 * m)  # faster everywhere, but by 10% only
-    assert kernels.probe_many_rows(fake, None, counts=(16, 32, 64), clock=fake.clock) is None
+    assert kernels.probe_many_rows(fake, counts=(16, 32, 64), clock=fake.clock) is None
 
 
 def test_only_shapes_the_probe_chose_keep_their_unpacked_weights_and_the_calibration_key_names_it(monkeypatch):
@@ -468,7 +468,7 @@ def test_only_shapes_the_probe_chose_keep_their_unpacked_weights_and_the_calibra
     for layer in (model.layer, model.other):
         monkeypatch.setattr(layer, "support_avx512bf16_for_cpu", True)
     assert kernels.kernels_for(model) == ""
-    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer, unpacked: 16 if unpacked.shape == (96, 128) else None)
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer: 16 if layer.unpacked.shape == (96, 128) else None)
     assert kernels.install_many_rows(model) == {(96, 128): 16}
     assert type(model.layer) is kernels.many_rows_class() and type(model.other) is bnb.nn.Linear4bit
     assert not hasattr(model.other, "unpacked")  # its half a byte a parameter dropped
@@ -481,7 +481,7 @@ def test_loading_the_nf4_tier_on_a_cpu_dequantizes_many_rows_where_bitsandbytes_
     from speckv.models import load_model
 
     probed = []
-    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer, unpacked: probed.append(unpacked.shape) or 16)
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer: probed.append(layer.unpacked.shape) or 16)
     tiny_model(0, torch.bfloat16).save_pretrained(tmp_path / "tiny")
     model = load_model(str(tmp_path / "tiny"), "nf4", device="cpu")
     if not _packed_kernel():
