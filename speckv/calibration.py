@@ -617,7 +617,8 @@ class PairCalibration:
         lines = [f"tier {key.tier} ({key.dtype}) on {key.hardware}, torch {key.torch}, {key.device}"]
         for c in (self.target, self.draft):
             cut = "" if c.complete else " (the budget ran out before every planned measurement)"
-            lines.append(f"{c.key.role}: {'cached' if self.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
+            ours = f", with {c.key.kernels}" if c.key.kernels else ""  # speckv.kernels in its layers
+            lines.append(f"{c.key.role}{ours}: {'cached' if self.cached else 'measured'} in {c.seconds:.1f} s{cut}: "
                          f"{calibration_path(c.key)}")
             if c.spot_check:
                 spot, verdict = c.spot_check, "stale, measured anew" if c.spot_check["stale"] else "kept"

@@ -252,6 +252,10 @@ def test_a_cached_calibration_dearer_than_its_spot_check_at_load_is_measured_ane
         loaded[role] = again
     text = PairCalibration(loaded["draft"], loaded["target"], False).describe()
     assert text.count("spot check at load") == 2 and "stale, measured anew" in text
+    assert "with " not in text  # the tiny models run none of speckv.kernels
+    loaded["target"].key = dataclasses.replace(loaded["target"].key, kernels="small-rows,nf4-many-rows")
+    text = PairCalibration(loaded["draft"], loaded["target"], False).describe()
+    assert "target, with small-rows,nf4-many-rows: measured in" in text and "draft: measured in" in text
 
 
 def test_a_read_only_speckv_home_caches_calibrations_in_the_temp_directory(target_model, tmp_path, monkeypatch):
