@@ -490,6 +490,15 @@ def install_many_rows(model: torch.nn.Module) -> dict[tuple[int, int], int]:
     return chosen
 
 
+def many_rows_bytes(model: torch.nn.Module) -> int:
+    """Bytes the unpacked copies of `model`'s 4-bit weights hold (`install_many_rows`): not parameters or buffers,
+    so `get_memory_footprint` leaves them out."""
+    if "bitsandbytes" not in sys.modules:
+        return 0
+    return sum(m.unpacked.qweight.nbytes + m.unpacked.absmax.nbytes for m in model.modules()
+               if type(m) is many_rows_class())
+
+
 def many_rows_of(model: torch.nn.Module) -> dict[tuple[int, int], int]:
     """The row count from which `model`'s 4-bit layers multiply dequantized, by weight shape (empty where
     `install_many_rows` chose none)."""

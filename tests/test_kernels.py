@@ -473,6 +473,9 @@ def test_only_shapes_the_probe_chose_keep_their_unpacked_weights_and_the_calibra
     assert type(model.layer) is kernels.many_rows_class() and type(model.other) is bnb.nn.Linear4bit
     assert not hasattr(model.other, "unpacked")  # its half a byte a parameter dropped
     assert kernels.many_rows_of(model) == {(96, 128): 16}
+    # what `speckv models footprint` adds to the parameters' bytes: 96 x 128 values at half a byte, and a
+    # float32 scale for each 64 of them
+    assert kernels.many_rows_bytes(model) == 96 * 128 // 2 + 4 * 96 * 128 // 64
     assert kernels.kernels_for(model) == kernels.MANY_ROWS
 
 

@@ -42,12 +42,15 @@ def list_(args: argparse.Namespace) -> int:
 
 
 def footprint(args: argparse.Namespace) -> int:
+    from ..kernels import many_rows_bytes
     from ..models import load_model
 
     out = {}
     for tier in args.tiers:
         model = load_model(args.model, Tier(tier), device=args.device)
-        out[tier] = {"weight_bytes": model.get_memory_footprint(), "dtype": str(model.dtype)}
+        copies = many_rows_bytes(model)  # nf4 on a CPU with bitsandbytes' packed kernel: speckv.kernels
+        out[tier] = {"weight_bytes": model.get_memory_footprint() + copies, "unpacked_4bit_copy_bytes": copies,
+                     "dtype": str(model.dtype)}
         del model
     print(json.dumps({"model": args.model, "tiers": out}, indent=1))
     return 0
