@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from speckv.cost_model import CostModel, LiveCost, RobustScale
+from speckv.cost_model import CostModel, LiveCost, RobustScale, TokenFactor
 
 
 def test_robust_scale_follows_a_step_change_and_ignores_outliers():
@@ -230,6 +230,40 @@ def test_the_verify_curves_per_token_part_is_learned_apart_from_its_level():
     assert float(both.verify_ms(4)) == pytest.approx(1.5 * float(truth.verify_ms(4)), rel=0.2)
     level_only_marginal = (float(level_only.verify_ms(8)) - float(level_only.verify_ms(0))) / 8
     assert level_only_marginal < 0.5 * 1.5 * 120.0
+
+
+def test_the_requests_of_one_pass_are_one_observation_of_the_token_factor():
+    """Under load every request of a pass reports the pass. Three noise-free passes whose tokens say the slope is
+    4x the calibration's are too few to fit (min_pairs); reported by eight requests each, they were 24 steps and
+    the factor was refitted from them."""
+    base = CostModel(draft_ms_per_token=10.0, verify_ms_base=350.0, verify_ms_per_token=11.0)
+    live = LiveCost(base)
+    for gamma in (0, 2, 1):
+        ms = 350.0 + 4 * 11.0 * 8 * gamma  # eight sequences drafting `gamma` each, tokens 4x as dear
+        for _ in range(8):
+            live.observe(gamma, 40.0, ms, 0, 40.0, ms, sequences=8, batch_tokens=8 * (gamma + 1))
+    assert live.verify_tokens.value == 1.0
+
+
+def test_passes_that_barely_differ_in_tokens_leave_the_factor_as_it_was():
+    """Target-only passes of eight and a one-token probe every tenth, 15% noise a pass, the calibration's shape
+    true: the probes' token is 3% of a pass, too little to tell a slope from the noise, so the factor stays the
+    calibration's (fitted regardless it swung past 2 in 42% of passes: scripts/token_factor_noise.py). Passes
+    that draft 0-2 tokens a sequence together do resolve it, and it is learned."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    factor, seen = TokenFactor(), []
+    for p in range(200):
+        tokens = 11.0 if p % 10 == 0 else 0.0
+        factor.observe((350.0 + tokens) * float(np.exp(rng.normal(0, 0.15))), 350.0, tokens)
+        seen.append(factor.value)
+    assert set(seen) == {1.0}
+    steep = TokenFactor()
+    for _ in range(200):
+        tokens = 11.0 * 8 * int(rng.integers(0, 3))
+        steep.observe((350.0 + 3 * tokens) * float(np.exp(rng.normal(0, 0.15))), 350.0, tokens)
+    assert steep.value == pytest.approx(3.0, rel=0.3)
 
 
 def test_steps_that_all_score_alike_leave_the_calibrated_shape_as_it_is():
