@@ -258,8 +258,8 @@ class TokenFactor:
     after 160 steps ρ is within [0.90, 1.20] of the truth (10th-90th percentile), after 32 within [0.7, 1.4];
     the level change leaves a bias of up to +9%.
 
-    Under load every request of a pass reports the pass: it is one observation, however many report it (its
-    requests' steps are the same pass time and tokens, counted once). And a window whose steps differ too little
+    Under load every request of a pass reports the pass: it is one observation, however many report it (known by
+    its time, which all of them report). And a window whose steps differ too little
     in tokens to tell the slope from the noise leaves ρ as it was: the fit stands only where the slope's standard
     error (the residuals' robust spread over the root of the x's summed squared deviations, as a line fit's) is at
     most RESOLVE of the level. Under load with target-only passes and a one-token probe every tenth, the x's differ
@@ -280,8 +280,8 @@ class TokenFactor:
     def observe(self, measured: float, fixed: float, tokens: float) -> None:
         if not (measured > 0 and fixed > 0 and tokens >= 0 and math.isfinite(measured)):
             return
-        if (fixed, tokens, measured) in self.recent:  # another request of a pass already counted
-            return
+        if any(seen == measured for _, _, seen in self.recent):  # another request of the pass reported it
+            return  # (a pass's time identifies it: its requests' contexts, so `fixed`, may differ)
         self.recent.append((fixed, tokens, measured))
         if len(self.recent) > self.window:
             self.recent.popleft()

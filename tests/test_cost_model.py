@@ -235,13 +235,15 @@ def test_the_verify_curves_per_token_part_is_learned_apart_from_its_level():
 def test_the_requests_of_one_pass_are_one_observation_of_the_token_factor():
     """Under load every request of a pass reports the pass. Three noise-free passes whose tokens say the slope is
     4x the calibration's are too few to fit (min_pairs); reported by eight requests each, they were 24 steps and
-    the factor was refitted from them."""
-    base = CostModel(draft_ms_per_token=10.0, verify_ms_base=350.0, verify_ms_per_token=11.0)
+    the factor was refitted from them. The requests' contexts differ, so their calibrated fixed parts do: a pass
+    is known by its time."""
+    base = CostModel(draft_ms_per_token=10.0, verify_ms_base=350.0, verify_ms_per_token=11.0,
+                     verify_ms_per_context_token=0.1)
     live = LiveCost(base)
     for gamma in (0, 2, 1):
-        ms = 350.0 + 4 * 11.0 * 8 * gamma  # eight sequences drafting `gamma` each, tokens 4x as dear
-        for _ in range(8):
-            live.observe(gamma, 40.0, ms, 0, 40.0, ms, sequences=8, batch_tokens=8 * (gamma + 1))
+        ms = 360.0 + 4 * 11.0 * 8 * gamma  # eight sequences drafting `gamma` each, tokens 4x as dear
+        for request in range(8):
+            live.observe(gamma, 40.0, ms, 64 + 8 * request, 40.0, ms, sequences=8, batch_tokens=8 * (gamma + 1))
     assert live.verify_tokens.value == 1.0
 
 
