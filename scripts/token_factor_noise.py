@@ -47,7 +47,7 @@ def under_load(rng: np.random.Generator, drafting: bool, passes: int = 200, sequ
         drafted = [int(rng.integers(0, 3))] * sequences if drafting else [int(p % 10 == 0)] + [0] * (sequences - 1)
         ms = (350.0 + 11.0 * sum(drafted)) * float(np.exp(rng.normal(0.0, sigma)))
         for _ in drafted:  # each request of the pass reports it
-            factor.observe(ms, 350.0, 11.0 * sum(drafted))
+            factor.observe(ms, 350.0, 11.0 * sum(drafted), shared=True)
         if p >= 50:
             seen.append(factor.value)
     return seen

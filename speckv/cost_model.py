@@ -277,11 +277,15 @@ class TokenFactor:
     value: float = 1.0
     count: int = 0
 
-    def observe(self, measured: float, fixed: float, tokens: float) -> None:
+    def observe(self, measured: float, fixed: float, tokens: float, shared: bool = False) -> None:
+        """One pass: its time, its calibrated fixed part and its drafted tokens' part; `shared`: it carried other
+        sequences, whose requests report it too (counted once: known by its time, since the requests' contexts,
+        so `fixed`, may differ; a lone pass is never reported twice, and a replay's passes of one γ take the
+        same time)."""
         if not (measured > 0 and fixed > 0 and tokens >= 0 and math.isfinite(measured)):
             return
-        if any(seen == measured for _, _, seen in self.recent):  # another request of the pass reported it
-            return  # (a pass's time identifies it: its requests' contexts, so `fixed`, may differ)
+        if shared and any(seen == measured for _, _, seen in self.recent):  # another request of the pass reported it
+            return
         self.recent.append((fixed, tokens, measured))
         if len(self.recent) > self.window:
             self.recent.popleft()
@@ -410,7 +414,8 @@ class LiveCost:
             return
         fixed, tokens = self._verify_parts(gamma, context_len, sequences, others)
         if self.learn_shape:
-            self.verify_tokens.observe(verify_ms if verify_compute_ms is None else verify_compute_ms, fixed, tokens)
+            self.verify_tokens.observe(verify_ms if verify_compute_ms is None else verify_compute_ms, fixed, tokens,
+                                       shared=sequences > 1)
         self._observe(self.verify, self.verify_hop, verify_ms, verify_compute_ms,
                       fixed + self.verify_tokens.value * tokens, verify_waited_ms)
 

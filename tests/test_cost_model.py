@@ -247,6 +247,18 @@ def test_the_requests_of_one_pass_are_one_observation_of_the_token_factor():
     assert live.verify_tokens.value == 1.0
 
 
+def test_a_lone_request_whose_passes_take_the_same_time_counts_each_of_them():
+    """Alone, a pass is reported once: a replay's passes of one γ take the same time, and each is evidence (counted
+    once by its time, a replayed slope 4x off was never corrected: tests/tools/test_shapes.py)."""
+    base = CostModel(draft_ms_per_token=10.0, verify_ms_base=100.0, verify_ms_per_token=5.0)
+    live = LiveCost(base)
+    for step in range(64):
+        gamma = step % 4
+        ms = 100.0 + 20.0 * gamma  # the slope 4x the calibration's, no noise
+        live.observe(gamma, 10.0 * gamma, ms, 0, 10.0 * gamma, ms)
+    assert live.verify_tokens.value == pytest.approx(4.0)
+
+
 def test_passes_that_barely_differ_in_tokens_leave_the_factor_as_it_was():
     """Target-only passes of eight and a one-token probe every tenth, 15% noise a pass, the calibration's shape
     true: the probes' token is 3% of a pass, too little to tell a slope from the noise, so the factor stays the
@@ -258,13 +270,13 @@ def test_passes_that_barely_differ_in_tokens_leave_the_factor_as_it_was():
     factor, seen = TokenFactor(), []
     for p in range(200):
         tokens = 11.0 if p % 10 == 0 else 0.0
-        factor.observe((350.0 + tokens) * float(np.exp(rng.normal(0, 0.15))), 350.0, tokens)
+        factor.observe((350.0 + tokens) * float(np.exp(rng.normal(0, 0.15))), 350.0, tokens, shared=True)
         seen.append(factor.value)
     assert set(seen) == {1.0}
     steep = TokenFactor()
     for _ in range(200):
         tokens = 11.0 * 8 * int(rng.integers(0, 3))
-        steep.observe((350.0 + 3 * tokens) * float(np.exp(rng.normal(0, 0.15))), 350.0, tokens)
+        steep.observe((350.0 + 3 * tokens) * float(np.exp(rng.normal(0, 0.15))), 350.0, tokens, shared=True)
     assert steep.value == pytest.approx(3.0, rel=0.3)
 
 
