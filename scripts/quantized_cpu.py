@@ -75,7 +75,7 @@ def many_rows_variants(model_spec: str, tier: str) -> tuple[dict[str, Variant], 
     if not chosen:
         sys.exit("no 4-bit layer multiplies many rows dequantized here (no packed CPU kernel, or not faster)")
     print(f"dequantized from (rows, by weight shape): {chosen}", flush=True)
-    layers = [m for m in model.modules() if type(m) is kernels.many_rows_class()]
+    layers = kernels.many_rows_layers(model)
 
     def run(dense: bool) -> Variant:
         def forward(ids: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,7 @@ def blocked_gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], absma
     (dequantize the whole weight, then `linear`), with the weight dequantized a block of rows at a time.
     Nested scales (`absmax_8bit`, double quantization) are dequantized first, as bitsandbytes does."""
     if absmax_8bit is not None:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-            absmax_8bit, absmax, absmax_code, 256, torch.float32) + absmax_offset
+        absmax = _nested_scales(absmax_8bit, absmax, absmax_code, absmax_offset)
     n, k = shapeB
     packed = B.view(torch.uint8).reshape(-1)
     rows = A.reshape(-1, k)
@@ -104,6 +103,14 @@ def blocked_gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: list[int], absma
     if bias is not None:
         out += bias.to(out.dtype)
     return out.reshape(*A.shape[:-1], n)
+
+
+def _nested_scales(absmax_8bit: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, offset: torch.Tensor,
+                   blocksize: int = 256) -> torch.Tensor:
+    """A 4-bit weight's float32 scales from their 8-bit quantized form (double quantization), as bitsandbytes
+    dequantizes them."""
+    return torch.ops.bitsandbytes.dequantize_blockwise.default(absmax_8bit, absmax, code, blocksize,
+                                                               torch.float32) + offset
 
 
 @dataclass(frozen=True)
@@ -183,8 +190,8 @@ def kernels_for(model: torch.nn.Module) -> str:
 
     for name in sorted(_installed):
         layer = getattr(bitsandbytes.nn, KERNELS[name].layer)
-        if any(isinstance(m, layer) and m.weight.device.type == "cpu"
-               and not getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
+        if any(isinstance(m, layer) and m.weight.device.type == "cpu" and not _packed_for_cpu(m)
+               for m in model.modules()):
             used.append(name)
     return ",".join(used)
 
@@ -394,8 +401,7 @@ def unpacked_4bit(layer: torch.nn.Module) -> Unpacked4bit | None:
         return None
     absmax = state.absmax
     if state.nested:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
-            absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32) + state.offset
+        absmax = _nested_scales(absmax, state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize)
     return Unpacked4bit(layer.weight.data.view(torch.uint8).reshape(-1), absmax.float(), state.blocksize,
                         state.quant_type, tuple(state.shape))
 
@@ -490,18 +496,20 @@ def install_many_rows(model: torch.nn.Module) -> dict[tuple[int, int], int]:
     return chosen
 
 
+def many_rows_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """`model`'s ManyRowsLinear4bit layers (none where bitsandbytes was never imported: no 4-bit model)."""
+    if "bitsandbytes" not in sys.modules:
+        return []
+    return [m for m in model.modules() if type(m) is many_rows_class()]
+
+
 def many_rows_bytes(model: torch.nn.Module) -> int:
     """Bytes the unpacked copies of `model`'s 4-bit weights hold (`install_many_rows`): not parameters or buffers,
     so `get_memory_footprint` leaves them out."""
-    if "bitsandbytes" not in sys.modules:
-        return 0
-    return sum(m.unpacked.qweight.nbytes + m.unpacked.absmax.nbytes for m in model.modules()
-               if type(m) is many_rows_class())
+    return sum(m.unpacked.qweight.nbytes + m.unpacked.absmax.nbytes for m in many_rows_layers(model))
 
 
 def many_rows_of(model: torch.nn.Module) -> dict[tuple[int, int], int]:
     """The row count from which `model`'s 4-bit layers multiply dequantized, by weight shape (empty where
     `install_many_rows` chose none)."""
-    if "bitsandbytes" not in sys.modules:
-        return {}
-    return {m.unpacked.shape: m.dense_from for m in model.modules() if type(m) is many_rows_class()}
+    return {m.unpacked.shape: m.dense_from for m in many_rows_layers(model)}
