@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import sys
 import time
-
-import torch
 
 from speckv import kernels
 from speckv.models import DEFAULT_TARGET, load_model
@@ -18,22 +15,10 @@ chosen_by = kernels.probe_many_rows
 
 
 def traced(layer, counts=kernels.MANY_ROWS_PROBED, rounds=kernels.PROBE_ROUNDS, clock=time.perf_counter):
-    """Time the probe's products as it does and print them; then let it choose (it times them again)."""
+    """Print the probe's timings for each count; then let it choose (it times them again)."""
     for rows in counts:
-        x = torch.randn(rows, layer.in_features, dtype=layer.compute_dtype or torch.bfloat16)
-        for dense_from in (sys.maxsize, rows):
-            layer.dense_from = dense_from
-            layer(x)
-        took = []
-        for _ in range(rounds):
-            times = []
-            for dense_from in (sys.maxsize, rows):
-                layer.dense_from = dense_from
-                start = clock()
-                layer(x)
-                times.append(round((clock() - start) * 1e3, 2))
-            took.append(tuple(times))
-        print(layer.unpacked.shape, rows, took, flush=True)
+        took = kernels.time_many_rows(layer, rows, rounds, clock)
+        print(layer.unpacked.shape, rows, [(round(p * 1e3, 2), round(d * 1e3, 2)) for p, d in took], flush=True)
     return chosen_by(layer, counts, rounds, clock)
 
 

@@ -440,28 +440,34 @@ def probe_many_rows(layer: torch.nn.Module, counts: tuple[int, ...] = MANY_ROWS_
     `counts` from which on the dequantized product is faster at every count (median over `rounds` of the ratio
     of the two, timed back to back), where at the last it costs at most MANY_ROWS_GATE of the packed kernel's;
     else None (the shape keeps the packed kernel and drops its unpacked weights)."""
-    ratios = []
-    for rows in counts:
-        x = torch.randn(rows, layer.in_features, dtype=layer.compute_dtype or torch.bfloat16)
-        for dense_from in (sys.maxsize, rows):  # untimed: each count's first passes (the very first packs the weight)
-            layer.dense_from = dense_from
-            layer(x)
-        took = []
-        for _ in range(rounds):
-            times = []
-            for dense_from in (sys.maxsize, rows):
-                layer.dense_from = dense_from
-                start = clock()
-                layer(x)
-                times.append(clock() - start)
-            took.append(times[1] / times[0])
-        ratios.append(statistics.median(took))
+    ratios = [statistics.median(dense / packed for packed, dense in time_many_rows(layer, rows, rounds, clock))
+              for rows in counts]
     if ratios[-1] > MANY_ROWS_GATE:
         return None
     first = len(counts)
     while first and ratios[first - 1] < 1.0:
         first -= 1
     return counts[first]
+
+
+def time_many_rows(layer: torch.nn.Module, rows: int, rounds: int = PROBE_ROUNDS,
+                   clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, float]]:
+    """(packed kernel, dequantized) seconds of a pass of `rows` rows through `layer` (a ManyRowsLinear4bit), back to
+    back, in each of `rounds` rounds, after an untimed pass of each (the layer's very first packs its weight)."""
+    x = torch.randn(rows, layer.in_features, dtype=layer.compute_dtype or torch.bfloat16)
+    for dense_from in (sys.maxsize, rows):
+        layer.dense_from = dense_from
+        layer(x)
+    took = []
+    for _ in range(rounds):
+        times = []
+        for dense_from in (sys.maxsize, rows):
+            layer.dense_from = dense_from
+            start = clock()
+            layer(x)
+            times.append(clock() - start)
+        took.append((times[0], times[1]))
+    return took
 
 
 def install_many_rows(model: torch.nn.Module) -> dict[tuple[int, int], int]:
