@@ -46,6 +46,7 @@ import logging
 import math
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -387,10 +388,69 @@ class Unpacked4bit:
     quant_type: str
     shape: tuple[int, int]  # [N, K]
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [N, K] in `dtype`, by bitsandbytes' own dequantizing kernel."""
+    def dequantized(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight [N, K] in `dtype`, by bitsandbytes' own dequantizing kernel; written into `out` (contiguous
+        [N, K] of `dtype`) where given (`dequantize_4bit_into`), else into a fresh tensor."""
+        if out is not None:
+            dequantize_4bit_into(self, out)
+            return out
         return torch.ops.bitsandbytes.dequantize_4bit.default(self.qweight, self.absmax, self.blocksize,
                                                               self.quant_type, list(self.shape), dtype)
+
+
+_C_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def dequantize_4bit_into(unpacked: Unpacked4bit, out: torch.Tensor) -> None:
+    """`unpacked` dequantized into `out` ([N, K], contiguous, the compute dtype) by bitsandbytes' own CPU kernel.
+
+    bitsandbytes' op allocates its result at every call, and a 27 MB tensor (the 1.5B's MLP weights in bf16) lands
+    on pages the OS maps afresh whenever the allocator has handed the last one back: 6720 page faults, 2.2 -> 8 ms,
+    in one pass of five at random, enough to flip the load-time probe's choice (docs/serving_log.md, "A reused
+    buffer for the dequantized weight"). Its `.out` form has no CPU kernel in bitsandbytes 0.50, so this calls the
+    C function its CPU kernel calls, with the same arguments, where that exists; bitsandbytes' own `.out` where it
+    has a CPU kernel; else its allocating op and a copy (the same values either way)."""
+    n, k = unpacked.shape
+    if out.shape != (n, k) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {[n, k]} tensor, got {list(out.shape)} {out.stride()}")
+    args = (unpacked.qweight, unpacked.absmax, unpacked.blocksize, unpacked.quant_type, [n, k], out.dtype)
+    if torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit.out", "CPU"):
+        torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
+        return
+    function = _c_dequantize_4bit(unpacked.quant_type, out.dtype)
+    # bitsandbytes' CPU kernel leaves these to its Python fallback (odd rows; its AVX-512 path's accuracy at blocks
+    # of 2048 and more): so do we
+    if function is None or k % 2 or unpacked.blocksize >= 2048 or unpacked.absmax.dtype != torch.float32:
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+        return
+    import ctypes
+
+    from bitsandbytes.functional import get_ptr
+
+    function(get_ptr(unpacked.qweight), get_ptr(unpacked.absmax), get_ptr(out), ctypes.c_longlong(unpacked.blocksize),
+             ctypes.c_longlong(n), ctypes.c_longlong(k))
+
+
+@functools.cache
+def _c_dequantize_4bit(quant_type: str, dtype: torch.dtype) -> Callable | None:
+    """bitsandbytes' C function that its CPU `dequantize_4bit` kernel calls for `quant_type` into `dtype`, or None."""
+    from bitsandbytes.cextension import lib
+
+    name = _C_DTYPES.get(dtype)
+    return None if name is None else getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{name}", None)
+
+
+_scratch = threading.local()  # per thread: {(shape, dtype): the tensor ManyRowsLinear4bit dequantizes into}
+
+
+def dequantized_scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """This thread's tensor for a dequantized weight of `shape` in `dtype`, which every layer of that shape reuses:
+    a thread runs one product at a time, and each is done before the next layer dequantizes."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((shape, dtype))
+    if buffer is None:
+        buffer = buffers[shape, dtype] = torch.empty(shape, dtype=dtype)
+    return buffer
 
 
 def unpacked_4bit(layer: torch.nn.Module) -> Unpacked4bit | None:
@@ -424,7 +484,9 @@ def many_rows_class() -> type:
                 return super().forward(x)
             dtype = self.compute_dtype or x.dtype
             bias = None if self.bias is None else self.bias.to(dtype)
-            return torch.nn.functional.linear(x.to(dtype), self.unpacked.dequantized(dtype), bias).to(x.dtype)
+            # a product that autograd keeps the weight of for later must have a weight of its own
+            out = None if torch.is_grad_enabled() else dequantized_scratch(self.unpacked.shape, dtype)
+            return torch.nn.functional.linear(x.to(dtype), self.unpacked.dequantized(dtype, out), bias).to(x.dtype)
 
     return ManyRowsLinear4bit
 
@@ -513,6 +575,13 @@ def many_rows_bytes(model: torch.nn.Module) -> int:
     """Bytes the unpacked copies of `model`'s 4-bit weights hold (`install_many_rows`): not parameters or buffers,
     so `get_memory_footprint` leaves them out."""
     return sum(m.unpacked.qweight.nbytes + m.unpacked.absmax.nbytes for m in many_rows_layers(model))
+
+
+def many_rows_scratch_bytes(model: torch.nn.Module) -> int:
+    """Bytes each thread that runs `model`'s passes of many rows holds for their dequantized weights
+    (`dequantized_scratch`: one per weight shape, in the compute dtype)."""
+    shapes = {(m.unpacked.shape, m.compute_dtype or torch.bfloat16) for m in many_rows_layers(model)}
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes)
 
 
 def many_rows_of(model: torch.nn.Module) -> dict[tuple[int, int], int]:

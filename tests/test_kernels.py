@@ -390,10 +390,10 @@ class _Wrapped(torch.nn.Module):
         self.layer = layer
 
 
-def _four_bit_layer(nested: bool = False, out_features: int = 96):
+def _four_bit_layer(nested: bool = False, out_features: int = 96, seed: int = 0):
     layer = bnb.nn.Linear4bit(128, out_features, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4",
                               compress_statistics=nested)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     layer.load_state_dict({"weight": torch.randn(out_features, 128) * 0.1, "bias": torch.randn(out_features) * 0.1})
     return layer.to("cpu").eval()  # quantizes the weights to 4 bits (not packed: that is at its first pass)
 
@@ -414,7 +414,7 @@ def test_a_4bit_layer_multiplies_many_rows_dequantized_and_few_through_bitsandby
     dequantized = []
     original = kernels.Unpacked4bit.dequantized
     monkeypatch.setattr(kernels.Unpacked4bit, "dequantized",
-                        lambda self, dtype: dequantized.append(dtype) or original(self, dtype))
+                        lambda self, dtype, out=None: dequantized.append(dtype) or original(self, dtype, out))
     with torch.inference_mode():
         for shape in [(1, 128), (2, 3, 128), (7, 128)]:  # under 8 rows: bitsandbytes' own kernel, bit for bit
             x = torch.randn(shape, dtype=torch.bfloat16)
@@ -426,6 +426,57 @@ def test_a_4bit_layer_multiplies_many_rows_dequantized_and_few_through_bitsandby
             assert torch.equal(got, torch.nn.functional.linear(x, weight, plain.bias.to(torch.bfloat16)))
             torch.testing.assert_close(got, plain(x), rtol=0.05, atol=0.05)  # and close to the packed kernel's
     assert dequantized == [torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("quant_type,nested,dtype", [("nf4", False, torch.bfloat16), ("nf4", True, torch.bfloat16),
+                                                      ("fp4", False, torch.float32), ("nf4", False, torch.float16)])
+def test_a_weight_dequantized_into_a_given_tensor_is_bitsandbytes_own_dequantized_weight(quant_type, nested, dtype):
+    """Any CPU: the values bitsandbytes' allocating op gives, written into the tensor given."""
+    layer = bnb.nn.Linear4bit(128, 96, compute_dtype=dtype, quant_type=quant_type, compress_statistics=nested)
+    torch.manual_seed(0)
+    layer.load_state_dict({"weight": torch.randn(96, 128) * 0.1, "bias": torch.randn(96)})
+    unpacked = kernels.unpacked_4bit(layer.to("cpu"))
+    out = torch.full((96, 128), float("nan"), dtype=dtype)
+    assert unpacked.dequantized(dtype, out) is out
+    assert torch.equal(out, unpacked.dequantized(dtype))
+    with pytest.raises(ValueError, match="contiguous"):
+        unpacked.dequantized(dtype, torch.empty(128, 96, dtype=dtype).t())
+
+
+def test_passes_of_many_rows_dequantize_into_one_tensor_a_thread_and_weight_shape(monkeypatch):
+    """Any CPU (the layers are taken as the packed kernel would run them): two layers of one shape and every pass
+    through them reuse one tensor, whose fresh pages cost a 27 MB weight 6 ms whenever the allocator had given its
+    last one back; another thread has its own; a product autograd keeps gets a weight of its own."""
+    import threading
+
+    model = _Wrapped(_four_bit_layer())
+    model.other = _four_bit_layer(seed=1)
+    for layer in (model.layer, model.other):
+        monkeypatch.setattr(layer, "support_avx512bf16_for_cpu", True)
+    monkeypatch.setattr(kernels, "probe_many_rows", lambda layer: 8)
+    kernels.install_many_rows(model)
+    written = []
+    original = kernels.dequantize_4bit_into
+    monkeypatch.setattr(kernels, "dequantize_4bit_into",
+                        lambda unpacked, out: written.append(out.data_ptr()) or original(unpacked, out))
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(2):
+            got = [model.layer(x), model.other(x)]
+    assert len(written) == 4 and len(set(written)) == 1
+    assert written[0] == kernels.dequantized_scratch((96, 128), torch.bfloat16).data_ptr()
+    for layer, output in zip((model.layer, model.other), got):
+        weight = layer.unpacked.dequantized(torch.bfloat16)
+        assert torch.equal(output, torch.nn.functional.linear(x, weight, layer.bias.to(torch.bfloat16)))
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(
+        kernels.dequantized_scratch((96, 128), torch.bfloat16).data_ptr()))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] != written[0]
+    with torch.enable_grad():
+        model.layer(x.requires_grad_())
+    assert len(written) == 4  # dequantized by the allocating op
 
 
 class _FakeRouted(torch.nn.Module):
@@ -476,6 +527,7 @@ def test_only_shapes_the_probe_chose_keep_their_unpacked_weights_and_the_calibra
     # what `speckv models footprint` adds to the parameters' bytes: 96 x 128 values at half a byte, and a
     # float32 scale for each 64 of them
     assert kernels.many_rows_bytes(model) == 96 * 128 // 2 + 4 * 96 * 128 // 64
+    assert kernels.many_rows_scratch_bytes(model) == 96 * 128 * 2  # one dequantized bf16 weight a thread
     assert kernels.kernels_for(model) == kernels.MANY_ROWS
 
 

@@ -42,14 +42,17 @@ def list_(args: argparse.Namespace) -> int:
 
 
 def footprint(args: argparse.Namespace) -> int:
-    from ..kernels import many_rows_bytes
+    from ..kernels import many_rows_bytes, many_rows_scratch_bytes
     from ..models import load_model
 
     out = {}
     for tier in args.tiers:
         model = load_model(args.model, Tier(tier), device=args.device)
-        copies = many_rows_bytes(model)  # nf4 on a CPU with bitsandbytes' packed kernel: speckv.kernels
-        out[tier] = {"weight_bytes": model.get_memory_footprint() + copies, "unpacked_4bit_copy_bytes": copies,
+        # nf4 on a CPU with bitsandbytes' packed kernel (speckv.kernels): the unpacked 4-bit copies, and per thread
+        # that runs passes one dequantized weight of each shape
+        copies, scratch = many_rows_bytes(model), many_rows_scratch_bytes(model)
+        out[tier] = {"weight_bytes": model.get_memory_footprint() + copies + scratch,
+                     "unpacked_4bit_copy_bytes": copies, "dequantized_scratch_bytes": scratch,
                      "dtype": str(model.dtype)}
         del model
     print(json.dumps({"model": args.model, "tiers": out}, indent=1))
