@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ray import serve
 from speckv.batching import Batcher, BatchSettings, CoreLease, admit_and_prefill
 from speckv.calibration import budget_share, load_or_calibrate, warm_up
 from speckv.engine import StepCall
+from speckv.kernels import kernels_for, many_rows_of
 from speckv.local import local_executor
 from speckv.models import DRAFT_TIER, load_model
 from speckv.workers import (
@@ -33,6 +35,7 @@ from speckv.workers import (
 )
 
 HANDOVER_MIN_S = 0.005  # at least a router hop (2-4 ms here) for the calls another replica's pass set off
+logger = logging.getLogger("ray.serve")
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
 
 
@@ -86,6 +89,10 @@ class WorkerSpec:
             torch.set_num_threads(self.torch_threads)
         with self._cores_held():
             model = load_model(self.model, self.tier, self.dtype, self.device)
+        # what load-time probes chose (speckv.kernels) differs between machines and, near a crossover, between loads
+        many_rows = many_rows_of(model)
+        logger.info("%s at %s loaded; kernels of ours: %s%s", self.model, self.tier, kernels_for(model) or "none",
+                    f"; 4-bit passes dequantized from (rows by weight shape) {many_rows}" if many_rows else "")
         return SessionLM(model, self.max_sessions, self.idle_timeout_s, self.added_ms_per_call, self.max_kv_bytes)
 
     def _cores_held(self) -> contextlib.AbstractContextManager:

@@ -455,6 +455,21 @@ def test_a_replica_sharing_the_cores_holds_them_while_it_loads(target_model, mon
     assert held == [True, False]
 
 
+def test_a_replica_logs_what_its_load_time_probes_chose(target_model, monkeypatch, caplog):
+    """They differ between machines and, near a crossover, between loads: an operator reads them in the log."""
+    import logging
+
+    from deployments.workers import WorkerSpec
+
+    monkeypatch.setattr("deployments.workers.load_model", lambda *args, **kwargs: target_model)
+    monkeypatch.setattr("deployments.workers.kernels_for", lambda model: "small-rows,nf4-many-rows")
+    monkeypatch.setattr("deployments.workers.many_rows_of", lambda model: {(8960, 1536): 24})
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        WorkerSpec(model="some/model", tier="nf4").build_lm()
+    assert ("some/model at nf4 loaded; kernels of ours: small-rows,nf4-many-rows; 4-bit passes dequantized from "
+            "(rows by weight shape) {(8960, 1536): 24}") in caplog.messages
+
+
 @pytest.mark.parametrize("crossover, expected", [(None, None), (8, 8), (1, 1)])
 def test_a_half_precision_model_computes_in_float32_from_the_pass_size_its_calibration_measured(
         half_model, tmp_path, monkeypatch, crossover, expected):
