@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .cost_model import CostModel, LiveCost, PassLoad
+from .cost_model import CAUGHT_UP, CostModel, LiveCost, PassLoad
 from .policy import StepTiming
 
 if TYPE_CHECKING:
@@ -198,13 +198,22 @@ class LoadedRates:
         """A decision of the tier: a run (True) or target-only / a probe (False)."""
         self.since_run = 0 if run else self.since_run + 1
 
-    def observe(self, everyone: int, emitted: int, wall_ms: float, target_only_ms: float) -> None:
+    def observe(self, everyone: int, emitted: int, wall_ms: float, target_only_ms: float, read: bool = False) -> None:
         """A step under load: `everyone` sequences on the cores, `emitted` tokens in `wall_ms`, a target-only pass
-        of them priced `target_only_ms` (calibrated, not live-scaled: only the load level is normalised away)."""
+        of them priced `target_only_ms` (calibrated, not live-scaled: only the load level is normalised away).
+        `read`: its passes also read what they did not score (a prompt riding in its verify pass; a draft reading
+        what it lacked), and the step is left out of both regimes: a prompt costs either regime alike, and a
+        draft's catch-up is priced by the decision (speckv.adaptive). Counted, they fell on whichever regime was
+        running when they came: eight int8 requests started together on the AMX Xeon took their tier's first look
+        at drafting while the burst's last prompts were read, and drafting, judged at 0.49 of its price on those
+        rounds (its later rounds ran near target-only decoding's 0.83), was held for the rest of the run at 0.86x
+        `none` where `fixed:2` ran 1.15x (docs/serving_log.md, "Drafting judged without the prompts")."""
         if everyone <= 1 or not (wall_ms > 0 and math.isfinite(wall_ms)):
             return
         self.tick += 1
         level = self._level(everyone)
+        if read:
+            return
         if self.since_run < everyone:  # a run within the last round
             regime = level.drafting
         elif self.since_run >= 2 * everyone:  # none for two
@@ -351,7 +360,8 @@ class RequestEstimates:
         everyone = max(t.batch_size, self.tier.sharing)
         if everyone > 1:  # the load's delivery, every wait in (LoadedRates)
             self.tier.loaded.observe(everyone, t.emitted, t.draft_ms + t.verify_ms if t.wall_ms is None else t.wall_ms,
-                                     float(self.tier.cost.base.verify_ms(0, 0, everyone, everyone - 1)))
+                                     float(self.tier.cost.base.verify_ms(0, 0, everyone, everyone - 1)),
+                                     read=t.verify_read > 0 or t.draft_behind > CAUGHT_UP)
 
     def to_dict(self) -> dict:
         return {**_calibrations(self.acceptance, self.token_acceptance), "tokens_per_s": (self.rate.value or 0.0) * 1e3,

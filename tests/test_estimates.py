@@ -144,6 +144,38 @@ def test_drafting_under_load_is_held_where_it_delivered_less_with_its_waits():
     assert "drafting_under_load" in TierEstimates.calibrated(CostModel(80.0, 200.0, 10.0)).load_dict()
 
 
+def test_steps_whose_passes_read_prompts_or_catch_ups_are_left_out_of_the_drafting_verdict():
+    """A prompt riding in a verify pass costs either regime alike, and a draft's catch-up is priced by the decision:
+    drafting rounds made slow by them are not held (eight int8 requests on the AMX Xeon: judged on the rounds where
+    the burst's last prompts were read, drafting was held at 0.86x `none` where `fixed:2` ran 1.15x). Through the
+    tier's estimates, each kind of step is left out; the same rounds without them still judge."""
+    from speckv.estimates import RequestEstimates
+    from speckv.policy import StepTiming
+
+    def held_after(**read) -> bool:
+        tier = TierEstimates.calibrated(CostModel(80.0, 200.0, 10.0, verify_ms_per_sequence=20.0))
+        request = RequestEstimates(tier, greedy=True)
+        price = float(tier.cost.base.verify_ms(0, 0, 8, 7))
+        for run, ms, rounds in [(False, 1.1 * price, 3), (True, 2.5 * price, 2)]:  # drafting: 2.5x the price a token
+            for _ in range(rounds * 8):
+                tier.loaded.decided(run)
+                riding = read if run else {}
+                request.observe_step(0, StepTiming(0.0, ms, 100, 1, 0.0, ms, 8, 8 + riding.get("verify_read", 0),
+                                                   **riding))
+        return tier.loaded.holds(8)
+
+    assert held_after()  # the rounds as they ran: held
+    assert not held_after(verify_read=64)  # each drafting step's pass read a prompt beside it
+    assert not held_after(draft_behind=40)  # each drafting step's draft read 40 tokens it lacked
+    assert held_after(draft_behind=2)  # a caught-up draft reads the step's own tokens: judged
+    loaded = LoadedRates()
+    _loaded_steps(loaded, 8, 3, False, 110.0)
+    for _ in range(2 * 8):
+        loaded.decided(True)
+        loaded.observe(8, 1, 300.0, 100.0, read=True)
+    assert not loaded.holds(8) and loaded.to_dict()["8"]["drafting_steps"] == 0.0
+
+
 def test_the_drafting_verdict_is_per_load_level_and_follows_a_turn():
     """Evidence at two sequences says nothing of eight; and a stretch of drafting that turns slow (runs ragged)
     is held within a few rounds though it was fast before."""
