@@ -44,7 +44,8 @@ the load drops.
 Measured as it really ran. All of the above prices a call by its compute; what drafting under load costs where the
 requests fall out of step (passes mixing drafting and target-only requests, runs ending apart, each waiting for
 passes it is not in) shows only in the requests' whole step times. The tier keeps, per load level, the tokens over
-those times in stretches that drafted and that did not (estimates.LoadedRates); where drafting delivered less,
+those times in stretches that drafted and that did not (estimates.LoadedRates; steps whose passes also read a prompt
+or a draft's catch-up left out of both, those being alike in either or priced here); where drafting delivered less,
 waits included, it is held (probes only) for a while and then tried again (served fp16 at 8 streams on the AMX
 Xeon: rounds priced ~1.6 s took ~2.8 s, 0.85-0.87x `none` in half the rounds). No batch-size table: both inputs are
 measured (docs/SERVING.md compares this with vLLM's table and SmartSpec's rule).

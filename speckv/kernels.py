@@ -36,7 +36,9 @@ a one-row pass does (8960 x 1536 on the AMX Xeon here: 0.5 ms one row, 11 ms 64,
 dequantized into bfloat16 and multiplied on the CPU's matrix units costs 4-5 ms for up to 64 rows and 12 ms for
 512. `install_many_rows(model)` keeps each 4-bit weight's unpacked form too (half a byte a parameter more) and
 makes its layers `ManyRowsLinear4bit`, which multiply passes of at least `dense_from` rows (a prompt, a batched
-verification) dequantized, only for the weight shapes where a probe at load finds that clearly faster.
+verification) dequantized, only for the weight shapes where a probe at load finds that clearly faster. Each thread
+dequantizes into one reused tensor per weight shape (`dequantized_scratch`): a fresh one at every pass cost 6720 page
+faults whenever the allocator had given the last back.
 """
 
 from __future__ import annotations
@@ -406,8 +408,8 @@ def dequantize_4bit_into(unpacked: Unpacked4bit, out: torch.Tensor) -> None:
 
     bitsandbytes' op allocates its result at every call, and a 27 MB tensor (the 1.5B's MLP weights in bf16) lands
     on pages the OS maps afresh whenever the allocator has handed the last one back: 6720 page faults, 2.2 -> 8 ms,
-    in one pass of five at random, enough to flip the load-time probe's choice (docs/serving_log.md, "A reused
-    buffer for the dequantized weight"). Its `.out` form has no CPU kernel in bitsandbytes 0.50, so this calls the
+    in a fifth to a quarter of the passes, enough to flip the load-time probe's choice (docs/serving_log.md, "The
+    dequantized weight in a reused buffer"). Its `.out` form has no CPU kernel in bitsandbytes 0.50, so this calls the
     C function its CPU kernel calls, with the same arguments, where that exists; bitsandbytes' own `.out` where it
     has a CPU kernel; else its allocating op and a copy (the same values either way)."""
     n, k = unpacked.shape
@@ -418,8 +420,8 @@ def dequantize_4bit_into(unpacked: Unpacked4bit, out: torch.Tensor) -> None:
         torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
         return
     function = _c_dequantize_4bit(unpacked.quant_type, out.dtype)
-    # bitsandbytes' CPU kernel leaves these to its Python fallback (odd rows; its AVX-512 path's accuracy at blocks
-    # of 2048 and more): so do we
+    # bitsandbytes' CPU kernel leaves these to its Python fallback (an odd number of columns; its AVX-512 path's
+    # accuracy at blocks of 2048 and more): so do we
     if function is None or k % 2 or unpacked.blocksize >= 2048 or unpacked.absmax.dtype != torch.float32:
         out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
         return
