@@ -43,6 +43,7 @@ faults whenever the allocator had given the last back.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
@@ -409,37 +410,43 @@ def dequantize_4bit_into(unpacked: Unpacked4bit, out: torch.Tensor) -> None:
     bitsandbytes' op allocates its result at every call, and a 27 MB tensor (the 1.5B's MLP weights in bf16) lands
     on pages the OS maps afresh whenever the allocator has handed the last one back: 6720 page faults, 2.2 -> 8 ms,
     in a fifth to a quarter of the passes, enough to flip the load-time probe's choice (docs/serving_log.md, "The
-    dequantized weight in a reused buffer"). Its `.out` form has no CPU kernel in bitsandbytes 0.50, so this calls the
-    C function its CPU kernel calls, with the same arguments, where that exists; bitsandbytes' own `.out` where it
-    has a CPU kernel; else its allocating op and a copy (the same values either way)."""
+    dequantized weight in a reused buffer"). Written by `_writer_into` where bitsandbytes has a way to write into a
+    given tensor; else by its allocating op and a copy (the same values either way)."""
     n, k = unpacked.shape
     if out.shape != (n, k) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {[n, k]} tensor, got {list(out.shape)} {out.stride()}")
-    args = (unpacked.qweight, unpacked.absmax, unpacked.blocksize, unpacked.quant_type, [n, k], out.dtype)
-    if torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit.out", "CPU"):
-        torch.ops.bitsandbytes.dequantize_4bit.out(*args, out=out)
-        return
-    function = _c_dequantize_4bit(unpacked.quant_type, out.dtype)
+    write = _writer_into(unpacked.quant_type, out.dtype)
     # bitsandbytes' CPU kernel leaves these to its Python fallback (an odd number of columns; its AVX-512 path's
     # accuracy at blocks of 2048 and more): so do we
-    if function is None or k % 2 or unpacked.blocksize >= 2048 or unpacked.absmax.dtype != torch.float32:
-        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(*args))
+    if write is None or k % 2 or unpacked.blocksize >= 2048 or unpacked.absmax.dtype != torch.float32:
+        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(unpacked.qweight, unpacked.absmax, unpacked.blocksize,
+                                                                  unpacked.quant_type, [n, k], out.dtype))
         return
-    import ctypes
-
-    from bitsandbytes.functional import get_ptr
-
-    function(get_ptr(unpacked.qweight), get_ptr(unpacked.absmax), get_ptr(out), ctypes.c_longlong(unpacked.blocksize),
-             ctypes.c_longlong(n), ctypes.c_longlong(k))
+    write(unpacked, out)
 
 
 @functools.cache
-def _c_dequantize_4bit(quant_type: str, dtype: torch.dtype) -> Callable | None:
-    """bitsandbytes' C function that its CPU `dequantize_4bit` kernel calls for `quant_type` into `dtype`, or None."""
+def _writer_into(quant_type: str, dtype: torch.dtype) -> Callable[[Unpacked4bit, torch.Tensor], None] | None:
+    """How bitsandbytes writes a `quant_type` weight dequantized into a given `dtype` tensor on the CPU, resolved once
+    (a pass dequantizes ~84 weights): its own `dequantize_4bit.out` where it has a CPU kernel for it (0.50 has none),
+    else the C function its CPU `dequantize_4bit` kernel calls, with the same arguments; None where neither."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit.out", "CPU"):
+        return lambda u, out: torch.ops.bitsandbytes.dequantize_4bit.out(
+            u.qweight, u.absmax, u.blocksize, u.quant_type, list(u.shape), out.dtype, out=out)
     from bitsandbytes.cextension import lib
+    from bitsandbytes.functional import get_ptr
 
     name = _C_DTYPES.get(dtype)
-    return None if name is None else getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{name}", None)
+    function = None if name is None else getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{name}", None)
+    if function is None:
+        return None
+
+    def write(u: Unpacked4bit, out: torch.Tensor) -> None:
+        n, k = u.shape
+        function(get_ptr(u.qweight), get_ptr(u.absmax), get_ptr(out), ctypes.c_longlong(u.blocksize),
+                 ctypes.c_longlong(n), ctypes.c_longlong(k))
+
+    return write
 
 
 _scratch = threading.local()  # per thread: {(shape, dtype): the tensor ManyRowsLinear4bit dequantizes into}

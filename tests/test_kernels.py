@@ -443,6 +443,22 @@ def test_a_weight_dequantized_into_a_given_tensor_is_bitsandbytes_own_dequantize
         unpacked.dequantized(dtype, torch.empty(128, 96, dtype=dtype).t())
 
 
+def test_a_weight_is_written_into_the_given_tensor_without_bitsandbytes_allocating_op(monkeypatch):
+    """Any CPU with bitsandbytes' CPU library: the route that writes in place is found, and taken (the allocating
+    op, whose fresh 27 MB result cost 6720 page faults a pass, is not called)."""
+    layer = bnb.nn.Linear4bit(128, 96, compute_dtype=torch.bfloat16, quant_type="nf4")
+    torch.manual_seed(0)
+    layer.load_state_dict({"weight": torch.randn(96, 128) * 0.1, "bias": torch.randn(96)})
+    unpacked = kernels.unpacked_4bit(layer.to("cpu"))
+    expected = unpacked.dequantized(torch.bfloat16)
+    assert kernels._writer_into("nf4", torch.bfloat16) is not None
+    monkeypatch.setattr(kernels.Unpacked4bit, "dequantized", None)  # the allocating route, had it been taken
+    monkeypatch.setattr(kernels.torch.Tensor, "copy_", None)
+    out = torch.empty(96, 128, dtype=torch.bfloat16)
+    kernels.dequantize_4bit_into(unpacked, out)
+    assert torch.equal(out, expected)
+
+
 def test_passes_of_many_rows_dequantize_into_one_tensor_a_thread_and_weight_shape(monkeypatch):
     """Any CPU (the layers are taken as the packed kernel would run them): two layers of one shape and every pass
     through them reuse one tensor, whose fresh pages cost a 27 MB weight 6 ms whenever the allocator had given its
