@@ -26,9 +26,14 @@ from .workers import Proposal, StepInputs, Verification
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 128
-# the work overlapped with a verification waits this long, or until the verification is back, so that the
-# other requests on this event loop whose results came with this one send their next calls first (SplitExecutor)
+# the work overlapped with a verification waits this share of the request's last verification (at least
+# OVERLAP_DEFER_S), or until the verification is back, so that the other requests on this event loop whose
+# results came with this one send their next calls first (SplitExecutor). Each request's work on its result
+# (accepting, streaming, deciding) holds the loop for a few ms, so a fixed 5 ms ran out while the last of eight
+# had yet to send theirs and the pass, which waits for them, began later: served fp16 at 8 streams on the AMX
+# Xeon, 4-7 ms more between passes than `none`'s (docs/serving_log.md, "fp16 at 8 streams traced pass by pass")
 OVERLAP_DEFER_S = 0.005
+OVERLAP_SHARE = 0.25
 
 
 @dataclass
@@ -70,6 +75,7 @@ class SplitExecutor:
 
     def __init__(self, propose: ProposeFn, verify: VerifyFn, close: CloseFn) -> None:
         self._propose, self._verify, self._close = propose, verify, close
+        self._last_verify_s = 0.0  # the wall time of the last verification it saw (one executor a request served)
 
     async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
         t0 = time.perf_counter()
@@ -85,13 +91,14 @@ class SplitExecutor:
             # overlapped work held the loop before the next request could send its call: 8 streams served at
             # fp16 on an AVX512-BF16 EPYC, 21 ms more wait a step than `none`'s, whose steps overlap nothing
             try:
-                await asyncio.wait({verifying}, timeout=OVERLAP_DEFER_S)
+                await asyncio.wait({verifying}, timeout=max(OVERLAP_DEFER_S, OVERLAP_SHARE * self._last_verify_s))
                 while_verifying(proposal)
             except BaseException:
                 verifying.cancel()
                 raise
             verification = await verifying
         t2 = time.perf_counter()
+        self._last_verify_s = t2 - t1
         return StepCall(proposal, verification, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
     async def close(self, session_id: str) -> None:
