@@ -75,7 +75,9 @@ class SplitExecutor:
 
     def __init__(self, propose: ProposeFn, verify: VerifyFn, close: CloseFn) -> None:
         self._propose, self._verify, self._close = propose, verify, close
-        self._last_verify_s = 0.0  # the wall time of the last verification it saw (one executor a request served)
+        # the wall time of the last verification it saw: served, of its request (the router makes one a request);
+        # in-process, of any of the engine's requests, whose passes they share
+        self._last_verify_s = 0.0
 
     async def run_step(self, inputs: StepInputs, while_verifying: WhileVerifying | None = None) -> StepCall:
         t0 = time.perf_counter()
