@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from speckv.calibration import cpu_flags
+
 SIDE = """
 import os, sys, time
 if sys.argv[1] == "idle":
@@ -69,7 +71,7 @@ def main() -> None:
                     proc.wait()
             results.setdefault(name, []).append(median)
             print(f"{name}: median pass {median:.1f} ms", flush=True)
-    doc = {"cpu_flags": sorted({f for f in open("/proc/cpuinfo").read().split() if f in ("avx512_bf16", "amx_bf16")}),
+    doc = {"cpu_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
            "median_pass_ms_by_round": results}
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1))

@@ -416,23 +416,23 @@ def dequantize_4bit_into(unpacked: Unpacked4bit, out: torch.Tensor) -> None:
     if out.shape != (n, k) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {[n, k]} tensor, got {list(out.shape)} {out.stride()}")
     write = _writer_into(unpacked.quant_type, out.dtype)
-    # bitsandbytes' CPU kernel leaves these to its Python fallback (an odd number of columns; its AVX-512 path's
-    # accuracy at blocks of 2048 and more): so do we
-    if write is None or k % 2 or unpacked.blocksize >= 2048 or unpacked.absmax.dtype != torch.float32:
-        out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(unpacked.qweight, unpacked.absmax, unpacked.blocksize,
-                                                                  unpacked.quant_type, [n, k], out.dtype))
-        return
-    write(unpacked, out)
+    if write is None or not write(unpacked, out):
+        out.copy_(unpacked.dequantized(out.dtype))
 
 
 @functools.cache
-def _writer_into(quant_type: str, dtype: torch.dtype) -> Callable[[Unpacked4bit, torch.Tensor], None] | None:
+def _writer_into(quant_type: str, dtype: torch.dtype) -> Callable[[Unpacked4bit, torch.Tensor], bool] | None:
     """How bitsandbytes writes a `quant_type` weight dequantized into a given `dtype` tensor on the CPU, resolved once
     (a pass dequantizes ~84 weights): its own `dequantize_4bit.out` where it has a CPU kernel for it (0.50 has none),
-    else the C function its CPU `dequantize_4bit` kernel calls, with the same arguments; None where neither."""
+    else the C function its CPU `dequantize_4bit` kernel calls, with the same arguments; None where neither. The
+    writer returns whether it wrote (the C function does not take every weight)."""
     if torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit.out", "CPU"):
-        return lambda u, out: torch.ops.bitsandbytes.dequantize_4bit.out(
-            u.qweight, u.absmax, u.blocksize, u.quant_type, list(u.shape), out.dtype, out=out)
+        def write_out(u: Unpacked4bit, out: torch.Tensor) -> bool:
+            torch.ops.bitsandbytes.dequantize_4bit.out(u.qweight, u.absmax, u.blocksize, u.quant_type, list(u.shape),
+                                                       out.dtype, out=out)
+            return True
+
+        return write_out
     from bitsandbytes.cextension import lib
     from bitsandbytes.functional import get_ptr
 
@@ -441,10 +441,15 @@ def _writer_into(quant_type: str, dtype: torch.dtype) -> Callable[[Unpacked4bit,
     if function is None:
         return None
 
-    def write(u: Unpacked4bit, out: torch.Tensor) -> None:
+    def write(u: Unpacked4bit, out: torch.Tensor) -> bool:
         n, k = u.shape
+        # bitsandbytes' CPU kernel leaves these to its Python fallback (an odd number of columns; its AVX-512 path's
+        # accuracy at blocks of 2048 and more): so do we
+        if k % 2 or u.blocksize >= 2048 or u.absmax.dtype != torch.float32:
+            return False
         function(get_ptr(u.qweight), get_ptr(u.absmax), get_ptr(out), ctypes.c_longlong(u.blocksize),
                  ctypes.c_longlong(n), ctypes.c_longlong(k))
+        return True
 
     return write
 
