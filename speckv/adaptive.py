@@ -151,8 +151,9 @@ class AdaptivePolicy:
         self.run_cap = min(2 * gmax, MAX_GAMMA) if predictor.token_weights else gmax
         w1, b1, mean, std = (np.asarray(x, dtype=np.float64) for x in
                              (predictor.w1, predictor.b1, predictor.feature_mean, predictor.feature_std))
-        # the normalisation and the first bias fold into one matrix over [features, 1]
-        self._w1 = np.ascontiguousarray(np.vstack([w1 / std[:, None], b1 - (mean / std) @ w1]))  # [F+1, H]
+        # the normalisation folds into the first layer
+        self._w1 = np.ascontiguousarray(w1 / std[:, None])  # [F, H]
+        self._b1 = b1 - (mean / std) @ w1  # [H]
         self._w2 = np.ascontiguousarray(np.asarray(predictor.w2, dtype=np.float64))
         self._b2 = np.asarray(predictor.b2, dtype=np.float64)
         self._gammas = np.arange(gmax + 1)
@@ -188,10 +189,11 @@ class AdaptivePolicy:
 
     def _rows(self, x: np.ndarray) -> list[tuple[list[float], list[float]]]:
         """[N, F] features -> N rows (logits, conditional), each [γmax]."""
-        h = np.hstack([x, np.ones((len(x), 1))]) @ self._w1
+        h = x @ self._w1 + self._b1
         np.maximum(h, 0.0, out=h)
         probs = np.minimum.accumulate(1.0 / (1.0 + np.exp(-(h @ self._w2 + self._b2))), axis=1)  # P(first k)
-        cond = probs / np.hstack([np.ones((len(x), 1)), probs[:, :-1]])
+        cond = probs.copy()
+        cond[:, 1:] /= probs[:, :-1]  # P(k-th | the ones before)
         logits = np.log(cond / np.maximum(1.0 - cond, 1e-9))
         return list(zip(logits.tolist(), cond.tolist()))
 

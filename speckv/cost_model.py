@@ -45,6 +45,14 @@ CATCH_UP_TAUGHT = 64  # a lone draft call that first read at most this many toke
 #                       measurement) teaches the draft's factor, its read priced as calibrated (LiveCost.observe)
 
 
+def _scalar(x: object) -> bool:
+    """Whether a γ (or a count) is one number, not an array: a decision prices its step per request and pass
+    (AdaptivePolicy._refresh), and numpy's per-call overhead on one number was most of that time (half of the
+    policy's host time a step at 8 sequences, scripts/policy_host_time.py), so one number is priced in plain
+    Python, the same formula."""
+    return isinstance(x, (int, float, np.integer, np.floating))
+
+
 def measured_curve(points: list[tuple[int, float]]) -> tuple[float, ...]:
     """The verify curve over γ = 0..the largest γ measured, through measured (γ, ms) points: γ between two points
     interpolated linearly, γ below the first at its ms. Empty with fewer than two points (the line says as much).
@@ -97,44 +105,58 @@ class CostModel:
         if sequences <= 1:
             return self._single_verify_ms(gamma, context_len)
         if self.float32_from is not None:  # the pass's positions decide what it computes in
-            positions = np.rint(sequences + np.asarray(gamma) + max(other_tokens - (sequences - 1), 0.0)).astype(int)
+            extra = max(other_tokens - (sequences - 1), 0.0)
+            if _scalar(gamma):
+                positions = round(sequences + gamma + extra)  # half to even, as np.rint
+                if positions >= self.float32_from:
+                    return self._single_verify_ms(positions - 1, context_len)
+                return self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
+            positions = np.rint(sequences + np.asarray(gamma) + extra).astype(int)
             wide = positions >= self.float32_from
             if np.any(wide):
                 as_one = self._single_verify_ms(positions - 1, context_len)
                 narrow = self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
-                out = np.where(wide, as_one, narrow)
-                return float(out) if np.ndim(gamma) == 0 else out
+                return np.where(wide, as_one, narrow)
         return self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
 
     def _bf16_batched_ms(self, gamma: int | np.ndarray, context_len: int, sequences: int,
                          other_tokens: float) -> float | np.ndarray:
         """A batched pass as measured in the loaded dtype: one more sequence, one more token, each at its price."""
         per_token = self.verify_ms_per_token if self.batched_ms_per_token is None else self.batched_ms_per_token
-        beyond = np.asarray(gamma) + max(other_tokens - (sequences - 1), 0.0)  # tokens beyond one per sequence
+        g = gamma if _scalar(gamma) else np.asarray(gamma)
+        beyond = g + max(other_tokens - (sequences - 1), 0.0)  # tokens beyond one per sequence
         out = (self._single_verify_ms(0, context_len) + self.verify_ms_per_sequence * (sequences - 1)
                + per_token * beyond)
-        return float(out) if np.ndim(gamma) == 0 else out
+        return float(out) if _scalar(gamma) else out
 
     def _single_verify_ms(self, gamma: int | np.ndarray, context_len: int) -> float | np.ndarray:
         if not self.verify_curve:
             return (self.verify_ms_base + self.verify_ms_per_token * gamma
                     + self.verify_ms_per_context_token * context_len)
         last = len(self.verify_curve) - 1
-        g = np.asarray(gamma)
-        on_curve = np.asarray(self.verify_curve)[np.minimum(g, last)]
+        if _scalar(gamma):
+            g = int(gamma)
+            on_curve, past = self.verify_curve[min(g, last)], max(g - last, 0)
+        else:
+            g = np.asarray(gamma)
+            on_curve, past = np.asarray(self.verify_curve)[np.minimum(g, last)], np.maximum(g - last, 0)
         beyond = (self.float32_ms_per_token if self.float32_from is not None and last + 1 >= self.float32_from
                   else self.verify_ms_per_token)  # the curve's end ran in float32: so do longer passes
-        out = (on_curve + beyond * np.maximum(g - last, 0)
-               + self.verify_ms_per_context_token * (context_len - self.curve_context_len))
-        return float(out) if np.ndim(gamma) == 0 else out
+        out = (on_curve + beyond * past + self.verify_ms_per_context_token * (context_len - self.curve_context_len))
+        return float(out) if _scalar(gamma) else out
 
     def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
         """Time of drafting γ tokens, one pass per position, each carrying `sequences` requests."""
-        return self.drafting_passes_ms(gamma, np.asarray(gamma) * max(sequences, 1))
+        return self.drafting_passes_ms(gamma, (gamma if _scalar(gamma) else np.asarray(gamma)) * max(sequences, 1))
 
     def drafting_passes_ms(self, passes: int | np.ndarray, rows: int | np.ndarray) -> float | np.ndarray:
         """Time of a batch's drafting passes: `passes` passes (its longest run) carrying `rows` sequence-positions
         in all (the sum of its runs); what a proposal's `compute_ms` measured (speckv.workers.Proposal)."""
+        if _scalar(passes) and _scalar(rows):
+            if self.draft_float32_from is not None and passes > 0 and rows / passes >= self.draft_float32_from:
+                base, per_position = self.draft_float32_ms
+                return float(passes * base + per_position * rows)
+            return float(self.draft_ms_per_token * passes + self.draft_ms_per_sequence * max(rows - passes, 0))
         out = self.draft_ms_per_token * np.asarray(passes) + self.draft_ms_per_sequence * np.maximum(
             np.asarray(rows) - passes, 0)
         if self.draft_float32_from is not None:  # passes as wide as the switch run in float32
@@ -142,7 +164,7 @@ class CostModel:
             wide = (np.asarray(passes) > 0) & (np.asarray(rows) / n >= self.draft_float32_from)
             base, per_position = self.draft_float32_ms
             out = np.where(wide, np.asarray(passes) * base + per_position * np.asarray(rows), out)
-        return float(out) if np.ndim(passes) == 0 else out
+        return out
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                 other_tokens: float = 0.0) -> float | np.ndarray:
@@ -448,7 +470,8 @@ class LiveCost:
         hop.observe(max(wall - compute - waited, 0.0))
 
     def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
-        return self.draft.value * self.base.draft_ms(gamma, sequences) + self.draft_hop.value * (np.asarray(gamma) > 0)
+        return self.draft.value * self.base.draft_ms(gamma, sequences) + self.draft_hop.value * (
+            gamma > 0 if _scalar(gamma) else np.asarray(gamma) > 0)
 
     def verify_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                   other_tokens: float = 0.0) -> float | np.ndarray:
@@ -489,10 +512,13 @@ class LiveCost:
         or one beyond it where the whole pass drafting one more position together would pay
         (AdaptivePolicy._shared_prices), so that runs can grow together, a position a step, while a lone long run pays
         for the passes the others wait through."""
-        g = np.asarray(gamma)
-        along = g if led is None else np.minimum(g, led)
+        if _scalar(gamma):
+            g, along = gamma, gamma if led is None else min(gamma, led)
+        else:
+            g = np.asarray(gamma)
+            along = g if led is None else np.minimum(g, led)
         out = self.draft.value * (shared_ms * along + self.base.draft_ms_per_token * (g - along))
-        return float(out) if np.ndim(gamma) == 0 else out
+        return float(out) if _scalar(gamma) else out
 
     def to_dict(self) -> dict:
         """Current estimates, for /metrics and the response's `speculation` object."""

@@ -597,3 +597,19 @@ def test_under_load_drafting_that_loses_to_waits_no_call_shows_is_held(seed, mon
     monkeypatch.setattr("speckv.estimates.LoadedRates.holds", lambda self, everyone: False)
     assert ratio(150.0) < 0.8
     assert seen >= ratio(0.0) - 0.005
+
+
+def test_the_policys_rows_are_the_shipped_predictors_acceptance():
+    """The policy folds the predictor's normalisation into its own first layer (speed): its rows must be the
+    predictor's P(first k accepted), as conditional probabilities and their log-odds."""
+    from speckv.predictor import shipped_predictor
+
+    predictor = shipped_predictor()
+    policy = AdaptivePolicy(predictor, "fp16", TierEstimates.calibrated(FLAT))
+    x = np.random.default_rng(0).normal(size=(5, len(predictor.feature_mean))) * predictor.feature_std \
+        + predictor.feature_mean
+    probs = predictor.acceptance_probs(x)  # [5, γmax] P(first k accepted)
+    for row, (logits, cond) in zip(probs, policy._rows(x)):
+        expected = row / np.concatenate([[1.0], row[:-1]])
+        assert cond == pytest.approx(expected, rel=1e-9)
+        assert logits == pytest.approx(np.log(expected / np.maximum(1.0 - expected, 1e-9)), rel=1e-9, abs=1e-9)

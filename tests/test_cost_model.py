@@ -350,3 +350,33 @@ def test_a_probe_after_target_only_steps_teaches_the_drafts_cost():
     far = LiveCost(dear)
     far.observe(1, true, 255.0, 0, true, 255.0, draft_behind=CATCH_UP_TAUGHT + 1)
     assert shared.draft.count == far.draft.count == 0 and shared.draft.value == far.draft.value == 1.0
+
+
+@pytest.mark.parametrize("float32", [False, True])
+def test_one_number_is_priced_as_the_same_element_of_an_array(float32):
+    """A decision prices one γ at a time in plain Python (speed) and several as an array: the same prices, past the
+    measured curve, in batched passes and across a float32 switch."""
+    base = CostModel(draft_ms_per_token=74.0, verify_ms_base=175.0, verify_ms_per_token=9.3,
+                     verify_ms_per_context_token=0.01, verify_curve=(175.0, 181.0, 190.0, 204.0), curve_context_len=64,
+                     verify_ms_per_sequence=12.5, batched_ms_per_token=8.0, draft_ms_per_sequence=5.0,
+                     draft_prefill_ms_per_token=3.0, float32_from=9 if float32 else None, float32_ms_per_token=6.0,
+                     draft_float32_from=4 if float32 else None, draft_float32_ms=(30.0, 11.0))
+    live = LiveCost(base)
+    live.observe(2, 200.0, 250.0, 64, 150.0, 230.0, sequences=3, batch_tokens=7, draft_passes=2, draft_rows=5)
+    gammas = np.arange(12)
+    for sequences, others in ((1, 0.0), (4, 3.0), (8, 13.5)):
+        for ctx in (0, 64, 300):
+            for cost in (base, live):
+                as_array = cost.verify_ms(gammas, ctx, sequences, others)
+                assert [cost.verify_ms(int(g), ctx, sequences, others) for g in gammas] == pytest.approx(as_array)
+            assert [base.draft_ms(int(g), sequences) for g in gammas] == pytest.approx(base.draft_ms(gammas, sequences))
+            assert [live.draft_ms(int(g), sequences) for g in gammas] == pytest.approx(live.draft_ms(gammas, sequences))
+            rows = gammas * sequences
+            assert ([base.drafting_passes_ms(int(g), int(r)) for g, r in zip(gammas, rows)]
+                    == pytest.approx(base.drafting_passes_ms(gammas, rows)))
+            for led in (None, 0, 3):
+                prices = live.drafting_prices(gammas, ctx, sequences, others)
+                assert ([live.drafting_prices(int(g), ctx, sequences, others).shared(led) for g in gammas]
+                        == pytest.approx(prices.shared(led)))
+                assert ([live.drafting_prices(int(g), ctx, sequences, others).alone(led) for g in gammas]
+                        == pytest.approx(prices.alone(led)))
