@@ -32,6 +32,7 @@ are in `draft_ms_per_token` already.
 from __future__ import annotations
 
 import math
+import operator
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,10 +47,10 @@ CATCH_UP_TAUGHT = 64  # a lone draft call that first read at most this many toke
 
 
 def _scalar(x: object) -> bool:
-    """Whether a γ (or a count) is one number, not an array: a decision prices its step per request and pass
-    (AdaptivePolicy._refresh), and numpy's per-call overhead on one number was most of that time (half of the
-    policy's host time a step at 8 sequences, scripts/policy_host_time.py), so one number is priced in plain
-    Python, the same formula."""
+    """Whether a γ (or a count) is one number, not an array. A decision prices its step per request and pass
+    (AdaptivePolicy._refresh, about 11 verify prices), and numpy's per-call overhead on one number was a third of
+    the policy's host time a step at 8 sequences (scripts/policy_host_time.py), so one number takes the same
+    formula in plain Python."""
     return isinstance(x, (int, float, np.integer, np.floating))
 
 
@@ -135,7 +136,7 @@ class CostModel:
                     + self.verify_ms_per_context_token * context_len)
         last = len(self.verify_curve) - 1
         if _scalar(gamma):
-            g = int(gamma)
+            g = operator.index(gamma)  # an index into the curve, as in the array route (a float is an error)
             on_curve, past = self.verify_curve[min(g, last)], max(g - last, 0)
         else:
             g = np.asarray(gamma)
