@@ -107,14 +107,13 @@ class CostModel:
             return self._single_verify_ms(gamma, context_len)
         if self.float32_from is not None:  # the pass's positions decide what it computes in
             extra = max(other_tokens - (sequences - 1), 0.0)
-            if _scalar(gamma):
-                positions = round(sequences + gamma + extra)  # half to even, as np.rint
-                if positions >= self.float32_from:
-                    return self._single_verify_ms(positions - 1, context_len)
-                return self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
-            positions = np.rint(sequences + np.asarray(gamma) + extra).astype(int)
+            scalar = _scalar(gamma)
+            positions = (round(sequences + gamma + extra) if scalar  # half to even, as np.rint
+                         else np.rint(sequences + np.asarray(gamma) + extra).astype(int))
             wide = positions >= self.float32_from
-            if np.any(wide):
+            if scalar and wide:
+                return self._single_verify_ms(positions - 1, context_len)
+            if not scalar and np.any(wide):
                 as_one = self._single_verify_ms(positions - 1, context_len)
                 narrow = self._bf16_batched_ms(gamma, context_len, sequences, other_tokens)
                 return np.where(wide, as_one, narrow)
@@ -124,18 +123,18 @@ class CostModel:
                          other_tokens: float) -> float | np.ndarray:
         """A batched pass as measured in the loaded dtype: one more sequence, one more token, each at its price."""
         per_token = self.verify_ms_per_token if self.batched_ms_per_token is None else self.batched_ms_per_token
-        g = gamma if _scalar(gamma) else np.asarray(gamma)
-        beyond = g + max(other_tokens - (sequences - 1), 0.0)  # tokens beyond one per sequence
+        scalar = _scalar(gamma)
+        beyond = (gamma if scalar else np.asarray(gamma)) + max(other_tokens - (sequences - 1), 0.0)  # beyond one each
         out = (self._single_verify_ms(0, context_len) + self.verify_ms_per_sequence * (sequences - 1)
                + per_token * beyond)
-        return float(out) if _scalar(gamma) else out
+        return float(out) if scalar else out
 
     def _single_verify_ms(self, gamma: int | np.ndarray, context_len: int) -> float | np.ndarray:
         if not self.verify_curve:
             return (self.verify_ms_base + self.verify_ms_per_token * gamma
                     + self.verify_ms_per_context_token * context_len)
-        last = len(self.verify_curve) - 1
-        if _scalar(gamma):
+        last, scalar = len(self.verify_curve) - 1, _scalar(gamma)
+        if scalar:
             g = operator.index(gamma)  # an index into the curve, as in the array route (a float is an error)
             on_curve, past = self.verify_curve[min(g, last)], max(g - last, 0)
         else:
@@ -144,7 +143,7 @@ class CostModel:
         beyond = (self.float32_ms_per_token if self.float32_from is not None and last + 1 >= self.float32_from
                   else self.verify_ms_per_token)  # the curve's end ran in float32: so do longer passes
         out = (on_curve + beyond * past + self.verify_ms_per_context_token * (context_len - self.curve_context_len))
-        return float(out) if _scalar(gamma) else out
+        return float(out) if scalar else out
 
     def draft_ms(self, gamma: int | np.ndarray, sequences: int = 1) -> float | np.ndarray:
         """Time of drafting γ tokens, one pass per position, each carrying `sequences` requests."""
@@ -153,19 +152,18 @@ class CostModel:
     def drafting_passes_ms(self, passes: int | np.ndarray, rows: int | np.ndarray) -> float | np.ndarray:
         """Time of a batch's drafting passes: `passes` passes (its longest run) carrying `rows` sequence-positions
         in all (the sum of its runs); what a proposal's `compute_ms` measured (speckv.workers.Proposal)."""
-        if _scalar(passes) and _scalar(rows):
-            if self.draft_float32_from is not None and passes > 0 and rows / passes >= self.draft_float32_from:
-                base, per_position = self.draft_float32_ms
-                return float(passes * base + per_position * rows)
-            return float(self.draft_ms_per_token * passes + self.draft_ms_per_sequence * max(rows - passes, 0))
-        out = self.draft_ms_per_token * np.asarray(passes) + self.draft_ms_per_sequence * np.maximum(
-            np.asarray(rows) - passes, 0)
+        scalar = _scalar(passes) and _scalar(rows)
+        p, r = (passes, rows) if scalar else (np.asarray(passes), np.asarray(rows))
+        out = self.draft_ms_per_token * p + self.draft_ms_per_sequence * (max(r - p, 0) if scalar
+                                                                          else np.maximum(r - p, 0))
         if self.draft_float32_from is not None:  # passes as wide as the switch run in float32
-            n = np.maximum(np.asarray(passes), 1)
-            wide = (np.asarray(passes) > 0) & (np.asarray(rows) / n >= self.draft_float32_from)
             base, per_position = self.draft_float32_ms
-            out = np.where(wide, np.asarray(passes) * base + per_position * np.asarray(rows), out)
-        return out
+            in_float32 = p * base + per_position * r
+            if scalar:
+                out = in_float32 if p > 0 and r / p >= self.draft_float32_from else out
+            else:
+                out = np.where((p > 0) & (r / np.maximum(p, 1) >= self.draft_float32_from), in_float32, out)
+        return float(out) if scalar else out
 
     def step_ms(self, gamma: int | np.ndarray, context_len: int = 0, sequences: int = 1,
                 other_tokens: float = 0.0) -> float | np.ndarray:
