@@ -5,6 +5,11 @@ drifts: alternate them).
 
     python scripts/prefill_batch.py --tier nf4 --prompts docs/results/milan/prompts8.jsonl \\
         --out docs/results/milan/prefill_no_logits_after.json
+
+`--synthetic N` reads eight prompts of N random token ids instead (the shape of a GuideLLM sweep's synthetic
+prompts), each alone as well as together, and `--gemm` adds this CPU's rate for one large half-precision
+product of the target's MLP shape: how far from the CPU's own ceiling a prompt is read, and what reading a
+load sweep's prompts together rather than one by one could save.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from speckv.calibration import hardware_id
 from speckv.local import LocalEngine
@@ -37,17 +44,40 @@ def read_together(lm: SessionLM, prompts: list[list[int]], tag: str) -> tuple[fl
     return ms, passes
 
 
+def synthetic_prompts(tokens: int, count: int = 8) -> list[list[int]]:
+    """`count` prompts of `tokens` random ids (plus the last token a first step leaves unread)."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(1000, 30000, (tokens + 1,), generator=generator).tolist() for _ in range(count)]
+
+
+def gemm_gflops(rows: int = 512, dims: tuple[int, int] = (1536, 8960), repeats: int = 7) -> float:
+    """GFLOP/s of one bf16 `rows` x 1536 x 8960 product (the 1.5B target's MLP), median of `repeats`."""
+    x, w = torch.randn(rows, dims[0], dtype=torch.bfloat16), torch.randn(dims[1], dims[0], dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * dims[0] * dims[1] / statistics.median(times) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tier", default="nf4")
-    parser.add_argument("--prompts", required=True, help="Spec-Bench JSONL file")
+    prompts_from = parser.add_mutually_exclusive_group(required=True)
+    prompts_from.add_argument("--prompts", help="Spec-Bench JSONL file")
+    prompts_from.add_argument("--synthetic", type=int, metavar="N", help="eight prompts of N random token ids")
+    parser.add_argument("--gemm", action="store_true", help="also time one bf16 product of the MLP's shape")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     engine = LocalEngine.load(tier=args.tier)  # calibrated at load where prompts' dtype is chosen
-    prompts = [encode_prompt(engine.tokenizer, p.text, chat=True) for p in load_prompts(Path(args.prompts))]
+    prompts = (synthetic_prompts(args.synthetic) if args.synthetic else
+               [encode_prompt(engine.tokenizer, p.text, chat=True) for p in load_prompts(Path(args.prompts))])
     out = {"tier": args.tier, "hardware": hardware_id(engine.target_worker.lm.device),
-           "prompt_tokens": [len(p) for p in prompts]}
+           "torch_threads": torch.get_num_threads(), "prompt_tokens": [len(p) for p in prompts]}
     for role, lm in (("draft", engine.draft_worker.lm), ("target", engine.target_worker.lm)):
         runs = [read_together(lm, prompts, f"{role}{r}") for r in range(args.repeats)]
         ms = statistics.median(m for m, _ in runs)
@@ -55,6 +85,15 @@ def main() -> None:
                      "ms_per_token": ms / sum(len(p) - 1 for p in prompts)}
         print(f"{role}: {sum(len(p) - 1 for p in prompts)} tokens in {runs[0][1]} passes, median {ms:.0f} ms "
               f"({out[role]['ms_per_token']:.1f} ms a token)", flush=True)
+        if args.synthetic:  # the same prompts one by one, as a sweep's staggered arrivals read them
+            alone = [statistics.median(read_together(lm, [p], f"{role}{r}a{k}")[0] for r in range(args.repeats))
+                     for k, p in enumerate(prompts)]
+            out[role]["alone_median_ms"] = statistics.median(alone)
+            print(f"{role}: one prompt alone, median {statistics.median(alone):.0f} ms "
+                  f"({statistics.median(alone) / args.synthetic:.1f} ms a token)", flush=True)
+    if args.gemm:
+        out["gemm_bf16_gflops"] = gemm_gflops()
+        print(f"bf16 product 512 x 1536 x 8960: {out['gemm_bf16_gflops']:.0f} GFLOP/s", flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"saved {args.out}")
 
