@@ -51,7 +51,8 @@ def synthetic_prompts(tokens: int, count: int = 8) -> list[list[int]]:
 
 
 def gemm_gflops(rows: int = 512, dims: tuple[int, int] = (1536, 8960), repeats: int = 7) -> float:
-    """GFLOP/s of one bf16 `rows` x 1536 x 8960 product (the 1.5B target's MLP), median of `repeats`."""
+    """GFLOP/s of one bf16 product `rows` x `dims` (by default the 1.5B target's MLP shape), median of `repeats`:
+    what this CPU's half-precision kernels reach at their best, the floor a prompt's pass is compared with."""
     x, w = torch.randn(rows, dims[0], dtype=torch.bfloat16), torch.randn(dims[1], dims[0], dtype=torch.bfloat16)
     for _ in range(3):
         torch.nn.functional.linear(x, w)
