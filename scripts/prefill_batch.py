@@ -50,10 +50,14 @@ def synthetic_prompts(tokens: int, count: int = 8) -> list[list[int]]:
     return [torch.randint(1000, 30000, (tokens + 1,), generator=generator).tolist() for _ in range(count)]
 
 
-def gemm_gflops(rows: int = 512, dims: tuple[int, int] = (1536, 8960), repeats: int = 7) -> float:
-    """GFLOP/s of one bf16 product `rows` x `dims` (by default the 1.5B target's MLP shape), median of `repeats`:
-    what this CPU's half-precision kernels reach at their best, the floor a prompt's pass is compared with."""
-    x, w = torch.randn(rows, dims[0], dtype=torch.bfloat16), torch.randn(dims[1], dims[0], dtype=torch.bfloat16)
+MLP_PRODUCT = (512, 1536, 8960)  # rows (eight 64-token prompts) x the 1.5B target's hidden x its MLP width
+
+
+def gemm_gflops(shape: tuple[int, int, int] = MLP_PRODUCT, repeats: int = 7) -> float:
+    """GFLOP/s of one bf16 product of `shape` (rows, in, out), median of `repeats`: what this CPU's
+    half-precision kernels reach at their best, the floor a prompt's pass is compared with."""
+    rows, d_in, d_out = shape
+    x, w = torch.randn(rows, d_in, dtype=torch.bfloat16), torch.randn(d_out, d_in, dtype=torch.bfloat16)
     for _ in range(3):
         torch.nn.functional.linear(x, w)
     times = []
@@ -61,7 +65,7 @@ def gemm_gflops(rows: int = 512, dims: tuple[int, int] = (1536, 8960), repeats: 
         start = time.perf_counter()
         torch.nn.functional.linear(x, w)
         times.append(time.perf_counter() - start)
-    return 2 * rows * dims[0] * dims[1] / statistics.median(times) / 1e9
+    return 2 * rows * d_in * d_out / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -74,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.synthetic is not None and args.synthetic < 1:
+        parser.error(f"--synthetic: a prompt needs at least 1 token, not {args.synthetic}")
     engine = LocalEngine.load(tier=args.tier)  # calibrated at load where prompts' dtype is chosen
     prompts = (synthetic_prompts(args.synthetic) if args.synthetic else
                [encode_prompt(engine.tokenizer, p.text, chat=True) for p in load_prompts(Path(args.prompts))])
@@ -87,14 +93,15 @@ def main() -> None:
         print(f"{role}: {sum(len(p) - 1 for p in prompts)} tokens in {runs[0][1]} passes, median {ms:.0f} ms "
               f"({out[role]['ms_per_token']:.1f} ms a token)", flush=True)
         if args.synthetic:  # the same prompts one by one, as a sweep's staggered arrivals read them
-            alone = [statistics.median(read_together(lm, [p], f"{role}{r}a{k}")[0] for r in range(args.repeats))
-                     for k, p in enumerate(prompts)]
-            out[role]["alone_median_ms"] = statistics.median(alone)
-            print(f"{role}: one prompt alone, median {statistics.median(alone):.0f} ms "
-                  f"({statistics.median(alone) / args.synthetic:.1f} ms a token)", flush=True)
+            alone = statistics.median(
+                statistics.median(read_together(lm, [p], f"{role}{r}a{k}")[0] for r in range(args.repeats))
+                for k, p in enumerate(prompts))
+            out[role]["alone_median_ms"] = alone
+            print(f"{role}: one prompt alone, median {alone:.0f} ms ({alone / args.synthetic:.1f} ms a token)",
+                  flush=True)
     if args.gemm:
         out["gemm_bf16_gflops"] = gemm_gflops()
-        print(f"bf16 product 512 x 1536 x 8960: {out['gemm_bf16_gflops']:.0f} GFLOP/s", flush=True)
+        print(f"bf16 product {' x '.join(map(str, MLP_PRODUCT))}: {out['gemm_bf16_gflops']:.0f} GFLOP/s", flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"saved {args.out}")
 

@@ -154,8 +154,8 @@ class CostModel:
         in all (the sum of its runs); what a proposal's `compute_ms` measured (speckv.workers.Proposal)."""
         scalar = _scalar(passes) and _scalar(rows)
         p, r = (passes, rows) if scalar else (np.asarray(passes), np.asarray(rows))
-        out = self.draft_ms_per_token * p + self.draft_ms_per_sequence * (max(r - p, 0) if scalar
-                                                                          else np.maximum(r - p, 0))
+        at_least = max if scalar else np.maximum
+        out = self.draft_ms_per_token * p + self.draft_ms_per_sequence * at_least(r - p, 0)
         if self.draft_float32_from is not None:  # passes as wide as the switch run in float32
             base, per_position = self.draft_float32_ms
             in_float32 = p * base + per_position * r
