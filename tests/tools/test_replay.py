@@ -25,10 +25,10 @@ class Scripted:
         pass
 
 
-def make_trace(accept_len: list[int], gamma_max: int = 4) -> Trace:
+def make_trace(accept_len: list[int], gamma_max: int = 4, prompt_len: int = 10) -> Trace:
     n = len(accept_len)
     ones = np.ones((n, gamma_max))
-    return Trace("p", "c", 10, np.asarray(accept_len), ones, ones, ones)
+    return Trace("p", "c", prompt_len, np.asarray(accept_len), ones, ones, ones)
 
 
 def test_fixed_replay_counts_steps_and_time():
@@ -51,8 +51,10 @@ def test_none_is_one_token_per_step():
 def test_oracle_is_never_worse_than_any_fixed_gamma():
     rng = np.random.default_rng(0)
     for _ in range(20):
-        trace = make_trace(list(rng.integers(0, 5, size=40)))
-        cost = CostModel(rng.uniform(5, 50), rng.uniform(50, 200), rng.uniform(0, 60))
+        trace = make_trace(list(rng.integers(0, 5, size=40)), prompt_len=int(rng.integers(2, 400)))
+        # the draft's reading of what it has not read is priced too (replay charges it to every drafting policy)
+        cost = CostModel(rng.uniform(5, 50), rng.uniform(50, 200), rng.uniform(0, 60),
+                         draft_prefill_ms_per_token=rng.uniform(0, 4))
         best = oracle(trace, cost)
         for g in range(5):
             assert best.ms <= replay(trace, fixed(g), cost).ms + 1e-9
@@ -61,6 +63,19 @@ def test_oracle_is_never_worse_than_any_fixed_gamma():
         # the stop-rule bound is a policy too: never faster than the oracle, and its choices replay to its time
         stop = stop_oracle(trace, cost)
         assert best.ms <= stop.ms + 1e-9 and abs(replay(trace, Scripted(stop.gammas), cost).ms - stop.ms) < 1e-9
+
+
+def test_oracle_pays_the_drafts_reading_of_a_long_prompt():
+    """Where drafting pays only if the draft reads the prompt for free, the oracle does not draft; where the
+    prompt is short, it does."""
+    accept = [4, 0, 0, 0, 0] * 3
+    cost = CostModel(draft_ms_per_token=10, verify_ms_base=100, verify_ms_per_token=5, draft_prefill_ms_per_token=2)
+    # drafting saves at most 12 steps of 100 ms against 3 drafted runs of 4 tokens (3 x 60 ms)
+    long_prompt, short_prompt = make_trace(accept, prompt_len=1000), make_trace(accept, prompt_len=10)
+    assert oracle(long_prompt, cost).ms == replay(long_prompt, fixed(0), cost).ms == 1500
+    short = oracle(short_prompt, cost)
+    assert short.ms < 1500 and short.gammas[0] == 4
+    assert abs(replay(short_prompt, Scripted(short.gammas), cost).ms - short.ms) < 1e-9
 
 
 def test_cost_model_fit_recovers_linear_costs():
