@@ -19,6 +19,9 @@ for set in issue13 second; do
   mkdir -p "$OUT/eval_$set"
   speckv evaluate --records "$OUT/collect_$set" --split all --out "$OUT/eval_$set/evaluate_$NAME.json"
   cp "$OUT/eval_$set/evaluate_$NAME.json" "$DOCS/evaluate_$set.json"
-  cp "$OUT/collect_$set/cost_$TIER.json" "$DOCS/cost_$set.json"
+  # the collection itself (traces and step costs, ~0.7 MB a set at 32 tokens) goes with the figures, so that a
+  # later change to replay or to the oracle re-judges it without collecting again (`speckv evaluate --records`)
+  mkdir -p "$DOCS/collect_$set"
+  cp "$OUT/collect_$set/records_$TIER.jsonl" "$OUT/collect_$set/cost_$TIER.json" "$DOCS/collect_$set/"
 done
 python -m speckv.tools.settings_report "$OUT/eval_issue13" "$OUT/eval_second" "$DOCS"
