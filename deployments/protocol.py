@@ -53,8 +53,18 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = Field(False, description="vLLM extension: the usage so far in every chunk")
 
 
+def _only(field: str, value: object, neutral: tuple, what: str) -> None:
+    """Refuse a value of a field this server accepts only where it changes nothing (`neutral`)."""
+    if value not in neutral:
+        raise ValueError(f"{field} {what} is not supported")
+
+
 class _SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions. Unknown fields are rejected, not ignored."""
+    """Fields shared by completions and chat completions. Unknown fields are rejected, not ignored.
+
+    OpenAI fields this server does not implement are accepted only at the value that changes nothing, which
+    clients and frameworks send explicitly (`frequency_penalty: 0`, `logit_bias: {}`), and refused otherwise: a
+    request is answered as asked or not at all."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -71,6 +81,22 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM extension (load tools use it): generate max_tokens tokens, "
                              "past end-of-sequence tokens")
     speculation: SpeculationOptions | None = None
+    frequency_penalty: float = Field(0.0, description="accepted at 0 only: no penalty is applied")
+    presence_penalty: float = Field(0.0, description="accepted at 0 only: no penalty is applied")
+    logit_bias: dict[str, float] | None = Field(None, description="accepted empty only")
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float, info) -> float:
+        _only(info.field_name, v, (0, 0.0), "other than 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -94,6 +120,21 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = None
+    best_of: int | None = Field(None, description="accepted at 1 only")
+    suffix: str | None = Field(None, description="accepted empty only")
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, v: int | None) -> int | None:
+        _only("best_of", v, (None, 1), "other than 1")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix (insertion) is not supported")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -120,16 +161,94 @@ class CompletionRequest(_SamplingRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class TextPart(BaseModel):
+    """One part of a message's content in OpenAI's array form; text is the only kind a text model reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: object) -> object:
+        """An image, audio or file part gets one clear error, not pydantic's list of what each union member wanted."""
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported, not {kind!r}")
+        return v
+
+    def for_template(self) -> dict:
+        """The message as the tokenizer's chat template takes it: content parts joined by newlines (as vLLM joins a
+        text-only model's), and `developer`, OpenAI's newer name for the system role, as `system`, the role the
+        chat templates know."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        return message if self.name is None else {**message, "name": self.name}
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="'text' only: no JSON mode or schema is enforced")
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"response_format {v!r} is not supported: answers are plain text")
+        return v
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = Field(None, description="accepted false only")
+    top_logprobs: int | None = Field(None, description="accepted at 0 only")
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = Field(None, description="accepted empty only: no tool calling")
+    tool_choice: str | dict | None = Field(None, description="accepted 'none' (or 'auto' with no tools) only")
+    parallel_tool_calls: bool | None = Field(None, description="meaningless without tools; accepted")
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _positive_completion(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("max_completion_tokens must be >= 1")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_chat_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        _only("top_logprobs", v, (None, 0), "other than 0")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list[dict] | None) -> list[dict] | None:
+        if v:
+            raise ValueError("tools (function calling) are not supported")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v: str | dict | None) -> str | dict | None:
+        _only("tool_choice", v, (None, "none", "auto"), "other than 'none' or 'auto'")
+        return v
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -353,7 +353,7 @@ class Router:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest):
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = [m.for_template() for m in req.messages]
         prompt_ids = self.text.encode(messages, chat=True)
         return await self._respond(req, prompt_ids, req.effective_max_tokens(), chat=True)
 

@@ -444,3 +444,23 @@ def test_requests_that_need_a_tiers_calibration_before_it_has_come_wait_for_one_
         return await asyncio.gather(*(r.completions(CompletionRequest(**{**BODY, "max_tokens": 2})) for _ in range(3)))
     answers = asyncio.run(burst())
     assert len(answers) == 3 and len(fetches) == 1 and "fp16" in r._estimates
+
+
+def test_chat_content_parts_and_the_developer_role_are_read_as_their_plain_forms(router):
+    """OpenAI's array form of a message's content and its `developer` role reach the chat template as the joined
+    text and the system role: greedy answers equal the plain form's."""
+    from deployments.protocol import ChatCompletionRequest
+
+    r, _, _ = router
+    body = {"model": "speckv-fp16", "max_tokens": 12, "temperature": 0}
+
+    def answer(messages: list[dict]) -> str:
+        reply = json.loads(asyncio.run(r.chat_completions(ChatCompletionRequest(**body, messages=messages))).body)
+        return reply["choices"][0]["message"]["content"]
+
+    def text(*parts: str) -> list[dict]:
+        return [{"type": "text", "text": p} for p in parts]
+
+    plain = answer([{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "add\ntwo"}])
+    assert plain == answer([{"role": "developer", "content": text("Answer in Python.")},
+                            {"role": "user", "content": text("add", "two")}])

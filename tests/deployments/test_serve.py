@@ -293,6 +293,8 @@ def test_stop_strings_across_tokens_and_steps(app):
     ({"model": "speckv"}, 400, "prompt"),
     ({"model": "speckv", "prompt": 5}, 400, "prompt"),
     ({"model": "speckv", "prompt": "a", "bogus": 1}, 400, "bogus"),
+    ({"model": "speckv", "prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": "speckv", "prompt": "a", "best_of": 2}, 400, "best_of"),
 ])
 def test_bad_requests_get_openai_errors(app, body, status, param):
     r = post("/v1/completions", body)
@@ -497,13 +499,21 @@ def _valid_bodies(models: list[str]):
         "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
         "seed": st.integers(0, 2**63 - 1), "stop": st.lists(st.text(min_size=1, max_size=10), max_size=3),
         "stream": st.booleans(), "speculation": speculation, "user": st.text(max_size=10),
+        # what frameworks send explicitly at the value that changes nothing
+        "frequency_penalty": st.sampled_from([0, 0.0]), "presence_penalty": st.sampled_from([0, 0.0]),
+        "logit_bias": st.sampled_from([None, {}]),
     }
     prompt = text | st.lists(text, min_size=1, max_size=1)
     completion = st.fixed_dictionaries({"model": st.sampled_from(models), "prompt": prompt},
-                                       optional=optional)
-    message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text})
+                                       optional={**optional, "best_of": st.just(1)})
+    parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), min_size=1, max_size=2)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]),
+                                     "content": text | parts})
     chat = st.fixed_dictionaries({"model": st.sampled_from(models),
-                                  "messages": st.lists(message, min_size=1, max_size=3)}, optional=optional)
+                                  "messages": st.lists(message, min_size=1, max_size=3)},
+                                 optional={**optional, "max_completion_tokens": st.integers(1, 8),
+                                           "response_format": st.just({"type": "text"}),
+                                           "tool_choice": st.sampled_from(["none", "auto"])})
     return st.one_of(completion.map(lambda b: ("/v1/completions", b)), chat.map(lambda b: ("/v1/chat/completions", b)))
 
 
@@ -528,7 +538,8 @@ def test_valid_requests_get_200_on_every_model_of_both_apps(app):
                 assert r.status_code == 200, (body, r.text[:500])
                 _check_answer(r)
                 if not body.get("stream"):
-                    assert 0 <= r.json()["usage"]["completion_tokens"] <= body.get("max_tokens", 16)
+                    most = body.get("max_completion_tokens", body.get("max_tokens", 16))  # chat: the former wins
+                    assert 0 <= r.json()["usage"]["completion_tokens"] <= most
                 served.add(body["model"])
 
             valid()

@@ -1,0 +1,67 @@
+"""The OpenAI request shapes (deployments/protocol.py): what clients send that this server does not implement is
+accepted where it changes nothing and refused, naming the field, where it would."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _refused(cls, field: str, **body) -> str:
+    with pytest.raises(ValidationError) as e:
+        cls(model="m", **body)
+    errors = e.value.errors()
+    assert errors[0]["loc"][0] == field, errors
+    return errors[0]["msg"]
+
+
+def test_content_parts_are_read_as_the_text_they_join():
+    parts = ChatCompletionRequest(model="m", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]}])
+    plain = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "first\nsecond"}])
+    assert parts.messages[0].for_template() == plain.messages[0].for_template() == {
+        "role": "user", "content": "first\nsecond"}
+
+
+def test_the_developer_role_is_the_system_role():
+    developer = ChatCompletionRequest(model="m", messages=[{"role": "developer", "content": "be brief"}, *USER])
+    assert developer.messages[0].for_template() == {"role": "system", "content": "be brief"}
+
+
+def test_a_part_that_is_not_text_is_refused_by_its_kind():
+    image = {"type": "image_url", "image_url": {"url": "x"}}
+    msg = _refused(ChatCompletionRequest, "messages",
+                   messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, image]}])
+    assert "only text content parts" in msg and "image_url" in msg
+
+
+def test_fields_at_the_value_that_changes_nothing_are_accepted():
+    ChatCompletionRequest(model="m", messages=USER, frequency_penalty=0, presence_penalty=0.0, logit_bias={},
+                          logprobs=False, top_logprobs=0, response_format={"type": "text"}, tools=[],
+                          tool_choice="none", parallel_tool_calls=False)
+    CompletionRequest(model="m", prompt="a", frequency_penalty=0.0, presence_penalty=0, logit_bias=None, best_of=1,
+                      suffix="")
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (ChatCompletionRequest, "frequency_penalty", 0.5),
+    (ChatCompletionRequest, "presence_penalty", -1.0),
+    (ChatCompletionRequest, "logit_bias", {"42": 100}),
+    (ChatCompletionRequest, "logprobs", True),
+    (ChatCompletionRequest, "top_logprobs", 3),
+    (ChatCompletionRequest, "response_format", {"type": "json_object"}),
+    (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}]),
+    (ChatCompletionRequest, "tool_choice", "required"),
+    (ChatCompletionRequest, "max_completion_tokens", 0),
+    (CompletionRequest, "best_of", 3),
+    (CompletionRequest, "suffix", "}"),
+    (CompletionRequest, "frequency_penalty", 2.0),
+])
+def test_fields_that_would_change_the_answer_are_refused(cls, field, value):
+    body = {"messages": USER} if cls is ChatCompletionRequest else {"prompt": "a"}
+    msg = _refused(cls, field, **body, **{field: value})  # the error names the field (its `loc`)
+    assert "not supported" in msg or "must be >= 1" in msg, msg
