@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -67,6 +67,9 @@ class _SamplingRequest(BaseModel):
     request is answered as asked or not at all."""
 
     model_config = ConfigDict(extra="forbid")
+    # fields OpenAI's API documents as nullable, null meaning the default (clients send `"temperature": null`)
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (
+        "temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "echo")
 
     model: str
     max_tokens: int | None = Field(None, description="new tokens at most; default 16 (OpenAI's)")
@@ -84,6 +87,13 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float = Field(0.0, description="accepted at 0 only: no penalty is applied")
     presence_penalty: float = Field(0.0, description="accepted at 0 only: no penalty is applied")
     logit_bias: dict[str, float] | None = Field(None, description="accepted empty only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, body: object) -> object:
+        if isinstance(body, dict) and any(body.get(k, 0) is None for k in cls.NULL_MEANS_DEFAULT):
+            return {k: v for k, v in body.items() if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
+        return body
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod

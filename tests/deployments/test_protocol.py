@@ -65,3 +65,15 @@ def test_fields_that_would_change_the_answer_are_refused(cls, field, value):
     body = {"messages": USER} if cls is ChatCompletionRequest else {"prompt": "a"}
     msg = _refused(cls, field, **body, **{field: value})  # the error names the field (its `loc`)
     assert "not supported" in msg or "must be >= 1" in msg, msg
+
+
+def test_null_is_the_default_where_openai_documents_the_field_nullable():
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty"))
+    chat = ChatCompletionRequest(model="m", messages=USER, **nulls)
+    completion = CompletionRequest(model="m", prompt="a", echo=None, **nulls)
+    defaults = ChatCompletionRequest(model="m", messages=USER)
+    for request in (chat, completion):
+        assert (request.temperature, request.top_p, request.n, request.stream) == (
+            defaults.temperature, defaults.top_p, defaults.n, defaults.stream) == (1.0, 1.0, 1, False)
+    with pytest.raises(ValidationError):  # not every field: `model` is required
+        ChatCompletionRequest(model=None, messages=USER)

@@ -496,7 +496,8 @@ def _valid_bodies(models: list[str]):
     speculation = (st.sampled_from(["adaptive", "none", "heuristic"]).map(lambda p: {"policy": p})
                    | st.integers(1, 8).map(lambda g: {"policy": "fixed", "gamma": g}))
     optional = {
-        "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1),
+        "max_tokens": st.integers(1, 8), "temperature": st.floats(0, 2) | st.none(),
+        "top_p": st.floats(0.05, 1) | st.none(),
         "seed": st.integers(0, 2**63 - 1), "stop": st.lists(st.text(min_size=1, max_size=10), max_size=3),
         "stream": st.booleans(), "speculation": speculation, "user": st.text(max_size=10),
         # what frameworks send explicitly at the value that changes nothing
