@@ -18,6 +18,7 @@ from speckv.calibration import Calibration, cost_model
 from speckv.cost_model import CostModel
 from speckv.engine import GenerationRequest, StepEvent, TextAssembler, speculate
 from speckv.estimates import TierEstimates
+from speckv.models import Tier
 from speckv.policy import GammaPolicy, make_policy
 from speckv.predictor import AcceptancePredictor
 from speckv.records import RequestStats
@@ -150,10 +151,7 @@ class Router:
 
     async def _prepare(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
                        max_tokens: int | None) -> Generation:
-        tier = self.model_ids.get(req.model)
-        if tier is None:
-            raise APIError(404, f"model {req.model!r} does not exist; available: {', '.join(self.model_ids)}",
-                           param="model", code="model_not_found")
+        tier = self._tier_of(req.model)
         max_tokens = max_tokens or DEFAULT_MAX_TOKENS
         self._check_limits(req, prompt_ids, max_tokens)
         try:
@@ -340,11 +338,26 @@ class Router:
             for (tier, policy), stats in sorted(self.totals.items())],
             "estimates": {tier: estimates.to_dict() for tier, estimates in sorted(self._estimates.items())}}
 
+    def _tier_of(self, model: str) -> Tier:
+        """The tier a model id serves; 404 model_not_found for an id this app does not serve."""
+        tier = self.model_ids.get(model)
+        if tier is None:
+            raise APIError(404, f"model {model!r} does not exist; available: {', '.join(self.model_ids)}",
+                           param="model", code="model_not_found")
+        return tier
+
+    @staticmethod
+    def _model_card(model: str, tier: Tier) -> dict:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "speckv", "tier": tier.value}
+
     @api.get("/v1/models")
     async def models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": mid, "object": "model", "created": 0, "owned_by": "speckv", "tier": tier.value}
-            for mid, tier in self.model_ids.items()]}
+        return {"object": "list", "data": [self._model_card(mid, tier) for mid, tier in self.model_ids.items()]}
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> dict:
+        """OpenAI's model retrieval (`client.models.retrieve`)."""
+        return self._model_card(model, self._tier_of(model))
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest):

@@ -464,3 +464,14 @@ def test_chat_content_parts_and_the_developer_role_are_read_as_their_plain_forms
     plain = answer([{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "add\ntwo"}])
     assert plain == answer([{"role": "developer", "content": text("Answer in Python.")},
                             {"role": "user", "content": text("add", "two")}])
+
+
+def test_a_model_is_retrieved_by_its_id_and_an_unknown_one_is_404(router):
+    """OpenAI's `client.models.retrieve(id)`: GET /v1/models/{id} answers the card /v1/models lists, and an id
+    this app does not serve is 404 model_not_found."""
+    r, _, _ = router
+    listed = {m["id"]: m for m in asyncio.run(r.models())["data"]}
+    assert all(asyncio.run(r.model(mid)) == card for mid, card in listed.items()) and "speckv-fp16" in listed
+    with pytest.raises(APIError) as e:
+        asyncio.run(r.model("gpt-4"))
+    assert e.value.status == 404 and e.value.code == "model_not_found"

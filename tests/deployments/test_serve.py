@@ -106,6 +106,9 @@ def test_health_and_models(app):
     assert httpx.get(BASE + "/healthz").json() == {"status": "ok"}
     ids = [m["id"] for m in httpx.get(BASE + "/v1/models").json()["data"]]
     assert ids == ["speckv-fp16", "speckv"]
+    assert httpx.get(BASE + "/v1/models/speckv-fp16").json()["id"] == "speckv-fp16"
+    missing = httpx.get(BASE + "/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_greedy_completion_equals_library_engine(app):
