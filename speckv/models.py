@@ -120,6 +120,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | None) -> str:
+    """The device to load on: `device`, or `default_device()` where none is named. One this process cannot use is
+    refused with a ModelError that says why: asked for cuda, a CPU-only torch failed deep inside loading with
+    "AssertionError: Torch not compiled with CUDA enabled"."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {device!r}: {e}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} is not available here: torch {torch.__version__} sees no CUDA GPU "
+                             "(a CPU-only build, or no driver); use --device cpu or leave it unset")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
 def draft_dtype_for(target_dtype: str) -> str:
     """The draft's compute dtype for a target's: half precision (auto) unless the target runs in float32, the
     exactness setting, where both models must."""
@@ -232,7 +251,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tier = Tier.parse(tier) if isinstance(tier, str) else tier
-    device = device or default_device()
+    device = resolve_device(device)
     prepare_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = resolve_model_dir(spec)

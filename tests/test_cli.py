@@ -30,6 +30,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     (["generate", "--prompt", "hi", "--temperature", "-1"], "number >= 0"),
     (["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["generate", "--prompt", "   "], "--prompt is empty"),
+    (["generate", "--prompt", "hi", "--device", "gpu"], "unknown device 'gpu'"),
+    (["generate", "--prompt", "hi", "--device", "cuda:99"], "device 'cuda:99'"),  # no GPU here; 99 nowhere
     (["generate"], "required: --prompt"),
     (["bench", "--prompts", "/nonexistent.jsonl"], "does not exist"),
     (["bench", "--prompts", "README.md", "--policies", "none,none"], "name one twice"),

@@ -66,3 +66,21 @@ def test_every_load_reverifies_the_converted_files(tmp_path, monkeypatch):
     weights.unlink()
     with pytest.raises(ModelError, match="missing"):
         load_model(DEFAULT_DRAFT, dtype="float32")
+
+
+def test_a_device_this_process_cannot_use_is_a_clear_error(monkeypatch):
+    """Asked for cuda, a CPU-only torch failed deep inside loading with an AssertionError; now the device is checked
+    first and refused with what to do."""
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    for device, message in (("cuda", "sees no CUDA GPU"), ("cuda:1", "sees no CUDA GPU"), ("gpu", "unknown device")):
+        with pytest.raises(ModelError, match=message):
+            models.resolve_device(device)
+    assert models.resolve_device(None) == "cpu" and models.resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models.torch.cuda, "device_count", lambda: 1)
+    assert models.resolve_device("cuda:0") == "cuda:0" and models.resolve_device(None) == "cuda"
+    with pytest.raises(ModelError, match="1 CUDA device"):
+        models.resolve_device("cuda:1")
+    with pytest.raises(ModelError, match="sees no CUDA GPU"):  # load_model checks it before reading any weights
+        monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+        models.load_model("/nonexistent/model", device="cuda")
