@@ -127,7 +127,8 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="one prompt: text, or token ids (OpenAI's array forms, one element where it is a list of them)")
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = Field(None, description="accepted at 1 only")
@@ -148,8 +149,9 @@ class CompletionRequest(_SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
+    def _one_prompt(cls, prompt: str | list[str] | list[int] | list[list[int]]) -> str | list:
+        token_ids = isinstance(prompt, list) and prompt and isinstance(prompt[0], int)
+        if isinstance(prompt, list) and not token_ids and len(prompt) != 1:
             raise ValueError("exactly one prompt is supported")
         return prompt
 
@@ -167,8 +169,16 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("logprobs are not supported")
         return v
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_text(self) -> str | None:
+        """The prompt as text; None where it was sent as token ids."""
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return prompt if isinstance(prompt, str) else None
+
+    def prompt_token_ids(self) -> list[int] | None:
+        """The prompt as token ids where it was sent so; None where it is text."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], str):
+            return None
+        return self.prompt[0] if isinstance(self.prompt[0], list) else self.prompt
 
 
 class TextPart(BaseModel):

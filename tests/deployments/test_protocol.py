@@ -77,3 +77,17 @@ def test_null_is_the_default_where_openai_documents_the_field_nullable():
             defaults.temperature, defaults.top_p, defaults.n, defaults.stream) == (1.0, 1.0, 1, False)
     with pytest.raises(ValidationError):  # not every field: `model` is required
         ChatCompletionRequest(model=None, messages=USER)
+
+
+@pytest.mark.parametrize("prompt, text, ids", [
+    ("def f():", "def f():", None), (["def f():"], "def f():", None),
+    ([1, 2, 3], None, [1, 2, 3]), ([[4, 5]], None, [4, 5]),
+])
+def test_a_prompt_is_text_or_token_ids_in_openais_forms(prompt, text, ids):
+    request = CompletionRequest(model="m", prompt=prompt)
+    assert (request.prompt_text(), request.prompt_token_ids()) == (text, ids)
+
+
+@pytest.mark.parametrize("prompt", [[], ["a", "b"], [[1], [2]], [1, "a"]])
+def test_more_than_one_prompt_or_a_mixed_one_is_refused(prompt):
+    _refused(CompletionRequest, "prompt", prompt=prompt)

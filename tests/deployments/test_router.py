@@ -475,3 +475,18 @@ def test_a_model_is_retrieved_by_its_id_and_an_unknown_one_is_404(router):
     with pytest.raises(APIError) as e:
         asyncio.run(r.model("gpt-4"))
     assert e.value.status == 404 and e.value.code == "model_not_found"
+
+
+def test_a_prompt_sent_as_token_ids_is_answered_as_its_text_and_ids_outside_the_vocabulary_are_400(router):
+    r, _, _ = router
+    ids = r.text.encode(BODY["prompt"], chat=False)
+
+    def text_of(prompt) -> str:
+        reply = json.loads(asyncio.run(r.completions(CompletionRequest(**{**BODY, "prompt": prompt}))).body)
+        return reply["choices"][0]["text"]
+
+    assert text_of(ids) == text_of([ids]) == text_of(BODY["prompt"])
+    for bad in ([len(r.text.tokenizer)], [-1]):
+        with pytest.raises(APIError) as e:
+            text_of(bad)
+        assert e.value.status == 400 and e.value.param == "prompt"

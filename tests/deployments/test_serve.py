@@ -507,7 +507,8 @@ def _valid_bodies(models: list[str]):
         "frequency_penalty": st.sampled_from([0, 0.0]), "presence_penalty": st.sampled_from([0, 0.0]),
         "logit_bias": st.sampled_from([None, {}]),
     }
-    prompt = text | st.lists(text, min_size=1, max_size=1)
+    token_ids = st.lists(st.integers(0, 1000), min_size=1, max_size=8)
+    prompt = text | st.lists(text, min_size=1, max_size=1) | token_ids | st.lists(token_ids, min_size=1, max_size=1)
     completion = st.fixed_dictionaries({"model": st.sampled_from(models), "prompt": prompt},
                                        optional={**optional, "best_of": st.just(1)})
     parts = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), min_size=1, max_size=2)
