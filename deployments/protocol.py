@@ -95,6 +95,12 @@ class _SamplingRequest(BaseModel):
             return {k: v for k, v in body.items() if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
         return body
 
+    @model_validator(mode="after")
+    def _stream_options_only_streamed(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only valid with stream: true")
+        return self
+
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
     def _no_penalty(cls, v: float, info) -> float:

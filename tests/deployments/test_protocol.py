@@ -91,3 +91,9 @@ def test_a_prompt_is_text_or_token_ids_in_openais_forms(prompt, text, ids):
 @pytest.mark.parametrize("prompt", [[], ["a", "b"], [[1], [2]], [1, "a"]])
 def test_more_than_one_prompt_or_a_mixed_one_is_refused(prompt):
     _refused(CompletionRequest, "prompt", prompt=prompt)
+
+
+def test_stream_options_without_streaming_are_refused_not_ignored():
+    with pytest.raises(ValidationError, match="only valid with stream: true"):
+        CompletionRequest(model="m", prompt="a", stream_options={"include_usage": True})
+    assert CompletionRequest(model="m", prompt="a", stream=True, stream_options={"include_usage": True}).stream_options
