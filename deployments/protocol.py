@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from speckv.policy import MAX_GAMMA, SERVED_POLICIES
 from speckv.records import RequestStats
@@ -69,7 +69,7 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # fields OpenAI's API documents as nullable, null meaning the default (clients send `"temperature": null`)
     NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (
-        "temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "echo")
+        "temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty")
 
     model: str
     max_tokens: int | None = Field(None, description="new tokens at most; default 16 (OpenAI's)")
@@ -103,7 +103,7 @@ class _SamplingRequest(BaseModel):
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
-    def _no_penalty(cls, v: float, info) -> float:
+    def _no_penalty(cls, v: float, info: ValidationInfo) -> float:
         _only(info.field_name, v, (0, 0.0), "other than 0")
         return v
 
@@ -133,6 +133,8 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
+    NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*_SamplingRequest.NULL_MEANS_DEFAULT, "echo")
+
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one prompt: text, or token ids (OpenAI's array forms, one element where it is a list of them)")
     echo: bool = False

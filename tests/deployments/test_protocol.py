@@ -77,6 +77,7 @@ def test_null_is_the_default_where_openai_documents_the_field_nullable():
             defaults.temperature, defaults.top_p, defaults.n, defaults.stream) == (1.0, 1.0, 1, False)
     with pytest.raises(ValidationError):  # not every field: `model` is required
         ChatCompletionRequest(model=None, messages=USER)
+    _refused(ChatCompletionRequest, "echo", messages=USER, echo=None)  # nor a field of the other endpoint
 
 
 @pytest.mark.parametrize("prompt, text, ids", [
