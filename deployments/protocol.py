@@ -53,12 +53,6 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = Field(False, description="vLLM extension: the usage so far in every chunk")
 
 
-def _only(field: str, value: object, neutral: tuple, what: str) -> None:
-    """Refuse a value of a field this server accepts only where it changes nothing (`neutral`)."""
-    if value not in neutral:
-        raise ValueError(f"{field} {what} is not supported")
-
-
 class _SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions. Unknown fields are rejected, not ignored.
 
@@ -70,6 +64,14 @@ class _SamplingRequest(BaseModel):
     # fields OpenAI's API documents as nullable, null meaning the default (clients send `"temperature": null`)
     NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (
         "temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty")
+    # OpenAI fields this server does not implement: field -> (the values at which it changes nothing, which are
+    # accepted; what any other value asks for, refused by name)
+    NO_OP_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "n": ((1,), "n other than 1 (one choice per request)"),
+        "frequency_penalty": ((0,), "frequency_penalty other than 0"),
+        "presence_penalty": ((0,), "presence_penalty other than 0"),
+        "logit_bias": ((None, {}), "logit_bias"),
+    }
 
     model: str
     max_tokens: int | None = Field(None, description="new tokens at most; default 16 (OpenAI's)")
@@ -101,31 +103,20 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stream_options is only valid with stream: true")
         return self
 
-    @field_validator("frequency_penalty", "presence_penalty")
+    @field_validator("*")
     @classmethod
-    def _no_penalty(cls, v: float, info: ValidationInfo) -> float:
-        _only(info.field_name, v, (0, 0.0), "other than 0")
+    def _no_op_only(cls, v: object, info: ValidationInfo) -> object:
+        """A field of NO_OP_ONLY at any value but those that change nothing: 400, naming the field."""
+        rule = cls.NO_OP_ONLY.get(info.field_name)
+        if rule is not None and v not in rule[0]:
+            raise ValueError(f"{rule[1]} is not supported")
         return v
 
-    @field_validator("logit_bias")
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)  # the latter: chat's
     @classmethod
-    def _no_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
+    def _positive(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and v < 1:
-            raise ValueError("max_tokens must be >= 1")
+            raise ValueError(f"{info.field_name} must be >= 1")
         return v
 
     def stop_list(self) -> list[str]:
@@ -134,26 +125,20 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     NULL_MEANS_DEFAULT: ClassVar[tuple[str, ...]] = (*_SamplingRequest.NULL_MEANS_DEFAULT, "echo")
+    NO_OP_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **_SamplingRequest.NO_OP_ONLY,
+        "echo": ((False,), "echo"),
+        "logprobs": ((None,), "logprobs"),
+        "best_of": ((None, 1), "best_of other than 1"),
+        "suffix": ((None, ""), "suffix (insertion)"),
+    }
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="one prompt: text, or token ids (OpenAI's array forms, one element where it is a list of them)")
     echo: bool = False
     logprobs: int | None = None
-    best_of: int | None = Field(None, description="accepted at 1 only")
-    suffix: str | None = Field(None, description="accepted empty only")
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, v: int | None) -> int | None:
-        _only("best_of", v, (None, 1), "other than 1")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
-        return v
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -162,20 +147,6 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(prompt, list) and not token_ids and len(prompt) != 1:
             raise ValueError("exactly one prompt is supported")
         return prompt
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs are not supported")
-        return v
 
     def prompt_text(self) -> str | None:
         """The prompt as text; None where it was sent as token ids."""
@@ -236,47 +207,22 @@ class ResponseFormat(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    NO_OP_ONLY: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **_SamplingRequest.NO_OP_ONLY,
+        "logprobs": ((None, False), "logprobs"),
+        "top_logprobs": ((None, 0), "top_logprobs"),
+        "tools": ((None, []), "tools (function calling)"),
+        "tool_choice": ((None, "none", "auto"), "tool_choice other than 'none' or 'auto'"),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool | None = Field(None, description="accepted false only")
-    top_logprobs: int | None = Field(None, description="accepted at 0 only")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = Field(None, description="accepted empty only: no tool calling")
-    tool_choice: str | dict | None = Field(None, description="accepted 'none' (or 'auto' with no tools) only")
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = Field(None, description="meaningless without tools; accepted")
-
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _positive_completion(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("max_completion_tokens must be >= 1")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_chat_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        _only("top_logprobs", v, (None, 0), "other than 0")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[dict] | None) -> list[dict] | None:
-        if v:
-            raise ValueError("tools (function calling) are not supported")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: str | dict | None) -> str | dict | None:
-        _only("tool_choice", v, (None, "none", "auto"), "other than 'none' or 'auto'")
-        return v
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
