@@ -7,12 +7,16 @@ deployment names: `router`, `controller`, `draft`, `target-<tier>`.
 
 from __future__ import annotations
 
+import logging
+
 from ray.serve import Application
 
 from .config import AppConfig, target_deployment_name
 from .controller import ControllerDeployment
 from .router import RouterDeployment
 from .workers import DraftDeployment, TargetDeployment, WorkerSpec
+
+logger = logging.getLogger("ray.serve")
 
 
 def build_app(args: dict | None = None) -> Application:
@@ -27,7 +31,12 @@ def build_app(args: dict | None = None) -> Application:
                             **common)
     colocated = config.topology == "colocated"
     opts = lambda name: config.deployment_options.get(name, {})  # noqa: E731
-    model_opts = lambda name: model_replica_options(config, opts(name))  # noqa: E731
+    cluster_gpus = _cluster_gpus()
+    gpu_share = _gpu_share(config, len(config.tiers) + (0 if colocated else 1), cluster_gpus)
+    if gpu_share and not cluster_gpus:
+        logger.warning("device %s, but the Ray cluster has no GPU now: the model replicas wait for one (an "
+                       "autoscaler may add it)", config.device)
+    model_opts = lambda name: model_replica_options(config, opts(name), gpu_share)  # noqa: E731
     targets = {
         tier.value: TargetDeployment.options(
             name=target_deployment_name(tier), **model_opts(target_deployment_name(tier))
@@ -43,15 +52,37 @@ def build_app(args: dict | None = None) -> Application:
     return RouterDeployment.options(**opts("router")).bind(config.model_dump(mode="json"), targets, controller, draft)
 
 
-def model_replica_options(config: AppConfig, options: dict) -> dict:
-    """Serve options of a model replica: what the config gives, with two rules filled in or checked.
+def _cluster_gpus() -> float:
+    """GPUs in the Ray cluster the app is being built for (0 where Ray is not running here)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+
+
+def _gpu_share(config: AppConfig, model_deployments: int, cluster_gpus: float) -> float | None:
+    """The GPU share each model replica asks Ray for where the operator named none: where the replicas are to run on
+    CUDA (`device: cuda`, or no device named and the cluster has GPUs), one GPU split evenly between the model
+    deployments; None on CPU. A replica that asks for no GPU is placed by its CPUs alone: on a cluster whose GPUs
+    are on some nodes it may land on one without and load its model on the CPU without a word, and where it does
+    reach a GPU, Ray does not count it. (Ray 2.60 leaves an actor that asks for no GPU its CUDA_VISIBLE_DEVICES;
+    earlier Rays, and RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1, hide every GPU from it.)"""
+    device = config.device
+    on_cuda = device.startswith("cuda") if device else cluster_gpus > 0
+    return round(1.0 / model_deployments, 4) if on_cuda else None
+
+
+def model_replica_options(config: AppConfig, options: dict, gpu_share: float | None = None) -> dict:
+    """Serve options of a model replica: what the config gives, with three rules filled in or checked.
     Resources are honest: on CPU a replica asks Ray for the cores its torch threads use (`torch_threads`),
-    so Ray never places more model replicas on a node than its cores run at once. And a replica takes at
+    so Ray never places more model replicas on a node than its cores run at once; on CUDA it asks for
+    `gpu_share` of a GPU (`_gpu_share`) unless the options name a `num_gpus`. And a replica takes at
     least a whole batch of calls at once (`@serve.batch` gathers only the calls in flight)."""
     out = dict(options)
     actor = dict(out.get("ray_actor_options") or {})
     if "num_cpus" not in actor and config.torch_threads and (config.device or "cpu").startswith("cpu"):
         actor["num_cpus"] = config.torch_threads
+    if "num_gpus" not in actor and gpu_share:
+        actor["num_gpus"] = gpu_share
     if actor:
         out["ray_actor_options"] = actor
     ongoing = out.get("max_ongoing_requests")

@@ -86,6 +86,19 @@ class AppConfig(BaseModel):
             raise ValueError(f"{spec} is not served over HTTP; choose one of {', '.join(SERVED_POLICIES)}")
         return spec
 
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, device: str | None) -> str | None:
+        """A device torch can name (whether this machine has it is each replica's to check: speckv.models)."""
+        if device is not None:
+            import torch
+
+            try:
+                torch.device(device)
+            except RuntimeError as e:
+                raise ValueError(f"unknown device {device!r}: {e}") from None
+        return device
+
     @field_validator("tiers")
     @classmethod
     def _tiers_unique(cls, tiers: list[Tier]) -> list[Tier]:

@@ -82,3 +82,38 @@ def test_closing_a_session_stops_the_draft_waiting_for_it():
     replica.close("ended")
     assert replica._propose._expected == {"running"}
 
+
+
+def test_a_cuda_replica_asks_for_a_share_of_a_gpu_where_the_operator_named_none():
+    """Ray hides the GPUs from an actor that asks for none, so a model replica meant for CUDA must ask: one GPU split
+    between the model deployments, where the device is cuda or unnamed on a cluster with GPUs; never on CPU, and
+    never over what the operator wrote."""
+    from deployments.app import _gpu_share
+
+    four = 4  # draft + three tiers
+    assert _gpu_share(AppConfig(device="cuda"), four, cluster_gpus=0) == 0.25
+    assert _gpu_share(AppConfig(), four, cluster_gpus=1) == 0.25
+    assert _gpu_share(AppConfig(), four, cluster_gpus=0) is None  # a CPU machine
+    assert _gpu_share(AppConfig(device="cpu"), four, cluster_gpus=8) is None  # CPU asked for on a GPU machine
+    config = AppConfig(device="cuda:0", torch_threads=2)
+    assert model_replica_options(config, {}, 0.25)["ray_actor_options"] == {"num_gpus": 0.25}
+    given = {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}
+    assert model_replica_options(config, given, 0.25) == given
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        AppConfig(device="gpu")
+
+
+def test_serve_run_on_a_gpu_machine_puts_every_model_replica_on_the_gpu(monkeypatch):
+    """build_app where the Ray cluster has a GPU and the config names no device (serve_config.yaml as shipped): every
+    model deployment asks for its share, the router and controller for none."""
+    import deployments.app as app_module
+
+    monkeypatch.setattr(app_module, "_cluster_gpus", lambda: 1.0)
+    router = build_app({"tiers": ["fp16", "nf4"]})._bound_deployment
+    _, targets, controller, draft = router.init_args
+    shares = {d._bound_deployment.name: d._bound_deployment.ray_actor_options.get("num_gpus")
+              for d in [*targets.values(), draft]}
+    assert set(shares) == {"target-fp16", "target-nf4", "draft"}
+    assert all(v == pytest.approx(1 / 3, abs=1e-3) for v in shares.values()), shares
+    assert not (router.ray_actor_options or {}).get("num_gpus")
+    assert not (controller._bound_deployment.ray_actor_options or {}).get("num_gpus")
