@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from speckv.models import DEFAULT_DRAFT, DEFAULT_TARGET, Tier
+from speckv.models import DEFAULT_DRAFT, DEFAULT_TARGET, ModelError, Tier, parse_device
 from speckv.policy import SERVED_POLICIES, policy_kind, validate_policy_spec
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -91,12 +91,10 @@ class AppConfig(BaseModel):
     def _a_torch_device(cls, device: str | None) -> str | None:
         """A device torch can name (whether this machine has it is each replica's to check: speckv.models)."""
         if device is not None:
-            import torch
-
             try:
-                torch.device(device)
-            except RuntimeError as e:
-                raise ValueError(f"unknown device {device!r}: {e}") from None
+                parse_device(device)
+            except ModelError as e:
+                raise ValueError(str(e)) from None
         return device
 
     @field_validator("tiers")

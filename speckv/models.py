@@ -120,16 +120,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_device(device: str) -> torch.device:
+    """`device` as torch names it; a ModelError for a name torch does not know."""
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {device!r}: {e}") from None
+
+
 def resolve_device(device: str | None) -> str:
     """The device to load on: `device`, or `default_device()` where none is named. One this process cannot use is
     refused with a ModelError that says why: asked for cuda, a CPU-only torch failed deep inside loading with
     "AssertionError: Torch not compiled with CUDA enabled"."""
     if device is None:
         return default_device()
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as e:
-        raise ModelError(f"unknown device {device!r}: {e}") from None
+    parsed = parse_device(device)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelError(f"device {device!r} is not available here: torch {torch.__version__} sees no CUDA GPU "
