@@ -93,9 +93,9 @@ class _SamplingRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, body: object) -> object:
-        if isinstance(body, dict) and any(body.get(k, 0) is None for k in cls.NULL_MEANS_DEFAULT):
-            return {k: v for k, v in body.items() if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
-        return body
+        if not isinstance(body, dict):
+            return body
+        return {k: v for k, v in body.items() if v is not None or k not in cls.NULL_MEANS_DEFAULT}
 
     @model_validator(mode="after")
     def _stream_options_only_streamed(self) -> _SamplingRequest:

@@ -364,9 +364,11 @@ class Router:
         prompt_ids = req.prompt_token_ids()
         if prompt_ids is None:
             prompt_ids = self.text.encode(req.prompt_text(), chat=False)
-        elif not all(0 <= i < len(self.text.tokenizer) for i in prompt_ids):
-            raise APIError(400, f"prompt token ids must be in [0, {len(self.text.tokenizer)}), this model's vocabulary",
-                           param="prompt")
+        elif prompt_ids:
+            vocab = len(self.text.tokenizer)
+            if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+                raise APIError(400, f"prompt token ids must be in [0, {vocab}), this model's vocabulary",
+                               param="prompt")
         return await self._respond(req, prompt_ids, req.max_tokens, chat=False)
 
     @api.post("/v1/chat/completions")

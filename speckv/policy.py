@@ -68,6 +68,13 @@ class StepOutcome:
     tokens: DraftSignals | None = None  # each drafted token's signals (what `adaptive`'s token model learns from)
 
 
+def draft_read_after(read: int, context_len: int, drafted: int, accepted: int) -> int:
+    """What the draft's cache covers after a step at `context_len` that drafted `drafted` tokens and had `accepted`
+    of them accepted, having covered `read` before: the context and its accepted run (a run's last token is drafted,
+    never fed); unchanged by a step that did not draft."""
+    return context_len + min(accepted, drafted - 1) if drafted else read
+
+
 @dataclass
 class RequestProgress:
     """A request's history as policies see it: the one place that turns step outcomes into the next
@@ -110,22 +117,17 @@ class RequestProgress:
     def _remaining(self, position: int) -> int | None:
         return None if self.max_new_tokens is None else max(self.max_new_tokens - position, 0)
 
-    def _read_after(self, context_len: int, drafted: int, accepted: int) -> int:
-        """What the draft has read after a step at `context_len` that drafted `drafted` tokens and had
-        `accepted` accepted: the context and its accepted run (its last token is drafted, never fed)."""
-        return context_len + min(accepted, drafted - 1) if drafted else self.draft_read
-
     def previews(self, signals: DraftSignals, step: int, position: int, context_len: int) -> list[StepContext]:
         """The next step's context for each accepted count 0..len(signals), without advancing: what a policy
         may prepare for while step `step` (at `position`, `context_len`) is verified. A step that goes on
         emits accepted + 1 tokens. Once the step is advanced with these signals, `context` hands out the one
         it leads to."""
-        drafted, summary = len(signals), signals.summary()
+        drafted, summary, read = len(signals), signals.summary(), self.draft_read
         last = signals.confidence[-1] if drafted else 0.0
         made = [StepContext(step=step + 1, position=position + a + 1, context_len=context_len + a + 1,
                             prev_gamma=drafted, prev_accepted=a, prev_signals=summary, prev_last_confidence=last,
                             drafted_total=self.drafted_total + drafted, accepted_total=self.accepted_total + a,
-                            draft_behind=context_len + a + 1 - self._read_after(context_len, drafted, a),
+                            draft_behind=context_len + a + 1 - draft_read_after(read, context_len, drafted, a),
                             remaining=self._remaining(position + a + 1))
                 for a in range(drafted + 1)]
         self._ahead = (signals, made)
@@ -136,7 +138,7 @@ class RequestProgress:
         returns its outcome."""
         drafted, ahead = len(signals), self._ahead
         summary = ahead[1][0].prev_signals if ahead is not None and ahead[0] is signals else signals.summary()
-        self.draft_read = self._read_after(self.context_len, drafted, accepted)
+        self.draft_read = draft_read_after(self.draft_read, self.context_len, drafted, accepted)
         self.prev = StepOutcome(drafted, accepted, summary, timing, signals)
         self.prev_last_confidence = signals.confidence[-1] if drafted else 0.0
         self.drafted_total += drafted

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cost_model import CostModel
-from ..policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepContext, StepTiming
+from ..policy import FixedGamma, GammaPolicy, NoSpeculation, RequestProgress, StepContext, StepTiming, draft_read_after
 from ..signals import DraftSignals
 
 
@@ -126,7 +126,7 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
     charges: priced without the catch-up, it counted a long prompt's reading by the draft as free (int8 on an
     AVX512-BF16 EPYC, 32 tokens: 39% ahead of `none` where paying it leaves less, docs/RESULTS.md)."""
     n, gmax, start = trace.n, trace.gamma_max, trace.prompt_len
-    # what the draft has read when the step at p starts: nothing (0), or start + q for q < p (RequestProgress)
+    # what the draft has read when the step at p starts: nothing (0), or start + q for q < p (draft_read_after)
     best: dict[tuple[int, int], float] = {}
     choice: dict[tuple[int, int], int] = {}
 
@@ -141,7 +141,7 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
             best[(p, read)], choice[(p, read)] = step[0] + rest(p + 1, read), 0
             for g in range(1, len(step)):
                 accepted = int(min(trace.accept_len[p], g))
-                total = step[g] + catch_up + rest(p + accepted + 1, context_len + min(accepted, g - 1))
+                total = step[g] + catch_up + rest(p + accepted + 1, draft_read_after(read, context_len, g, accepted))
                 if total < best[(p, read)]:
                     best[(p, read)], choice[(p, read)] = total, g
     gammas, p, read = [], 0, 0
@@ -149,7 +149,7 @@ def oracle(trace: Trace, cost: CostModel) -> ReplayResult:
         g = choice[(p, read)]
         gammas.append(g)
         accepted = int(min(trace.accept_len[p], g))
-        read = start + p + min(accepted, g - 1) if g else read
+        read = draft_read_after(read, start + p, g, accepted)
         p += accepted + 1
     return ReplayResult(tokens=n, steps=len(gammas), ms=rest(0, 0), gammas=gammas)
 
@@ -165,7 +165,7 @@ def stop_oracle(trace: Trace, cost: CostModel) -> ReplayResult:
         context_len = trace.prompt_len + p
         ms += float(cost.step_ms(g, context_len)) + (cost.catch_up_ms(context_len - read) if g else 0.0)
         accepted = int(min(trace.accept_len[p], g))
-        read = context_len + min(accepted, g - 1) if g else read
+        read = draft_read_after(read, context_len, g, accepted)
         p += accepted + 1
     return ReplayResult(tokens=trace.n, steps=len(gammas), ms=ms, gammas=gammas)
 
