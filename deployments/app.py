@@ -11,6 +11,7 @@ import logging
 
 from ray.serve import Application
 
+from .autoscaling import POLICY as AUTOSCALING_POLICY
 from .config import AppConfig, target_deployment_name
 from .controller import ControllerDeployment
 from .router import RouterDeployment
@@ -75,9 +76,14 @@ def model_replica_options(config: AppConfig, options: dict, gpu_share: float | N
     """Serve options of a model replica: what the config gives, with three rules filled in or checked.
     Resources are honest: on CPU a replica asks Ray for the cores its torch threads use (`torch_threads`),
     so Ray never places more model replicas on a node than its cores run at once; on CUDA it asks for
-    `gpu_share` of a GPU (`_gpu_share`) unless the options name a `num_gpus`. And a replica takes at
-    least a whole batch of calls at once (`@serve.batch` gathers only the calls in flight)."""
+    `gpu_share` of a GPU (`_gpu_share`) unless the options name a `num_gpus`. A replica takes at least a
+    whole batch of calls at once (`@serve.batch` gathers only the calls in flight). And it scales by the
+    requests it serves, not by the handle calls that carry them (deployments.autoscaling), unless the
+    options name a policy."""
     out = dict(options)
+    scaling = out.get("autoscaling_config")
+    if isinstance(scaling, dict) and "policy" not in scaling:
+        out["autoscaling_config"] = {**scaling, "policy": {"policy_function": AUTOSCALING_POLICY}}
     actor = dict(out.get("ray_actor_options") or {})
     if "num_cpus" not in actor and config.torch_threads and (config.device or "cpu").startswith("cpu"):
         actor["num_cpus"] = config.torch_threads

@@ -7,11 +7,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 
-from ray.serve.handle import DeploymentHandle
-
 from speckv.engine import SplitExecutor, StepCall, StepExecutor, WhileVerifying
 from speckv.workers import KVCapacityError, StepInputs
 
+from .grouping import ReplicaCalls
 from .protocol import APIError
 
 logger = logging.getLogger("ray.serve")
@@ -92,18 +91,18 @@ async def close_detached(*calls: Callable[[], Awaitable]) -> None:
     await asyncio.shield(detached_task(run()))
 
 
-def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, retry: StepRetries) -> SplitExecutor:
-    """Disaggregated topology: draft and target replicas reached through sticky handles."""
+def remote_split_executor(draft: ReplicaCalls, target: ReplicaCalls, retry: StepRetries) -> SplitExecutor:
+    """Disaggregated topology: draft and target replicas reached through sticky handles, a step's calls grouped
+    with the other requests' (deployments.grouping)."""
 
     async def propose(inputs: StepInputs):
-        return await retry(lambda: draft.options(session_id=inputs.session_id).propose.remote(inputs))
+        return await retry(lambda: draft.call("propose", inputs.session_id, inputs))
 
     async def verify(inputs: StepInputs, draft_token_ids: list[int]):
-        return await retry(lambda: target.options(session_id=inputs.session_id).verify.remote(inputs, draft_token_ids))
+        return await retry(lambda: target.call("verify", inputs.session_id, inputs, draft_token_ids))
 
     async def close(sid: str) -> None:
-        await close_detached(lambda: draft.options(session_id=sid).close.remote(sid),
-                               lambda: target.options(session_id=sid).close.remote(sid))
+        await close_detached(lambda: draft.close(sid), lambda: target.close(sid))
 
     return SplitExecutor(propose, verify, close)
 
@@ -111,7 +110,7 @@ def remote_split_executor(draft: DeploymentHandle, target: DeploymentHandle, ret
 class RemoteColocatedExecutor:
     """Colocated topology: the target replica drafts too, so a step is one hop."""
 
-    def __init__(self, target: DeploymentHandle, retry: StepRetries) -> None:
+    def __init__(self, target: ReplicaCalls, retry: StepRetries) -> None:
         self.target = target
         self.retry = retry
 
@@ -119,19 +118,18 @@ class RemoteColocatedExecutor:
         """One hop for the whole step: the proposal comes back with its verification, so there is nothing to
         overlap and `while_verifying` is not called (the policy then prepares inside its own choice)."""
         start = time.perf_counter()
-        inner: StepCall = await self.retry(
-            lambda: self.target.options(session_id=inputs.session_id).step.remote(inputs))
+        inner: StepCall = await self.retry(lambda: self.target.call("step", inputs.session_id, inputs))
         wall_ms = (time.perf_counter() - start) * 1e3
         return StepCall(inner.proposal, inner.verification, inner.draft_wall_ms, wall_ms - inner.draft_wall_ms)
 
     async def close(self, sid: str) -> None:
-        await close_detached(lambda: self.target.options(session_id=sid).close.remote(sid))
+        await close_detached(lambda: self.target.close(sid))
 
 
-ExecutorFactory = Callable[[str, DeploymentHandle, DeploymentHandle | None, StepRetries], StepExecutor]
+ExecutorFactory = Callable[[str, ReplicaCalls, ReplicaCalls | None, StepRetries], StepExecutor]
 
 
-def remote_executor(topology: str, target: DeploymentHandle, draft: DeploymentHandle | None,
+def remote_executor(topology: str, target: ReplicaCalls, draft: ReplicaCalls | None,
                     retry: StepRetries) -> StepExecutor:
     """The router's default executor factory: one request's executor for the app's topology."""
     if topology == "colocated":

@@ -27,6 +27,7 @@ from speckv.text import load_model_text
 
 from .config import AppConfig
 from .executors import ExecutorFactory, StepRetries, backend_error, detached_task, remote_executor
+from .grouping import ReplicaCalls
 from .http_app import SETTINGS, ClosingStreamingResponse, api
 from .metrics import ServeMetrics
 from .protocol import SSE_DONE, APIError, ChatCompletionRequest, CompletionRequest, Reply, StreamOptions, sse
@@ -67,6 +68,10 @@ class Router:
         self.text = load_model_text(self.config.target_model)
         self.model_ids = self.config.model_ids()
         self.targets, self.draft, self.controller = targets, draft, controller
+        # each step's model calls, grouped with the other requests' into one handle call per replica a turn
+        group = self.config.max_batch_size
+        self.target_calls = {tier: ReplicaCalls(h, group) for tier, h in targets.items()}
+        self.draft_calls = ReplicaCalls(draft, group) if draft is not None else None
         self.executor_factory = executor_factory
         self._predictor: AcceptancePredictor | None = None  # the controller's, cached
         self._predictor_checked = 0.0
@@ -211,7 +216,7 @@ class Router:
         outcome = "error"
         retries = StepRetries(self.config.retry_deadline_s,
                               on_retry=lambda: self.metrics.retries.inc(1, {"tier": tier}))
-        executor = self.executor_factory(self.config.topology, self.targets[tier], self.draft, retries)
+        executor = self.executor_factory(self.config.topology, self.target_calls[tier], self.draft_calls, retries)
         steps = speculate(gen.request, executor, gen.policy, TextAssembler(self.text.tokenizer, gen.request.stop))
         key = (tier, gen.policy.name)
         totals = self.totals.setdefault(key, RequestStats(gen.policy.name))
@@ -329,14 +334,19 @@ class Router:
     @api.get("/speckv/stats")
     async def speculation_stats(self) -> dict:
         """What this router replica's requests did since it started, per tier and policy (requests ended,
-        steps, draft tokens, mean γ, the γ and batch histograms), and `adaptive`'s current estimates per tier:
-        a load tool reads it before and after a run to see what speculation did under that load (Prometheus
-        has the same counters summed over replicas)."""
+        steps, draft tokens, mean γ, the γ and batch histograms), `adaptive`'s current estimates per tier, and the
+        handle calls that carried its model calls per deployment (deployments.grouping): a load tool reads it
+        before and after a run to see what speculation did under that load (Prometheus has the same counters
+        summed over replicas)."""
+        calls = {f"target-{tier}": c for tier, c in sorted(self.target_calls.items())}
+        if self.draft_calls is not None:
+            calls["draft"] = self.draft_calls
         return {"object": "speckv.stats", "data": [
             {"tier": tier, "requests": self.requests_ended[(tier, policy)], "mean_gamma": stats.mean_gamma,
              **{k: v for k, v in stats.speculation().items() if k not in ("retries", "estimates")}}
             for (tier, policy), stats in sorted(self.totals.items())],
-            "estimates": {tier: estimates.to_dict() for tier, estimates in sorted(self._estimates.items())}}
+            "estimates": {tier: estimates.to_dict() for tier, estimates in sorted(self._estimates.items())},
+            "grouping": {name: c.stats.to_dict() for name, c in calls.items()}}
 
     def _tier_of(self, model: str) -> Tier:
         """The tier a model id serves; 404 model_not_found for an id this app does not serve."""

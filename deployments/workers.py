@@ -34,6 +34,9 @@ from speckv.workers import (
     verify_session,
 )
 
+from .autoscaling import SESSIONS_METRIC
+from .grouping import GroupReply, answer_group
+
 HANDOVER_MIN_S = 0.005  # at least a router hop (2-4 ms here) for the calls another replica's pass set off
 logger = logging.getLogger("ray.serve")
 STICKY_ROUTER = {"request_router_class": "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"}
@@ -164,6 +167,14 @@ class DraftDeployment:
         await admit_and_prefill(self.worker, inputs, self._prefill)  # a long prompt's chunks before the last
         return raise_failed(await self._propose(inputs))  # a closed session fails alone
 
+    async def call_group(self, method: str, calls: list[tuple]) -> GroupReply:
+        """Several requests' calls in one handle call (deployments.grouping), each run as if it came alone."""
+        return await answer_group(self, _replica_id(), method, calls)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The load Serve's autoscaler reads (deployments.autoscaling): the requests this replica serves."""
+        return {SESSIONS_METRIC: self.worker.lm.active_sessions()}
+
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _propose_batch(self, batch: list[StepInputs]) -> list[Proposal]:
@@ -212,6 +223,14 @@ class TargetDeployment:
     async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
         await admit_and_prefill(self.worker, inputs, self._prefill)  # a long prompt's chunks before the last
         return raise_failed(await self._verify((inputs, draft_token_ids)))  # a closed session fails alone
+
+    async def call_group(self, method: str, calls: list[tuple]) -> GroupReply:
+        """Several requests' calls in one handle call (deployments.grouping), each run as if it came alone."""
+        return await answer_group(self, _replica_id(), method, calls)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The load Serve's autoscaler reads (deployments.autoscaling): the requests this replica serves."""
+        return {SESSIONS_METRIC: self.worker.lm.active_sessions()}
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)

@@ -304,6 +304,11 @@ class SessionLM:
     def stats(self) -> CacheStats:
         return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions, self.kv_bytes())
 
+    def active_sessions(self) -> int:
+        """Sessions used in the last `active_s`: the running requests this model serves (a replica's load)."""
+        now = time.monotonic()  # not under the lock, which a forward holds: a snapshot of the sessions will do
+        return sum(now - s.last_used <= self.active_s for s in list(self._sessions.values()))
+
     def kv_bytes(self) -> int:
         """Bytes the sessions' caches hold now."""
         return self.bytes_per_token * sum(len(s.token_ids) for s in self._sessions.values())

@@ -117,3 +117,25 @@ def test_serve_run_on_a_gpu_machine_puts_every_model_replica_on_the_gpu(monkeypa
     assert all(v == pytest.approx(1 / 3, abs=1e-3) for v in shares.values()), shares
     assert not (router.ray_actor_options or {}).get("num_gpus")
     assert not (controller._bound_deployment.ray_actor_options or {}).get("num_gpus")
+
+
+def test_model_replicas_scale_by_the_sessions_they_report():
+    """The router groups its requests' calls into one handle call per replica (deployments.grouping), so Serve's
+    count of calls in flight is not the load: every model replica that autoscales does so by the sessions it
+    reports (deployments.autoscaling), in the app's options, in serve_config.yaml (whose autoscaling config
+    replaces the app's) and in the cluster's config rendered from it; a policy the operator names stands."""
+    import yaml
+
+    from cluster.render import REPO, render
+    from deployments.autoscaling import POLICY
+
+    given = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}
+    assert model_replica_options(AppConfig(), given)["autoscaling_config"]["policy"] == {"policy_function": POLICY}
+    named = {"autoscaling_config": {"max_replicas": 2, "policy": {"policy_function": "mine:policy"}}}
+    assert model_replica_options(AppConfig(), named) == named
+    assert "autoscaling_config" not in model_replica_options(AppConfig(), {})
+
+    rendered = yaml.safe_load(yaml.safe_load(render())["spec"]["serveConfigV2"])
+    for config in (yaml.safe_load((REPO / "serve_config.yaml").read_text()), rendered):
+        models = [d for d in config["applications"][0]["deployments"] if d["name"] not in ("router", "controller")]
+        assert models and all(d["autoscaling_config"]["policy"]["policy_function"] == POLICY for d in models), models

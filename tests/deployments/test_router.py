@@ -4,12 +4,14 @@ in-process workers, so replica failures can be injected exactly where a test nee
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 
 import pytest
 from ray.exceptions import ActorUnavailableError
 from starlette.requests import ClientDisconnect
 
+from deployments.grouping import answer_group
 from deployments.protocol import APIError, CompletionRequest
 from deployments.router import Router
 from speckv.models import DEFAULT_TARGET, load_model, resolve_model_dir
@@ -48,18 +50,26 @@ class FakeHandle:
                     handle.calls += 1
                     if handle.fail_after is not None and handle.calls > handle.fail_after:
                         raise ActorUnavailableError("replica gone (injected)", None)
-                    return method(*args)
+                    result = method(*args)
+                    return await result if inspect.isawaitable(result) else result
                 return call()
 
         return _Method()
 
 
-class _Target:
+class _Replica:
+    """Answers a router's grouped calls as a model replica does (deployments.grouping)."""
+
+    async def call_group(self, method: str, calls: list[tuple]):
+        return await answer_group(self, f"fake-{type(self).__name__}", method, calls)
+
+
+class _Target(_Replica):
     def __init__(self, worker: TargetWorker) -> None:
         self.verify, self.close = worker.verify, worker.lm.close
 
 
-class _Draft:
+class _Draft(_Replica):
     def __init__(self, worker: DraftWorker) -> None:
         self.propose, self.close = worker.propose, worker.lm.close
 
@@ -156,10 +166,10 @@ def test_a_non_replica_error_is_not_retried(router):
     assert len(verifies) == 1
 
 
-def test_closes_are_made_outside_the_request_context(router):
+def test_model_calls_and_closes_are_made_outside_the_request_context(router):
     """Serve cancels the handle calls a cancelled request made that still wait for a replica; a close made
-    in the request's context could be cancelled with it (a client going away left a draft session behind).
-    Model calls belong to the request; closes are made outside it."""
+    in the request's context could be cancelled with it (a client going away left a draft session behind),
+    and a grouped call carries other requests' calls too (deployments.grouping): both are made outside it."""
     from ray.serve.context import _RequestContext, _serve_request_context
 
     r, target, draft = router
@@ -172,8 +182,7 @@ def test_closes_are_made_outside_the_request_context(router):
         by_method = {}
         for name, ctx in handle.contexts:
             by_method.setdefault(name, set()).add(getattr(ctx, "_internal_request_id", None))
-        assert by_method["close"] == {None}, by_method
-        assert by_method["verify" if handle is target else "propose"] == {"parent"}, by_method
+        assert by_method["close"] == {None} and by_method["call_group"] == {None}, by_method
 
 
 def test_the_router_takes_its_executor_factory(models, router):
@@ -194,7 +203,7 @@ def test_the_router_takes_its_executor_factory(models, router):
     r = Router(r_handles.config.model_dump(), {"fp16": "no handle"}, controller=None, executor_factory=factory)
     got = json.loads(asyncio.run(r.completions(CompletionRequest(**BODY))).body)
     expected = json.loads(asyncio.run(r_handles.completions(CompletionRequest(**BODY))).body)
-    assert made == [("disaggregated", "no handle", None)]
+    assert [(t, calls.handle, d) for t, calls, d in made] == [("disaggregated", "no handle", None)]
     assert got["choices"][0]["text"] == expected["choices"][0]["text"] and got["speculation"]["draft_tokens"] > 0
 
 
@@ -310,9 +319,7 @@ def test_requests_that_arrive_together_are_all_in_flight_at_their_first_step(mod
     target, draft = models
     config = {"draft_model": draft, "target_model": target, "tiers": ["fp16"], "dtype": "float32",
               "draft_dtype": "float32", "share_cores": True, "default_policy": "fixed:2"}
-    r = Router(config, {"fp16": FakeHandle(_Target(TargetWorker(SessionLM(load_model(target, dtype="float32")))))},
-               controller=None, draft=None)
-    r._estimates["fp16"] = estimates = TierEstimates.calibrated(CostModel(50.0, 100.0, 2.0))
+    estimates = TierEstimates.calibrated(CostModel(50.0, 100.0, 2.0))
     worker, seen = DraftWorker(SessionLM(load_model(draft, dtype="float32"))), []
     counting = _Draft(worker)
 
@@ -321,7 +328,9 @@ def test_requests_that_arrive_together_are_all_in_flight_at_their_first_step(mod
             seen.append(estimates.sharing)
         return worker.propose(inputs, *args)
     counting.propose = propose
-    r.draft = FakeHandle(counting)
+    r = Router(config, {"fp16": FakeHandle(_Target(TargetWorker(SessionLM(load_model(target, dtype="float32")))))},
+               controller=None, draft=FakeHandle(counting))
+    r._estimates["fp16"] = estimates
 
     async def run():
         return await asyncio.gather(*(r.completions(CompletionRequest(**{**BODY, "max_tokens": 4}))
@@ -490,3 +499,25 @@ def test_a_prompt_sent_as_token_ids_is_answered_as_its_text_and_ids_outside_the_
         with pytest.raises(APIError) as e:
             text_of(bad)
         assert e.value.status == 400 and e.value.param == "prompt"
+
+
+def test_concurrent_requests_share_handle_calls_and_each_equals_its_answer_alone(router):
+    """Requests in flight together: after each one's first call (where its replica is learnt), the calls they make
+    in the same turn go in one handle call to their replica (deployments.grouping), and each answer is token for
+    token the one it gets alone (fp32)."""
+    r, target, draft = router
+    prompts = ["def add(a, b):", "class Stack:", "import os\n", "x = [i for i in"]
+    bodies = [{**BODY, "prompt": p, "max_tokens": n} for p, n in zip(prompts, (20, 12, 16, 24))]
+    alone = [json.loads(asyncio.run(r.completions(CompletionRequest(**b))).body)["choices"][0]["text"]
+             for b in bodies]
+    target.calls = draft.calls = 0
+    before = r.target_calls["fp16"].stats.calls
+
+    async def together():
+        return await asyncio.gather(*(r.completions(CompletionRequest(**b)) for b in bodies))
+
+    answers = [json.loads(a.body)["choices"][0]["text"] for a in asyncio.run(together())]
+    assert answers == alone
+    verifies = r.target_calls["fp16"].stats.calls - before
+    assert target.calls < verifies * 0.6, (target.calls, verifies)  # handle calls, each carrying several
+    assert asyncio.run(r.speculation_stats())["grouping"]["target-fp16"]["largest"] == len(bodies)
