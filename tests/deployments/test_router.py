@@ -511,7 +511,7 @@ def test_concurrent_requests_share_handle_calls_and_each_equals_its_answer_alone
     alone = [json.loads(asyncio.run(r.completions(CompletionRequest(**b))).body)["choices"][0]["text"]
              for b in bodies]
     target.calls = draft.calls = 0
-    before = r.target_calls["fp16"].stats.calls
+    before, draft_before = r.target_calls["fp16"].stats.calls, r.draft_calls.stats.calls
 
     async def together():
         return await asyncio.gather(*(r.completions(CompletionRequest(**b)) for b in bodies))
@@ -519,5 +519,7 @@ def test_concurrent_requests_share_handle_calls_and_each_equals_its_answer_alone
     answers = [json.loads(a.body)["choices"][0]["text"] for a in asyncio.run(together())]
     assert answers == alone
     verifies = r.target_calls["fp16"].stats.calls - before
+    proposals = r.draft_calls.stats.calls - draft_before
     assert target.calls < verifies * 0.6, (target.calls, verifies)  # handle calls, each carrying several
+    assert draft.calls < proposals * 0.6, (draft.calls, proposals)
     assert asyncio.run(r.speculation_stats())["grouping"]["target-fp16"]["largest"] == len(bodies)
