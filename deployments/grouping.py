@@ -7,7 +7,7 @@ nf4 on an AVX512-BF16 EPYC: 34-47 ms between passes of ~200 ms, most of it those
 session, docs/serving_log.md); on a GPU, whose passes take tens of milliseconds, they would be most of a step.
 
 So the router gathers the calls its requests make to one method in the same turn of its event loop and sends
-them as one call (`GroupedCalls`) to the replica that last answered those sessions; the replica runs each as
+them as one call (`ReplicaCalls`) to the replica that last answered those sessions; the replica runs each as
 if it had come alone (`answer_group`), so its batching (speckv.batching, `@serve.batch`) forms its passes as
 before, and answers each call's result or its exception apart: a call that fails fails alone. A session whose
 replica is not known yet (its first call) goes alone, routed by its session id as before, and its answer says
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,17 @@ async def answer_group(replica: object, replica_id: str, method: str, calls: lis
         return await result if inspect.isawaitable(result) else result
 
     results = await asyncio.gather(*(one(args) for args in calls), return_exceptions=True)
-    return GroupReply(replica_id, list(results))
+    return GroupReply(replica_id, [_sendable(r) if isinstance(r, BaseException) else r for r in results])
+
+
+def _sendable(error: BaseException) -> BaseException:
+    """An exception as it can travel back in a reply: itself where it pickles; else a RuntimeError naming it (one
+    that does not pickle would fail the whole group's reply, not its own call)."""
+    try:
+        pickle.dumps(error)
+    except Exception:  # noqa: BLE001 - any failure to pickle
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 @dataclass

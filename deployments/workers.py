@@ -144,8 +144,23 @@ def _apply(handler, settings: BatchSettings) -> None:
     handler.set_batch_wait_timeout_s(settings.wait_s)
 
 
+class _ModelReplica:
+    """What every model replica answers besides its own calls: several requests' calls in one handle call, and its
+    load for Serve's autoscaler."""
+
+    worker: DraftWorker | TargetWorker
+
+    async def call_group(self, method: str, calls: list[tuple]) -> GroupReply:
+        """Several requests' calls in one handle call (deployments.grouping), each run as if it came alone."""
+        return await answer_group(self, _replica_id(), method, calls)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The load Serve's autoscaler reads (deployments.autoscaling): the requests this replica serves."""
+        return {SESSIONS_METRIC: self.worker.lm.active_sessions()}
+
+
 @serve.deployment(name="draft", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
-class DraftDeployment:
+class DraftDeployment(_ModelReplica):
     """Drafts for every tier; concurrent requests' proposals share forward passes (`@serve.batch`)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -166,14 +181,6 @@ class DraftDeployment:
     async def propose(self, inputs: StepInputs) -> Proposal:
         await admit_and_prefill(self.worker, inputs, self._prefill)  # a long prompt's chunks before the last
         return raise_failed(await self._propose(inputs))  # a closed session fails alone
-
-    async def call_group(self, method: str, calls: list[tuple]) -> GroupReply:
-        """Several requests' calls in one handle call (deployments.grouping), each run as if it came alone."""
-        return await answer_group(self, _replica_id(), method, calls)
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """The load Serve's autoscaler reads (deployments.autoscaling): the requests this replica serves."""
-        return {SESSIONS_METRIC: self.worker.lm.active_sessions()}
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
@@ -196,7 +203,7 @@ class DraftDeployment:
 
 
 @serve.deployment(name="target", max_ongoing_requests=32, request_router_config=STICKY_ROUTER)
-class TargetDeployment:
+class TargetDeployment(_ModelReplica):
     """One compression tier of the target; concurrent requests' verifications share forward passes
     (`@serve.batch`). With `draft` set (colocated topology) it also drafts, and a whole step runs in one call
     (concurrent steps batched in-process, speckv.batching)."""
@@ -223,14 +230,6 @@ class TargetDeployment:
     async def verify(self, inputs: StepInputs, draft_token_ids: list[int]) -> Verification:
         await admit_and_prefill(self.worker, inputs, self._prefill)  # a long prompt's chunks before the last
         return raise_failed(await self._verify((inputs, draft_token_ids)))  # a closed session fails alone
-
-    async def call_group(self, method: str, calls: list[tuple]) -> GroupReply:
-        """Several requests' calls in one handle call (deployments.grouping), each run as if it came alone."""
-        return await answer_group(self, _replica_id(), method, calls)
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """The load Serve's autoscaler reads (deployments.autoscaling): the requests this replica serves."""
-        return {SESSIONS_METRIC: self.worker.lm.active_sessions()}
 
     # the passes run on the replica's event loop, not in a thread (speckv.batching.Batcher says why)
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)

@@ -126,3 +126,23 @@ def test_the_replica_answers_each_call_as_if_it_came_alone():
     assert replica.most == 3  # in flight together, not one after another
     with pytest.raises(ValueError, match="not a groupable call"):
         _run(answer_group(replica, "r1", "close", [("s",)]))
+
+
+def test_an_exception_that_does_not_pickle_fails_its_own_call_not_the_reply():
+    import pickle
+
+    class Unpicklable(Exception):
+        def __init__(self) -> None:
+            super().__init__("held a lock")
+            self.lock = __import__("threading").Lock()
+
+    class Replica:
+        async def verify(self, x: int) -> int:
+            if x < 0:
+                raise Unpicklable()
+            return x
+
+    reply = _run(answer_group(Replica(), "r1", "verify", [(1,), (-1,)]))
+    sent = pickle.loads(pickle.dumps(reply))
+    assert sent.results[0] == 1 and isinstance(sent.results[1], RuntimeError)
+    assert "Unpicklable: held a lock" in str(sent.results[1])
