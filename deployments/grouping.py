@@ -4,7 +4,9 @@ Under load a replica's pass carries several requests, and after it each request'
 one Serve handle call per request, each a few milliseconds of the router's loop (Serve's routing, Ray's
 calls), made one after another while the replica waits for them to regroup its next pass. Eight streams of
 nf4 on an AVX512-BF16 EPYC: 34-47 ms between passes of ~200 ms, most of it those calls (py-spy, forty-sixth
-session, docs/serving_log.md); on a GPU, whose passes take tens of milliseconds, they would be most of a step.
+session, docs/serving_log.md). On a GPU, whose passes take tens of milliseconds, they would be as long as a pass
+(estimated, not measured: eight calls at the 2-4 ms a hop costs here; a pass of the 1.5B took ~32 ms on an H100,
+docs/results/gpu/h100).
 
 So the router gathers the calls its requests make to one method in the same turn of its event loop and sends
 them as one call (`ReplicaCalls`) to the replica that last answered those sessions; the replica runs each as
