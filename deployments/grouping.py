@@ -120,7 +120,9 @@ class ReplicaCalls:
             _Call(session_id, args, future))
         if not self._flushing:
             self._flushing = True
-            loop.call_soon(self._flush)  # after the callbacks already ready: the other requests woken with this one
+            # a turn later, after what is ready now has run: the other requests woken with this one, and the tasks
+            # they start to make their calls (the engine sends a verify call from a task where it overlaps work)
+            loop.call_soon(loop.call_soon, self._flush)
         return await future
 
     async def close(self, session_id: str) -> None:

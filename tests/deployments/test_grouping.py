@@ -146,3 +146,31 @@ def test_an_exception_that_does_not_pickle_fails_its_own_call_not_the_reply():
     sent = pickle.loads(pickle.dumps(reply))
     assert sent.results[0] == 1 and isinstance(sent.results[1], RuntimeError)
     assert "Unpicklable: held a lock" in str(sent.results[1])
+
+
+def test_calls_made_from_tasks_started_in_the_same_turn_join_the_group():
+    """Requests woken by one pass's results make their next calls either at once or from a task they start (the
+    engine sends a verify call from a task where the policy prepares meanwhile: `adaptive` beside `none` in one
+    pass). Both kinds go in one handle call."""
+    handle = _Replicas()
+    calls = ReplicaCalls(handle)
+    sessions = ["a1", "a2", "a3"]
+
+    async def run() -> list[int]:
+        await asyncio.gather(*(calls.call("verify", s, 0) for s in sessions))
+        handle.sent.clear()
+        woken = asyncio.Event()
+
+        async def request(session: str, x: int, from_task: bool) -> int:
+            await woken.wait()
+            if from_task:
+                return await asyncio.ensure_future(calls.call("verify", session, x))
+            return await calls.call("verify", session, x)
+
+        waiting = [asyncio.ensure_future(request(s, i + 1, i != 1)) for i, s in enumerate(sessions)]
+        await asyncio.sleep(0)
+        woken.set()
+        return await asyncio.gather(*waiting)
+
+    assert _run(run()) == [10, 20, 30]
+    assert len(handle.sent) == 1, handle.sent
