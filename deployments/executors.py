@@ -1,17 +1,22 @@
 """How the router reaches the model replicas: a request's step executor over deployment handles, the retries
 that carry it over a replica going away, and what a model-side failure answers over HTTP."""
 
+from __future__ import annotations
+
 import asyncio
 import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING
 
 from speckv.engine import SplitExecutor, StepCall, StepExecutor, WhileVerifying
 from speckv.workers import KVCapacityError, StepInputs
 
-from .grouping import ReplicaCalls
 from .protocol import APIError
+
+if TYPE_CHECKING:  # grouping sends its calls with detached_task, below
+    from .grouping import ReplicaCalls
 
 logger = logging.getLogger("ray.serve")
 
@@ -126,7 +131,7 @@ class RemoteColocatedExecutor:
         await close_detached(lambda: self.target.close(sid))
 
 
-ExecutorFactory = Callable[[str, ReplicaCalls, ReplicaCalls | None, StepRetries], StepExecutor]
+ExecutorFactory = Callable[[str, "ReplicaCalls", "ReplicaCalls | None", StepRetries], StepExecutor]
 
 
 def remote_executor(topology: str, target: ReplicaCalls, draft: ReplicaCalls | None,

@@ -30,6 +30,8 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from .executors import detached_task
+
 GROUPED_METHODS = frozenset({"propose", "verify", "step"})  # the per-step calls; closes and the rest go alone
 
 
@@ -131,8 +133,6 @@ class ReplicaCalls:
         await self.handle.options(session_id=session_id).close.remote(session_id)
 
     def _flush(self) -> None:
-        from .executors import detached_task
-
         pending, self._pending, self._flushing = self._pending, {}, False
         for (method, replica), calls in pending.items():
             groups = ([[c] for c in calls] if replica is None

@@ -304,10 +304,14 @@ class SessionLM:
     def stats(self) -> CacheStats:
         return CacheStats(len(self._sessions), self.hits, self.rebuilds, self.evictions, self.kv_bytes())
 
+    def _active(self, session: _Session, now: float) -> bool:
+        """Used in the last `active_s`: it belongs to a running request."""
+        return now - session.last_used <= self.active_s
+
     def active_sessions(self) -> int:
-        """Sessions used in the last `active_s`: the running requests this model serves (a replica's load)."""
+        """Sessions of running requests (`_active`): this model's load, as its replica reports it."""
         now = time.monotonic()  # not under the lock, which a forward holds: a snapshot of the sessions will do
-        return sum(now - s.last_used <= self.active_s for s in list(self._sessions.values()))
+        return sum(self._active(s, now) for s in list(self._sessions.values()))
 
     def kv_bytes(self) -> int:
         """Bytes the sessions' caches hold now."""
@@ -352,7 +356,7 @@ class SessionLM:
     def _idle_first(self, exclude: set[int]) -> list[tuple[str, _Session, bool]]:
         """(id, session, active) of the sessions not in `exclude`, idle ones first, least recently used first."""
         now = time.monotonic()
-        others = [(sid, s, now - s.last_used <= self.active_s) for sid, s in self._sessions.items()
+        others = [(sid, s, self._active(s, now)) for sid, s in self._sessions.items()
                   if id(s) not in exclude]
         return [o for o in others if not o[2]] + [o for o in others if o[2]]
 
