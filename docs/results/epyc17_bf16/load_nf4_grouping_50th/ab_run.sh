@@ -3,7 +3,8 @@
 # replica a turn"). usage: ab_run.sh LABEL OUTDIR, serving the deployments/ checked out now:
 #   git checkout e78e320 -- deployments && ab_run.sh old OUT/before   # one handle call per request
 #   git checkout HEAD -- deployments && ab_run.sh new OUT/grouped
-# (the two-round 8-stream run: the same with --concurrency 8 --rounds 2)
+# (the two-round 8-stream run: the same with --concurrency 8 --rounds 2; arguments after OUTDIR go to
+# load_sweep after the defaults and so override them, e.g. ab_run.sh abba OUT --concurrency 8 --rounds 4)
 set -u
 label=$1; out=$2
 cd "$(git rev-parse --show-toplevel)"
@@ -15,7 +16,7 @@ for i in $(seq 1 150); do curl -sf http://127.0.0.1:8000/healthz >/dev/null && b
 curl -sf http://127.0.0.1:8000/healthz || { echo "no server"; exit 1; }
 # warm up: one request of each policy
 for p in none adaptive; do curl -s http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' -d "{\"model\":\"speckv-nf4\",\"prompt\":\"def add(a, b):\",\"max_tokens\":16,\"temperature\":0,\"speculation\":{\"policy\":\"$p\"}}" >/dev/null; done
-python -m deployments.load_sweep --tiers nf4 --policies none,adaptive --concurrency 1,8 --rounds 1 --rate-shares "" --seconds 90 --out $out > /tmp/sweep_$label.log 2>&1
+python -m deployments.load_sweep --tiers nf4 --policies none,adaptive --concurrency 1,8 --rounds 1 --rate-shares "" --seconds 90 --out $out "${@:3}" > /tmp/sweep_$label.log 2>&1
 curl -s http://127.0.0.1:8000/speckv/stats > $out/speckv_stats_end.json
 python scripts/pass_timeline.py /tmp/passes_$label.jsonl --levels $out --out $out/passes.json > $out/passes.md 2>&1
 gzip -c /tmp/passes_$label.jsonl > $out/passes.jsonl.gz
