@@ -22,6 +22,10 @@ logger = logging.getLogger("ray.serve")
 
 def build_app(args: dict | None = None) -> Application:
     config = AppConfig.model_validate(args or {})
+    cluster_gpus = _cluster_gpus()
+    if config.share_cores and _on_cuda(config, cluster_gpus):
+        logger.info("share_cores is off: the model replicas run on CUDA, and the turns it takes are for CPU cores")
+        config = config.model_copy(update={"share_cores": False})
     common = dict(device=config.device, max_sessions=config.max_sessions_per_replica,
                   max_kv_bytes=None if config.kv_cache_mib is None else int(config.kv_cache_mib * 2**20),
                   max_batch_size=config.max_batch_size,
@@ -32,7 +36,6 @@ def build_app(args: dict | None = None) -> Application:
                             **common)
     colocated = config.topology == "colocated"
     opts = lambda name: config.deployment_options.get(name, {})  # noqa: E731
-    cluster_gpus = _cluster_gpus()
     gpu_share = _gpu_share(config, len(config.tiers) + (0 if colocated else 1), cluster_gpus)
     if gpu_share and not cluster_gpus:
         logger.warning("device %s, but the Ray cluster has no GPU now: the model replicas wait for one (an "
@@ -60,6 +63,11 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
 
 
+def _on_cuda(config: AppConfig, cluster_gpus: float) -> bool:
+    """Whether the model replicas are to run on CUDA: `device: cuda`, or no device named and the cluster has GPUs."""
+    return config.device.startswith("cuda") if config.device else cluster_gpus > 0
+
+
 def _gpu_share(config: AppConfig, model_deployments: int, cluster_gpus: float) -> float | None:
     """The GPU share each model replica asks Ray for where the operator named none: where the replicas are to run on
     CUDA (`device: cuda`, or no device named and the cluster has GPUs), one GPU split evenly between the model
@@ -67,9 +75,7 @@ def _gpu_share(config: AppConfig, model_deployments: int, cluster_gpus: float) -
     are on some nodes it may land on one without and load its model on the CPU without a word, and where it does
     reach a GPU, Ray does not count it. (Ray 2.60 leaves an actor that asks for no GPU its CUDA_VISIBLE_DEVICES;
     earlier Rays, and RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1, hide every GPU from it.)"""
-    device = config.device
-    on_cuda = device.startswith("cuda") if device else cluster_gpus > 0
-    return round(1.0 / model_deployments, 4) if on_cuda else None
+    return round(1.0 / model_deployments, 4) if _on_cuda(config, cluster_gpus) else None
 
 
 def model_replica_options(config: AppConfig, options: dict, gpu_share: float | None = None) -> dict:

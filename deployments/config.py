@@ -44,7 +44,7 @@ class AppConfig(BaseModel):
     share_cores: bool = Field(
         False, description="model replicas on one machine take turns for its cores, one forward pass at a time "
         "(speckv.batching.CoreLease): for one machine whose draft and targets share the same cores; leave it off "
-        "where each replica has cores of its own (cluster/placement.yaml)")
+        "where each replica has cores of its own (cluster/placement.yaml); off where the models run on CUDA")
     predictor: str | None = Field(
         None, description="acceptance predictor artifact for `adaptive` (predictor.json, or its directory); "
         "default: the one shipped with speckv; the controller deployment distributes it"

@@ -85,8 +85,8 @@ for name in ("draft", "target"):
             shutil.copy(files / "tok" / tok, out / name)
 print("models in", out)
 PY
-  # the shipped serve_config.yaml with the random pair, the tiers asked for, every tier up from the start, and
-  # on a GPU share_cores off as docs/SERVING.md advises there
+  # the shipped serve_config.yaml with the random pair, the tiers asked for, every tier up from the start (on
+  # CUDA build_app turns its share_cores off itself)
   python3 - "$WORK/models" "$DEVICE" "$TIERS" > "$WORK/serve_gpu.yaml" <<'PY' || exit 2
 import sys
 import yaml
@@ -95,8 +95,6 @@ config = yaml.safe_load(open("serve_config.yaml"))
 app = config["applications"][0]
 app["args"].update(draft_model=f"{models}/draft", target_model=f"{models}/target", tiers=tiers,
                    default_tier=tiers[0], device=device)
-if device.startswith("cuda"):  # the turns are for CPU cores (docs/SERVING.md, "Honest resources")
-    app["args"]["share_cores"] = False
 app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("target-")
                       or d["name"][len("target-"):] in tiers]
 for d in app["deployments"]:

@@ -41,6 +41,23 @@ def test_share_cores_reaches_every_model_replica(topology):
         assert all(s.share_cores is share for group in specs.values() for s in group)
 
 
+def test_share_cores_is_off_where_the_models_run_on_cuda(monkeypatch):
+    """`share_cores` makes the model replicas take turns for a machine's CPU cores; on a GPU machine
+    serve_config.yaml as shipped (share_cores: true, no device named) must not serialise the GPU's passes: off for
+    every model replica and the router where the replicas run on CUDA, on where the CPU is asked for."""
+    import deployments.app as app_module
+
+    def shares(args: dict) -> set[bool]:
+        app = build_app({"share_cores": True, "tiers": ["fp16"], **args})
+        router_config = app._bound_deployment.init_args[0]
+        return {s.share_cores for group in _model_specs(app).values() for s in group} | {router_config["share_cores"]}
+
+    assert shares({"device": "cuda"}) == {False}
+    monkeypatch.setattr(app_module, "_cluster_gpus", lambda: 1.0)
+    assert shares({}) == {False}  # no device named, a cluster with a GPU
+    assert shares({"device": "cpu"}) == {True}  # the CPU asked for on a GPU machine
+
+
 def test_a_replica_on_shared_cores_regroups_its_verify_passes_for_up_to_one_pass():
     """Where the replicas share the cores, a verify pass waits for the last pass's sessions still drafting
     for up to one calibrated single pass (what a split pass would cost); where they do not, Serve's batching
