@@ -36,6 +36,7 @@ torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"
 canonical() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+[ -d .gpu ] || { echo "run scripts/gpu_files.sh first: the check needs .gpu/ too"; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # the versions this checkout runs, where a Python 3.12 wheel of them exists (the resolver takes them as constraints)
@@ -45,7 +46,6 @@ trap 'rm -rf "$tmp"' EXIT
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
   -c "$tmp/constraints.txt" -d "$tmp/all" "ray[serve]==$(version ray)" "pydantic==$(version pydantic)" \
   "fastapi==$(version fastapi)" "starlette==$(version starlette)" "uvicorn==$(version uvicorn)"
-[ -d .gpu ] || { echo "run scripts/gpu_files.sh first: the check needs .gpu/ too"; exit 1; }
 # what every call uploads: the tracked tree without docs/results (scripts/gpu_arch_check.sh: take it out first)
 tree_bytes=$(git ls-files -z | grep -zv '^docs/results/' | xargs -0 stat -c %s | awk '{t += $1} END {print t}')
 rm -rf .gpu_serve && mkdir -p .gpu_serve/a .gpu_serve/b .gpu_serve/image
