@@ -25,20 +25,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a stage stopped by SIGABRT prints where it was
 export SPECKV_HOME=${SPECKV_HOME:-/tmp/speckv_home}  # calibrations of random weights stay out of the user's cache
 exec > >(tee "$OUT/log.txt") 2>&1
-[ -f "$G/tok/tokenizer.json.gz" ] && gunzip -kf "$G/tok/tokenizer.json.gz"
-[ -d "$G/site" ] && export PYTHONPATH="$PWD/$G/site${PYTHONPATH:+:$PYTHONPATH}"
-if ls "$G"/wheels/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target /tmp/gpu_wheels "$G"/wheels/*.whl && PYTHONPATH="/tmp/gpu_wheels:${PYTHONPATH:-}" python3 -c \
-    "import transformers.models.qwen2.modeling_qwen2"; then
-  export PYTHONPATH="/tmp/gpu_wheels:${PYTHONPATH:-}"
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-lscpu | grep -m1 'Model name' || true  # the host CPU: an eager-mode step of these models is bound by its launches
+. scripts/gpu_env.sh
+use_gpu_files "$G" /tmp/gpu_wheels
+show_host
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || true
 arch=(python3 -m speckv.tools.arch_costs "$G/draft/config.json" "$G/target/config.json" "$G/tok")
-stage() { local limit=$1; shift; echo "=== $* ($(date +%T), at most ${limit} s)"; timeout -s ABRT "$limit" "$@"
-          echo "=== exit $? ($(date +%T))"; }
 # 2026-12-04 on an H200: fp16 with 64 tokens and four policies a load reached 8 of 1-16 in 170 s; int8's load 8
 # did not finish inside 95 s (a pass there is ~0.3 s): hence 32 tokens, three policies, and 120-130 s a quantized
 # tier (48-61 s on the H100)

@@ -37,10 +37,9 @@ WORK=${WORK:-/tmp/speckv_gpu_serve}
 PORT=8000
 left=""  # load levels this call left for the next
 mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 SPECKV_HOME=${SPECKV_HOME:-$WORK/home} RAY_USAGE_STATS_ENABLED=0
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 SPECKV_HOME=${SPECKV_HOME:-$WORK/home} RAY_USAGE_STATS_ENABLED=0
 exec > >(tee -a "$OUT/log.txt") 2>&1
-stage() { local limit=$1; shift; echo "=== $* ($(date +%T), at most ${limit} s)" >&2; timeout "$limit" "$@"
-          local rc=$?; echo "=== exit $rc ($(date +%T))" >&2; return $rc; }
+. scripts/gpu_env.sh
 
 if [ "$STAGE" = load ] && [ -f "$WORK/env.sh" ]; then
   . "$WORK/env.sh"  # what the call that installed and served set
@@ -50,22 +49,16 @@ elif [ -z "${SKIP_INSTALL:-}" ]; then  # Ray's wheel from its parts, then every 
   echo "$(cat "$S/b/ray_wheel_sha256.txt")  $wheel" | sha256sum -c - || { echo "Ray's wheel is incomplete: was \
 $S/a carried by the call before, on the same warm machine?"; exit 2; }
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$S"/b/*.whl "$wheel" || exit 2
-  [ -f "$G/tok/tokenizer.json.gz" ] && gunzip -kf "$G/tok/tokenizer.json.gz"
-  SITE="$WORK/site${G:+:$PWD/$G/site}"
-  if ls "$G"/wheels/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
-      --target "$WORK/transformers" "$G"/wheels/*.whl && PYTHONPATH="$WORK/transformers" python3 -c \
-      "import transformers.models.qwen2.modeling_qwen2"; then
-    SITE="$WORK/transformers:$SITE"
-  fi
-  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  use_gpu_files "$G" "$WORK/transformers"
+  export PYTHONPATH="$PWD:$PYTHONPATH"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 echo "export PYTHONPATH=$PYTHONPATH" > "$WORK/env.sh"
 
 if [ "$STAGE" != load ]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-  lscpu | grep -m1 'Model name' || true
+  show_host
   python3 -c "import torch, transformers, ray; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'ray', ray.__version__)" || exit 2
   # the pair with random weights, saved as model directories the app loads like any local checkpoint
@@ -125,7 +118,7 @@ if [ "$STAGE" != serve ]; then
       if [ $((SECONDS + DURATION + LEVEL_EXTRA_S)) -gt "$DEADLINE_S" ]; then left="$left $tier:$level"; continue; fi
       stage $((DURATION * 4 + 120)) python3 -m deployments.load_run --url "http://127.0.0.1:$PORT" \
         --model "speckv-$tier" --policy "$policy" --clients "$n" --duration "$DURATION" --max-tokens "$TOKENS" \
-        --tolerate-divergence --out "$WORK/results/$name" > /dev/null || echo "level $tier $level failed"
+        --tolerate-divergence --out "$WORK/results/$name" || echo "level $tier $level failed"
     done
   done
   cp "$WORK"/results/load_*.json "$OUT"/ 2> /dev/null
